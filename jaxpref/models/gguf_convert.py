@@ -1,0 +1,100 @@
+"""GGUF -> a cached Hugging Face-style directory (config.json, model.safetensors fp32, tokenizer).
+
+The tensors are dequantised with the `gguf` package. llama.cpp permutes the rows of Llama's q_proj
+and k_proj for its rotary layout; that is undone here. The config and tokenizer are read by
+transformers' own GGUF support. Conversion happens once; later runs read the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from jaxpref.errors import ModelSourceError
+
+# GGUF tensor name -> Hugging Face name (Llama-style architectures).
+_GGUF_NAMES = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{}.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.attn_q\.(weight|bias)", "model.layers.{}.self_attn.q_proj.{}"),
+    (r"blk\.(\d+)\.attn_k\.(weight|bias)", "model.layers.{}.self_attn.k_proj.{}"),
+    (r"blk\.(\d+)\.attn_v\.(weight|bias)", "model.layers.{}.self_attn.v_proj.{}"),
+    (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{}.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{}.mlp.gate_proj.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{}.mlp.up_proj.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{}.mlp.down_proj.weight"),
+]
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def _hf_name(name: str) -> str | None:
+    for pat, out in _GGUF_NAMES:
+        m = re.fullmatch(pat, name)
+        if m:
+            return out.format(*m.groups())
+    return None
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: [n_head, 2, d/2, ...] back to [n_head, d/2, 2, ...]."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, dim, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _cache_dir(path: Path, cache_root: Path) -> Path:
+    h = hashlib.sha256()
+    h.update(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return cache_root / "gguf" / f"{path.stem}-{h.hexdigest()[:12]}"
+
+
+def convert_gguf(path: Path, cache_root: Path) -> Path:
+    out = _cache_dir(path, cache_root)
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    import gguf
+    from safetensors.numpy import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelSourceError(f"cannot read GGUF file {path}: {e}")
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in SUPPORTED:
+        raise ModelSourceError(f"GGUF {path.name}: architecture `{arch}` is not supported "
+                               f"(supported: {', '.join(SUPPORTED)})")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    tensors = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            continue
+        w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = unpermute_rows(w, cfg.num_attention_heads)
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = unpermute_rows(w, cfg.num_key_value_heads)
+        tensors[name] = np.ascontiguousarray(w)
+    cfg.tie_word_embeddings = "lm_head.weight" not in tensors
+    cfg.save_pretrained(tmp)
+    save_file(tensors, str(tmp / "model.safetensors"))
+    del tensors
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok.save_pretrained(tmp)
+    (tmp / "jaxpref_source.json").write_text(json.dumps({"gguf": path.name}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

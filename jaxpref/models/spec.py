@@ -1,0 +1,50 @@
+"""What every architecture module provides: its arguments and its weight-name table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class ArchArgs:
+    """Hyper-parameters common to all decoders, plus the run options that shape the forward."""
+    vocab_size: int = 0
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    head_dim: int = 0
+    tie_word_embeddings: bool = False
+    dtype: Any = jnp.float32          # compute dtype
+    param_dtype: Any = jnp.float32    # storage dtype of the base weights
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True        # False turns LoRA dropout on (training)
+    gradient_checkpointing: bool = False
+    remat_policy: str = "nothing_saveable"
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One Hugging Face tensor name (with `{i}` for the layer) and where it goes in our tree."""
+    hf_name: str
+    path: tuple[str, ...]
+    transpose: bool = False
+    optional_if_tied: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+def remat_policy(name: str):
+    """Named `jax.checkpoint` policies: which activations a remat'd layer keeps for backward."""
+    policies = {
+        "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    }
+    return policies[name]

@@ -1,0 +1,211 @@
+"""Build our Flax model for a source and read its weights into the parameter tree.
+
+Tensors stream one at a time (safetensors `safe_open`) into preallocated host buffers of the
+target dtype; each finished leaf moves to the device (with its sharding) and its host buffer is
+dropped, so peak host memory stays near one copy of the model.
+PyTorch pickles (`*.bin`, `*.pt`) are never unpickled.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxpref.errors import ModelSourceError
+from jaxpref.models import Architecture, get_architecture
+from jaxpref.models.source import ModelSource
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass
+class ModelBundle:
+    """Everything the trainer needs to run one architecture."""
+    source: ModelSource
+    arch: Architecture
+    args: Any        # the architecture's frozen args dataclass
+    module: Any      # flax.linen Module
+
+    def with_args(self, **changes) -> "ModelBundle":
+        args = replace(self.args, **changes)
+        return ModelBundle(self.source, self.arch, args, self.arch.model_cls(args))
+
+    def hidden(self, params, lora, input_ids, positions, mask, rngs=None):
+        """Final hidden states [B, T, D]; `lora=None` is the reference (adapter off)."""
+        variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+        return self.module.apply(variables, input_ids, positions, mask, rngs=rngs)
+
+    def head(self, params) -> jax.Array:
+        """LM head [D, V]."""
+        return self.arch.head_weight(params, self.args)
+
+    def abstract_params(self) -> dict:
+        """The parameter tree as ShapeDtypeStructs, without reading or allocating weights."""
+        ids = jnp.zeros((1, 2), jnp.int32)
+        mask = jnp.ones((1, 2, 2), bool)
+        return jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0), ids, ids, mask))["params"]
+
+
+def build(source: ModelSource, param_dtype: str = "float32", compute_dtype: str = "float32",
+          **options) -> ModelBundle:
+    arch = get_architecture(source.model_type, f"model `{source.spec}`: ")
+    try:
+        args = arch.args_cls.from_hf(source.hf_config, dtype=DTYPES[compute_dtype],
+                                     param_dtype=DTYPES[param_dtype], **options)
+    except KeyError as e:
+        raise ModelSourceError(f"model `{source.spec}`: config.json lacks {e}")
+    return ModelBundle(source, arch, args, arch.model_cls(args))
+
+
+def weight_files(path: Path, spec: str) -> tuple[str, list[Path]]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return "safetensors", [path / n for n in names]
+    st = sorted(path.glob("*.safetensors"))
+    st = [f for f in st if not f.name.startswith("adapter_")]
+    if st:
+        return "safetensors", st
+    if (path / "flax_model.msgpack").is_file():
+        return "msgpack", [path / "flax_model.msgpack"]
+    found = sorted(p.name for p in path.iterdir() if p.is_file())
+    pickles = [n for n in found if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise ModelSourceError(
+            f"model `{spec}`: only PyTorch pickle weights ({', '.join(pickles[:3])}), which jaxpref "
+            "never unpickles; convert them to safetensors (model.save_pretrained(dir, safe_serialization=True))")
+    raise ModelSourceError(f"model `{spec}`: no readable weights (found: {', '.join(found) or 'nothing'})")
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="numpy") as sf:
+            for name in sf.keys():
+                yield name, (lambda sf=sf, name=name: _get(sf, f, name))
+
+
+def _get(sf, f: Path, name: str) -> np.ndarray:
+    try:
+        return sf.get_tensor(name)
+    except (TypeError, ValueError):  # bf16 has no numpy dtype in safetensors' numpy backend
+        from safetensors import safe_open
+        with safe_open(str(f), framework="flax") as fx:
+            return np.asarray(fx.get_tensor(name).astype(jnp.float32))
+
+
+def _iter_msgpack(file: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """Old HF Flax checkpoints: nested by module name, kernels [in, out]. Yields PyTorch names."""
+    from flax.serialization import msgpack_restore
+
+    tree = msgpack_restore(file.read_bytes())
+    flat = traverse_util.flatten_dict(tree, sep=".")
+    base_prefix = None
+    for name in flat:
+        if name.startswith("model.") or name.startswith("transformer.") or name.startswith("gpt_neox."):
+            base_prefix = True
+    for name, value in flat.items():
+        parts = name.split(".")
+        leaf = parts[-1]
+        arr = np.asarray(value)
+        if leaf == "kernel":
+            parts[-1] = "weight"
+            arr = arr.T
+        elif leaf in ("embedding", "scale"):
+            parts[-1] = "weight"
+        pt = ".".join(parts)
+        if base_prefix is None and not pt.startswith("lm_head"):
+            pt = "model." + pt
+        yield pt, (lambda arr=arr: arr)
+
+
+def _compile_rules(arch: Architecture):
+    rules = []
+    for r in arch.weights:
+        pat = re.escape(r.hf_name).replace(re.escape("{i}"), r"(\d+)")
+        rules.append((re.compile(pat + "$"), r))
+    return rules
+
+
+def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
+    """Read the checkpoint into our parameter tree (param dtype, optional shardings tree)."""
+    spec = bundle.source.spec
+    kind, files = weight_files(bundle.source.path, spec)
+    abstract = traverse_util.flatten_dict(bundle.abstract_params())
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    rules = _compile_rules(bundle.arch)
+    ignored = [re.compile(p + "$") for p in bundle.arch.ignored]
+    buffers: dict[tuple, np.ndarray] = {}
+    filled: dict[tuple, set] = {}
+    out: dict[tuple, jax.Array] = {}
+    num_layers = bundle.args.num_layers
+    np_dtype = np.dtype(jnp.dtype(bundle.args.param_dtype))
+
+    it = _iter_safetensors(files) if kind == "safetensors" else _iter_msgpack(files[0])
+    for name, get in it:
+        match = None
+        for pat, rule in rules:
+            m = pat.match(name)
+            if m:
+                match = (rule, int(m.group(1)) if rule.stacked else None)
+                break
+        if match is None:
+            if any(p.match(name) for p in ignored):
+                continue
+            raise ModelSourceError(f"model `{spec}`: unexpected tensor `{name}` for {bundle.source.model_type}")
+        rule, layer = match
+        if rule.path not in abstract:
+            if rule.optional_if_tied:
+                continue  # an lm_head saved next to tied embeddings
+            raise ModelSourceError(f"model `{spec}`: unexpected tensor `{name}` (not in this configuration)")
+        target = abstract[rule.path]
+        arr = get()
+        if rule.transpose:
+            arr = arr.T
+        want = target.shape[1:] if rule.stacked else target.shape
+        if tuple(arr.shape) != tuple(want):
+            raise ModelSourceError(
+                f"model `{spec}`: tensor `{name}` has shape {tuple(arr.shape)}, expected {tuple(want)}")
+        if rule.stacked:
+            if layer >= num_layers:
+                raise ModelSourceError(f"model `{spec}`: tensor `{name}` is beyond num_hidden_layers={num_layers}")
+            buf = buffers.get(rule.path)
+            if buf is None:
+                buf = buffers[rule.path] = np.empty(target.shape, np_dtype)
+            buf[layer] = arr
+            filled.setdefault(rule.path, set()).add(layer)
+            if len(filled[rule.path]) == num_layers:
+                out[rule.path] = _to_device(buffers.pop(rule.path), flat_shardings.get(rule.path))
+        else:
+            out[rule.path] = _to_device(arr.astype(np_dtype), flat_shardings.get(rule.path))
+        del arr
+    missing = [p for p in abstract if p not in out]
+    if missing:
+        names = []
+        for p in missing:
+            rule = next((r for r in bundle.arch.weights if r.path == p), None)
+            if rule is None:
+                names.append("/".join(p))
+            elif rule.stacked:
+                have = filled.get(p, set())
+                lost = next(i for i in range(num_layers) if i not in have)
+                names.append(rule.hf_name.format(i=lost))
+            else:
+                names.append(rule.hf_name)
+        raise ModelSourceError(f"model `{spec}`: checkpoint lacks tensor `{names[0]}`"
+                               + (f" and {len(names) - 1} more" if len(names) > 1 else ""))
+    return traverse_util.unflatten_dict(out)
+
+
+def _to_device(arr: np.ndarray, sharding) -> jax.Array:
+    if sharding is not None:
+        return jax.device_put(arr, sharding)
+    return jnp.asarray(arr)
