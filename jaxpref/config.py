@@ -110,7 +110,7 @@ class TrainingConfig:
     adam_epsilon: float = 1.0e-8
     max_length: int | None = 1024
     max_prompt_length: int | None = None
-    truncation_mode: str = "keep_end"
+    truncation_mode: str = "keep_start"
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int | None = None

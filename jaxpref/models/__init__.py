@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models import llama
+from jaxpref.models import gpt2, gpt_neox, llama
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -35,6 +35,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "gpt_neox": Architecture(gpt_neox.NeoXArgs, gpt_neox.NeoXModel, gpt_neox.WEIGHTS, gpt_neox.head_weight,
+                             ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+                             ignored=gpt_neox.IGNORED),
+    "gpt2": Architecture(gpt2.GPT2Args, gpt2.GPT2Model, gpt2.WEIGHTS, gpt2.head_weight,
+                         ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, ignored=gpt2.IGNORED),
 }
 
 

@@ -102,29 +102,46 @@ def _get(sf, f: Path, name: str) -> np.ndarray:
             return np.asarray(fx.get_tensor(name).astype(jnp.float32))
 
 
+# Base-model prefixes of the PyTorch names, and top-level keys that identify a bare base model
+# (a checkpoint saved from e.g. FlaxGPT2Model rather than FlaxGPT2LMHeadModel).
+_BASE_PREFIXES = ("model", "transformer", "gpt_neox")
+_BARE_MARKERS = (("embed_in", "gpt_neox"), ("wte", "transformer"), ("h", "transformer"),
+                 ("embed_tokens", "model"), ("layers", "model"))
+_HEADS = ("lm_head", "embed_out")
+
+
 def _iter_msgpack(file: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """Old HF Flax checkpoints: nested by module name, kernels [in, out]. Yields PyTorch names."""
+    """Old HF Flax checkpoints: nested by module name. Yields PyTorch names and layouts.
+
+    Flax stores every 2-D `kernel` as the transposed PyTorch weight (Dense [in, out]; GPT-2's
+    FlaxConv1D [out, in]), `embedding` for embeddings and `scale` (or `weight`) for norms.
+    """
     from flax.serialization import msgpack_restore
 
     tree = msgpack_restore(file.read_bytes())
-    flat = traverse_util.flatten_dict(tree, sep=".")
-    base_prefix = None
-    for name in flat:
-        if name.startswith("model.") or name.startswith("transformer.") or name.startswith("gpt_neox."):
-            base_prefix = True
-    for name, value in flat.items():
-        parts = name.split(".")
+    if not isinstance(tree, dict):
+        raise ModelSourceError(f"{file}: not a Flax parameter tree")
+    if "params" in tree and len(tree) == 1:  # saved as {"params": ...}
+        tree = tree["params"]
+    top = set(tree)
+    prefix = ""
+    if not top & set(_BASE_PREFIXES):
+        prefix = next((p + "." for key, p in _BARE_MARKERS if key in top), "")
+    flat = traverse_util.flatten_dict(tree)
+    del tree
+    for parts, value in flat.items():
+        parts = [str(p) for p in parts]
         leaf = parts[-1]
-        arr = np.asarray(value)
+        transpose = False
         if leaf == "kernel":
             parts[-1] = "weight"
-            arr = arr.T
+            transpose = np.ndim(value) == 2
         elif leaf in ("embedding", "scale"):
             parts[-1] = "weight"
         pt = ".".join(parts)
-        if base_prefix is None and not pt.startswith("lm_head"):
-            pt = "model." + pt
-        yield pt, (lambda arr=arr: arr)
+        if prefix and parts[0] not in _HEADS:
+            pt = prefix + pt
+        yield pt, (lambda v=value, t=transpose: np.asarray(v).T if t else np.asarray(v))
 
 
 def _compile_rules(arch: Architecture):

@@ -1,0 +1,241 @@
+"""Token ids -> fixed-shape batches, in a deterministic order whose position is a small state.
+
+A batch describes its sequences token by token, so that one step function serves every layout:
+- `concatenated`: rows prompt+chosen and prompt+rejected (TRL's layout);
+- `shared_prompt`: one row [prompt | chosen | rejected]; the rejected branch continues the positions
+  from the prompt's end and sees the prompt and itself only, so the prompt is computed once.
+
+Per token (arrays [N, T]): `input_ids`, `positions`, `segment_ids` (0 = padding), `branch` (0 =
+visible to the whole segment, 1/2 = chosen/rejected branch), `src` (row index of the hidden state
+that predicts this token), `seq` (sequence slot of a completion token, S where none), `weight`
+(LD-DPO weight of a completion token), `full` (1 on the chosen sequence's prompt+completion
+tokens after its first: ORPO's NLL span). Sequence slots: pair i's chosen is i, its rejected B+i.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxpref.data import Tokenized
+
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass
+class LengthReport:
+    truncated: int
+    dropped: int
+    kept: int
+
+
+def apply_lengths(data: Tokenized, max_length: int | None, max_prompt_length: int | None,
+                  truncation_mode: str) -> tuple[Tokenized, LengthReport]:
+    """Prompt-length cap (keeps the prompt's end), then per-sequence truncation to max_length;
+    rows whose prompt alone fills max_length are dropped (keep_start would leave no completion)."""
+    keep, truncated = [], 0
+    for i, p in enumerate(data.prompt):
+        if max_prompt_length is not None and len(p) > max_prompt_length:
+            data.prompt[i] = p = p[-max_prompt_length:]
+        comps = [data.chosen[i], data.rejected[i]] if data.paired else [data.completion[i]]
+        if max_length is not None:
+            if truncation_mode == "keep_start" and len(p) >= max_length:
+                continue
+            if any(len(p) + len(c) > max_length for c in comps):
+                truncated += 1
+        keep.append(i)
+    out = data.subset(np.asarray(keep, dtype=np.int64)) if len(keep) != len(data) else data
+    out.rows_in = data.rows_in
+    out.skipped = dict(data.skipped)
+    dropped = len(data) - len(keep)
+    if dropped:
+        out.skipped["prompt fills max_length"] = dropped
+    return out, LengthReport(truncated, dropped, len(keep))
+
+
+def _truncate(prompt: list[int], comp: list[int], max_length: int | None, mode: str):
+    """-> (tokens, number of leading prompt tokens) after truncating prompt+completion."""
+    ids = prompt + comp
+    n_prompt = len(prompt)
+    if max_length is not None and len(ids) > max_length:
+        if mode == "keep_start":
+            ids = ids[:max_length]
+            n_prompt = min(n_prompt, max_length)
+        else:
+            cut = len(ids) - max_length
+            ids = ids[cut:]
+            n_prompt = max(n_prompt - cut, 0)
+    return ids, n_prompt
+
+
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    return int(-(-length // 64) * 64)
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str = "concatenated"
+    max_length: int | None = 1024
+    truncation_mode: str = "keep_start"
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    pad_id: int = 0
+    ld_alpha: float | None = None
+
+
+def _empty(n: int, t: int, s: int, pad_id: int) -> dict:
+    return {
+        "input_ids": np.full((n, t), pad_id, np.int32),
+        "positions": np.zeros((n, t), np.int32),
+        "segment_ids": np.zeros((n, t), np.int32),
+        "branch": np.zeros((n, t), np.int32),
+        "src": np.zeros((n, t), np.int32),
+        "seq": np.full((n, t), s, np.int32),
+        "weight": np.zeros((n, t), np.float32),
+        "full": np.zeros((n, t), np.float32),
+    }
+
+
+def _ld_weights(n_comp: int, shared: int, ld_alpha: float | None) -> np.ndarray:
+    w = np.ones(n_comp, np.float32)
+    if ld_alpha is not None:
+        w[shared:] = ld_alpha
+    return w
+
+
+def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot: int,
+           segment: int, branch_of_completion: int, pos0: int, src_of_first: int | None,
+           weights: np.ndarray, full: bool) -> None:
+    """Write one sequence (prompt part already counted in n_prompt) at [row, start:]."""
+    t = len(ids)
+    sl = slice(start, start + t)
+    b["input_ids"][row, sl] = ids
+    b["positions"][row, sl] = pos0 + np.arange(t)
+    b["segment_ids"][row, sl] = segment
+    idx = start + np.arange(t)
+    src = idx - 1
+    if src_of_first is not None and t > 0:
+        src[0] = src_of_first
+    b["src"][row, sl] = np.maximum(src, 0)
+    comp = np.arange(t) >= n_prompt
+    br = np.where(comp, branch_of_completion, 0)
+    b["branch"][row, sl] = br
+    seq = np.where(comp, slot, b["seq"][row, sl])
+    # A completion token needs a predictor: the very first token of a row has none.
+    if start == 0 and n_prompt == 0 and src_of_first is None and t > 0:
+        seq[0] = b["seq"][row, start]
+    b["seq"][row, sl] = seq
+    wt = np.zeros(t, np.float32)
+    wt[comp] = weights[: int(comp.sum())]
+    b["weight"][row, sl] = np.where(seq == slot, wt, 0)
+    if full:
+        f = np.ones(t, np.float32)
+        if src_of_first is None:
+            f[0] = 0
+        b["full"][row, sl] = f
+
+
+def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: int | None = None) -> dict:
+    """Pairs `idx` -> a batch in the layout; `length` forces the padded length T."""
+    B = len(idx)
+    S = 2 * B
+    seqs = []
+    for i in idx:
+        pc, npc = _truncate(data.prompt[i], data.chosen[i], layout.max_length, layout.truncation_mode)
+        pr, npr = _truncate(data.prompt[i], data.rejected[i], layout.max_length, layout.truncation_mode)
+        seqs.append((pc, npc, pr, npr))
+    if layout.kind == "shared_prompt":
+        need = max(len(pc) + len(pr) - min(npc, npr) for pc, npc, pr, npr in seqs)
+    else:
+        need = max(max(len(pc), len(pr)) for pc, _, pr, _ in seqs)
+    T = length or bucket_for(need, layout.buckets)
+    if layout.kind == "shared_prompt":
+        b = _empty(B, T, S, layout.pad_id)
+        for k, (pc, npc, pr, npr) in enumerate(seqs):
+            shared = min(len(pc) - npc, len(pr) - npr)
+            if npr != npc or pr[:npr] != pc[:npc]:
+                raise ValueError("shared_prompt layout needs identical prompts after truncation; use "
+                                 "truncation_mode keep_start or the concatenated layout")
+            _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=1, pos0=0,
+                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=True)
+            # The rejected branch continues from the prompt: its first token is predicted by the
+            # last prompt token, and its positions follow the prompt's.
+            _place(b, k, len(pc), pr[npr:], 0, slot=B + k, segment=1, branch_of_completion=2, pos0=npr,
+                   src_of_first=npr - 1 if npr > 0 else None,
+                   weights=_ld_weights(len(pr) - npr, shared, layout.ld_alpha), full=False)
+    else:
+        b = _empty(2 * B, T, S, layout.pad_id)
+        for k, (pc, npc, pr, npr) in enumerate(seqs):
+            shared = min(len(pc) - npc, len(pr) - npr)
+            _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=0, pos0=0,
+                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=True)
+            _place(b, B + k, 0, pr, npr, slot=B + k, segment=1, branch_of_completion=0, pos0=0,
+                   src_of_first=None, weights=_ld_weights(len(pr) - npr, shared, layout.ld_alpha), full=False)
+    return b
+
+
+def needed_length(data: Tokenized, idx: np.ndarray, layout: Layout) -> int:
+    need = 0
+    for i in idx:
+        p = data.prompt[i]
+        lc = len(p) + len(data.chosen[i])
+        lr = len(p) + len(data.rejected[i])
+        if layout.max_length is not None:
+            lc, lr = min(lc, layout.max_length), min(lr, layout.max_length)
+        if layout.kind == "shared_prompt":
+            np_ = len(p) if layout.max_length is None else min(len(p), layout.max_length)
+            need = max(need, lc + lr - np_)
+        else:
+            need = max(need, lc, lr)
+    return need
+
+
+class BatchIterator:
+    """Deterministic batches: epoch e visits a permutation drawn from (seed, e); the position is
+    (epoch, index) and restoring it yields exactly the batches an uninterrupted run would.
+
+    Each step takes `accum` micro-batches of `batch_size` pairs, padded to one bucket length. The
+    remainder of an epoch that does not fill a step is skipped (a different remainder each epoch)."""
+
+    def __init__(self, data: Tokenized, batch_size: int, accum: int, seed: int, layout: Layout,
+                 shuffle: bool = True):
+        self.data, self.B, self.G, self.seed, self.layout = data, batch_size, accum, seed, layout
+        self.shuffle = shuffle
+        self.epoch, self.index = 0, 0
+        self.steps_per_epoch = len(data) // (batch_size * accum)
+
+    def state(self) -> dict:
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.data)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict, float]:
+        if self.steps_per_epoch == 0:
+            raise StopIteration
+        per_step = self.B * self.G
+        if self.index + per_step > len(self.data):
+            self.epoch += 1
+            self.index = 0
+        idx = self.order(self.epoch)[self.index:self.index + per_step]
+        self.index += per_step
+        progress = self.epoch + self.index / (self.steps_per_epoch * per_step)
+        return self.make(idx), progress
+
+    def make(self, idx: np.ndarray) -> dict:
+        micro = [idx[g * self.B:(g + 1) * self.B] for g in range(self.G)]
+        need = max(needed_length(self.data, m, self.layout) for m in micro)
+        T = bucket_for(need, self.layout.buckets)
+        parts = [make_pair_batch(self.data, m, self.layout, T) for m in micro]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}

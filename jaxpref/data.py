@@ -1,0 +1,316 @@
+"""Preference data: load (hub or local files), detect the format, validate rows, tokenize as TRL does.
+
+Formats: standard strings; conversational message lists (chat template); implicit prompt (no prompt
+column: the longest common prefix of chosen and rejected, TRL's trailing-space rule); unpaired
+(prompt, completion, label) for KTO, and paired data unpaired when the method is KTO.
+Bad rows are skipped and counted by reason; nothing is silently lost.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxpref.errors import DataError
+
+log = logging.getLogger("jaxpref")
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Tokenized:
+    """Token ids per example. Paired: prompt/chosen/rejected; unpaired (KTO): prompt/completion/label."""
+    prompt: list[list[int]]
+    chosen: list[list[int]] = field(default_factory=list)
+    rejected: list[list[int]] = field(default_factory=list)
+    completion: list[list[int]] = field(default_factory=list)
+    label: list[bool] = field(default_factory=list)
+    format: str = "standard"
+    skipped: dict[str, int] = field(default_factory=dict)
+    prompt_boundary_mismatches: int = 0
+    rows_in: int = 0
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.chosen)
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def subset(self, idx: np.ndarray) -> "Tokenized":
+        pick = lambda xs: [xs[i] for i in idx] if xs else []
+        return Tokenized(pick(self.prompt), pick(self.chosen), pick(self.rejected),
+                         pick(self.completion), pick(self.label), self.format, dict(self.skipped),
+                         self.prompt_boundary_mismatches, len(idx))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_rows(ds_cfg, split: str | None = None):
+    """A `datasets.Dataset` for the configured source and split."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    split = split or ds_cfg.split
+    name = ds_cfg.name
+    path = Path(name).expanduser() if name else None
+    try:
+        if ds_cfg.data_files:
+            builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
+            return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)
+        if path is not None and path.is_file():
+            builder = LOCAL_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise DataError(f"dataset `{name}`: unsupported file type `{path.suffix}` "
+                                f"(use one of {', '.join(LOCAL_BUILDERS)})")
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path is not None and path.is_dir():
+            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+                d = datasets.load_from_disk(str(path))
+                return d[split] if isinstance(d, datasets.DatasetDict) else d
+            return datasets.load_dataset(str(path), split=split)
+        if name.startswith(("/", "./", "../", "~")) or name.endswith(tuple(LOCAL_BUILDERS)):
+            raise DataError(f"dataset `{name}` not found (no such file or directory)")
+        return datasets.load_dataset(name, ds_cfg.config_name, split=split, revision=ds_cfg.revision)
+    except DataError:
+        raise
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        if "split" in msg.lower():
+            raise DataError(f"dataset `{name}`: no split `{split}` ({msg})")
+        raise DataError(f"dataset `{name}`: {msg}")
+    except Exception as e:
+        kind = type(e).__name__
+        if "NotFound" in kind or "Connection" in kind or "Offline" in kind or "HTTP" in kind or "Timeout" in kind:
+            raise DataError(f"dataset `{name}` cannot be fetched from the Hugging Face hub ({kind}); "
+                            "a local json/jsonl/parquet/csv file or directory works as `dataset.name`")
+        raise DataError(f"dataset `{name}`: cannot load ({kind}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def _builder_for(files) -> str:
+    first = files if isinstance(files, str) else files[0]
+    for ext, b in LOCAL_BUILDERS.items():
+        if first.endswith(ext):
+            return b
+    raise DataError(f"dataset.data_files `{first}`: unsupported file type")
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats and row checks
+
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in v)
+
+
+def extract_prompt(chosen, rejected):
+    """Implicit prompt: longest common prefix (chars for strings, whole messages for lists); a
+    space right before the split goes to the completions (TRL's rule)."""
+    n = min(len(chosen), len(rejected))
+    idx = max(n - 1, 0)  # TRL keeps the loop variable's last value when one is a prefix of the other
+    for i in range(n):
+        if chosen[i] != rejected[i]:
+            idx = i
+            if chosen[i - 1] == " ":
+                idx = i - 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def map_columns(ds, ds_cfg, method: str) -> tuple[Any, str]:
+    """Rename configured columns to canonical ones; returns (dataset, kind) with kind in
+    paired / implicit / unpaired. Raises DataError listing the columns present."""
+    cols = list(ds.column_names)
+    c = ds_cfg
+    if c.chosen_column in cols and c.rejected_column in cols:
+        keep = {c.chosen_column: "chosen", c.rejected_column: "rejected"}
+        kind = "implicit"
+        if c.prompt_column in cols:
+            keep[c.prompt_column] = "prompt"
+            kind = "paired"
+    elif method == "kto" and c.completion_column in cols and c.label_column in cols:
+        if c.prompt_column not in cols:
+            raise DataError(f"dataset `{c.name}`: missing column `{c.prompt_column}`; columns present: {', '.join(cols)}")
+        keep = {c.prompt_column: "prompt", c.completion_column: "completion", c.label_column: "label"}
+        kind = "unpaired"
+    else:
+        missing = [x for x in (c.chosen_column, c.rejected_column) if x not in cols]
+        raise DataError(f"dataset `{c.name}`: missing column{'s' if len(missing) > 1 else ''} "
+                        f"`{'`, `'.join(missing)}`; columns present: {', '.join(cols)}")
+    ds = ds.select_columns(list(keep))
+    renames = {k: v for k, v in keep.items() if k != v}
+    if renames:
+        # Two-step rename so that swapped names (e.g. chosen<->rejected) do not collide.
+        ds = ds.rename_columns({k: f"__jp_{v}" for k, v in renames.items()})
+        ds = ds.rename_columns({f"__jp_{v}": v for v in renames.values()})
+    return ds, kind
+
+
+def _row_problem(row: dict, kind: str, fmt: str) -> str | None:
+    fields = ("prompt", "completion") if kind == "unpaired" else ("prompt", "chosen", "rejected")
+    for f in fields:
+        v = row.get(f)
+        if v is None:
+            return f"{f} is null"
+        if fmt == "conversational":
+            if not _is_messages(v) and not (f == "prompt" and v == []):
+                return f"{f} is not a message list" if not isinstance(v, str) else "mixed formats"
+        elif not isinstance(v, str):
+            return f"{f} is not a string" if not _is_messages(v) else "mixed formats"
+    comps = ("completion",) if kind == "unpaired" else ("chosen", "rejected")
+    for f in comps:
+        v = row[f]
+        if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
+            return f"empty {f}"
+    if kind != "unpaired":
+        if row["chosen"] == row["rejected"]:
+            return "chosen equals rejected"
+    else:
+        if not isinstance(row["label"], (bool, np.bool_)):
+            return "label is not a boolean"
+    return None
+
+
+def detect_format(rows: list[dict], kind: str) -> str:
+    key = "completion" if kind == "unpaired" else "chosen"
+    votes = Counter("conversational" if _is_messages(r.get(key)) else "standard" for r in rows[:200])
+    return votes.most_common(1)[0][0] if votes else "standard"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization (TRL 1.x DPOTrainer._prepare_dataset semantics)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _encode(tok, x, **kw) -> list[int]:
+    if isinstance(x, list):
+        out = tok.apply_chat_template(x, tokenize=True, return_dict=True, **kw)
+        return list(out["input_ids"])
+    return list(tok(text=x)["input_ids"])
+
+
+def tokenize_pair(tok, prompt, chosen, rejected, fmt: str) -> tuple[list[int], list[int], list[int], bool]:
+    """-> prompt_ids, chosen_ids, rejected_ids, and whether the prompt boundary moved."""
+    if fmt == "conversational":
+        p = _encode(tok, prompt, add_generation_prompt=True)
+        pc = _encode(tok, prompt + chosen)
+        pr = _encode(tok, prompt + rejected)
+    else:
+        eos = tok.eos_token or ""
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        p, pc, pr = _encode(tok, prompt), _encode(tok, prompt + chosen), _encode(tok, prompt + rejected)
+    n = min(_common_prefix(p, pc), _common_prefix(p, pr))
+    return p[:n], pc[n:], pr[n:], n < len(p)
+
+
+def tokenize_single(tok, prompt, completion, fmt: str) -> tuple[list[int], list[int], bool]:
+    if fmt == "conversational":
+        p = _encode(tok, prompt, add_generation_prompt=True)
+        pc = _encode(tok, prompt + completion)
+    else:
+        eos = tok.eos_token or ""
+        completion = completion if completion.endswith(eos) else completion + eos
+        p, pc = _encode(tok, prompt), _encode(tok, prompt + completion)
+    n = _common_prefix(p, pc)
+    return p[:n], pc[n:], n < len(p)
+
+
+def tokenizer_fingerprint(tok) -> str:
+    h = hashlib.sha256()
+    h.update(str(type(tok).__name__).encode())
+    h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode())
+    h.update(str(getattr(tok, "chat_template", "") or "").encode())
+    h.update(f"{tok.bos_token}|{tok.eos_token}|{tok('a b')['input_ids']}".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
+            max_rows: int | None = None) -> Tokenized:
+    """Map columns, check rows, extract implicit prompts, tokenize (cached on disk)."""
+    ds, kind = map_columns(ds, ds_cfg, method)
+    if max_rows is not None and len(ds) > max_rows:
+        ds = ds.select(range(max_rows))
+    key = None
+    if cache_dir is not None and getattr(ds, "_fingerprint", None):
+        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|v1".encode()).hexdigest()[:20]
+        cached = _load_cache(cache_dir / f"{key}.json")
+        if cached is not None:
+            return cached
+    rows = ds.to_list()
+    if not rows:
+        raise DataError(f"dataset `{ds_cfg.name}` is empty")
+    fmt = detect_format(rows, kind)
+    if fmt == "conversational" and not getattr(tok, "chat_template", None):
+        raise DataError(f"dataset `{ds_cfg.name}` is conversational but the tokenizer has no chat template")
+    out = Tokenized(prompt=[], format=fmt if kind != "implicit" else f"implicit-{fmt}", rows_in=len(rows))
+    skipped: Counter = Counter()
+    unpair = method == "kto" and kind != "unpaired"
+    for row in rows:
+        if kind == "implicit":
+            c, r = row.get("chosen"), row.get("rejected")
+            if c is None or r is None:
+                skipped["chosen/rejected is null"] += 1
+                continue
+            if type(c) is not type(r) or not isinstance(c, (str, list)):
+                skipped["mixed formats"] += 1
+                continue
+            row = dict(zip(("prompt", "chosen", "rejected"), extract_prompt(c, r)))
+        problem = _row_problem(row, kind, fmt)
+        if problem:
+            skipped[problem] += 1
+            continue
+        if kind == "unpaired":
+            p, comp, moved = tokenize_single(tok, row["prompt"], row["completion"], fmt)
+            out.prompt.append(p); out.completion.append(comp); out.label.append(bool(row["label"]))
+        else:
+            p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt)
+            if unpair:
+                out.prompt += [p, p]; out.completion += [c, r]; out.label += [True, False]
+            else:
+                out.prompt.append(p); out.chosen.append(c); out.rejected.append(r)
+        out.prompt_boundary_mismatches += int(moved)
+    out.skipped = dict(skipped)
+    if out.prompt_boundary_mismatches:
+        log.warning("the tokenized prompt is not a prefix of prompt+completion in %d rows; the "
+                    "completion starts where they diverge", out.prompt_boundary_mismatches)
+    if len(out) == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common()) or "no rows"
+        raise DataError(f"dataset `{ds_cfg.name}`: no usable row survives ({reasons})")
+    if key is not None:
+        _save_cache(cache_dir / f"{key}.json", out)
+    return out
+
+
+def _save_cache(path: Path, t: Tokenized) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(t.__dict__))
+    tmp.replace(path)
+
+
+def _load_cache(path: Path) -> Tokenized | None:
+    if not path.is_file():
+        return None
+    try:
+        return Tokenized(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError):
+        return None

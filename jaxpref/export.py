@@ -1,0 +1,239 @@
+"""LoRA <-> PEFT adapter folders, and merged Hugging Face checkpoints.
+
+`python -m jaxpref.export --run DIR [--adapter-out D] [--merged-out D]` re-exports a finished run
+(its `config.yaml` and `adapter/`) as a PEFT adapter and/or a merged safetensors model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxpref.errors import ConfigError, JaxprefError
+from jaxpref.lora import LoraSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _module_names(bundle) -> dict[tuple, tuple[str, bool]]:
+    """Our module path -> (HF module name template with {i}, stacked) for every linear kernel."""
+    out = {}
+    for rule in bundle.arch.weights:
+        if rule.path[-1] == "kernel" and rule.hf_name.endswith(".weight"):
+            out[rule.path[:-1]] = (rule.hf_name[: -len(".weight")], rule.stacked)
+    return out
+
+
+def peft_state_dict(bundle, lora: dict) -> dict[str, np.ndarray]:
+    """LoRA tree -> PEFT keys `base_model.model.<module>.lora_A.weight` [r, in] / `lora_B` [out, r]."""
+    names = _module_names(bundle)
+    flat = traverse_util.flatten_dict(lora)
+    out = {}
+    for path in sorted({p[:-1] for p in flat}):
+        tmpl, stacked = names[path]
+        a = np.asarray(flat[path + ("a",)], np.float32)
+        b = np.asarray(flat[path + ("b",)], np.float32)
+        layers = range(a.shape[0]) if stacked else [None]
+        for i in layers:
+            mod = tmpl.format(i=i) if stacked else tmpl
+            ai, bi = (a[i], b[i]) if stacked else (a, b)
+            out[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(ai.T)
+            out[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(bi.T)
+    return out
+
+
+def save_adapter(out_dir: Path, bundle, lora: dict, spec: LoraSpec, base_model: str,
+                 tokenizer=None) -> Path:
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(peft_state_dict(bundle, jax.device_get(lora)), str(tmp / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": sorted(spec.targets),
+        "bias": "none",
+        "use_rslora": spec.use_rslora,
+        "fan_in_fan_out": bool(bundle.arch.fan_in_fan_out),
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "revision": None,
+    }
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def read_adapter_config(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"adapter `{path}`: cannot read {ADAPTER_CONFIG} ({e})")
+
+
+def spec_from_adapter(path: Path, dropout: float = 0.0) -> LoraSpec:
+    c = read_adapter_config(path)
+    if c.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"adapter `{path}`: peft_type {c.get('peft_type')} is not LORA")
+    targets = c.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ConfigError(f"adapter `{path}`: regex target_modules are not supported; list module names")
+    return LoraSpec(r=int(c["r"]), alpha=float(c["lora_alpha"]), targets=tuple(sorted(targets)),
+                    use_rslora=bool(c.get("use_rslora", False)), dropout=dropout)
+
+
+def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraSpec]:
+    """A PEFT adapter folder -> (our LoRA tree float32, its spec). Checks names and shapes."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    spec = spec_from_adapter(path)
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise ConfigError(f"adapter `{path}`: no {ADAPTER_WEIGHTS}")
+    tensors = load_file(str(file))
+    names = _module_names(bundle)
+    shapes = {p[:-1]: v.shape for p, v in traverse_util.flatten_dict(abstract_params).items()
+              if p[-1] == "kernel"}
+    patterns = []
+    for path_, (tmpl, stacked) in names.items():
+        pat = re.escape(tmpl).replace(re.escape("{i}"), r"(\d+)")
+        patterns.append((re.compile(rf"base_model\.model\.{pat}\.lora_([AB])(?:\.default)?\.weight$"), path_, stacked))
+    flat: dict[tuple, np.ndarray] = {}
+    for key, arr in tensors.items():
+        for pat, p, stacked in patterns:
+            m = pat.match(key)
+            if not m:
+                continue
+            if p[-1] not in spec.targets:
+                break
+            which = m.group(m.lastindex)
+            kshape = shapes[p]
+            din, dout = kshape[-2], kshape[-1]
+            want = (spec.r, din) if which == "A" else (dout, spec.r)
+            if tuple(arr.shape) != want:
+                raise ConfigError(f"adapter `{path}`: tensor `{key}` has shape {tuple(arr.shape)}, "
+                                  f"this model needs {want} (made for another model?)")
+            leaf = p + ("a" if which == "A" else "b",)
+            if stacked:
+                i = int(m.group(1))
+                buf = flat.setdefault(leaf, np.zeros((kshape[0],) + want[::-1], np.float32))
+                buf[i] = arr.T
+            else:
+                flat[leaf] = np.asarray(arr.T, np.float32)
+            break
+        else:
+            raise ConfigError(f"adapter `{path}`: tensor `{key}` matches no module of this "
+                              f"{bundle.source.model_type} model (made for another architecture?)")
+    if not flat:
+        raise ConfigError(f"adapter `{path}`: holds no LoRA tensors for this model")
+    for p, shape in shapes.items():
+        if p[-1] in spec.targets and p + ("a",) not in flat:
+            raise ConfigError(f"adapter `{path}`: lacks weights for `{'.'.join(p)}`")
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}), spec
+
+
+def save_merged(out_dir: Path, bundle, params: dict, lora: dict | None, spec: LoraSpec | None,
+                tokenizer=None) -> Path:
+    """Base (+ merged LoRA) -> HF safetensors + config.json (+ tokenizer) in HF's layout."""
+    from safetensors.numpy import save_file
+
+    from jaxpref.lora import merge
+
+    if lora is not None:
+        params = merge(params, lora, spec.scale)
+    flat = traverse_util.flatten_dict(jax.device_get(params))
+    tensors = {}
+    for rule in bundle.arch.weights:
+        if rule.path not in flat:
+            continue
+        arr = np.asarray(flat[rule.path], np.float32)
+        if rule.stacked:
+            for i in range(arr.shape[0]):
+                x = arr[i].T if rule.transpose else arr[i]
+                tensors[rule.hf_name.format(i=i)] = np.ascontiguousarray(x)
+        else:
+            x = arr.T if rule.transpose else arr
+            tensors[rule.hf_name] = np.ascontiguousarray(x)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = dict(bundle.source.hf_config)
+    cfg["torch_dtype"] = "float32"
+    cfg.pop("dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxpref.export",
+                                 description="Export a finished run's LoRA as a PEFT adapter and/or a merged model.")
+    ap.add_argument("--run", required=True, help="run directory (holds config.yaml and adapter/)")
+    ap.add_argument("--adapter-out", help="write the PEFT adapter folder here")
+    ap.add_argument("--merged-out", help="write a merged Hugging Face model here")
+    args = ap.parse_args(argv)
+    try:
+        return _export(args)
+    except JaxprefError as e:
+        print(f"jaxpref.export: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _export(args) -> int:
+    from jaxpref.config import load_config
+    from jaxpref.models import weights
+    from jaxpref.models.source import load_tokenizer, resolve
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run {run}: no config.yaml (not a jaxpref run directory)")
+    if not (run / "adapter" / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"--run {run}: no adapter/ (the run has not finished or was a full fine-tune)")
+    if not args.adapter_out and not args.merged_out:
+        raise ConfigError("nothing to do: give --adapter-out and/or --merged-out")
+    cfg = load_config(run / "config.yaml")
+    entry = cfg.models[0]
+    src = resolve(entry.huggingface_id, entry.revision)
+    bundle = weights.build(src)
+    tok = load_tokenizer(src, entry.tokenizer_id)
+    params = weights.load_params(bundle)
+    lora, spec = load_adapter(run / "adapter", bundle, params)
+    if args.adapter_out:
+        save_adapter(Path(args.adapter_out), bundle, lora, spec, entry.huggingface_id, tok)
+        print(f"adapter -> {args.adapter_out}")
+    if args.merged_out:
+        save_merged(Path(args.merged_out), bundle, params, lora, spec, tok)
+        print(f"merged model -> {args.merged_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Preference losses from sequence log-probabilities. Pure functions of arrays; no model, no data.
+
+Formulas follow TRL 1.x (DPOTrainer, KTO, ORPO, CPO/SimPO) and ../shared/REFERENCE.md. Every
+per-pair loss is averaged over the batch, then weighted and summed over `loss_types`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from jax.nn import log_sigmoid, sigmoid
+
+DISCOPOP_TAU = 0.05
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    method: str = "dpo"
+    loss_types: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] = (1.0,)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    use_weighting: bool = False
+    reference_free: bool = False
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method in ("dpo", "ipo", "kto") and not self.reference_free
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class PairStats:
+    """Per-pair sums over completion tokens, all [B] float32.
+
+    logps_*: summed token log-probs (LD-DPO weighting already applied); len_*: completion token
+    counts; nll_full_chosen / len_full_chosen: NLL sum and count over prompt+completion of the
+    chosen sequence (ORPO's default span); wlog_*: WPO's mean aligned log-probs (no gradient);
+    logit_sum_*: summed per-token mean logits (for the logits/* metrics).
+    """
+    logps_chosen: jax.Array
+    logps_rejected: jax.Array
+    len_chosen: jax.Array
+    len_rejected: jax.Array
+    nll_full_chosen: jax.Array
+    len_full_chosen: jax.Array
+    wlog_chosen: jax.Array
+    wlog_rejected: jax.Array
+    logit_sum_chosen: jax.Array
+    logit_sum_rejected: jax.Array
+
+
+def _scores(rho: jax.Array, spec: LossSpec) -> jax.Array:
+    """f-divergence transform of a log-ratio (constants that cancel in differences dropped)."""
+    kind = spec.f_divergence_type
+    if kind == "reverse_kl":
+        return rho
+    if kind == "forward_kl":
+        return 1 - jnp.exp(-rho)
+    if kind == "js_divergence":
+        return math.log(2) + log_sigmoid(rho)
+    if kind == "alpha_divergence":
+        a = spec.f_alpha_divergence_coef
+        if abs(a - 1.0) < 1e-6:
+            return rho
+        t = jnp.minimum((a - 1.0) * rho, 80.0)
+        return (jnp.exp(t) - 1.0) / (a - 1.0)
+    raise ValueError(kind)
+
+
+def _smoothed_sigmoid(z: jax.Array, eps: float) -> jax.Array:
+    return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+
+
+def dpo_per_pair(loss_type: str, s: PairStats, ref_c: jax.Array, ref_r: jax.Array,
+                 spec: LossSpec, sft_loss: jax.Array) -> jax.Array:
+    """One DPO-family loss type -> per-pair loss [B]."""
+    beta, eps = spec.beta, spec.label_smoothing
+    rho_c = s.logps_chosen - ref_c
+    rho_r = s.logps_rejected - ref_r
+    sc, sr = _scores(rho_c, spec), _scores(rho_r, spec)
+    d = sc - sr
+    lc = jnp.maximum(s.len_chosen, 1.0)
+    lr = jnp.maximum(s.len_rejected, 1.0)
+    if loss_type == "sigmoid":
+        return _smoothed_sigmoid(beta * d, eps)
+    if loss_type == "hinge":
+        return jax.nn.relu(1 - beta * d)
+    if loss_type == "ipo":
+        return (sc / lc - sr / lr - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":
+        return (-(1 - eps) * log_sigmoid(beta * d) + eps * log_sigmoid(-beta * d)) / (1 - 2 * eps)
+    if loss_type == "exo_pair":
+        z = beta * d
+        return (sigmoid(z) * (log_sigmoid(z) - math.log1p(-eps))
+                + sigmoid(-z) * (log_sigmoid(-z) - math.log(eps)))
+    if loss_type == "nca_pair":
+        return (-log_sigmoid(beta * rho_c) - 0.5 * log_sigmoid(-beta * rho_c)
+                - 0.5 * log_sigmoid(-beta * rho_r))
+    if loss_type == "bco_pair":
+        return -log_sigmoid(beta * rho_c) - log_sigmoid(-beta * rho_r)
+    if loss_type == "sppo_hard":
+        return (rho_c - 0.5 / beta) ** 2 + (rho_r + 0.5 / beta) ** 2
+    if loss_type == "aot":
+        delta = (jnp.sort(s.logps_chosen - s.logps_rejected)
+                 - jnp.sort(ref_c - ref_r))
+        return _smoothed_sigmoid(beta * delta, eps)
+    if loss_type in ("aot_unpaired", "aot_pair"):
+        return _smoothed_sigmoid(beta * (jnp.sort(rho_c) - jnp.sort(rho_r)), eps)
+    if loss_type == "apo_zero":
+        return 1 - sigmoid(beta * rho_c) + sigmoid(beta * rho_r)
+    if loss_type == "apo_down":
+        return sigmoid(beta * rho_c) + 1 - sigmoid(beta * (rho_c - rho_r))
+    if loss_type == "discopop":
+        z = beta * d
+        m = sigmoid(z / DISCOPOP_TAU)
+        return (1 - m) * (-log_sigmoid(z)) + m * jnp.exp(-z)
+    if loss_type == "sigmoid_norm":
+        return -log_sigmoid(beta * (sc / lc - sr / lr))
+    if loss_type == "sft":
+        return jnp.broadcast_to(sft_loss, rho_c.shape)
+    if loss_type == "kto_pair":
+        # The seed's paired KTO (older TRL): KL terms estimated from the batch, no gradient.
+        kl_c = jax.lax.stop_gradient(jnp.maximum(jnp.mean(rho_c), 0.0))
+        kl_r = jax.lax.stop_gradient(jnp.maximum(jnp.mean(rho_r), 0.0))
+        return jnp.concatenate([1 - sigmoid(beta * (rho_c - kl_r)), 1 - sigmoid(beta * (kl_c - rho_r))])
+    raise ValueError(f"unknown loss_type {loss_type}")
+
+
+def sft_token_mean(s: PairStats) -> jax.Array:
+    """Token-mean NLL of the policy over the chosen completions of the batch."""
+    return -jnp.sum(s.logps_chosen) / jnp.maximum(jnp.sum(s.len_chosen), 1.0)
+
+
+def dpo_loss(s: PairStats, ref_c: jax.Array, ref_r: jax.Array, spec: LossSpec,
+             sft_nll: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """DPO family. s: policy stats; ref_*: reference summed log-probs [B] (zeros if reference-free).
+
+    `sft_nll` overrides the SFT term (needed when LD-DPO reweights logps_chosen)."""
+    if spec.reference_free:
+        ref_c, ref_r = jnp.zeros_like(ref_c), jnp.zeros_like(ref_r)
+    sft = sft_token_mean(s) if sft_nll is None else sft_nll
+    weights = None
+    if spec.use_weighting:
+        weights = jax.lax.stop_gradient(jnp.exp(s.wlog_chosen) * jnp.exp(s.wlog_rejected))
+    loss = 0.0
+    for lt, w in zip(spec.loss_types, spec.loss_weights):
+        per = dpo_per_pair(lt, s, ref_c, ref_r, spec, sft)
+        if weights is not None:
+            per = per * (weights if per.shape == weights.shape else jnp.concatenate([weights, weights]))
+        loss = loss + w * jnp.mean(per)
+    rc = spec.beta * jax.lax.stop_gradient(s.logps_chosen - ref_c)
+    rr = spec.beta * jax.lax.stop_gradient(s.logps_rejected - ref_r)
+    return loss, reward_metrics(rc, rr, s)
+
+
+def reward_metrics(rc: jax.Array, rr: jax.Array, s: PairStats) -> dict:
+    """TRL's metric names, as per-batch sums plus counts so shards and micro-batches aggregate."""
+    return {
+        "rewards/chosen": rc,
+        "rewards/rejected": rr,
+        "rewards/accuracies": (rc > rr).astype(jnp.float32),
+        "rewards/margins": rc - rr,
+        "logps/chosen": jax.lax.stop_gradient(s.logps_chosen),
+        "logps/rejected": jax.lax.stop_gradient(s.logps_rejected),
+    }
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2."""
+    x = jnp.minimum(x, -1e-7)
+    return jnp.where(x > -math.log(2), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def orpo_loss(s: PairStats, spec: LossSpec, span: str = "prompt_and_completion") -> tuple[jax.Array, dict]:
+    """ORPO: NLL(chosen) - beta * mean(logsig(log_odds)), on length-averaged log-probs."""
+    pc = s.logps_chosen / jnp.maximum(s.len_chosen, 1.0)
+    pr = s.logps_rejected / jnp.maximum(s.len_rejected, 1.0)
+    log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
+    ratio = log_sigmoid(log_odds)
+    if span == "completion":
+        nll = -jnp.sum(s.logps_chosen) / jnp.maximum(jnp.sum(s.len_chosen), 1.0)
+    else:
+        nll = jnp.sum(s.nll_full_chosen) / jnp.maximum(jnp.sum(s.len_full_chosen), 1.0)
+    loss = nll - spec.beta * jnp.mean(ratio)
+    rc = spec.beta * jax.lax.stop_gradient(pc)
+    rr = spec.beta * jax.lax.stop_gradient(pr)
+    m = reward_metrics(rc, rr, s)
+    m["nll_loss"] = jnp.broadcast_to(jax.lax.stop_gradient(nll), pc.shape)
+    m["log_odds_ratio"] = jax.lax.stop_gradient(ratio)
+    m["log_odds_chosen"] = jax.lax.stop_gradient(log_odds)
+    return loss, m
+
+
+def simpo_cpo_loss(s: PairStats, spec: LossSpec) -> tuple[jax.Array, dict]:
+    """SimPO (average log-probs, margin gamma) and CPO (summed log-probs) with the cpo_alpha NLL."""
+    eps, beta = spec.label_smoothing, spec.beta
+    simpo = spec.method == "simpo" or "simpo" in spec.loss_types
+    if simpo:
+        pc = s.logps_chosen / jnp.maximum(s.len_chosen, 1.0)
+        pr = s.logps_rejected / jnp.maximum(s.len_rejected, 1.0)
+        logits = pc - pr - spec.simpo_gamma / beta
+    else:
+        pc, pr = s.logps_chosen, s.logps_rejected
+        logits = pc - pr
+    lt = spec.loss_types[0]
+    if simpo or lt == "sigmoid":
+        per = _smoothed_sigmoid(beta * logits, eps)
+    elif lt == "hinge":
+        per = jax.nn.relu(1 - beta * logits)
+    elif lt == "ipo":
+        per = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {lt} is not available for {spec.method}")
+    nll = -jnp.sum(s.logps_chosen) / jnp.maximum(jnp.sum(s.len_chosen), 1.0)
+    alpha = 0.0 if spec.method == "simpo" else spec.cpo_alpha
+    loss = jnp.mean(per) + alpha * nll
+    m = reward_metrics(beta * jax.lax.stop_gradient(pc), beta * jax.lax.stop_gradient(pr), s)
+    m["nll_loss"] = jnp.broadcast_to(jax.lax.stop_gradient(nll), pc.shape)
+    return loss, m

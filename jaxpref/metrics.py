@@ -1,0 +1,103 @@
+"""Metric sinks (metrics.jsonl always; TensorBoard, W&B offline-safe, MLflow on request) and the
+progress bar."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class MetricSinks:
+    def __init__(self, run_dir: Path, cfg, name: str, append: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a" if append else "w")
+        self.tb = self.wandb = self.mlflow = None
+        report = cfg.report_to
+        if "tensorboard" in report:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if "wandb" in report:
+            self.wandb = _start_wandb(run_dir, cfg, name)
+        if "mlflow" in report:
+            self.mlflow = _start_mlflow(run_dir, cfg, name)
+
+    def log(self, metrics: dict) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        step = int(metrics.get("step", 0))
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if k not in ("step",) and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                tag = k if "/" in k else (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}")
+                self.tb.add_scalar(tag, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.mlflow is not None:
+            mlflow, run = self.mlflow
+            mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.mlflow is not None:
+            self.mlflow[0].end_run()
+
+
+def _start_wandb(run_dir: Path, cfg, name: str):
+    import wandb
+
+    # Offline unless a key is set; never block on a network that is not there.
+    mode = "online" if os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline" else "offline"
+    try:
+        return wandb.init(project=cfg.logging.project, name=cfg.logging.run_name or name,
+                          dir=str(run_dir), mode=mode, reinit="finish_previous",
+                          settings=wandb.Settings(init_timeout=30, silent=True))
+    except Exception as e:
+        print(f"jaxpref: warning: W&B disabled ({type(e).__name__}: {e})".splitlines()[0], file=sys.stderr)
+        return None
+
+
+def _start_mlflow(run_dir: Path, cfg, name: str):
+    try:
+        import mlflow
+    except ImportError:
+        print("jaxpref: warning: mlflow is not installed (uv sync --extra mlflow); skipping it",
+              file=sys.stderr)
+        return None
+    mlflow.set_tracking_uri((Path(run_dir) / "mlruns").resolve().as_uri())
+    mlflow.set_experiment(cfg.logging.project)
+    run = mlflow.start_run(run_name=cfg.logging.run_name or name)
+    return mlflow, run
+
+
+class ProgressBar:
+    """One line, rewritten: step, loss, reward accuracy, tokens/s, ETA."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled = total, enabled and total > 0
+        self.t0 = time.time()
+        self.last: dict = {}
+
+    def update(self, step: int, metrics: dict | None) -> None:
+        if metrics:
+            self.last = metrics
+        if not self.enabled:
+            return
+        el = time.time() - self.t0
+        eta = el / step * (self.total - step) if step else 0.0
+        m = self.last
+        line = (f"\rstep {step}/{self.total} | loss {m.get('loss', float('nan')):.4f} | "
+                f"acc {m.get('rewards/accuracies', float('nan')):.2f} | "
+                f"{m.get('tokens_per_second', 0):.0f} tok/s | ETA {eta:.0f}s ")
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")

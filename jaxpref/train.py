@@ -1,0 +1,106 @@
+"""`python -m jaxpref.train --config FILE`: post-train every model of a config, one after another.
+
+Each model trains into `<output-dir>/<name>/` with `config.yaml`, `metrics.jsonl`, `adapter/`
+(PEFT) and `summary.json`. A failing model is reported and the next one still runs; the exit code
+is 0 when all succeeded, 2 when one failed on bad input, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from jaxpref.config import Config, load_config
+from jaxpref.errors import JaxprefError
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m jaxpref.train",
+                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO) with LoRA in JAX.")
+    ap.add_argument("--config", required=True, help="YAML config file")
+    ap.add_argument("--model-index", type=int, default=None, help="train only models[I]")
+    ap.add_argument("--output-dir", default=None, help="output root (default: checkpoints)")
+    ap.add_argument("--resume", action="store_true", help="continue each model from its latest checkpoint")
+    ap.add_argument("--dry-run", action="store_true", help="check config, model shapes and data without training")
+    ap.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value by dotted path, e.g. training.learning_rate=1e-5")
+    return ap.parse_args(argv)
+
+
+def load_dotenv(path: Path = Path(".env")) -> None:
+    """KEY=VALUE lines of .env into the environment (existing variables win)."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        k, v = line.split("=", 1)
+        k = k.strip().removeprefix("export ").strip()
+        os.environ.setdefault(k, v.strip().strip('"').strip("'"))
+
+
+def select_models(cfg: Config, index: int | None) -> list[int]:
+    if index is None:
+        return list(range(len(cfg.models)))
+    if not 0 <= index < len(cfg.models):
+        raise JaxprefError(f"--model-index {index} is out of range: the config has {len(cfg.models)} model(s)")
+    return [index]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    load_dotenv()
+    overrides = list(args.set)
+    if args.max_steps is not None:
+        overrides.append(f"training.max_steps={args.max_steps}")
+    try:
+        cfg = load_config(args.config, overrides)
+        indices = select_models(cfg, args.model_index)
+    except JaxprefError as e:
+        print(f"jaxpref: error: {e}", file=sys.stderr)
+        return 2
+    out_root = Path(args.output_dir or "checkpoints")
+    if args.dry_run:
+        from jaxpref.dryrun import dry_run
+        return dry_run(cfg, indices)
+    from jaxpref.runner import train_model
+
+    codes = []
+    for i in indices:
+        entry = cfg.models[i]
+        run_dir = out_root / entry.name
+        try:
+            train_model(cfg, i, run_dir, resume=args.resume)
+            codes.append(0)
+        except JaxprefError as e:
+            print(f"jaxpref: error: model `{entry.name}`: {e}", file=sys.stderr)
+            codes.append(2)
+        except KeyboardInterrupt:
+            print(f"jaxpref: interrupted while training `{entry.name}`", file=sys.stderr)
+            return 130
+        except Exception as e:  # report, keep the traceback in the run folder, go on
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            msg = str(e).splitlines()[0] if str(e) else ""
+            print(f"jaxpref: error: model `{entry.name}` failed: {type(e).__name__}: {msg} "
+                  f"(traceback in {run_dir / 'error.log'})", file=sys.stderr)
+            codes.append(1)
+    if len(indices) > 1:
+        ok = sum(c == 0 for c in codes)
+        print(f"jaxpref: {ok}/{len(indices)} model(s) trained", file=sys.stderr)
+    if all(c == 0 for c in codes):
+        return 0
+    return 2 if 2 in codes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Our Flax models read Hugging Face checkpoints and give the same logits as transformers.
+
+Each case is a tiny random model made and saved by transformers (the oracle), read back through
+`resolve` + `build` + `load_params`, and compared on a batch with a right-padded and a
+left-padded row.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from jaxpref.errors import ModelSourceError
+from jaxpref.models.source import resolve
+from jaxpref.models.weights import build, load_params
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0)
+NEOX = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+GPT2 = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+            eos_token_id=2)
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**TINY, num_key_value_heads=2, tie_word_embeddings=False),
+    "llama_tied": lambda: transformers.LlamaConfig(**TINY, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama3_rope": lambda: transformers.LlamaConfig(
+        **TINY, num_key_value_heads=4, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 10000.0}),
+    "mistral": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2),
+    "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
+                                                            use_parallel_residual=True),
+    "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,
+                                                              use_parallel_residual=False),
+    "gpt2": lambda: transformers.GPT2Config(**GPT2),
+    "gpt2_inverse_layer_scale": lambda: transformers.GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True),
+}
+
+# Row 0 is right-padded (6 real tokens), row 1 left-padded (5 real tokens).
+IDS = np.array([[5, 17, 33, 8, 99, 42, 0, 0], [0, 0, 0, 71, 12, 3, 64, 127]], np.int64)
+VALID = np.array([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]], np.int64)
+POS = np.maximum(np.cumsum(VALID, axis=1) - 1, 0)
+
+
+def _mask(valid: np.ndarray) -> jnp.ndarray:
+    """[B, T, T] bool: causal and the key is a real token."""
+    t = valid.shape[1]
+    causal = np.tril(np.ones((t, t), bool))
+    return jnp.asarray(causal[None] & valid[:, None, :].astype(bool))
+
+
+def _hf_model(name: str):
+    torch.manual_seed(0)
+    cfg = CONFIGS[name]()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # HF zero-inits biases and sets norms to 1: perturb all so loading shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _hf_logits(model) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(VALID),
+                    position_ids=torch.tensor(POS))
+    return out.logits.numpy()
+
+
+def _our_logits(path, **options) -> np.ndarray:
+    bundle = build(resolve(str(path)), **options)
+    params = load_params(bundle)
+    hidden = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32),
+                           _mask(VALID))
+    return np.asarray(hidden @ bundle.head(params))
+
+
+def _max_diff(ours: np.ndarray, ref: np.ndarray) -> float:
+    keep = VALID.astype(bool)
+    return float(np.abs(ours[keep] - ref[keep]).max())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> (directory written by save_pretrained, HF logits), made once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = _hf_model(name)
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path)
+            cache[name] = (path, _hf_logits(model), model)
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name, saved):
+    path, ref, _ = saved(name)
+    diff = _max_diff(_our_logits(path), ref)
+    print(f"parity {name}: max|diff| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox_parallel"])
+def test_sharded_safetensors_match(name, tmp_path):
+    model = _hf_model(name)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert _max_diff(_our_logits(tmp_path), _hf_logits(model)) <= 1e-4
+
+
+def _write_flax_msgpack(model, path, bare: bool = False) -> None:
+    """The torch weights in the old HF Flax layout: nested by module, `kernel` = weight.T,
+    `embedding` for embeddings, `scale` for norms. `bare` drops the base-model prefix, as a
+    checkpoint saved from the base model (e.g. FlaxGPT2Model) has it."""
+    from flax.serialization import msgpack_serialize
+
+    kinds = {}
+    for mod_name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if isinstance(mod, torch.nn.Embedding):
+            kinds[mod_name] = "embedding"
+        elif "Norm" in cls:
+            kinds[mod_name] = "scale"
+        elif isinstance(mod, torch.nn.Linear) or cls == "Conv1D":
+            kinds[mod_name] = "kernel"
+    tree: dict = {}
+    for key, tensor in model.named_parameters():  # tied weights appear once, as in Flax
+        mod_name, _, leaf = key.rpartition(".")
+        arr = tensor.detach().numpy().copy()
+        if leaf == "weight":
+            leaf = kinds[mod_name]
+            if leaf == "kernel":
+                arr = np.ascontiguousarray(arr.T)
+        parts = mod_name.split(".")
+        if bare:
+            assert parts[0] == model.base_model_prefix
+            parts = parts[1:]
+        node = tree
+        for p in parts:
+            node = node.setdefault(p, {})
+        node[leaf] = arr
+    (path / "flax_model.msgpack").write_bytes(msgpack_serialize(tree))
+    model.config.save_pretrained(path)
+
+
+@pytest.mark.parametrize("name,bare", [("llama", False), ("gpt_neox_parallel", False), ("gpt2", False),
+                                       ("llama_tied", True), ("gpt2", True)])
+def test_flax_msgpack_matches(name, bare, tmp_path, saved):
+    _, ref, model = saved(name)
+    _write_flax_msgpack(model, tmp_path, bare)
+    assert not list(tmp_path.glob("*.safetensors"))
+    assert _max_diff(_our_logits(tmp_path), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox_sequential", "gpt2_inverse_layer_scale"])
+def test_gradient_checkpointing_keeps_gradients(name, saved):
+    path, _, _ = saved(name)
+    source = resolve(str(path))
+    ids, pos, mask = jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32), _mask(VALID)
+    weight = jnp.asarray(VALID, jnp.float32)[..., None]
+
+    def grads(bundle, params):
+        loss = lambda p: jnp.sum(bundle.hidden(p, None, ids, pos, mask) * weight)
+        return jax.jit(jax.grad(loss))(params)
+
+    plain = build(source)
+    params = load_params(plain)
+    remat = build(source, gradient_checkpointing=True)
+    assert remat.args.gradient_checkpointing
+    g0, g1 = grads(plain, params), grads(remat, params)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g0, g1))
+    assert max(diffs) <= 1e-5
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 0
+
+
+def test_unknown_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelSourceError, match=r"`bert`.*supported: .*gpt2.*gpt_neox.*llama"):
+        build(resolve(str(tmp_path)))
+
+
+def _rewrite(path, change) -> None:
+    tensors = load_file(str(path / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _hf_model("llama").save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ModelSourceError, match=r"lacks tensor `model\.layers\.1\.mlp\.up_proj\.weight`"):
+        load_params(build(resolve(str(tmp_path))))
+
+
+def test_wrong_shape_is_named(tmp_path):
+    _hf_model("gpt2").save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({"transformer.h.0.attn.c_attn.weight": np.zeros((64, 96), np.float32)}))
+    with pytest.raises(ModelSourceError, match=r"`transformer\.h\.0\.attn\.c_attn\.weight` has shape \(64, 96\), "
+                                               r"expected \(64, 192\)"):
+        load_params(build(resolve(str(tmp_path))))
+
+
+def test_pytorch_bin_only_says_convert(tmp_path):
+    model = _hf_model("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelSourceError, match=r"pytorch_model\.bin.*convert"):
+        load_params(build(resolve(str(tmp_path))))
