@@ -83,6 +83,7 @@ class Layout:
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     pad_id: int = 0
     ld_alpha: float | None = None
+    target_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def _empty(n: int, t: int, s: int, pad_id: int) -> dict:
@@ -176,6 +177,30 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
     return b
 
 
+def compact_targets(b: dict, num_seqs: int, k: int | None = None, buckets=(32, 64, 128, 256, 512, 1024)) -> dict:
+    """Gather the tokens whose log-prob the loss reads (completion tokens, and ORPO's span) into
+    `tgt_*` arrays [N, K], so the LM head runs on K positions per row instead of T."""
+    need = (b["seq"] < num_seqs) | (b["full"] > 0)
+    counts = need.sum(axis=1)
+    if k is None:
+        k = bucket_for(max(int(counts.max()), 1), buckets)
+    n = need.shape[0]
+    idx = np.zeros((n, k), np.int64)
+    valid = np.zeros((n, k), bool)
+    for r in range(n):
+        pos = np.flatnonzero(need[r])
+        idx[r, :len(pos)] = pos
+        valid[r, :len(pos)] = True
+    take = lambda a: np.take_along_axis(a, idx, axis=1)
+    out = {key: b[key] for key in ("input_ids", "positions", "segment_ids", "branch")}
+    out["tgt_src"] = take(b["src"]).astype(np.int32)
+    out["tgt_ids"] = take(b["input_ids"]).astype(np.int32)
+    out["tgt_seq"] = np.where(valid, take(b["seq"]), num_seqs).astype(np.int32)
+    out["tgt_weight"] = np.where(valid, take(b["weight"]), 0).astype(np.float32)
+    out["tgt_full"] = np.where(valid, take(b["full"]), 0).astype(np.float32)
+    return out
+
+
 def needed_length(data: Tokenized, idx: np.ndarray, layout: Layout) -> int:
     need = 0
     for i in idx:
@@ -238,4 +263,8 @@ class BatchIterator:
         need = max(needed_length(self.data, m, self.layout) for m in micro)
         T = bucket_for(need, self.layout.buckets)
         parts = [make_pair_batch(self.data, m, self.layout, T) for m in micro]
+        S = 2 * self.B
+        need = max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
+        K = min(bucket_for(max(need, 1), self.layout.target_buckets), T)
+        parts = [compact_targets(p, S, K) for p in parts]
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}

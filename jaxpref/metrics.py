@@ -92,9 +92,12 @@ class ProgressBar:
         el = time.time() - self.t0
         eta = el / step * (self.total - step) if step else 0.0
         m = self.last
-        line = (f"\rstep {step}/{self.total} | loss {m.get('loss', float('nan')):.4f} | "
-                f"acc {m.get('rewards/accuracies', float('nan')):.2f} | "
-                f"{m.get('tokens_per_second', 0):.0f} tok/s | ETA {eta:.0f}s ")
+        if not m:
+            line = f"\rstep {step}/{self.total} | compiling..."
+        else:
+            line = (f"\rstep {step}/{self.total} | loss {m.get('loss', float('nan')):.4f} | "
+                    f"acc {m.get('rewards/accuracies', float('nan')):.2f} | "
+                    f"{m.get('tokens_per_second', 0):.0f} tok/s | ETA {eta:.0f}s ")
         sys.stderr.write(line)
         sys.stderr.flush()
 

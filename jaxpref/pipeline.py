@@ -34,10 +34,10 @@ def lora_spec_for(cfg: Config, bundle_arch, abstract_params) -> LoraSpec | None:
     return LoraSpec(lo.r, lo.lora_alpha, targets, lo.use_rslora, lo.lora_dropout, lo.init)
 
 
-def model_for(cfg: Config, index: int, training: bool = True):
+def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bool = True):
     """-> (bundle with LoRA options set, tokenizer, lora spec or None, abstract params)."""
     entry = cfg.models[index]
-    src = resolve(entry.huggingface_id, entry.revision)
+    src = resolve(entry.huggingface_id, entry.revision, weights=weights_needed)
     tok = load_tokenizer(src, entry.tokenizer_id)
     bundle = weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype,
                            gradient_checkpointing=cfg.gradient_checkpointing)

@@ -70,6 +70,16 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False) ->
         raise ConfigError(f"{cfg.source}: `lora.enabled: false` (full fine-tuning) is not available in this version")
     if resume:
         raise ConfigError("--resume is not available in this version of jaxpref")
+    unavailable = {
+        "post_training.precompute_ref_logps": cfg.post_training.precompute_ref_logps,
+        "gpu.mesh": cfg.gpu.mesh, "gpu.distributed": cfg.gpu.distributed,
+        "gpu.device_ids": cfg.gpu.device_ids and len(cfg.gpu.device_ids) > 1,
+        "finetuning.save_steps / training.save_steps": cfg.save_steps,
+        "finetuning.early_stopping": cfg.finetuning.early_stopping,
+    }
+    for key, value in unavailable.items():
+        if value:
+            raise ConfigError(f"{cfg.source}: `{key}` is not available in this version of jaxpref")
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     mcfg = model_config(cfg, index)
@@ -137,7 +147,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False) ->
         if compile_s is None:
             jax.block_until_ready(m["loss"])
             compile_s = time.time() - t0
-        if (step + 1) % tcfg.logging_steps == 0 or step + 1 == total:
+        if step == 0 or (step + 1) % tcfg.logging_steps == 0 or step + 1 == total:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not math.isfinite(m["loss"]):
                 raise JaxprefError(f"loss is {m['loss']} at step {step + 1}; stopping")

@@ -37,16 +37,17 @@ class StepOptions:
 
 
 def token_logps(bundle, params, lora, mb: dict, rngs=None, need_wpo: bool = False):
-    """Per-token log-prob of each token given its predictor; [N, T] float32 each.
+    """Log-probs of the target tokens (`tgt_*`, [N, K]) given their predicting hidden states.
 
-    Returns (logp, mean_logit, wpo_aligned)."""
+    The LM head runs on the K gathered positions only. Returns (logp, mean_logit, wpo_aligned),
+    each [N, K] float32."""
     mask = attention_mask(mb["segment_ids"], mb["branch"])
     hidden = bundle.hidden(params, lora, mb["input_ids"], mb["positions"], mask, rngs=rngs)
-    h = jnp.take_along_axis(hidden, mb["src"][..., None], axis=1)
-    logits = jnp.einsum("ntd,dv->ntv", h, bundle.head(params).astype(h.dtype),
+    h = jnp.take_along_axis(hidden, mb["tgt_src"][..., None], axis=1)
+    logits = jnp.einsum("nkd,dv->nkv", h, bundle.head(params).astype(h.dtype),
                         preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, mb["input_ids"][..., None], axis=-1)[..., 0]
+    tgt = jnp.take_along_axis(logits, mb["tgt_ids"][..., None], axis=-1)[..., 0]
     logp = tgt - lse
     mean_logit = jnp.mean(logits, axis=-1)
     wpo = None
@@ -62,7 +63,7 @@ def _seg_sum(x: jax.Array, seq: jax.Array, s: int) -> jax.Array:
 def pair_stats(logp, mean_logit, wpo, mb: dict, num_seqs: int) -> PairStats:
     s = num_seqs
     b = s // 2
-    seq, w = mb["seq"], mb["weight"]
+    seq, w = mb["tgt_seq"], mb["tgt_weight"]
     is_comp = (seq < s).astype(jnp.float32)
     sums = _seg_sum(logp * w, seq, s)
     lens = _seg_sum(is_comp, seq, s)
@@ -71,10 +72,11 @@ def pair_stats(logp, mean_logit, wpo, mb: dict, num_seqs: int) -> PairStats:
         wl = _seg_sum(wpo * is_comp, seq, s) / jnp.maximum(lens, 1.0)
     else:
         wl = jnp.zeros((s,), jnp.float32)
-    full = mb["full"]
+    full = mb["tgt_full"]
     # ORPO's span: all tokens of the chosen sequence after its first (prompt and completion).
-    chosen_full_nll = -jnp.sum(jnp.where(full > 0, logp, 0.0).reshape(full.shape[0], -1), axis=-1)
-    chosen_full_len = jnp.sum(full.reshape(full.shape[0], -1), axis=-1)
+    # Rows 0..B-1 hold the chosen sequences in both layouts.
+    chosen_full_nll = -jnp.sum(jnp.where(full > 0, logp, 0.0), axis=-1)
+    chosen_full_len = jnp.sum(full, axis=-1)
     return PairStats(
         logps_chosen=sums[:b], logps_rejected=sums[b:],
         len_chosen=lens[:b], len_rejected=lens[b:],
@@ -87,7 +89,7 @@ def pair_stats(logp, mean_logit, wpo, mb: dict, num_seqs: int) -> PairStats:
 def sequence_logps(bundle, params, lora, mb: dict, num_seqs: int) -> jax.Array:
     """Summed completion log-probs [S] (chosen slots then rejected): reference / evaluation pass."""
     logp, _, _ = token_logps(bundle, params, lora, mb)
-    return _seg_sum(logp * mb["weight"], mb["seq"], num_seqs)
+    return _seg_sum(logp * mb["tgt_weight"], mb["tgt_seq"], num_seqs)
 
 
 def micro_loss(lora, params, mb: dict, ref_logps: jax.Array | None, bundle, ref_bundle, ref_params,
@@ -114,7 +116,7 @@ def micro_loss(lora, params, mb: dict, ref_logps: jax.Array | None, bundle, ref_
         sft = None
         if "sft" in spec.loss_types:
             # Unweighted token-mean NLL (LD-DPO weights apply to the preference term only).
-            is_c = (mb["seq"] < b).astype(jnp.float32)
+            is_c = (mb["tgt_seq"] < b).astype(jnp.float32)
             sft = -jnp.sum(logp * is_c) / jnp.maximum(jnp.sum(is_c), 1.0)
         loss, m = losses.dpo_loss(st, ref[:b], ref[b:], spec, sft)
     m = dict(m)

@@ -56,6 +56,31 @@ def _cache_dir(path: Path, cache_root: Path) -> Path:
     return cache_root / "gguf" / f"{path.stem}-{h.hexdigest()[:12]}"
 
 
+def gguf_metadata(path: Path, cache_root: Path) -> Path:
+    """Config and tokenizer of a GGUF without dequantising its tensors (for --dry-run)."""
+    out = _cache_dir(path, cache_root)
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ModelSourceError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".splitlines()[0])
+    import gguf
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    cfg.tie_word_embeddings = "output.weight" not in names
+    tmp = out.with_name(out.name + ".meta.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def convert_gguf(path: Path, cache_root: Path) -> Path:
     out = _cache_dir(path, cache_root)
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():

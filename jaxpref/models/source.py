@@ -62,8 +62,10 @@ def looks_like_path(spec: str) -> bool:
 
 
 def resolve(spec: str, revision: str | None = None, cache_root: Path | None = None,
-            download: bool = True) -> ModelSource:
-    """Resolve a `huggingface_id` to a local directory (downloading or converting if needed)."""
+            download: bool = True, weights: bool = True) -> ModelSource:
+    """Resolve a `huggingface_id` to a local directory (downloading or converting if needed).
+
+    `weights=False` (dry-run) reads a GGUF's config and tokenizer without dequantising it."""
     cache_root = Path(cache_root or DEFAULT_CACHE)
     if spec.startswith("pkg:"):
         path = _package_file(spec)
@@ -73,14 +75,14 @@ def resolve(spec: str, revision: str | None = None, cache_root: Path | None = No
         if path.suffix != ".gguf":
             raise ModelSourceError(
                 f"model source `{spec}` is a file but not a .gguf; give a directory with config.json")
-        from jaxpref.models.gguf_convert import convert_gguf
-        local = convert_gguf(path, cache_root)
+        from jaxpref.models.gguf_convert import convert_gguf, gguf_metadata
+        local = convert_gguf(path, cache_root) if weights else gguf_metadata(path, cache_root)
         return ModelSource(spec, local, _read_config(local, spec))
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
-                return resolve(str(ggufs[0]), revision, cache_root)
+                return resolve(str(ggufs[0]), revision, cache_root, download, weights)
             raise ModelSourceError(f"model source `{spec}` has no config.json")
         return ModelSource(spec, path, _read_config(path, spec), revision)
     if spec.startswith("pkg:") or looks_like_path(spec):

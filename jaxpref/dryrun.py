@@ -1,0 +1,138 @@
+"""`--dry-run`: check every model of a config without training and without reading weight values.
+
+Per model: architecture, parameter counts (total, trainable), LoRA targets, data format and
+counts, token lengths, batch shapes, steps per epoch, and a memory plan. Exit 0 when all is well,
+2 with every problem listed otherwise.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jaxpref import pipeline
+from jaxpref.batching import BatchIterator
+from jaxpref.config import Config
+from jaxpref.errors import JaxprefError
+from jaxpref.lora import count, target_shapes
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_plan(cfg: Config, args, base_params: int, lora_params: int, rows: int, seq_len: int,
+                targets_len: int) -> dict[str, float]:
+    """Bytes per device for weights, LoRA + optimizer state, activations and logits (estimate).
+
+    Activations: per layer and token, the forward keeps ~ (10 D + 3 I + N T) floats for backward
+    (norm inputs, q/k/v, attention output, MLP gate/up/act, attention weights); with gradient
+    checkpointing only the layer input D survives, plus one layer's worth recomputed."""
+    pbytes = DTYPE_BYTES[cfg.training.param_dtype]
+    cbytes = DTYPE_BYTES[cfg.training.compute_dtype]
+    D = args.hidden_size
+    I = getattr(args, "intermediate_size", 4 * D) or 4 * D
+    L = args.num_layers
+    H = args.num_heads
+    tokens = rows * seq_len
+    per_layer = tokens * (10 * D + 3 * I) * cbytes + rows * H * seq_len * seq_len * 4
+    if cfg.gradient_checkpointing:
+        acts = L * tokens * D * cbytes + per_layer
+    else:
+        acts = L * per_layer
+    V = args.vocab_size
+    logits = rows * targets_len * V * 4 * 3  # logits, softmax and its gradient
+    plan = {
+        "base weights": base_params * pbytes,
+        "reference copy": base_params * pbytes if (not cfg.lora.enabled or cfg.post_training.use_ref_model) else 0,
+        "LoRA + grads": lora_params * 4 * 2,
+        "optimizer state": lora_params * 4 * 2,
+        "activations": acts * cfg.training.gradient_accumulation_steps ** 0,
+        "logits": logits,
+    }
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def check_model(cfg: Config, index: int) -> list[str]:
+    entry = cfg.models[index]
+    name = entry.name
+    problems: list[str] = []
+    t0 = time.time()
+    print(f"== model {index}: {name} ({entry.huggingface_id})")
+    try:
+        bundle, tok, spec, abstract = pipeline.model_for(cfg, index, training=True, weights_needed=False)
+    except JaxprefError as e:
+        return [f"model `{name}`: {e}"]
+    args = bundle.args
+    total = count(abstract)
+    trainable = count(abstract) if spec is None else sum(
+        s[0] * (s[1] + s[2]) * spec.r if len(s) == 3 else (s[0] + s[1]) * spec.r
+        for s in target_shapes(abstract, spec).values())
+    print(f"  architecture     {bundle.source.model_type}: {args.num_layers} layers, hidden {args.hidden_size}, "
+          f"{args.num_heads} heads, vocab {args.vocab_size}, tied embeddings {args.tie_word_embeddings}")
+    print(f"  parameters       {total:,} total, {trainable:,} trainable "
+          + (f"(LoRA r={spec.r}, alpha={spec.alpha:g}, targets {', '.join(spec.targets)})" if spec else "(full fine-tune)"))
+    try:
+        prepared = pipeline.data_for(cfg, tok)
+    except JaxprefError as e:
+        problems.append(f"model `{name}`: {e}")
+        return problems
+    tr = prepared.train
+    print(f"  data             format {tr.format}, {tr.rows_in} rows in, {len(tr)} usable"
+          + (f", eval {len(prepared.eval)}" if prepared.eval is not None else ""))
+    skipped = {k: v for k, v in tr.skipped.items()}
+    print(f"  rows skipped     {sum(skipped.values())}" + (f" ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""))
+    print(f"  rows truncated   {prepared.report.truncated}; dropped (prompt fills max_length) {prepared.report.dropped}")
+    if tr.prompt_boundary_mismatches:
+        print(f"  warning          {tr.prompt_boundary_mismatches} rows: tokenized prompt is not a prefix of prompt+completion")
+    if tr.paired:
+        lens = np.array([len(p) + max(len(c), len(r)) for p, c, r in zip(tr.prompt, tr.chosen, tr.rejected)])
+    else:
+        lens = np.array([len(p) + len(c) for p, c in zip(tr.prompt, tr.completion)])
+    print(f"  token lengths    p50 {int(np.percentile(lens, 50))}, p95 {int(np.percentile(lens, 95))}, max {int(lens.max())} "
+          f"(max_length {cfg.training.max_length})")
+    t = cfg.training
+    B, G = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    it = BatchIterator(tr, B, G, t.seed, prepared.layout) if tr.paired else None
+    if it is None:
+        problems.append(f"model `{name}`: unpaired data needs method kto")
+        return problems
+    if it.steps_per_epoch == 0:
+        problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
+        return problems
+    steps = t.max_steps if t.max_steps > 0 else int(math.ceil(t.num_epochs * it.steps_per_epoch))
+    shapes = {}
+    for _ in range(min(it.steps_per_epoch, 200)):
+        b, _ = next(it)
+        shapes[b["input_ids"].shape] = shapes.get(b["input_ids"].shape, 0) + 1
+        tshape = b["tgt_ids"].shape
+    shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
+    print(f"  batches          [accum, rows, tokens]: {shape_txt} (layout {prepared.layout.kind})")
+    print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
+          f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
+    rows, seq = max(shapes)[1], max(shapes)[2]
+    plan = memory_plan(cfg, args, total, trainable if spec else 0, rows, seq, tshape[-1])
+    print("  memory plan      " + ", ".join(f"{k} {_gb(v)}" for k, v in plan.items() if v))
+    print(f"  checked in {time.time() - t0:.1f} s")
+    return problems
+
+
+def dry_run(cfg: Config, indices: list[int]) -> int:
+    problems: list[str] = []
+    print(f"jaxpref dry run of {cfg.source}: method {cfg.post_training.method}, "
+          f"loss {'+'.join(cfg.loss_types)}, beta {cfg.post_training.beta}, devices {len(jax.devices())} "
+          f"({jax.devices()[0].platform})")
+    for i in indices:
+        problems += check_model(cfg, i)
+    if problems:
+        for p in problems:
+            print(f"jaxpref: error: {p}", file=sys.stderr)
+        return 2
+    print("dry run OK")
+    return 0

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random Hugging Face models saved to disk and small preference datasets."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_tokenizer(path: Path):
+    """A small word-level tokenizer with BOS/EOS/pad and a ChatML template, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "\n"]
+    words += [w for w in ("the a is of to and what answer yes no good bad red blue green sky grass "
+                          "sun moon cat dog one two three four five six seven eight nine ten question "
+                          "please thanks hello world colour opposite hot cold big small fast slow "
+                          "happy sad it i you we they this that".split())]
+    words += [str(i) for i in range(40)] + ["?", ".", "!", ",", ":", "'"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    vocab["[UNK]"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="[UNK]")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(path)
+    return tok
+
+
+def save_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer(path)
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tok.get_vocab()), hidden_size=64, intermediate_size=96,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, tie_word_embeddings=False,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model.save_pretrained(path)
+    return path
+
+
+PAIRS = [
+    ("what is the colour of the sky ?", "the sky is blue .", "the sky is green ."),
+    ("what is the colour of grass ?", "grass is green .", "grass is red ."),
+    ("what is two and two ?", "it is four .", "it is five ."),
+    ("what is the opposite of hot ?", "cold .", "big ."),
+    ("what is the opposite of fast ?", "slow .", "happy ."),
+    ("is the sun hot ?", "yes , it is hot .", "no ."),
+    ("what is one and one ?", "it is two .", "it is three ."),
+    ("what is the opposite of big ?", "small .", "fast ."),
+]
+
+
+def write_pairs(path: Path, n: int = 16) -> Path:
+    rows = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS]
+    rows = (rows * (n // len(rows) + 1))[:n]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl")
+
+
+def write_config(path: Path, model_dir: Path, data: Path, **sections) -> Path:
+    import yaml
+
+    cfg = {
+        "models": [{"name": "tiny", "huggingface_id": str(model_dir)}],
+        "dataset": {"name": str(data)},
+        "post_training": {"method": "dpo", "beta": 0.1},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1.0e-3,
+                     "max_length": 64, "logging_steps": 1, "seed": 0},
+        "logging": {"report_to": [], "progress_bar": False},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

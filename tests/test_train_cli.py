@@ -1,0 +1,136 @@
+"""The `python -m jaxpref.train` contract: outputs, first-step values, dry-run, one-line errors."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, write_config
+from jaxpref import train
+
+
+def run_cli(args, capsys):
+    code = train.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_dpo_run_writes_outputs_and_first_step_is_ln2(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)
+    code, _, err = run_cli(["--config", cfg, "--output-dir", tmp_path / "out"], capsys)
+    assert code == 0, err
+    run = tmp_path / "out" / "tiny"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = rows[0]
+    assert first["step"] == 1
+    # LoRA B = 0: the policy is the reference, so sigmoid DPO starts at ln 2 with zero rewards.
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert first[k] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/accuracies"] == 0.0
+    for k in ("step", "epoch", "learning_rate", "loss", "grad_norm", "rewards/chosen", "rewards/rejected",
+              "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
+              "logits/rejected", "num_tokens", "tokens_per_second"):
+        assert k in first, k
+    assert rows[-1]["step"] == 2
+    assert rows[-1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # the LoRA moved
+    assert (run / "config.yaml").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["wall_time_s"] > 0
+
+
+def test_failing_model_is_reported_and_next_model_runs(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       models=[{"name": "broken", "huggingface_id": str(tmp_path / "nope")},
+                               {"name": "ok", "huggingface_id": str(tiny_llama)}])
+    code, _, err = run_cli(["--config", cfg, "--output-dir", tmp_path / "out", "--max-steps", "1"], capsys)
+    assert code == 2
+    assert "broken" in err and "not found" in err
+    assert (tmp_path / "out" / "ok" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "broken" / "adapter").exists()
+
+
+def test_model_index_and_set_override(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       models=[{"name": "a", "huggingface_id": str(tiny_llama)},
+                               {"name": "b", "huggingface_id": str(tiny_llama)}])
+    code, _, err = run_cli(["--config", cfg, "--output-dir", tmp_path / "out", "--model-index", "1",
+                            "--set", "training.max_steps=1", "--set", "post_training.beta=0.5"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "out" / "a").exists()
+    import yaml
+    saved = yaml.safe_load((tmp_path / "out" / "b" / "config.yaml").read_text())
+    assert saved["post_training"]["beta"] == 0.5 and saved["training"]["max_steps"] == 1
+    assert [m["name"] for m in saved["models"]] == ["b"]
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)
+    code, out, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    assert code == 0, err
+    for needle in ("architecture", "llama", "trainable", "steps/epoch", "p50", "p95", "memory plan",
+                   "batches", "truncated"):
+        assert needle in out, needle
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"post_training": {"method": "dpo", "beta": -0.1}}, ["post_training.beta", "> 0"]),
+    ({"training": {"learnin_rate": 1e-5}}, ["unknown key", "training.learnin_rate", "learning_rate"]),
+    ({"lora": {"r": 0}}, ["lora.r"]),
+    ({"post_training": {"method": "dpx"}}, ["post_training.method", "dpo"]),
+    ({"post_training": {"loss_type": "sigmod"}}, ["loss_type", "sigmoid"]),
+    ({"models": []}, ["models", "empty"]),
+    ({"training": {"learning_rate": "fast"}}, ["training.learning_rate", "number"]),
+    ({"lora": {"target_modules": ["q_proj", "nonexistent"]}}, ["nonexistent", "q_proj"]),
+])
+def test_dry_run_bad_config_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, change, needles):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, **change)
+    code, _, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    one_line_error(code, err, *needles)
+
+
+def test_dry_run_missing_column_lists_columns(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       dataset={"name": str(tiny_pairs), "chosen_column": "better"})
+    code, _, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    one_line_error(code, err, "better", "columns present", "chosen", "rejected", "prompt")
+
+
+def test_missing_dataset_and_model_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tmp_path / "absent.jsonl")
+    code, _, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    one_line_error(code, err, "absent.jsonl", "not found")
+    cfg = write_config(tmp_path / "c.yaml", "some-org/some-model", tiny_pairs)
+    code, _, err = run_cli(["--config", cfg, "--max-steps", "1", "--output-dir", tmp_path / "o"], capsys)
+    one_line_error(code, err, "some-org/some-model", "local")
+
+
+def test_config_file_errors(tmp_path, capsys):
+    code, _, err = run_cli(["--config", tmp_path / "missing.yaml"], capsys)
+    one_line_error(code, err, "not found", "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: x\n    huggingface_id: [unclosed\n")
+    code, _, err = run_cli(["--config", bad], capsys)
+    one_line_error(code, err, "bad.yaml", "line", "YAML")
+
+
+def test_module_entry_point_runs_as_subprocess(tmp_path, tiny_llama, tiny_pairs):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, post_training={"beta": 0})
+    proc = subprocess.run([sys.executable, "-m", "jaxpref.train", "--config", str(cfg), "--dry-run"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "post_training.beta" in proc.stderr
