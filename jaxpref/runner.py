@@ -62,26 +62,73 @@ def host_tokens(batch: dict, layout_kind: str) -> int:
     return n
 
 
-def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False) -> dict:
+def critical_fingerprint(cfg: Config, entry, model_fp: str) -> dict:
+    """What must not change between a run and its resumption."""
+    t, pt, lo, ds = cfg.training, cfg.post_training, cfg.lora, cfg.dataset
+    return {
+        "base model": f"{entry.huggingface_id}@{model_fp}", "dataset": ds.name, "method": pt.method,
+        "loss_type": list(cfg.loss_types), "beta": pt.beta, "lora.r": lo.r, "lora.lora_alpha": lo.lora_alpha,
+        "lora.target_modules": lo.target_modules, "seed": t.seed,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "max_length": t.max_length,
+        "pair_layout": t.pair_layout, "compute_dtype": t.compute_dtype,
+    }
+
+
+class EarlyStopping:
+    def __init__(self, es):
+        self.es = es
+        self.best = None
+        self.best_step = None
+        self.bad = 0
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+    def restore(self, d: dict) -> None:
+        self.best, self.best_step, self.bad = d.get("best"), d.get("best_step"), d.get("bad", 0)
+
+    def update(self, metrics: dict, step: int) -> tuple[bool, bool]:
+        """-> (improved, stop)."""
+        key = self.es.metric
+        if key not in metrics:
+            raise ConfigError(f"`finetuning.early_stopping.metric` `{key}` is not logged; "
+                              f"eval metrics are: {', '.join(sorted(metrics))}")
+        v = metrics[key]
+        better = (self.best is None or (v < self.best - self.es.min_delta if self.es.mode == "min"
+                                        else v > self.best + self.es.min_delta))
+        if better:
+            self.best, self.best_step, self.bad = v, step, 0
+        else:
+            self.bad += 1
+        return better, self.bad >= self.es.patience
+
+
+def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
+                resume_force: bool = False) -> dict:
+    from jaxpref import checkpoint as ckpt
+    from jaxpref.models.source import fingerprint
+
     entry = cfg.models[index]
     if cfg.post_training.method == "kto":
         raise ConfigError(f"{cfg.source}: method `kto` is not available in this version of jaxpref")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: `lora.enabled: false` (full fine-tuning) is not available in this version")
-    if resume:
-        raise ConfigError("--resume is not available in this version of jaxpref")
     unavailable = {
         "post_training.precompute_ref_logps": cfg.post_training.precompute_ref_logps,
         "gpu.mesh": cfg.gpu.mesh, "gpu.distributed": cfg.gpu.distributed,
         "gpu.device_ids": cfg.gpu.device_ids and len(cfg.gpu.device_ids) > 1,
-        "finetuning.save_steps / training.save_steps": cfg.save_steps,
-        "finetuning.early_stopping": cfg.finetuning.early_stopping,
     }
     for key, value in unavailable.items():
         if value:
             raise ConfigError(f"{cfg.source}: `{key}` is not available in this version of jaxpref")
+    if resume and ckpt.is_finished(run_dir):
+        print(f"[{entry.name}] already finished ({run_dir}); skipping", file=sys.stderr)
+        return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        ckpt.clear_run(run_dir)
     mcfg = model_config(cfg, index)
     dump_config(mcfg, run_dir / "config.yaml")
     tcfg = cfg.training
@@ -116,6 +163,26 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False) ->
         lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
+
+    # Checkpoints: restore the newest whole one when resuming.
+    fp = critical_fingerprint(cfg, entry, fingerprint(bundle.source))
+    store = ckpt.CheckpointStore(run_dir, cfg.finetuning.save_total_limit)
+    early = EarlyStopping(cfg.finetuning.early_stopping) if cfg.finetuning.early_stopping else None
+    start, total_tokens = 0, 0
+    if resume:
+        found = store.restore_latest(ckpt.abstract_of(state))
+        if found is None:
+            print(f"[{entry.name}] no checkpoint to resume from; starting fresh", file=sys.stderr)
+        else:
+            start, state, meta = found
+            ckpt.check_fingerprint(meta["fingerprint"], fp, run_dir, resume_force)
+            it.restore(meta["iterator"])
+            total_tokens = int(meta["num_tokens"])
+            if early is not None:
+                early.restore(meta.get("early_stopping", {}))
+            print(f"[{entry.name}] resuming from step {start}", file=sys.stderr)
+    ckpt.truncate_metrics(run_dir / "metrics.jsonl", start)
+
     opts = StepOptions(spec, 2 * B, need_wpo=spec.use_weighting,
                        orpo_span="completion" if cfg.post_training.orpo_nll_span == "completion" else "prompt_and_completion",
                        ref_mode=mode)
@@ -125,68 +192,118 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False) ->
     if prepared.eval is not None and len(prepared.eval) >= tcfg.per_device_eval_batch_size:
         eval_fn = make_eval_step(bundle.with_args(deterministic=True),
                                  replace(opts, num_seqs=2 * tcfg.per_device_eval_batch_size), ref_bundle)
+    if early is not None and eval_fn is None:
+        raise ConfigError(f"{cfg.source}: `finetuning.early_stopping` needs an eval split "
+                          "(`dataset.eval_split` or `dataset.eval_fraction`) and `training.eval_steps`")
 
-    sinks = MetricSinks(run_dir, cfg, entry.name)
-    bar = ProgressBar(total, enabled=cfg.logging.progress_bar)
+    def save(step_done: int) -> None:
+        meta = {"fingerprint": fp, "iterator": it.state(), "num_tokens": total_tokens, "step": step_done,
+                "early_stopping": early.state() if early else {}}
+        store.save(step_done, state, meta)
+
+    sinks = MetricSinks(run_dir, cfg, entry.name, append=start > 0)
+    bar = ProgressBar(total - start, enabled=cfg.logging.progress_bar)
     print(f"[{entry.name}] {bundle.source.model_type}, {count(params) / 1e6:.1f}M params, "
           f"{count(lora) / 1e6:.3f}M trainable (LoRA r={lspec.r}), {len(prepared.train)} pairs, "
           f"{it.steps_per_epoch} steps/epoch, {total} steps, layout {prepared.layout.kind}", file=sys.stderr)
-    total_tokens = 0
     window_tokens, window_t0 = 0, time.time()
     last: dict = {}
     shapes = set()
     compile_s = None
-    for step in range(total):
-        batch, epoch = next(it)
-        shapes.add(batch["input_ids"].shape)
-        ntok = host_tokens(batch, prepared.layout.kind)
-        total_tokens += ntok
-        window_tokens += ntok
-        t0 = time.time()
-        state, m = step_fn(state, params, ref_params, batch, None)
-        if compile_s is None:
-            jax.block_until_ready(m["loss"])
-            compile_s = time.time() - t0
-        if step == 0 or (step + 1) % tcfg.logging_steps == 0 or step + 1 == total:
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            if not math.isfinite(m["loss"]):
-                raise JaxprefError(f"loss is {m['loss']} at step {step + 1}; stopping")
-            elapsed = time.time() - window_t0
-            m.update(step=step + 1, epoch=round(epoch, 4), num_tokens=total_tokens,
-                     tokens_per_second=round(window_tokens / max(elapsed, 1e-9), 1))
-            window_tokens, window_t0 = 0, time.time()
-            sinks.log(m)
-            last = m
-            bar.update(step + 1, m)
-        else:
-            bar.update(step + 1, None)
-        if eval_fn is not None and tcfg.eval_steps and (step + 1) % tcfg.eval_steps == 0:
-            ev = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
-                                tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
-            ev["step"] = step + 1
-            sinks.log(ev)
+    best_lora, stopped_early = None, False
+    save_every = cfg.save_steps
+    step = start
+    try:
+        for step in range(start, total):
+            batch, epoch = next(it)
+            shapes.add(batch["input_ids"].shape)
+            ntok = host_tokens(batch, prepared.layout.kind)
+            total_tokens += ntok
+            window_tokens += ntok
+            t0 = time.time()
+            state, m = step_fn(state, params, ref_params, batch, None)
+            if compile_s is None:
+                jax.block_until_ready(m["loss"])
+                compile_s = time.time() - t0
+            done = step + 1
+            if done == 1 or done % tcfg.logging_steps == 0 or done == total:
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                if not math.isfinite(m["loss"]):
+                    raise JaxprefError(f"loss is {m['loss']} at step {done}; stopping (the last good "
+                                       f"checkpoint is kept in {store.dir})")
+                elapsed = time.time() - window_t0
+                m.update(step=done, epoch=round(epoch, 4), num_tokens=total_tokens,
+                         tokens_per_second=round(window_tokens / max(elapsed, 1e-9), 1))
+                window_tokens, window_t0 = 0, time.time()
+                sinks.log(m)
+                last = m
+                bar.update(done - start, m)
+            else:
+                bar.update(done - start, None)
+            if eval_fn is not None and tcfg.eval_steps and done % tcfg.eval_steps == 0:
+                ev = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
+                                    tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
+                ev["step"] = done
+                sinks.log(ev)
+                if early is not None:
+                    improved, stop = early.update(ev, done)
+                    if improved:
+                        best_lora = jax.device_get(state.lora)
+                    if stop:
+                        stopped_early = True
+                        print(f"\n[{entry.name}] early stopping at step {done}: `{early.es.metric}` has not "
+                              f"improved for {early.es.patience} evaluations; best was step {early.best_step}",
+                              file=sys.stderr)
+            if save_every and done % save_every == 0 and done != total:
+                save(done)
+            if stopped_early:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        done = int(jax.device_get(state.step))
+        save(done)
+        store.close()
+        print(f"[{entry.name}] interrupted: saved a checkpoint at step {done}; continue with --resume",
+              file=sys.stderr)
+        raise
     bar.close()
+    final_step = int(jax.device_get(state.step))
     final_eval = None
-    if eval_fn is not None:
+    if eval_fn is not None and not stopped_early:
         final_eval = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
                                     tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
-        final_eval["step"] = total
+        final_eval["step"] = final_step
         sinks.log(final_eval)
-    save_adapter(run_dir / "adapter", bundle, state.lora, lspec, entry.huggingface_id, tok)
+    if save_every:
+        save(final_step)
+    store.close()
+    export_lora = state.lora
+    if stopped_early and best_lora is not None:
+        export_lora = best_lora
+    save_adapter(run_dir / "adapter", bundle, export_lora, lspec, entry.huggingface_id, tok)
     summary = {
         "model": entry.name,
-        "steps": total,
+        "steps": final_step,
         "wall_time_s": round(time.time() - t_start, 2),
         "compile_time_s": round(compile_s or 0.0, 2),
         "compiled_shapes": len(shapes),
         "train_pairs": len(prepared.train),
         "skipped_rows": prepared.train.skipped,
         "truncated_rows": prepared.report.truncated,
+        "resumed_from_step": start or None,
+        "early_stopped": stopped_early,
+        "adapter_from_step": early.best_step if (stopped_early and best_lora is not None) else final_step,
         "final_metrics": last,
         "final_eval": final_eval,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     sinks.close()
+    ckpt.mark_finished(run_dir)
+    from jaxpref.plot import plot_run
+    try:
+        plot_run(run_dir)
+    except Exception as e:  # a plot must never fail a finished run
+        print(f"jaxpref: warning: plot not written ({type(e).__name__}: {e})", file=sys.stderr)
     print(f"[{entry.name}] done in {summary['wall_time_s']} s: loss {last.get('loss', float('nan')):.4f}, "
           f"rewards/accuracies {last.get('rewards/accuracies', float('nan')):.3f} -> {run_dir}", file=sys.stderr)
     return summary

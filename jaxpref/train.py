@@ -27,6 +27,8 @@ def parse_args(argv):
     ap.add_argument("--model-index", type=int, default=None, help="train only models[I]")
     ap.add_argument("--output-dir", default=None, help="output root (default: checkpoints)")
     ap.add_argument("--resume", action="store_true", help="continue each model from its latest checkpoint")
+    ap.add_argument("--resume-force", action="store_true",
+                    help="resume even if the base model or training-critical config changed")
     ap.add_argument("--dry-run", action="store_true", help="check config, model shapes and data without training")
     ap.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -79,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         entry = cfg.models[i]
         run_dir = out_root / entry.name
         try:
-            train_model(cfg, i, run_dir, resume=args.resume)
+            train_model(cfg, i, run_dir, resume=args.resume or args.resume_force,
+                        resume_force=args.resume_force)
             codes.append(0)
         except JaxprefError as e:
             print(f"jaxpref: error: model `{entry.name}`: {e}", file=sys.stderr)
             codes.append(2)
         except KeyboardInterrupt:
-            print(f"jaxpref: interrupted while training `{entry.name}`", file=sys.stderr)
             return 130
         except Exception as e:  # report, keep the traceback in the run folder, go on
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,114 @@
+"""Resumable checkpoints with Orbax: the train state (LoRA, optimizer state, step, RNG) and a JSON
+record (data-iterator position, token count, early-stopping state, fingerprint).
+
+Orbax writes each step into a temporary folder and renames it when whole, so a checkpoint is
+either complete or absent; one that fails to restore (truncated files) is skipped with a warning
+and the one before it is used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxpref.errors import JaxprefError
+
+log = logging.getLogger("jaxpref")
+FINISHED = "FINISHED"
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+    return ocp
+
+
+class CheckpointStore:
+    def __init__(self, run_dir: Path, keep: int | None = None, asynchronous: bool = True):
+        ocp = _ocp()
+        self.dir = (Path(run_dir) / "checkpoints").resolve()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                            enable_async_checkpointing=asynchronous)
+        self.manager = ocp.CheckpointManager(self.dir, options=opts,
+                                             item_names=("state", "meta"))
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        ocp = _ocp()
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """The newest checkpoint that restores whole, or None. Broken ones are skipped and named."""
+        ocp = _ocp()
+        for step in reversed(self.steps()):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                return step, out["state"], dict(out["meta"])
+            except Exception as e:  # a truncated or corrupted checkpoint: use the one before
+                msg = f"checkpoint {self.dir / str(step)} is unreadable ({type(e).__name__}); using the previous one"
+                print(f"jaxpref: warning: {msg}", file=sys.stderr)
+                # Set it aside (never delete data) so that the step can be saved again.
+                broken = self.dir / str(step)
+                if broken.exists():
+                    broken.rename(self.dir / f"unreadable-{step}-{int(time.time())}")
+                self.manager.reload()
+        return None
+
+
+def abstract_of(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def check_fingerprint(saved: dict, current: dict, run_dir: Path, force: bool) -> None:
+    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs and not force:
+        k = diffs[0]
+        raise JaxprefError(
+            f"cannot resume {run_dir}: `{k}` changed (checkpoint: {saved.get(k)!r}, now: {current.get(k)!r})"
+            + (f" and {len(diffs) - 1} more" if len(diffs) > 1 else "") + "; use --resume-force to override")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after `step` (they will be logged again, identically)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a row cut by a kill
+        if int(row.get("step", 0)) <= step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def mark_finished(run_dir: Path) -> None:
+    (Path(run_dir) / FINISHED).write_text("finished\n")
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / FINISHED).is_file()
+
+
+def clear_run(run_dir: Path) -> None:
+    """A fresh (non-resumed) run starts from an empty checkpoint folder."""
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+    (Path(run_dir) / FINISHED).unlink(missing_ok=True)

@@ -1,0 +1,128 @@
+"""Checkpoints and --resume: exact continuation, broken checkpoints, finished models, crashes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO, write_config
+from jaxpref import train
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["rewards/margins"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+def adapter(run: Path) -> dict:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def cfg_for(tmp_path, tiny_llama, tiny_pairs, **extra):
+    return write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                        training={"max_steps": 6, "logging_steps": 1, "learning_rate": 5e-3,
+                                  "warmup_steps": 2, "per_device_train_batch_size": 2},
+                        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                              "lora_dropout": 0.1},
+                        finetuning={"save_steps": 3}, **extra)
+
+
+def forget_after(run: Path, step: int) -> None:
+    """Leave the run as a stop after `step` would: later checkpoints, adapter and marker gone."""
+    for d in (run / "checkpoints").iterdir():
+        if d.name.isdigit() and int(d.name) > step:
+            shutil.rmtree(d)
+    shutil.rmtree(run / "adapter")
+    (run / "FINISHED").unlink()
+
+
+def test_resume_is_exact(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    straight = tmp_path / "a" / "tiny"
+    assert sorted(int(d.name) for d in (straight / "checkpoints").iterdir() if d.name.isdigit()) == [3, 6]
+    shutil.copytree(straight, tmp_path / "b" / "tiny")
+    resumed = tmp_path / "b" / "tiny"
+    forget_after(resumed, 3)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--resume"]) == 0
+    assert "resuming from step 3" in capsys.readouterr().err
+    assert losses(resumed) == losses(straight)  # bit for bit, dropout RNG and data order included
+    a, b = adapter(straight), adapter(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    # A finished model is skipped by --resume.
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().err
+
+
+def test_truncated_latest_checkpoint_is_skipped(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    run = tmp_path / "a" / "tiny"
+    straight = losses(run)
+    (run / "FINISHED").unlink()
+    # Corrupt checkpoint 6: truncate every data file in it.
+    for f in (run / "checkpoints" / "6").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "6" in err and "resuming from step 3" in err
+    assert losses(run) == straight
+
+
+def test_resume_with_changed_config_names_the_difference(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    forget_after(tmp_path / "a" / "tiny", 3)
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume",
+                       "--set", "post_training.beta=0.3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "beta" in err and "--resume-force" in err
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume-force",
+                       "--set", "post_training.beta=0.3"]) == 0
+
+
+def test_multi_model_resume_skips_finished_and_finishes_the_rest(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs,
+                  models=[{"name": "first", "huggingface_id": str(tiny_llama)},
+                          {"name": "second", "huggingface_id": str(tiny_llama)}])
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")]) == 0
+    forget_after(tmp_path / "o" / "second", 3)   # as if the second model was killed after step 3
+    capsys.readouterr()
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o"), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "[first] already finished" in err and "[second] resuming from step 3" in err
+    assert (tmp_path / "o" / "second" / "FINISHED").is_file()
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pairs):
+    """A run killed with SIGKILL at a random moment resumes to the same losses (see also
+    scripts/kill_resume.py, which repeats this many times)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from kill_resume import kill_and_resume
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       training={"max_steps": 12, "logging_steps": 1, "learning_rate": 5e-3,
+                                 "per_device_train_batch_size": 2},
+                       finetuning={"save_steps": 2})
+    result = kill_and_resume(cfg, tmp_path, seed=0, tries=1)
+    assert result["identical"] == result["tries"] == 1
+
+
+def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       training={"max_steps": 5, "learning_rate": float("inf"), "max_grad_norm": 0.0,
+                                 "logging_steps": 1}, post_training={"beta": 50.0})
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "at step" in err and ("nan" in err or "inf" in err)
