@@ -40,6 +40,8 @@ class MetricSinks:
             mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
+        if self.file.closed:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()
@@ -70,6 +72,8 @@ def _start_mlflow(run_dir: Path, cfg, name: str):
         print("jaxpref: warning: mlflow is not installed (uv sync --extra mlflow); skipping it",
               file=sys.stderr)
         return None
+    # A local file store (no server); MLflow 3 asks for this opt-in.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow.set_tracking_uri((Path(run_dir) / "mlruns").resolve().as_uri())
     mlflow.set_experiment(cfg.logging.project)
     run = mlflow.start_run(run_name=cfg.logging.run_name or name)

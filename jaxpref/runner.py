@@ -202,102 +202,104 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         store.save(step_done, state, meta)
 
     sinks = MetricSinks(run_dir, cfg, entry.name, append=start > 0)
-    bar = ProgressBar(total - start, enabled=cfg.logging.progress_bar)
-    print(f"[{entry.name}] {bundle.source.model_type}, {count(params) / 1e6:.1f}M params, "
-          f"{count(lora) / 1e6:.3f}M trainable (LoRA r={lspec.r}), {len(prepared.train)} pairs, "
-          f"{it.steps_per_epoch} steps/epoch, {total} steps, layout {prepared.layout.kind}", file=sys.stderr)
-    window_tokens, window_t0 = 0, time.time()
-    last: dict = {}
-    shapes = set()
-    compile_s = None
-    best_lora, stopped_early = None, False
-    save_every = cfg.save_steps
-    step = start
     try:
-        for step in range(start, total):
-            batch, epoch = next(it)
-            shapes.add(batch["input_ids"].shape)
-            ntok = host_tokens(batch, prepared.layout.kind)
-            total_tokens += ntok
-            window_tokens += ntok
-            t0 = time.time()
-            state, m = step_fn(state, params, ref_params, batch, None)
-            if compile_s is None:
-                jax.block_until_ready(m["loss"])
-                compile_s = time.time() - t0
-            done = step + 1
-            if done == 1 or done % tcfg.logging_steps == 0 or done == total:
-                m = {k: float(v) for k, v in jax.device_get(m).items()}
-                if not math.isfinite(m["loss"]):
-                    raise JaxprefError(f"loss is {m['loss']} at step {done}; stopping (the last good "
-                                       f"checkpoint is kept in {store.dir})")
-                elapsed = time.time() - window_t0
-                m.update(step=done, epoch=round(epoch, 4), num_tokens=total_tokens,
-                         tokens_per_second=round(window_tokens / max(elapsed, 1e-9), 1))
-                window_tokens, window_t0 = 0, time.time()
-                sinks.log(m)
-                last = m
-                bar.update(done - start, m)
-            else:
-                bar.update(done - start, None)
-            if eval_fn is not None and tcfg.eval_steps and done % tcfg.eval_steps == 0:
-                ev = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
-                                    tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
-                ev["step"] = done
-                sinks.log(ev)
-                if early is not None:
-                    improved, stop = early.update(ev, done)
-                    if improved:
-                        best_lora = jax.device_get(state.lora)
-                    if stop:
-                        stopped_early = True
-                        print(f"\n[{entry.name}] early stopping at step {done}: `{early.es.metric}` has not "
-                              f"improved for {early.es.patience} evaluations; best was step {early.best_step}",
-                              file=sys.stderr)
-            if save_every and done % save_every == 0 and done != total:
-                save(done)
-            if stopped_early:
-                break
-    except KeyboardInterrupt:
+        bar = ProgressBar(total - start, enabled=cfg.logging.progress_bar)
+        print(f"[{entry.name}] {bundle.source.model_type}, {count(params) / 1e6:.1f}M params, "
+              f"{count(lora) / 1e6:.3f}M trainable (LoRA r={lspec.r}), {len(prepared.train)} pairs, "
+              f"{it.steps_per_epoch} steps/epoch, {total} steps, layout {prepared.layout.kind}", file=sys.stderr)
+        window_tokens, window_t0 = 0, time.time()
+        last: dict = {}
+        shapes = set()
+        compile_s = None
+        best_lora, stopped_early = None, False
+        save_every = cfg.save_steps
+        step = start
+        try:
+            for step in range(start, total):
+                batch, epoch = next(it)
+                shapes.add(batch["input_ids"].shape)
+                ntok = host_tokens(batch, prepared.layout.kind)
+                total_tokens += ntok
+                window_tokens += ntok
+                t0 = time.time()
+                state, m = step_fn(state, params, ref_params, batch, None)
+                if compile_s is None:
+                    jax.block_until_ready(m["loss"])
+                    compile_s = time.time() - t0
+                done = step + 1
+                if done == 1 or done % tcfg.logging_steps == 0 or done == total:
+                    m = {k: float(v) for k, v in jax.device_get(m).items()}
+                    if not math.isfinite(m["loss"]):
+                        raise JaxprefError(f"loss is {m['loss']} at step {done}; stopping (the last good "
+                                           f"checkpoint is kept in {store.dir})")
+                    elapsed = time.time() - window_t0
+                    m.update(step=done, epoch=round(epoch, 4), num_tokens=total_tokens,
+                             tokens_per_second=round(window_tokens / max(elapsed, 1e-9), 1))
+                    window_tokens, window_t0 = 0, time.time()
+                    sinks.log(m)
+                    last = m
+                    bar.update(done - start, m)
+                else:
+                    bar.update(done - start, None)
+                if eval_fn is not None and tcfg.eval_steps and done % tcfg.eval_steps == 0:
+                    ev = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
+                                        tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
+                    ev["step"] = done
+                    sinks.log(ev)
+                    if early is not None:
+                        improved, stop = early.update(ev, done)
+                        if improved:
+                            best_lora = jax.device_get(state.lora)
+                        if stop:
+                            stopped_early = True
+                            print(f"\n[{entry.name}] early stopping at step {done}: `{early.es.metric}` has not "
+                                  f"improved for {early.es.patience} evaluations; best was step {early.best_step}",
+                                  file=sys.stderr)
+                if save_every and done % save_every == 0 and done != total:
+                    save(done)
+                if stopped_early:
+                    break
+        except KeyboardInterrupt:
+            bar.close()
+            done = int(jax.device_get(state.step))
+            save(done)
+            store.close()
+            print(f"[{entry.name}] interrupted: saved a checkpoint at step {done}; continue with --resume",
+                  file=sys.stderr)
+            raise
         bar.close()
-        done = int(jax.device_get(state.step))
-        save(done)
+        final_step = int(jax.device_get(state.step))
+        final_eval = None
+        if eval_fn is not None and not stopped_early:
+            final_eval = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
+                                        tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
+            final_eval["step"] = final_step
+            sinks.log(final_eval)
+        if save_every:
+            save(final_step)
         store.close()
-        print(f"[{entry.name}] interrupted: saved a checkpoint at step {done}; continue with --resume",
-              file=sys.stderr)
-        raise
-    bar.close()
-    final_step = int(jax.device_get(state.step))
-    final_eval = None
-    if eval_fn is not None and not stopped_early:
-        final_eval = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
-                                    tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
-        final_eval["step"] = final_step
-        sinks.log(final_eval)
-    if save_every:
-        save(final_step)
-    store.close()
-    export_lora = state.lora
-    if stopped_early and best_lora is not None:
-        export_lora = best_lora
-    save_adapter(run_dir / "adapter", bundle, export_lora, lspec, entry.huggingface_id, tok)
-    summary = {
-        "model": entry.name,
-        "steps": final_step,
-        "wall_time_s": round(time.time() - t_start, 2),
-        "compile_time_s": round(compile_s or 0.0, 2),
-        "compiled_shapes": len(shapes),
-        "train_pairs": len(prepared.train),
-        "skipped_rows": prepared.train.skipped,
-        "truncated_rows": prepared.report.truncated,
-        "resumed_from_step": start or None,
-        "early_stopped": stopped_early,
-        "adapter_from_step": early.best_step if (stopped_early and best_lora is not None) else final_step,
-        "final_metrics": last,
-        "final_eval": final_eval,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    sinks.close()
+        export_lora = state.lora
+        if stopped_early and best_lora is not None:
+            export_lora = best_lora
+        save_adapter(run_dir / "adapter", bundle, export_lora, lspec, entry.huggingface_id, tok)
+        summary = {
+            "model": entry.name,
+            "steps": final_step,
+            "wall_time_s": round(time.time() - t_start, 2),
+            "compile_time_s": round(compile_s or 0.0, 2),
+            "compiled_shapes": len(shapes),
+            "train_pairs": len(prepared.train),
+            "skipped_rows": prepared.train.skipped,
+            "truncated_rows": prepared.report.truncated,
+            "resumed_from_step": start or None,
+            "early_stopped": stopped_early,
+            "adapter_from_step": early.best_step if (stopped_early and best_lora is not None) else final_step,
+            "final_metrics": last,
+            "final_eval": final_eval,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    finally:
+        sinks.close()
     ckpt.mark_finished(run_dir)
     from jaxpref.plot import plot_run
     try:
