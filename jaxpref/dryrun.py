@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from jaxpref import pipeline
-from jaxpref.batching import BatchIterator
 from jaxpref.config import Config
 from jaxpref.errors import JaxprefError
 from jaxpref.lora import count, target_shapes
@@ -99,10 +98,11 @@ def check_model(cfg: Config, index: int) -> list[str]:
           f"(max_length {cfg.training.max_length})")
     t = cfg.training
     B, G = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    it = BatchIterator(tr, B, G, t.seed, prepared.layout) if tr.paired else None
-    if it is None:
+    if not tr.paired and cfg.post_training.method != "kto":
         problems.append(f"model `{name}`: unpaired data needs method kto")
         return problems
+    from jaxpref.runner import iterator_class
+    it = iterator_class(cfg)(tr, B, G, t.seed, prepared.layout)
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems

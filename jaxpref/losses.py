@@ -226,3 +226,39 @@ def simpo_cpo_loss(s: PairStats, spec: LossSpec) -> tuple[jax.Array, dict]:
     m = reward_metrics(beta * jax.lax.stop_gradient(pc), beta * jax.lax.stop_gradient(pr), s)
     m["nll_loss"] = jnp.broadcast_to(jax.lax.stop_gradient(nll), pc.shape)
     return loss, m
+
+
+def kto_loss(logps: jax.Array, ref_logps: jax.Array, kl_logps: jax.Array, ref_kl_logps: jax.Array,
+             labels: jax.Array, spec: LossSpec) -> tuple[jax.Array, dict]:
+    """KTO on unpaired completions [B] with desirability labels [B] (1.0 / 0.0).
+
+    KL = max(0, mean(kl_logps - ref_kl_logps)) over the mismatched (prompt, completion) pairs of the
+    batch, without gradient. `apo_zero_unpaired` uses no KL."""
+    beta = spec.beta
+    rho = logps - ref_logps
+    if spec.loss_types[0] == "kto":
+        kl = jax.lax.stop_gradient(jnp.maximum(jnp.mean(kl_logps - ref_kl_logps), 0.0))
+        desirable = 1 - sigmoid(beta * (rho - kl))
+        undesirable = 1 - sigmoid(beta * (kl - rho))
+    else:
+        kl = jnp.zeros((), jnp.float32)
+        desirable = 1 - sigmoid(beta * rho)
+        undesirable = sigmoid(beta * rho)
+    per = jnp.where(labels > 0, spec.desirable_weight * desirable, spec.undesirable_weight * undesirable)
+    loss = jnp.mean(per)
+    rewards = beta * jax.lax.stop_gradient(rho)
+    nc = jnp.sum(labels)
+    nr = jnp.sum(1 - labels)
+    mean_over = lambda x, w, n: jnp.where(n > 0, jnp.sum(x * w) / jnp.maximum(n, 1.0), 0.0)
+    rc = mean_over(rewards, labels, nc)
+    rr = mean_over(rewards, 1 - labels, nr)
+    lp = jax.lax.stop_gradient(logps)
+    m = {
+        "kl": kl,
+        "rewards/chosen": rc,
+        "rewards/rejected": rr,
+        "rewards/margins": jnp.where((nc > 0) & (nr > 0), rc - rr, 0.0),
+        "logps/chosen": mean_over(lp, labels, nc),
+        "logps/rejected": mean_over(lp, 1 - labels, nr),
+    }
+    return loss, {k: jnp.reshape(v, (1,)) for k, v in m.items()}

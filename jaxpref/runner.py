@@ -46,6 +46,13 @@ def ref_mode(cfg: Config, spec: LossSpec, lora_enabled: bool) -> str:
     return "lora_off"
 
 
+def iterator_class(cfg: Config):
+    if cfg.post_training.method == "kto":
+        from jaxpref.kto import UnpairedIterator
+        return UnpairedIterator
+    return BatchIterator
+
+
 def model_config(cfg: Config, index: int) -> Config:
     """The resolved config of one model (what its run folder records)."""
     one = copy.deepcopy(cfg)
@@ -110,8 +117,6 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     from jaxpref.models.source import fingerprint
 
     entry = cfg.models[index]
-    if cfg.post_training.method == "kto":
-        raise ConfigError(f"{cfg.source}: method `kto` is not available in this version of jaxpref")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: `lora.enabled: false` (full fine-tuning) is not available in this version")
     unavailable = {
@@ -138,7 +143,10 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     spec = loss_spec(cfg)
     mode = ref_mode(cfg, spec, lspec is not None)
     B, G = tcfg.per_device_train_batch_size, tcfg.gradient_accumulation_steps
-    it = BatchIterator(prepared.train, B, G, tcfg.seed, prepared.layout)
+    iter_cls = iterator_class(cfg)
+    if cfg.post_training.method == "kto" and prepared.layout.kind != "concatenated":
+        raise ConfigError(f"{cfg.source}: KTO needs `training.pair_layout: concatenated`")
+    it = iter_cls(prepared.train, B, G, tcfg.seed, prepared.layout)
     if it.steps_per_epoch == 0:
         raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
@@ -243,7 +251,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                     bar.update(done - start, None)
                 if eval_fn is not None and tcfg.eval_steps and done % tcfg.eval_steps == 0:
                     ev = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
-                                        tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
+                                        tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed, iter_cls)
                     ev["step"] = done
                     sinks.log(ev)
                     if early is not None:
@@ -272,7 +280,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         final_eval = None
         if eval_fn is not None and not stopped_early:
             final_eval = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
-                                        tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed)
+                                        tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed, iter_cls)
             final_eval["step"] = final_step
             sinks.log(final_eval)
         if save_every:
@@ -311,9 +319,10 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     return summary
 
 
-def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, layout, seed: int) -> dict:
+def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, layout, seed: int,
+                   iter_cls=BatchIterator) -> dict:
     """Mean of eval metrics over all full batches of the eval split, `eval_` prefixed."""
-    it = BatchIterator(data, batch_size, 1, seed, layout, shuffle=False)
+    it = iter_cls(data, batch_size, 1, seed, layout, shuffle=False)
     sums: dict[str, float] = {}
     n = 0
     for _ in range(it.steps_per_epoch):

@@ -113,6 +113,9 @@ def micro_loss(lora, params, mb: dict, ref_logps: jax.Array | None, bundle, ref_
         else:
             ref = sequence_logps(bundle, params, None, mb, opts.num_seqs)
         ref = jax.lax.stop_gradient(ref)
+        if spec.method == "kto":
+            from jaxpref.kto import micro_loss_kto
+            return micro_loss_kto(st, ref, mb, spec, opts.num_seqs)
         sft = None
         if "sft" in spec.loss_types:
             # Unweighted token-mean NLL (LD-DPO weights apply to the preference term only).

@@ -1,0 +1,87 @@
+"""KTO: unpaired batches (each completion plus a mismatched one for the KL estimate) and the
+micro-batch loss. The KL rows pair prompt i with completion i-1 of the same batch (TRL's rotation)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpref import losses
+from jaxpref.batching import BatchIterator, Layout, _empty, _place, _truncate, bucket_for, compact_targets
+from jaxpref.data import Tokenized
+
+
+def kl_partner(i: int, b: int) -> int:
+    """Row i of the KL half uses the completion of example i-1 (cyclically) of the batch."""
+    return (i - 1) % b
+
+
+def make_unpaired_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: int | None = None) -> dict:
+    """Examples `idx` -> rows [completion rows (slots 0..B-1) | KL rows (slots B..2B-1)] + labels."""
+    B = len(idx)
+    S = 2 * B
+    seqs = []
+    for k, i in enumerate(idx):
+        j = idx[kl_partner(k, B)]
+        seqs.append(_truncate(data.prompt[i], data.completion[i], layout.max_length, layout.truncation_mode))
+    kl = []
+    for k, i in enumerate(idx):
+        j = idx[kl_partner(k, B)]
+        kl.append(_truncate(data.prompt[i], data.completion[j], layout.max_length, layout.truncation_mode))
+    need = max(len(s[0]) for s in seqs + kl)
+    T = length or bucket_for(need, layout.buckets)
+    b = _empty(2 * B, T, S, layout.pad_id)
+    ones = lambda n: np.ones(n, np.float32)
+    for k, (ids, n_p) in enumerate(seqs):
+        _place(b, k, 0, ids, n_p, slot=k, segment=1, branch_of_completion=0, pos0=0,
+               src_of_first=None, weights=ones(len(ids) - n_p), full=False)
+    for k, (ids, n_p) in enumerate(kl):
+        _place(b, B + k, 0, ids, n_p, slot=B + k, segment=1, branch_of_completion=0, pos0=0,
+               src_of_first=None, weights=ones(len(ids) - n_p), full=False)
+    b["kto_label"] = np.asarray([1.0 if data.label[i] else 0.0 for i in idx], np.float32)
+    return b
+
+
+def needed_length_unpaired(data: Tokenized, idx: np.ndarray, layout: Layout) -> int:
+    B = len(idx)
+    need = 0
+    for k, i in enumerate(idx):
+        j = idx[kl_partner(k, B)]
+        for c in (data.completion[i], data.completion[j]):
+            n = len(data.prompt[i]) + len(c)
+            need = max(need, n if layout.max_length is None else min(n, layout.max_length))
+    return need
+
+
+class UnpairedIterator(BatchIterator):
+    """BatchIterator over unpaired (KTO) examples; same order and resumable state."""
+
+    def make(self, idx: np.ndarray) -> dict:
+        micro = [idx[g * self.B:(g + 1) * self.B] for g in range(self.G)]
+        T = bucket_for(max(needed_length_unpaired(self.data, m, self.layout) for m in micro), self.layout.buckets)
+        parts = [make_unpaired_batch(self.data, m, self.layout, T) for m in micro]
+        S = 2 * self.B
+        need = max(int((p["seq"] < S).sum(axis=1).max()) for p in parts)
+        K = min(bucket_for(max(need, 1), self.layout.target_buckets), T)
+        out = []
+        for p in parts:
+            label = p.pop("kto_label")
+            c = compact_targets(p, S, K)
+            c["kto_label"] = label
+            out.append(c)
+        return {k: np.stack([p[k] for p in out]) for k in out[0]}
+
+
+def micro_loss_kto(st, ref: jax.Array, mb: dict, spec, num_seqs: int):
+    """st: PairStats whose 'chosen' half holds the completions and 'rejected' half the KL rows."""
+    b = num_seqs // 2
+    loss, m = losses.kto_loss(st.logps_chosen, ref[:b], jax.lax.stop_gradient(st.logps_rejected), ref[b:],
+                              mb["kto_label"], spec)
+    labels = mb["kto_label"]
+    m = dict(m)
+    # Token-weighted mean logits over desirable / undesirable completions.
+    m["logits/chosen"] = st.logit_sum_chosen * labels
+    m["logits/rejected"] = st.logit_sum_chosen * (1 - labels)
+    m["_tokens/chosen"] = st.len_chosen * labels
+    m["_tokens/rejected"] = st.len_chosen * (1 - labels)
+    return loss, m
