@@ -116,6 +116,7 @@ class TrainingConfig:
     eval_steps: int | None = None
     save_steps: int | None = None
     pair_layout: str = "concatenated"
+    train_sampling_strategy: str | None = None   # random | sequential (default: sequential for KTO, as TRL)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     gradient_checkpointing: bool = False
@@ -434,6 +435,8 @@ def validate(cfg: Config) -> None:
     _choice(tr.optimizer, ("adamw", "sgd", "adafactor"), "training.optimizer", src)
     _choice(tr.truncation_mode, ("keep_start", "keep_end"), "training.truncation_mode", src)
     _choice(tr.pair_layout, ("concatenated", "shared_prompt"), "training.pair_layout", src)
+    if tr.train_sampling_strategy is not None:
+        _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
     _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)
     _choice(tr.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype", src)
     if pt.method == "kto" and tr.per_device_train_batch_size < 2:

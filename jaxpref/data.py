@@ -25,7 +25,8 @@ LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".cs
 
 @dataclass
 class Tokenized:
-    """Token ids per example. Paired: prompt/chosen/rejected; unpaired (KTO): prompt/completion/label."""
+    """Token ids per example. Paired: prompt/chosen/rejected; unpaired (KTO): prompt/completion/label.
+    `source` is each example's row index in the dataset split it came from (empty if unknown)."""
     prompt: list[list[int]]
     chosen: list[list[int]] = field(default_factory=list)
     rejected: list[list[int]] = field(default_factory=list)
@@ -35,6 +36,7 @@ class Tokenized:
     skipped: dict[str, int] = field(default_factory=dict)
     prompt_boundary_mismatches: int = 0
     rows_in: int = 0
+    source: list[int] = field(default_factory=list)
 
     @property
     def paired(self) -> bool:
@@ -47,7 +49,7 @@ class Tokenized:
         pick = lambda xs: [xs[i] for i in idx] if xs else []
         return Tokenized(pick(self.prompt), pick(self.chosen), pick(self.rejected),
                          pick(self.completion), pick(self.label), self.format, dict(self.skipped),
-                         self.prompt_boundary_mismatches, len(idx))
+                         self.prompt_boundary_mismatches, len(idx), pick(self.source))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +158,10 @@ def map_columns(ds, ds_cfg, method: str) -> tuple[Any, str]:
     return ds, kind
 
 
+def _blank(v: Any) -> bool:
+    return not v or (isinstance(v, str) and not v.strip())
+
+
 def _row_problem(row: dict, kind: str, fmt: str) -> str | None:
     fields = ("prompt", "completion") if kind == "unpaired" else ("prompt", "chosen", "rejected")
     for f in fields:
@@ -170,7 +176,7 @@ def _row_problem(row: dict, kind: str, fmt: str) -> str | None:
     comps = ("completion",) if kind == "unpaired" else ("chosen", "rejected")
     for f in comps:
         v = row[f]
-        if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
+        if _blank(v) or (isinstance(v, list) and all(_blank(m["content"]) for m in v)):
             return f"empty {f}"
     if kind != "unpaired":
         if row["chosen"] == row["rejected"]:
@@ -235,11 +241,20 @@ def tokenize_single(tok, prompt, completion, fmt: str) -> tuple[list[int], list[
 
 
 def tokenizer_fingerprint(tok) -> str:
+    """A hash of everything that decides token ids: the fast tokenizer's full definition
+    (normalizer, pre-tokenizer, merges, post-processor), special tokens and chat template. Encodes
+    nothing, so a cache hit costs no tokenizer call."""
     h = hashlib.sha256()
     h.update(str(type(tok).__name__).encode())
-    h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode())
+        h.update(repr(sorted(vars(tok).get("init_kwargs", {}).items())).encode())
     h.update(str(getattr(tok, "chat_template", "") or "").encode())
-    h.update(f"{tok.bos_token}|{tok.eos_token}|{tok('a b')['input_ids']}".encode())
+    h.update(f"{tok.bos_token}|{tok.eos_token}|{getattr(tok, 'add_bos_token', None)}|"
+             f"{getattr(tok, 'add_eos_token', None)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -251,7 +266,7 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
         ds = ds.select(range(max_rows))
     key = None
     if cache_dir is not None and getattr(ds, "_fingerprint", None):
-        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|v1".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|v4".encode()).hexdigest()[:20]
         cached = _load_cache(cache_dir / f"{key}.json")
         if cached is not None:
             return cached
@@ -264,7 +279,8 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
     out = Tokenized(prompt=[], format=fmt if kind != "implicit" else f"implicit-{fmt}", rows_in=len(rows))
     skipped: Counter = Counter()
     unpair = method == "kto" and kind != "unpaired"
-    for row in rows:
+    pending: list = []
+    for n, row in enumerate(rows):
         if kind == "implicit":
             c, r = row.get("chosen"), row.get("rejected")
             if c is None or r is None:
@@ -281,13 +297,24 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
         if kind == "unpaired":
             p, comp, moved = tokenize_single(tok, row["prompt"], row["completion"], fmt)
             out.prompt.append(p); out.completion.append(comp); out.label.append(bool(row["label"]))
+            out.source.append(n)
         else:
-            p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt)
             if unpair:
-                out.prompt += [p, p]; out.completion += [c, r]; out.label += [True, False]
-            else:
-                out.prompt.append(p); out.chosen.append(c); out.rejected.append(r)
+                # TRL unpairs the text first, then tokenizes each (prompt, completion) alone.
+                pc, c, moved_c = tokenize_single(tok, row["prompt"], row["chosen"], fmt)
+                pr, r, moved_r = tokenize_single(tok, row["prompt"], row["rejected"], fmt)
+                pending.append((pc, c, pr, r, n))
+                moved = moved_c or moved_r
+                if len(pending) == UNPAIR_BLOCK:
+                    _flush_unpaired(out, pending)
+                out.prompt_boundary_mismatches += int(moved)
+                continue
+            p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt)
+            out.prompt.append(p); out.chosen.append(c); out.rejected.append(r)
+            out.source.append(n)
         out.prompt_boundary_mismatches += int(moved)
+    if pending:
+        _flush_unpaired(out, pending)
     out.skipped = dict(skipped)
     if out.prompt_boundary_mismatches:
         log.warning("the tokenized prompt is not a prefix of prompt+completion in %d rows; the "
@@ -298,6 +325,17 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
     if key is not None:
         _save_cache(cache_dir / f"{key}.json", out)
     return out
+
+
+UNPAIR_BLOCK = 1000  # TRL unpairs with a batched map: per block, all chosen then all rejected
+
+
+def _flush_unpaired(out: Tokenized, pending: list) -> None:
+    for pc, c, _, _, n in pending:
+        out.prompt.append(pc); out.completion.append(c); out.label.append(True); out.source.append(n)
+    for _, _, pr, r, n in pending:
+        out.prompt.append(pr); out.completion.append(r); out.label.append(False); out.source.append(n)
+    pending.clear()
 
 
 def _save_cache(path: Path, t: Tokenized) -> None:

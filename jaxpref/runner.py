@@ -146,7 +146,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     iter_cls = iterator_class(cfg)
     if cfg.post_training.method == "kto" and prepared.layout.kind != "concatenated":
         raise ConfigError(f"{cfg.source}: KTO needs `training.pair_layout: concatenated`")
-    it = iter_cls(prepared.train, B, G, tcfg.seed, prepared.layout)
+    strategy = tcfg.train_sampling_strategy or ("sequential" if cfg.post_training.method == "kto" else "random")
+    it = iter_cls(prepared.train, B, G, tcfg.seed, prepared.layout, shuffle=strategy == "random")
     if it.steps_per_epoch == 0:
         raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
@@ -169,6 +170,10 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         lora, _ = load_adapter(Path(cfg.lora.init_from), bundle, abstract)
     else:
         lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
+    if mode == "lora_off" and cfg.lora.init_from:
+        mode = "initial_adapter"
+        ref_params = jax.tree_util.tree_map(jnp.copy, lora)
+        ref_bundle = bundle.with_args(deterministic=True)
     optimizer, schedule = make_optimizer(tcfg, total)
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
 

@@ -33,7 +33,7 @@ class StepOptions:
     num_seqs: int                 # sequence slots per micro-batch (2 x pairs)
     need_wpo: bool = False
     orpo_span: str = "prompt_and_completion"
-    ref_mode: str = "lora_off"    # lora_off | separate | precomputed | none
+    ref_mode: str = "lora_off"    # lora_off | initial_adapter | separate | precomputed | none
 
 
 def token_logps(bundle, params, lora, mb: dict, rngs=None, need_wpo: bool = False):
@@ -110,6 +110,9 @@ def micro_loss(lora, params, mb: dict, ref_logps: jax.Array | None, bundle, ref_
             ref = jnp.zeros((opts.num_seqs,), jnp.float32)
         elif opts.ref_mode == "separate":
             ref = sequence_logps(ref_bundle, ref_params, None, mb, opts.num_seqs)
+        elif opts.ref_mode == "initial_adapter":
+            # Continuing from an adapter: the reference is its frozen initial copy (as TRL does).
+            ref = sequence_logps(ref_bundle, params, ref_params, mb, opts.num_seqs)
         else:
             ref = sequence_logps(bundle, params, None, mb, opts.num_seqs)
         ref = jax.lax.stop_gradient(ref)

@@ -1,0 +1,139 @@
+"""First logged step of a jaxpref run equals TRL's trainer on the same tiny model, data, batch and
+LoRA initial values (a PEFT adapter with random A and B, imported with `lora.init_from`)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PAIRS, write_config
+from jaxpref import train
+
+B = 4
+KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("trl")
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 lora_dropout=0.0, init_lora_weights=False,
+                                                 task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a LoRA that moves the policy visibly away from the base
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(30.0)
+    adapter = tmp / "init_adapter"
+    peft_model.save_pretrained(adapter)
+    pairs = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS[:B]]
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    unpaired = [{"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"],
+                 "label": i % 2 == 0} for i, p in enumerate(pairs)]
+    (tmp / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    return tmp, tok, adapter, pairs, unpaired
+
+
+def base_model(tiny_llama):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+
+
+def fresh_peft(tiny_llama, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+
+
+def ours(tmp, tiny_llama, data, adapter, method, batch=B, tag="", **pt):
+    cfg = write_config(tmp / f"{method}{tag}.yaml", tiny_llama, data,
+                       post_training={"method": method, "beta": 0.1, **pt},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                             "init_from": str(adapter)},
+                       training={"max_steps": 1, "per_device_train_batch_size": batch, "learning_rate": 1e-3,
+                                 "max_length": 64, "logging_steps": 1})
+    out = tmp / f"out_{method}{tag}"
+    assert train.main(["--config", str(cfg), "--output-dir", str(out)]) == 0
+    return json.loads((out / "tiny" / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def trl_common(tmp):
+    return dict(output_dir=str(tmp / "trl_out"), per_device_train_batch_size=B, max_steps=1, logging_steps=1,
+                learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", max_length=64,
+                beta=0.1, seed=0, bf16=False)
+
+
+def assert_close(a: dict, b: dict, keys):
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+
+
+def test_dpo_first_step_equals_trl(setup, tiny_llama):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tmp, tok, adapter, pairs, _ = setup
+    # Reference = the base model (a separate frozen copy on TRL's side, use_ref_model here).
+    tr = DPOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama),
+                    args=DPOConfig(**trl_common(tmp)), train_dataset=Dataset.from_list(pairs),
+                    processing_class=tok)
+    tr.train()
+    theirs = tr.state.log_history[0]
+    mine = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "dpo", use_ref_model=True)
+    assert abs(theirs["rewards/margins"]) > 1e-3  # the random LoRA makes the step non-trivial
+    assert_close(mine, theirs, KEYS + ("rewards/accuracies", "logits/chosen", "logits/rejected"))
+
+
+def test_dpo_from_existing_adapter_uses_it_as_reference_like_trl(setup, tiny_llama):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tmp, tok, adapter, pairs, _ = setup
+    tr = DPOTrainer(model=fresh_peft(tiny_llama, adapter), args=DPOConfig(**trl_common(tmp)),
+                    train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    tr.train()
+    theirs = tr.state.log_history[0]
+    mine = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "dpo", tag="_init")
+    assert theirs["rewards/margins"] == 0.0
+    assert_close(mine, theirs, KEYS)
+
+
+def test_kto_first_step_equals_trl(setup, tiny_llama):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    tmp, tok, adapter, _, unpaired = setup
+    tr = KTOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama),
+                    args=KTOConfig(**trl_common(tmp)), train_dataset=Dataset.from_list(unpaired),
+                    processing_class=tok)
+    tr.train()
+    theirs = tr.state.log_history[0]
+    mine = ours(tmp, tiny_llama, tmp / "unpaired.jsonl", adapter, "kto", use_ref_model=True)
+    assert abs(theirs["rewards/chosen"]) > 1e-4
+    assert_close(mine, theirs, KEYS + ("kl",))
+
+
+def test_kto_on_paired_data_equals_trl(setup, tiny_llama):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    tmp, tok, adapter, pairs, _ = setup
+    args = trl_common(tmp)
+    args["per_device_train_batch_size"] = 2 * B
+    tr = KTOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama),
+                    args=KTOConfig(**args), train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    tr.train()
+    theirs = tr.state.log_history[0]
+    mine = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "kto", batch=2 * B, tag="_paired",
+                use_ref_model=True)
+    assert_close(mine, theirs, KEYS + ("kl",))
