@@ -137,3 +137,29 @@ def test_kto_on_paired_data_equals_trl(setup, tiny_llama):
     mine = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "kto", batch=2 * B, tag="_paired",
                 use_ref_model=True)
     assert_close(mine, theirs, KEYS + ("kl",))
+
+
+def test_orpo_first_step_equals_trl(setup, tiny_llama, tmp_path):
+    """TRL's ORPO (trl.experimental) prepends BOS itself; with a BOS-less tokenizer both sides see
+    the same tokens."""
+    import shutil
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tmp, _, adapter, pairs, _ = setup
+    model_dir = tmp_path / "nobos"
+    shutil.copytree(tiny_llama, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.bos_token = None
+    tok.save_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.bos_token_id is None
+    args = trl_common(tmp)
+    tr = ORPOTrainer(model=fresh_peft(model_dir, adapter), args=ORPOConfig(**args),
+                     train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    tr.train()
+    theirs = tr.state.log_history[0]
+    mine = ours(tmp, model_dir, tmp / "pairs.jsonl", adapter, "orpo", tag="_orpo")
+    assert_close(mine, theirs, KEYS + ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies"))
