@@ -10,6 +10,8 @@ visible to the whole segment, 1/2 = chosen/rejected branch), `src` (row index of
 that predicts this token), `seq` (sequence slot of a completion token, S where none), `weight`
 (LD-DPO weight of a completion token), `full` (1 on the chosen sequence's prompt+completion
 tokens after its first: ORPO's NLL span). Sequence slots: pair i's chosen is i, its rejected B+i.
+`compact_targets` then gathers the scored tokens into `tgt_*` arrays [N, K], which is what the
+step reads besides `input_ids`, `positions`, `segment_ids` and `branch`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import numpy as np
 
 from jaxpref.data import Tokenized
 
-DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Padded lengths T: each distinct one is a compile. Steps of x1.5 / x1.33 waste at most a third of
+# a row to padding (powers of two waste up to half) for about twice as many possible shapes.
+DEFAULT_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 @dataclass
@@ -124,8 +128,9 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
     br = np.where(comp, branch_of_completion, 0)
     b["branch"][row, sl] = br
     seq = np.where(comp, slot, b["seq"][row, sl])
-    # A completion token needs a predictor: the very first token of a row has none.
-    if start == 0 and n_prompt == 0 and src_of_first is None and t > 0:
+    # A completion token needs a predictor: the first token of a sequence without a prompt has
+    # none (as in TRL, where the labels are shifted by one), so it is not scored.
+    if src_of_first is None and t > 0 and comp[0]:
         seq[0] = b["seq"][row, start]
     b["seq"][row, sl] = seq
     wt = np.zeros(t, np.float32)
@@ -138,37 +143,56 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
         b["full"][row, sl] = f
 
 
+def _pair_sequences(data: Tokenized, i: int, layout: Layout):
+    """Pair i truncated -> (chosen ids, its prompt length, rejected ids, its prompt length,
+    whether both keep the same prompt). keep_end can cut the two prompts differently."""
+    pc, npc = _truncate(data.prompt[i], data.chosen[i], layout.max_length, layout.truncation_mode)
+    pr, npr = _truncate(data.prompt[i], data.rejected[i], layout.max_length, layout.truncation_mode)
+    return pc, npc, pr, npr, npc == npr and pc[:npc] == pr[:npr]
+
+
+def _row_length(pc, npc, pr, npr, same_prompt: bool, kind: str) -> int:
+    """Tokens one pair needs in its row (shared_prompt) or in its longer row (concatenated)."""
+    if kind == "shared_prompt":
+        return len(pc) + len(pr) - (npr if same_prompt else 0)
+    return max(len(pc), len(pr))
+
+
 def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: int | None = None) -> dict:
-    """Pairs `idx` -> a batch in the layout; `length` forces the padded length T."""
+    """Pairs `idx` -> a batch in the layout; `length` forces the padded length T.
+
+    shared_prompt: row k holds pair k as [prompt | chosen | rejected], the rejected branch seeing
+    the prompt and itself. A pair whose truncated prompts differ (keep_end) takes the same row as
+    two segments [prompt_c chosen][prompt_r rejected] instead, so every pair still fits one row."""
     B = len(idx)
     S = 2 * B
-    seqs = []
-    for i in idx:
-        pc, npc = _truncate(data.prompt[i], data.chosen[i], layout.max_length, layout.truncation_mode)
-        pr, npr = _truncate(data.prompt[i], data.rejected[i], layout.max_length, layout.truncation_mode)
-        seqs.append((pc, npc, pr, npr))
-    if layout.kind == "shared_prompt":
-        need = max(len(pc) + len(pr) - min(npc, npr) for pc, npc, pr, npr in seqs)
-    else:
-        need = max(max(len(pc), len(pr)) for pc, _, pr, _ in seqs)
+    seqs = [_pair_sequences(data, i, layout) for i in idx]
+    need = max(_row_length(*q, layout.kind) for q in seqs)
     T = length or bucket_for(need, layout.buckets)
+    if T < need:
+        raise ValueError(f"batch length {T} < {need} tokens needed")
     if layout.kind == "shared_prompt":
         b = _empty(B, T, S, layout.pad_id)
-        for k, (pc, npc, pr, npr) in enumerate(seqs):
+        for k, (pc, npc, pr, npr, same) in enumerate(seqs):
             shared = min(len(pc) - npc, len(pr) - npr)
-            if npr != npc or pr[:npr] != pc[:npc]:
-                raise ValueError("shared_prompt layout needs identical prompts after truncation; use "
-                                 "truncation_mode keep_start or the concatenated layout")
             _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=1, pos0=0,
                    src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=True)
-            # The rejected branch continues from the prompt: its first token is predicted by the
-            # last prompt token, and its positions follow the prompt's.
-            _place(b, k, len(pc), pr[npr:], 0, slot=B + k, segment=1, branch_of_completion=2, pos0=npr,
-                   src_of_first=npr - 1 if npr > 0 else None,
-                   weights=_ld_weights(len(pr) - npr, shared, layout.ld_alpha), full=False)
+            w_r = _ld_weights(len(pr) - npr, shared, layout.ld_alpha)
+            if same:
+                # The rejected branch continues from the prompt: its first token is predicted by
+                # the last prompt token, and its positions follow the prompt's.
+                _place(b, k, len(pc), pr[npr:], 0, slot=B + k, segment=1, branch_of_completion=2,
+                       pos0=npr, src_of_first=npr - 1 if npr > 0 else None, weights=w_r, full=False)
+            else:
+                _place(b, k, len(pc), pr, npr, slot=B + k, segment=2, branch_of_completion=0,
+                       pos0=0, src_of_first=None, weights=w_r, full=False)
+                # Nothing is shared, so no token is branch 0 (segments already separate the two
+                # sequences); token counts that add branch-0 tokens twice stay exact.
+                b["branch"][k, :len(pc)] = 1
+                b["branch"][k, len(pc):len(pc) + len(pr)] = 2
     else:
         b = _empty(2 * B, T, S, layout.pad_id)
-        for k, (pc, npc, pr, npr) in enumerate(seqs):
+        for k, (pc, npc, pr, npr, _) in enumerate(seqs):
             shared = min(len(pc) - npc, len(pr) - npr)
             _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=0, pos0=0,
                    src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=True)
@@ -202,19 +226,8 @@ def compact_targets(b: dict, num_seqs: int, k: int | None = None, buckets=(32, 6
 
 
 def needed_length(data: Tokenized, idx: np.ndarray, layout: Layout) -> int:
-    need = 0
-    for i in idx:
-        p = data.prompt[i]
-        lc = len(p) + len(data.chosen[i])
-        lr = len(p) + len(data.rejected[i])
-        if layout.max_length is not None:
-            lc, lr = min(lc, layout.max_length), min(lr, layout.max_length)
-        if layout.kind == "shared_prompt":
-            np_ = len(p) if layout.max_length is None else min(len(p), layout.max_length)
-            need = max(need, lc + lr - np_)
-        else:
-            need = max(need, lc, lr)
-    return need
+    """Tokens the longest row of these pairs needs in the layout (before bucketing)."""
+    return max(_row_length(*_pair_sequences(data, i, layout), layout.kind) for i in idx)
 
 
 class BatchIterator:

@@ -1,0 +1,179 @@
+"""`python -m jaxpref.evaluate --config FILE --output FILE.jsonl`: per-example preference log-probs.
+
+For every pair of a split (the same tokens, truncation and layout that training uses) it writes
+one JSON line: `index` (the row in the dataset split), `logps/chosen`, `logps/rejected` (policy,
+summed over completion tokens), `ref_logps/chosen`, `ref_logps/rejected`, `rewards/chosen`,
+`rewards/rejected` (beta * (policy - reference)); then prints a summary with TRL's metric names.
+
+The policy is the base model, or base + `--adapter` (a PEFT LoRA folder, e.g. a run's
+`adapter/`). The reference is the base model with the adapter off, or the separate reference
+model when `post_training.use_ref_model` is set; `reference_free` makes it 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxpref.errors import ConfigError, JaxprefError
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m jaxpref.evaluate",
+                                 description="Per-example policy/reference log-probs and DPO rewards on a preference split.")
+    ap.add_argument("--config", required=True, help="YAML config file (model, dataset, lengths, beta)")
+    ap.add_argument("--model-index", type=int, default=0, help="evaluate models[I] (default 0)")
+    ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder (or a run folder holding adapter/)")
+    ap.add_argument("--split", choices=("train", "eval"), default=None,
+                    help="which split of the config's data: eval (dataset.eval_split or eval_fraction) "
+                         "or train (default: eval when the config has one, else train)")
+    ap.add_argument("--max-examples", type=int, default=None, help="only the first N pairs of the split")
+    ap.add_argument("--output", required=True, help="JSON lines file to write, one line per pair")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value by dotted path, e.g. training.max_length=512")
+    return ap.parse_args(argv)
+
+
+def adapter_dir(path: str) -> Path:
+    """A PEFT adapter folder; a run folder is accepted for its `adapter/`."""
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if not p.is_dir():
+        raise ConfigError(f"--adapter {path}: no such directory")
+    return p
+
+
+def batches(data, batch_size: int, layout):
+    """(positions in `data`, micro-batch [N, ...]) over every pair in order; the last batch is
+    filled up with repeats of its last pair, whose results are dropped."""
+    from jaxpref.batching import BatchIterator
+
+    it = BatchIterator(data, batch_size, 1, 0, layout, shuffle=False)
+    n = len(data)
+    for start in range(0, n, batch_size):
+        real = np.arange(start, min(start + batch_size, n))
+        idx = np.concatenate([real, np.full(batch_size - len(real), real[-1])])
+        mb = it.make(idx)
+        yield real, {k: v[0] for k, v in mb.items()}
+
+
+def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_examples: int | None,
+             output: Path) -> dict:
+    """Write the per-example lines to `output`; returns the summary."""
+    import jax
+
+    from jaxpref import pipeline
+    from jaxpref.export import load_adapter
+    from jaxpref.models import weights
+    from jaxpref.models.source import load_tokenizer, resolve
+    from jaxpref.step import sequence_logps
+
+    entry = cfg.models[index]
+    pt = cfg.post_training
+    bundle, tok, _, abstract = pipeline.model_for(cfg, index, training=False)
+    prepared = pipeline.data_for(cfg, tok)
+    if split is None:
+        split = "eval" if prepared.eval is not None else "train"
+    data = prepared.train if split == "train" else prepared.eval
+    if data is None:
+        raise ConfigError(f"{cfg.source}: --split eval, but the config has no eval data "
+                          "(set `dataset.eval_split` or `dataset.eval_fraction`, or use --split train)")
+    if not data.paired:
+        raise ConfigError(f"{cfg.source}: evaluation needs paired data (prompt, chosen, rejected); "
+                          "this split is unpaired (KTO)")
+    if max_examples is not None:
+        if max_examples <= 0:
+            raise ConfigError(f"--max-examples must be > 0, got {max_examples}")
+        data = data.subset(np.arange(min(max_examples, len(data))))
+    if len(data) == 0:
+        raise ConfigError(f"{cfg.source}: the {split} split has no usable pair")
+
+    params = weights.load_params(bundle)
+    lora = None
+    if adapter:
+        lora, spec = load_adapter(adapter_dir(adapter), bundle, abstract)
+        bundle = bundle.with_args(lora_scale=spec.scale, lora_dropout=0.0, deterministic=True)
+    ref_bundle, ref_params = bundle, params
+    if pt.use_ref_model and entry.ref_model_id and entry.ref_model_id != entry.huggingface_id:
+        rsrc = resolve(entry.ref_model_id)
+        if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
+            raise ConfigError(f"{cfg.source}: reference model `{entry.ref_model_id}` has a different tokenizer from the policy")
+        ref_bundle = weights.build(rsrc, cfg.training.param_dtype, cfg.training.compute_dtype)
+        ref_params = weights.load_params(ref_bundle)
+
+    B = cfg.training.per_device_eval_batch_size
+    S = 2 * B
+    policy_fn = jax.jit(lambda p, lo, mb: sequence_logps(bundle, p, lo, mb, S))
+    ref_fn = jax.jit(lambda p, mb: sequence_logps(ref_bundle, p, None, mb, S))
+    beta = pt.beta
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    tmp = output.with_name(output.name + ".tmp")
+    with tmp.open("w") as f:
+        for real, mb in batches(data, B, prepared.layout):
+            pol = np.asarray(policy_fn(params, lora, mb), np.float64)
+            if pt.reference_free:
+                ref = np.zeros_like(pol)
+            elif lora is None and ref_bundle is bundle:
+                ref = pol  # no adapter: the policy is the reference
+            else:
+                ref = np.asarray(ref_fn(ref_params, mb), np.float64)
+            for k, i in enumerate(real):
+                row = {
+                    "index": int(data.source[i]) if data.source else int(i),
+                    "logps/chosen": float(pol[k]), "logps/rejected": float(pol[B + k]),
+                    "ref_logps/chosen": float(ref[k]), "ref_logps/rejected": float(ref[B + k]),
+                    "rewards/chosen": float(beta * (pol[k] - ref[k])),
+                    "rewards/rejected": float(beta * (pol[B + k] - ref[B + k])),
+                }
+                rows.append(row)
+                f.write(json.dumps(row) + "\n")
+    tmp.replace(output)
+    return summarize(rows, data, split, output)
+
+
+def summarize(rows: list[dict], data, split: str, output: Path) -> dict:
+    rc = np.array([r["rewards/chosen"] for r in rows])
+    rr = np.array([r["rewards/rejected"] for r in rows])
+    return {
+        "split": split,
+        "examples": len(rows),
+        "rewards/accuracies": float(np.mean(rc > rr)),
+        "rewards/margins": float(np.mean(rc - rr)),
+        "rewards/chosen": float(np.mean(rc)),
+        "rewards/rejected": float(np.mean(rr)),
+        "logps/chosen": float(np.mean([r["logps/chosen"] for r in rows])),
+        "logps/rejected": float(np.mean([r["logps/rejected"] for r in rows])),
+        "ties": int(np.sum(rc == rr)),
+        "rows_in": int(data.rows_in),
+        "skipped_rows": dict(data.skipped),
+        "output": str(output),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxpref.config import load_config
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+        if not 0 <= args.model_index < len(cfg.models):
+            raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
+                              f"{len(cfg.models)} model(s)")
+        summary = evaluate(cfg, args.model_index, args.split, args.adapter, args.max_examples,
+                           Path(args.output))
+    except JaxprefError as e:
+        print(f"jaxpref.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

