@@ -383,7 +383,7 @@ def validate(cfg: Config) -> None:
     _choice(pt.method, METHODS, "post_training.method", src)
     if pt.beta <= 0:
         raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
-    allowed = {"dpo": DPO_LOSS_TYPES, "ipo": DPO_LOSS_TYPES, "cpo": DPO_LOSS_TYPES + ("simpo",),
+    allowed = {"dpo": DPO_LOSS_TYPES, "ipo": DPO_LOSS_TYPES, "cpo": ("sigmoid", "hinge", "ipo", "simpo"),
                "kto": KTO_LOSS_TYPES, "orpo": ("orpo",), "simpo": ("simpo",)}[pt.method]
     for lt in cfg.loss_types:
         _choice(lt, allowed, "post_training.loss_type", src)

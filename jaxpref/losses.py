@@ -204,18 +204,20 @@ def orpo_loss(s: PairStats, spec: LossSpec, span: str = "prompt_and_completion")
 
 
 def simpo_cpo_loss(s: PairStats, spec: LossSpec) -> tuple[jax.Array, dict]:
-    """SimPO (average log-probs, margin gamma) and CPO (summed log-probs) with the cpo_alpha NLL."""
+    """CPO (TRL's CPOTrainer): sigmoid / hinge / ipo / simpo on policy log-probs, plus cpo_alpha
+    times the chosen completions' token-mean NLL. ipo and simpo use length-averaged log-probs;
+    method `simpo` is loss_type simpo with cpo_alpha = 0 (pure SimPO)."""
     eps, beta = spec.label_smoothing, spec.beta
-    simpo = spec.method == "simpo" or "simpo" in spec.loss_types
-    if simpo:
+    lt = "simpo" if spec.method == "simpo" else spec.loss_types[0]
+    if lt in ("ipo", "simpo"):
         pc = s.logps_chosen / jnp.maximum(s.len_chosen, 1.0)
         pr = s.logps_rejected / jnp.maximum(s.len_rejected, 1.0)
-        logits = pc - pr - spec.simpo_gamma / beta
     else:
         pc, pr = s.logps_chosen, s.logps_rejected
-        logits = pc - pr
-    lt = spec.loss_types[0]
-    if simpo or lt == "sigmoid":
+    logits = pc - pr
+    if lt == "simpo":
+        per = _smoothed_sigmoid(beta * (logits - spec.simpo_gamma / beta), eps)
+    elif lt == "sigmoid":
         per = _smoothed_sigmoid(beta * logits, eps)
     elif lt == "hinge":
         per = jax.nn.relu(1 - beta * logits)
@@ -223,10 +225,14 @@ def simpo_cpo_loss(s: PairStats, spec: LossSpec) -> tuple[jax.Array, dict]:
         per = (logits - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type {lt} is not available for {spec.method}")
-    nll = -jnp.sum(s.logps_chosen) / jnp.maximum(jnp.sum(s.len_chosen), 1.0)
     alpha = 0.0 if spec.method == "simpo" else spec.cpo_alpha
+    nll = -jnp.sum(s.logps_chosen) / jnp.maximum(jnp.sum(s.len_chosen), 1.0)
+    if alpha == 0:
+        nll = jnp.zeros((), jnp.float32)
     loss = jnp.mean(per) + alpha * nll
     m = reward_metrics(beta * jax.lax.stop_gradient(pc), beta * jax.lax.stop_gradient(pr), s)
+    m["logps/chosen"] = jax.lax.stop_gradient(pc)
+    m["logps/rejected"] = jax.lax.stop_gradient(pr)
     m["nll_loss"] = jnp.broadcast_to(jax.lax.stop_gradient(nll), pc.shape)
     return loss, m
 

@@ -120,7 +120,6 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: `lora.enabled: false` (full fine-tuning) is not available in this version")
     unavailable = {
-        "post_training.precompute_ref_logps": cfg.post_training.precompute_ref_logps,
         "gpu.mesh": cfg.gpu.mesh, "gpu.distributed": cfg.gpu.distributed,
         "gpu.device_ids": cfg.gpu.device_ids and len(cfg.gpu.device_ids) > 1,
     }
@@ -196,6 +195,23 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             print(f"[{entry.name}] resuming from step {start}", file=sys.stderr)
     ckpt.truncate_metrics(run_dir / "metrics.jsonl", start)
 
+    ref_table = None
+    eval_mode = mode
+    if cfg.post_training.precompute_ref_logps and mode != "none":
+        if cfg.post_training.method == "kto":
+            raise ConfigError(f"{cfg.source}: `post_training.precompute_ref_logps` is not available for KTO "
+                              "(its KL rows change with every batch)")
+        from jaxpref import reference
+        from jaxpref.models.source import DEFAULT_CACHE
+        rb = ref_bundle if mode in ("separate", "initial_adapter") else bundle
+        rp = ref_params if mode == "separate" else params
+        if mode == "initial_adapter":
+            raise ConfigError(f"{cfg.source}: `post_training.precompute_ref_logps` with `lora.init_from` is not available")
+        key = reference.cache_key(fingerprint((rb or bundle).source), prepared.train, prepared.layout,
+                                  entry.ref_model_id or "")
+        ref_table = reference.precompute(rb.with_args(deterministic=True), rp, prepared.train, prepared.layout, B,
+                                         DEFAULT_CACHE / "ref_logps", key)
+        mode = "precomputed"
     opts = StepOptions(spec, 2 * B, need_wpo=spec.use_weighting,
                        orpo_span="completion" if cfg.post_training.orpo_nll_span == "completion" else "prompt_and_completion",
                        ref_mode=mode)
@@ -204,7 +220,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     eval_fn = None
     if prepared.eval is not None and len(prepared.eval) >= tcfg.per_device_eval_batch_size:
         eval_fn = make_eval_step(bundle.with_args(deterministic=True),
-                                 replace(opts, num_seqs=2 * tcfg.per_device_eval_batch_size), ref_bundle)
+                                 replace(opts, num_seqs=2 * tcfg.per_device_eval_batch_size, ref_mode=eval_mode),
+                                 ref_bundle)
     if early is not None and eval_fn is None:
         raise ConfigError(f"{cfg.source}: `finetuning.early_stopping` needs an eval split "
                           "(`dataset.eval_split` or `dataset.eval_fraction`) and `training.eval_steps`")
@@ -229,13 +246,17 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         step = start
         try:
             for step in range(start, total):
+                ref_batch = None
+                if ref_table is not None:
+                    from jaxpref.reference import batch_reference, next_indices
+                    ref_batch = batch_reference(ref_table, next_indices(it), G)
                 batch, epoch = next(it)
                 shapes.add(batch["input_ids"].shape)
                 ntok = host_tokens(batch, prepared.layout.kind)
                 total_tokens += ntok
                 window_tokens += ntok
                 t0 = time.time()
-                state, m = step_fn(state, params, ref_params, batch, None)
+                state, m = step_fn(state, params, ref_params, batch, ref_batch)
                 if compile_s is None:
                     jax.block_until_ready(m["loss"])
                     compile_s = time.time() - t0
