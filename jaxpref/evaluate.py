@@ -86,6 +86,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
     if not data.paired:
         raise ConfigError(f"{cfg.source}: evaluation needs paired data (prompt, chosen, rejected); "
                           "this split is unpaired (KTO)")
+    rows_in, skipped = data.rows_in, dict(data.skipped)
     if max_examples is not None:
         if max_examples <= 0:
             raise ConfigError(f"--max-examples must be > 0, got {max_examples}")
@@ -134,10 +135,10 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
                 rows.append(row)
                 f.write(json.dumps(row) + "\n")
     tmp.replace(output)
-    return summarize(rows, data, split, output)
+    return summarize(rows, split, rows_in, skipped, output)
 
 
-def summarize(rows: list[dict], data, split: str, output: Path) -> dict:
+def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output: Path) -> dict:
     rc = np.array([r["rewards/chosen"] for r in rows])
     rr = np.array([r["rewards/rejected"] for r in rows])
     return {
@@ -150,8 +151,8 @@ def summarize(rows: list[dict], data, split: str, output: Path) -> dict:
         "logps/chosen": float(np.mean([r["logps/chosen"] for r in rows])),
         "logps/rejected": float(np.mean([r["logps/rejected"] for r in rows])),
         "ties": int(np.sum(rc == rr)),
-        "rows_in": int(data.rows_in),
-        "skipped_rows": dict(data.skipped),
+        "rows_in": int(rows_in),
+        "skipped_rows": skipped,
         "output": str(output),
     }
 
