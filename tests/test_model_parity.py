@@ -120,6 +120,16 @@ def test_sharded_safetensors_match(name, tmp_path):
     assert _max_diff(_our_logits(tmp_path), _hf_logits(model)) <= 1e-4
 
 
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bf16_safetensors_match(param_dtype, tmp_path):
+    """A bf16 checkpoint (the common hub dtype) read into fp32 or bf16 parameters: the weights
+    are exactly bf16 numbers either way, so fp32 compute matches the bf16-rounded HF model."""
+    model = _hf_model("qwen2").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    ref = _hf_logits(model.float())
+    assert _max_diff(_our_logits(tmp_path, param_dtype=param_dtype), ref) <= 1e-4
+
+
 def _write_flax_msgpack(model, path, bare: bool = False) -> None:
     """The torch weights in the old HF Flax layout: nested by module, `kernel` = weight.T,
     `embedding` for embeddings, `scale` for norms. `bare` drops the base-model prefix, as a

@@ -152,6 +152,42 @@ def _compile_rules(arch: Architecture):
     return rules
 
 
+# safetensors dtype names -> numpy (bf16 and fp8 through ml_dtypes, which jax ships).
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+              "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """Like `_iter_safetensors`, but each tensor is read with a plain file read, not through
+    safetensors' mmap: mapped pages of the file stay resident and count in our RSS until the file
+    is closed, one more copy of the model at peak. Read pages go to the page cache instead."""
+    import json
+    import struct
+
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            base = 8 + n
+
+            def get(info, fh=fh, base=base, f=f):
+                begin, end = info["data_offsets"]
+                if info["dtype"] not in _ST_DTYPES:
+                    raise ModelSourceError(f"{f.name}: unsupported safetensors dtype {info['dtype']}")
+                dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+                raw = _aligned_empty((end - begin,), np.uint8)
+                fh.seek(base + begin)
+                if fh.readinto(memoryview(raw)) != end - begin:
+                    raise ModelSourceError(f"{f.name}: file is truncated")
+                return raw.view(dtype).reshape(info["shape"])
+
+            # file order, so that the reads go forward through the file
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                yield name, (lambda info=info: get(info))
+
+
 def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
     """Read the checkpoint into our parameter tree (param dtype, optional shardings tree)."""
     spec = bundle.source.spec
@@ -166,7 +202,7 @@ def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
     num_layers = bundle.args.num_layers
     np_dtype = np.dtype(jnp.dtype(bundle.args.param_dtype))
 
-    it = _iter_safetensors(files) if kind == "safetensors" else _iter_msgpack(files[0])
+    it = _read_safetensors(files) if kind == "safetensors" else _iter_msgpack(files[0])
     for name, get in it:
         match = None
         for pat, rule in rules:
@@ -196,13 +232,13 @@ def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
                 raise ModelSourceError(f"model `{spec}`: tensor `{name}` is beyond num_hidden_layers={num_layers}")
             buf = buffers.get(rule.path)
             if buf is None:
-                buf = buffers[rule.path] = np.empty(target.shape, np_dtype)
+                buf = buffers[rule.path] = _aligned_empty(target.shape, np_dtype)
             buf[layer] = arr
             filled.setdefault(rule.path, set()).add(layer)
             if len(filled[rule.path]) == num_layers:
                 out[rule.path] = _to_device(buffers.pop(rule.path), flat_shardings.get(rule.path))
-        else:
-            out[rule.path] = _to_device(arr.astype(np_dtype), flat_shardings.get(rule.path))
+        else:  # no copy when the tensor already has the right dtype and layout
+            out[rule.path] = _to_device(np.ascontiguousarray(arr, np_dtype), flat_shardings.get(rule.path))
         del arr
     missing = [p for p in abstract if p not in out]
     if missing:
@@ -223,6 +259,17 @@ def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
 
 
 def _to_device(arr: np.ndarray, sharding) -> jax.Array:
+    """`device_put` (not `jnp.asarray`, which always copies): on CPU it adopts a 64-byte aligned
+    host buffer without a copy. The loader drops its own reference to `arr` right after."""
     if sharding is not None:
         return jax.device_put(arr, sharding)
-    return jnp.asarray(arr)
+    return jax.device_put(arr)
+
+
+def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """np.empty aligned to 64 bytes, the alignment XLA's CPU client needs to use it in place."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    off = -raw.ctypes.data % 64
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
