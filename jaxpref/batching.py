@@ -87,6 +87,9 @@ class Layout:
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     pad_id: int = 0
     ld_alpha: float | None = None
+    # Mark the chosen sequence's prompt tokens too (ORPO's NLL span); otherwise the LM head runs
+    # on completion tokens only.
+    full_span: bool = True
     target_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -176,7 +179,7 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
         for k, (pc, npc, pr, npr, same) in enumerate(seqs):
             shared = min(len(pc) - npc, len(pr) - npr)
             _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=1, pos0=0,
-                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=True)
+                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=layout.full_span)
             w_r = _ld_weights(len(pr) - npr, shared, layout.ld_alpha)
             if same:
                 # The rejected branch continues from the prompt: its first token is predicted by
@@ -195,7 +198,7 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
         for k, (pc, npc, pr, npr, _) in enumerate(seqs):
             shared = min(len(pc) - npc, len(pr) - npr)
             _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=0, pos0=0,
-                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=True)
+                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=layout.full_span)
             _place(b, B + k, 0, pr, npr, slot=B + k, segment=1, branch_of_completion=0, pos0=0,
                    src_of_first=None, weights=_ld_weights(len(pr) - npr, shared, layout.ld_alpha), full=False)
     return b

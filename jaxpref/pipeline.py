@@ -25,6 +25,7 @@ def lora_spec_for(cfg: Config, bundle_arch, abstract_params) -> LoraSpec | None:
         spec = spec_from_adapter(Path(lo.init_from), lo.lora_dropout)
         mine = resolve_targets(lo.target_modules, bundle_arch, abstract_params, cfg.source)
         for key, theirs, ours in (("r", spec.r, lo.r), ("lora_alpha", spec.alpha, lo.lora_alpha),
+                                  ("use_rslora", spec.use_rslora, lo.use_rslora),
                                   ("target_modules", set(spec.targets), set(mine))):
             if theirs != ours:
                 raise ConfigError(f"{cfg.source}: `lora.{key}` is {ours if key != 'target_modules' else sorted(ours)} "
@@ -85,5 +86,7 @@ def data_for(cfg: Config, tok, max_rows: int | None = None, cache_root: Path | N
         buckets = tuple(b for b in buckets if b < tr.max_length) + (tr.max_length,)
     layout = Layout(tr.pair_layout, tr.max_length, tr.truncation_mode, buckets,
                     int(tok.pad_token_id if tok.pad_token_id is not None else 0),
-                    cfg.post_training.ld_alpha)
+                    cfg.post_training.ld_alpha,
+                    full_span=(cfg.post_training.method == "orpo"
+                               and cfg.post_training.orpo_nll_span == "prompt_and_completion"))
     return PreparedData(train, ev, report, layout)

@@ -267,6 +267,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                         raise JaxprefError(f"loss is {m['loss']} at step {done}; stopping (the last good "
                                            f"checkpoint is kept in {store.dir})")
                     elapsed = time.time() - window_t0
+                    # XLA compilations so far: grows only when a new length bucket appears.
+                    m["compilations"] = int(step_fn._cache_size())
                     m.update(step=done, epoch=round(epoch, 4), num_tokens=total_tokens,
                              tokens_per_second=round(window_tokens / max(elapsed, 1e-9), 1))
                     window_tokens, window_t0 = 0, time.time()
@@ -322,6 +324,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             "wall_time_s": round(time.time() - t_start, 2),
             "compile_time_s": round(compile_s or 0.0, 2),
             "compiled_shapes": len(shapes),
+            "compilations": int(step_fn._cache_size()),
             "train_pairs": len(prepared.train),
             "skipped_rows": prepared.train.skipped,
             "truncated_rows": prepared.report.truncated,
