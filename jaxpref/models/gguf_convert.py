@@ -32,6 +32,7 @@ _GGUF_NAMES = [
     (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{}.mlp.down_proj.weight"),
 ]
 SUPPORTED = ("llama", "mistral", "qwen2")
+CONVERTER_VERSION = 2  # part of the cache key: a fixed converter never reuses an old conversion
 
 
 def _hf_name(name: str) -> str | None:
@@ -43,13 +44,15 @@ def _hf_name(name: str) -> str | None:
 
 
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation: [n_head, 2, d/2, ...] back to [n_head, d/2, 2, ...]."""
+    """Undo llama.cpp's q/k row permutation (its rotary layout interleaves the two halves of each
+    head: rows [n_head, d/2, 2] back to HF's [n_head, 2, d/2])."""
     dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, 2, dim, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _cache_dir(path: Path, cache_root: Path) -> Path:
     h = hashlib.sha256()
+    h.update(f"converter-v{CONVERTER_VERSION}|".encode())
     h.update(str(path.stat().st_size).encode())
     with open(path, "rb") as f:
         h.update(f.read(1 << 20))
