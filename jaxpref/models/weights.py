@@ -84,32 +84,6 @@ def weight_files(path: Path, spec: str) -> tuple[str, list[Path]]:
     raise ModelSourceError(f"model `{spec}`: no readable weights (found: {', '.join(found) or 'nothing'})")
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    from safetensors import safe_open
-
-    for f in files:
-        with safe_open(str(f), framework="numpy") as sf:
-            for name in sf.keys():
-                yield name, (lambda sf=sf, name=name: _get(sf, f, name))
-
-
-def _get(sf, f: Path, name: str) -> np.ndarray:
-    try:
-        return sf.get_tensor(name)
-    except (TypeError, ValueError):  # bf16 has no numpy dtype in safetensors' numpy backend
-        from safetensors import safe_open
-        with safe_open(str(f), framework="flax") as fx:
-            return np.asarray(fx.get_tensor(name).astype(jnp.float32))
-
-
-# Base-model prefixes of the PyTorch names, and top-level keys that identify a bare base model
-# (a checkpoint saved from e.g. FlaxGPT2Model rather than FlaxGPT2LMHeadModel).
-_BASE_PREFIXES = ("model", "transformer", "gpt_neox")
-_BARE_MARKERS = (("embed_in", "gpt_neox"), ("wte", "transformer"), ("h", "transformer"),
-                 ("embed_tokens", "model"), ("layers", "model"))
-_HEADS = ("lm_head", "embed_out")
-
-
 def _iter_msgpack(file: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """Old HF Flax checkpoints: nested by module name. Yields PyTorch names and layouts.
 
@@ -159,7 +133,7 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": j
 
 
 def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """Like `_iter_safetensors`, but each tensor is read with a plain file read, not through
+    """Each safetensors tensor is read with a plain file read, not through
     safetensors' mmap: mapped pages of the file stay resident and count in our RSS until the file
     is closed, one more copy of the model at peak. Read pages go to the page cache instead."""
     import json
