@@ -43,14 +43,18 @@ def resolve_targets(target_modules: str | list[str], arch, params: Any, src: str
     mods = linear_modules(params)
     names = sorted({p[-1] for p in mods})
     if target_modules == "all-linear":
-        return tuple(n for n in arch.linear_modules if n in names)
+        found = tuple(n for n in arch.linear_modules if n in names)
+        if not found:
+            raise ConfigError(f"{src}: `lora.target_modules: all-linear` matches no module; "
+                              f"this model has: {', '.join(names)}")
+        return found
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     for t in target_modules:
         if t not in names:
             raise ConfigError(f"{src}: `lora.target_modules` entry `{t}` matches no module; "
                               f"this model has: {', '.join(names)}")
-    return tuple(target_modules)
+    return tuple(dict.fromkeys(target_modules))
 
 
 def target_shapes(params: Any, spec: LoraSpec, src: str = "") -> dict[tuple, tuple]:
