@@ -73,7 +73,8 @@ class CheckpointStore:
 
 
 def abstract_of(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def check_fingerprint(saved: dict, current: dict, run_dir: Path, force: bool) -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 
 class MetricSinks:
-    def __init__(self, run_dir: Path, cfg, name: str, append: bool = False):
+    def __init__(self, run_dir: Path, cfg, name: str, append: bool = False, enabled: bool = True):
+        self.tb = self.wandb = self.mlflow = self.file = None
+        if not enabled:  # not the main process of a multi-process run: nothing is written
+            return
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = open(self.path, "a" if append else "w")
-        self.tb = self.wandb = self.mlflow = None
         report = cfg.report_to
         if "tensorboard" in report:
             from tensorboardX import SummaryWriter
@@ -24,6 +26,8 @@ class MetricSinks:
             self.mlflow = _start_mlflow(run_dir, cfg, name)
 
     def log(self, metrics: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         step = int(metrics.get("step", 0))
@@ -40,7 +44,7 @@ class MetricSinks:
             mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
-        if self.file.closed:
+        if self.file is None or self.file.closed:
             return
         self.file.close()
         if self.tb is not None:

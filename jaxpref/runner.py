@@ -120,28 +120,32 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: `lora.enabled: false` (full fine-tuning) is not available in this version")
     unavailable = {
-        "gpu.mesh": cfg.gpu.mesh, "gpu.distributed": cfg.gpu.distributed,
-        "gpu.device_ids": cfg.gpu.device_ids and len(cfg.gpu.device_ids) > 1,
     }
     for key, value in unavailable.items():
         if value:
             raise ConfigError(f"{cfg.source}: `{key}` is not available in this version of jaxpref")
+    from jaxpref import mesh as mesh_mod
+    mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
+    dp = mesh_mod.data_parallel_size(mesh)
+    is_main = jax.process_index() == 0
     if resume and ckpt.is_finished(run_dir):
         print(f"[{entry.name}] already finished ({run_dir}); skipping", file=sys.stderr)
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and is_main:
         ckpt.clear_run(run_dir)
     mcfg = model_config(cfg, index)
-    dump_config(mcfg, run_dir / "config.yaml")
+    if is_main:
+        dump_config(mcfg, run_dir / "config.yaml")
     tcfg = cfg.training
 
     bundle, tok, lspec, abstract = pipeline.model_for(cfg, index, training=True)
     prepared = pipeline.data_for(cfg, tok)
     spec = loss_spec(cfg)
     mode = ref_mode(cfg, spec, lspec is not None)
-    B, G = tcfg.per_device_train_batch_size, tcfg.gradient_accumulation_steps
+    # The global batch: per-device pairs times the data-parallel size of the mesh.
+    B, G = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps
     iter_cls = iterator_class(cfg)
     if cfg.post_training.method == "kto" and prepared.layout.kind != "concatenated":
         raise ConfigError(f"{cfg.source}: KTO needs `training.pair_layout: concatenated`")
@@ -152,7 +156,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
     total = tcfg.max_steps if tcfg.max_steps > 0 else int(math.ceil(tcfg.num_epochs * it.steps_per_epoch))
 
-    params = weights.load_params(bundle)
+    param_sh = mesh_mod.shardings(mesh_mod.param_specs(abstract, mesh, bundle.arch.roles), mesh)
+    params = weights.load_params(bundle, shardings=param_sh)
     ref_bundle, ref_params = None, None
     if mode == "separate":
         rid = entry.ref_model_id or entry.huggingface_id
@@ -162,7 +167,12 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         if rtok.get_vocab() != tok.get_vocab():
             raise ConfigError(f"{cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
         ref_bundle = weights.build(rsrc, tcfg.param_dtype, tcfg.compute_dtype)
-        ref_params = weights.load_params(ref_bundle) if rid != entry.huggingface_id else params
+        if rid != entry.huggingface_id:
+            ref_abstract = ref_bundle.abstract_params()
+            ref_params = weights.load_params(ref_bundle, shardings=mesh_mod.shardings(
+                mesh_mod.param_specs(ref_abstract, mesh, ref_bundle.arch.roles), mesh))
+        else:
+            ref_params = params
 
     rng = jax.random.PRNGKey(tcfg.seed)
     if cfg.lora.init_from:
@@ -174,7 +184,11 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         ref_params = jax.tree_util.tree_map(jnp.copy, lora)
         ref_bundle = bundle.with_args(deterministic=True)
     optimizer, schedule = make_optimizer(tcfg, total)
+    lora = jax.device_put(lora, mesh_mod.replicated(mesh))
+    if mode == "initial_adapter":
+        ref_params = jax.device_put(ref_params, mesh_mod.replicated(mesh))
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
+    state = jax.device_put(state, mesh_mod.replicated(mesh))
 
     # Checkpoints: restore the newest whole one when resuming.
     fp = critical_fingerprint(cfg, entry, fingerprint(bundle.source))
@@ -193,7 +207,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             if early is not None:
                 early.restore(meta.get("early_stopping", {}))
             print(f"[{entry.name}] resuming from step {start}", file=sys.stderr)
-    ckpt.truncate_metrics(run_dir / "metrics.jsonl", start)
+    if is_main:
+        ckpt.truncate_metrics(run_dir / "metrics.jsonl", start)
 
     ref_table = None
     eval_mode = mode
@@ -218,9 +233,10 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     step_fn = make_train_step(bundle, opts, optimizer, schedule, ref_bundle,
                               dropout=lspec.dropout > 0)
     eval_fn = None
-    if prepared.eval is not None and len(prepared.eval) >= tcfg.per_device_eval_batch_size:
+    EB = tcfg.per_device_eval_batch_size * dp
+    if prepared.eval is not None and len(prepared.eval) >= EB:
         eval_fn = make_eval_step(bundle.with_args(deterministic=True),
-                                 replace(opts, num_seqs=2 * tcfg.per_device_eval_batch_size, ref_mode=eval_mode),
+                                 replace(opts, num_seqs=2 * EB, ref_mode=eval_mode),
                                  ref_bundle)
     if early is not None and eval_fn is None:
         raise ConfigError(f"{cfg.source}: `finetuning.early_stopping` needs an eval split "
@@ -231,7 +247,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                 "early_stopping": early.state() if early else {}}
         store.save(step_done, state, meta)
 
-    sinks = MetricSinks(run_dir, cfg, entry.name, append=start > 0)
+    sinks = MetricSinks(run_dir, cfg, entry.name, append=start > 0, enabled=is_main)
     try:
         bar = ProgressBar(total - start, enabled=cfg.logging.progress_bar)
         print(f"[{entry.name}] {bundle.source.model_type}, {count(params) / 1e6:.1f}M params, "
@@ -249,14 +265,15 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                 ref_batch = None
                 if ref_table is not None:
                     from jaxpref.reference import batch_reference, next_indices
-                    ref_batch = batch_reference(ref_table, next_indices(it), G)
+                    ref_batch = jax.device_put(batch_reference(ref_table, next_indices(it), G),
+                                               mesh_mod.replicated(mesh))
                 batch, epoch = next(it)
                 shapes.add(batch["input_ids"].shape)
                 ntok = host_tokens(batch, prepared.layout.kind)
                 total_tokens += ntok
                 window_tokens += ntok
                 t0 = time.time()
-                state, m = step_fn(state, params, ref_params, batch, ref_batch)
+                state, m = step_fn(state, params, ref_params, mesh_mod.put_batch(batch, mesh), ref_batch)
                 if compile_s is None:
                     jax.block_until_ready(m["loss"])
                     compile_s = time.time() - t0
@@ -279,7 +296,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                     bar.update(done - start, None)
                 if eval_fn is not None and tcfg.eval_steps and done % tcfg.eval_steps == 0:
                     ev = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
-                                        tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed, iter_cls)
+                                        EB, prepared.layout, tcfg.seed, iter_cls, mesh)
                     ev["step"] = done
                     sinks.log(ev)
                     if early is not None:
@@ -308,7 +325,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         final_eval = None
         if eval_fn is not None and not stopped_early:
             final_eval = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
-                                        tcfg.per_device_eval_batch_size, prepared.layout, tcfg.seed, iter_cls)
+                                        EB, prepared.layout, tcfg.seed, iter_cls, mesh)
             final_eval["step"] = final_step
             sinks.log(final_eval)
         if save_every:
@@ -317,7 +334,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         export_lora = state.lora
         if stopped_early and best_lora is not None:
             export_lora = best_lora
-        save_adapter(run_dir / "adapter", bundle, export_lora, lspec, entry.huggingface_id, tok)
+        if is_main:
+            save_adapter(run_dir / "adapter", bundle, export_lora, lspec, entry.huggingface_id, tok)
         summary = {
             "model": entry.name,
             "steps": final_step,
@@ -334,9 +352,12 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             "final_metrics": last,
             "final_eval": final_eval,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
         sinks.close()
+    if not is_main:
+        return summary
     ckpt.mark_finished(run_dir)
     from jaxpref.plot import plot_run
     try:
@@ -349,13 +370,16 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
 
 
 def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, layout, seed: int,
-                   iter_cls=BatchIterator) -> dict:
+                   iter_cls=BatchIterator, mesh=None) -> dict:
     """Mean of eval metrics over all full batches of the eval split, `eval_` prefixed."""
     it = iter_cls(data, batch_size, 1, seed, layout, shuffle=False)
     sums: dict[str, float] = {}
     n = 0
     for _ in range(it.steps_per_epoch):
         batch, _ = next(it)
+        if mesh is not None:
+            from jaxpref.mesh import put_batch
+            batch = put_batch(batch, mesh)
         m = jax.device_get(eval_fn(lora, params, ref_params, batch, None))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         indices = select_models(cfg, args.model_index)
+        if not args.dry_run:
+            from jaxpref.mesh import init_distributed
+            init_distributed(cfg.gpu, cfg.source)
     except JaxprefError as e:
         print(f"jaxpref: error: {e}", file=sys.stderr)
         return 2

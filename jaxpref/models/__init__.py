@@ -26,20 +26,32 @@ class Architecture:
     fan_in_fan_out: bool = False
     # HF tensors that carry no parameters (buffers some checkpoints include).
     ignored: tuple[str, ...] = ()
+    # Sharding roles of the linear modules on a mesh: "col" splits the output features over
+    # `tensor` (input over `fsdp`), "row" the reverse. Others are replicated or split by size.
+    sharding: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def roles(self) -> dict[str, str]:
+        return dict(self.sharding)
 
 
 _LLAMA = Architecture(llama.LlamaArgs, llama.LlamaModel, llama.WEIGHTS, llama.head_weight,
                       ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                      ignored=(r".*rotary_emb\.inv_freq",))
+                      ignored=(r".*rotary_emb\.inv_freq",),
+                      sharding=(("q_proj", "col"), ("k_proj", "col"), ("v_proj", "col"), ("o_proj", "row"),
+                                ("gate_proj", "col"), ("up_proj", "col"), ("down_proj", "row")))
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "gpt_neox": Architecture(gpt_neox.NeoXArgs, gpt_neox.NeoXModel, gpt_neox.WEIGHTS, gpt_neox.head_weight,
                              ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-                             ignored=gpt_neox.IGNORED),
+                             ignored=gpt_neox.IGNORED,
+                             sharding=(("query_key_value", "col"), ("dense", "row"),
+                                       ("dense_h_to_4h", "col"), ("dense_4h_to_h", "row"))),
     "gpt2": Architecture(gpt2.GPT2Args, gpt2.GPT2Model, gpt2.WEIGHTS, gpt2.head_weight,
-                         ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, ignored=gpt2.IGNORED),
+                         ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, ignored=gpt2.IGNORED,
+                         sharding=(("c_attn", "col"), ("c_fc", "col"), ("c_proj", "row"))),
 }
 
 

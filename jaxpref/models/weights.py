@@ -84,6 +84,14 @@ def weight_files(path: Path, spec: str) -> tuple[str, list[Path]]:
     raise ModelSourceError(f"model `{spec}`: no readable weights (found: {', '.join(found) or 'nothing'})")
 
 
+# Base-model prefixes of the PyTorch names, and top-level keys that identify a bare base model
+# (a checkpoint saved from e.g. FlaxGPT2Model rather than FlaxGPT2LMHeadModel).
+_BASE_PREFIXES = ("model", "transformer", "gpt_neox")
+_BARE_MARKERS = (("embed_in", "gpt_neox"), ("wte", "transformer"), ("h", "transformer"),
+                 ("embed_tokens", "model"), ("layers", "model"))
+_HEADS = ("lm_head", "embed_out")
+
+
 def _iter_msgpack(file: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """Old HF Flax checkpoints: nested by module name. Yields PyTorch names and layouts.
 
