@@ -9,7 +9,6 @@ divide stays whole, so every mesh gives the single-device numbers.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -28,7 +27,8 @@ def init_distributed(gpu_cfg, src: str = "") -> None:
     d = gpu_cfg.distributed
     if not d:
         return
-    if jax.process_count() > 1:
+    from jax._src import distributed as _dist
+    if _dist.global_state.client is not None:
         return  # already initialised
     kwargs = {}
     if not d.get("auto"):
@@ -38,24 +38,14 @@ def init_distributed(gpu_cfg, src: str = "") -> None:
         kwargs = dict(coordinator_address=str(d["coordinator_address"]), num_processes=int(d["num_processes"]),
                       process_id=int(d["process_id"]))
     timeout = int(d.get("timeout_s", 60))
-    if jax.devices.__module__ and os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or \
-            (not os.environ.get("JAX_PLATFORMS") and not _has_accelerator()):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives for the CPU backend (GPUs and TPUs bring their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
     except Exception as e:
         raise ConfigError(f"{src}: cannot join the distributed run at "
                           f"{kwargs.get('coordinator_address', 'the detected coordinator')} within {timeout} s "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-
-
-def _has_accelerator() -> bool:
-    try:
-        import jaxlib  # noqa: F401
-        from jax._src import xla_bridge
-        return any(p in xla_bridge.backends() for p in ("cuda", "rocm", "tpu"))
-    except Exception:
-        return False
 
 
 def make_mesh(gpu_cfg, src: str = "") -> Mesh:
