@@ -25,13 +25,27 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def runtime_rss() -> int:
+    """Bytes this process holds now (Python, JAX, tokenizer, data): the fixed cost of a run."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
 def memory_plan(cfg: Config, args, base_params: int, lora_params: int, rows: int, seq_len: int,
-                targets_len: int) -> dict[str, float]:
+                targets_len: int, mesh=None, runtime: int | None = None) -> dict[str, float]:
     """Bytes per device for weights, LoRA + optimizer state, activations and logits (estimate).
 
-    Activations: per layer and token, the forward keeps ~ (10 D + 3 I + N T) floats for backward
-    (norm inputs, q/k/v, attention output, MLP gate/up/act, attention weights); with gradient
-    checkpointing only the layer input D survives, plus one layer's worth recomputed."""
+    `rows` are the batch rows one device holds. Activations: per layer and token, the forward keeps
+    ~ (10 D + 3 I) values for backward plus the attention weights (heads x T); with gradient
+    checkpointing only each layer's input survives, plus one layer recomputed. On CPU the runtime
+    (this process's resident memory before weights are read) is part of the plan."""
+    shard = 1
+    if mesh is not None:
+        shard = mesh.shape["fsdp"] * mesh.shape["tensor"]
     pbytes = DTYPE_BYTES[cfg.training.param_dtype]
     cbytes = DTYPE_BYTES[cfg.training.compute_dtype]
     D = args.hidden_size
@@ -45,15 +59,18 @@ def memory_plan(cfg: Config, args, base_params: int, lora_params: int, rows: int
     else:
         acts = L * per_layer
     V = args.vocab_size
-    logits = rows * targets_len * V * 4 * 3  # logits, softmax and its gradient
     plan = {
-        "base weights": base_params * pbytes,
-        "reference copy": base_params * pbytes if (not cfg.lora.enabled or cfg.post_training.use_ref_model) else 0,
+        "base weights": base_params * pbytes / shard,
+        "reference copy": (base_params * pbytes / shard
+                           if (not cfg.lora.enabled or (cfg.post_training.use_ref_model
+                                                        and cfg.models[0].ref_model_id)) else 0),
         "LoRA + grads": lora_params * 4 * 2,
         "optimizer state": lora_params * 4 * 2,
-        "activations": acts * cfg.training.gradient_accumulation_steps ** 0,
-        "logits": logits,
+        "activations": acts,
+        "logits": rows * targets_len * V * 4 * 3,  # logits, softmax and its gradient
     }
+    if jax.devices()[0].platform == "cpu":
+        plan["runtime"] = runtime_rss() if runtime is None else runtime
     plan["total"] = sum(plan.values())
     return plan
 
@@ -116,8 +133,11 @@ def check_model(cfg: Config, index: int) -> list[str]:
     print(f"  batches          [accum, rows, tokens]: {shape_txt} (layout {prepared.layout.kind})")
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
-    rows, seq = max(shapes)[1], max(shapes)[2]
-    plan = memory_plan(cfg, args, total, trainable if spec else 0, rows, seq, tshape[-1])
+    from jaxpref.mesh import data_parallel_size, make_mesh
+    mesh = make_mesh(cfg.gpu, cfg.source)
+    rows, seq = max(shapes)[1] // data_parallel_size(mesh), max(shapes)[2]
+    plan = memory_plan(cfg, args, total, trainable if spec else 0, rows, seq, tshape[-1], mesh=mesh)
+    print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
     print("  memory plan      " + ", ".join(f"{k} {_gb(v)}" for k, v in plan.items() if v))
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems

@@ -156,6 +156,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
     total = tcfg.max_steps if tcfg.max_steps > 0 else int(math.ceil(tcfg.num_epochs * it.steps_per_epoch))
 
+    from jaxpref.dryrun import runtime_rss
+    rss_before_weights = runtime_rss()
     param_sh = mesh_mod.shardings(mesh_mod.param_specs(abstract, mesh, bundle.arch.roles), mesh)
     params = weights.load_params(bundle, shardings=param_sh)
     ref_bundle, ref_params = None, None
@@ -349,6 +351,9 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             "resumed_from_step": start or None,
             "early_stopped": stopped_early,
             "adapter_from_step": early.best_step if (stopped_early and best_lora is not None) else final_step,
+            "peak_memory": peak_memory(),
+            "memory_plan_mib": memory_plan_for(cfg, bundle, params, state.lora, shapes, dp, mesh,
+                                              rss_before_weights),
             "final_metrics": last,
             "final_eval": final_eval,
         }
@@ -367,6 +372,27 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     print(f"[{entry.name}] done in {summary['wall_time_s']} s: loss {last.get('loss', float('nan')):.4f}, "
           f"rewards/accuracies {last.get('rewards/accuracies', float('nan')):.3f} -> {run_dir}", file=sys.stderr)
     return summary
+
+
+def peak_memory() -> dict:
+    """Measured peak: host RSS (MiB) and, where the backend reports it, device memory."""
+    import resource
+    out = {"host_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            out["device_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+    except Exception:
+        pass
+    return out
+
+
+def memory_plan_for(cfg, bundle, params, lora, shapes, dp, mesh, runtime: int) -> dict:
+    """The dry-run's plan for the largest batch this run saw (runtime: RSS when it is computed)."""
+    from jaxpref.dryrun import memory_plan
+    _, n, t = max(shapes)
+    plan = memory_plan(cfg, bundle.args, count(params), count(lora), n // dp, t, t, mesh=mesh, runtime=runtime)
+    return {k: round(v / 2**20, 1) for k, v in plan.items()}
 
 
 def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, layout, seed: int,
