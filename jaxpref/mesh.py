@@ -38,6 +38,9 @@ def init_distributed(gpu_cfg, src: str = "") -> None:
         kwargs = dict(coordinator_address=str(d["coordinator_address"]), num_processes=int(d["num_processes"]),
                       process_id=int(d["process_id"]))
     timeout = int(d.get("timeout_s", 60))
+    if kwargs and kwargs["process_id"] != 0:
+        # XLA aborts the whole process when it cannot reach the coordinator: check first.
+        _wait_for_coordinator(kwargs["coordinator_address"], timeout, src)
     # Cross-process collectives for the CPU backend (GPUs and TPUs bring their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -46,6 +49,23 @@ def init_distributed(gpu_cfg, src: str = "") -> None:
         raise ConfigError(f"{src}: cannot join the distributed run at "
                           f"{kwargs.get('coordinator_address', 'the detected coordinator')} within {timeout} s "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def _wait_for_coordinator(address: str, timeout: int, src: str) -> None:
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=2):
+                return
+        except (OSError, ValueError):
+            if time.time() >= deadline:
+                raise ConfigError(f"{src}: cannot join the distributed run: coordinator {address} did not "
+                                  f"answer within {timeout} s (`gpu.distributed.timeout_s`)")
+            time.sleep(0.5)
 
 
 def make_mesh(gpu_cfg, src: str = "") -> Mesh:

@@ -93,3 +93,32 @@ def test_two_processes_equal_one(tmp_path, tiny_llama):
         assert p.returncode == 0 and "MESH_WORKER_OK" in o, e[-3000:]
     np.testing.assert_allclose(np.array(_losses(two / "tiny")), np.array(_losses(one / "tiny")),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gpu,needle", [
+    ({"mesh": {"data": 2}}, "available"),
+    ({"device_ids": [7]}, "do not exist"),
+    ({"mesh": {"data": -1, "fsdp": -1}}, "only one"),
+    ({"mesh": {"model": 1}}, "not a mesh axis"),
+])
+def test_bad_mesh_is_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, gpu, needle):
+    from conftest import write_config
+    from jaxpref import train
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, gpu=gpu)
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_unreachable_coordinator_times_out_with_one_line(tmp_path, tiny_llama, tiny_pairs):
+    from conftest import write_config
+    port = _free_port()
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       gpu={"distributed": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
+                                            "process_id": 1, "timeout_s": 5}})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "jaxpref.train", "--config", str(cfg), "--output-dir",
+                           str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("jaxpref")]
+    assert proc.returncode == 2 and lines and "cannot join" in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
