@@ -136,6 +136,8 @@ class FinetuningConfig:
     save_steps: int | None = None
     save_total_limit: int | None = None
     gradient_checkpointing: bool = False
+    # What a checkpointed layer keeps for the backward pass (jax.checkpoint_policies).
+    remat_policy: str = "nothing_saveable"
     early_stopping: EarlyStoppingConfig | None = None
 
 
@@ -445,6 +447,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: `dataset.eval_fraction` must be in [0, 1)")
     for r in cfg.report_to:
         _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)
+    _choice(cfg.finetuning.remat_policy, ("nothing_saveable", "dots_saveable",
+                                           "dots_with_no_batch_dims_saveable", "everything_saveable"),
+            "finetuning.remat_policy", src)
     if cfg.finetuning.early_stopping is not None:
         _choice(cfg.finetuning.early_stopping.mode, ("min", "max"), "finetuning.early_stopping.mode", src)
 

@@ -41,7 +41,8 @@ def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bo
     src = resolve(entry.huggingface_id, entry.revision, weights=weights_needed)
     tok = load_tokenizer(src, entry.tokenizer_id)
     bundle = weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype,
-                           gradient_checkpointing=cfg.gradient_checkpointing)
+                           gradient_checkpointing=cfg.gradient_checkpointing,
+                           remat_policy=cfg.finetuning.remat_policy)
     abstract = bundle.abstract_params()
     spec = lora_spec_for(cfg, bundle.arch, abstract)
     if spec is not None:

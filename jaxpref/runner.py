@@ -117,8 +117,6 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     from jaxpref.models.source import fingerprint
 
     entry = cfg.models[index]
-    if not cfg.lora.enabled:
-        raise ConfigError(f"{cfg.source}: `lora.enabled: false` (full fine-tuning) is not available in this version")
     unavailable = {
     }
     for key, value in unavailable.items():
@@ -177,7 +175,11 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             ref_params = params
 
     rng = jax.random.PRNGKey(tcfg.seed)
-    if cfg.lora.init_from:
+    full_ft = lspec is None
+    if full_ft:
+        # Full fine-tuning: every base weight is trained; the reference keeps the loaded copy.
+        lora = jax.tree_util.tree_map(jnp.copy, params)
+    elif cfg.lora.init_from:
         lora, _ = load_adapter(Path(cfg.lora.init_from), bundle, abstract)
     else:
         lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
@@ -186,11 +188,14 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         ref_params = jax.tree_util.tree_map(jnp.copy, lora)
         ref_bundle = bundle.with_args(deterministic=True)
     optimizer, schedule = make_optimizer(tcfg, total)
-    lora = jax.device_put(lora, mesh_mod.replicated(mesh))
     if mode == "initial_adapter":
         ref_params = jax.device_put(ref_params, mesh_mod.replicated(mesh))
-    state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-    state = jax.device_put(state, mesh_mod.replicated(mesh))
+    if full_ft:  # trainable weights and their optimizer state keep the base weights' sharding
+        state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
+    else:
+        lora = jax.device_put(lora, mesh_mod.replicated(mesh))
+        state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
+        state = jax.device_put(state, mesh_mod.replicated(mesh))
 
     # Checkpoints: restore the newest whole one when resuming.
     fp = critical_fingerprint(cfg, entry, fingerprint(bundle.source))
@@ -233,7 +238,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                        orpo_span="completion" if cfg.post_training.orpo_nll_span == "completion" else "prompt_and_completion",
                        ref_mode=mode)
     step_fn = make_train_step(bundle, opts, optimizer, schedule, ref_bundle,
-                              dropout=lspec.dropout > 0)
+                              dropout=(lspec is not None and lspec.dropout > 0), full_finetune=full_ft)
     eval_fn = None
     EB = tcfg.per_device_eval_batch_size * dp
     if prepared.eval is not None and len(prepared.eval) >= EB:
@@ -253,7 +258,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     try:
         bar = ProgressBar(total - start, enabled=cfg.logging.progress_bar)
         print(f"[{entry.name}] {bundle.source.model_type}, {count(params) / 1e6:.1f}M params, "
-              f"{count(lora) / 1e6:.3f}M trainable (LoRA r={lspec.r}), {len(prepared.train)} pairs, "
+              f"{count(lora) / 1e6:.3f}M trainable ({f'LoRA r={lspec.r}' if lspec else 'full fine-tune'}), "
+              f"{len(prepared.train)} pairs, "
               f"{it.steps_per_epoch} steps/epoch, {total} steps, layout {prepared.layout.kind}", file=sys.stderr)
         window_tokens, window_t0 = 0, time.time()
         last: dict = {}
@@ -297,7 +303,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                 else:
                     bar.update(done - start, None)
                 if eval_fn is not None and tcfg.eval_steps and done % tcfg.eval_steps == 0:
-                    ev = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
+                    ev = evaluate_split(eval_fn, *((None, state.lora) if full_ft else (state.lora, params)), ref_params, prepared.eval,
                                         EB, prepared.layout, tcfg.seed, iter_cls, mesh)
                     ev["step"] = done
                     sinks.log(ev)
@@ -326,7 +332,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         final_step = int(jax.device_get(state.step))
         final_eval = None
         if eval_fn is not None and not stopped_early:
-            final_eval = evaluate_split(eval_fn, state.lora, params, ref_params, prepared.eval,
+            final_eval = evaluate_split(eval_fn, *((None, state.lora) if full_ft else (state.lora, params)), ref_params, prepared.eval,
                                         EB, prepared.layout, tcfg.seed, iter_cls, mesh)
             final_eval["step"] = final_step
             sinks.log(final_eval)
@@ -337,7 +343,11 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         if stopped_early and best_lora is not None:
             export_lora = best_lora
         if is_main:
-            save_adapter(run_dir / "adapter", bundle, export_lora, lspec, entry.huggingface_id, tok)
+            if full_ft:
+                from jaxpref.export import save_merged
+                save_merged(run_dir / "model", bundle, export_lora, None, None, tok)
+            else:
+                save_adapter(run_dir / "adapter", bundle, export_lora, lspec, entry.huggingface_id, tok)
         summary = {
             "model": entry.name,
             "steps": final_step,

@@ -158,13 +158,20 @@ def reduce_metrics(m: dict) -> dict:
 
 
 def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransformation,
-                    schedule: Callable, ref_bundle=None, dropout: bool = False):
+                    schedule: Callable, ref_bundle=None, dropout: bool = False,
+                    full_finetune: bool = False):
     """-> step(state, params, ref_params, batch, ref_logps) -> (state, metrics), jit-compiled.
 
     batch: dict of [G, N, T] arrays (G micro-batches); ref_logps: [G, S] or None."""
 
     def loss_and_grad(lora, params, ref_params, mb, ref, rng):
         rngs = {"dropout": rng} if dropout else None
+        if full_finetune:
+            # The trainable tree (state.lora) is the whole base tree; no adapter.
+            def f(p):
+                return micro_loss(None, p, mb, ref, bundle, ref_bundle, ref_params, opts, rngs)
+            (loss, m), g = jax.value_and_grad(f, has_aux=True)(lora)
+            return loss, m, g
         (loss, m), g = jax.value_and_grad(micro_loss, has_aux=True)(
             lora, params, mb, ref, bundle, ref_bundle, ref_params, opts, rngs)
         return loss, m, g

@@ -126,3 +126,19 @@ def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_llama, tiny_pairs, ca
     code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "at step" in err and ("nan" in err or "inf" in err)
+
+
+def test_early_stopping_exports_the_best_adapter(tmp_path, tiny_llama, tiny_pairs, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       dataset={"name": str(tiny_pairs), "eval_fraction": 0.25},
+                       training={"max_steps": 10, "logging_steps": 1, "eval_steps": 2, "learning_rate": 5e-3,
+                                 "per_device_eval_batch_size": 2},
+                       # An improvement must beat a margin no run reaches: the first eval is the best.
+                       finetuning={"early_stopping": {"metric": "eval_loss", "mode": "min", "patience": 2,
+                                                      "min_delta": 1e9}})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "early stopping at step 6" in err and "best was step 2" in err
+    summary = json.loads((tmp_path / "o" / "tiny" / "summary.json").read_text())
+    assert summary["early_stopped"] and summary["adapter_from_step"] == 2 and summary["steps"] == 6
+    assert (tmp_path / "o" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()

@@ -134,3 +134,25 @@ def test_module_entry_point_runs_as_subprocess(tmp_path, tiny_llama, tiny_pairs)
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "post_training.beta" in proc.stderr
+
+
+def test_full_finetune_trains_all_weights_against_a_frozen_copy(tmp_path, tiny_llama, tiny_pairs, capsys):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, lora={"enabled": False},
+                       training={"max_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 2})
+    code, out, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    assert code == 0 and "full fine-tune" in out and "reference copy" in out
+    code, _, err = run_cli(["--config", cfg, "--output-dir", tmp_path / "o"], capsys)
+    assert code == 0, err
+    rows = [json.loads(l) for l in (tmp_path / "o" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)   # policy == frozen reference
+    assert rows[1]["rewards/margins"] != 0.0
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "tiny" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        diff = (tuned(ids).logits - base(ids).logits).abs().max().item()
+    assert diff > 1e-4
