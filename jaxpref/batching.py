@@ -87,6 +87,8 @@ class Layout:
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     pad_id: int = 0
     ld_alpha: float | None = None
+    # packed / packed_shared_prompt: rows of this many tokens hold several sequences / pairs.
+    pack_length: int | None = None
     # Mark the chosen sequence's prompt tokens too (ORPO's NLL span); otherwise the LM head runs
     # on completion tokens only.
     full_span: bool = True
@@ -140,7 +142,9 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
     wt[comp] = weights[: int(comp.sum())]
     b["weight"][row, sl] = np.where(seq == slot, wt, 0)
     if full:
-        f = np.ones(t, np.float32)
+        # ORPO's span: the chosen sequence's tokens, marked with their pair's slot + 1 so that
+        # packed rows (several pairs) still sum per pair.
+        f = np.full(t, slot + 1, np.float32)
         if src_of_first is None:
             f[0] = 0
         b["full"][row, sl] = f
@@ -156,7 +160,7 @@ def _pair_sequences(data: Tokenized, i: int, layout: Layout):
 
 def _row_length(pc, npc, pr, npr, same_prompt: bool, kind: str) -> int:
     """Tokens one pair needs in its row (shared_prompt) or in its longer row (concatenated)."""
-    if kind == "shared_prompt":
+    if "shared_prompt" in kind:
         return len(pc) + len(pr) - (npr if same_prompt else 0)
     return max(len(pc), len(pr))
 
@@ -174,7 +178,7 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
     T = length or bucket_for(need, layout.buckets)
     if T < need:
         raise ValueError(f"batch length {T} < {need} tokens needed")
-    if layout.kind == "shared_prompt":
+    if "shared_prompt" in layout.kind:
         b = _empty(B, T, S, layout.pad_id)
         for k, (pc, npc, pr, npr, same) in enumerate(seqs):
             shared = min(len(pc) - npc, len(pr) - npr)
@@ -202,6 +206,48 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
             _place(b, B + k, 0, pr, npr, slot=B + k, segment=1, branch_of_completion=0, pos0=0,
                    src_of_first=None, weights=_ld_weights(len(pr) - npr, shared, layout.ld_alpha), full=False)
     return b
+
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def pack_rows(b: dict, length: int, num_seqs: int, pad_id: int = 0, min_rows: int = 0,
+              row_buckets=ROW_BUCKETS) -> dict:
+    """Pack the rows of an unpacked batch (one sequence or one shared-prompt pair each) into fewer
+    rows of `length` tokens, first-fit by decreasing length. Segments stay separate (the attention
+    mask is block-diagonal), positions and predictors move with their tokens: the same log-probs,
+    padding-free up to the row's end."""
+    used = (b["segment_ids"] > 0).sum(axis=1)
+    order = np.argsort(-used, kind="stable")
+    fill: list[int] = []
+    where: dict[int, tuple[int, int]] = {}
+    for r in order:
+        n = int(used[r])
+        if n == 0:
+            continue
+        if n > length:
+            raise ValueError(f"a sequence of {n} tokens does not fit packed rows of {length}")
+        for k, f in enumerate(fill):
+            if f + n <= length:
+                where[r] = (k, f)
+                fill[k] += n
+                break
+        else:
+            where[r] = (len(fill), 0)
+            fill.append(n)
+    rows = max(bucket_for(max(len(fill), 1), row_buckets), min_rows)
+    out = _empty(rows, length, num_seqs, pad_id)
+    seg_next = np.ones(rows, np.int32)
+    for r, (k, off) in where.items():
+        n = int(used[r])
+        sl, dst = slice(0, n), slice(off, off + n)
+        for key in ("input_ids", "positions", "branch", "seq", "weight", "full"):
+            out[key][k, dst] = b[key][r, sl]
+        segs = b["segment_ids"][r, sl]
+        out["segment_ids"][k, dst] = segs + seg_next[k] - 1
+        seg_next[k] += int(segs.max())
+        out["src"][k, dst] = b["src"][r, sl] + off
+    return out
 
 
 def compact_targets(b: dict, num_seqs: int, k: int | None = None, buckets=(32, 64, 128, 256, 512, 1024)) -> dict:
@@ -280,7 +326,12 @@ class BatchIterator:
         T = bucket_for(need, self.layout.buckets)
         parts = [make_pair_batch(self.data, m, self.layout, T) for m in micro]
         S = 2 * self.B
+        if self.layout.kind.startswith("packed"):
+            L = self.layout.pack_length or T
+            packed = [pack_rows(p, max(L, T), S, self.layout.pad_id) for p in parts]
+            rows = max(p["input_ids"].shape[0] for p in packed)
+            parts = [pack_rows(p, max(L, T), S, self.layout.pad_id, rows) for p in parts]
         need = max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
-        K = min(bucket_for(max(need, 1), self.layout.target_buckets), T)
+        K = min(bucket_for(max(need, 1), self.layout.target_buckets), parts[0]["input_ids"].shape[1])
         parts = [compact_targets(p, S, K) for p in parts]
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}

@@ -116,6 +116,7 @@ class TrainingConfig:
     eval_steps: int | None = None
     save_steps: int | None = None
     pair_layout: str = "concatenated"
+    pack_length: int | None = None               # packed layouts: tokens per row (default max_length)
     train_sampling_strategy: str | None = None   # random | sequential (default: sequential for KTO, as TRL)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -436,7 +437,10 @@ def validate(cfg: Config) -> None:
             "training.lr_scheduler_type", src)
     _choice(tr.optimizer, ("adamw", "sgd", "adafactor"), "training.optimizer", src)
     _choice(tr.truncation_mode, ("keep_start", "keep_end"), "training.truncation_mode", src)
-    _choice(tr.pair_layout, ("concatenated", "shared_prompt"), "training.pair_layout", src)
+    _choice(tr.pair_layout, ("concatenated", "shared_prompt", "packed", "packed_shared_prompt"),
+            "training.pair_layout", src)
+    if tr.pack_length is not None and tr.pack_length < 2:
+        raise ConfigError(f"{src}: `training.pack_length` must be >= 2")
     if tr.train_sampling_strategy is not None:
         _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
     _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)

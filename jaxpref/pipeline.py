@@ -83,11 +83,13 @@ def data_for(cfg: Config, tok, max_rows: int | None = None, cache_root: Path | N
         reasons = ", ".join(f"{k}: {v}" for k, v in train.skipped.items())
         raise ConfigError(f"dataset `{ds_cfg.name}` is empty after filtering ({reasons})")
     buckets = tuple(tr.length_buckets) if tr.length_buckets else DEFAULT_BUCKETS
-    if tr.max_length is not None and tr.pair_layout == "concatenated":
+    if tr.max_length is not None and tr.pair_layout in ("concatenated", "packed"):
         buckets = tuple(b for b in buckets if b < tr.max_length) + (tr.max_length,)
     layout = Layout(tr.pair_layout, tr.max_length, tr.truncation_mode, buckets,
                     int(tok.pad_token_id if tok.pad_token_id is not None else 0),
                     cfg.post_training.ld_alpha,
+                    pack_length=tr.pack_length or (tr.max_length if tr.pair_layout == "packed" else
+                                                   int(1.5 * tr.max_length) if tr.max_length else None),
                     full_span=(cfg.post_training.method == "orpo"
                                and cfg.post_training.orpo_nll_span == "prompt_and_completion"))
     return PreparedData(train, ev, report, layout)

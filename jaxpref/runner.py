@@ -64,7 +64,7 @@ def host_tokens(batch: dict, layout_kind: str) -> int:
     """Tokens in TRL's accounting (prompt counted with each completion), whatever the layout."""
     seg = batch["segment_ids"] > 0
     n = int(seg.sum())
-    if layout_kind == "shared_prompt":
+    if "shared_prompt" in layout_kind:
         n += int((seg & (batch["branch"] == 0)).sum())
     return n
 

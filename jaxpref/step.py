@@ -72,15 +72,17 @@ def pair_stats(logp, mean_logit, wpo, mb: dict, num_seqs: int) -> PairStats:
         wl = _seg_sum(wpo * is_comp, seq, s) / jnp.maximum(lens, 1.0)
     else:
         wl = jnp.zeros((s,), jnp.float32)
+    # ORPO's span: all tokens of the chosen sequence after its first (prompt and completion),
+    # marked with their pair's slot + 1 (any layout, packed rows included).
     full = mb["tgt_full"]
-    # ORPO's span: all tokens of the chosen sequence after its first (prompt and completion).
-    # Rows 0..B-1 hold the chosen sequences in both layouts.
-    chosen_full_nll = -jnp.sum(jnp.where(full > 0, logp, 0.0), axis=-1)
-    chosen_full_len = jnp.sum(full, axis=-1)
+    owner = jnp.where(full > 0, full.astype(jnp.int32) - 1, b)
+    in_span = (full > 0).astype(jnp.float32)
+    chosen_full_nll = -_seg_sum(logp * in_span, owner, b)
+    chosen_full_len = _seg_sum(in_span, owner, b)
     return PairStats(
         logps_chosen=sums[:b], logps_rejected=sums[b:],
         len_chosen=lens[:b], len_rejected=lens[b:],
-        nll_full_chosen=chosen_full_nll[:b], len_full_chosen=chosen_full_len[:b],
+        nll_full_chosen=chosen_full_nll, len_full_chosen=chosen_full_len,
         wlog_chosen=wl[:b], wlog_rejected=wl[b:],
         logit_sum_chosen=logit_sums[:b], logit_sum_rejected=logit_sums[b:],
     )

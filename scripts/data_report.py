@@ -69,10 +69,10 @@ def main(argv=None) -> int:
     entry = cfg.models[0]
     tok = load_tokenizer(resolve(entry.huggingface_id, entry.revision), entry.tokenizer_id)
     buckets = [int(x) for x in args.buckets.split(",")] if args.buckets else cfg.training.length_buckets
-    rows = [measure(cfg, tok, kind, buckets) for kind in ("concatenated", "shared_prompt")]
+    rows = [measure(cfg, tok, kind, buckets) for kind in ("concatenated", "shared_prompt", "packed", "packed_shared_prompt")]
     for r in rows:
         print(json.dumps(r))
-    c, s = rows
+    c, s = rows[:2]
     print(json.dumps({
         "real_token_ratio shared_prompt/concatenated": round(s["real_tokens"] / c["real_tokens"], 4),
         "grid_token_ratio shared_prompt/concatenated": round(s["grid_tokens"] / c["grid_tokens"], 4),

@@ -18,7 +18,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from jaxpref.batching import BatchIterator, Layout, compact_targets, make_pair_batch
+from jaxpref.batching import pack_rows, BatchIterator, Layout, compact_targets, make_pair_batch
 from jaxpref.data import Tokenized
 from jaxpref.lora import LoraSpec, init_lora
 from jaxpref.losses import LossSpec
@@ -29,7 +29,7 @@ from jaxpref.step import StepOptions, micro_loss, pair_stats, sequence_logps, to
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "checkpoints" / ".cache"
 VOCAB = 128
-LAYOUTS = ("concatenated", "shared_prompt")
+LAYOUTS = ("concatenated", "shared_prompt", "packed", "packed_shared_prompt")
 # (max_length, truncation_mode): untruncated; keep_start cuts completion ends; keep_end cuts
 # prompt starts by different amounts for chosen and rejected (shared_prompt then places the pair
 # as two segments of one row).
@@ -79,9 +79,14 @@ def pairs() -> Tokenized:
 
 def _batch(data: Tokenized, kind: str, max_length=None, mode="keep_start", ld_alpha=None) -> dict:
     """All pairs as one micro-batch. T and K are pinned so that each layout compiles once."""
-    layout = Layout(kind, max_length, mode, ld_alpha=ld_alpha)
+    layout = Layout(kind, max_length, mode, ld_alpha=ld_alpha, full_span=True)
     idx = np.arange(len(data))
-    mb = compact_targets(make_pair_batch(data, idx, layout, length=40), 2 * len(idx), k=32)
+    b = make_pair_batch(data, idx, layout, length=40)
+    if kind.startswith("packed"):
+        # Several sequences (or shared-prompt pairs) per row, block-diagonal attention.
+        b = pack_rows(b, 80, 2 * len(idx), min_rows=8)
+        assert (b["segment_ids"].max(axis=1) > 1).any()
+    mb = compact_targets(b, 2 * len(idx), k=80 if kind.startswith("packed") else 40)
     return {k: jnp.asarray(v) for k, v in mb.items()}
 
 
@@ -137,6 +142,9 @@ def test_layouts_give_the_same_sequence_logps(tiny, pairs, fns, max_length, mode
         mb = _batch(pairs, kind, max_length, mode)
         got[kind] = (np.asarray(fns["logps"](None, mb)), np.asarray(fns["logps"](lora, mb)))
     (ref_c, pol_c), (ref_s, pol_s) = got["concatenated"], got["shared_prompt"]
+    for kind in LAYOUTS[2:]:
+        assert np.abs(got[kind][0] - ref_c).max() <= 1e-5, kind
+        assert np.abs(got[kind][1] - pol_c).max() <= 1e-5, kind
     print(f"layouts {max_length} {mode}: ref {np.abs(ref_c - ref_s).max():.1e}, "
           f"policy {np.abs(pol_c - pol_s).max():.1e}")
     assert np.abs(ref_c - ref_s).max() <= 1e-5
@@ -156,6 +164,8 @@ def test_layouts_give_the_same_dpo_loss(tiny, pairs, fns):
         out[kind] = (float(loss), np.asarray(m["rewards/margins"]))
     (lc, mc), (ls, ms) = out["concatenated"], out["shared_prompt"]
     assert abs(lc - ls) <= 1e-6 and np.abs(mc - ms).max() <= 1e-6
+    for kind in LAYOUTS[2:]:
+        assert abs(out[kind][0] - lc) <= 1e-6 and np.abs(out[kind][1] - mc).max() <= 1e-6, kind
     assert abs(lc - np.log(2)) > 1e-3
     # At B = 0 the policy is the reference: the loss is ln 2 in both layouts.
     zero = jax.tree.map(jnp.zeros_like, lora)
@@ -168,7 +178,8 @@ def test_ld_alpha_weighting_is_the_same_in_both_layouts(tiny, pairs, fns):
     _, _, _, model = tiny
     alpha = 0.3
     got = {kind: np.asarray(fns["logps"](None, _batch(pairs, kind, ld_alpha=alpha))) for kind in LAYOUTS}
-    assert np.abs(got["concatenated"] - got["shared_prompt"]).max() <= 1e-5
+    for kind in LAYOUTS[1:]:
+        assert np.abs(got["concatenated"] - got[kind]).max() <= 1e-5, kind
     # LD-DPO: the first min(|y_c|, |y_r|) tokens count fully, the rest times alpha (transformers).
     want = []
     for comps in (pairs.chosen, pairs.rejected):
@@ -184,7 +195,10 @@ def test_ld_alpha_weighting_is_the_same_in_both_layouts(tiny, pairs, fns):
 
 def test_orpo_full_span_is_the_same_in_both_layouts(tiny, pairs, fns):
     _, _, lora, _ = tiny
-    c, s = (fns["stats"](lora, _batch(pairs, kind)) for kind in LAYOUTS)
+    c, s, pk, pks = (fns["stats"](lora, _batch(pairs, kind)) for kind in LAYOUTS)
+    for other in (pk, pks):
+        np.testing.assert_allclose(np.asarray(other.nll_full_chosen), np.asarray(c.nll_full_chosen), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(other.len_full_chosen), np.asarray(c.len_full_chosen))
     np.testing.assert_allclose(np.asarray(c.nll_full_chosen), np.asarray(s.nll_full_chosen), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(c.len_full_chosen), np.asarray(s.len_full_chosen))
     # The span is every token of prompt+chosen after the first.
