@@ -3,7 +3,6 @@ micro-batch loss. The KL rows pair prompt i with completion i-1 of the same batc
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpref import losses

@@ -6,7 +6,7 @@ per-pair loss is averaged over the batch, then weighted and summed over `loss_ty
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp

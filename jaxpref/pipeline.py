@@ -13,7 +13,7 @@ from jaxpref.config import Config
 from jaxpref.errors import ConfigError
 from jaxpref.lora import LoraSpec, resolve_targets
 from jaxpref.models import weights
-from jaxpref.models.source import DEFAULT_CACHE, ModelSource, load_tokenizer, resolve
+from jaxpref.models.source import DEFAULT_CACHE, load_tokenizer, resolve
 
 
 def lora_spec_for(cfg: Config, bundle_arch, abstract_params) -> LoraSpec | None:

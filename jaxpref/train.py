@@ -7,12 +7,9 @@ is 0 when all succeeded, 2 when one failed on bad input, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
-import math
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 

@@ -33,7 +33,6 @@ def run(model: str, data: str, out: str, mesh: dict | None, device_ids, per_devi
 def main() -> None:
     spec = json.loads(sys.argv[1])
     if spec.get("distributed"):
-        import jax
         from jaxpref.config import GpuConfig
         from jaxpref.mesh import init_distributed
         init_distributed(GpuConfig(distributed=spec["distributed"]))

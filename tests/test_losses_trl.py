@@ -5,7 +5,6 @@ carries fixed per-token log-probs, and precomputed reference log-probs. Loss typ
 has (sigmoid with label smoothing, kto_pair) are checked against REFERENCE.md's formulas."""
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from types import SimpleNamespace
 

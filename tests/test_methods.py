@@ -108,7 +108,6 @@ def _metrics(run):
 
 def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_llama, tiny_pairs, capsys, monkeypatch):
     monkeypatch.setenv("JAXPREF_CACHE", str(tmp_path / "cache"))
-    import importlib
 
     import jaxpref.models.source as source
     monkeypatch.setattr(source, "DEFAULT_CACHE", tmp_path / "cache")

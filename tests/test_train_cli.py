@@ -137,7 +137,6 @@ def test_module_entry_point_runs_as_subprocess(tmp_path, tiny_llama, tiny_pairs)
 
 
 def test_full_finetune_trains_all_weights_against_a_frozen_copy(tmp_path, tiny_llama, tiny_pairs, capsys):
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -3,8 +3,6 @@ LoRA initial values (a PEFT adapter with random A and B, imported with `lora.ini
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch

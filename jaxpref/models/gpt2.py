@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.gpt_neox import ACTIVATIONS
 from jaxpref.models.layers import Linear, LayerNorm, attention
-from jaxpref.models.spec import ArchArgs, WeightRule, remat_policy
+from jaxpref.models.spec import stacked, ArchArgs, WeightRule
 
 
 @dataclass(frozen=True)
@@ -112,13 +112,7 @@ class GPT2Model(nn.Module):
         wte = self.param("wte", nn.initializers.normal(0.02), (a.vocab_size, a.hidden_size), a.param_dtype)
         wpe = self.param("wpe", nn.initializers.normal(0.01), (a.max_positions, a.hidden_size), a.param_dtype)
         x = (jnp.take(wte, input_ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(a.dtype)
-        block = Block
-        if a.gradient_checkpointing:
-            block = nn.remat(Block, prevent_cse=False, policy=remat_policy(a.remat_policy))
-        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0},
-                        split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, 0),
-                        length=a.num_layers)
-        x, _ = stack(a, name="layers")(x, mask, jnp.arange(a.num_layers))
+        x, _ = stacked(Block, a, in_axes=(nn.broadcast, 0))(a, name="layers")(x, mask, jnp.arange(a.num_layers))
         if not a.tie_word_embeddings:
             self.param("lm_head", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
                        a.param_dtype)

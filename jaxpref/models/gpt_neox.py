@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.layers import Linear, LayerNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
-from jaxpref.models.spec import ArchArgs, WeightRule, remat_policy
+from jaxpref.models.spec import stacked, ArchArgs, WeightRule
 
 # Hugging Face `hidden_act` names -> JAX. "gelu" is the exact (erf) form; the others are tanh forms.
 ACTIVATIONS = {
@@ -128,13 +128,7 @@ class NeoXModel(nn.Module):
         x = jnp.take(emb, input_ids, axis=0).astype(a.dtype)
         inv = rope_inv_freq(a.rotary_dim, a.rope_theta, dict(a.rope_scaling) if a.rope_scaling else None)
         cos, sin = rope_cos_sin(positions, inv)
-        block = Block
-        if a.gradient_checkpointing:
-            block = nn.remat(Block, prevent_cse=False, policy=remat_policy(a.remat_policy))
-        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0},
-                        split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
-                        length=a.num_layers)
-        x, _ = stack(a, name="layers")(x, (cos, sin, mask))
+        x, _ = stacked(Block, a)(a, name="layers")(x, (cos, sin, mask))
         if not a.tie_word_embeddings:
             self.param("embed_out", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
                        a.param_dtype)

@@ -2,7 +2,7 @@
 embeddings, grouped-query attention, SwiGLU MLP. Layers are stacked and run with `nn.scan`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpref.models.layers import Linear, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
-from jaxpref.models.spec import ArchArgs, WeightRule, remat_policy
+from jaxpref.models.spec import stacked, ArchArgs, WeightRule
 
 
 @dataclass(frozen=True)
@@ -115,13 +115,7 @@ class LlamaModel(nn.Module):
         x = jnp.take(emb, input_ids, axis=0).astype(a.dtype)
         inv = rope_inv_freq(a.head_dim, a.rope_theta, dict(a.rope_scaling) if a.rope_scaling else None)
         cos, sin = rope_cos_sin(positions, inv)
-        block = Block
-        if a.gradient_checkpointing:
-            block = nn.remat(Block, prevent_cse=False, policy=remat_policy(a.remat_policy))
-        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0},
-                        split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
-                        length=a.num_layers)
-        x, _ = stack(a, name="layers")(x, (cos, sin, mask))
+        x, _ = stacked(Block, a)(a, name="layers")(x, (cos, sin, mask))
         if not a.tie_word_embeddings:
             self.param("lm_head", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
                        a.param_dtype)

@@ -48,3 +48,14 @@ def remat_policy(name: str):
         "everything_saveable": jax.checkpoint_policies.everything_saveable,
     }
     return policies[name]
+
+
+def stacked(block, args: ArchArgs, in_axes=None):
+    """`block` repeated `num_layers` times with `nn.scan` (parameters stacked on a leading layer
+    axis; compile time does not grow with depth), rematerialised when gradient checkpointing is on."""
+    import flax.linen as nn
+
+    if args.gradient_checkpointing:
+        block = nn.remat(block, prevent_cse=False, policy=remat_policy(args.remat_policy))
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=nn.broadcast if in_axes is None else in_axes, length=args.num_layers)
