@@ -1,7 +1,7 @@
 """The YAML config: typed dataclasses mirroring its sections, and the parser that checks them.
 
-Sections and key names follow the seed project (`models`, `dataset`, `post_training`, `lora`,
-`training`, `gpu`, `finetuning`, `logging`) and Hugging Face TrainingArguments where the seed is
+Sections and key names (`models`, `dataset`, `post_training`, `lora`, `training`, `gpu`,
+`finetuning`, `logging`) follow the original PyTorch pipeline's configs, and Hugging Face TrainingArguments where those are
 silent. Unknown keys and wrong types are errors that name the key, the file and the closest valid
 key.
 """
@@ -20,7 +20,7 @@ import yaml
 from jaxpref.errors import ConfigError
 
 METHODS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo")
-# Loss types of the DPO family (TRL's catalogue plus the seed's kto_pair).
+# Loss types of the DPO family (TRL's catalogue plus the older paired kto_pair).
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "aot_pair", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",

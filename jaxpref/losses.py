@@ -1,6 +1,6 @@
 """Preference losses from sequence log-probabilities. Pure functions of arrays; no model, no data.
 
-Formulas follow TRL 1.x (DPOTrainer, KTO, ORPO, CPO/SimPO) and ../shared/REFERENCE.md. Every
+Formulas follow TRL 1.x (DPOTrainer, KTOTrainer, ORPO, CPO/SimPO) and their papers. Every
 per-pair loss is averaged over the batch, then weighted and summed over `loss_types`.
 """
 from __future__ import annotations

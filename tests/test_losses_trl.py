@@ -2,7 +2,7 @@
 
 The oracle is TRL itself: `DPOTrainer._compute_loss` driven with a stand-in model whose output
 carries fixed per-token log-probs, and precomputed reference log-probs. Loss types TRL 1.x no longer
-has (sigmoid with label smoothing, kto_pair) are checked against REFERENCE.md's formulas."""
+has (sigmoid with label smoothing, kto_pair) are checked against their published formulas."""
 from __future__ import annotations
 
 from collections import defaultdict
