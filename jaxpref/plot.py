@@ -26,7 +26,8 @@ def plot_run(run_dir: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     out = run_dir / "metrics.png"
