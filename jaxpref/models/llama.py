@@ -23,6 +23,9 @@ class LlamaArgs(ArchArgs):
     attention_bias: bool = False
     o_proj_bias: bool = False
     mlp_bias: bool = False
+    # Recompute the elementwise SwiGLU product and the attention core (scores, softmax, AV) in the
+    # backward pass instead of storing them: about 1/3 less activation memory, negligible FLOPs.
+    recompute_activations: bool = True
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "LlamaArgs":
@@ -86,7 +89,8 @@ class _Attention(nn.Module):
         kk = Linear(k * d, a.attention_bias, name="k_proj", **self.lin)(h).reshape(b, t, k, d)
         v = Linear(k * d, a.attention_bias, name="v_proj", **self.lin)(h).reshape(b, t, k, d)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        o = attention(q, kk, v, mask).reshape(b, t, n * d)
+        attend = jax.checkpoint(attention) if a.recompute_activations else attention
+        o = attend(q, kk, v, mask).reshape(b, t, n * d)
         return Linear(a.hidden_size, a.o_proj_bias, name="o_proj", **self.lin)(o)
 
 
@@ -99,7 +103,12 @@ class _MLP(nn.Module):
         a = self.args
         g = Linear(a.intermediate_size, a.mlp_bias, name="gate_proj", **self.lin)(h)
         u = Linear(a.intermediate_size, a.mlp_bias, name="up_proj", **self.lin)(h)
-        return Linear(a.hidden_size, a.mlp_bias, name="down_proj", **self.lin)(nn.silu(g) * u)
+        act = jax.checkpoint(_swiglu) if a.recompute_activations else _swiglu
+        return Linear(a.hidden_size, a.mlp_bias, name="down_proj", **self.lin)(act(g, u))
+
+
+def _swiglu(g: jax.Array, u: jax.Array) -> jax.Array:
+    return nn.silu(g) * u
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,359 @@
+"""Time jaxpref's real training step (and optionally TRL's DPOTrainer on the same work).
+
+    python scripts/bench.py --config configs/quickstart.yaml [--steps 10] [--json OUT] [--vs-trl]
+
+Each side runs in its own subprocess, so peak RSS is measured separately. The jaxpref side builds
+the model, data and step exactly as `jaxpref.runner` does (pipeline.model_for/data_for,
+runner.loss_spec/ref_mode, step.make_train_step, the batch iterator), times every step with a
+host sync, and measures this machine's fp32 matmul peak in the same process. The TRL side trains
+the same converted checkpoint (transformers, from the jaxpref cache) on the same jsonl with
+DPOTrainer + a PEFT LoraConfig of the same r/alpha/targets, dtype, max_length and batch size, on
+CPU, and times its optimizer steps with a callback. Warm-up steps (compilation for jaxpref, the
+first allocations for torch) are excluded from the step statistics, and so are jaxpref steps that
+compiled a new (T, K) batch shape (listed as `recompile_s`). Both sides also report CPU seconds per
+step (user+system), which a busy shared machine disturbs far less than wall time.
+
+Model FLOPs are counted analytically on the shapes the step executes (padding included): the
+policy forward and backward (dX of every base matmul, LoRA gradients, attention, the LM head on
+the target slots) plus the reference forward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jaxpref  # first: its allocator settings must precede the XLA runtime
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="YAML config (its first model is benchmarked)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (steps that compile a new shape are reported apart)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--vs-trl", action="store_true", help="also time TRL's DPOTrainer on the same work")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override by dotted path, as in jaxpref.train")
+    ap.add_argument("--side", choices=("jax", "trl"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def percentiles(ts: list[float]) -> dict:
+    import numpy as np
+    a = np.asarray(ts)
+    return {"step_s_median": float(np.median(a)), "step_s_p10": float(np.percentile(a, 10)),
+            "step_s_p90": float(np.percentile(a, 90)), "step_s_min": float(a.min())}
+
+
+def cpu_s() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------ jax
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    """Median fp32 GFLOP/s of one jitted [n,n]x[n,n] matmul on this machine, now."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / float(np.median(ts)) / 1e9
+
+
+def step_flops(abstract, lora, batch: dict, args, ref_pass: bool) -> float:
+    """Matmul FLOPs of one optimizer step on the executed (padded) shapes.
+
+    Base matmuls: every 2-D kernel under `layers` costs in*out MACs per token per layer; forward,
+    backward (dX only: the base is frozen) and the reference forward each pay it once. LoRA: a and b
+    cost r*(in+out) per token; the policy pays it forward plus twice backward (dX and dW). Attention
+    (QK^T and AV): 2*T*heads*head_dim MACs per token per layer, backward twice the forward. LM head:
+    D*V per target slot, forward, backward (dX) and reference."""
+    import jax
+    import numpy as np
+    G, N, T = batch["input_ids"].shape
+    K = batch["tgt_ids"].shape[-1]
+    tokens = G * N * T
+    layers = abstract["layers"]
+    base = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(layers)
+               if x.ndim == 3 and "kernel" in jax.tree_util.keystr(p))
+    low = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(lora))
+    attn = 2 * T * args.num_heads * args.head_dim * args.num_layers
+    head = args.hidden_size * args.vocab_size
+    passes = 3 if ref_pass else 2
+    macs = tokens * (base * passes + attn * (passes + 1) + low * 3) + G * N * K * head * passes
+    return 2.0 * macs
+
+
+def run_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpref import pipeline, runner
+    from jaxpref.config import load_config
+    from jaxpref.lora import init_lora
+    from jaxpref.models import weights
+    from jaxpref.step import StepOptions, TrainState, make_optimizer, make_train_step
+
+    t_setup = time.perf_counter()
+    cfg = load_config(args.config, list(args.set))
+    tcfg = cfg.training
+    entry = cfg.models[0]
+    bundle, tok, lspec, abstract = pipeline.model_for(cfg, 0, training=True)
+    prepared = pipeline.data_for(cfg, tok)
+    spec = runner.loss_spec(cfg)
+    mode = runner.ref_mode(cfg, spec, lspec is not None)
+    if mode not in ("lora_off", "none", "separate"):
+        raise SystemExit(f"bench: reference mode `{mode}` is not benchmarked")
+    B, G = tcfg.per_device_train_batch_size, tcfg.gradient_accumulation_steps
+    iter_cls = runner.iterator_class(cfg) if hasattr(runner, "iterator_class") else None
+    if iter_cls is None:
+        from jaxpref.batching import BatchIterator as iter_cls
+    it = iter_cls(prepared.train, B, G, tcfg.seed, prepared.layout)
+    total = args.warmup + args.steps
+    params = weights.load_params(bundle)
+    ref_bundle, ref_params = None, None
+    if mode == "separate":
+        rid = entry.ref_model_id or entry.huggingface_id
+        if rid != entry.huggingface_id:
+            from jaxpref.models.source import resolve
+            ref_bundle = weights.build(resolve(rid), tcfg.param_dtype, tcfg.compute_dtype)
+            ref_params = weights.load_params(ref_bundle)
+        else:
+            ref_bundle, ref_params = weights.build(bundle.source, tcfg.param_dtype, tcfg.compute_dtype), params
+    rng = jax.random.PRNGKey(tcfg.seed)
+    lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
+    optimizer, schedule = make_optimizer(tcfg, total)
+    state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
+    opts = StepOptions(spec, 2 * B, need_wpo=spec.use_weighting,
+                       orpo_span="completion" if cfg.post_training.orpo_nll_span == "completion"
+                       else "prompt_and_completion", ref_mode=mode)
+    step_fn = make_train_step(bundle, opts, optimizer, schedule, ref_bundle, dropout=lspec.dropout > 0)
+    setup_s = time.perf_counter() - t_setup
+    peak_before = matmul_peak_gflops()
+
+    times, user, system, flops, real, slots, trl_tokens, shapes, losses = [], [], [], [], [], [], [], set(), []
+    compile_s, recompile_s = None, []
+    for i in range(total):
+        batch, _ = next(it)
+        shape = tuple(batch["input_ids"].shape) + tuple(batch["tgt_ids"].shape[-1:])
+        new_shape = shape not in shapes
+        shapes.add(shape)
+        c0, t0 = cpu_s(), time.perf_counter()
+        state, m = step_fn(state, params, ref_params, batch, None)
+        jax.block_until_ready(m["loss"])
+        dt, c1 = time.perf_counter() - t0, cpu_s()
+        losses.append(float(m["loss"]))
+        if i == 0:
+            compile_s = dt
+        if i < args.warmup:
+            continue
+        if new_shape:  # a new (T, K) bucket compiled inside this step: not a step time
+            recompile_s.append(dt)
+            continue
+        times.append(dt)
+        user.append(c1[0] - c0[0])
+        system.append(c1[1] - c0[1])
+        flops.append(step_flops(abstract, state.lora, batch, bundle.args, mode != "none"))
+        seg = np.asarray(batch["segment_ids"]) > 0
+        real.append(int(seg.sum()))
+        slots.append(int(seg.size))
+        trl_tokens.append(runner.host_tokens(batch, prepared.layout.kind))
+    if not times:
+        raise SystemExit("bench: every timed step compiled a new batch shape; raise --steps")
+    peak = max(peak_before, matmul_peak_gflops())
+    med = float(np.median(times))
+    out = {
+        "side": "jaxpref",
+        "config": args.config + "".join(f" --set {s}" for s in args.set),
+        "layout": prepared.layout.kind,
+        "compute_dtype": tcfg.compute_dtype,
+        "setup_s": round(setup_s, 2),
+        "compile_s": round(compile_s, 2),
+        "recompile_s": [round(x, 2) for x in recompile_s],
+        **{k: round(v, 3) for k, v in percentiles(times).items()},
+        "steps_timed": len(times),
+        "cpu_user_s_per_step": round(float(np.median(user)), 3),
+        "cpu_sys_s_per_step": round(float(np.median(system)), 3),
+        "pairs_per_s": round(B * G / med, 3),
+        "real_tokens_per_s": round(float(np.mean(real)) / med, 1),
+        "trl_tokens_per_s": round(float(np.mean(trl_tokens)) / med, 1),
+        "padding_fraction": round(1 - sum(real) / sum(slots), 3),
+        "model_gflop_per_step": round(float(np.mean(flops)) / 1e9, 1),
+        "model_gflops": round(float(np.mean(flops)) / med / 1e9, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "peak_fraction": round(float(np.mean(flops)) / med / 1e9 / peak, 3),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "compiled_shapes": len(shapes),  # distinct (G, N, T, K) batch shapes
+        "compilations": int(step_fn._cache_size()) if hasattr(step_fn, "_cache_size") else None,
+        "losses": [round(x, 6) for x in losses],
+        "malloc_tuned": bool(getattr(jaxpref, "MALLOC_TUNED", False)),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------------------ trl
+
+
+def run_trl(args) -> dict:
+    import numpy as np
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from jaxpref.config import load_config
+    from jaxpref.data import load_rows
+    from jaxpref.models.source import resolve
+
+    t_setup = time.perf_counter()
+    cfg = load_config(args.config, list(args.set))
+    tcfg, pt, lo = cfg.training, cfg.post_training, cfg.lora
+    if pt.method != "dpo":
+        raise SystemExit(f"bench: --vs-trl compares DPO only (config has `{pt.method}`)")
+    entry = cfg.models[0]
+    path = str(resolve(entry.huggingface_id, entry.revision).path)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[tcfg.compute_dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(entry.tokenizer_id or path)
+    ds = load_rows(cfg.dataset)
+    ds = ds.select_columns([c for c in ("prompt", "chosen", "rejected") if c in ds.column_names])
+    if cfg.dataset.max_samples is not None:
+        ds = ds.select(range(min(cfg.dataset.max_samples, len(ds))))
+    targets = list(lo.target_modules) if not isinstance(lo.target_modules, str) else lo.target_modules
+    peft_cfg = LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, target_modules=targets,
+                          lora_dropout=lo.lora_dropout, use_rslora=lo.use_rslora, task_type="CAUSAL_LM")
+    total = args.warmup + args.steps
+    tmp = tempfile.mkdtemp(prefix="bench_trl_")
+    conf = DPOConfig(output_dir=tmp, per_device_train_batch_size=tcfg.per_device_train_batch_size,
+                     gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+                     learning_rate=tcfg.learning_rate, max_steps=total, beta=pt.beta,
+                     loss_type=list(cfg.loss_types), max_length=tcfg.max_length, use_cpu=True,
+                     report_to="none", save_strategy="no", logging_steps=10**6, seed=tcfg.seed,
+                     bf16=tcfg.compute_dtype == "bfloat16", dataloader_num_workers=0,
+                     disable_tqdm=True,
+                     # TRL defaults to recomputing activations; match the config's choice.
+                     gradient_checkpointing=bool(cfg.gradient_checkpointing))
+
+    times: list[float] = []
+    cpu: list[tuple[float, float]] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.c0, self.t0 = cpu_s(), time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            c1 = cpu_s()
+            times.append(time.perf_counter() - self.t0)
+            cpu.append((c1[0] - self.c0[0], c1[1] - self.c0[1]))
+
+    trainer = DPOTrainer(model=model, args=conf, train_dataset=ds, processing_class=tok,
+                         peft_config=peft_cfg, callbacks=[Timer()])
+    setup_s = time.perf_counter() - t_setup
+    trainer.train()
+    timed = times[args.warmup:]
+    med = float(np.median(timed))
+    B = tcfg.per_device_train_batch_size * tcfg.gradient_accumulation_steps
+    return {
+        "side": "trl",
+        "config": args.config + "".join(f" --set {s}" for s in args.set),
+        "compute_dtype": tcfg.compute_dtype,
+        "torch_threads": torch.get_num_threads(),
+        "setup_s": round(setup_s, 2),
+        "first_step_s": round(times[0], 2) if times else None,
+        **{k: round(v, 3) for k, v in percentiles(timed).items()},
+        "steps_timed": len(timed),
+        "cpu_user_s_per_step": round(float(np.median([c[0] for c in cpu[args.warmup:]])), 3),
+        "cpu_sys_s_per_step": round(float(np.median([c[1] for c in cpu[args.warmup:]])), 3),
+        "pairs_per_s": round(B / med, 3),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def run_side(args, side: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        res = Path(d) / "result.json"
+        cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--side", side, "--result", str(res)]
+        for s in args.set:
+            cmd += ["--set", s]
+        proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0 or not res.exists():
+            sys.stderr.write(proc.stdout[-4000:])
+            raise SystemExit(f"bench: the {side} side failed (exit {proc.returncode})")
+        return json.loads(res.read_text())
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| side | config | step s (median) | p10-p90 s | CPU s/step (user+sys) | pairs/s | ratio to TRL "
+            "| model GFLOP/s | of matmul peak | compile s | peak RSS GiB | load |")
+    lines = [head, "|" + "---|" * 12]
+    trl = next((r for r in rows if r["side"] == "trl"), None)
+    for r in rows:
+        ratio = f"{trl['step_s_median'] / r['step_s_median']:.2f}x" if trl else "-"
+        flops = f"{r['model_gflops']:.0f}" if "model_gflops" in r else "-"
+        frac = f"{100 * r['peak_fraction']:.0f}% of {r['matmul_peak_gflops']:.0f}" if "peak_fraction" in r else "-"
+        comp = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        cpu = f"{r['cpu_user_s_per_step']:.2f}+{r['cpu_sys_s_per_step']:.2f}"
+        lines.append(f"| {r['side']} | {r['config']} | {r['step_s_median']:.2f} | {r['step_s_p10']:.2f}-"
+                     f"{r['step_s_p90']:.2f} | {cpu} | {r['pairs_per_s']:.2f} | {ratio} | {flops} | {frac} "
+                     f"| {comp} | {r['peak_rss_gib']:.2f} | {r['load_avg_1m']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.side is not None:
+        out = run_jax(args) if args.side == "jax" else run_trl(args)
+        Path(args.result).write_text(json.dumps(out))
+        return 0
+    rows = [run_side(args, "jax")]
+    if args.vs_trl:
+        rows.append(run_side(args, "trl"))
+    j = rows[0]
+    print(f"jaxpref: compile {j['compile_s']} s, step median {j['step_s_median']} s "
+          f"(p10 {j['step_s_p10']}, p90 {j['step_s_p90']}), {j['pairs_per_s']} pairs/s, "
+          f"{j['real_tokens_per_s']} real tokens/s, padding {100 * j['padding_fraction']:.1f}%, "
+          f"{j['model_gflop_per_step']} GFLOP/step = {j['model_gflops']} GFLOP/s = "
+          f"{100 * j['peak_fraction']:.0f}% of the {j['matmul_peak_gflops']} GFLOP/s matmul peak, "
+          f"peak RSS {j['peak_rss_gib']} GiB, {j['compiled_shapes']} compiled shape(s), load {j['load_avg_1m']}")
+    if args.vs_trl:
+        t = rows[1]
+        print(f"trl:     step median {t['step_s_median']} s (p10 {t['step_s_p10']}, p90 {t['step_s_p90']}), "
+              f"{t['pairs_per_s']} pairs/s, peak RSS {t['peak_rss_gib']} GiB, {t['torch_threads']} torch "
+              f"threads, load {t['load_avg_1m']}; jaxpref is {t['step_s_median'] / j['step_s_median']:.2f}x TRL's speed")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The speed/memory switches change how the step runs, never its numbers.
+
+- `LlamaArgs.recompute_activations` (on by default) recomputes the SwiGLU product and the
+  attention core in the backward pass instead of storing them: the losses, metrics and LoRA
+  gradients must equal the plain path's (stored activations) on the same batches, in fp32 to
+  1e-5, through whole optimizer steps with gradient accumulation, and the compiled step must
+  need less temporary memory.
+- bf16 compute (`training.compute_dtype: bfloat16`) must run through the same step.
+- The allocator settings in `jaxpref/__init__.py` are off by default and on with
+  JAXPREF_MALLOC_TUNING=1 (glibc Linux).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+
+from jaxpref.batching import BatchIterator, Layout
+from jaxpref.config import TrainingConfig
+from jaxpref.data import Tokenized
+from jaxpref.lora import LoraSpec, init_lora
+from jaxpref.losses import LossSpec
+from jaxpref.models.source import resolve
+from jaxpref.models.weights import build, load_params
+from jaxpref.step import StepOptions, TrainState, make_optimizer, make_train_step, micro_loss
+
+VOCAB = 96
+B, G = 3, 2
+SPEC = LoraSpec(r=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny_llama_fast")
+    model.save_pretrained(path)
+    return path
+
+
+def bundles(model_dir, compute_dtype="float32"):
+    """(plain bundle, fast bundle, params) for one compute dtype."""
+    base = build(resolve(str(model_dir)), "float32", compute_dtype)
+    params = load_params(base)
+    base = base.with_args(lora_scale=SPEC.scale)
+    return base.with_args(recompute_activations=False), base.with_args(recompute_activations=True), params
+
+
+def nonzero_lora(bundle):
+    """PEFT init has B = 0 (the adapter is a no-op); random B makes policy != reference."""
+    flat = traverse_util.flatten_dict(init_lora(bundle.abstract_params(), SPEC, jax.random.PRNGKey(1)))
+    for i, k in enumerate(sorted(flat)):
+        if k[-1] == "b":
+            flat[k] = 0.2 * jax.random.normal(jax.random.PRNGKey(10 + i), flat[k].shape)
+    return traverse_util.unflatten_dict(flat)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> Tokenized:
+    rng = np.random.default_rng(0)
+    ids = lambda n: [int(x) for x in rng.integers(3, VOCAB, n)]
+    n = 12
+    return Tokenized(prompt=[ids(int(rng.integers(1, 10))) for _ in range(n)],
+                     chosen=[ids(int(rng.integers(1, 12))) for _ in range(n)],
+                     rejected=[ids(int(rng.integers(1, 12))) for _ in range(n)], rows_in=n)
+
+
+def batches(pairs, kind: str, count: int) -> list[dict]:
+    layout = Layout(kind, None, "keep_start", buckets=(32,), full_span=False, target_buckets=(16,))
+    it = BatchIterator(pairs, B, G, 0, layout)
+    return [next(it)[0] for _ in range(count)]
+
+
+def test_recompute_activations_keeps_loss_metrics_and_grads_in_less_memory(model_dir, pairs):
+    plain, fast, params = bundles(model_dir)
+    lora = nonzero_lora(plain)
+    opts = StepOptions(LossSpec(loss_types=("sigmoid",)), 2 * B, ref_mode="lora_off")
+    data = batches(pairs, "concatenated", 2)
+    mbs = [{k: jnp.asarray(v[g]) for k, v in batch.items()} for batch in data for g in range(G)]
+
+    def compiled(bundle):
+        f = lambda lo, mb: micro_loss(lo, params, mb, None, bundle, None, None, opts)
+        return jax.jit(jax.value_and_grad(f, has_aux=True)).lower(lora, mbs[0]).compile()
+
+    f_plain, f_fast = compiled(plain), compiled(fast)
+    for mb in mbs:
+        (l0, m0), g0 = f_plain(lora, mb)
+        (l1, m1), g1 = f_fast(lora, mb)
+        assert abs(float(l0) - float(l1)) <= 1e-5
+        assert abs(float(l0) - np.log(2)) > 1e-3  # the adapter is active: a real test
+        for k in m0:
+            np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m0[k]), atol=1e-5, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+    # The point of the switch: fewer stored activations.
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes
+    assert temp(f_fast) < temp(f_plain)
+
+
+def _train(bundle, params, lora, data: list[dict]):
+    tcfg = TrainingConfig(learning_rate=1e-2, lr_scheduler_type="constant")
+    opt, schedule = make_optimizer(tcfg, len(data))
+    step = make_train_step(bundle, StepOptions(LossSpec(loss_types=("sigmoid",)), 2 * B), opt, schedule)
+    lora = jax.tree_util.tree_map(jnp.copy, lora)  # the step donates its state
+    state = TrainState(lora, opt.init(lora), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0))
+    out = []
+    for batch in data:
+        state, m = step(state, params, None, batch, None)
+        out.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return out, jax.device_get(state.lora)
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(model_dir, pairs):
+    """Three optimizer steps (2 micro-batches each) on the plain and on the fast path."""
+    plain, fast, params = bundles(model_dir)
+    lora = init_lora(plain.abstract_params(), SPEC, jax.random.PRNGKey(1))  # B = 0: starts at ln 2
+    data = batches(pairs, "concatenated", 3)
+    return data, lora, _train(plain, params, lora, data), _train(fast, params, lora, data)
+
+
+def test_train_steps_match_plain_path(fp32_runs):
+    _, _, (m0, lora0), (m1, lora1) = fp32_runs
+    assert abs(m0[0]["loss"] - np.log(2)) < 1e-6
+    assert m0[-1]["loss"] < m0[0]["loss"] - 1e-3  # training moved
+    for a, b in zip(m0, m1):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
+    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_bf16_compute_runs_the_same_step(model_dir, fp32_runs):
+    data, lora, _, (m32, _) = fp32_runs
+    _, fast16, params16 = bundles(model_dir, "bfloat16")
+    m16, lora16 = _train(fast16, params16, lora, data)
+    for a, b in zip(m32, m16):
+        assert np.isfinite(b["loss"]) and abs(a["loss"] - b["loss"]) < 0.05
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(lora16))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's mallopt only")
+def test_malloc_tuning_is_opt_in():
+    code = "import jaxpref; print(jaxpref.MALLOC_TUNED)"
+    env = dict(os.environ)
+    env.pop("JAXPREF_MALLOC_TUNING", None)
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env["JAXPREF_MALLOC_TUNING"] = "1"
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")
