@@ -177,4 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxpref.no_torch import hide_torch
+
+    hide_torch()  # jaxpref never uses torch; transformers would import it (~490 MB)
     sys.exit(main())

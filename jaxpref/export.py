@@ -326,4 +326,7 @@ def _export(args) -> int:
 
 
 if __name__ == "__main__":
+    from jaxpref.no_torch import hide_torch
+
+    hide_torch()  # jaxpref never uses torch; transformers would import it (~490 MB)
     sys.exit(main())

@@ -2,7 +2,9 @@
 
 The tensors are dequantised with the `gguf` package. llama.cpp permutes the rows of Llama's q_proj
 and k_proj for its rotary layout; that is undone here. The config and tokenizer are read by
-transformers' own GGUF support. Conversion happens once; later runs read the cache.
+transformers' own GGUF support, which imports torch: in a process that hides torch (the jaxpref
+command lines, jaxpref/no_torch.py) the conversion runs in a child Python. Conversion happens once;
+later runs read the cache.
 """
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from jaxpref.errors import ModelSourceError
+from jaxpref.no_torch import torch_hidden
 
 # GGUF tensor name -> Hugging Face name (Llama-style architectures).
 _GGUF_NAMES = [
@@ -64,6 +69,9 @@ def gguf_metadata(path: Path, cache_root: Path) -> Path:
     out = _cache_dir(path, cache_root)
     if (out / "config.json").is_file():
         return out
+    if torch_hidden():
+        _in_child("metadata", path, cache_root)
+        return out
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -87,6 +95,9 @@ def gguf_metadata(path: Path, cache_root: Path) -> Path:
 def convert_gguf(path: Path, cache_root: Path) -> Path:
     out = _cache_dir(path, cache_root)
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    if torch_hidden():
+        _in_child("convert", path, cache_root)
         return out
     import gguf
     from safetensors.numpy import save_file
@@ -126,3 +137,21 @@ def convert_gguf(path: Path, cache_root: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _in_child(step: str, path: Path, cache_root: Path) -> None:
+    """Run `gguf_metadata` or `convert_gguf` ("metadata", "convert") in a fresh Python, where
+    transformers' GGUF reader can import torch; the conversion's memory leaves with the child."""
+    cmd = [sys.executable, "-m", "jaxpref.models.gguf_convert", step, str(path), str(cache_root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise ModelSourceError(lines[-1] if lines else f"GGUF conversion of {path} failed (exit {proc.returncode})")
+
+
+if __name__ == "__main__":  # python -m jaxpref.models.gguf_convert {metadata,convert} GGUF CACHE_ROOT
+    step = {"metadata": gguf_metadata, "convert": convert_gguf}[sys.argv[1]]
+    try:
+        print(step(Path(sys.argv[2]), Path(sys.argv[3])))
+    except ModelSourceError as e:
+        sys.exit(str(e))
