@@ -279,12 +279,54 @@ def needed_length(data: Tokenized, idx: np.ndarray, layout: Layout) -> int:
     return max(_row_length(*_pair_sequences(data, i, layout), layout.kind) for i in idx)
 
 
+def round_up(n: int, multiple: int) -> int:
+    return int(-(-n // multiple) * multiple)
+
+
+def choose_shapes(needs: dict[tuple[int, int], int], cover: tuple[int, int], cost, max_shapes: int,
+                  new_shape_steps: float = 2.0) -> tuple[tuple[int, int], ...]:
+    """At most `max_shapes` padded shapes (T, K) for steps whose needs are `needs` ({(T, K): count}).
+
+    `cover` (the largest need any step can have) is always a shape, so no step is left without
+    one. Shapes are added greedily, each time the one that cuts the summed `cost(T, K)` of all
+    steps most; a shape that saves less than `new_shape_steps` steps of the largest shape (what one
+    more compilation roughly costs) is not added."""
+    shapes = [cover]
+    cand_t = sorted({t for t, _ in needs} | {cover[0]})
+    cand_k = sorted({k for _, k in needs} | {cover[1]})
+    cands = [(t, k) for t in cand_t for k in cand_k if t <= cover[0] and k <= cover[1]]
+
+    def total(shs):
+        return sum(n * min(cost(*s) for s in shs if s[0] >= t and s[1] >= k) for (t, k), n in needs.items())
+
+    current = total(shapes)
+    while len(shapes) < max_shapes:
+        best, best_cost = None, current
+        for c in cands:
+            if c in shapes:
+                continue
+            v = total(shapes + [c])
+            if v < best_cost:
+                best, best_cost = c, v
+        if best is None or current - best_cost < new_shape_steps * cost(*cover):
+            break
+        shapes.append(best)
+        current = best_cost
+    return tuple(sorted(shapes))
+
+
 class BatchIterator:
     """Deterministic batches: epoch e visits a permutation drawn from (seed, e); the position is
     (epoch, index) and restoring it yields exactly the batches an uninterrupted run would.
 
-    Each step takes `accum` micro-batches of `batch_size` pairs, padded to one bucket length. The
-    remainder of an epoch that does not fill a step is skipped (a different remainder each epoch)."""
+    Each step takes `accum` micro-batches of `batch_size` pairs, padded to one shape: the padded
+    length T and the LM-head target slots per row K. Without a plan, T comes from the layout's
+    length buckets and K from its target buckets; `plan_shapes` instead picks at most a few
+    shapes fitted to the run's own steps. The remainder of an epoch that does not fill a step is
+    skipped (a different remainder each epoch)."""
+
+    # Planned shapes are multiples of this (vector width friendly, fewer distinct candidates).
+    ALIGN = 8
 
     def __init__(self, data: Tokenized, batch_size: int, accum: int, seed: int, layout: Layout,
                  shuffle: bool = True):
@@ -292,6 +334,8 @@ class BatchIterator:
         self.shuffle = shuffle
         self.epoch, self.index = 0, 0
         self.steps_per_epoch = len(data) // (batch_size * accum)
+        self.shapes: tuple[tuple[int, int], ...] | None = None
+        self._cost = None
 
     def state(self) -> dict:
         return {"epoch": int(self.epoch), "index": int(self.index)}
@@ -308,30 +352,91 @@ class BatchIterator:
     def __iter__(self):
         return self
 
+    def _advance(self, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
+        per_step = self.B * self.G
+        if index + per_step > len(self.data):
+            epoch, index = epoch + 1, 0
+        return self.order(epoch)[index:index + per_step], epoch, index + per_step
+
     def __next__(self) -> tuple[dict, float]:
         if self.steps_per_epoch == 0:
             raise StopIteration
-        per_step = self.B * self.G
-        if self.index + per_step > len(self.data):
-            self.epoch += 1
-            self.index = 0
-        idx = self.order(self.epoch)[self.index:self.index + per_step]
-        self.index += per_step
-        progress = self.epoch + self.index / (self.steps_per_epoch * per_step)
+        idx, self.epoch, self.index = self._advance(self.epoch, self.index)
+        progress = self.epoch + self.index / (self.steps_per_epoch * self.B * self.G)
         return self.make(idx), progress
 
+    # --- shapes -----------------------------------------------------------------------------
+
+    def _micro(self, idx: np.ndarray) -> list[np.ndarray]:
+        return [idx[g * self.B:(g + 1) * self.B] for g in range(self.G)]
+
+    def _parts(self, micro: list[np.ndarray], T: int) -> list[dict]:
+        """Unpacked micro-batches of length T (before the targets are gathered)."""
+        return [make_pair_batch(self.data, m, self.layout, T) for m in micro]
+
+    def _length_need(self, micro: list[np.ndarray]) -> int:
+        return max(needed_length(self.data, m, self.layout) for m in micro)
+
+    def _target_need(self, parts: list[dict], S: int | None = None) -> int:
+        S = 2 * self.B if S is None else S
+        return max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
+
+    def _cover(self) -> tuple[int, int]:
+        """The largest (T, K) any step can need: per-row needs do not depend on the grouping."""
+        every = np.arange(len(self.data))
+        T = max(needed_length(self.data, every[i:i + 1], self.layout) for i in every)
+        K = max(self._target_need([make_pair_batch(self.data, every[i:i + 1], self.layout)], 2)
+                for i in every)
+        return T, K
+
+    def plannable(self) -> bool:
+        return not self.layout.kind.startswith("packed")
+
+    def plan_shapes(self, steps: int, cost, max_shapes: int = 4, sample_steps: int = 2000) -> tuple:
+        """Fit at most `max_shapes` batch shapes to the first `steps` steps of this iterator's
+        order (at most `sample_steps` of them are looked at; every step is covered anyway).
+        `cost(T, K)` is the relative cost of one step of that shape. Deterministic: a resumed run
+        plans the same shapes."""
+        if not self.plannable() or self.steps_per_epoch == 0:
+            return ()
+        a = self.ALIGN
+        self._cost = cost
+        needs: dict[tuple[int, int], int] = {}
+        epoch, index = 0, 0
+        for _ in range(min(steps, sample_steps)):
+            idx, epoch, index = self._advance(epoch, index)
+            micro = self._micro(idx)
+            t = self._length_need(micro)
+            k = self._target_need(self._parts(micro, t))
+            key = (round_up(t, a), round_up(k, a))
+            needs[key] = needs.get(key, 0) + 1
+        ct, ck = self._cover()
+        cover = (round_up(ct, a), round_up(ck, a))
+        self.shapes = choose_shapes(needs, cover, cost, max_shapes)
+        return self.shapes
+
+    def _shape(self, t: int, k_of) -> tuple[int, int | None]:
+        """(T, K) for a step that needs t tokens per row; `k_of(T)` counts its target need."""
+        if self.shapes:
+            k = k_of(t)
+            fits = [s for s in self.shapes if s[0] >= t and s[1] >= k]
+            if fits:
+                return min(fits, key=lambda s: (self._cost(*s), s))
+        return bucket_for(t, self.layout.buckets), None
+
     def make(self, idx: np.ndarray) -> dict:
-        micro = [idx[g * self.B:(g + 1) * self.B] for g in range(self.G)]
-        need = max(needed_length(self.data, m, self.layout) for m in micro)
-        T = bucket_for(need, self.layout.buckets)
-        parts = [make_pair_batch(self.data, m, self.layout, T) for m in micro]
+        micro = self._micro(idx)
+        need = self._length_need(micro)
+        T, K = self._shape(need, lambda t: self._target_need(self._parts(micro, t)))
+        parts = self._parts(micro, T)
         S = 2 * self.B
         if self.layout.kind.startswith("packed"):
             L = self.layout.pack_length or T
             packed = [pack_rows(p, max(L, T), S, self.layout.pad_id) for p in parts]
             rows = max(p["input_ids"].shape[0] for p in packed)
             parts = [pack_rows(p, max(L, T), S, self.layout.pad_id, rows) for p in parts]
-        need = max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
-        K = min(bucket_for(max(need, 1), self.layout.target_buckets), parts[0]["input_ids"].shape[1])
+        if K is None:
+            K = min(bucket_for(max(self._target_need(parts), 1), self.layout.target_buckets),
+                    parts[0]["input_ids"].shape[1])
         parts = [compact_targets(p, S, K) for p in parts]
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}

@@ -121,7 +121,8 @@ class TrainingConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     gradient_checkpointing: bool = False
-    length_buckets: list[int] | None = None
+    length_buckets: list[int] | None = None      # fixed padded lengths T; unset: planned shapes
+    max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
 
 
 @dataclass
@@ -441,6 +442,8 @@ def validate(cfg: Config) -> None:
             "training.pair_layout", src)
     if tr.pack_length is not None and tr.pack_length < 2:
         raise ConfigError(f"{src}: `training.pack_length` must be >= 2")
+    if tr.max_shapes < 1:
+        raise ConfigError(f"{src}: `training.max_shapes` must be >= 1, got {tr.max_shapes}")
     if tr.train_sampling_strategy is not None:
         _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
     _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)

@@ -124,19 +124,22 @@ def check_model(cfg: Config, index: int) -> list[str]:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
     steps = t.max_steps if t.max_steps > 0 else int(math.ceil(t.num_epochs * it.steps_per_epoch))
-    shapes = {}
-    for _ in range(min(it.steps_per_epoch, 200)):
+    pipeline.plan_shapes(it, cfg, bundle.args, abstract, steps)
+    shapes, max_k = {}, 0
+    for _ in range(min(steps, 200)):
         b, _ = next(it)
-        shapes[b["input_ids"].shape] = shapes.get(b["input_ids"].shape, 0) + 1
-        tshape = b["tgt_ids"].shape
+        key = b["input_ids"].shape + b["tgt_ids"].shape[-1:]
+        shapes[key] = shapes.get(key, 0) + 1
+        max_k = max(max_k, b["tgt_ids"].shape[-1])
     shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
-    print(f"  batches          [accum, rows, tokens]: {shape_txt} (layout {prepared.layout.kind})")
+    print(f"  batches          [accum, rows, tokens, target slots]: {shape_txt} (layout {prepared.layout.kind}"
+          f"{'; planned' if it.shapes else ''}{'' if steps <= 200 else ', first 200 steps'})")
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
     from jaxpref.mesh import data_parallel_size, make_mesh
     mesh = make_mesh(cfg.gpu, cfg.source)
-    rows, seq = max(shapes)[1] // data_parallel_size(mesh), max(shapes)[2]
-    plan = memory_plan(cfg, args, total, trainable if spec else 0, rows, seq, tshape[-1], mesh=mesh)
+    rows, seq = max(s[1] for s in shapes) // data_parallel_size(mesh), max(s[2] for s in shapes)
+    plan = memory_plan(cfg, args, total, trainable if spec else 0, rows, seq, max_k, mesh=mesh)
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
     print("  memory plan      " + ", ".join(f"{k} {_gb(v)}" for k, v in plan.items() if v))
     print(f"  checked in {time.time() - t0:.1f} s")

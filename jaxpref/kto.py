@@ -53,15 +53,28 @@ def needed_length_unpaired(data: Tokenized, idx: np.ndarray, layout: Layout) -> 
 
 
 class UnpairedIterator(BatchIterator):
-    """BatchIterator over unpaired (KTO) examples; same order and resumable state."""
+    """BatchIterator over unpaired (KTO) examples; same order, resumable state and shape plans."""
+
+    def _parts(self, micro, T):
+        return [make_unpaired_batch(self.data, m, self.layout, T) for m in micro]
+
+    def _length_need(self, micro):
+        return max(needed_length_unpaired(self.data, m, self.layout) for m in micro)
+
+    def _cover(self):
+        # A KL row joins prompt i with another example's completion: bound by the longest one.
+        longest = max(len(c) for c in self.data.completion)
+        cap = self.layout.max_length
+        T = max(len(p) + longest if cap is None else min(len(p) + longest, cap) for p in self.data.prompt)
+        return T, min(longest, T)
 
     def make(self, idx: np.ndarray) -> dict:
-        micro = [idx[g * self.B:(g + 1) * self.B] for g in range(self.G)]
-        T = bucket_for(max(needed_length_unpaired(self.data, m, self.layout) for m in micro), self.layout.buckets)
-        parts = [make_unpaired_batch(self.data, m, self.layout, T) for m in micro]
+        micro = self._micro(idx)
+        T, K = self._shape(self._length_need(micro), lambda t: self._target_need(self._parts(micro, t)))
+        parts = self._parts(micro, T)
         S = 2 * self.B
-        need = max(int((p["seq"] < S).sum(axis=1).max()) for p in parts)
-        K = min(bucket_for(max(need, 1), self.layout.target_buckets), T)
+        if K is None:
+            K = min(bucket_for(max(self._target_need(parts), 1), self.layout.target_buckets), T)
         out = []
         for p in parts:
             label = p.pop("kto_label")

@@ -93,3 +93,13 @@ def data_for(cfg: Config, tok, max_rows: int | None = None, cache_root: Path | N
                     full_span=(cfg.post_training.method == "orpo"
                                and cfg.post_training.orpo_nll_span == "prompt_and_completion"))
     return PreparedData(train, ev, report, layout)
+
+
+def plan_shapes(it, cfg: Config, args, abstract, steps: int) -> tuple:
+    """Fit the run's batch shapes (T, K) to its own steps, unless `training.length_buckets` fixes
+    the lengths: at most `training.max_shapes` compilations, little padding. -> the shapes."""
+    if cfg.training.length_buckets:
+        return ()
+    from jaxpref.flops import FlopModel
+    fm = FlopModel.of(abstract, args)
+    return it.plan_shapes(steps, lambda T, K: fm.step(1, T, K), cfg.training.max_shapes)

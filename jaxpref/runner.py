@@ -152,6 +152,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
     total = tcfg.max_steps if tcfg.max_steps > 0 else int(math.ceil(tcfg.num_epochs * it.steps_per_epoch))
+    pipeline.plan_shapes(it, cfg, bundle.args, abstract, total)
 
     from jaxpref.dryrun import runtime_rss
     rss_before_weights = runtime_rss()

@@ -14,6 +14,7 @@ import optax
 
 from jaxpref import losses
 from jaxpref.losses import LossSpec, PairStats
+from jaxpref.models.layers import matmul
 
 
 def attention_mask(segment_ids: jax.Array, branch: jax.Array) -> jax.Array:
@@ -44,8 +45,7 @@ def token_logps(bundle, params, lora, mb: dict, rngs=None, need_wpo: bool = Fals
     mask = attention_mask(mb["segment_ids"], mb["branch"])
     hidden = bundle.hidden(params, lora, mb["input_ids"], mb["positions"], mask, rngs=rngs)
     h = jnp.take_along_axis(hidden, mb["tgt_src"][..., None], axis=1)
-    logits = jnp.einsum("nkd,dv->nkv", h, bundle.head(params).astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = matmul("nkd,dv->nkv", h, bundle.head(params), h.dtype, jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, mb["tgt_ids"][..., None], axis=-1)[..., 0]
     logp = tgt - lse

@@ -83,27 +83,11 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
 
 
 def step_flops(abstract, lora, batch: dict, args, ref_pass: bool) -> float:
-    """Matmul FLOPs of one optimizer step on the executed (padded) shapes.
-
-    Base matmuls: every 2-D kernel under `layers` costs in*out MACs per token per layer; forward,
-    backward (dX only: the base is frozen) and the reference forward each pay it once. LoRA: a and b
-    cost r*(in+out) per token; the policy pays it forward plus twice backward (dX and dW). Attention
-    (QK^T and AV): 2*T*heads*head_dim MACs per token per layer, backward twice the forward. LM head:
-    D*V per target slot, forward, backward (dX) and reference."""
-    import jax
-    import numpy as np
+    """Matmul FLOPs of one optimizer step on the executed (padded) shapes (`jaxpref.flops`)."""
+    from jaxpref.flops import FlopModel
     G, N, T = batch["input_ids"].shape
     K = batch["tgt_ids"].shape[-1]
-    tokens = G * N * T
-    layers = abstract["layers"]
-    base = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(layers)
-               if x.ndim == 3 and "kernel" in jax.tree_util.keystr(p))
-    low = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(lora))
-    attn = 2 * T * args.num_heads * args.head_dim * args.num_layers
-    head = args.hidden_size * args.vocab_size
-    passes = 3 if ref_pass else 2
-    macs = tokens * (base * passes + attn * (passes + 1) + low * 3) + G * N * K * head * passes
-    return 2.0 * macs
+    return FlopModel.of(abstract, args, lora).step(N, T, K, G, ref_pass)
 
 
 def run_jax(args) -> dict:
@@ -133,6 +117,9 @@ def run_jax(args) -> dict:
         from jaxpref.batching import BatchIterator as iter_cls
     it = iter_cls(prepared.train, B, G, tcfg.seed, prepared.layout)
     total = args.warmup + args.steps
+    # The shapes the real run would plan (over all its steps), not just the timed ones.
+    run_steps = tcfg.max_steps if tcfg.max_steps > 0 else int(-(-tcfg.num_epochs * it.steps_per_epoch // 1))
+    planned = pipeline.plan_shapes(it, cfg, bundle.args, abstract, max(run_steps, total))
     params = weights.load_params(bundle)
     ref_bundle, ref_params = None, None
     if mode == "separate":
@@ -207,6 +194,7 @@ def run_jax(args) -> dict:
         "peak_fraction": round(float(np.mean(flops)) / med / 1e9 / peak, 3),
         "peak_rss_gib": round(peak_rss_gib(), 2),
         "compiled_shapes": len(shapes),  # distinct (G, N, T, K) batch shapes
+        "planned_shapes": [list(x) for x in planned],
         "compilations": int(step_fn._cache_size()) if hasattr(step_fn, "_cache_size") else None,
         "losses": [round(x, 6) for x in losses],
         "malloc_tuned": bool(getattr(jaxpref, "MALLOC_TUNED", False)),
@@ -331,6 +319,10 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.side is not None:
+        if args.side == "jax":
+            from jaxpref.no_torch import hide_torch
+
+            hide_torch()  # as jaxpref's command lines do: torch is not part of the measured RSS
         out = run_jax(args) if args.side == "jax" else run_trl(args)
         Path(args.result).write_text(json.dumps(out))
         return 0

@@ -5,7 +5,12 @@
   gradients must equal the plain path's (stored activations) on the same batches, in fp32 to
   1e-5, through whole optimizer steps with gradient accumulation, and the compiled step must
   need less temporary memory.
-- bf16 compute (`training.compute_dtype: bfloat16`) must run through the same step.
+- The `shared_prompt` layout with planned batch shapes (`BatchIterator.plan_shapes`, the default
+  when `training.length_buckets` is unset) trains to the same losses, metrics and LoRA as the
+  plain path (TRL's concatenated rows, fixed buckets) on the same pairs, to 1e-5 in fp32.
+- bf16 compute (`training.compute_dtype: bfloat16`) must run through the same step. On a CPU its
+  matmuls widen bf16 operands to fp32 (faster there): that must equal bf16 products accumulated in
+  fp32, to bf16's rounding.
 - The allocator settings in `jaxpref/__init__.py` are off by default and on with
   JAXPREF_MALLOC_TUNING=1 (glibc Linux).
 """
@@ -143,6 +148,40 @@ def test_train_steps_match_plain_path(fp32_runs):
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
     for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
         np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_shared_prompt_with_planned_shapes_trains_like_the_plain_path(model_dir, pairs, fp32_runs):
+    data, lora, (m0, lora0), _ = fp32_runs
+    _, fast, params = bundles(model_dir)
+    it = BatchIterator(pairs, B, G, 0, Layout("shared_prompt", None, "keep_start", full_span=False))
+    shapes = it.plan_shapes(3, lambda T, K: T * 10 + K, max_shapes=2)
+    fast_data = [next(it)[0] for _ in range(3)]
+    assert {(b["input_ids"].shape[-1], b["tgt_ids"].shape[-1]) for b in fast_data} <= set(shapes)
+    assert all(f["input_ids"].shape[1] == B and d["input_ids"].shape[1] == 2 * B
+               for f, d in zip(fast_data, data))
+    m1, lora1 = _train(fast, params, lora, fast_data)
+    for a, b in zip(m0, m1):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
+    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_bf16_matmul_on_cpu_is_fp32_accumulation_of_bf16_products():
+    from jaxpref.models.layers import matmul, upcast_on_cpu
+    assert upcast_on_cpu(jnp.bfloat16) == (jax.default_backend() == "cpu")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((5, 7, 300)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((300, 40)), jnp.float32)
+    ours = matmul("btd,do->bto", x, w, jnp.bfloat16, jnp.float32)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    exact = np.einsum("btd,do->bto", np.asarray(xb, np.float64), np.asarray(wb, np.float64))
+    np.testing.assert_allclose(np.asarray(ours), exact, rtol=1e-5, atol=1e-4)  # fp32 accumulation
+    native = jnp.einsum("btd,do->bto", xb, wb, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(native), rtol=1e-5, atol=1e-4)
+    rounded = matmul("btd,do->bto", x, w, jnp.bfloat16)
+    assert rounded.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(rounded, np.float32), exact, rtol=2 ** -8, atol=1e-2)
 
 
 def test_bf16_compute_runs_the_same_step(model_dir, fp32_runs):

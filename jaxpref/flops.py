@@ -1,0 +1,41 @@
+"""Matmul FLOPs of a training step, counted on the shapes it executes (padding included).
+
+Used by the batch-shape planner (relative cost of a padded shape) and by `scripts/bench.py`
+(model FLOP/s). Per token: every frozen base kernel costs in*out multiply-adds in the policy
+forward, in the backward (dX only; LoRA training builds no base-weight gradient) and in the
+reference forward; LoRA's a and b cost r*(in+out) forward plus twice backward (dX and dW).
+Attention (QK^T and AV) costs 2*S*heads*head_dim per query over S attended positions, its backward
+twice that. The LM head costs D*V per target slot in each pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    base: int        # base-kernel MACs per token (all layers)
+    lora: int        # LoRA MACs per token (all layers)
+    attn: int        # attention MACs per token per attended position (all layers)
+    head: int        # LM-head MACs per target slot
+
+    @classmethod
+    def of(cls, abstract: dict, args, lora=None) -> "FlopModel":
+        layers = abstract["layers"]
+        base = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(layers)
+                   if x.ndim == 3 and "kernel" in jax.tree_util.keystr(p))
+        low = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(lora)) if lora is not None else 0
+        return cls(base, low, 2 * args.num_heads * args.head_dim * args.num_layers,
+                   args.hidden_size * args.vocab_size)
+
+    def step(self, rows: int, T: int, K: int, micro: int = 1, reference: bool = True) -> float:
+        """FLOPs of one optimizer step: `micro` micro-batches of `rows` rows x T tokens, K target
+        slots per row; `reference` adds the reference forward."""
+        passes = 3 if reference else 2
+        tokens = micro * rows * T
+        macs = tokens * (self.base * passes + self.attn * T * (passes + 1) + self.lora * 3) \
+            + micro * rows * K * self.head * passes
+        return 2.0 * macs

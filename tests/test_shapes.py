@@ -1,0 +1,116 @@
+"""Planned batch shapes: at most `max_shapes` (T, K) per run, every step fits one, less padding than
+fixed buckets, deterministic (a resumed run plans and builds the same batches)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxpref.batching import BatchIterator, Layout, choose_shapes
+from jaxpref.data import Tokenized
+from jaxpref.kto import UnpairedIterator
+
+
+def random_pairs(n: int, seed: int = 0) -> Tokenized:
+    rng = np.random.default_rng(seed)
+    ids = lambda k: [int(x) for x in rng.integers(3, 50, k)]
+    return Tokenized(prompt=[ids(int(rng.integers(1, 40))) for _ in range(n)],
+                     chosen=[ids(int(rng.integers(1, 60))) for _ in range(n)],
+                     rejected=[ids(int(rng.integers(1, 60))) for _ in range(n)], rows_in=n)
+
+
+def cost(T, K):
+    return T * 100 + T * T + K * 30
+
+
+def needs_of(batch: dict, S: int) -> tuple[int, int]:
+    """(tokens, target slots) this batch really uses per row, at most."""
+    seg = batch["segment_ids"] > 0
+    used = int(seg.sum(axis=-1).max())
+    k = int((batch["tgt_seq"] < S).sum(axis=-1).max())
+    return used, k
+
+
+@pytest.mark.parametrize("kind", ["concatenated", "shared_prompt"])
+def test_plan_covers_every_step_with_few_shapes_and_less_padding(kind):
+    data = random_pairs(90)
+    layout = Layout(kind, 128, "keep_start", full_span=False)
+    B, G, steps = 4, 2, 40  # several epochs of 11 steps
+    fixed = BatchIterator(data, B, G, 3, layout)
+    planned = BatchIterator(data, B, G, 3, layout)
+    shapes = planned.plan_shapes(steps, cost, max_shapes=3)
+    assert 1 <= len(shapes) <= 3
+    seen, slots = set(), {"fixed": 0, "planned": 0}
+    for _ in range(steps):
+        a, _ = next(fixed)
+        b, _ = next(planned)
+        T, K = b["input_ids"].shape[-1], b["tgt_ids"].shape[-1]
+        seen.add((T, K))
+        for g in range(G):
+            t, k = needs_of({key: v[g] for key, v in b.items()}, 2 * B)
+            assert t <= T and k <= K
+            # Same pairs, same tokens, same targets as the bucketed batch.
+            ra = {key: v[g] for key, v in a.items()}
+            rb = {key: v[g] for key, v in b.items()}
+            for key in ("input_ids", "positions", "segment_ids", "branch"):
+                n = min(ra[key].shape[-1], rb[key].shape[-1])
+                np.testing.assert_array_equal(ra[key][:, :n] * (ra["segment_ids"][:, :n] > 0),
+                                              rb[key][:, :n] * (rb["segment_ids"][:, :n] > 0))
+            for key in ("tgt_ids", "tgt_seq"):
+                va, vb = ra[key][ra["tgt_seq"] < 2 * B], rb[key][rb["tgt_seq"] < 2 * B]
+                np.testing.assert_array_equal(va, vb)
+        slots["fixed"] += cost(a["input_ids"].shape[-1], a["tgt_ids"].shape[-1])
+        slots["planned"] += cost(T, K)
+    assert seen <= set(shapes)
+    assert slots["planned"] < slots["fixed"]
+
+
+def test_plan_is_deterministic_and_resume_builds_the_same_batches():
+    data = random_pairs(50, seed=1)
+    layout = Layout("shared_prompt", 128, "keep_start", full_span=False)
+    a = BatchIterator(data, 3, 1, 5, layout)
+    shapes = a.plan_shapes(30, cost, 4)
+    straight = [next(a)[0] for _ in range(30)]
+    b = BatchIterator(data, 3, 1, 5, layout)
+    assert b.plan_shapes(30, cost, 4) == shapes
+    for _ in range(12):
+        next(b)
+    state = b.state()
+    c = BatchIterator(data, 3, 1, 5, layout)
+    c.plan_shapes(30, cost, 4)
+    c.restore(state)
+    for want in straight[12:]:
+        got = next(c)[0]
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_one_shape_when_asked():
+    data = random_pairs(40, seed=2)
+    it = BatchIterator(data, 2, 1, 0, Layout("concatenated", 128, "keep_start", full_span=False))
+    assert len(it.plan_shapes(20, cost, max_shapes=1)) == 1
+    assert len({next(it)[0]["input_ids"].shape for _ in range(20)}) == 1
+
+
+def test_kto_plan_covers_its_kl_rows():
+    rng = np.random.default_rng(4)
+    ids = lambda k: [int(x) for x in rng.integers(3, 50, k)]
+    n = 30
+    data = Tokenized(prompt=[ids(int(rng.integers(1, 30))) for _ in range(n)],
+                     completion=[ids(int(rng.integers(1, 50))) for _ in range(n)],
+                     label=[bool(i % 2) for i in range(n)], rows_in=n)
+    it = UnpairedIterator(data, 4, 1, 0, Layout("concatenated", 64, "keep_start", full_span=False))
+    shapes = it.plan_shapes(20, cost, 2)
+    assert 1 <= len(shapes) <= 2
+    for _ in range(20):
+        b, _ = next(it)
+        assert (b["input_ids"].shape[-1], b["tgt_ids"].shape[-1]) in shapes
+        t, k = needs_of({key: v[0] for key, v in b.items()}, 8)
+        assert t <= b["input_ids"].shape[-1] and k <= b["tgt_ids"].shape[-1]
+
+
+def test_choose_shapes_keeps_the_cover_and_stops_when_a_shape_does_not_pay():
+    needs = {(32, 8): 1, (64, 16): 10}
+    # One short step is not worth a compilation: only the cover.
+    assert choose_shapes(needs, (64, 16), cost, 4, new_shape_steps=2.0) == ((64, 16),)
+    needs = {(32, 8): 30, (64, 16): 1}
+    assert choose_shapes(needs, (64, 16), cost, 4, new_shape_steps=2.0) == ((32, 8), (64, 16))
