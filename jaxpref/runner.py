@@ -21,7 +21,7 @@ from jaxpref.lora import count, init_lora
 from jaxpref.losses import LossSpec
 from jaxpref.metrics import MetricSinks, ProgressBar
 from jaxpref.models import weights
-from jaxpref.step import StepOptions, TrainState, make_eval_step, make_optimizer, make_train_step
+from jaxpref.step import compile_ahead, StepOptions, TrainState, make_eval_step, make_optimizer, make_train_step
 
 
 def loss_spec(cfg: Config) -> LossSpec:
@@ -276,12 +276,16 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                     ref_batch = jax.device_put(batch_reference(ref_table, next_indices(it), G),
                                                mesh_mod.replicated(mesh))
                 batch, epoch = next(it)
-                shapes.add(batch["input_ids"].shape)
+                shape = batch["input_ids"].shape + batch["tgt_ids"].shape[-1:]
                 ntok = host_tokens(batch, prepared.layout.kind)
                 total_tokens += ntok
                 window_tokens += ntok
                 t0 = time.time()
-                state, m = step_fn(state, params, ref_params, mesh_mod.put_batch(batch, mesh), ref_batch)
+                device_batch = mesh_mod.put_batch(batch, mesh)
+                if shape not in shapes:
+                    shapes.add(shape)
+                    compile_ahead(step_fn, state, params, ref_params, device_batch, ref_batch)
+                state, m = step_fn(state, params, ref_params, device_batch, ref_batch)
                 if compile_s is None:
                     jax.block_until_ready(m["loss"])
                     compile_s = time.time() - t0

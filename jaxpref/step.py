@@ -204,6 +204,16 @@ def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransfor
     return jax.jit(step, donate_argnums=(0,))
 
 
+def compile_ahead(step_fn, *args) -> None:
+    """Compile `step_fn` (jitted) for these arguments before running it, then release the
+    compiler's freed memory (`host_memory.release_free_memory`), so that a new batch shape's first
+    step does not hold the compiler's leftovers and the step's temporaries at once. The call that
+    follows finds the compiled executable in JAX's cache."""
+    from jaxpref.host_memory import release_free_memory
+    step_fn.lower(*args).compile()
+    release_free_memory()
+
+
 def make_eval_step(bundle, opts: StepOptions, ref_bundle=None):
     """-> eval(lora, params, ref_params, batch, ref_logps) -> metrics (no update)."""
 

@@ -99,7 +99,7 @@ def run_jax(args) -> dict:
     from jaxpref.config import load_config
     from jaxpref.lora import init_lora
     from jaxpref.models import weights
-    from jaxpref.step import StepOptions, TrainState, make_optimizer, make_train_step
+    from jaxpref.step import StepOptions, TrainState, compile_ahead, make_optimizer, make_train_step
 
     t_setup = time.perf_counter()
     cfg = load_config(args.config, list(args.set))
@@ -149,6 +149,8 @@ def run_jax(args) -> dict:
         new_shape = shape not in shapes
         shapes.add(shape)
         c0, t0 = cpu_s(), time.perf_counter()
+        if new_shape:  # as the runner does: compile, release the compiler's memory, then run
+            compile_ahead(step_fn, state, params, ref_params, batch, None)
         state, m = step_fn(state, params, ref_params, batch, None)
         jax.block_until_ready(m["loss"])
         dt, c1 = time.perf_counter() - t0, cpu_s()

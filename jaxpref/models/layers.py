@@ -7,6 +7,7 @@ the `lora` collection left out: one base tree, no copy.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -64,8 +65,16 @@ def matmul(subscripts: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None) -
     out_dtype = dtype if out_dtype is None else out_dtype
     x, w = x.astype(dtype), w.astype(dtype)
     if upcast_on_cpu(dtype):
-        return jnp.einsum(subscripts, x.astype(jnp.float32), w.astype(jnp.float32)).astype(out_dtype)
+        # Rematerialised: the backward widens x and w again instead of keeping their fp32 copies
+        # (for the base weights that would be an fp32 copy of the whole model).
+        return _widened_matmul(subscripts, out_dtype)(x, w)
     return jnp.einsum(subscripts, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _widened_matmul(subscripts: str, out_dtype):
+    f = jnp.float32
+    return jax.checkpoint(lambda x, w: jnp.einsum(subscripts, x.astype(f), w.astype(f)).astype(out_dtype))
 
 
 class RMSNorm(nn.Module):
