@@ -404,8 +404,8 @@ def peak_memory() -> dict:
 def memory_plan_for(cfg, bundle, params, lora, shapes, dp, mesh, runtime: int) -> dict:
     """The dry-run's plan for the largest batch this run saw (runtime: RSS when it is computed)."""
     from jaxpref.dryrun import memory_plan
-    _, n, t = max(shapes)
-    plan = memory_plan(cfg, bundle.args, count(params), count(lora), n // dp, t, t, mesh=mesh, runtime=runtime)
+    n, t, k = (max(s[i] for s in shapes) for i in (1, 2, 3))   # shapes: (G, rows, T, K)
+    plan = memory_plan(cfg, bundle.args, count(params), count(lora), n // dp, t, k, mesh=mesh, runtime=runtime)
     return {k: round(v / 2**20, 1) for k, v in plan.items()}
 
 
