@@ -392,14 +392,15 @@ class BatchIterator:
     def plannable(self) -> bool:
         return not self.layout.kind.startswith("packed")
 
-    def plan_shapes(self, steps: int, cost, max_shapes: int = 4, sample_steps: int = 2000) -> tuple:
+    def plan_shapes(self, steps: int, cost, max_shapes: int = 4, sample_steps: int = 2000,
+                    align: int | None = None) -> tuple:
         """Fit at most `max_shapes` batch shapes to the first `steps` steps of this iterator's
         order (at most `sample_steps` of them are looked at; every step is covered anyway).
         `cost(T, K)` is the relative cost of one step of that shape. Deterministic: a resumed run
         plans the same shapes."""
         if not self.plannable() or self.steps_per_epoch == 0:
             return ()
-        a = self.ALIGN
+        a = align or self.ALIGN
         self._cost = cost
         needs: dict[tuple[int, int], int] = {}
         epoch, index = 0, 0
