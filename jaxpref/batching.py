@@ -382,11 +382,17 @@ class BatchIterator:
         return max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
 
     def _cover(self) -> tuple[int, int]:
-        """The largest (T, K) any step can need: per-row needs do not depend on the grouping."""
-        every = np.arange(len(self.data))
-        T = max(needed_length(self.data, every[i:i + 1], self.layout) for i in every)
-        K = max(self._target_need([make_pair_batch(self.data, every[i:i + 1], self.layout)], 2)
-                for i in every)
+        """An upper bound of the (T, K) any step can need: a row holds one pair (shared_prompt) or
+        one sequence, so it does not depend on how pairs are grouped. Scored tokens per row are at
+        most the completion tokens, or with ORPO's span the chosen sequence's tokens."""
+        T = K = 1
+        full, shared = self.layout.full_span, "shared_prompt" in self.layout.kind
+        for i in range(len(self.data)):
+            pc, npc, pr, npr, same = _pair_sequences(self.data, i, self.layout)
+            T = max(T, _row_length(pc, npc, pr, npr, same, self.layout.kind))
+            k_c = len(pc) if full else len(pc) - npc
+            k_r = len(pr) - npr
+            K = max(K, k_c + k_r if shared else max(k_c, k_r))
         return T, K
 
     def plannable(self) -> bool:

@@ -114,3 +114,19 @@ def test_choose_shapes_keeps_the_cover_and_stops_when_a_shape_does_not_pay():
     assert choose_shapes(needs, (64, 16), cost, 4, new_shape_steps=2.0) == ((64, 16),)
     needs = {(32, 8): 30, (64, 16): 1}
     assert choose_shapes(needs, (64, 16), cost, 4, new_shape_steps=2.0) == ((32, 8), (64, 16))
+
+
+@pytest.mark.parametrize("kind", ["concatenated", "shared_prompt"])
+def test_plan_covers_orpo_span_targets(kind):
+    """ORPO scores the chosen sequence's prompt tokens too: the planned K must hold all of them
+    (the same scored tokens as with the fixed target buckets)."""
+    data = random_pairs(40, seed=5)
+    layout = Layout(kind, 64, "keep_end", full_span=True)
+    planned, fixed = BatchIterator(data, 3, 1, 0, layout), BatchIterator(data, 3, 1, 0, layout)
+    shapes = planned.plan_shapes(13, cost, max_shapes=2)
+    for _ in range(13):
+        a, b = next(fixed)[0], next(planned)[0]
+        assert (b["input_ids"].shape[-1], b["tgt_ids"].shape[-1]) in shapes
+        scored = lambda x: ((x["tgt_seq"] < 6) | (x["tgt_full"] > 0)).sum(axis=-1)
+        np.testing.assert_array_equal(scored(b), scored(a))
+        assert scored(b).max() > 0
