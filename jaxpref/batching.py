@@ -274,11 +274,6 @@ def compact_targets(b: dict, num_seqs: int, k: int | None = None, buckets=(32, 6
     return out
 
 
-def needed_length(data: Tokenized, idx: np.ndarray, layout: Layout) -> int:
-    """Tokens the longest row of these pairs needs in the layout (before bucketing)."""
-    return max(_row_length(*_pair_sequences(data, i, layout), layout.kind) for i in idx)
-
-
 def round_up(n: int, multiple: int) -> int:
     return int(-(-n // multiple) * multiple)
 
@@ -374,26 +369,29 @@ class BatchIterator:
         """Unpacked micro-batches of length T (before the targets are gathered)."""
         return [make_pair_batch(self.data, m, self.layout, T) for m in micro]
 
-    def _length_need(self, micro: list[np.ndarray]) -> int:
-        return max(needed_length(self.data, m, self.layout) for m in micro)
+    def _pair_need(self, i: int) -> tuple[int, int]:
+        """(tokens, scored tokens) of pair i's row, or of its longer row (concatenated). Scored
+        tokens are at most the completion tokens, or with ORPO's span the chosen sequence's."""
+        pc, npc, pr, npr, same = _pair_sequences(self.data, i, self.layout)
+        k_c = len(pc) if self.layout.full_span else len(pc) - npc
+        k_r = len(pr) - npr
+        shared = "shared_prompt" in self.layout.kind
+        return (_row_length(pc, npc, pr, npr, same, self.layout.kind),
+                k_c + k_r if shared else max(k_c, k_r))
 
-    def _target_need(self, parts: list[dict], S: int | None = None) -> int:
-        S = 2 * self.B if S is None else S
-        return max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
+    def _needs(self, micro: list[np.ndarray]) -> tuple[int, int]:
+        """(T, K) that the rows of these micro-batches need (K: an upper bound)."""
+        needs = [self._pair_need(int(i)) for m in micro for i in m]
+        return max(t for t, _ in needs), max(max(k for _, k in needs), 1)
 
     def _cover(self) -> tuple[int, int]:
-        """An upper bound of the (T, K) any step can need: a row holds one pair (shared_prompt) or
-        one sequence, so it does not depend on how pairs are grouped. Scored tokens per row are at
-        most the completion tokens, or with ORPO's span the chosen sequence's tokens."""
-        T = K = 1
-        full, shared = self.layout.full_span, "shared_prompt" in self.layout.kind
-        for i in range(len(self.data)):
-            pc, npc, pr, npr, same = _pair_sequences(self.data, i, self.layout)
-            T = max(T, _row_length(pc, npc, pr, npr, same, self.layout.kind))
-            k_c = len(pc) if full else len(pc) - npc
-            k_r = len(pr) - npr
-            K = max(K, k_c + k_r if shared else max(k_c, k_r))
-        return T, K
+        """The largest (T, K) any step can need: rows do not depend on how pairs are grouped."""
+        return self._needs([np.arange(len(self.data))])
+
+    def _target_need(self, parts: list[dict]) -> int:
+        """Scored tokens of the fullest row of built (possibly packed) micro-batches."""
+        S = 2 * self.B
+        return max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
 
     def plannable(self) -> bool:
         return not self.layout.kind.startswith("packed")
@@ -412,9 +410,7 @@ class BatchIterator:
         epoch, index = 0, 0
         for _ in range(min(steps, sample_steps)):
             idx, epoch, index = self._advance(epoch, index)
-            micro = self._micro(idx)
-            t = self._length_need(micro)
-            k = self._target_need(self._parts(micro, t))
+            t, k = self._needs(self._micro(idx))
             key = (round_up(t, a), round_up(k, a))
             needs[key] = needs.get(key, 0) + 1
         ct, ck = self._cover()
@@ -422,19 +418,18 @@ class BatchIterator:
         self.shapes = choose_shapes(needs, cover, cost, max_shapes)
         return self.shapes
 
-    def _shape(self, t: int, k_of) -> tuple[int, int | None]:
-        """(T, K) for a step that needs t tokens per row; `k_of(T)` counts its target need."""
-        if self.shapes:
-            k = k_of(t)
-            fits = [s for s in self.shapes if s[0] >= t and s[1] >= k]
-            if fits:
-                return min(fits, key=lambda s: (self._cost(*s), s))
+    def _shape(self, micro: list[np.ndarray]) -> tuple[int, int | None]:
+        """(T, K) for these micro-batches: the cheapest planned shape that holds them, else T from
+        the length buckets and K (None) from the built batch."""
+        t, k = self._needs(micro)
+        fits = [s for s in self.shapes or () if s[0] >= t and s[1] >= k]
+        if fits:
+            return min(fits, key=lambda s: (self._cost(*s), s))
         return bucket_for(t, self.layout.buckets), None
 
     def make(self, idx: np.ndarray) -> dict:
         micro = self._micro(idx)
-        need = self._length_need(micro)
-        T, K = self._shape(need, lambda t: self._target_need(self._parts(micro, t)))
+        T, K = self._shape(micro)
         parts = self._parts(micro, T)
         S = 2 * self.B
         if self.layout.kind.startswith("packed"):

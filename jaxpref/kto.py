@@ -21,7 +21,6 @@ def make_unpaired_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length
     S = 2 * B
     seqs = []
     for k, i in enumerate(idx):
-        j = idx[kl_partner(k, B)]
         seqs.append(_truncate(data.prompt[i], data.completion[i], layout.max_length, layout.truncation_mode))
     kl = []
     for k, i in enumerate(idx):
@@ -41,25 +40,23 @@ def make_unpaired_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length
     return b
 
 
-def needed_length_unpaired(data: Tokenized, idx: np.ndarray, layout: Layout) -> int:
-    B = len(idx)
-    need = 0
-    for k, i in enumerate(idx):
-        j = idx[kl_partner(k, B)]
-        for c in (data.completion[i], data.completion[j]):
-            n = len(data.prompt[i]) + len(c)
-            need = max(need, n if layout.max_length is None else min(n, layout.max_length))
-    return need
-
-
 class UnpairedIterator(BatchIterator):
     """BatchIterator over unpaired (KTO) examples; same order, resumable state and shape plans."""
 
     def _parts(self, micro, T):
         return [make_unpaired_batch(self.data, m, self.layout, T) for m in micro]
 
-    def _length_need(self, micro):
-        return max(needed_length_unpaired(self.data, m, self.layout) for m in micro)
+    def _needs(self, micro):
+        """(T, K) of the completion rows and KL rows (prompt i with completion i-1) of these
+        micro-batches."""
+        t = k = 1
+        for m in micro:
+            for row, i in enumerate(m):
+                for c in (self.data.completion[i], self.data.completion[m[kl_partner(row, len(m))]]):
+                    ids, n_p = _truncate(self.data.prompt[i], c, self.layout.max_length,
+                                         self.layout.truncation_mode)
+                    t, k = max(t, len(ids)), max(k, len(ids) - n_p)
+        return t, k
 
     def _cover(self):
         # A KL row joins prompt i with another example's completion: bound by the longest one.
@@ -70,7 +67,7 @@ class UnpairedIterator(BatchIterator):
 
     def make(self, idx: np.ndarray) -> dict:
         micro = self._micro(idx)
-        T, K = self._shape(self._length_need(micro), lambda t: self._target_need(self._parts(micro, t)))
+        T, K = self._shape(micro)
         parts = self._parts(micro, T)
         S = 2 * self.B
         if K is None:
