@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os as _os
-import sys as _sys
 
 
 def _keep_freed_memory() -> bool:
@@ -17,22 +16,18 @@ def _keep_freed_memory() -> bool:
     quickstart). On this project's shared 2-core machine the saved kernel time did not show in the
     wall time, so it is opt-in: JAXPREF_MALLOC_TUNING=1 (read when jaxpref is first imported, which
     must precede the first XLA computation). Returns whether the settings were applied."""
-    if _os.environ.get("JAXPREF_MALLOC_TUNING", "0") != "1" or not _sys.platform.startswith("linux"):
+    if _os.environ.get("JAXPREF_MALLOC_TUNING", "0") != "1":
         return False
-    try:
-        import ctypes
-        import platform
+    from jaxpref.host_memory import glibc
 
-        if platform.libc_ver()[0] != "glibc":
-            return False
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-        ok = libc.mallopt(m_arena_max, 1) == 1
-        ok &= libc.mallopt(m_mmap_max, 0) == 1
-        ok &= libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-        return bool(ok)
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    ok = libc.mallopt(m_arena_max, 1) == 1
+    ok &= libc.mallopt(m_mmap_max, 0) == 1
+    ok &= libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    return bool(ok)
 
 
 MALLOC_TUNED = _keep_freed_memory()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,10 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     length_buckets: list[int] | None = None      # fixed padded lengths T; unset: planned shapes
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the run: `max_steps` if set, else `num_epochs` epochs (rounded up)."""
+        return self.max_steps if self.max_steps > 0 else int(math.ceil(self.num_epochs * steps_per_epoch))
 
 
 @dataclass

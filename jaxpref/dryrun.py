@@ -6,7 +6,6 @@ counts, token lengths, batch shapes, steps per epoch, and a memory plan. Exit 0 
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -123,7 +122,7 @@ def check_model(cfg: Config, index: int) -> list[str]:
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
-    steps = t.max_steps if t.max_steps > 0 else int(math.ceil(t.num_epochs * it.steps_per_epoch))
+    steps = t.total_steps(it.steps_per_epoch)
     pipeline.plan_shapes(it, cfg, bundle.args, abstract, steps)
     shapes, max_k = {}, 0
     for _ in range(min(steps, 200)):

@@ -151,7 +151,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     if it.steps_per_epoch == 0:
         raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
-    total = tcfg.max_steps if tcfg.max_steps > 0 else int(math.ceil(tcfg.num_epochs * it.steps_per_epoch))
+    total = tcfg.total_steps(it.steps_per_epoch)
     pipeline.plan_shapes(it, cfg, bundle.args, abstract, total)
 
     from jaxpref.dryrun import runtime_rss

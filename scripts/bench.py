@@ -112,13 +112,10 @@ def run_jax(args) -> dict:
     if mode not in ("lora_off", "none", "separate"):
         raise SystemExit(f"bench: reference mode `{mode}` is not benchmarked")
     B, G = tcfg.per_device_train_batch_size, tcfg.gradient_accumulation_steps
-    iter_cls = runner.iterator_class(cfg) if hasattr(runner, "iterator_class") else None
-    if iter_cls is None:
-        from jaxpref.batching import BatchIterator as iter_cls
-    it = iter_cls(prepared.train, B, G, tcfg.seed, prepared.layout)
+    it = runner.iterator_class(cfg)(prepared.train, B, G, tcfg.seed, prepared.layout)
     total = args.warmup + args.steps
     # The shapes the real run would plan (over all its steps), not just the timed ones.
-    run_steps = tcfg.max_steps if tcfg.max_steps > 0 else int(-(-tcfg.num_epochs * it.steps_per_epoch // 1))
+    run_steps = tcfg.total_steps(it.steps_per_epoch)
     planned = pipeline.plan_shapes(it, cfg, bundle.args, abstract, max(run_steps, total))
     params = weights.load_params(bundle)
     ref_bundle, ref_params = None, None

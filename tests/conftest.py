@@ -54,6 +54,24 @@ def save_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def perturbed_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A tiny random transformers Llama (2 layers, hidden 64, grouped-query attention) with every
+    weight moved by 0.05 * N(0, 1), so that no bias or norm is at its trivial init."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 PAIRS = [
     ("what is the colour of the sky ?", "the sky is blue .", "the sky is green ."),
     ("what is the colour of grass ?", "grass is green .", "grass is red ."),

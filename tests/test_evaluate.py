@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
 import yaml
 
+from conftest import perturbed_llama
 from jaxpref import evaluate
 
 ROWS = [
@@ -47,14 +47,7 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("evaluate")
     tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed_llama(len(tok))
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

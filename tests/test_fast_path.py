@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import traverse_util
 
+from conftest import perturbed_llama
 from jaxpref.batching import BatchIterator, Layout
 from jaxpref.config import TrainingConfig
 from jaxpref.data import Tokenized
@@ -45,14 +44,7 @@ SPEC = LoraSpec(r=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed_llama(VOCAB, intermediate_size=96, tie_word_embeddings=True)
     path = tmp_path_factory.mktemp("tiny_llama_fast")
     model.save_pretrained(path)
     return path

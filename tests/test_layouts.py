@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import traverse_util
 
+from conftest import perturbed_llama
 from jaxpref.batching import pack_rows, BatchIterator, Layout, compact_targets, make_pair_batch
 from jaxpref.data import Tokenized
 from jaxpref.lora import LoraSpec, init_lora
@@ -39,14 +39,7 @@ TRUNCATIONS = [(None, "keep_start"), (14, "keep_start"), (14, "keep_end")]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(bundle with LoRA scale set, params, non-zero LoRA tree, transformers model)."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed_llama(VOCAB)
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
     bundle = build(resolve(str(path)))

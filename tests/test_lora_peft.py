@@ -105,6 +105,15 @@ def _save_hf(name: str, path: Path) -> np.ndarray:
     return _torch_logits(model)
 
 
+def _random_lora_b(model, seed: int) -> None:
+    """PEFT initialises B = 0 (a no-op adapter); draw B ~ N(0, 0.1) so the adapter changes logits."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0.0, 0.1)
+
+
 def _torch_logits(model) -> np.ndarray:
     with torch.no_grad():
         return model(input_ids=torch.tensor(IDS)).logits.float().numpy()
@@ -248,11 +257,7 @@ def test_peft_made_adapter_loads_with_peft_logits(arch, targets, rslora, base, t
                           target_modules="all-linear" if targets == "all-linear" else list(ATTENTION[arch]),
                           use_rslora=rslora, fan_in_fan_out=b.bundle.arch.fan_in_fan_out)
     model = peft.get_peft_model(hf, cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0.0, 0.1)
+    _random_lora_b(model, seed=1)
     model.eval()
     theirs = _torch_logits(model)
     assert _diff(theirs, b.logits) > 1e-2
@@ -275,11 +280,7 @@ def test_peft_adapter_on_some_layers_loads_as_zeros_elsewhere(arch, base, tmp_pa
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(ATTENTION[arch]), layers_to_transform=[1],
                           fan_in_fan_out=b.bundle.arch.fan_in_fan_out, task_type="CAUSAL_LM")
     model = peft.get_peft_model(hf, cfg)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0.0, 0.1)
+    _random_lora_b(model, seed=2)
     theirs = _torch_logits(model.eval())
     model.save_pretrained(tmp_path / "peft")
     lora, spec = load_adapter(tmp_path / "peft", b.bundle, b.bundle.abstract_params())

@@ -71,67 +71,61 @@ def trl_common(tmp):
                 beta=0.1, seed=0, bf16=False)
 
 
+def first_log(trainer_cls, args, rows: list[dict], tok, model, **kw) -> dict:
+    """TRL's first logged step of `trainer_cls` on these rows."""
+    from datasets import Dataset
+
+    tr = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, **kw)
+    tr.train()
+    return tr.state.log_history[0]
+
+
 def assert_close(a: dict, b: dict, keys):
     for k in keys:
         assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
 
 
 def test_dpo_first_step_equals_trl(setup, tiny_llama):
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     tmp, tok, adapter, pairs, _ = setup
     # Reference = the base model (a separate frozen copy on TRL's side, use_ref_model here).
-    tr = DPOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama),
-                    args=DPOConfig(**trl_common(tmp)), train_dataset=Dataset.from_list(pairs),
-                    processing_class=tok)
-    tr.train()
-    theirs = tr.state.log_history[0]
+    theirs = first_log(DPOTrainer, DPOConfig(**trl_common(tmp)), pairs, tok, fresh_peft(tiny_llama, adapter),
+                       ref_model=base_model(tiny_llama))
     mine = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "dpo", use_ref_model=True)
     assert abs(theirs["rewards/margins"]) > 1e-3  # the random LoRA makes the step non-trivial
     assert_close(mine, theirs, KEYS + ("rewards/accuracies", "logits/chosen", "logits/rejected"))
 
 
 def test_dpo_from_existing_adapter_uses_it_as_reference_like_trl(setup, tiny_llama):
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     tmp, tok, adapter, pairs, _ = setup
-    tr = DPOTrainer(model=fresh_peft(tiny_llama, adapter), args=DPOConfig(**trl_common(tmp)),
-                    train_dataset=Dataset.from_list(pairs), processing_class=tok)
-    tr.train()
-    theirs = tr.state.log_history[0]
+    theirs = first_log(DPOTrainer, DPOConfig(**trl_common(tmp)), pairs, tok, fresh_peft(tiny_llama, adapter))
     mine = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "dpo", tag="_init")
     assert theirs["rewards/margins"] == 0.0
     assert_close(mine, theirs, KEYS)
 
 
 def test_kto_first_step_equals_trl(setup, tiny_llama):
-    from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
     tmp, tok, adapter, _, unpaired = setup
-    tr = KTOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama),
-                    args=KTOConfig(**trl_common(tmp)), train_dataset=Dataset.from_list(unpaired),
-                    processing_class=tok)
-    tr.train()
-    theirs = tr.state.log_history[0]
+    theirs = first_log(KTOTrainer, KTOConfig(**trl_common(tmp)), unpaired, tok, fresh_peft(tiny_llama, adapter),
+                       ref_model=base_model(tiny_llama))
     mine = ours(tmp, tiny_llama, tmp / "unpaired.jsonl", adapter, "kto", use_ref_model=True)
     assert abs(theirs["rewards/chosen"]) > 1e-4
     assert_close(mine, theirs, KEYS + ("kl",))
 
 
 def test_kto_on_paired_data_equals_trl(setup, tiny_llama):
-    from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
     tmp, tok, adapter, pairs, _ = setup
     args = trl_common(tmp)
     args["per_device_train_batch_size"] = 2 * B
-    tr = KTOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama),
-                    args=KTOConfig(**args), train_dataset=Dataset.from_list(pairs), processing_class=tok)
-    tr.train()
-    theirs = tr.state.log_history[0]
+    theirs = first_log(KTOTrainer, KTOConfig(**args), pairs, tok, fresh_peft(tiny_llama, adapter),
+                       ref_model=base_model(tiny_llama))
     mine = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "kto", batch=2 * B, tag="_paired",
                 use_ref_model=True)
     assert_close(mine, theirs, KEYS + ("kl",))
@@ -142,7 +136,6 @@ def test_orpo_first_step_equals_trl(setup, tiny_llama, tmp_path):
     the same tokens."""
     import shutil
 
-    from datasets import Dataset
     from transformers import AutoTokenizer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -155,9 +148,6 @@ def test_orpo_first_step_equals_trl(setup, tiny_llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert tok.bos_token_id is None
     args = trl_common(tmp)
-    tr = ORPOTrainer(model=fresh_peft(model_dir, adapter), args=ORPOConfig(**args),
-                     train_dataset=Dataset.from_list(pairs), processing_class=tok)
-    tr.train()
-    theirs = tr.state.log_history[0]
+    theirs = first_log(ORPOTrainer, ORPOConfig(**args), pairs, tok, fresh_peft(model_dir, adapter))
     mine = ours(tmp, model_dir, tmp / "pairs.jsonl", adapter, "orpo", tag="_orpo")
     assert_close(mine, theirs, KEYS + ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies"))
