@@ -124,6 +124,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     length_buckets: list[int] | None = None      # fixed padded lengths T; unset: planned shapes
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
+    vocab_chunk: int = 0                         # LM head over this many vocabulary columns at a time
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: `max_steps` if set, else `num_epochs` epochs (rounded up)."""
@@ -447,6 +448,8 @@ def validate(cfg: Config) -> None:
             "training.pair_layout", src)
     if tr.pack_length is not None and tr.pack_length < 2:
         raise ConfigError(f"{src}: `training.pack_length` must be >= 2")
+    if tr.vocab_chunk < 0:
+        raise ConfigError(f"{src}: `training.vocab_chunk` must be >= 0 (0: the whole vocabulary), got {tr.vocab_chunk}")
     if tr.max_shapes < 1:
         raise ConfigError(f"{src}: `training.max_shapes` must be >= 1, got {tr.max_shapes}")
     if tr.train_sampling_strategy is not None:

@@ -66,7 +66,8 @@ def memory_plan(cfg: Config, args, base_params: int, lora_params: int, rows: int
         "LoRA + grads": lora_params * 4 * 2,
         "optimizer state": lora_params * 4 * 2,
         "activations": acts,
-        "logits": rows * targets_len * V * 4 * 3,  # logits, softmax and its gradient
+        # logits, softmax and its gradient (one vocabulary chunk at a time with training.vocab_chunk)
+        "logits": rows * targets_len * min(cfg.training.vocab_chunk or V, V) * 4 * 3,
     }
     if jax.devices()[0].platform == "cpu":
         plan["runtime"] = runtime_rss() if runtime is None else runtime

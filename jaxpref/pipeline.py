@@ -42,7 +42,7 @@ def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bo
     tok = load_tokenizer(src, entry.tokenizer_id)
     bundle = weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype,
                            gradient_checkpointing=cfg.gradient_checkpointing,
-                           remat_policy=cfg.finetuning.remat_policy)
+                           remat_policy=cfg.finetuning.remat_policy, vocab_chunk=cfg.training.vocab_chunk)
     abstract = bundle.abstract_params()
     spec = lora_spec_for(cfg, bundle.arch, abstract)
     if spec is not None:

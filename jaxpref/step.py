@@ -14,7 +14,7 @@ import optax
 
 from jaxpref import losses
 from jaxpref.losses import LossSpec, PairStats
-from jaxpref.models.layers import matmul
+from jaxpref.head import head_logps
 
 
 def attention_mask(segment_ids: jax.Array, branch: jax.Array) -> jax.Array:
@@ -40,20 +40,12 @@ class StepOptions:
 def token_logps(bundle, params, lora, mb: dict, rngs=None, need_wpo: bool = False):
     """Log-probs of the target tokens (`tgt_*`, [N, K]) given their predicting hidden states.
 
-    The LM head runs on the K gathered positions only. Returns (logp, mean_logit, wpo_aligned),
+    The LM head runs on the K gathered positions only (`jaxpref.head`). Returns (logp, mean_logit, wpo_aligned),
     each [N, K] float32."""
     mask = attention_mask(mb["segment_ids"], mb["branch"])
     hidden = bundle.hidden(params, lora, mb["input_ids"], mb["positions"], mask, rngs=rngs)
     h = jnp.take_along_axis(hidden, mb["tgt_src"][..., None], axis=1)
-    logits = matmul("nkd,dv->nkv", h, bundle.head(params), h.dtype, jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, mb["tgt_ids"][..., None], axis=-1)[..., 0]
-    logp = tgt - lse
-    mean_logit = jnp.mean(logits, axis=-1)
-    wpo = None
-    if need_wpo:
-        wpo = jax.lax.stop_gradient(logp - (jax.nn.logsumexp(2 * logits, axis=-1) - 2 * lse))
-    return logp, mean_logit, wpo
+    return head_logps(h, bundle.head(params), mb["tgt_ids"], bundle.args.vocab_chunk, need_wpo)
 
 
 def _seg_sum(x: jax.Array, seq: jax.Array, s: int) -> jax.Array:

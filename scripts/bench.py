@@ -123,10 +123,11 @@ def run_jax(args) -> dict:
         rid = entry.ref_model_id or entry.huggingface_id
         if rid != entry.huggingface_id:
             from jaxpref.models.source import resolve
-            ref_bundle = weights.build(resolve(rid), tcfg.param_dtype, tcfg.compute_dtype)
+            ref_bundle = weights.build(resolve(rid), tcfg.param_dtype, tcfg.compute_dtype, vocab_chunk=tcfg.vocab_chunk)
             ref_params = weights.load_params(ref_bundle)
         else:
-            ref_bundle, ref_params = weights.build(bundle.source, tcfg.param_dtype, tcfg.compute_dtype), params
+            ref_bundle, ref_params = weights.build(bundle.source, tcfg.param_dtype, tcfg.compute_dtype,
+                                                   vocab_chunk=tcfg.vocab_chunk), params
     rng = jax.random.PRNGKey(tcfg.seed)
     lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)

@@ -8,6 +8,8 @@
 - The `shared_prompt` layout with planned batch shapes (`BatchIterator.plan_shapes`, the default
   when `training.length_buckets` is unset) trains to the same losses, metrics and LoRA as the
   plain path (TRL's concatenated rows, fixed buckets) on the same pairs, to 1e-5 in fp32.
+- The LM head in vocabulary chunks (`training.vocab_chunk`) gives the whole-vocabulary head's
+  log-probs, mean logits, WPO terms and gradients, and trains to the same losses, in less memory.
 - bf16 compute (`training.compute_dtype: bfloat16`) must run through the same step. On a CPU its
   matmuls widen bf16 operands to fp32 (faster there): that must equal bf16 products accumulated in
   fp32, to bf16's rounding.
@@ -152,6 +154,37 @@ def test_shared_prompt_with_planned_shapes_trains_like_the_plain_path(model_dir,
     assert all(f["input_ids"].shape[1] == B and d["input_ids"].shape[1] == 2 * B
                for f, d in zip(fast_data, data))
     m1, lora1 = _train(fast, params, lora, fast_data)
+    for a, b in zip(m0, m1):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
+    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [7, 32, 95])   # 95 = V - 1: a last chunk of one column
+def test_vocab_chunks_give_the_whole_head(chunk):
+    from jaxpref.head import head_logps
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((16, VOCAB)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, VOCAB, (3, 5)), jnp.int32)
+    whole, chunked = head_logps(h, w, t, 0, need_wpo=True), head_logps(h, w, t, chunk, need_wpo=True)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    f = lambda hh, ww, c: sum(jnp.sum(x * y) for x, y in zip(head_logps(hh, ww, t, c)[:2], (1.0, 0.5)))
+    for a, b in zip(jax.grad(f, (0, 1))(h, w, 0), jax.grad(f, (0, 1))(h, w, chunk)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    big = jax.ShapeDtypeStruct((8, 256, 16), jnp.float32), jax.ShapeDtypeStruct((16, 4096), jnp.float32), \
+        jax.ShapeDtypeStruct((8, 256), jnp.int32)
+    temp = lambda c: jax.jit(jax.grad(lambda hh, ww, tt: jnp.sum(head_logps(hh, ww, tt, c)[0]))).lower(
+        *big).compile().memory_analysis().temp_size_in_bytes
+    assert temp(512) < temp(0) / 2
+
+
+def test_vocab_chunked_head_trains_like_the_whole_head(model_dir, fp32_runs):
+    data, lora, (m0, lora0), _ = fp32_runs
+    plain, _, params = bundles(model_dir)
+    m1, lora1 = _train(plain.with_args(vocab_chunk=40), params, lora, data)
     for a, b in zip(m0, m1):
         for k in a:
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k

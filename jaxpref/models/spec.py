@@ -24,6 +24,7 @@ class ArchArgs:
     deterministic: bool = True        # False turns LoRA dropout on (training)
     gradient_checkpointing: bool = False
     remat_policy: str = "nothing_saveable"
+    vocab_chunk: int = 0              # LM head over this many vocabulary columns at a time (0: all)
 
 
 @dataclass(frozen=True)

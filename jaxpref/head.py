@@ -1,0 +1,61 @@
+"""The LM head on the scored positions only: target log-probs, the mean logit and WPO's term.
+
+`h` holds the hidden states that predict the K target tokens of each row ([N, K, D]); the head
+weight is [D, V]. With `chunk` < V the vocabulary is visited `chunk` columns at a time with an
+online log-sum-exp (`lax.scan`, each chunk rematerialised in the backward), so no [N, K, V] array
+is ever held: memory O(N K chunk) instead of O(N K V), for the same numbers up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpref.models.layers import matmul
+
+f32 = jnp.float32
+
+
+def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, need_wpo: bool = False):
+    """-> (logp, mean_logit, wpo or None), each [N, K] float32. `chunk` <= 0: whole vocabulary."""
+    V = w.shape[1]
+    if chunk <= 0 or chunk >= V:
+        logits = matmul("nkd,dv->nkv", h, w, h.dtype, f32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, tgt_ids[..., None], axis=-1)[..., 0] - lse
+        wpo = None
+        if need_wpo:
+            wpo = jax.lax.stop_gradient(logp - (jax.nn.logsumexp(2 * logits, axis=-1) - 2 * lse))
+        return logp, jnp.mean(logits, axis=-1), wpo
+
+    n = -(-V // chunk)
+    neg = jnp.asarray(-jnp.inf, f32)
+
+    @jax.checkpoint
+    def body(carry, i):
+        m, s, m2, s2, tgt, total = carry
+        # The last chunk starts at V - chunk (dynamic_slice would clamp it there anyway); columns
+        # an earlier chunk already counted are masked out.
+        start = jnp.minimum(i * chunk, V - chunk)
+        cols = start + jnp.arange(chunk)
+        valid = cols >= i * chunk
+        logits = matmul("nkd,dv->nkv", h, jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1), h.dtype, f32)
+        x = jnp.where(valid, logits, neg)
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(x, axis=-1)))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[..., None]), axis=-1)
+        tgt = tgt + jnp.sum(jnp.where(valid & (cols == tgt_ids[..., None]), logits, 0.0), axis=-1)
+        total = total + jnp.sum(jnp.where(valid, logits, 0.0), axis=-1)
+        if need_wpo:
+            x2 = jax.lax.stop_gradient(2 * x)
+            m2_new = jnp.maximum(m2, jnp.max(x2, axis=-1))
+            s2 = s2 * jnp.exp(m2 - m2_new) + jnp.sum(jnp.exp(x2 - m2_new[..., None]), axis=-1)
+            m2 = m2_new
+        return (m_new, s, m2, s2, tgt, total), None
+
+    shape = tgt_ids.shape
+    init = (jnp.full(shape, neg), jnp.zeros(shape, f32), jnp.full(shape, neg), jnp.zeros(shape, f32),
+            jnp.zeros(shape, f32), jnp.zeros(shape, f32))
+    (m, s, m2, s2, tgt, total), _ = jax.lax.scan(body, init, jnp.arange(n))
+    lse = m + jnp.log(s)
+    logp = tgt - lse
+    wpo = jax.lax.stop_gradient(logp - (m2 + jnp.log(s2) - 2 * lse)) if need_wpo else None
+    return logp, total / V, wpo
