@@ -93,6 +93,10 @@ class Layout:
     # on completion tokens only.
     full_span: bool = True
     target_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    # Padding-free micro-batches (`jaxpref.padfree`): the rows laid end to end in `streams` rows
+    # (one per data-parallel shard), attention kept per original row.
+    padding_free: bool = False
+    streams: int = 1
 
 
 def _empty(n: int, t: int, s: int, pad_id: int) -> dict:
@@ -274,25 +278,39 @@ def compact_targets(b: dict, num_seqs: int, k: int | None = None, buckets=(32, 6
     return out
 
 
+def shape_key(batch: dict) -> tuple:
+    """What one compilation of the step is for: [G, rows, T] tokens, K target slots, and the
+    padding-free attention blocks [per row, Tb] when present."""
+    key = tuple(batch["input_ids"].shape) + tuple(batch["tgt_ids"].shape[-1:])
+    return key + tuple(batch["blk_idx"].shape[-2:]) if "blk_idx" in batch else key
+
+
 def round_up(n: int, multiple: int) -> int:
     return int(-(-n // multiple) * multiple)
 
 
-def choose_shapes(needs: dict[tuple[int, int], int], cover: tuple[int, int], cost, max_shapes: int,
-                  new_shape_steps: float = 2.0) -> tuple[tuple[int, int], ...]:
-    """At most `max_shapes` padded shapes (T, K) for steps whose needs are `needs` ({(T, K): count}).
+def choose_shapes(needs: dict[tuple, int], cover: tuple, cost, max_shapes: int,
+                  new_shape_steps: float = 2.0) -> tuple[tuple, ...]:
+    """At most `max_shapes` padded shapes for steps whose needs are `needs` ({shape: count}); a
+    shape holds a need when it is at least as large in every dimension ((T, K), or (L, K, Tb)
+    padding-free).
 
     `cover` (the largest need any step can have) is always a shape, so no step is left without
-    one. Shapes are added greedily, each time the one that cuts the summed `cost(T, K)` of all
+    one. Shapes are added greedily, each time the one that cuts the summed `cost(*shape)` of all
     steps most; a shape that saves less than `new_shape_steps` steps of the largest shape (what one
     more compilation roughly costs) is not added."""
-    shapes = [cover]
-    cand_t = sorted({t for t, _ in needs} | {cover[0]})
-    cand_k = sorted({k for _, k in needs} | {cover[1]})
-    cands = [(t, k) for t in cand_t for k in cand_k if t <= cover[0] and k <= cover[1]]
+    shapes = [tuple(cover)]
+    dims = len(cover)
+    values = [sorted({n[d] for n in needs} | {cover[d]}) for d in range(dims)]
+    fits = lambda s, n: all(a >= b for a, b in zip(s, n))
+    if np.prod([len(v) for v in values]) <= 4096:
+        import itertools
+        cands = [c for c in itertools.product(*values) if fits(cover, c)]
+    else:  # many distinct values: the needs themselves
+        cands = sorted(set(needs) | {tuple(cover)})
 
     def total(shs):
-        return sum(n * min(cost(*s) for s in shs if s[0] >= t and s[1] >= k) for (t, k), n in needs.items())
+        return sum(n * min(cost(*s) for s in shs if fits(s, need)) for need, n in needs.items())
 
     current = total(shapes)
     while len(shapes) < max_shapes:
@@ -379,14 +397,58 @@ class BatchIterator:
         return (_row_length(pc, npc, pr, npr, same, self.layout.kind),
                 k_c + k_r if shared else max(k_c, k_r))
 
-    def _needs(self, micro: list[np.ndarray]) -> tuple[int, int]:
-        """(T, K) that the rows of these micro-batches need (K: an upper bound)."""
+    def _unit_needs(self, m: np.ndarray) -> list[tuple[int, int]]:
+        """(live tokens, scored tokens) of each row of micro-batch `m`, in row order, when laid out
+        padding-free: a sequence's last token is left out (`padfree.dead_tokens`), so live is at
+        most the row's length minus one per sequence that ends in it."""
+        shared = "shared_prompt" in self.layout.kind
+        first, second = [], []
+        for i in m:
+            pc, npc, pr, npr, same = _pair_sequences(self.data, int(i), self.layout)
+            k_c = len(pc) if self.layout.full_span else len(pc) - npc
+            k_r = len(pr) - npr
+            if shared:
+                # Same prompt: the chosen and rejected branches each end in a dead token when
+                # non-empty (an empty branch leaves the prompt's last token attended). Different
+                # prompts: two separate sequences.
+                dead = (len(pc) > npc) + (len(pr) > npr) if same else (len(pc) > 0) + (len(pr) > 0)
+                first.append((_row_length(pc, npc, pr, npr, same, self.layout.kind) - dead, k_c + k_r))
+            else:
+                first.append((len(pc) - (len(pc) > 0), k_c))
+                second.append((len(pr) - (len(pr) > 0), k_r))
+        return first + second
+
+    def _needs(self, micro: list[np.ndarray]) -> tuple:
+        """The shape these micro-batches need: (T, K) per row (K: an upper bound), or padding-free
+        (L, K, Tb) per stream (`padfree.stream_needs`)."""
+        if self.layout.padding_free:
+            from jaxpref.padfree import stream_needs
+            per = [stream_needs(self._unit_needs(m), self.layout.streams) for m in micro]
+            return tuple(max(p[d] for p in per) for d in range(3))
         needs = [self._pair_need(int(i)) for m in micro for i in m]
         return max(t for t, _ in needs), max(max(k for _, k in needs), 1)
 
-    def _cover(self) -> tuple[int, int]:
-        """The largest (T, K) any step can need: rows do not depend on how pairs are grouped."""
-        return self._needs([np.arange(len(self.data))])
+    def _row_cover(self) -> tuple[int, int]:
+        """The largest (T, K) any row can need: rows do not depend on how pairs are grouped."""
+        needs = [self._pair_need(int(i)) for i in range(len(self.data))]
+        return max(t for t, _ in needs), max(max(k for _, k in needs), 1)
+
+    def _cover(self) -> tuple:
+        """The largest need any step can have (padding-free: a bound, every stream's rows at the
+        longest row)."""
+        t, k = self._row_cover()
+        if not self.layout.padding_free:
+            return t, k
+        per = self.units_per_stream()
+        return per * t, per * k, t
+
+    def _units(self) -> int:
+        """Rows per micro-batch before any packing."""
+        return self.B if "shared_prompt" in self.layout.kind else 2 * self.B
+
+    def units_per_stream(self) -> int:
+        """Padding-free: rows (attention blocks) per stream."""
+        return self._units() // self.layout.streams
 
     def _target_need(self, parts: list[dict]) -> int:
         """Scored tokens of the fullest row of built (possibly packed) micro-batches."""
@@ -400,38 +462,42 @@ class BatchIterator:
                     align: int | None = None) -> tuple:
         """Fit at most `max_shapes` batch shapes to the first `steps` steps of this iterator's
         order (at most `sample_steps` of them are looked at; every step is covered anyway).
-        `cost(T, K)` is the relative cost of one step of that shape. Deterministic: a resumed run
-        plans the same shapes."""
+        `cost(*shape)` is the relative cost of one step of that shape. Deterministic: a resumed
+        run plans the same shapes."""
         if not self.plannable() or self.steps_per_epoch == 0:
             return ()
         a = align or self.ALIGN
         self._cost = cost
-        needs: dict[tuple[int, int], int] = {}
+        needs: dict[tuple, int] = {}
         epoch, index = 0, 0
         for _ in range(min(steps, sample_steps)):
             idx, epoch, index = self._advance(epoch, index)
-            t, k = self._needs(self._micro(idx))
-            key = (round_up(t, a), round_up(k, a))
+            key = tuple(round_up(x, a) for x in self._needs(self._micro(idx)))
             needs[key] = needs.get(key, 0) + 1
-        ct, ck = self._cover()
-        cover = (round_up(ct, a), round_up(ck, a))
+        if steps <= sample_steps:
+            # Every step was looked at: the largest need is the cover.
+            cover = tuple(max(n[d] for n in needs) for d in range(len(next(iter(needs)))))
+        else:
+            cover = tuple(round_up(x, a) for x in self._cover())
         self.shapes = choose_shapes(needs, cover, cost, max_shapes)
         return self.shapes
 
-    def _shape(self, micro: list[np.ndarray]) -> tuple[int, int | None]:
-        """(T, K) for these micro-batches: the cheapest planned shape that holds them, else T from
-        the length buckets and K (None) from the built batch."""
-        t, k = self._needs(micro)
-        fits = [s for s in self.shapes or () if s[0] >= t and s[1] >= k]
+    def _shape(self, micro: list[np.ndarray]) -> tuple | None:
+        """The cheapest planned shape that holds these micro-batches, or None."""
+        need = self._needs(micro)
+        fits = [s for s in self.shapes or () if all(a >= b for a, b in zip(s, need))]
         if fits:
             return min(fits, key=lambda s: (self._cost(*s), s))
-        return bucket_for(t, self.layout.buckets), None
+        return None
 
     def make(self, idx: np.ndarray) -> dict:
         micro = self._micro(idx)
-        T, K = self._shape(micro)
-        parts = self._parts(micro, T)
+        shape = self._shape(micro)
         S = 2 * self.B
+        if self.layout.padding_free:
+            return self._stack(self._make_padding_free(micro, shape))
+        T, K = shape if shape is not None else (bucket_for(self._needs(micro)[0], self.layout.buckets), None)
+        parts = self._parts(micro, T)
         if self.layout.kind.startswith("packed"):
             L = self.layout.pack_length or T
             packed = [pack_rows(p, max(L, T), S, self.layout.pad_id) for p in parts]
@@ -440,5 +506,32 @@ class BatchIterator:
         if K is None:
             K = min(bucket_for(max(self._target_need(parts), 1), self.layout.target_buckets),
                     parts[0]["input_ids"].shape[1])
-        parts = [compact_targets(p, S, K) for p in parts]
+        return self._stack([_with_extra(p, lambda q: compact_targets(q, S, K)) for p in parts])
+
+    def _make_padding_free(self, micro: list[np.ndarray], shape: tuple | None) -> list[dict]:
+        from jaxpref.padfree import built_needs, to_stream
+        S, lay = 2 * self.B, self.layout
+        units = [_with_extra(p, lambda q: compact_targets(q, S)) for p in self._parts(micro, None)]
+        if shape is None:
+            need = [built_needs(u, S, lay.streams) for u in units]
+            L, K, Tb = (max(n[d] for n in need) for d in range(3))
+            shape = (bucket_for(L, lay.buckets), bucket_for(K, lay.target_buckets), bucket_for(Tb, lay.buckets))
+        L, K, Tb = shape
+        return [_with_extra(u, lambda q: to_stream(q, S, lay.streams, L, K, Tb, lay.pad_id,
+                                                   "shared_prompt" in lay.kind)) for u in units]
+
+    @staticmethod
+    def _stack(parts: list[dict]) -> dict:
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+# Per-micro-batch arrays that are not token rows (KTO's labels): carried past target compaction
+# and padding-free packing unchanged.
+_EXTRA = ("kto_label",)
+
+
+def _with_extra(p: dict, f) -> dict:
+    extra = {k: p[k] for k in _EXTRA if k in p}
+    out = f({k: v for k, v in p.items() if k not in extra})
+    out.update(extra)
+    return out

@@ -118,6 +118,7 @@ class TrainingConfig:
     save_steps: int | None = None
     pair_layout: str = "concatenated"
     pack_length: int | None = None               # packed layouts: tokens per row (default max_length)
+    padding_free: bool = False                   # rows end to end, no padding (TRL's DPOConfig key)
     train_sampling_strategy: str | None = None   # random | sequential (default: sequential for KTO, as TRL)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -125,6 +126,7 @@ class TrainingConfig:
     length_buckets: list[int] | None = None      # fixed padded lengths T; unset: planned shapes
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
     vocab_chunk: int = 0                         # LM head over this many vocabulary columns at a time
+    scan_layers: bool = True                     # False: a loop over per-layer weights (faster step, longer compile)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: `max_steps` if set, else `num_epochs` epochs (rounded up)."""
@@ -446,6 +448,9 @@ def validate(cfg: Config) -> None:
     _choice(tr.truncation_mode, ("keep_start", "keep_end"), "training.truncation_mode", src)
     _choice(tr.pair_layout, ("concatenated", "shared_prompt", "packed", "packed_shared_prompt"),
             "training.pair_layout", src)
+    if tr.padding_free and tr.pair_layout.startswith("packed"):
+        raise ConfigError(f"{src}: `training.padding_free` needs `training.pair_layout` concatenated or "
+                          f"shared_prompt (packed layouts already share rows), got {tr.pair_layout}")
     if tr.pack_length is not None and tr.pack_length < 2:
         raise ConfigError(f"{src}: `training.pack_length` must be >= 2")
     if tr.vocab_chunk < 0:

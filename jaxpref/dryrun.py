@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxpref import pipeline
+from jaxpref.batching import shape_key
 from jaxpref.config import Config
 from jaxpref.errors import JaxprefError
 from jaxpref.lora import count, target_shapes
@@ -128,17 +129,18 @@ def check_model(cfg: Config, index: int) -> list[str]:
     shapes, max_k = {}, 0
     for _ in range(min(steps, 200)):
         b, _ = next(it)
-        key = b["input_ids"].shape + b["tgt_ids"].shape[-1:]
+        key = shape_key(b)
         shapes[key] = shapes.get(key, 0) + 1
         max_k = max(max_k, b["tgt_ids"].shape[-1])
     shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
-    print(f"  batches          [accum, rows, tokens, target slots]: {shape_txt} (layout {prepared.layout.kind}"
+    blocks = ", blocks, block slots" if prepared.layout.padding_free else ""
+    print(f"  batches          [accum, rows, tokens, target slots{blocks}]: {shape_txt} (layout {prepared.layout.kind}"
           f"{'; planned' if it.shapes else ''}{'' if steps <= 200 else ', first 200 steps'})")
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
     from jaxpref.mesh import data_parallel_size, make_mesh
     mesh = make_mesh(cfg.gpu, cfg.source)
-    rows, seq = max(s[1] for s in shapes) // data_parallel_size(mesh), max(s[2] for s in shapes)
+    rows, seq = max(max(s[1] for s in shapes) // data_parallel_size(mesh), 1), max(s[2] for s in shapes)
     plan = memory_plan(cfg, args, total, trainable if spec else 0, rows, seq, max_k, mesh=mesh)
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
     print("  memory plan      " + ", ".join(f"{k} {_gb(v)}" for k, v in plan.items() if v))

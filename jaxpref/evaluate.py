@@ -94,7 +94,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
     if len(data) == 0:
         raise ConfigError(f"{cfg.source}: the {split} split has no usable pair")
 
-    params = weights.load_params(bundle)
+    params = bundle.runtime_params(weights.load_params(bundle))
     lora = None
     if adapter:
         lora, spec = load_adapter(adapter_dir(adapter), bundle, abstract)
@@ -105,8 +105,8 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
         if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
             raise ConfigError(f"{cfg.source}: reference model `{entry.ref_model_id}` has a different tokenizer from the policy")
         ref_bundle = weights.build(rsrc, cfg.training.param_dtype, cfg.training.compute_dtype,
-                                   vocab_chunk=cfg.training.vocab_chunk)
-        ref_params = weights.load_params(ref_bundle)
+                                   **pipeline.run_options(cfg))
+        ref_params = ref_bundle.runtime_params(weights.load_params(ref_bundle))
 
     B = cfg.training.per_device_eval_batch_size
     S = 2 * B

@@ -31,11 +31,14 @@ class FlopModel:
         return cls(base, low, 2 * args.num_heads * args.head_dim * args.num_layers,
                    args.hidden_size * args.vocab_size)
 
-    def step(self, rows: int, T: int, K: int, micro: int = 1, reference: bool = True) -> float:
+    def step(self, rows: int, T: int, K: int, micro: int = 1, reference: bool = True,
+             blocks: tuple[int, int] | None = None) -> float:
         """FLOPs of one optimizer step: `micro` micro-batches of `rows` rows x T tokens, K target
-        slots per row; `reference` adds the reference forward."""
+        slots per row; `reference` adds the reference forward. `blocks` = (per row, Tb): the rows
+        are padding-free streams whose attention runs in that many blocks of Tb slots."""
         passes = 3 if reference else 2
         tokens = micro * rows * T
-        macs = tokens * (self.base * passes + self.attn * T * (passes + 1) + self.lora * 3) \
+        attended = micro * rows * (blocks[0] * blocks[1] ** 2 if blocks else T * T)
+        macs = tokens * (self.base * passes + self.lora * 3) + attended * self.attn * (passes + 1) \
             + micro * rows * K * self.head * passes
         return 2.0 * macs

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from jaxpref import losses
-from jaxpref.batching import BatchIterator, Layout, _empty, _place, _truncate, bucket_for, compact_targets
+from jaxpref.batching import BatchIterator, Layout, _empty, _place, _truncate, bucket_for
 from jaxpref.data import Tokenized
 
 
@@ -46,39 +46,34 @@ class UnpairedIterator(BatchIterator):
     def _parts(self, micro, T):
         return [make_unpaired_batch(self.data, m, self.layout, T) for m in micro]
 
-    def _needs(self, micro):
-        """(T, K) of the completion rows and KL rows (prompt i with completion i-1) of these
-        micro-batches."""
-        t = k = 1
-        for m in micro:
+    def _rows(self, m: np.ndarray) -> list[tuple[int, int]]:
+        """(tokens, completion tokens) of each row: completion rows, then KL rows (prompt i
+        with completion i-1)."""
+        out = []
+        for kl in (False, True):
             for row, i in enumerate(m):
-                for c in (self.data.completion[i], self.data.completion[m[kl_partner(row, len(m))]]):
-                    ids, n_p = _truncate(self.data.prompt[i], c, self.layout.max_length,
-                                         self.layout.truncation_mode)
-                    t, k = max(t, len(ids)), max(k, len(ids) - n_p)
-        return t, k
+                c = self.data.completion[m[kl_partner(row, len(m))] if kl else i]
+                ids, n_p = _truncate(self.data.prompt[i], c, self.layout.max_length, self.layout.truncation_mode)
+                out.append((len(ids), len(ids) - n_p))
+        return out
 
-    def _cover(self):
+    def _needs(self, micro):
+        """(T, K) of the completion rows and KL rows of these micro-batches (padding-free: the
+        streams' (L, K, Tb))."""
+        if self.layout.padding_free:
+            return super()._needs(micro)
+        rows = [r for m in micro for r in self._rows(m)]
+        return max(max(t for t, _ in rows), 1), max(max(k for _, k in rows), 1)
+
+    def _unit_needs(self, m):
+        return [(t - (t > 0), k) for t, k in self._rows(m)]
+
+    def _row_cover(self):
         # A KL row joins prompt i with another example's completion: bound by the longest one.
         longest = max(len(c) for c in self.data.completion)
         cap = self.layout.max_length
         T = max(len(p) + longest if cap is None else min(len(p) + longest, cap) for p in self.data.prompt)
         return T, min(longest, T)
-
-    def make(self, idx: np.ndarray) -> dict:
-        micro = self._micro(idx)
-        T, K = self._shape(micro)
-        parts = self._parts(micro, T)
-        S = 2 * self.B
-        if K is None:
-            K = min(bucket_for(max(self._target_need(parts), 1), self.layout.target_buckets), T)
-        out = []
-        for p in parts:
-            label = p.pop("kto_label")
-            c = compact_targets(p, S, K)
-            c["kto_label"] = label
-            out.append(c)
-        return {k: np.stack([p[k] for p in out]) for k in out[0]}
 
 
 def micro_loss_kto(st, ref: jax.Array, mb: dict, spec, num_seqs: int):

@@ -35,6 +35,11 @@ def lora_spec_for(cfg: Config, bundle_arch, abstract_params) -> LoraSpec | None:
     return LoraSpec(lo.r, lo.lora_alpha, targets, lo.use_rslora, lo.lora_dropout, lo.init)
 
 
+def run_options(cfg: Config) -> dict:
+    """Model options that change how the forward runs, never its numbers (policy and reference)."""
+    return {"vocab_chunk": cfg.training.vocab_chunk, "scan_layers": cfg.training.scan_layers}
+
+
 def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bool = True):
     """-> (bundle with LoRA options set, tokenizer, lora spec or None, abstract params)."""
     entry = cfg.models[index]
@@ -42,7 +47,7 @@ def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bo
     tok = load_tokenizer(src, entry.tokenizer_id)
     bundle = weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype,
                            gradient_checkpointing=cfg.gradient_checkpointing,
-                           remat_policy=cfg.finetuning.remat_policy, vocab_chunk=cfg.training.vocab_chunk)
+                           remat_policy=cfg.finetuning.remat_policy, **run_options(cfg))
     abstract = bundle.abstract_params()
     spec = lora_spec_for(cfg, bundle.arch, abstract)
     if spec is not None:
@@ -91,7 +96,8 @@ def data_for(cfg: Config, tok, max_rows: int | None = None, cache_root: Path | N
                     pack_length=tr.pack_length or (tr.max_length if tr.pair_layout == "packed" else
                                                    int(1.5 * tr.max_length) if tr.max_length else None),
                     full_span=(cfg.post_training.method == "orpo"
-                               and cfg.post_training.orpo_nll_span == "prompt_and_completion"))
+                               and cfg.post_training.orpo_nll_span == "prompt_and_completion"),
+                    padding_free=tr.padding_free)
     return PreparedData(train, ev, report, layout)
 
 
@@ -102,4 +108,9 @@ def plan_shapes(it, cfg: Config, args, abstract, steps: int) -> tuple:
         return ()
     from jaxpref.flops import FlopModel
     fm = FlopModel.of(abstract, args)
-    return it.plan_shapes(steps, lambda T, K: fm.step(1, T, K), cfg.training.max_shapes)
+    if it.layout.padding_free:
+        per = it.units_per_stream()
+        cost = lambda L, K, Tb: fm.step(1, L, K, blocks=(per, Tb))
+    else:
+        cost = lambda T, K: fm.step(1, T, K)
+    return it.plan_shapes(steps, cost, cfg.training.max_shapes)

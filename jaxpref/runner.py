@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpref import pipeline
-from jaxpref.batching import BatchIterator
+from jaxpref.batching import BatchIterator, shape_key
 from jaxpref.config import Config, dump_config
 from jaxpref.errors import ConfigError, JaxprefError
 from jaxpref.export import load_adapter, save_adapter
@@ -61,6 +61,8 @@ def model_config(cfg: Config, index: int) -> Config:
 
 def host_tokens(batch: dict, layout_kind: str) -> int:
     """Tokens in TRL's accounting (prompt counted with each completion), whatever the layout."""
+    if "trl_tokens" in batch:  # padding-free: counted before the stream left tokens out
+        return int(batch["trl_tokens"].sum())
     seg = batch["segment_ids"] > 0
     n = int(seg.sum())
     if "shared_prompt" in layout_kind:
@@ -139,6 +141,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
 
     bundle, tok, lspec, abstract = pipeline.model_for(cfg, index, training=True)
     prepared = pipeline.data_for(cfg, tok)
+    # Padding-free: one stream of rows per data-parallel shard.
+    prepared.layout = replace(prepared.layout, streams=dp)
     spec = loss_spec(cfg)
     mode = ref_mode(cfg, spec, lspec is not None)
     # The global batch: per-device pairs times the data-parallel size of the mesh.
@@ -166,7 +170,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         rtok = load_tokenizer(rsrc)
         if rtok.get_vocab() != tok.get_vocab():
             raise ConfigError(f"{cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
-        ref_bundle = weights.build(rsrc, tcfg.param_dtype, tcfg.compute_dtype, vocab_chunk=tcfg.vocab_chunk)
+        ref_bundle = weights.build(rsrc, tcfg.param_dtype, tcfg.compute_dtype, **pipeline.run_options(cfg))
         if rid != entry.huggingface_id:
             ref_abstract = ref_bundle.abstract_params()
             ref_params = weights.load_params(ref_bundle, shardings=mesh_mod.shardings(
@@ -187,6 +191,13 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         mode = "initial_adapter"
         ref_params = jax.tree_util.tree_map(jnp.copy, lora)
         ref_bundle = bundle.with_args(deterministic=True)
+    # With `training.scan_layers` off the step reads one weight tree per layer: split once, here.
+    shared_ref = ref_params is params
+    params = bundle.runtime_params(params)
+    if shared_ref:
+        ref_params = params
+    elif mode == "separate":
+        ref_params = ref_bundle.runtime_params(ref_params)
     optimizer, schedule = make_optimizer(tcfg, total)
     if mode == "initial_adapter":
         ref_params = jax.device_put(ref_params, mesh_mod.replicated(mesh))
@@ -276,7 +287,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                     ref_batch = jax.device_put(batch_reference(ref_table, next_indices(it), G),
                                                mesh_mod.replicated(mesh))
                 batch, epoch = next(it)
-                shape = batch["input_ids"].shape + batch["tgt_ids"].shape[-1:]
+                shape = shape_key(batch)
                 ntok = host_tokens(batch, prepared.layout.kind)
                 total_tokens += ntok
                 window_tokens += ntok
@@ -405,7 +416,7 @@ def memory_plan_for(cfg, bundle, params, lora, shapes, dp, mesh, runtime: int) -
     """The dry-run's plan for the largest batch this run saw (runtime: RSS when it is computed)."""
     from jaxpref.dryrun import memory_plan
     n, t, k = (max(s[i] for s in shapes) for i in (1, 2, 3))   # shapes: (G, rows, T, K)
-    plan = memory_plan(cfg, bundle.args, count(params), count(lora), n // dp, t, k, mesh=mesh, runtime=runtime)
+    plan = memory_plan(cfg, bundle.args, count(params), count(lora), max(n // dp, 1), t, k, mesh=mesh, runtime=runtime)
     return {k: round(v / 2**20, 1) for k, v in plan.items()}
 
 

@@ -15,6 +15,7 @@ import optax
 from jaxpref import losses
 from jaxpref.losses import LossSpec, PairStats
 from jaxpref.head import head_logps
+from jaxpref.models.layers import AttnBlocks
 
 
 def attention_mask(segment_ids: jax.Array, branch: jax.Array) -> jax.Array:
@@ -26,6 +27,17 @@ def attention_mask(segment_ids: jax.Array, branch: jax.Array) -> jax.Array:
     causal = jnp.tril(jnp.ones((t, t), bool))[None]
     allowed = (q_seg == k_seg) & (k_seg > 0) & causal & ((k_br == 0) | (k_br == q_br))
     return allowed | jnp.eye(t, dtype=bool)[None]
+
+
+def stream_blocks(mb: dict) -> AttnBlocks:
+    """A padding-free micro-batch's attention blocks: each original row's tokens gathered from its
+    stream (`blk_idx`, -1 = empty slot) with that row's own mask."""
+    r, per, tb = mb["blk_idx"].shape
+    idx = mb["blk_idx"].reshape(r, per * tb)
+    ok = idx >= 0
+    take = lambda x: jnp.where(ok, jnp.take_along_axis(x, jnp.maximum(idx, 0), axis=1), 0)
+    seg, br = take(mb["segment_ids"]).reshape(-1, tb), take(mb["branch"]).reshape(-1, tb)
+    return AttnBlocks(idx, mb["blk_back"], attention_mask(seg, br))
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,8 @@ def token_logps(bundle, params, lora, mb: dict, rngs=None, need_wpo: bool = Fals
     The LM head runs on the K gathered positions only (`jaxpref.head`). Returns (logp, mean_logit, wpo_aligned),
     each [N, K] float32."""
     mask = attention_mask(mb["segment_ids"], mb["branch"])
+    if "blk_idx" in mb:
+        mask = stream_blocks(mb)
     hidden = bundle.hidden(params, lora, mb["input_ids"], mb["positions"], mask, rngs=rngs)
     h = jnp.take_along_axis(hidden, mb["tgt_src"][..., None], axis=1)
     return head_logps(h, bundle.head(params), mb["tgt_ids"], bundle.args.vocab_chunk, need_wpo)

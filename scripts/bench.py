@@ -87,7 +87,8 @@ def step_flops(abstract, lora, batch: dict, args, ref_pass: bool) -> float:
     from jaxpref.flops import FlopModel
     G, N, T = batch["input_ids"].shape
     K = batch["tgt_ids"].shape[-1]
-    return FlopModel.of(abstract, args, lora).step(N, T, K, G, ref_pass)
+    blocks = batch["blk_idx"].shape[-2:] if "blk_idx" in batch else None
+    return FlopModel.of(abstract, args, lora).step(N, T, K, G, ref_pass, blocks)
 
 
 def run_jax(args) -> dict:
@@ -96,6 +97,7 @@ def run_jax(args) -> dict:
     import numpy as np
 
     from jaxpref import pipeline, runner
+    from jaxpref.batching import shape_key
     from jaxpref.config import load_config
     from jaxpref.lora import init_lora
     from jaxpref.models import weights
@@ -117,17 +119,17 @@ def run_jax(args) -> dict:
     # The shapes the real run would plan (over all its steps), not just the timed ones.
     run_steps = tcfg.total_steps(it.steps_per_epoch)
     planned = pipeline.plan_shapes(it, cfg, bundle.args, abstract, max(run_steps, total))
-    params = weights.load_params(bundle)
+    params = bundle.runtime_params(weights.load_params(bundle))
     ref_bundle, ref_params = None, None
     if mode == "separate":
         rid = entry.ref_model_id or entry.huggingface_id
         if rid != entry.huggingface_id:
             from jaxpref.models.source import resolve
-            ref_bundle = weights.build(resolve(rid), tcfg.param_dtype, tcfg.compute_dtype, vocab_chunk=tcfg.vocab_chunk)
-            ref_params = weights.load_params(ref_bundle)
+            ref_bundle = weights.build(resolve(rid), tcfg.param_dtype, tcfg.compute_dtype, **pipeline.run_options(cfg))
+            ref_params = ref_bundle.runtime_params(weights.load_params(ref_bundle))
         else:
             ref_bundle, ref_params = weights.build(bundle.source, tcfg.param_dtype, tcfg.compute_dtype,
-                                                   vocab_chunk=tcfg.vocab_chunk), params
+                                                   **pipeline.run_options(cfg)), params
     rng = jax.random.PRNGKey(tcfg.seed)
     lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)
@@ -143,7 +145,7 @@ def run_jax(args) -> dict:
     compile_s, recompile_s = None, []
     for i in range(total):
         batch, _ = next(it)
-        shape = tuple(batch["input_ids"].shape) + tuple(batch["tgt_ids"].shape[-1:])
+        shape = shape_key(batch)
         new_shape = shape not in shapes
         shapes.add(shape)
         c0, t0 = cpu_s(), time.perf_counter()

@@ -1,5 +1,9 @@
 """First logged step of a jaxpref run equals TRL's trainer on the same tiny model, data, batch and
-LoRA initial values (a PEFT adapter with random A and B, imported with `lora.init_from`)."""
+LoRA initial values (a PEFT adapter with random A and B, imported with `lora.init_from`).
+
+Each method is also run padding-free (`training.padding_free`, rows end to end with per-row
+attention) over per-layer weights (`training.scan_layers: false`): the same numbers as TRL, and
+the same token count."""
 from __future__ import annotations
 
 import json
@@ -53,13 +57,16 @@ def fresh_peft(tiny_llama, adapter):
     return PeftModel.from_pretrained(base, adapter, is_trainable=True)
 
 
-def ours(tmp, tiny_llama, data, adapter, method, batch=B, tag="", **pt):
+FAST = {"padding_free": True, "scan_layers": False}
+
+
+def ours(tmp, tiny_llama, data, adapter, method, batch=B, tag="", training=None, **pt):
     cfg = write_config(tmp / f"{method}{tag}.yaml", tiny_llama, data,
                        post_training={"method": method, "beta": 0.1, **pt},
                        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
                              "init_from": str(adapter)},
                        training={"max_steps": 1, "per_device_train_batch_size": batch, "learning_rate": 1e-3,
-                                 "max_length": 64, "logging_steps": 1})
+                                 "max_length": 64, "logging_steps": 1, **(training or {})})
     out = tmp / f"out_{method}{tag}"
     assert train.main(["--config", str(cfg), "--output-dir", str(out)]) == 0
     return json.loads((out / "tiny" / "metrics.jsonl").read_text().splitlines()[0])
@@ -94,7 +101,13 @@ def test_dpo_first_step_equals_trl(setup, tiny_llama):
                        ref_model=base_model(tiny_llama))
     mine = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "dpo", use_ref_model=True)
     assert abs(theirs["rewards/margins"]) > 1e-3  # the random LoRA makes the step non-trivial
-    assert_close(mine, theirs, KEYS + ("rewards/accuracies", "logits/chosen", "logits/rejected"))
+    keys = KEYS + ("rewards/accuracies", "logits/chosen", "logits/rejected")
+    assert_close(mine, theirs, keys)
+    for layout in ("concatenated", "shared_prompt"):
+        fast = ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "dpo", tag=f"_fast_{layout}",
+                    training={**FAST, "pair_layout": layout}, use_ref_model=True)
+        assert_close(fast, theirs, keys)
+        assert fast["num_tokens"] == mine["num_tokens"]
 
 
 def test_dpo_from_existing_adapter_uses_it_as_reference_like_trl(setup, tiny_llama):
@@ -116,6 +129,10 @@ def test_kto_first_step_equals_trl(setup, tiny_llama):
     mine = ours(tmp, tiny_llama, tmp / "unpaired.jsonl", adapter, "kto", use_ref_model=True)
     assert abs(theirs["rewards/chosen"]) > 1e-4
     assert_close(mine, theirs, KEYS + ("kl",))
+    fast = ours(tmp, tiny_llama, tmp / "unpaired.jsonl", adapter, "kto", tag="_fast", training=FAST,
+                use_ref_model=True)
+    assert_close(fast, theirs, KEYS + ("kl",))
+    assert fast["num_tokens"] == mine["num_tokens"]
 
 
 def test_kto_on_paired_data_equals_trl(setup, tiny_llama):
@@ -150,4 +167,8 @@ def test_orpo_first_step_equals_trl(setup, tiny_llama, tmp_path):
     args = trl_common(tmp)
     theirs = first_log(ORPOTrainer, ORPOConfig(**args), pairs, tok, fresh_peft(model_dir, adapter))
     mine = ours(tmp, model_dir, tmp / "pairs.jsonl", adapter, "orpo", tag="_orpo")
-    assert_close(mine, theirs, KEYS + ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies"))
+    keys = KEYS + ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies")
+    assert_close(mine, theirs, keys)
+    fast = ours(tmp, model_dir, tmp / "pairs.jsonl", adapter, "orpo", tag="_orpo_fast",
+                training={**FAST, "pair_layout": "shared_prompt"})
+    assert_close(fast, theirs, keys)

@@ -7,6 +7,7 @@ the `lora` collection left out: one base tree, no copy.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -151,11 +152,37 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttnBlocks:
+    """Attention over blocks of a padding-free stream (`jaxpref.padfree`): a row [L] holds several
+    sequences end to end; slot j of row r's blocks (flattened [blocks * Tb]) reads stream position
+    `idx[r, j]` (-1: empty slot), stream position p reads its output back from slot `back[r, p]`,
+    and `mask` [R * blocks, Tb, Tb] is each block's own attention mask."""
+    idx: jax.Array
+    back: jax.Array
+    mask: jax.Array
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
     """q [B,T,N,H], k/v [B,S,K,H] (grouped-query when K < N), mask [B,T,S] bool -> [B,T,N,H].
 
+    With `mask` an `AttnBlocks`, the rows are padding-free streams: q, k and v are gathered into
+    their blocks, attended block by block, and the outputs put back in stream order.
     Goes through `jax.nn.dot_product_attention` so that GPUs can pick cuDNN's fused kernel.
     """
+    if isinstance(mask, AttnBlocks):
+        r, t = q.shape[:2]
+        nb, tb = mask.mask.shape[:2]
+        idx = jnp.maximum(mask.idx, 0)[:, :, None, None]
+        blocks = lambda x: jnp.take_along_axis(x, idx, axis=1).reshape(nb, tb, *x.shape[2:])
+        out = _attend(blocks(q), blocks(k), blocks(v), mask.mask)
+        out = out.reshape(r, -1, *out.shape[2:])
+        return jnp.take_along_axis(out, mask.back[:, :, None, None], axis=1)
+    return _attend(q, k, v, mask)
+
+
+def _attend(q, k, v, mask):
     if upcast_on_cpu(q.dtype):
         f = jnp.float32
         out = jax.nn.dot_product_attention(q.astype(f), k.astype(f), v.astype(f), mask=mask[:, None, :, :])

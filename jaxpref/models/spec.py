@@ -1,6 +1,7 @@
 """What every architecture module provides: its arguments and its weight-name table."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ class ArchArgs:
     gradient_checkpointing: bool = False
     remat_policy: str = "nothing_saveable"
     vocab_chunk: int = 0              # LM head over this many vocabulary columns at a time (0: all)
+    # False: the layers run as a Python loop over per-layer weights (`ModelBundle.runtime_params`)
+    # instead of a scan over stacked ones. No per-layer weight copies and no stacked activations,
+    # for a longer compile (it grows with depth).
+    scan_layers: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,73 @@ def remat_policy(name: str):
 
 def stacked(block, args: ArchArgs, in_axes=None):
     """`block` repeated `num_layers` times with `nn.scan` (parameters stacked on a leading layer
-    axis; compile time does not grow with depth), rematerialised when gradient checkpointing is on."""
+    axis; compile time does not grow with depth), rematerialised when gradient checkpointing is on.
+    With `args.scan_layers` off, a loop of `num_layers` blocks named "0", "1", ... instead (the
+    same parameters, one tree per layer: `split_layers`)."""
     import flax.linen as nn
 
     if args.gradient_checkpointing:
         block = nn.remat(block, prevent_cse=False, policy=remat_policy(args.remat_policy))
+    axes = nn.broadcast if in_axes is None else in_axes
+    if not args.scan_layers:
+        return functools.partial(_Loop, block, tuple(axes) if isinstance(axes, (tuple, list)) else None)
     return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=nn.broadcast if in_axes is None else in_axes, length=args.num_layers)
+                   in_axes=axes, length=args.num_layers)
+
+
+def _Loop(block, in_axes, args, name=None):
+    import flax.linen as nn
+
+    class Layers(nn.Module):
+        """The blocks one after another; inputs with in_axis 0 are indexed per layer."""
+        a: Any
+
+        @nn.compact
+        def __call__(self, x, *inputs):
+            for i in range(self.a.num_layers):
+                xs = [v if in_axes is None or in_axes[j] is nn.broadcast else v[i] for j, v in enumerate(inputs)]
+                x, _ = block(self.a, name=str(i))(x, *xs)
+            return x, None
+
+    return Layers(args, name=name)
+
+
+def split_layers(tree: dict, num_layers: int, consume: bool = False) -> dict:
+    """A tree whose "layers" leaves are stacked [L, ...] -> "layers" as {"0": layer 0's tree, ...}
+    (what `scan_layers: False` reads). Trees already split are returned as they are. `consume`
+    empties the given tree's "layers" leaf by leaf as they are split, so that the peak is one
+    copy of the weights plus one stacked leaf (the caller must not use that tree again). Inside a
+    differentiated function the gradients of the pieces are stacked back in one concatenation."""
+    from flax import traverse_util
+
+    if "layers" not in tree or "0" in tree["layers"]:
+        return tree
+    paths = list(traverse_util.flatten_dict(tree["layers"]))
+    per = [{} for _ in range(num_layers)]
+    for path in paths:
+        parent = tree["layers"]
+        for k in path[:-1]:
+            parent = parent[k]
+        leaf = parent.pop(path[-1]) if consume else parent[path[-1]]
+        for i, piece in enumerate(_unstack(leaf)):
+            per[i][path] = piece
+        del leaf
+    return {**tree, "layers": {str(i): traverse_util.unflatten_dict(per[i]) for i in range(num_layers)}}
+
+
+@jax.custom_vjp
+def _unstack(x: jax.Array) -> tuple:
+    """x [L, ...] -> its L slices. (Autodiff of plain slicing would pad each slice's gradient to
+    [L, ...] and add them up: L full-size buffers per leaf.)"""
+    return tuple(x[i] for i in range(x.shape[0]))
+
+
+def _unstack_fwd(x):
+    return _unstack(x), None
+
+
+def _unstack_bwd(_, cts):
+    return (jnp.stack(cts),)
+
+
+_unstack.defvjp(_unstack_fwd, _unstack_bwd)

@@ -20,6 +20,7 @@ from flax import traverse_util
 from jaxpref.errors import ModelSourceError
 from jaxpref.models import Architecture, get_architecture
 from jaxpref.models.source import ModelSource
+from jaxpref.models.spec import split_layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -36,8 +37,18 @@ class ModelBundle:
         args = replace(self.args, **changes)
         return ModelBundle(self.source, self.arch, args, self.arch.model_cls(args))
 
+    def runtime_params(self, params: dict) -> dict:
+        """The base tree as the step should receive it: with `scan_layers` off, one tree per layer,
+        split once outside jit (a slice of a stacked weight inside the step is a copy per call).
+        The stacked tree given is consumed: use only the returned one."""
+        return params if self.args.scan_layers else split_layers(params, self.args.num_layers, consume=True)
+
     def hidden(self, params, lora, input_ids, positions, mask, rngs=None):
-        """Final hidden states [B, T, D]; `lora=None` is the reference (adapter off)."""
+        """Final hidden states [B, T, D]; `lora=None` is the reference (adapter off). Stacked or
+        split layer trees are both accepted; the stacked LoRA is split inside the step."""
+        if not self.args.scan_layers:
+            params = split_layers(params, self.args.num_layers)
+            lora = None if lora is None else split_layers(lora, self.args.num_layers)
         variables = {"params": params} if lora is None else {"params": params, "lora": lora}
         return self.module.apply(variables, input_ids, positions, mask, rngs=rngs)
 
@@ -49,7 +60,8 @@ class ModelBundle:
         """The parameter tree as ShapeDtypeStructs, without reading or allocating weights."""
         ids = jnp.zeros((1, 2), jnp.int32)
         mask = jnp.ones((1, 2, 2), bool)
-        return jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0), ids, ids, mask))["params"]
+        module = self.arch.model_cls(replace(self.args, scan_layers=True))  # the stacked tree
+        return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, mask))["params"]
 
 
 def build(source: ModelSource, param_dtype: str = "float32", compute_dtype: str = "float32",
