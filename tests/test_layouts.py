@@ -20,6 +20,7 @@ from flax import traverse_util
 from conftest import perturbed_llama
 from jaxpref.batching import pack_rows, BatchIterator, Layout, compact_targets, make_pair_batch
 from jaxpref.data import Tokenized
+from jaxpref.padfree import built_needs, to_stream
 from jaxpref.lora import LoraSpec, init_lora
 from jaxpref.losses import LossSpec
 from jaxpref.models.source import resolve
@@ -30,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "checkpoints" / ".cache"
 VOCAB = 128
 LAYOUTS = ("concatenated", "shared_prompt", "packed", "packed_shared_prompt")
+# Padding-free (`training.padding_free`): "+pf" one stream per micro-batch, "+pf2" two streams (two
+# data-parallel shards).
+PADDING_FREE = ("concatenated+pf", "shared_prompt+pf", "shared_prompt+pf2", "concatenated+pf2")
 # (max_length, truncation_mode): untruncated; keep_start cuts completion ends; keep_end cuts
 # prompt starts by different amounts for chosen and rejected (shared_prompt then places the pair
 # as two segments of one row).
@@ -72,9 +76,17 @@ def pairs() -> Tokenized:
 
 def _batch(data: Tokenized, kind: str, max_length=None, mode="keep_start", ld_alpha=None) -> dict:
     """All pairs as one micro-batch. T and K are pinned so that each layout compiles once."""
+    kind, _, pf = kind.partition("+pf")
     layout = Layout(kind, max_length, mode, ld_alpha=ld_alpha, full_span=True)
     idx = np.arange(len(data))
     b = make_pair_batch(data, idx, layout, length=40)
+    if _ == "+pf":
+        S, streams = 2 * len(idx), int(pf or 1)
+        unit = compact_targets(b, S, k=40)
+        L, K, Tb = built_needs(unit, S, streams)
+        assert L < unit["input_ids"].size // streams  # really without padding
+        mb = to_stream(unit, S, streams, 240, 240, 40, shared_prompt=kind == "shared_prompt")
+        return {k: jnp.asarray(v) for k, v in mb.items()}
     if kind.startswith("packed"):
         # Several sequences (or shared-prompt pairs) per row, block-diagonal attention.
         b = pack_rows(b, 80, 2 * len(idx), min_rows=8)
@@ -131,11 +143,11 @@ def _torch_logps(model, data: Tokenized, max_length, mode) -> np.ndarray:
 def test_layouts_give_the_same_sequence_logps(tiny, pairs, fns, max_length, mode):
     _, _, lora, model = tiny
     got = {}
-    for kind in LAYOUTS:
+    for kind in LAYOUTS + PADDING_FREE:
         mb = _batch(pairs, kind, max_length, mode)
         got[kind] = (np.asarray(fns["logps"](None, mb)), np.asarray(fns["logps"](lora, mb)))
     (ref_c, pol_c), (ref_s, pol_s) = got["concatenated"], got["shared_prompt"]
-    for kind in LAYOUTS[2:]:
+    for kind in LAYOUTS[2:] + PADDING_FREE:
         assert np.abs(got[kind][0] - ref_c).max() <= 1e-5, kind
         assert np.abs(got[kind][1] - pol_c).max() <= 1e-5, kind
     print(f"layouts {max_length} {mode}: ref {np.abs(ref_c - ref_s).max():.1e}, "
@@ -152,12 +164,12 @@ def test_layouts_give_the_same_sequence_logps(tiny, pairs, fns, max_length, mode
 def test_layouts_give_the_same_dpo_loss(tiny, pairs, fns):
     _, _, lora, _ = tiny
     out = {}
-    for kind in LAYOUTS:
+    for kind in LAYOUTS + PADDING_FREE:
         loss, m = fns["loss"](lora, _batch(pairs, kind))
         out[kind] = (float(loss), np.asarray(m["rewards/margins"]))
     (lc, mc), (ls, ms) = out["concatenated"], out["shared_prompt"]
     assert abs(lc - ls) <= 1e-6 and np.abs(mc - ms).max() <= 1e-6
-    for kind in LAYOUTS[2:]:
+    for kind in LAYOUTS[2:] + PADDING_FREE:
         assert abs(out[kind][0] - lc) <= 1e-6 and np.abs(out[kind][1] - mc).max() <= 1e-6, kind
     assert abs(lc - np.log(2)) > 1e-3
     # At B = 0 the policy is the reference: the loss is ln 2 in both layouts.
@@ -170,8 +182,8 @@ def test_layouts_give_the_same_dpo_loss(tiny, pairs, fns):
 def test_ld_alpha_weighting_is_the_same_in_both_layouts(tiny, pairs, fns):
     _, _, _, model = tiny
     alpha = 0.3
-    got = {kind: np.asarray(fns["logps"](None, _batch(pairs, kind, ld_alpha=alpha))) for kind in LAYOUTS}
-    for kind in LAYOUTS[1:]:
+    got = {kind: np.asarray(fns["logps"](None, _batch(pairs, kind, ld_alpha=alpha))) for kind in LAYOUTS + PADDING_FREE}
+    for kind in LAYOUTS[1:] + PADDING_FREE:
         assert np.abs(got["concatenated"] - got[kind]).max() <= 1e-5, kind
     # LD-DPO: the first min(|y_c|, |y_r|) tokens count fully, the rest times alpha (transformers).
     want = []
@@ -188,8 +200,8 @@ def test_ld_alpha_weighting_is_the_same_in_both_layouts(tiny, pairs, fns):
 
 def test_orpo_full_span_is_the_same_in_both_layouts(tiny, pairs, fns):
     _, _, lora, _ = tiny
-    c, s, pk, pks = (fns["stats"](lora, _batch(pairs, kind)) for kind in LAYOUTS)
-    for other in (pk, pks):
+    c, s, *others = (fns["stats"](lora, _batch(pairs, kind)) for kind in LAYOUTS + PADDING_FREE)
+    for other in others:
         np.testing.assert_allclose(np.asarray(other.nll_full_chosen), np.asarray(c.nll_full_chosen), atol=1e-5)
         np.testing.assert_array_equal(np.asarray(other.len_full_chosen), np.asarray(c.len_full_chosen))
     np.testing.assert_allclose(np.asarray(c.nll_full_chosen), np.asarray(s.nll_full_chosen), atol=1e-5, rtol=0)
@@ -210,13 +222,14 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("kind", LAYOUTS + PADDING_FREE)
 def test_restored_iterator_continues_exactly(kind):
     rng = np.random.default_rng(1)
     ids = lambda: [int(x) for x in rng.integers(3, VOCAB, rng.integers(1, 20))]
     n = 23  # 5 steps of 2x2 pairs per epoch; 3 pairs left over, a different 3 each epoch
     data = Tokenized([ids() for _ in range(n)], [ids() for _ in range(n)], [ids() for _ in range(n)])
-    layout = Layout(kind, 32, buckets=(16, 32, 64))
+    kind, pf, streams = kind.partition("+pf")
+    layout = Layout(kind, 32, buckets=(16, 32, 64), padding_free=bool(pf), streams=int(streams or 1))
     steps = 13  # crosses two epoch boundaries
     base = BatchIterator(data, 2, 2, seed=7, layout=layout)
     want = [next(base) for _ in range(steps)]
@@ -250,10 +263,11 @@ def quickstart():
     return cfg, tok, pipeline
 
 
-@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("kind", LAYOUTS + PADDING_FREE[:2])
 def test_quickstart_epoch_compiles_few_shapes(quickstart, kind):
     cfg, tok, pipeline = quickstart
-    cfg.training.pair_layout = kind
+    cfg.training.pair_layout, pf, _ = kind.partition("+pf")
+    cfg.training.padding_free = bool(pf)
     cfg.training.max_length = 128
     cfg.training.per_device_train_batch_size = 4
     cfg.training.gradient_accumulation_steps = 1

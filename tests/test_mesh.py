@@ -38,14 +38,17 @@ MESHES = {
     "2x4x1": ({"data": 2, "fsdp": 4, "tensor": 1}, None, 1),
     "1x8x1": ({"data": 1, "fsdp": 8, "tensor": 1}, None, 1),
     "2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, None, 2),
+    # Padding-free shared-prompt rows: one stream per data shard (4 streams of 2 pairs).
+    "2x2x2 padding-free": ({"data": 2, "fsdp": 2, "tensor": 2}, None, 2),
 }
+TRAINING = {"2x2x2 padding-free": {"padding_free": True, "pair_layout": "shared_prompt"}}
 
 
 def test_meshes_give_single_device_numbers(tmp_path, tiny_llama):
     from conftest import write_pairs
     data = write_pairs(tmp_path / "pairs.jsonl", n=32)
-    jobs = [{"out": str(tmp_path / name), "mesh": mesh, "device_ids": ids, "per_device": pd}
-            for name, (mesh, ids, pd) in MESHES.items()]
+    jobs = [{"out": str(tmp_path / name), "mesh": mesh, "device_ids": ids, "per_device": pd,
+             "training": TRAINING.get(name, {})} for name, (mesh, ids, pd) in MESHES.items()]
     _run({"model": str(tiny_llama), "data": str(data), "jobs": jobs},
          {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
     ref = _losses(tmp_path / "single" / "tiny")

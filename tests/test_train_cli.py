@@ -98,6 +98,9 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
     ({"lora": {"target_modules": ["q_proj", "nonexistent"]}}, ["nonexistent", "q_proj"]),
     ({"training": {"max_shapes": 0}}, ["training.max_shapes", ">= 1"]),
     ({"training": {"vocab_chunk": -8}}, ["training.vocab_chunk", ">= 0"]),
+    ({"training": {"padding_free": True, "pair_layout": "packed"}}, ["training.padding_free", "packed"]),
+    ({"training": {"padding_free": "yes"}}, ["training.padding_free"]),
+    ({"training": {"scan_layers": 3}}, ["training.scan_layers"]),
 ])
 def test_dry_run_bad_config_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, change, needles):
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, **change)
