@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxpref.batching import BatchIterator, Layout, choose_shapes
+from jaxpref.batching import BatchIterator, Layout, choose_shapes, compact_targets, shape_key
 from jaxpref.data import Tokenized
 from jaxpref.kto import UnpairedIterator
 
@@ -130,3 +130,31 @@ def test_plan_covers_orpo_span_targets(kind):
         scored = lambda x: ((x["tgt_seq"] < 6) | (x["tgt_full"] > 0)).sum(axis=-1)
         np.testing.assert_array_equal(scored(b), scored(a))
         assert scored(b).max() > 0
+
+
+@pytest.mark.parametrize("kind,max_length,mode", [("shared_prompt", 128, "keep_start"),
+                                                   ("shared_prompt", 40, "keep_end"),
+                                                   ("concatenated", 40, "keep_start")])
+@pytest.mark.parametrize("streams", [1, 2])
+def test_padding_free_needs_from_lengths_equal_the_built_streams(kind, max_length, mode, streams):
+    """The plan's (L, K, Tb) come from sequence lengths; the streams built from the same pairs
+    (dead tokens found on the arrays) must need exactly L and Tb, and at most K."""
+    from jaxpref.padfree import built_needs
+    data = random_pairs(60, seed=4)
+    data.prompt[3] = []  # an empty prompt
+    layout = Layout(kind, max_length, mode, full_span=False, padding_free=True, streams=streams)
+    it = BatchIterator(data, 4, 2, 5, layout)
+    shapes = it.plan_shapes(7, lambda L, K, Tb: L * 100 + K * 30 + Tb * Tb, max_shapes=2)
+    S = 8
+    for _ in range(7):
+        idx, it.epoch, it.index = it._advance(it.epoch, it.index)
+        micro = it._micro(idx)
+        L, K, Tb = it._needs(micro)
+        units = [compact_targets(p, S) for p in it._parts(micro, None)]
+        built = [built_needs(u, S, streams) for u in units]
+        assert max(b[0] for b in built) == L and max(b[2] for b in built) == Tb
+        assert max(b[1] for b in built) <= K
+        batch = it.make(idx)
+        assert shape_key(batch)[-4:-2] == (batch["input_ids"].shape[-1], batch["tgt_ids"].shape[-1])
+        assert (batch["input_ids"].shape[-1], batch["tgt_ids"].shape[-1], batch["blk_idx"].shape[-1]) in shapes
+        assert batch["input_ids"].shape[1] == streams
