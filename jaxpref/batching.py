@@ -15,6 +15,7 @@ step reads besides `input_ids`, `positions`, `segment_ids` and `branch`.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,12 +100,26 @@ class Layout:
     streams: int = 1
 
 
-def _empty(n: int, t: int, s: int, pad_id: int) -> dict:
+def token_rows(n: int, t: int, pad_id: int) -> dict:
+    """The arrays the model reads per token, [n, t], all padding."""
     return {
         "input_ids": np.full((n, t), pad_id, np.int32),
         "positions": np.zeros((n, t), np.int32),
         "segment_ids": np.zeros((n, t), np.int32),
         "branch": np.zeros((n, t), np.int32),
+    }
+
+
+def trl_token_count(segment_ids: np.ndarray, branch: np.ndarray, shared_prompt: bool) -> int:
+    """Tokens in TRL's accounting: every real token, a shared prompt (branch 0 of a shared-prompt
+    row) once per completion."""
+    seg = segment_ids > 0
+    return int(seg.sum() + ((seg & (branch == 0)).sum() if shared_prompt else 0))
+
+
+def _empty(n: int, t: int, s: int, pad_id: int) -> dict:
+    return {
+        **token_rows(n, t, pad_id),
         "src": np.zeros((n, t), np.int32),
         "seq": np.full((n, t), s, np.int32),
         "weight": np.zeros((n, t), np.float32),
@@ -304,7 +319,6 @@ def choose_shapes(needs: dict[tuple, int], cover: tuple, cost, max_shapes: int,
     values = [sorted({n[d] for n in needs} | {cover[d]}) for d in range(dims)]
     fits = lambda s, n: all(a >= b for a, b in zip(s, n))
     if np.prod([len(v) for v in values]) <= 4096:
-        import itertools
         cands = [c for c in itertools.product(*values) if fits(cover, c)]
     else:  # many distinct values: the needs themselves
         cands = sorted(set(needs) | {tuple(cover)})

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxpref.batching import token_rows, trl_token_count
+
 
 def dead_tokens(b: dict, num_seqs: int) -> np.ndarray:
     """[U, T] bool: real tokens of unit rows whose hidden state nothing uses. A key at p is
@@ -66,10 +68,7 @@ def to_stream(b: dict, num_seqs: int, streams: int, L: int, K: int, Tb: int, pad
     dead = dead_tokens(b, num_seqs)
     live = (b["segment_ids"] > 0) & ~dead
     out = {
-        "input_ids": np.full((R, L), pad_id, np.int32),
-        "positions": np.zeros((R, L), np.int32),
-        "segment_ids": np.zeros((R, L), np.int32),
-        "branch": np.zeros((R, L), np.int32),
+        **token_rows(R, L, pad_id),
         "blk_idx": np.full((R, per, Tb), -1, np.int32),
         "blk_back": np.zeros((R, L), np.int32),
         "tgt_src": np.zeros((R, K), np.int32),
@@ -81,7 +80,6 @@ def to_stream(b: dict, num_seqs: int, streams: int, L: int, K: int, Tb: int, pad
     }
     where = np.full((U, T), -1, np.int64)  # unit position -> stream position
     valid = (b["tgt_seq"] < num_seqs) | (b["tgt_full"] > 0)
-    shared = b["branch"] == 0
     for r in range(R):
         off = koff = 0
         for j in range(per):
@@ -108,8 +106,6 @@ def to_stream(b: dict, num_seqs: int, streams: int, L: int, K: int, Tb: int, pad
             for key in ("tgt_ids", "tgt_seq", "tgt_weight", "tgt_full"):
                 out[key][r, kd] = b[key][u, t]
             koff += len(t)
-        # TRL's count: every real token, a shared prompt once per completion (`runner.host_tokens`).
-        seg = b["segment_ids"][r * per:(r + 1) * per] > 0
-        twice = (seg & shared[r * per:(r + 1) * per]).sum() if shared_prompt else 0
-        out["trl_tokens"][r] = int(seg.sum() + twice)
+        rows = slice(r * per, (r + 1) * per)
+        out["trl_tokens"][r] = trl_token_count(b["segment_ids"][rows], b["branch"][rows], shared_prompt)
     return out

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpref import pipeline
-from jaxpref.batching import BatchIterator, shape_key
+from jaxpref.batching import BatchIterator, shape_key, trl_token_count
 from jaxpref.config import Config, dump_config
 from jaxpref.errors import ConfigError, JaxprefError
 from jaxpref.export import load_adapter, save_adapter
@@ -63,11 +63,7 @@ def host_tokens(batch: dict, layout_kind: str) -> int:
     """Tokens in TRL's accounting (prompt counted with each completion), whatever the layout."""
     if "trl_tokens" in batch:  # padding-free: counted before the stream left tokens out
         return int(batch["trl_tokens"].sum())
-    seg = batch["segment_ids"] > 0
-    n = int(seg.sum())
-    if "shared_prompt" in layout_kind:
-        n += int((seg & (batch["branch"] == 0)).sum())
-    return n
+    return trl_token_count(batch["segment_ids"], batch["branch"], "shared_prompt" in layout_kind)
 
 
 def critical_fingerprint(cfg: Config, entry, model_fp: str) -> dict:

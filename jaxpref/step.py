@@ -54,9 +54,7 @@ def token_logps(bundle, params, lora, mb: dict, rngs=None, need_wpo: bool = Fals
 
     The LM head runs on the K gathered positions only (`jaxpref.head`). Returns (logp, mean_logit, wpo_aligned),
     each [N, K] float32."""
-    mask = attention_mask(mb["segment_ids"], mb["branch"])
-    if "blk_idx" in mb:
-        mask = stream_blocks(mb)
+    mask = stream_blocks(mb) if "blk_idx" in mb else attention_mask(mb["segment_ids"], mb["branch"])
     hidden = bundle.hidden(params, lora, mb["input_ids"], mb["positions"], mask, rngs=rngs)
     h = jnp.take_along_axis(hidden, mb["tgt_src"][..., None], axis=1)
     return head_logps(h, bundle.head(params), mb["tgt_ids"], bundle.args.vocab_chunk, need_wpo)

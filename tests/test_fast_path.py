@@ -125,6 +125,15 @@ def _train(bundle, params, lora, data: list[dict]):
     return out, jax.device_get(state.lora)
 
 
+def assert_same_run(m0, lora0, m1, lora1):
+    """Every logged metric within 1e-5 (relative above 1) and the trained LoRA within 1e-5."""
+    for a, b in zip(m0, m1):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
+    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def fp32_runs(model_dir, pairs):
     """Three optimizer steps (2 micro-batches each) on the plain and on the fast path."""
@@ -138,11 +147,7 @@ def test_train_steps_match_plain_path(fp32_runs):
     _, _, (m0, lora0), (m1, lora1) = fp32_runs
     assert abs(m0[0]["loss"] - np.log(2)) < 1e-6
     assert m0[-1]["loss"] < m0[0]["loss"] - 1e-3  # training moved
-    for a, b in zip(m0, m1):
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
-    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
-        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert_same_run(m0, lora0, m1, lora1)
 
 
 def test_shared_prompt_with_planned_shapes_trains_like_the_plain_path(model_dir, pairs, fp32_runs):
@@ -155,11 +160,7 @@ def test_shared_prompt_with_planned_shapes_trains_like_the_plain_path(model_dir,
     assert all(f["input_ids"].shape[1] == B and d["input_ids"].shape[1] == 2 * B
                for f, d in zip(fast_data, data))
     m1, lora1 = _train(fast, params, lora, fast_data)
-    for a, b in zip(m0, m1):
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
-    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
-        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert_same_run(m0, lora0, m1, lora1)
 
 
 @pytest.mark.parametrize("kind", ["shared_prompt", "concatenated"])
@@ -181,11 +182,7 @@ def test_padding_free_trains_like_the_plain_path(model_dir, pairs, fp32_runs, ki
         np.testing.assert_array_equal((f["segment_ids"] > 0).sum(axis=(1, 2)), real - 2 * B)
         assert int(f["trl_tokens"].sum()) == host_tokens(d, kind)
     m1, lora1 = _train(fast, params, lora, fast_data)
-    for a, b in zip(m0, m1):
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
-    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
-        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert_same_run(m0, lora0, m1, lora1)
 
 
 @pytest.mark.parametrize("chunk", [7, 32, 95])   # 95 = V - 1: a last chunk of one column
@@ -212,11 +209,7 @@ def test_vocab_chunked_head_trains_like_the_whole_head(model_dir, fp32_runs):
     data, lora, (m0, lora0), _ = fp32_runs
     plain, _, params = bundles(model_dir)
     m1, lora1 = _train(plain.with_args(vocab_chunk=40), params, lora, data)
-    for a, b in zip(m0, m1):
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), k
-    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
-        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert_same_run(m0, lora0, m1, lora1)
 
 
 def test_bf16_matmul_on_cpu_is_fp32_accumulation_of_bf16_products():

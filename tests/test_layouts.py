@@ -76,12 +76,12 @@ def pairs() -> Tokenized:
 
 def _batch(data: Tokenized, kind: str, max_length=None, mode="keep_start", ld_alpha=None) -> dict:
     """All pairs as one micro-batch. T and K are pinned so that each layout compiles once."""
-    kind, _, pf = kind.partition("+pf")
+    kind, padding_free, streams = kind.partition("+pf")
     layout = Layout(kind, max_length, mode, ld_alpha=ld_alpha, full_span=True)
     idx = np.arange(len(data))
     b = make_pair_batch(data, idx, layout, length=40)
-    if _ == "+pf":
-        S, streams = 2 * len(idx), int(pf or 1)
+    if padding_free:
+        S, streams = 2 * len(idx), int(streams or 1)
         unit = compact_targets(b, S, k=40)
         L, K, Tb = built_needs(unit, S, streams)
         assert L < unit["input_ids"].size // streams  # really without padding

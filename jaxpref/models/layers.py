@@ -172,7 +172,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
     Goes through `jax.nn.dot_product_attention` so that GPUs can pick cuDNN's fused kernel.
     """
     if isinstance(mask, AttnBlocks):
-        r, t = q.shape[:2]
+        r = q.shape[0]
         nb, tb = mask.mask.shape[:2]
         idx = jnp.maximum(mask.idx, 0)[:, :, None, None]
         blocks = lambda x: jnp.take_along_axis(x, idx, axis=1).reshape(nb, tb, *x.shape[2:])

@@ -1,10 +1,10 @@
 """What every architecture module provides: its arguments and its weight-name table."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -61,32 +61,29 @@ def stacked(block, args: ArchArgs, in_axes=None):
     axis; compile time does not grow with depth), rematerialised when gradient checkpointing is on.
     With `args.scan_layers` off, a loop of `num_layers` blocks named "0", "1", ... instead (the
     same parameters, one tree per layer: `split_layers`)."""
-    import flax.linen as nn
-
     if args.gradient_checkpointing:
         block = nn.remat(block, prevent_cse=False, policy=remat_policy(args.remat_policy))
     axes = nn.broadcast if in_axes is None else in_axes
     if not args.scan_layers:
-        return functools.partial(_Loop, block, tuple(axes) if isinstance(axes, (tuple, list)) else None)
+        per_layer = tuple(a is not nn.broadcast for a in in_axes) if in_axes is not None else ()
+        return lambda a, name=None: _Layers(block, per_layer, a, name=name)
     return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=axes, length=args.num_layers)
 
 
-def _Loop(block, in_axes, args, name=None):
-    import flax.linen as nn
+class _Layers(nn.Module):
+    """`block` `num_layers` times, one after another (children "0", "1", ...); the inputs marked in
+    `per_layer` are indexed by the layer, the others broadcast (as `nn.scan`'s in_axes)."""
+    block: Any
+    per_layer: tuple
+    a: Any
 
-    class Layers(nn.Module):
-        """The blocks one after another; inputs with in_axis 0 are indexed per layer."""
-        a: Any
-
-        @nn.compact
-        def __call__(self, x, *inputs):
-            for i in range(self.a.num_layers):
-                xs = [v if in_axes is None or in_axes[j] is nn.broadcast else v[i] for j, v in enumerate(inputs)]
-                x, _ = block(self.a, name=str(i))(x, *xs)
-            return x, None
-
-    return Layers(args, name=name)
+    @nn.compact
+    def __call__(self, x, *inputs):
+        for i in range(self.a.num_layers):
+            xs = [v[i] if j < len(self.per_layer) and self.per_layer[j] else v for j, v in enumerate(inputs)]
+            x, _ = self.block(self.a, name=str(i))(x, *xs)
+        return x, None
 
 
 def split_layers(tree: dict, num_layers: int, consume: bool = False) -> dict:
