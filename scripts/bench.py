@@ -59,6 +59,10 @@ def cpu_s() -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
+def device_peak_gib(mem: dict) -> float | None:
+    return round(mem["device_peak_mib"] / 1024, 2) if "device_peak_mib" in mem else None
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
@@ -195,6 +199,8 @@ def run_jax(args) -> dict:
         "matmul_peak_gflops": round(peak, 1),
         "peak_fraction": round(float(np.mean(flops)) / med / 1e9 / peak, 3),
         "peak_rss_gib": round(peak_rss_gib(), 2),
+        # Device memory where the backend reports it (GPU, TPU); None on CPU, where RSS is it.
+        "device_peak_gib": device_peak_gib(runner.peak_memory()),
         "compiled_shapes": len(shapes),  # distinct (G, N, T, K) batch shapes
         "planned_shapes": [list(x) for x in planned],
         "compilations": int(step_fn._cache_size()) if hasattr(step_fn, "_cache_size") else None,
@@ -337,7 +343,9 @@ def main(argv=None) -> int:
           f"{j['real_tokens_per_s']} real tokens/s, padding {100 * j['padding_fraction']:.1f}%, "
           f"{j['model_gflop_per_step']} GFLOP/step = {j['model_gflops']} GFLOP/s = "
           f"{100 * j['peak_fraction']:.0f}% of the {j['matmul_peak_gflops']} GFLOP/s matmul peak, "
-          f"peak RSS {j['peak_rss_gib']} GiB, {j['compiled_shapes']} compiled shape(s), load {j['load_avg_1m']}")
+          f"peak RSS {j['peak_rss_gib']} GiB, "
+          + (f"device peak {j['device_peak_gib']} GiB, " if j.get("device_peak_gib") is not None else "")
+          + f"{j['compiled_shapes']} compiled shape(s), load {j['load_avg_1m']}")
     if args.vs_trl:
         t = rows[1]
         print(f"trl:     step median {t['step_s_median']} s (p10 {t['step_s_p10']}, p90 {t['step_s_p90']}), "
