@@ -127,6 +127,7 @@ class TrainingConfig:
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
     vocab_chunk: int = 0                         # LM head over this many vocabulary columns at a time
     scan_layers: bool = True                     # False: a loop over per-layer weights (faster step, longer compile)
+    recompute_activations: bool = True           # recompute attention core + MLP activation in the backward
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: `max_steps` if set, else `num_epochs` epochs (rounded up)."""

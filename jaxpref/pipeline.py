@@ -37,7 +37,9 @@ def lora_spec_for(cfg: Config, bundle_arch, abstract_params) -> LoraSpec | None:
 
 def run_options(cfg: Config) -> dict:
     """Model options that change how the forward runs, never its numbers (policy and reference)."""
-    return {"vocab_chunk": cfg.training.vocab_chunk, "scan_layers": cfg.training.scan_layers}
+    tr = cfg.training
+    return {"vocab_chunk": tr.vocab_chunk, "scan_layers": tr.scan_layers,
+            "recompute_activations": tr.recompute_activations}
 
 
 def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bool = True):

@@ -206,6 +206,33 @@ def test_gradient_checkpointing_keeps_gradients(name, saved):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 0
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt_neox_parallel", "gpt2"])
+def test_recompute_activations_keeps_gradients_in_less_memory(name, saved):
+    """`training.recompute_activations` (default on): the attention core and the MLP activation are
+    recomputed in the backward. Same logits as transformers either way, same gradients, and the
+    compiled backward needs less temporary memory."""
+    path, ref, _ = saved(name)
+    source = resolve(str(path))
+    ids, pos, mask = jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32), _mask(VALID)
+    weight = jnp.asarray(VALID, jnp.float32)[..., None]
+    on, off = build(source), build(source, recompute_activations=False)
+    assert on.args.recompute_activations and not off.args.recompute_activations
+    params = load_params(on)
+
+    def compiled(bundle):
+        loss = lambda p: jnp.sum(jnp.sin(bundle.hidden(p, None, ids, pos, mask)) * weight)
+        return jax.jit(jax.grad(loss)).lower(params).compile()
+
+    c_on, c_off = compiled(on), compiled(off)
+    g_on, g_off = c_on(params), c_off(params)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g_on, g_off))
+    assert max(diffs) <= 1e-5
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_on)) > 0
+    assert _max_diff(_our_logits(path, recompute_activations=False), ref) <= 1e-4
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes
+    assert temp(c_on) < temp(c_off)
+
+
 def test_unknown_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ModelSourceError, match=r"`bert`.*supported: .*gpt2.*gpt_neox.*llama"):

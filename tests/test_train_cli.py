@@ -101,6 +101,7 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
     ({"training": {"padding_free": True, "pair_layout": "packed"}}, ["training.padding_free", "packed"]),
     ({"training": {"padding_free": "yes"}}, ["training.padding_free"]),
     ({"training": {"scan_layers": 3}}, ["training.scan_layers"]),
+    ({"training": {"recompute_activations": "sometimes"}}, ["training.recompute_activations"]),
 ])
 def test_dry_run_bad_config_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, change, needles):
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, **change)

@@ -83,7 +83,8 @@ class _Attention(nn.Module):
             q = q * jnp.asarray(d ** 0.5, q.dtype)
         if a.scale_attn_by_inverse_layer_idx:
             q = q / (layer + 1).astype(q.dtype)
-        o = attention(q, k, v, mask).reshape(b, t, n * d)
+        attend = jax.checkpoint(attention) if a.recompute_activations else attention
+        o = attend(q, k, v, mask).reshape(b, t, n * d)
         return Linear(a.hidden_size, True, name="c_proj", **self.lin)(o)
 
 
@@ -95,7 +96,9 @@ class _MLP(nn.Module):
     def __call__(self, h):
         a = self.args
         u = Linear(a.intermediate_size, True, name="c_fc", **self.lin)(h)
-        return Linear(a.hidden_size, True, name="c_proj", **self.lin)(ACTIVATIONS[a.activation](u))
+        act = ACTIVATIONS[a.activation]
+        act = jax.checkpoint(act) if a.recompute_activations else act
+        return Linear(a.hidden_size, True, name="c_proj", **self.lin)(act(u))
 
 
 class GPT2Model(nn.Module):

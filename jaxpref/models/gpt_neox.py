@@ -100,7 +100,8 @@ class _Attention(nn.Module):
         qkv = Linear(3 * n * d, a.attention_bias, name="query_key_value", **self.lin)(h)
         q, k, v = jnp.split(qkv.reshape(b, t, n, 3 * d), 3, axis=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attention(q, k, v, mask).reshape(b, t, n * d)
+        attend = jax.checkpoint(attention) if a.recompute_activations else attention
+        o = attend(q, k, v, mask).reshape(b, t, n * d)
         return Linear(a.hidden_size, a.attention_bias, name="dense", **self.lin)(o)
 
 
@@ -112,7 +113,9 @@ class _MLP(nn.Module):
     def __call__(self, h):
         a = self.args
         u = Linear(a.intermediate_size, True, name="dense_h_to_4h", **self.lin)(h)
-        return Linear(a.hidden_size, True, name="dense_4h_to_h", **self.lin)(ACTIVATIONS[a.hidden_act](u))
+        act = ACTIVATIONS[a.hidden_act]
+        act = jax.checkpoint(act) if a.recompute_activations else act
+        return Linear(a.hidden_size, True, name="dense_4h_to_h", **self.lin)(act(u))
 
 
 class NeoXModel(nn.Module):

@@ -23,9 +23,6 @@ class LlamaArgs(ArchArgs):
     attention_bias: bool = False
     o_proj_bias: bool = False
     mlp_bias: bool = False
-    # Recompute the elementwise SwiGLU product and the attention core (scores, softmax, AV) in the
-    # backward pass instead of storing them: about 1/3 less activation memory, negligible FLOPs.
-    recompute_activations: bool = True
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "LlamaArgs":

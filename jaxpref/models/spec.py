@@ -30,6 +30,9 @@ class ArchArgs:
     # instead of a scan over stacked ones. No per-layer weight copies and no stacked activations,
     # for a longer compile (it grows with depth).
     scan_layers: bool = True
+    # Recompute the attention core (scores, softmax, AV) and the MLP's activation in the backward
+    # pass instead of storing them: about 1/3 less activation memory for negligible FLOPs.
+    recompute_activations: bool = True
 
 
 @dataclass(frozen=True)
