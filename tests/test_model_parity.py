@@ -37,6 +37,10 @@ CONFIGS = {
             "original_max_position_embeddings": 16, "rope_theta": 10000.0}),
     "mistral": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2),
     "qwen2": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2),
+    # Sliding attention windows shorter than the rows: each token sees only the last 3 positions.
+    "mistral_window": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=3),
+    "qwen2_window": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2, use_sliding_window=True,
+                                                     sliding_window=3, max_window_layers=0),
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
                                                             use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,
@@ -231,6 +235,14 @@ def test_recompute_activations_keeps_gradients_in_less_memory(name, saved):
     assert _max_diff(_our_logits(path, recompute_activations=False), ref) <= 1e-4
     temp = lambda c: c.memory_analysis().temp_size_in_bytes
     assert temp(c_on) < temp(c_off)
+
+
+def test_window_on_some_layers_is_named(tmp_path):
+    cfg = transformers.Qwen2Config(**TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+                                   max_window_layers=1)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ModelSourceError, match=r"sliding attention window on 1 of 2 layers"):
+        build(resolve(str(tmp_path)))
 
 
 def test_unknown_model_type_lists_supported(tmp_path):

@@ -164,6 +164,18 @@ class AttnBlocks:
     mask: jax.Array
 
 
+def sliding_window(mask, positions: jax.Array, window: int):
+    """The attention mask (a [B, T, T] bool array or `AttnBlocks`) restricted to keys fewer than
+    `window` positions before the query, as Mistral's sliding window (transformers: a key is seen
+    when q - k < window). `positions` [B, T] are the rows' (or streams') token positions."""
+    near = lambda pos: (pos[:, :, None] - pos[:, None, :]) < window
+    if isinstance(mask, AttnBlocks):
+        nb, tb = mask.mask.shape[:2]
+        pos = jnp.take_along_axis(positions, jnp.maximum(mask.idx, 0), axis=1).reshape(nb, tb)
+        return dataclasses.replace(mask, mask=mask.mask & near(pos))
+    return mask & near(positions)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
     """q [B,T,N,H], k/v [B,S,K,H] (grouped-query when K < N), mask [B,T,S] bool -> [B,T,N,H].
 

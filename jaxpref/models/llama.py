@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpref.models.layers import Linear, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from jaxpref.errors import ModelSourceError
+from jaxpref.models.layers import (Linear, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq,
+                                   sliding_window)
 from jaxpref.models.spec import stacked, ArchArgs, WeightRule
 
 
@@ -23,6 +25,7 @@ class LlamaArgs(ArchArgs):
     attention_bias: bool = False
     o_proj_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None   # Mistral: each token sees the last `sliding_window` positions
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "LlamaArgs":
@@ -47,8 +50,33 @@ class LlamaArgs(ArchArgs):
             attention_bias=bool(qkv_bias),
             o_proj_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
+            sliding_window=_window(hf),
             **common,
         )
+
+
+def _window(hf: dict) -> int | None:
+    """The sliding window every layer uses, or None. transformers gives Mistral's on all layers
+    (`sliding_window`), and Qwen2's (`use_sliding_window`) on the layers from `max_window_layers`
+    on (`layer_types` when written out); a window on only some layers is not supported."""
+    window = hf.get("sliding_window")
+    if window is None or hf.get("model_type") not in ("mistral", "qwen2"):
+        return None
+    n = hf["num_hidden_layers"]
+    kinds = hf.get("layer_types")
+    if kinds is None and hf.get("model_type") == "qwen2":
+        if not hf.get("use_sliding_window", False):
+            return None
+        first = hf.get("max_window_layers", n)
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if kinds is not None:
+        sliding = sum(k == "sliding_attention" for k in kinds)
+        if sliding == 0:
+            return None
+        if sliding != len(kinds):
+            raise ModelSourceError(f"a sliding attention window on {sliding} of {len(kinds)} layers "
+                                   "(`layer_types`) is not supported; only all layers or none")
+    return int(window)
 
 
 def _freeze(d):
@@ -121,6 +149,8 @@ class LlamaModel(nn.Module):
         x = jnp.take(emb, input_ids, axis=0).astype(a.dtype)
         inv = rope_inv_freq(a.head_dim, a.rope_theta, dict(a.rope_scaling) if a.rope_scaling else None)
         cos, sin = rope_cos_sin(positions, inv)
+        if a.sliding_window is not None:
+            mask = sliding_window(mask, positions, a.sliding_window)
         x, _ = stacked(Block, a)(a, name="layers")(x, (cos, sin, mask))
         if not a.tie_word_embeddings:
             self.param("lm_head", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),

@@ -72,6 +72,8 @@ def build(source: ModelSource, param_dtype: str = "float32", compute_dtype: str 
                                      param_dtype=DTYPES[param_dtype], **options)
     except KeyError as e:
         raise ModelSourceError(f"model `{source.spec}`: config.json lacks {e}")
+    except ModelSourceError as e:
+        raise ModelSourceError(f"model `{source.spec}`: {e}")
     return ModelBundle(source, arch, args, arch.model_cls(args))
 
 
