@@ -17,6 +17,7 @@ from jaxpref.batching import BatchIterator, shape_key, trl_token_count
 from jaxpref.config import Config, dump_config
 from jaxpref.errors import ConfigError, JaxprefError
 from jaxpref.export import load_adapter, save_adapter
+from jaxpref.interrupt import StopRequest
 from jaxpref.lora import count, init_lora
 from jaxpref.losses import LossSpec
 from jaxpref.metrics import MetricSinks, ProgressBar
@@ -275,6 +276,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         best_lora, stopped_early = None, False
         save_every = cfg.save_steps
         step = start
+        ctrl_c = StopRequest(entry.name).__enter__()
         try:
             for step in range(start, total):
                 ref_batch = None
@@ -331,14 +333,24 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                     save(done)
                 if stopped_early:
                     break
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
+            if any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
+                # Interrupted inside a step that had taken (donated) the state: nothing valid to save.
+                store.close()
+                print(f"[{entry.name}] interrupted: no checkpoint written; --resume continues from the "
+                      "last saved one", file=sys.stderr)
+                raise
             done = int(jax.device_get(state.step))
             save(done)
             store.close()
             print(f"[{entry.name}] interrupted: saved a checkpoint at step {done}; continue with --resume",
                   file=sys.stderr)
             raise
+        finally:
+            ctrl_c.__exit__()
         bar.close()
         final_step = int(jax.device_get(state.step))
         final_eval = None

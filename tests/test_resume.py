@@ -114,6 +114,41 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pa
     assert result["identical"] == result["tries"] == 1
 
 
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pairs):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) in the middle of training saves
+    a checkpoint at the last finished step, exits 130, and --resume then ends with the losses and
+    adapter of an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from kill_resume import _adapter, _losses, _train
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       training={"max_steps": 300, "logging_steps": 1, "learning_rate": 5e-3,
+                                 "per_device_train_batch_size": 2},
+                       finetuning={"save_steps": 1000})
+    _train(cfg, tmp_path / "straight")
+    proc = _train(cfg, tmp_path / "stopped", wait=False)
+    metrics = tmp_path / "stopped" / "tiny" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    saved = [int(d.name) for d in (tmp_path / "stopped" / "tiny" / "checkpoints").iterdir() if d.name.isdigit()]
+    assert len(saved) == 1 and 5 <= saved[0] < 300, saved
+    assert f"interrupted: saved a checkpoint at step {saved[0]}" in err
+    _train(cfg, tmp_path / "stopped", "--resume")
+    run, ref = tmp_path / "stopped" / "tiny", tmp_path / "straight" / "tiny"
+    assert _losses(run) == _losses(ref)
+    a, b = _adapter(ref), _adapter(run)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_llama, tiny_pairs, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
                        training={"max_steps": 5, "learning_rate": float("inf"), "max_grad_norm": 0.0,
