@@ -74,11 +74,17 @@ def load_rows(ds_cfg, split: str | None = None):
             if builder is None:
                 raise DataError(f"dataset `{name}`: unsupported file type `{path.suffix}` "
                                 f"(use one of {', '.join(LOCAL_BUILDERS)})")
+            _only_train(name, split, "is one file")
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path is not None and path.is_dir():
             if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
                 d = datasets.load_from_disk(str(path))
-                return d[split] if isinstance(d, datasets.DatasetDict) else d
+                if isinstance(d, datasets.DatasetDict):
+                    if split not in d:
+                        raise DataError(f"dataset `{name}`: no split `{split}` (splits: {', '.join(d)})")
+                    return d[split]
+                _only_train(name, split, "is one saved Dataset, not a DatasetDict")
+                return d
             return datasets.load_dataset(str(path), split=split)
         if name.startswith(("/", "./", "../", "~")) or name.endswith(tuple(LOCAL_BUILDERS)):
             raise DataError(f"dataset `{name}` not found (no such file or directory)")
@@ -96,6 +102,15 @@ def load_rows(ds_cfg, split: str | None = None):
             raise DataError(f"dataset `{name}` cannot be fetched from the Hugging Face hub ({kind}); "
                             "a local json/jsonl/parquet/csv file or directory works as `dataset.name`")
         raise DataError(f"dataset `{name}`: cannot load ({kind}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def _only_train(name: str, split: str, what: str) -> None:
+    """A source without named splits is the `train` split; asking it for another one (for
+    `dataset.split` or `dataset.eval_split`) would silently give the training rows."""
+    if split != "train":
+        raise DataError(f"dataset `{name}` {what}, which has only a `train` split; split `{split}` was "
+                        "asked (for an eval split use `dataset.eval_fraction`, or a directory or "
+                        "DatasetDict with that split)")
 
 
 def _builder_for(files) -> str:
@@ -140,6 +155,10 @@ def map_columns(ds, ds_cfg, method: str) -> tuple[Any, str]:
         if c.prompt_column in cols:
             keep[c.prompt_column] = "prompt"
             kind = "paired"
+        elif c.prompt_column != "prompt":
+            # Only the default name may be absent (implicit-prompt data); a configured one must exist.
+            raise DataError(f"dataset `{c.name}`: missing column `{c.prompt_column}` "
+                            f"(dataset.prompt_column); columns present: {', '.join(cols)}")
     elif method == "kto" and c.completion_column in cols and c.label_column in cols:
         if c.prompt_column not in cols:
             raise DataError(f"dataset `{c.name}`: missing column `{c.prompt_column}`; columns present: {', '.join(cols)}")
@@ -149,6 +168,7 @@ def map_columns(ds, ds_cfg, method: str) -> tuple[Any, str]:
         missing = [x for x in (c.chosen_column, c.rejected_column) if x not in cols]
         raise DataError(f"dataset `{c.name}`: missing column{'s' if len(missing) > 1 else ''} "
                         f"`{'`, `'.join(missing)}`; columns present: {', '.join(cols)}")
+    keep.update({x: x for x in TEMPLATE_COLUMNS if x in cols and x not in keep})
     ds = ds.select_columns(list(keep))
     renames = {k: v for k, v in keep.items() if k != v}
     if renames:
@@ -156,6 +176,25 @@ def map_columns(ds, ds_cfg, method: str) -> tuple[Any, str]:
         ds = ds.rename_columns({k: f"__jp_{v}" for k, v in renames.items()})
         ds = ds.rename_columns({f"__jp_{v}": v for v in renames.values()})
     return ds, kind
+
+
+# Per-row chat template inputs TRL passes to `apply_chat_template` for conversational rows.
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+
+
+def template_kwargs(row: dict) -> dict | str:
+    """`apply_chat_template` keyword arguments of one row, as TRL builds them (`tools`, JSON text
+    allowed, plus the row's `chat_template_kwargs`), or the reason the row cannot be used."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            return "tools is not valid JSON"
+    extra = row.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        return "chat_template_kwargs is not a mapping"
+    return {"tools": tools, **extra} if (tools is not None or extra) else {}
 
 
 def _blank(v: Any) -> bool:
@@ -169,7 +208,9 @@ def _row_problem(row: dict, kind: str, fmt: str) -> str | None:
         if v is None:
             return f"{f} is null"
         if fmt == "conversational":
-            if not _is_messages(v) and not (f == "prompt" and v == []):
+            if f == "prompt" and v == []:
+                return "prompt is an empty conversation"  # no chat template renders one
+            if not _is_messages(v):
                 return f"{f} is not a message list" if not isinstance(v, str) else "mixed formats"
         elif not isinstance(v, str):
             return f"{f} is not a string" if not _is_messages(v) else "mixed formats"
@@ -213,12 +254,15 @@ def _encode(tok, x, **kw) -> list[int]:
     return list(tok(text=x)["input_ids"])
 
 
-def tokenize_pair(tok, prompt, chosen, rejected, fmt: str) -> tuple[list[int], list[int], list[int], bool]:
-    """-> prompt_ids, chosen_ids, rejected_ids, and whether the prompt boundary moved."""
+def tokenize_pair(tok, prompt, chosen, rejected, fmt: str,
+                  template: dict | None = None) -> tuple[list[int], list[int], list[int], bool]:
+    """-> prompt_ids, chosen_ids, rejected_ids, and whether the prompt boundary moved.
+    `template`: the row's chat template arguments (conversational rows only, as TRL)."""
     if fmt == "conversational":
-        p = _encode(tok, prompt, add_generation_prompt=True)
-        pc = _encode(tok, prompt + chosen)
-        pr = _encode(tok, prompt + rejected)
+        kw = template or {}
+        p = _encode(tok, prompt, add_generation_prompt=True, **kw)
+        pc = _encode(tok, prompt + chosen, **kw)
+        pr = _encode(tok, prompt + rejected, **kw)
     else:
         eos = tok.eos_token or ""
         chosen = chosen if chosen.endswith(eos) else chosen + eos
@@ -228,10 +272,12 @@ def tokenize_pair(tok, prompt, chosen, rejected, fmt: str) -> tuple[list[int], l
     return p[:n], pc[n:], pr[n:], n < len(p)
 
 
-def tokenize_single(tok, prompt, completion, fmt: str) -> tuple[list[int], list[int], bool]:
+def tokenize_single(tok, prompt, completion, fmt: str,
+                    template: dict | None = None) -> tuple[list[int], list[int], bool]:
     if fmt == "conversational":
-        p = _encode(tok, prompt, add_generation_prompt=True)
-        pc = _encode(tok, prompt + completion)
+        kw = template or {}
+        p = _encode(tok, prompt, add_generation_prompt=True, **kw)
+        pc = _encode(tok, prompt + completion, **kw)
     else:
         eos = tok.eos_token or ""
         completion = completion if completion.endswith(eos) else completion + eos
@@ -266,7 +312,7 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
         ds = ds.select(range(max_rows))
     key = None
     if cache_dir is not None and getattr(ds, "_fingerprint", None):
-        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|v4".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|v5".encode()).hexdigest()[:20]
         cached = _load_cache(cache_dir / f"{key}.json")
         if cached is not None:
             return cached
@@ -281,6 +327,10 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
     unpair = method == "kto" and kind != "unpaired"
     pending: list = []
     for n, row in enumerate(rows):
+        template = template_kwargs(row) if fmt == "conversational" else {}
+        if isinstance(template, str):
+            skipped[template] += 1
+            continue
         if kind == "implicit":
             c, r = row.get("chosen"), row.get("rejected")
             if c is None or r is None:
@@ -295,21 +345,21 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
             skipped[problem] += 1
             continue
         if kind == "unpaired":
-            p, comp, moved = tokenize_single(tok, row["prompt"], row["completion"], fmt)
+            p, comp, moved = tokenize_single(tok, row["prompt"], row["completion"], fmt, template)
             out.prompt.append(p); out.completion.append(comp); out.label.append(bool(row["label"]))
             out.source.append(n)
         else:
             if unpair:
                 # TRL unpairs the text first, then tokenizes each (prompt, completion) alone.
-                pc, c, moved_c = tokenize_single(tok, row["prompt"], row["chosen"], fmt)
-                pr, r, moved_r = tokenize_single(tok, row["prompt"], row["rejected"], fmt)
+                pc, c, moved_c = tokenize_single(tok, row["prompt"], row["chosen"], fmt, template)
+                pr, r, moved_r = tokenize_single(tok, row["prompt"], row["rejected"], fmt, template)
                 pending.append((pc, c, pr, r, n))
                 moved = moved_c or moved_r
                 if len(pending) == UNPAIR_BLOCK:
                     _flush_unpaired(out, pending)
                 out.prompt_boundary_mismatches += int(moved)
                 continue
-            p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt)
+            p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
             out.prompt.append(p); out.chosen.append(c); out.rejected.append(r)
             out.source.append(n)
         out.prompt_boundary_mismatches += int(moved)

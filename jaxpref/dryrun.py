@@ -105,6 +105,9 @@ def check_model(cfg: Config, index: int) -> list[str]:
           + (f", eval {len(prepared.eval)}" if prepared.eval is not None else ""))
     skipped = {k: v for k, v in tr.skipped.items()}
     print(f"  rows skipped     {sum(skipped.values())}" + (f" ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""))
+    if cfg.dataset.eval_split and prepared.eval is not None:
+        ev = prepared.eval.skipped
+        print(f"  eval skipped     {sum(ev.values())}" + (f" ({', '.join(f'{k}: {v}' for k, v in ev.items())})" if ev else ""))
     print(f"  rows truncated   {prepared.report.truncated}; dropped (prompt fills max_length) {prepared.report.dropped}")
     if tr.prompt_boundary_mismatches:
         print(f"  warning          {tr.prompt_boundary_mismatches} rows: tokenized prompt is not a prefix of prompt+completion")

@@ -267,7 +267,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         bar = ProgressBar(total - start, enabled=cfg.logging.progress_bar)
         print(f"[{entry.name}] {bundle.source.model_type}, {count(params) / 1e6:.1f}M params, "
               f"{count(lora) / 1e6:.3f}M trainable ({f'LoRA r={lspec.r}' if lspec else 'full fine-tune'}), "
-              f"{len(prepared.train)} pairs, "
+              f"{len(prepared.train)} {'pairs' if prepared.train.paired else 'examples'}{rows_note(cfg, prepared)}, "
               f"{it.steps_per_epoch} steps/epoch, {total} steps, layout {prepared.layout.kind}", file=sys.stderr)
         window_tokens, window_t0 = 0, time.time()
         last: dict = {}
@@ -381,6 +381,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             "train_pairs": len(prepared.train),
             "skipped_rows": prepared.train.skipped,
             "truncated_rows": prepared.report.truncated,
+            "eval_skipped_rows": prepared.eval.skipped if (prepared.eval is not None and cfg.dataset.eval_split) else None,
             "resumed_from_step": start or None,
             "early_stopped": stopped_early,
             "adapter_from_step": early.best_step if (stopped_early and best_lora is not None) else final_step,
@@ -405,6 +406,20 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     print(f"[{entry.name}] done in {summary['wall_time_s']} s: loss {last.get('loss', float('nan')):.4f}, "
           f"rewards/accuracies {last.get('rewards/accuracies', float('nan')):.3f} -> {run_dir}", file=sys.stderr)
     return summary
+
+
+def rows_note(cfg: Config, prepared) -> str:
+    """' (N rows skipped: reason n, ...; M truncated)' for the start-of-run line, or ''."""
+    parts = []
+    skipped = prepared.train.skipped
+    if skipped:
+        parts.append(f"{sum(skipped.values())} rows skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    if prepared.eval is not None and cfg.dataset.eval_split and prepared.eval.skipped:
+        ev = prepared.eval.skipped
+        parts.append(f"{sum(ev.values())} eval rows skipped: " + ", ".join(f"{k} {v}" for k, v in ev.items()))
+    if prepared.report.truncated:
+        parts.append(f"{prepared.report.truncated} truncated")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def peak_memory() -> dict:

@@ -183,11 +183,19 @@ def test_bad_conversational_and_implicit_rows_are_counted(tokenizers, tmp_path):
     rows = [conv, conv,
             {**conv, "chosen": [ASSISTANT("")]},
             {**conv, "rejected": conv["chosen"]},
-            {**conv, "chosen": "It is blue."}]
+            {**conv, "chosen": "It is blue."},
+            {**conv, "prompt": []}]
     ds, ds_cfg = _load(tmp_path, rows)
     out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
     assert len(out) == 2
-    assert out.skipped == {"empty chosen": 1, "chosen equals rejected": 1, "mixed formats": 1}
+    assert out.skipped == {"empty chosen": 1, "chosen equals rejected": 1, "mixed formats": 1,
+                           "prompt is an empty conversation": 1}
+    # hh-rlhf style dialogues that differ from the first message have no common prompt.
+    rows = [FORMATS["implicit_conversational"][0],
+            {"chosen": [USER("Hi"), ASSISTANT("Hello")], "rejected": [USER("Hey"), ASSISTANT("Go away")]}]
+    ds, ds_cfg = _load(tmp_path, rows)
+    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    assert len(out) == 1 and out.skipped == {"prompt is an empty conversation": 1}
 
     imp = FORMATS["implicit"][0]
     rows = [imp, {"chosen": imp["chosen"], "rejected": None}, {"chosen": imp["chosen"], "rejected": imp["chosen"]},
@@ -216,6 +224,55 @@ def test_no_surviving_row_lists_the_reasons(tokenizers, tmp_path):
             {"prompt": "p", "chosen": "c", "rejected": "c"}]
     ds, ds_cfg = _load(tmp_path, rows)
     with pytest.raises(DataError, match=r"no usable row survives \(chosen equals rejected: 2, chosen is null: 1\)"):
+        data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+
+
+TOOLS_TEMPLATE = ("{% if tools %}tools {{ tools | length }}<|endoftext|>\n{% endif %}"
+                  "{% if mood %}mood {{ mood }}<|endoftext|>\n{% endif %}" + GPT2_STYLE_TEMPLATE)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_tools_and_chat_template_kwargs_columns_equal_trl(tokenizers, tmp_path):
+    """TRL renders conversational rows with the row's `tools` (a list or JSON text) and its
+    `chat_template_kwargs`; so do we."""
+    tok = copy.deepcopy(tokenizers["gpt2_style"])
+    tok.chat_template = TOOLS_TEMPLATE
+    tool = {"type": "function", "function": {"name": "add", "description": "Add two numbers.",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    rows = [dict(r, tools=json.dumps(t), chat_template_kwargs={"mood": m})
+            for r, t, m in zip(FORMATS["conversational"], [[tool], [], [tool, tool]], ["happy", "", "sad"])]
+    theirs = _trl_tokenized(tok, rows, tmp_path)
+    ours = _ours(tok, rows)
+    assert len(ours) == len(theirs) == 3 and ours.skipped == {}
+    for i, t in enumerate(theirs):
+        assert (ours.prompt[i], ours.chosen[i], ours.rejected[i]) == (t["prompt_ids"], t["chosen_ids"],
+                                                                      t["rejected_ids"]), i
+    assert "tools 1" in tok.decode(ours.prompt[0]) and "mood happy" in tok.decode(ours.prompt[0])
+    assert "tools" not in tok.decode(ours.prompt[1])
+
+
+def test_single_file_or_saved_dataset_has_only_a_train_split(tmp_path):
+    """Asking a single file (or a saved Dataset) for another split would give the training rows."""
+    import datasets
+
+    ds, ds_cfg = _load(tmp_path, [GOOD], eval_split="test")
+    assert len(ds) == 1
+    with pytest.raises(DataError, match=r"is one file, which has only a `train` split; split `test`"):
+        data.load_rows(ds_cfg, ds_cfg.eval_split)
+    datasets.Dataset.from_list([GOOD]).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"one saved Dataset.*split `validation`"):
+        data.load_rows(DatasetConfig(name=str(tmp_path / "saved"), split="validation"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=r"no split `test` \(splits: train\)"):
+        data.load_rows(DatasetConfig(name=str(tmp_path / "dict")), "test")
+
+
+def test_configured_prompt_column_must_exist(tokenizers, tmp_path):
+    """Only the default `prompt` may be absent (implicit-prompt data); a configured name that is
+    missing (a typo) must not turn the rows into implicit-prompt data."""
+    ds, ds_cfg = _load(tmp_path, [{"instruction": "q", "chosen": "a", "rejected": "b"}], prompt_column="instrution")
+    with pytest.raises(DataError, match=r"missing column `instrution` \(dataset.prompt_column\); "
+                                        r"columns present: instruction, chosen, rejected"):
         data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
 
 

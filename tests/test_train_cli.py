@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, write_config
+from conftest import PAIRS, REPO, write_config
 from jaxpref import train
 
 
@@ -161,3 +161,27 @@ def test_full_finetune_trains_all_weights_against_a_frozen_copy(tmp_path, tiny_l
     with torch.no_grad():
         diff = (tuned(ids).logits - base(ids).logits).abs().max().item()
     assert diff > 1e-4
+
+
+def test_skipped_train_and_eval_rows_are_reported(tmp_path, tiny_llama, capsys):
+    """Rows skipped from the eval split are counted apart from the train split's, and a real run
+    says on its first line how many rows it skipped and truncated."""
+    d = tmp_path / "data"
+    d.mkdir()
+    good = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS]
+    bad = [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": None, "rejected": "r"}]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good + bad[:1]))
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good[:4] + bad))
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, d, dataset={"name": str(d), "eval_split": "test"},
+                       training={"max_steps": 1, "eval_steps": 1, "per_device_eval_batch_size": 2})
+    assert train.main(["--config", str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "rows skipped     1 (chosen equals rejected: 1)" in out
+    assert "eval skipped     2 (chosen equals rejected: 1, chosen is null: 1)" in out
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert ("1 rows skipped: chosen equals rejected 1; 2 eval rows skipped: chosen equals rejected 1, "
+            "chosen is null 1") in err
+    summary = json.loads((tmp_path / "o" / "tiny" / "summary.json").read_text())
+    assert summary["skipped_rows"] == {"chosen equals rejected": 1}
+    assert summary["eval_skipped_rows"] == {"chosen equals rejected": 1, "chosen is null": 1}
