@@ -36,6 +36,7 @@ class CheckpointStore:
                                             enable_async_checkpointing=asynchronous)
         self.manager = ocp.CheckpointManager(self.dir, options=opts,
                                              item_names=("state", "meta"))
+        self.closed = False
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         ocp = _ocp()
@@ -46,30 +47,53 @@ class CheckpointStore:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if not self.closed:
+            self.closed = True
+            self.manager.wait_until_finished()
+            self.manager.close()
 
     def steps(self) -> list[int]:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """The newest checkpoint that restores whole, or None. Broken ones are skipped and named."""
+    def restore_latest(self, abstract_state: Any, check=None,
+                       force: bool = False) -> tuple[int, Any, dict] | None:
+        """The newest checkpoint that restores whole, or None. Broken ones are skipped and named.
+
+        `check(meta)` runs on each checkpoint's metadata before its state is read, so that a changed
+        setting is reported as such (it raises) rather than as a state that does not fit. With
+        `force` (the settings may have changed on purpose) a state that does not fit is an error,
+        and no checkpoint is set aside."""
         ocp = _ocp()
         for step in reversed(self.steps()):
             try:
+                meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"])
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            if check is not None:
+                check(meta)
+            try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return step, out["state"], dict(out["meta"])
+                    state=ocp.args.StandardRestore(abstract_state)))
+                return step, out["state"], meta
             except Exception as e:  # a truncated or corrupted checkpoint: use the one before
-                msg = f"checkpoint {self.dir / str(step)} is unreadable ({type(e).__name__}); using the previous one"
-                print(f"jaxpref: warning: {msg}", file=sys.stderr)
-                # Set it aside (never delete data) so that the step can be saved again.
-                broken = self.dir / str(step)
-                if broken.exists():
-                    broken.rename(self.dir / f"unreadable-{step}-{int(time.time())}")
-                self.manager.reload()
+                if force:
+                    raise JaxprefError(f"checkpoint {self.dir / str(step)} does not fit the current settings "
+                                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                       "resume with the settings it was saved with")
+                self._set_aside(step, e)
         return None
+
+    def _set_aside(self, step: int, e: Exception) -> None:
+        msg = f"checkpoint {self.dir / str(step)} is unreadable ({type(e).__name__}); using the previous one"
+        print(f"jaxpref: warning: {msg}", file=sys.stderr)
+        # Set it aside (never delete data) so that the step can be saved again.
+        broken = self.dir / str(step)
+        if broken.exists():
+            broken.rename(self.dir / f"unreadable-{step}-{int(time.time())}")
+        self.manager.reload()
 
 
 def abstract_of(tree: Any) -> Any:
@@ -78,7 +102,8 @@ def abstract_of(tree: Any) -> Any:
 
 
 def check_fingerprint(saved: dict, current: dict, run_dir: Path, force: bool) -> None:
-    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    # Keys a checkpoint from an older version lacks are not compared.
+    diffs = [k for k in sorted(saved) if saved.get(k) != current.get(k)]
     if diffs and not force:
         k = diffs[0]
         raise JaxprefError(

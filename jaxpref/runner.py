@@ -77,6 +77,10 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str) -> dict:
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "max_length": t.max_length,
         "pair_layout": t.pair_layout, "compute_dtype": t.compute_dtype,
+        # The optimizer state and the schedule: a resumed run must take the same updates.
+        "optimizer": t.optimizer, "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_steps": t.warmup_steps, "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm, "lora.enabled": lo.enabled,
     }
 
 
@@ -211,12 +215,16 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     early = EarlyStopping(cfg.finetuning.early_stopping) if cfg.finetuning.early_stopping else None
     start, total_tokens = 0, 0
     if resume:
-        found = store.restore_latest(ckpt.abstract_of(state))
+        check = lambda meta: ckpt.check_fingerprint(meta.get("fingerprint", {}), fp, run_dir, resume_force)
+        try:
+            found = store.restore_latest(ckpt.abstract_of(state), check, force=resume_force)
+        except JaxprefError:
+            store.close()
+            raise
         if found is None:
             print(f"[{entry.name}] no checkpoint to resume from; starting fresh", file=sys.stderr)
         else:
             start, state, meta = found
-            ckpt.check_fingerprint(meta["fingerprint"], fp, run_dir, resume_force)
             it.restore(meta["iterator"])
             total_tokens = int(meta["num_tokens"])
             if early is not None:
@@ -257,7 +265,10 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         raise ConfigError(f"{cfg.source}: `finetuning.early_stopping` needs an eval split "
                           "(`dataset.eval_split` or `dataset.eval_fraction`) and `training.eval_steps`")
 
+    saved_steps: set[int] = set()
+
     def save(step_done: int) -> None:
+        saved_steps.add(step_done)
         meta = {"fingerprint": fp, "iterator": it.state(), "num_tokens": total_tokens, "step": step_done,
                 "early_stopping": early.state() if early else {}}
         store.save(step_done, state, meta)
@@ -344,7 +355,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                       "last saved one", file=sys.stderr)
                 raise
             done = int(jax.device_get(state.step))
-            save(done)
+            if done not in saved_steps:  # not saved by this very step already
+                save(done)
             store.close()
             print(f"[{entry.name}] interrupted: saved a checkpoint at step {done}; continue with --resume",
                   file=sys.stderr)
@@ -395,6 +407,10 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
         sinks.close()
+        try:  # already closed on success; after an error, let its pending writes finish first
+            store.close()
+        except Exception as e:
+            print(f"jaxpref: warning: checkpoint store not closed cleanly ({type(e).__name__})", file=sys.stderr)
     if not is_main:
         return summary
     ckpt.mark_finished(run_dir)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO, write_config
@@ -84,6 +85,22 @@ def test_resume_with_changed_config_names_the_difference(tmp_path, tiny_llama, t
                        "--set", "post_training.beta=0.3"])
     err = capsys.readouterr().err
     assert code == 2 and "beta" in err and "--resume-force" in err
+    # Settings that change the saved state's shapes (LoRA rank, optimizer) or the updates (learning
+    # rate) are named too, before any state is read: the checkpoints stay where they are.
+    ckpts = lambda: sorted(d.name for d in (tmp_path / "a" / "tiny" / "checkpoints").iterdir())
+    before = ckpts()
+    for change, key in [("lora.r=8", "lora.r"), ("training.optimizer=sgd", "optimizer"),
+                        ("training.learning_rate=0.5", "learning_rate")]:
+        code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume", "--set", change])
+        err = capsys.readouterr().err
+        assert code == 2 and f"`{key}` changed" in err, err
+        assert ckpts() == before
+    # Forced, a state that cannot fit is an error, and nothing is set aside.
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume-force",
+                       "--set", "lora.r=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit the current settings" in err and "unreadable" not in err
+    assert ckpts() == before
     assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume-force",
                        "--set", "post_training.beta=0.3"]) == 0
 
@@ -114,10 +131,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pa
     assert result["identical"] == result["tries"] == 1
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pairs):
+@pytest.mark.parametrize("save_steps", [1000, 1])
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pairs, save_steps):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) in the middle of training saves
-    a checkpoint at the last finished step, exits 130, and --resume then ends with the losses and
-    adapter of an uninterrupted run."""
+    a checkpoint at the last finished step (once, also when that step had just saved one), exits
+    130, and --resume then ends with the losses and adapter of an uninterrupted run."""
     import os
     import signal
     import time
@@ -127,7 +145,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, ti
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
                        training={"max_steps": 300, "logging_steps": 1, "learning_rate": 5e-3,
                                  "per_device_train_batch_size": 2},
-                       finetuning={"save_steps": 1000})
+                       finetuning={"save_steps": save_steps})
     _train(cfg, tmp_path / "straight")
     proc = _train(cfg, tmp_path / "stopped", wait=False)
     metrics = tmp_path / "stopped" / "tiny" / "metrics.jsonl"
@@ -139,9 +157,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, ti
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
-    saved = [int(d.name) for d in (tmp_path / "stopped" / "tiny" / "checkpoints").iterdir() if d.name.isdigit()]
-    assert len(saved) == 1 and 5 <= saved[0] < 300, saved
-    assert f"interrupted: saved a checkpoint at step {saved[0]}" in err
+    saved = sorted(int(d.name) for d in (tmp_path / "stopped" / "tiny" / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved and 5 <= saved[-1] < 300, saved
+    assert saved == ([saved[-1]] if save_steps == 1000 else list(range(1, saved[-1] + 1))), saved
+    assert f"interrupted: saved a checkpoint at step {saved[-1]}" in err
     _train(cfg, tmp_path / "stopped", "--resume")
     run, ref = tmp_path / "stopped" / "tiny", tmp_path / "straight" / "tiny"
     assert _losses(run) == _losses(ref)
