@@ -312,6 +312,8 @@ def _set_dotted(data: dict, dotted: str, value: Any, src: str) -> None:
                 continue
             except (ValueError, IndexError):
                 raise ConfigError(f"--set {dotted}: `{'.'.join(parts[:i + 1])}` is not a valid index")
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: `{'.'.join(parts[:i])}` is a value, not a section")
         nxt = node.get(part)
         if nxt is None:
             nxt = node[part] = {}
@@ -322,8 +324,10 @@ def _set_dotted(data: dict, dotted: str, value: Any, src: str) -> None:
             node[int(last)] = value
         except (ValueError, IndexError):
             raise ConfigError(f"--set {dotted}: `{last}` is not a valid index")
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ConfigError(f"--set {dotted}: `{'.'.join(parts[:-1])}` is a value, not a section")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxpref.errors import ConfigError, JaxprefError
+from jaxpref.errors import ConfigError, JaxprefError, check_writable
 
 
 def parse_args(argv):
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.model_index < len(cfg.models):
             raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
                               f"{len(cfg.models)} model(s)")
+        check_writable(args.output, "--output", directory=False)
         summary = evaluate(cfg, args.model_index, args.split, args.adapter, args.max_examples,
                            Path(args.output))
     except JaxprefError as e:

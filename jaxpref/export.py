@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxpref.errors import ConfigError, JaxprefError
+from jaxpref.errors import ConfigError, JaxprefError, check_writable
 from jaxpref.lora import LoraSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -162,14 +162,19 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as float32 numpy (bf16/fp16 adapters included)."""
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     out = {}
-    with safe_open(str(file), framework="numpy") as f:
-        for key in f.keys():
-            try:
-                out[key] = np.asarray(f.get_tensor(key), np.float32)
-            except (TypeError, ValueError):  # bf16 has no numpy dtype in safetensors' numpy backend
-                with safe_open(str(file), framework="flax") as fx:
-                    out[key] = np.asarray(fx.get_tensor(key).astype(jnp.float32))
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            for key in f.keys():
+                try:
+                    out[key] = np.asarray(f.get_tensor(key), np.float32)
+                except (TypeError, ValueError):  # bf16 has no numpy dtype in safetensors' numpy backend
+                    with safe_open(str(file), framework="flax") as fx:
+                        out[key] = np.asarray(fx.get_tensor(key).astype(jnp.float32))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"adapter `{file}` is not a readable safetensors file ({str(e).splitlines()[0]})")
     return out
 
 
@@ -309,6 +314,9 @@ def _export(args) -> int:
         raise ConfigError(f"--run {run}: no adapter/ (the run has not finished or was a full fine-tune)")
     if not args.adapter_out and not args.merged_out:
         raise ConfigError("nothing to do: give --adapter-out and/or --merged-out")
+    for flag, out in (("--adapter-out", args.adapter_out), ("--merged-out", args.merged_out)):
+        if out:
+            check_writable(out, flag, directory=True)
     cfg = load_config(run / "config.yaml")
     entry = cfg.models[0]
     src = resolve(entry.huggingface_id, entry.revision)

@@ -46,10 +46,10 @@ def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bo
     """-> (bundle with LoRA options set, tokenizer, lora spec or None, abstract params)."""
     entry = cfg.models[index]
     src = resolve(entry.huggingface_id, entry.revision, weights=weights_needed)
-    tok = load_tokenizer(src, entry.tokenizer_id)
     bundle = weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype,
                            gradient_checkpointing=cfg.gradient_checkpointing,
                            remat_policy=cfg.finetuning.remat_policy, **run_options(cfg))
+    tok = load_tokenizer(src, entry.tokenizer_id)  # after `build`: an unsupported model is named first
     abstract = bundle.abstract_params()
     spec = lora_spec_for(cfg, bundle.arch, abstract)
     if spec is not None:

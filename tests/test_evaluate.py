@@ -151,6 +151,7 @@ def test_max_examples_and_eval_fraction(setup, monkeypatch, capsys):
     (["--split", "eval"], "no eval data"),
     (["--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no such directory"),
     (["--model-index", "3"], "--model-index 3 is out of range"),
+    (["--output", "/"], "--output /: is a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(setup, monkeypatch, capsys, extra, message):
     code, lines, out, err = _run(setup, monkeypatch, capsys, *extra)

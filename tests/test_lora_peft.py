@@ -537,3 +537,15 @@ def test_cli_train_export_and_continue(tmp_path, tiny_llama, tiny_pairs):
     assert p.returncode == 2, p.stderr
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert "`lora.r` is 8" in lines[0] and "init_from" in lines[0], lines[0]
+
+    # Export to a file path, and an adapter whose weights file is cut short: one line, exit 2.
+    (tmp_path / "afile").write_text("x")
+    p = _cli("jaxpref.export", "--run", run, "--adapter-out", tmp_path / "afile", cwd=tmp_path)
+    assert p.returncode == 2 and "is a file, expected a directory" in p.stderr and "Traceback" not in p.stderr
+    import shutil
+    shutil.copytree(run, tmp_path / "cut")
+    st = tmp_path / "cut" / "adapter" / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[:20])
+    p = _cli("jaxpref.export", "--run", tmp_path / "cut", "--adapter-out", tmp_path / "again", cwd=tmp_path)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "not a readable safetensors file" in lines[0], p.stderr

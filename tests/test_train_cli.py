@@ -185,3 +185,35 @@ def test_skipped_train_and_eval_rows_are_reported(tmp_path, tiny_llama, capsys):
     summary = json.loads((tmp_path / "o" / "tiny" / "summary.json").read_text())
     assert summary["skipped_rows"] == {"chosen equals rejected": 1}
     assert summary["eval_skipped_rows"] == {"chosen equals rejected": 1, "chosen is null": 1}
+
+
+def test_broken_inputs_are_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """A --set below a plain value, random bytes or a broken header as model.safetensors, an
+    unsupported model type (named before the tokenizer is read), a cut metrics.jsonl for the plot."""
+    import shutil
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)
+    code, _, err = run_cli(["--config", cfg, "--dry-run", "--set", "training.max_steps.x=1"], capsys)
+    one_line_error(code, err, "training.max_steps", "is a value, not a section")
+    code, _, err = run_cli(["--config", cfg, "--dry-run", "--set", "training.max_steps.x.y=1"], capsys)
+    one_line_error(code, err, "training.max_steps", "is a value, not a section")
+    for name, data in [("garbage", bytes(range(256)) * 64),
+                       ("header", (40).to_bytes(8, "little") + b"{not json" + b" " * 200)]:
+        model = tmp_path / name
+        shutil.copytree(tiny_llama, model)
+        (model / "model.safetensors").write_bytes(data)
+        code, _, err = run_cli(["--config", write_config(tmp_path / "m.yaml", model, tiny_pairs),
+                                "--max-steps", "1", "--output-dir", tmp_path / "o"], capsys)
+        one_line_error(code, err, "model.safetensors", "not a safetensors file")
+    falcon = tmp_path / "falcon"
+    shutil.copytree(tiny_llama, falcon)
+    conf = json.loads((falcon / "config.json").read_text())
+    (falcon / "config.json").write_text(json.dumps({**conf, "model_type": "falcon"}))
+    code, _, err = run_cli(["--config", write_config(tmp_path / "f.yaml", falcon, tiny_pairs), "--dry-run"], capsys)
+    assert "unsupported model_type `falcon`" in err and "tokenizer" not in err
+
+    from jaxpref.plot import main as plot_main
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
+    assert plot_main([str(run)]) == 0 and (run / "metrics.png").is_file()

@@ -163,8 +163,16 @@ def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], np.
 
     for f in files:
         with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= f.stat().st_size - 8:
+                raise ModelSourceError(f"{f}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(fh.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError("not a mapping")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ModelSourceError(f"{f}: not a safetensors file (unreadable header: {e})")
             header.pop("__metadata__", None)
             base = 8 + n
 
