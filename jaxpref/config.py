@@ -273,14 +273,17 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
             return int(value)
         raise ConfigError(f"{src}: `{where}` must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{src}: `{where}` must be a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(f"{src}: `{where}` must be a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
