@@ -17,6 +17,7 @@ from jaxpref.batching import shape_key
 from jaxpref.config import Config
 from jaxpref.errors import JaxprefError
 from jaxpref.lora import count, target_shapes
+from jaxpref.models import weights
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -33,6 +34,13 @@ def runtime_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return 0
+
+
+def _weights_kind(bundle) -> str | None:
+    try:
+        return weights.weight_files(bundle.source.path, bundle.source.spec)[0]
+    except JaxprefError:
+        return None  # a GGUF read for its metadata only, or no weights: the real run says which
 
 
 def memory_plan(cfg: Config, args, base_params: int, lora_params: int, rows: int, seq_len: int,
@@ -84,6 +92,8 @@ def check_model(cfg: Config, index: int) -> list[str]:
     print(f"== model {index}: {name} ({entry.huggingface_id})")
     try:
         bundle, tok, spec, abstract = pipeline.model_for(cfg, index, training=True, weights_needed=False)
+        if _weights_kind(bundle) == "safetensors":
+            weights.check_weights(bundle)  # names and shapes from the headers; no value is read
     except JaxprefError as e:
         return [f"model `{name}`: {e}"]
     args = bundle.args

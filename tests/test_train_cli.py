@@ -204,9 +204,18 @@ def test_broken_inputs_are_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
         model = tmp_path / name
         shutil.copytree(tiny_llama, model)
         (model / "model.safetensors").write_bytes(data)
-        code, _, err = run_cli(["--config", write_config(tmp_path / "m.yaml", model, tiny_pairs),
-                                "--max-steps", "1", "--output-dir", tmp_path / "o"], capsys)
-        one_line_error(code, err, "model.safetensors", "not a safetensors file")
+        for flags in (["--max-steps", "1", "--output-dir", tmp_path / "o"], ["--dry-run"]):
+            code, out, err = run_cli(["--config", write_config(tmp_path / "m.yaml", model, tiny_pairs), *flags], capsys)
+            one_line_error(code, err, "model.safetensors", "not a safetensors file")
+    # The dry run checks tensor names and shapes from the headers, as loading does.
+    from safetensors.numpy import load_file, save_file
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_llama, wrong)
+    tensors = load_file(str(wrong / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:, :-1].copy()
+    save_file(tensors, str(wrong / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run_cli(["--config", write_config(tmp_path / "w.yaml", wrong, tiny_pairs), "--dry-run"], capsys)
+    one_line_error(code, err, "model.layers.1.mlp.up_proj.weight", "has shape")
     falcon = tmp_path / "falcon"
     shutil.copytree(tiny_llama, falcon)
     conf = json.loads((falcon / "config.json").read_text())

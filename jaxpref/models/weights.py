@@ -154,7 +154,7 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": j
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+def _read_safetensors(files: list[Path], headers_only: bool = False) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """Each safetensors tensor is read with a plain file read, not through
     safetensors' mmap: mapped pages of the file stay resident and count in our RSS until the file
     is closed, one more copy of the model at peak. Read pages go to the page cache instead."""
@@ -189,11 +189,21 @@ def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], np.
 
             # file order, so that the reads go forward through the file
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                yield name, (lambda info=info: get(info))
+                if headers_only:  # a zero-byte stand-in with the tensor's shape (dry run)
+                    yield name, (lambda info=info: np.broadcast_to(np.zeros((), np.uint8), info["shape"]))
+                else:
+                    yield name, (lambda info=info: get(info))
 
 
-def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
-    """Read the checkpoint into our parameter tree (param dtype, optional shardings tree)."""
+def check_weights(bundle: ModelBundle) -> None:
+    """What `load_params` checks (every tensor present, named as this architecture expects, with
+    the right shape), from the safetensors headers alone: no weight value is read (dry run)."""
+    load_params(bundle, headers_only=True)
+
+
+def load_params(bundle: ModelBundle, shardings: Any = None, headers_only: bool = False) -> dict | None:
+    """Read the checkpoint into our parameter tree (param dtype, optional shardings tree).
+    `headers_only`: check names and shapes only, for safetensors from their headers (returns None)."""
     spec = bundle.source.spec
     kind, files = weight_files(bundle.source.path, spec)
     abstract = traverse_util.flatten_dict(bundle.abstract_params())
@@ -206,7 +216,7 @@ def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
     num_layers = bundle.args.num_layers
     np_dtype = np.dtype(jnp.dtype(bundle.args.param_dtype))
 
-    it = _read_safetensors(files) if kind == "safetensors" else _iter_msgpack(files[0])
+    it = _read_safetensors(files, headers_only) if kind == "safetensors" else _iter_msgpack(files[0])
     for name, get in it:
         match = None
         for pat, rule in rules:
@@ -234,13 +244,19 @@ def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
         if rule.stacked:
             if layer >= num_layers:
                 raise ModelSourceError(f"model `{spec}`: tensor `{name}` is beyond num_hidden_layers={num_layers}")
+            filled.setdefault(rule.path, set()).add(layer)
+            if headers_only:
+                if len(filled[rule.path]) == num_layers:
+                    out[rule.path] = None
+                continue
             buf = buffers.get(rule.path)
             if buf is None:
                 buf = buffers[rule.path] = _aligned_empty(target.shape, np_dtype)
             buf[layer] = arr
-            filled.setdefault(rule.path, set()).add(layer)
             if len(filled[rule.path]) == num_layers:
                 out[rule.path] = _to_device(buffers.pop(rule.path), flat_shardings.get(rule.path))
+        elif headers_only:
+            out[rule.path] = None
         else:  # no copy when the tensor already has the right dtype and layout
             out[rule.path] = _to_device(np.ascontiguousarray(arr, np_dtype), flat_shardings.get(rule.path))
         del arr
@@ -259,7 +275,7 @@ def load_params(bundle: ModelBundle, shardings: Any = None) -> dict:
                 names.append(rule.hf_name)
         raise ModelSourceError(f"model `{spec}`: checkpoint lacks tensor `{names[0]}`"
                                + (f" and {len(names) - 1} more" if len(names) > 1 else ""))
-    return traverse_util.unflatten_dict(out)
+    return None if headers_only else traverse_util.unflatten_dict(out)
 
 
 def _to_device(arr: np.ndarray, sharding) -> jax.Array:
