@@ -315,6 +315,7 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
         key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|v5".encode()).hexdigest()[:20]
         cached = _load_cache(cache_dir / f"{key}.json")
         if cached is not None:
+            _warn_boundary(cached)
             return cached
     rows = ds.to_list()
     if not rows:
@@ -366,15 +367,20 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
     if pending:
         _flush_unpaired(out, pending)
     out.skipped = dict(skipped)
-    if out.prompt_boundary_mismatches:
-        log.warning("the tokenized prompt is not a prefix of prompt+completion in %d rows; the "
-                    "completion starts where they diverge", out.prompt_boundary_mismatches)
+    _warn_boundary(out)
     if len(out) == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common()) or "no rows"
         raise DataError(f"dataset `{ds_cfg.name}`: no usable row survives ({reasons})")
     if key is not None:
         _save_cache(cache_dir / f"{key}.json", out)
     return out
+
+
+def _warn_boundary(t: Tokenized) -> None:
+    """Said whenever the data is prepared, from the cache too."""
+    if t.prompt_boundary_mismatches:
+        log.warning("the tokenized prompt is not a prefix of prompt+completion in %d rows; the "
+                    "completion starts where they diverge", t.prompt_boundary_mismatches)
 
 
 UNPAIR_BLOCK = 1000  # TRL unpairs with a batched map: per block, all chosen then all rejected

@@ -81,6 +81,9 @@ def data_for(cfg: Config, tok, max_rows: int | None = None, cache_root: Path | N
         n = len(train)
         perm = np.random.default_rng(cfg.training.seed).permutation(n)
         k = max(1, int(round(n * ds_cfg.eval_fraction)))
+        if k >= n:
+            raise ConfigError(f"`dataset.eval_fraction` {ds_cfg.eval_fraction} takes all {n} usable rows "
+                              "for evaluation; none is left to train on")
         ev, train = train.subset(np.sort(perm[:k])), train.subset(np.sort(perm[k:]))
     tr = cfg.training
     train, report = apply_lengths(train, tr.max_length, tr.max_prompt_length, tr.truncation_mode)

@@ -419,8 +419,9 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         plot_run(run_dir)
     except Exception as e:  # a plot must never fail a finished run
         print(f"jaxpref: warning: plot not written ({type(e).__name__}: {e})", file=sys.stderr)
-    print(f"[{entry.name}] done in {summary['wall_time_s']} s: loss {last.get('loss', float('nan')):.4f}, "
-          f"rewards/accuracies {last.get('rewards/accuracies', float('nan')):.3f} -> {run_dir}", file=sys.stderr)
+    acc = last.get("rewards/accuracies")  # KTO has none
+    print(f"[{entry.name}] done in {summary['wall_time_s']} s: loss {last.get('loss', float('nan')):.4f}"
+          + (f", rewards/accuracies {acc:.3f}" if acc is not None else "") + f" -> {run_dir}", file=sys.stderr)
     return summary
 
 

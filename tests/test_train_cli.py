@@ -95,6 +95,7 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
     ({"post_training": {"loss_type": "sigmod"}}, ["loss_type", "sigmoid"]),
     ({"models": []}, ["models", "empty"]),
     ({"training": {"learning_rate": "fast"}}, ["training.learning_rate", "number"]),
+    ({"dataset": {"eval_fraction": 0.99}}, ["dataset.eval_fraction", "takes all 16 usable rows"]),
     ({"training": {"learning_rate": float("nan")}}, ["training.learning_rate", "finite number"]),
     ({"post_training": {"beta": float("inf")}}, ["post_training.beta", "finite number"]),
     ({"lora": {"target_modules": ["q_proj", "nonexistent"]}}, ["nonexistent", "q_proj"]),
