@@ -311,6 +311,8 @@ def _set_dotted(data: dict, dotted: str, value: Any, src: str) -> None:
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             try:
+                if int(part) < 0:
+                    raise IndexError(part)
                 node = node[int(part)]
                 continue
             except (ValueError, IndexError):
@@ -324,6 +326,8 @@ def _set_dotted(data: dict, dotted: str, value: Any, src: str) -> None:
     last = parts[-1]
     if isinstance(node, list):
         try:
+            if int(last) < 0:
+                raise IndexError(last)
             node[int(last)] = value
         except (ValueError, IndexError):
             raise ConfigError(f"--set {dotted}: `{last}` is not a valid index")
@@ -440,6 +444,9 @@ def validate(cfg: Config) -> None:
                 "gradient_accumulation_steps", "logging_steps"):
         if getattr(tr, key) <= 0:
             raise ConfigError(f"{src}: `training.{key}` must be > 0, got {getattr(tr, key)}")
+    if tr.max_steps == 0 or tr.max_steps < -1:
+        raise ConfigError(f"{src}: `training.max_steps` must be >= 1 (or -1: train for `num_epochs`), "
+                          f"got {tr.max_steps}")
     if tr.num_epochs <= 0 and tr.max_steps <= 0:
         raise ConfigError(f"{src}: set `training.num_epochs` > 0 or `training.max_steps` > 0")
     if tr.max_length is not None and tr.max_length < 2:

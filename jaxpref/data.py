@@ -70,10 +70,14 @@ def load_rows(ds_cfg, split: str | None = None):
             builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
             return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)
         if path is not None and path.is_file():
-            builder = LOCAL_BUILDERS.get(path.suffix)
+            # `.gz`: datasets decompresses it; the type is the suffix before it.
+            ext = path.suffixes[-2] if len(path.suffixes) > 1 and path.suffix == ".gz" else path.suffix
+            builder = LOCAL_BUILDERS.get(ext)
             if builder is None:
                 raise DataError(f"dataset `{name}`: unsupported file type `{path.suffix}` "
-                                f"(use one of {', '.join(LOCAL_BUILDERS)})")
+                                f"(use one of {', '.join(LOCAL_BUILDERS)}, optionally gzipped)")
+            if path.stat().st_size == 0:
+                raise DataError(f"dataset `{name}` is empty (0 bytes)")
             _only_train(name, split, "is one file")
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path is not None and path.is_dir():

@@ -321,3 +321,16 @@ def test_second_prepare_reads_the_cache(fmt, tokenizers, tmp_path):
     other = CountingTokenizer(tokenizers["gpt2_style"])
     _ours(other, FORMATS[fmt], cache_dir=tmp_path)
     assert other.calls > 0 and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_gzipped_and_empty_files(tokenizers, tmp_path):
+    import gzip
+
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(json.dumps(r) for r in [GOOD] * 3) + "\n").encode()))
+    out = data.prepare(data.load_rows(DatasetConfig(name=str(path))), DatasetConfig(name=str(path)),
+                       tokenizers["gpt2_style"], "dpo")
+    assert len(out) == 3
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl` is empty \(0 bytes\)"):
+        data.load_rows(DatasetConfig(name=str(tmp_path / "empty.jsonl")))

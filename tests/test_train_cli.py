@@ -200,6 +200,10 @@ def test_broken_inputs_are_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
     one_line_error(code, err, "training.max_steps", "is a value, not a section")
     code, _, err = run_cli(["--config", cfg, "--dry-run", "--set", "training.max_steps.x.y=1"], capsys)
     one_line_error(code, err, "training.max_steps", "is a value, not a section")
+    code, _, err = run_cli(["--config", cfg, "--dry-run", "--set", "models.-1.name=x"], capsys)
+    one_line_error(code, err, "models.-1", "not a valid index")
+    code, _, err = run_cli(["--config", cfg, "--dry-run", "--max-steps", "0"], capsys)
+    one_line_error(code, err, "training.max_steps", ">= 1")
     for name, data in [("garbage", bytes(range(256)) * 64),
                        ("header", (40).to_bytes(8, "little") + b"{not json" + b" " * 200)]:
         model = tmp_path / name
