@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def run(model: str, data: str, out: str, mesh: dict | None, device_ids, per_device: int, steps: int = 3,
-        distributed: dict | None = None, name: str = "tiny", training: dict | None = None):
+        distributed: dict | None = None, name: str = "tiny", training: dict | None = None,
+        finetuning: dict | None = None, resume: bool = False):
     from jaxpref.config import config_from_dict
     from jaxpref.runner import train_model
 
@@ -24,10 +25,11 @@ def run(model: str, data: str, out: str, mesh: dict | None, device_ids, per_devi
         "training": {"max_steps": steps, "per_device_train_batch_size": per_device, "learning_rate": 0.5,
                      "optimizer": "sgd",
                      "max_length": 64, "logging_steps": 1, "seed": 0, **(training or {})},
+        "finetuning": finetuning or {},
         "gpu": {"mesh": mesh, "device_ids": device_ids, "distributed": distributed},
         "logging": {"report_to": [], "progress_bar": False},
     })
-    train_model(cfg, 0, Path(out) / name)
+    train_model(cfg, 0, Path(out) / name, resume=resume)
 
 
 def main() -> None:
@@ -38,7 +40,8 @@ def main() -> None:
         init_distributed(GpuConfig(distributed=spec["distributed"]))
     for job in spec["jobs"]:
         run(spec["model"], spec["data"], job["out"], job.get("mesh"), job.get("device_ids"), job["per_device"],
-            distributed=spec.get("distributed"), name=job.get("name", "tiny"), training=job.get("training"))
+            distributed=spec.get("distributed"), name=job.get("name", "tiny"), training=job.get("training"),
+            finetuning=job.get("finetuning"), resume=job.get("resume", False))
     print("MESH_WORKER_OK")
 
 

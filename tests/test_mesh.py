@@ -98,6 +98,45 @@ def test_two_processes_equal_one(tmp_path, tiny_llama):
                                rtol=1e-5, atol=1e-6)
 
 
+def _two_processes(tiny_llama, data, job: dict) -> None:
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        spec = {"model": str(tiny_llama), "data": str(data),
+                "distributed": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
+                                "process_id": pid, "timeout_s": 120},
+                "jobs": [job]}
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        o, e = p.communicate(timeout=600)
+        assert p.returncode == 0 and "MESH_WORKER_OK" in o, e[-3000:]
+
+
+def test_two_processes_checkpoint_and_resume_exactly(tmp_path, tiny_llama):
+    """Two processes save Orbax checkpoints together, and resume from one to the losses and
+    adapter of their uninterrupted run."""
+    import shutil
+
+    from conftest import write_pairs
+    data = write_pairs(tmp_path / "pairs.jsonl", n=32)
+    job = {"mesh": {"data": 2}, "per_device": 2, "training": {"max_steps": 4},
+           "finetuning": {"save_steps": 2}}
+    _two_processes(tiny_llama, data, {**job, "out": str(tmp_path / "straight")})
+    straight, resumed = tmp_path / "straight" / "tiny", tmp_path / "resumed" / "tiny"
+    assert sorted(int(d.name) for d in (straight / "checkpoints").iterdir() if d.name.isdigit()) == [2, 4]
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "FINISHED").unlink()
+    _two_processes(tiny_llama, data, {**job, "out": str(tmp_path / "resumed"), "resume": True})
+    assert _losses(resumed) == _losses(straight)
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("gpu,needle", [
     ({"mesh": {"data": 2}}, "available"),
     ({"device_ids": [7]}, "do not exist"),
