@@ -228,6 +228,13 @@ def test_broken_inputs_are_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
     code, _, err = run_cli(["--config", write_config(tmp_path / "f.yaml", falcon, tiny_pairs), "--dry-run"], capsys)
     assert "unsupported model_type `falcon`" in err and "tokenizer" not in err
 
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_llama, notok)
+    for f in notok.glob("tok*"):
+        f.unlink()
+    code, _, err = run_cli(["--config", write_config(tmp_path / "t.yaml", notok, tiny_pairs), "--dry-run"], capsys)
+    assert "no tokenizer files in" in err and "tokenizer_id" in err
+
     from jaxpref.plot import main as plot_main
     run = tmp_path / "run"
     run.mkdir()

@@ -141,10 +141,16 @@ def load_tokenizer(source: ModelSource, tokenizer_id: str | None = None):
     where = tokenizer_id or str(source.path)
     if tokenizer_id:
         where = str(resolve(tokenizer_id).path)
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if Path(where).is_dir() and not any((Path(where) / f).is_file() for f in files):
+        raise ModelSourceError(f"model source `{source.spec}`: no tokenizer files in {where} (none of "
+                               f"{', '.join(files)}); add them or set `models[].tokenizer_id`")
     try:
         tok = AutoTokenizer.from_pretrained(where)
     except Exception as e:
-        raise ModelSourceError(f"model source `{source.spec}`: cannot load its tokenizer ({type(e).__name__}: {e})".splitlines()[0])
+        msg = " ".join(str(e).split())  # transformers' messages span lines; keep them whole, on one
+        raise ModelSourceError(f"model source `{source.spec}`: cannot load its tokenizer "
+                               f"({type(e).__name__}: {msg[:400]})")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
