@@ -34,8 +34,9 @@ class CheckpointStore:
         self.dir = (Path(run_dir) / "checkpoints").resolve()
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                             enable_async_checkpointing=asynchronous)
-        self.manager = ocp.CheckpointManager(self.dir, options=opts,
-                                             item_names=("state", "meta"))
+        # Handlers named up front, so that a checkpoint's tree metadata (shapes) can be read alone.
+        self.manager = ocp.CheckpointManager(self.dir, options=opts, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         self.closed = False
 
     def save(self, step: int, state: Any, meta: dict) -> None:
@@ -75,14 +76,22 @@ class CheckpointStore:
             if check is not None:
                 check(meta)
             try:
+                saved = _shapes(self.manager.item_metadata(step)["state"])
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            wanted = _shapes(abstract_state)
+            diff = next((k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)), None)
+            if diff is not None:  # a whole checkpoint of other settings: never set aside
+                raise JaxprefError(
+                    f"checkpoint {self.dir / str(step)} does not fit the current settings: `{diff}` is "
+                    f"{saved.get(diff, 'absent')} there, {wanted.get(diff, 'absent')} now; resume with the "
+                    "settings it was saved with" + (" (--resume-force keeps only settings that fit)" if force else ""))
+            try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
                 return step, out["state"], meta
             except Exception as e:  # a truncated or corrupted checkpoint: use the one before
-                if force:
-                    raise JaxprefError(f"checkpoint {self.dir / str(step)} does not fit the current settings "
-                                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                       "resume with the settings it was saved with")
                 self._set_aside(step, e)
         return None
 
@@ -94,6 +103,18 @@ class CheckpointStore:
         if broken.exists():
             broken.rename(self.dir / f"unreadable-{step}-{int(time.time())}")
         self.manager.reload()
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """Leaf path ('lora/layers/.../a', 'opt_state/1/0/mu/...') -> shape, for a state tree or a
+    checkpoint's tree metadata alike (attribute, key and index paths all become names)."""
+    def name(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def abstract_of(tree: Any) -> Any:

@@ -170,7 +170,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, ti
 
 def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_llama, tiny_pairs, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
-                       training={"max_steps": 5, "learning_rate": float("inf"), "max_grad_norm": 0.0,
+                       training={"max_steps": 5, "learning_rate": 1e38, "max_grad_norm": 0.0,
                                  "logging_steps": 1}, post_training={"beta": 50.0})
     code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
