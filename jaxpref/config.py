@@ -45,7 +45,7 @@ class DatasetConfig:
     config_name: str | None = None
     split: str = "train"
     revision: str | None = None
-    data_files: str | list[str] | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None   # a dict maps split -> files
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"

@@ -118,6 +118,8 @@ def _only_train(name: str, split: str, what: str) -> None:
 
 
 def _builder_for(files) -> str:
+    if isinstance(files, dict):  # {split: files}
+        files = next(iter(files.values()), "")
     first = files if isinstance(files, str) else files[0]
     for ext, b in LOCAL_BUILDERS.items():
         if first.endswith(ext):

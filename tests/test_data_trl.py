@@ -334,3 +334,18 @@ def test_gzipped_and_empty_files(tokenizers, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match=r"empty.jsonl` is empty \(0 bytes\)"):
         data.load_rows(DatasetConfig(name=str(tmp_path / "empty.jsonl")))
+
+
+def test_data_files_mapping_gives_named_splits(tmp_path):
+    """`dataset.data_files: {train: ..., test: ...}` as in `datasets.load_dataset`."""
+    from jaxpref.config import config_from_dict
+
+    for name, n in (("tr.jsonl", 3), ("te.jsonl", 2)):
+        (tmp_path / name).write_text("".join(json.dumps(GOOD) + "\n" for _ in range(n)))
+    cfg = config_from_dict({"models": [{"name": "m", "huggingface_id": "x"}],
+                            "dataset": {"name": "json", "eval_split": "test", "data_files": {
+                                "train": str(tmp_path / "tr.jsonl"), "test": [str(tmp_path / "te.jsonl")]}}})
+    assert len(data.load_rows(cfg.dataset)) == 3
+    assert len(data.load_rows(cfg.dataset, "test")) == 2
+    with pytest.raises(DataError, match=r"no split `validation`"):
+        data.load_rows(cfg.dataset, "validation")
