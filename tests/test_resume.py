@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO, write_config
@@ -131,41 +130,53 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pa
     assert result["identical"] == result["tries"] == 1
 
 
-@pytest.mark.parametrize("save_steps", [1000, 1])
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pairs, save_steps):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it) in the middle of training saves
-    a checkpoint at the last finished step (once, also when that step had just saved one), exits
-    130, and --resume then ends with the losses and adapter of an uninterrupted run."""
+def _interrupt(cfg: Path, out: Path, after_rows: int = 5):
+    """Start a run, send SIGINT to its process group (as a terminal's Ctrl-C does) once it has
+    logged `after_rows` steps; -> (exit code, stderr, saved checkpoint steps)."""
     import os
     import signal
     import time
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    from kill_resume import _adapter, _losses, _train
-    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
-                       training={"max_steps": 300, "logging_steps": 1, "learning_rate": 5e-3,
-                                 "per_device_train_batch_size": 2},
-                       finetuning={"save_steps": save_steps})
-    _train(cfg, tmp_path / "straight")
-    proc = _train(cfg, tmp_path / "stopped", wait=False)
-    metrics = tmp_path / "stopped" / "tiny" / "metrics.jsonl"
+    from kill_resume import _train
+    proc = _train(cfg, out, wait=False)
+    metrics = out / "tiny" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= after_rows:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
-    saved = sorted(int(d.name) for d in (tmp_path / "stopped" / "tiny" / "checkpoints").iterdir() if d.name.isdigit())
-    assert saved and 5 <= saved[-1] < 300, saved
-    assert saved == ([saved[-1]] if save_steps == 1000 else list(range(1, saved[-1] + 1))), saved
-    assert f"interrupted: saved a checkpoint at step {saved[-1]}" in err
+    saved = sorted(int(d.name) for d in (out / "tiny" / "checkpoints").iterdir() if d.name.isdigit())
+    return proc.returncode, err, saved
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, tiny_llama, tiny_pairs):
+    """Ctrl-C in the middle of training saves a checkpoint at the last finished step, exits 130, and
+    --resume then ends with the losses and adapter of an uninterrupted run. When that step had just
+    saved a checkpoint itself, it is not saved twice."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from kill_resume import _adapter, _losses, _train
+    config = lambda name, save_steps: write_config(
+        tmp_path / name, tiny_llama, tiny_pairs,
+        training={"max_steps": 200, "logging_steps": 1, "learning_rate": 5e-3, "per_device_train_batch_size": 2},
+        finetuning={"save_steps": save_steps})
+    cfg = config("c.yaml", 1000)
+    _train(cfg, tmp_path / "straight")
+    code, err, saved = _interrupt(cfg, tmp_path / "stopped")
+    assert code == 130, err[-2000:]
+    assert len(saved) == 1 and 5 <= saved[0] < 200, saved
+    assert f"interrupted: saved a checkpoint at step {saved[0]}" in err
     _train(cfg, tmp_path / "stopped", "--resume")
     run, ref = tmp_path / "stopped" / "tiny", tmp_path / "straight" / "tiny"
     assert _losses(run) == _losses(ref)
     a, b = _adapter(ref), _adapter(run)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    # A checkpoint at every step: the interrupted step's own save is the one kept.
+    code, err, saved = _interrupt(config("every.yaml", 1), tmp_path / "every")
+    assert code == 130, err[-2000:]
+    assert saved == list(range(1, saved[-1] + 1)) and saved[-1] >= 5, saved
+    assert f"interrupted: saved a checkpoint at step {saved[-1]}" in err
 
 
 def test_nan_loss_stops_with_the_step_named(tmp_path, tiny_llama, tiny_pairs, capsys):
