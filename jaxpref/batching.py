@@ -496,9 +496,8 @@ class BatchIterator:
         self.shapes = choose_shapes(needs, cover, cost, max_shapes)
         return self.shapes
 
-    def _shape(self, micro: list[np.ndarray]) -> tuple | None:
-        """The cheapest planned shape that holds these micro-batches, or None."""
-        need = self._needs(micro)
+    def _shape(self, need: tuple) -> tuple | None:
+        """The cheapest planned shape that holds `need`, or None."""
         fits = [s for s in self.shapes or () if all(a >= b for a, b in zip(s, need))]
         if fits:
             return min(fits, key=lambda s: (self._cost(*s), s))
@@ -506,11 +505,13 @@ class BatchIterator:
 
     def make(self, idx: np.ndarray) -> dict:
         micro = self._micro(idx)
-        shape = self._shape(micro)
         S = 2 * self.B
         if self.layout.padding_free:
+            shape = self._shape(self._needs(micro)) if self.shapes else None
             return self._stack(self._make_padding_free(micro, shape))
-        T, K = shape if shape is not None else (bucket_for(self._needs(micro)[0], self.layout.buckets), None)
+        need = self._needs(micro)
+        shape = self._shape(need)
+        T, K = shape if shape is not None else (bucket_for(need[0], self.layout.buckets), None)
         parts = self._parts(micro, T)
         if self.layout.kind.startswith("packed"):
             L = self.layout.pack_length or T

@@ -62,9 +62,9 @@ class CheckpointStore:
         """The newest checkpoint that restores whole, or None. Broken ones are skipped and named.
 
         `check(meta)` runs on each checkpoint's metadata before its state is read, so that a changed
-        setting is reported as such (it raises) rather than as a state that does not fit. With
-        `force` (the settings may have changed on purpose) a state that does not fit is an error,
-        and no checkpoint is set aside."""
+        setting is reported as such (it raises). A state whose saved shapes do not fit
+        `abstract_state` is an error too, read from the tree metadata before any restore: such a
+        checkpoint is whole, so it is never set aside. `force` only adds a hint to that error."""
         ocp = _ocp()
         for step in reversed(self.steps()):
             try:

@@ -104,8 +104,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
         rsrc = resolve(entry.ref_model_id)
         if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
             raise ConfigError(f"{cfg.source}: reference model `{entry.ref_model_id}` has a different tokenizer from the policy")
-        ref_bundle = weights.build(rsrc, cfg.training.param_dtype, cfg.training.compute_dtype,
-                                   **pipeline.run_options(cfg))
+        ref_bundle = pipeline.reference_bundle(cfg, rsrc)
         ref_params = ref_bundle.runtime_params(weights.load_params(ref_bundle))
 
     B = cfg.training.per_device_eval_batch_size

@@ -160,9 +160,7 @@ def spec_from_adapter(path: Path, dropout: float = 0.0) -> LoraSpec:
 
 def _read_tensors(file: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as float32 numpy (bf16/fp16 adapters included)."""
-    from safetensors import safe_open
-
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     out = {}
     try:

@@ -17,6 +17,11 @@ import numpy as np
 from jaxpref.batching import token_rows, trl_token_count
 
 
+def _scored(b: dict, num_seqs: int) -> np.ndarray:
+    """[U, Ku] bool: target slots in use (a completion token, or ORPO's span)."""
+    return (b["tgt_seq"] < num_seqs) | (b["tgt_full"] > 0)
+
+
 def dead_tokens(b: dict, num_seqs: int) -> np.ndarray:
     """[U, T] bool: real tokens of unit rows whose hidden state nothing uses. A key at p is
     attended by a later query q of its segment when p is shared (branch 0) or q is on p's
@@ -34,7 +39,7 @@ def dead_tokens(b: dict, num_seqs: int) -> np.ndarray:
     np.maximum.at(last_br, key_br[real], pos[real])
     attended = np.where(br == 0, last_any[key_any] > pos, last_br[key_br] > pos)
     src = np.zeros((U, T), bool)
-    valid = (b["tgt_seq"] < num_seqs) | (b["tgt_full"] > 0)
+    valid = _scored(b, num_seqs)
     rows = np.broadcast_to(np.arange(U)[:, None], valid.shape)
     src[rows[valid], b["tgt_src"][valid]] = True
     return real & ~attended & ~src
@@ -52,7 +57,7 @@ def stream_needs(units: list[tuple[int, int]], streams: int) -> tuple[int, int, 
 def built_needs(b: dict, num_seqs: int, streams: int) -> tuple[int, int, int]:
     """(L, K, Tb) of a built unit micro-batch (after `compact_targets`)."""
     live = ((b["segment_ids"] > 0) & ~dead_tokens(b, num_seqs)).sum(axis=1)
-    slots = ((b["tgt_seq"] < num_seqs) | (b["tgt_full"] > 0)).sum(axis=1)
+    slots = _scored(b, num_seqs).sum(axis=1)
     return stream_needs([(int(a), int(k)) for a, k in zip(live, slots)], streams)
 
 
@@ -79,7 +84,7 @@ def to_stream(b: dict, num_seqs: int, streams: int, L: int, K: int, Tb: int, pad
         "trl_tokens": np.zeros((R,), np.int32),
     }
     where = np.full((U, T), -1, np.int64)  # unit position -> stream position
-    valid = (b["tgt_seq"] < num_seqs) | (b["tgt_full"] > 0)
+    valid = _scored(b, num_seqs)
     for r in range(R):
         off = koff = 0
         for j in range(per):

@@ -42,6 +42,11 @@ def run_options(cfg: Config) -> dict:
             "recompute_activations": tr.recompute_activations}
 
 
+def reference_bundle(cfg: Config, src):
+    """A separate, frozen reference model: the run's dtypes and forward options, no remat."""
+    return weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype, **run_options(cfg))
+
+
 def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bool = True):
     """-> (bundle with LoRA options set, tokenizer, lora spec or None, abstract params)."""
     entry = cfg.models[index]

@@ -171,7 +171,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         rtok = load_tokenizer(rsrc)
         if rtok.get_vocab() != tok.get_vocab():
             raise ConfigError(f"{cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
-        ref_bundle = weights.build(rsrc, tcfg.param_dtype, tcfg.compute_dtype, **pipeline.run_options(cfg))
+        ref_bundle = pipeline.reference_bundle(cfg, rsrc)
         if rid != entry.huggingface_id:
             ref_abstract = ref_bundle.abstract_params()
             ref_params = weights.load_params(ref_bundle, shardings=mesh_mod.shardings(

@@ -129,11 +129,10 @@ def run_jax(args) -> dict:
         rid = entry.ref_model_id or entry.huggingface_id
         if rid != entry.huggingface_id:
             from jaxpref.models.source import resolve
-            ref_bundle = weights.build(resolve(rid), tcfg.param_dtype, tcfg.compute_dtype, **pipeline.run_options(cfg))
+            ref_bundle = pipeline.reference_bundle(cfg, resolve(rid))
             ref_params = ref_bundle.runtime_params(weights.load_params(ref_bundle))
         else:
-            ref_bundle, ref_params = weights.build(bundle.source, tcfg.param_dtype, tcfg.compute_dtype,
-                                                   **pipeline.run_options(cfg)), params
+            ref_bundle, ref_params = pipeline.reference_bundle(cfg, bundle.source), params
     rng = jax.random.PRNGKey(tcfg.seed)
     lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)

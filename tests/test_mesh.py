@@ -80,25 +80,14 @@ def test_two_processes_equal_one(tmp_path, tiny_llama):
     _run({"model": str(tiny_llama), "data": str(data),
           "jobs": [{"out": str(one), "mesh": {"data": 2}, "per_device": 2}]},
          {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
-    port = _free_port()
     two = tmp_path / "two"
-    procs = []
-    for pid in range(2):
-        spec = {"model": str(tiny_llama), "data": str(data),
-                "distributed": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
-                                "process_id": pid, "timeout_s": 120},
-                "jobs": [{"out": str(two), "mesh": {"data": 2}, "per_device": 2}]}
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0 and "MESH_WORKER_OK" in o, e[-3000:]
+    _two_processes(tiny_llama, data, {"out": str(two), "mesh": {"data": 2}, "per_device": 2})
     np.testing.assert_allclose(np.array(_losses(two / "tiny")), np.array(_losses(one / "tiny")),
                                rtol=1e-5, atol=1e-6)
 
 
 def _two_processes(tiny_llama, data, job: dict) -> None:
+    """`job` run by two processes joined by jax.distributed, one CPU device each."""
     port = _free_port()
     procs = []
     for pid in range(2):
