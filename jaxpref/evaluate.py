@@ -51,7 +51,7 @@ def adapter_dir(path: str) -> Path:
 def batches(data, batch_size: int, layout):
     """(positions in `data`, micro-batch [N, ...]) over every pair in order; the last batch is
     filled up with repeats of its last pair, whose results are dropped."""
-    from jaxpref.batching import BatchIterator
+    from jaxpref.data.iterator import BatchIterator
 
     it = BatchIterator(data, batch_size, 1, 0, layout, shuffle=False)
     n = len(data)
@@ -67,16 +67,17 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
     """Write the per-example lines to `output`; returns the summary."""
     import jax
 
-    from jaxpref import pipeline
-    from jaxpref.export import load_adapter
+    from jaxpref.data import prepare
+    from jaxpref.training import setup
+    from jaxpref.lora.peft import load_adapter
     from jaxpref.models import weights
     from jaxpref.models.source import load_tokenizer, resolve
-    from jaxpref.step import sequence_logps
+    from jaxpref.objectives.logps import sequence_logps
 
     entry = cfg.models[index]
     pt = cfg.post_training
-    bundle, tok, _, abstract = pipeline.model_for(cfg, index, training=False)
-    prepared = pipeline.data_for(cfg, tok)
+    bundle, tok, _, abstract = setup.model_for(cfg, index, training=False)
+    prepared = prepare.data_for(cfg, tok)
     if split is None:
         split = "eval" if prepared.eval is not None else "train"
     data = prepared.train if split == "train" else prepared.eval
@@ -104,7 +105,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
         rsrc = resolve(entry.ref_model_id)
         if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
             raise ConfigError(f"{cfg.source}: reference model `{entry.ref_model_id}` has a different tokenizer from the policy")
-        ref_bundle = pipeline.reference_bundle(cfg, rsrc)
+        ref_bundle = setup.reference_bundle(cfg, rsrc)
         ref_params = ref_bundle.runtime_params(weights.load_params(ref_bundle))
 
     B = cfg.training.per_device_eval_batch_size
@@ -178,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jaxpref.no_torch import hide_torch
+    from jaxpref.runtime.host_memory import tune_malloc
+    from jaxpref.runtime.no_torch import hide_torch
 
     hide_torch()  # jaxpref never uses torch; transformers would import it (~490 MB)
+    tune_malloc()  # before any XLA computation (opt-in: JAXPREF_MALLOC_TUNING=1)
     sys.exit(main())

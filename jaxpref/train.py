@@ -65,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         indices = select_models(cfg, args.model_index)
         if not args.dry_run:
-            from jaxpref.mesh import init_distributed
+            from jaxpref.runtime.mesh import init_distributed
             init_distributed(cfg.gpu, cfg.source)
     except JaxprefError as e:
         print(f"jaxpref: error: {e}", file=sys.stderr)
         return 2
     out_root = Path(args.output_dir or "checkpoints")
     if args.dry_run:
-        from jaxpref.dryrun import dry_run
+        from jaxpref.training.dryrun import dry_run
         return dry_run(cfg, indices)
-    from jaxpref.runner import train_model
+    from jaxpref.training.loop import train_model
 
     codes = []
     for i in indices:
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jaxpref.no_torch import hide_torch
+    from jaxpref.runtime.host_memory import tune_malloc
+    from jaxpref.runtime.no_torch import hide_torch
 
     hide_torch()  # jaxpref never uses torch; transformers would import it (~490 MB)
+    tune_malloc()  # before any XLA computation (opt-in: JAXPREF_MALLOC_TUNING=1)
     sys.exit(main())

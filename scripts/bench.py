@@ -3,7 +3,7 @@
     python scripts/bench.py --config configs/quickstart.yaml [--steps 10] [--json OUT] [--vs-trl]
 
 Each side runs in its own subprocess, so peak RSS is measured separately. The jaxpref side builds
-the model, data and step exactly as `jaxpref.runner` does (pipeline.model_for/data_for,
+the model, data and step exactly as `jaxpref.runner` does (setup.model_for/data_for,
 runner.loss_spec/ref_mode, step.make_train_step, the batch iterator), times every step with a
 host sync, and measures this machine's fp32 matmul peak in the same process. The TRL side trains
 the same converted checkpoint (transformers, from the jaxpref cache) on the same jsonl with
@@ -29,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import jaxpref  # first: its allocator settings must precede the XLA runtime
+from jaxpref.runtime.host_memory import tune_malloc
+
+tune_malloc()  # first: its allocator settings must precede the XLA runtime
 
 
 def parse_args(argv=None):
@@ -88,7 +90,7 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
 
 def step_flops(abstract, lora, batch: dict, args, ref_pass: bool) -> float:
     """Matmul FLOPs of one optimizer step on the executed (padded) shapes (`jaxpref.flops`)."""
-    from jaxpref.flops import FlopModel
+    from jaxpref.runtime.flops import FlopModel
     G, N, T = batch["input_ids"].shape
     K = batch["tgt_ids"].shape[-1]
     blocks = batch["blk_idx"].shape[-2:] if "blk_idx" in batch else None
@@ -100,19 +102,23 @@ def run_jax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxpref import pipeline, runner
-    from jaxpref.batching import shape_key
+    from jaxpref.data import prepare
+    from jaxpref.training import setup
+    from jaxpref.runtime.memory import peak_memory
+    from jaxpref.training import loop as runner
+    from jaxpref.data.shapes import shape_key
     from jaxpref.config import load_config
-    from jaxpref.lora import init_lora
+    from jaxpref.lora.tree import init_lora
     from jaxpref.models import weights
-    from jaxpref.step import StepOptions, TrainState, compile_ahead, make_optimizer, make_train_step
+    from jaxpref.training.step import StepOptions, TrainState, compile_ahead, make_train_step
+    from jaxpref.training.optim import make_optimizer
 
     t_setup = time.perf_counter()
     cfg = load_config(args.config, list(args.set))
     tcfg = cfg.training
     entry = cfg.models[0]
-    bundle, tok, lspec, abstract = pipeline.model_for(cfg, 0, training=True)
-    prepared = pipeline.data_for(cfg, tok)
+    bundle, tok, lspec, abstract = setup.model_for(cfg, 0, training=True)
+    prepared = prepare.data_for(cfg, tok)
     spec = runner.loss_spec(cfg)
     mode = runner.ref_mode(cfg, spec, lspec is not None)
     if mode not in ("lora_off", "none", "separate"):
@@ -122,17 +128,17 @@ def run_jax(args) -> dict:
     total = args.warmup + args.steps
     # The shapes the real run would plan (over all its steps), not just the timed ones.
     run_steps = tcfg.total_steps(it.steps_per_epoch)
-    planned = pipeline.plan_shapes(it, cfg, bundle.args, abstract, max(run_steps, total))
+    planned = setup.plan_shapes(it, cfg, bundle.args, abstract, max(run_steps, total))
     params = bundle.runtime_params(weights.load_params(bundle))
     ref_bundle, ref_params = None, None
     if mode == "separate":
         rid = entry.ref_model_id or entry.huggingface_id
         if rid != entry.huggingface_id:
             from jaxpref.models.source import resolve
-            ref_bundle = pipeline.reference_bundle(cfg, resolve(rid))
+            ref_bundle = setup.reference_bundle(cfg, resolve(rid))
             ref_params = ref_bundle.runtime_params(weights.load_params(ref_bundle))
         else:
-            ref_bundle, ref_params = pipeline.reference_bundle(cfg, bundle.source), params
+            ref_bundle, ref_params = setup.reference_bundle(cfg, bundle.source), params
     rng = jax.random.PRNGKey(tcfg.seed)
     lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)
@@ -199,12 +205,12 @@ def run_jax(args) -> dict:
         "peak_fraction": round(float(np.mean(flops)) / med / 1e9 / peak, 3),
         "peak_rss_gib": round(peak_rss_gib(), 2),
         # Device memory where the backend reports it (GPU, TPU); None on CPU, where RSS is it.
-        "device_peak_gib": device_peak_gib(runner.peak_memory()),
+        "device_peak_gib": device_peak_gib(peak_memory()),
         "compiled_shapes": len(shapes),  # distinct (G, N, T, K) batch shapes
         "planned_shapes": [list(x) for x in planned],
         "compilations": int(step_fn._cache_size()) if hasattr(step_fn, "_cache_size") else None,
         "losses": [round(x, 6) for x in losses],
-        "malloc_tuned": bool(getattr(jaxpref, "MALLOC_TUNED", False)),
+        "malloc_tuned": tune_malloc(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     return out
@@ -221,7 +227,7 @@ def run_trl(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from jaxpref.config import load_config
-    from jaxpref.data import load_rows
+    from jaxpref.data.load import load_rows
     from jaxpref.models.source import resolve
 
     t_setup = time.perf_counter()
@@ -327,7 +333,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.side is not None:
         if args.side == "jax":
-            from jaxpref.no_torch import hide_torch
+            from jaxpref.runtime.no_torch import hide_torch
 
             hide_torch()  # as jaxpref's command lines do: torch is not part of the measured RSS
         out = run_jax(args) if args.side == "jax" else run_trl(args)

@@ -3,7 +3,7 @@
     uv run python scripts/data_report.py [--config configs/quickstart.yaml] [--buckets 64,96,128]
 
 For `concatenated` and `shared_prompt` it builds every batch of one epoch exactly as training does
-(pipeline.data_for + BatchIterator) and reports the distinct padded lengths T (each is one
+(prepare.data_for + BatchIterator) and reports the distinct padded lengths T (each is one
 compile), the padding fraction of the [N, T] token grid and of the [N, K] target grid, and the
 real and padded token counts, with the ratio shared_prompt / concatenated.
 """
@@ -19,12 +19,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(cfg, tok, kind: str, buckets: list[int] | None) -> dict:
-    from jaxpref import pipeline
-    from jaxpref.batching import BatchIterator
+    from jaxpref.data import prepare
+    from jaxpref.data.iterator import BatchIterator
 
     cfg.training.pair_layout = kind
     cfg.training.length_buckets = buckets
-    prepared = pipeline.data_for(cfg, tok)
+    prepared = prepare.data_for(cfg, tok)
     t = cfg.training
     it = BatchIterator(prepared.train, t.per_device_train_batch_size, t.gradient_accumulation_steps,
                        t.seed, prepared.layout)

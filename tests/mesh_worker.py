@@ -13,7 +13,7 @@ def run(model: str, data: str, out: str, mesh: dict | None, device_ids, per_devi
         distributed: dict | None = None, name: str = "tiny", training: dict | None = None,
         finetuning: dict | None = None, resume: bool = False):
     from jaxpref.config import config_from_dict
-    from jaxpref.runner import train_model
+    from jaxpref.training.loop import train_model
 
     cfg = config_from_dict({
         "models": [{"name": name, "huggingface_id": model}],
@@ -36,7 +36,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     if spec.get("distributed"):
         from jaxpref.config import GpuConfig
-        from jaxpref.mesh import init_distributed
+        from jaxpref.runtime.mesh import init_distributed
         init_distributed(GpuConfig(distributed=spec["distributed"]))
     for job in spec["jobs"]:
         run(spec["model"], spec["data"], job["out"], job.get("mesh"), job.get("device_ids"), job["per_device"],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxpref import data
+from jaxpref.data import load, tokenize
 from jaxpref.config import DatasetConfig
 from jaxpref.errors import DataError
 
@@ -112,10 +112,10 @@ def _trl_tokenized(tok, rows: list[dict], tmp: Path) -> list[dict]:
     return trainer.train_dataset.to_list()
 
 
-def _ours(tok, rows: list[dict], **kw) -> data.Tokenized:
+def _ours(tok, rows: list[dict], **kw) -> tokenize.Tokenized:
     import datasets
 
-    return data.prepare(datasets.Dataset.from_list(rows), DatasetConfig(name="rows"), tok, "dpo", **kw)
+    return tokenize.prepare(datasets.Dataset.from_list(rows), DatasetConfig(name="rows"), tok, "dpo", **kw)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's own config on transformers 5
@@ -161,7 +161,7 @@ def _load(tmp_path: Path, rows: list[dict], **cfg) -> tuple:
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ds_cfg = DatasetConfig(name=str(path), **cfg)
-    return data.load_rows(ds_cfg), ds_cfg
+    return load.load_rows(ds_cfg), ds_cfg
 
 
 def test_bad_rows_are_skipped_and_counted_by_reason(tokenizers, tmp_path):
@@ -172,7 +172,7 @@ def test_bad_rows_are_skipped_and_counted_by_reason(tokenizers, tmp_path):
             {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hi!"},
             {"prompt": [USER("Say hi.")], "chosen": [ASSISTANT("Hi!")], "rejected": [ASSISTANT("No.")]}]
     ds, ds_cfg = _load(tmp_path, rows)
-    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    out = tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
     assert len(out) == 2 and out.rows_in == len(rows)
     assert out.skipped == {"chosen is null": 1, "chosen is not a string": 1, "empty chosen": 1,
                            "chosen equals rejected": 1, "mixed formats": 1}
@@ -186,7 +186,7 @@ def test_bad_conversational_and_implicit_rows_are_counted(tokenizers, tmp_path):
             {**conv, "chosen": "It is blue."},
             {**conv, "prompt": []}]
     ds, ds_cfg = _load(tmp_path, rows)
-    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    out = tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
     assert len(out) == 2
     assert out.skipped == {"empty chosen": 1, "chosen equals rejected": 1, "mixed formats": 1,
                            "prompt is an empty conversation": 1}
@@ -194,14 +194,14 @@ def test_bad_conversational_and_implicit_rows_are_counted(tokenizers, tmp_path):
     rows = [FORMATS["implicit_conversational"][0],
             {"chosen": [USER("Hi"), ASSISTANT("Hello")], "rejected": [USER("Hey"), ASSISTANT("Go away")]}]
     ds, ds_cfg = _load(tmp_path, rows)
-    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    out = tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
     assert len(out) == 1 and out.skipped == {"prompt is an empty conversation": 1}
 
     imp = FORMATS["implicit"][0]
     rows = [imp, {"chosen": imp["chosen"], "rejected": None}, {"chosen": imp["chosen"], "rejected": imp["chosen"]},
             {"chosen": imp["chosen"], "rejected": [USER("x")]}]
     ds, ds_cfg = _load(tmp_path, rows)
-    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    out = tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
     assert len(out) == 1
     assert out.skipped == {"chosen/rejected is null": 1, "chosen equals rejected": 1, "mixed formats": 1}
 
@@ -214,7 +214,7 @@ def test_kto_labels_must_be_booleans(tokenizers, tmp_path):
             {"prompt": "Say hi.", "completion": "No.", "label": None},
             {"prompt": "Say hi.", "completion": "", "label": True}]
     ds, ds_cfg = _load(tmp_path, rows)
-    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "kto")
+    out = tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "kto")
     assert out.label == [True, False]
     assert out.skipped == {"label is not a boolean": 3, "empty completion": 1}
 
@@ -224,7 +224,7 @@ def test_no_surviving_row_lists_the_reasons(tokenizers, tmp_path):
             {"prompt": "p", "chosen": "c", "rejected": "c"}]
     ds, ds_cfg = _load(tmp_path, rows)
     with pytest.raises(DataError, match=r"no usable row survives \(chosen equals rejected: 2, chosen is null: 1\)"):
-        data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+        tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
 
 
 TOOLS_TEMPLATE = ("{% if tools %}tools {{ tools | length }}<|endoftext|>\n{% endif %}"
@@ -258,13 +258,13 @@ def test_single_file_or_saved_dataset_has_only_a_train_split(tmp_path):
     ds, ds_cfg = _load(tmp_path, [GOOD], eval_split="test")
     assert len(ds) == 1
     with pytest.raises(DataError, match=r"is one file, which has only a `train` split; split `test`"):
-        data.load_rows(ds_cfg, ds_cfg.eval_split)
+        load.load_rows(ds_cfg, ds_cfg.eval_split)
     datasets.Dataset.from_list([GOOD]).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(DataError, match=r"one saved Dataset.*split `validation`"):
-        data.load_rows(DatasetConfig(name=str(tmp_path / "saved"), split="validation"))
+        load.load_rows(DatasetConfig(name=str(tmp_path / "saved"), split="validation"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dict"))
     with pytest.raises(DataError, match=r"no split `test` \(splits: train\)"):
-        data.load_rows(DatasetConfig(name=str(tmp_path / "dict")), "test")
+        load.load_rows(DatasetConfig(name=str(tmp_path / "dict")), "test")
 
 
 def test_configured_prompt_column_must_exist(tokenizers, tmp_path):
@@ -273,17 +273,17 @@ def test_configured_prompt_column_must_exist(tokenizers, tmp_path):
     ds, ds_cfg = _load(tmp_path, [{"instruction": "q", "chosen": "a", "rejected": "b"}], prompt_column="instrution")
     with pytest.raises(DataError, match=r"missing column `instrution` \(dataset.prompt_column\); "
                                         r"columns present: instruction, chosen, rejected"):
-        data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+        tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
 
 
 def test_missing_columns_list_the_columns_present(tokenizers, tmp_path):
     ds, ds_cfg = _load(tmp_path, [{"question": "q", "good": "a", "rejected": "b"}])
     with pytest.raises(DataError, match=r"missing column `chosen`; columns present: question, good, rejected"):
-        data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+        tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
     # Configured column names are mapped to the canonical ones.
     ds, ds_cfg = _load(tmp_path, [{"question": "q", "good": "a", "rejected": "b"}],
                        prompt_column="question", chosen_column="good")
-    out = data.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
+    out = tokenize.prepare(ds, ds_cfg, tokenizers["gpt2_style"], "dpo")
     assert len(out) == 1
 
 
@@ -328,12 +328,12 @@ def test_gzipped_and_empty_files(tokenizers, tmp_path):
 
     path = tmp_path / "rows.jsonl.gz"
     path.write_bytes(gzip.compress(("\n".join(json.dumps(r) for r in [GOOD] * 3) + "\n").encode()))
-    out = data.prepare(data.load_rows(DatasetConfig(name=str(path))), DatasetConfig(name=str(path)),
+    out = tokenize.prepare(load.load_rows(DatasetConfig(name=str(path))), DatasetConfig(name=str(path)),
                        tokenizers["gpt2_style"], "dpo")
     assert len(out) == 3
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match=r"empty.jsonl` is empty \(0 bytes\)"):
-        data.load_rows(DatasetConfig(name=str(tmp_path / "empty.jsonl")))
+        load.load_rows(DatasetConfig(name=str(tmp_path / "empty.jsonl")))
 
 
 def test_data_files_mapping_gives_named_splits(tmp_path):
@@ -345,7 +345,7 @@ def test_data_files_mapping_gives_named_splits(tmp_path):
     cfg = config_from_dict({"models": [{"name": "m", "huggingface_id": "x"}],
                             "dataset": {"name": "json", "eval_split": "test", "data_files": {
                                 "train": str(tmp_path / "tr.jsonl"), "test": [str(tmp_path / "te.jsonl")]}}})
-    assert len(data.load_rows(cfg.dataset)) == 3
-    assert len(data.load_rows(cfg.dataset, "test")) == 2
+    assert len(load.load_rows(cfg.dataset)) == 3
+    assert len(load.load_rows(cfg.dataset, "test")) == 2
     with pytest.raises(DataError, match=r"no split `validation`"):
-        data.load_rows(cfg.dataset, "validation")
+        load.load_rows(cfg.dataset, "validation")

@@ -13,7 +13,7 @@
 - bf16 compute (`training.compute_dtype: bfloat16`) must run through the same step. On a CPU its
   matmuls widen bf16 operands to fp32 (faster there): that must equal bf16 products accumulated in
   fp32, to bf16's rounding.
-- The allocator settings in `jaxpref/__init__.py` are off by default and on with
+- The allocator settings (`jaxpref.runtime.host_memory.tune_malloc`) are off by default and on with
   JAXPREF_MALLOC_TUNING=1 (glibc Linux).
 """
 from __future__ import annotations
@@ -30,15 +30,17 @@ import pytest
 from flax import traverse_util
 
 from conftest import perturbed_llama
-from jaxpref.batching import BatchIterator, Layout
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.data.layouts import Layout
 from jaxpref.config import TrainingConfig
-from jaxpref.data import Tokenized
-from jaxpref.lora import LoraSpec, init_lora
-from jaxpref.losses import LossSpec
+from jaxpref.data.tokenize import Tokenized
+from jaxpref.lora.tree import LoraSpec, init_lora
+from jaxpref.objectives.losses import LossSpec
 from jaxpref.models.source import resolve
 from jaxpref.models.weights import build, load_params
-from jaxpref.runner import host_tokens
-from jaxpref.step import StepOptions, TrainState, make_optimizer, make_train_step, micro_loss
+from jaxpref.training.loop import host_tokens
+from jaxpref.training.step import StepOptions, TrainState, make_train_step, micro_loss
+from jaxpref.training.optim import make_optimizer
 
 VOCAB = 96
 B, G = 3, 2
@@ -187,7 +189,7 @@ def test_padding_free_trains_like_the_plain_path(model_dir, pairs, fp32_runs, ki
 
 @pytest.mark.parametrize("chunk", [7, 32, 95])   # 95 = V - 1: a last chunk of one column
 def test_vocab_chunks_give_the_whole_head(chunk):
-    from jaxpref.head import head_logps
+    from jaxpref.objectives.head import head_logps
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((16, VOCAB)), jnp.float32)
@@ -241,7 +243,7 @@ def test_bf16_compute_runs_the_same_step(model_dir, fp32_runs):
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="glibc's mallopt only")
 def test_malloc_tuning_is_opt_in():
-    code = "import jaxpref; print(jaxpref.MALLOC_TUNED)"
+    code = "from jaxpref.runtime.host_memory import tune_malloc; print(tune_malloc())"
     env = dict(os.environ)
     env.pop("JAXPREF_MALLOC_TUNING", None)
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -18,14 +18,16 @@ import torch
 from flax import traverse_util
 
 from conftest import perturbed_llama
-from jaxpref.batching import pack_rows, BatchIterator, Layout, compact_targets, make_pair_batch
-from jaxpref.data import Tokenized
-from jaxpref.padfree import built_needs, to_stream
-from jaxpref.lora import LoraSpec, init_lora
-from jaxpref.losses import LossSpec
+from jaxpref.data.layouts import pack_rows, Layout, compact_targets, make_pair_batch
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.data.tokenize import Tokenized
+from jaxpref.data.padfree import built_needs, to_stream
+from jaxpref.lora.tree import LoraSpec, init_lora
+from jaxpref.objectives.losses import LossSpec
 from jaxpref.models.source import resolve
 from jaxpref.models.weights import build, load_params
-from jaxpref.step import StepOptions, micro_loss, pair_stats, sequence_logps, token_logps
+from jaxpref.training.step import StepOptions, micro_loss
+from jaxpref.objectives.logps import pair_stats, sequence_logps, token_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "checkpoints" / ".cache"
@@ -280,8 +282,8 @@ def test_restored_iterator_continues_exactly(kind):
 @pytest.fixture(scope="module")
 def quickstart():
     """The quickstart config with its data tokenized by SmolLM2's tokenizer (both cached)."""
-    from jaxpref import pipeline
     from jaxpref.config import load_config
+    from jaxpref.data import prepare
     from jaxpref.models.source import load_tokenizer
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
@@ -290,18 +292,18 @@ def quickstart():
     except Exception as e:
         pytest.skip(f"SmolLM2 unavailable ({e})")
     tok = load_tokenizer(src)
-    return cfg, tok, pipeline
+    return cfg, tok, prepare
 
 
 @pytest.mark.parametrize("kind", LAYOUTS + PADDING_FREE[:2])
 def test_quickstart_epoch_compiles_few_shapes(quickstart, kind):
-    cfg, tok, pipeline = quickstart
+    cfg, tok, prepare = quickstart
     cfg.training.pair_layout, pf, _ = kind.partition("+pf")
     cfg.training.padding_free = bool(pf)
     cfg.training.max_length = 128
     cfg.training.per_device_train_batch_size = 4
     cfg.training.gradient_accumulation_steps = 1
-    prepared = pipeline.data_for(cfg, tok, cache_root=CACHE)
+    prepared = prepare.data_for(cfg, tok, cache_root=CACHE)
     it = BatchIterator(prepared.train, 4, 1, cfg.training.seed, prepared.layout)
     shapes = set()
     for _ in range(it.steps_per_epoch):

@@ -27,17 +27,20 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from jaxpref.batching import BatchIterator, Layout
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.data.layouts import Layout
 from jaxpref.config import TrainingConfig
-from jaxpref.data import Tokenized
+from jaxpref.data.tokenize import Tokenized
 from jaxpref.errors import ConfigError
-from jaxpref.export import load_adapter, save_adapter, save_merged
-from jaxpref.lora import LoraSpec, count, init_lora, resolve_targets, target_shapes
-from jaxpref.losses import LossSpec
+from jaxpref.lora.peft import load_adapter, save_adapter
+from jaxpref.lora.merged import save_merged
+from jaxpref.lora.tree import LoraSpec, count, init_lora, resolve_targets, target_shapes
+from jaxpref.objectives.losses import LossSpec
 from jaxpref.models import ARCHITECTURES
 from jaxpref.models.source import resolve
 from jaxpref.models.weights import build, load_params
-from jaxpref.step import StepOptions, TrainState, make_optimizer, make_train_step, micro_loss
+from jaxpref.training.step import StepOptions, TrainState, make_train_step, micro_loss
+from jaxpref.training.optim import make_optimizer
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -351,7 +354,7 @@ def test_init_from_conflicting_lora_settings_are_refused(key, value, base, tmp_p
     if "llama" not in ARCHITECTURES:
         pytest.skip("llama not registered")
     from jaxpref.config import config_from_dict
-    from jaxpref.pipeline import lora_spec_for
+    from jaxpref.training.setup import lora_spec_for
 
     b = base("llama")
     spec = _spec(b, "llama", "attention", False)

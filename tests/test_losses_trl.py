@@ -15,7 +15,7 @@ import pytest
 import torch
 from trl import DPOTrainer
 
-from jaxpref.losses import LossSpec, PairStats, dpo_loss
+from jaxpref.objectives.losses import LossSpec, PairStats, dpo_loss
 
 B, T = 4, 9
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import write_config
 from jaxpref import train
-from jaxpref.losses import LossSpec, PairStats, orpo_loss, simpo_cpo_loss
+from jaxpref.objectives.losses import LossSpec, PairStats, orpo_loss, simpo_cpo_loss
 
 B = 5
 

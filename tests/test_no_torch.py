@@ -90,16 +90,16 @@ TOKENIZE = """
 import json, sys
 from jaxpref.no_torch import hide_torch
 assert hide_torch()
-from jaxpref import data
+from jaxpref.data import load, tokenize
 from jaxpref.config import DatasetConfig
 from jaxpref.models.source import load_tokenizer, resolve
 out = {}
 for name, model_dir in json.loads(sys.argv[1]).items():
     tok = load_tokenizer(resolve(model_dir))
-    out[name] = {"fingerprint": data.tokenizer_fingerprint(tok)}
+    out[name] = {"fingerprint": tokenize.tokenizer_fingerprint(tok)}
     for fmt, path in json.loads(sys.argv[2]).items():
         ds_cfg = DatasetConfig(name=path)
-        out[name][fmt] = data.prepare(data.load_rows(ds_cfg), ds_cfg, tok, "dpo").__dict__
+        out[name][fmt] = tokenize.prepare(load.load_rows(ds_cfg), ds_cfg, tok, "dpo").__dict__
 out["torch_imported"] = "torch" in sys.modules
 print(json.dumps(out))
 """
@@ -109,7 +109,7 @@ def test_token_ids_with_torch_hidden_equal_torch_importable(tmp_path, tiny_llama
     """Both formats, the SmolLM2 tokenizer (BPE, chat template) and the fixtures' word-level one;
     no tokenized cache on either side, so each side tokenizes."""
     pytest.importorskip("torch")
-    from jaxpref import data
+    from jaxpref.data import load, tokenize
     from jaxpref.config import DatasetConfig
     from jaxpref.models.source import load_tokenizer, resolve
 
@@ -132,10 +132,10 @@ def test_token_ids_with_torch_hidden_equal_torch_importable(tmp_path, tiny_llama
     for name, model_dir in models.items():
         tok = load_tokenizer(resolve(model_dir))
         # Equal fingerprints: the tokenized cache written with torch is read back without it.
-        assert hidden[name]["fingerprint"] == data.tokenizer_fingerprint(tok), name
+        assert hidden[name]["fingerprint"] == tokenize.tokenizer_fingerprint(tok), name
         for fmt, path in files.items():
             ds_cfg = DatasetConfig(name=path)
-            mine = data.prepare(data.load_rows(ds_cfg), ds_cfg, tok, "dpo").__dict__
+            mine = tokenize.prepare(load.load_rows(ds_cfg), ds_cfg, tok, "dpo").__dict__
             assert len(mine["prompt"]) == len(FORMATS[fmt]) and mine["format"] == fmt
             assert hidden[name][fmt] == json.loads(json.dumps(mine)), (name, fmt)
 

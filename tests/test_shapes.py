@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxpref.batching import BatchIterator, Layout, choose_shapes, compact_targets, shape_key
-from jaxpref.data import Tokenized
-from jaxpref.kto import UnpairedIterator
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.data.layouts import Layout, compact_targets
+from jaxpref.data.shapes import choose_shapes, shape_key
+from jaxpref.data.tokenize import Tokenized
+from jaxpref.data.unpaired import UnpairedIterator
 
 
 def random_pairs(n: int, seed: int = 0) -> Tokenized:
@@ -139,7 +141,7 @@ def test_plan_covers_orpo_span_targets(kind):
 def test_padding_free_needs_from_lengths_equal_the_built_streams(kind, max_length, mode, streams):
     """The plan's (L, K, Tb) come from sequence lengths; the streams built from the same pairs
     (dead tokens found on the arrays) must need exactly L and Tb, and at most K."""
-    from jaxpref.padfree import built_needs
+    from jaxpref.data.padfree import built_needs
     data = random_pairs(60, seed=4)
     data.prompt[3] = []  # an empty prompt
     layout = Layout(kind, max_length, mode, full_span=False, padding_free=True, streams=streams)

@@ -1,4 +1,4 @@
-"""Token ids -> fixed-shape batches, in a deterministic order whose position is a small state.
+"""Token ids -> the token rows of one micro-batch, in every pair layout.
 
 A batch describes its sequences token by token, so that one step function serves every layout:
 - `concatenated`: rows prompt+chosen and prompt+rejected (TRL's layout);
@@ -15,62 +15,18 @@ step reads besides `input_ids`, `positions`, `segment_ids` and `branch`.
 """
 from __future__ import annotations
 
-import itertools
+
 from dataclasses import dataclass
 
 import numpy as np
 
-from jaxpref.data import Tokenized
+from jaxpref.data.lengths import truncate
+from jaxpref.data.tokenize import Tokenized
 
 # Padded lengths T: each distinct one is a compile. Steps of x1.5 / x1.33 waste at most a third of
 # a row to padding (powers of two waste up to half) for about twice as many possible shapes.
 DEFAULT_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
-
-@dataclass
-class LengthReport:
-    truncated: int
-    dropped: int
-    kept: int
-
-
-def apply_lengths(data: Tokenized, max_length: int | None, max_prompt_length: int | None,
-                  truncation_mode: str) -> tuple[Tokenized, LengthReport]:
-    """Prompt-length cap (keeps the prompt's end), then per-sequence truncation to max_length;
-    rows whose prompt alone fills max_length are dropped (keep_start would leave no completion)."""
-    keep, truncated = [], 0
-    for i, p in enumerate(data.prompt):
-        if max_prompt_length is not None and len(p) > max_prompt_length:
-            data.prompt[i] = p = p[-max_prompt_length:]
-        comps = [data.chosen[i], data.rejected[i]] if data.paired else [data.completion[i]]
-        if max_length is not None:
-            if truncation_mode == "keep_start" and len(p) >= max_length:
-                continue
-            if any(len(p) + len(c) > max_length for c in comps):
-                truncated += 1
-        keep.append(i)
-    out = data.subset(np.asarray(keep, dtype=np.int64)) if len(keep) != len(data) else data
-    out.rows_in = data.rows_in
-    out.skipped = dict(data.skipped)
-    dropped = len(data) - len(keep)
-    if dropped:
-        out.skipped["prompt fills max_length"] = dropped
-    return out, LengthReport(truncated, dropped, len(keep))
-
-
-def _truncate(prompt: list[int], comp: list[int], max_length: int | None, mode: str):
-    """-> (tokens, number of leading prompt tokens) after truncating prompt+completion."""
-    ids = prompt + comp
-    n_prompt = len(prompt)
-    if max_length is not None and len(ids) > max_length:
-        if mode == "keep_start":
-            ids = ids[:max_length]
-            n_prompt = min(n_prompt, max_length)
-        else:
-            cut = len(ids) - max_length
-            ids = ids[cut:]
-            n_prompt = max(n_prompt - cut, 0)
-    return ids, n_prompt
 
 
 def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
@@ -172,8 +128,8 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
 def _pair_sequences(data: Tokenized, i: int, layout: Layout):
     """Pair i truncated -> (chosen ids, its prompt length, rejected ids, its prompt length,
     whether both keep the same prompt). keep_end can cut the two prompts differently."""
-    pc, npc = _truncate(data.prompt[i], data.chosen[i], layout.max_length, layout.truncation_mode)
-    pr, npr = _truncate(data.prompt[i], data.rejected[i], layout.max_length, layout.truncation_mode)
+    pc, npc = truncate(data.prompt[i], data.chosen[i], layout.max_length, layout.truncation_mode)
+    pr, npr = truncate(data.prompt[i], data.rejected[i], layout.max_length, layout.truncation_mode)
     return pc, npc, pr, npr, npc == npr and pc[:npc] == pr[:npr]
 
 
@@ -292,252 +248,6 @@ def compact_targets(b: dict, num_seqs: int, k: int | None = None, buckets=(32, 6
     out["tgt_full"] = np.where(valid, take(b["full"]), 0).astype(np.float32)
     return out
 
-
-def shape_key(batch: dict) -> tuple:
-    """What one compilation of the step is for: [G, rows, T] tokens, K target slots, and the
-    padding-free attention blocks [per row, Tb] when present."""
-    key = tuple(batch["input_ids"].shape) + tuple(batch["tgt_ids"].shape[-1:])
-    return key + tuple(batch["blk_idx"].shape[-2:]) if "blk_idx" in batch else key
-
-
-def round_up(n: int, multiple: int) -> int:
-    return int(-(-n // multiple) * multiple)
-
-
-def choose_shapes(needs: dict[tuple, int], cover: tuple, cost, max_shapes: int,
-                  new_shape_steps: float = 2.0) -> tuple[tuple, ...]:
-    """At most `max_shapes` padded shapes for steps whose needs are `needs` ({shape: count}); a
-    shape holds a need when it is at least as large in every dimension ((T, K), or (L, K, Tb)
-    padding-free).
-
-    `cover` (the largest need any step can have) is always a shape, so no step is left without
-    one. Shapes are added greedily, each time the one that cuts the summed `cost(*shape)` of all
-    steps most; a shape that saves less than `new_shape_steps` steps of the largest shape (what one
-    more compilation roughly costs) is not added."""
-    shapes = [tuple(cover)]
-    dims = len(cover)
-    values = [sorted({n[d] for n in needs} | {cover[d]}) for d in range(dims)]
-    fits = lambda s, n: all(a >= b for a, b in zip(s, n))
-    if np.prod([len(v) for v in values]) <= 4096:
-        cands = [c for c in itertools.product(*values) if fits(cover, c)]
-    else:  # many distinct values: the needs themselves
-        cands = sorted(set(needs) | {tuple(cover)})
-
-    def total(shs):
-        return sum(n * min(cost(*s) for s in shs if fits(s, need)) for need, n in needs.items())
-
-    current = total(shapes)
-    while len(shapes) < max_shapes:
-        best, best_cost = None, current
-        for c in cands:
-            if c in shapes:
-                continue
-            v = total(shapes + [c])
-            if v < best_cost:
-                best, best_cost = c, v
-        if best is None or current - best_cost < new_shape_steps * cost(*cover):
-            break
-        shapes.append(best)
-        current = best_cost
-    return tuple(sorted(shapes))
-
-
-class BatchIterator:
-    """Deterministic batches: epoch e visits a permutation drawn from (seed, e); the position is
-    (epoch, index) and restoring it yields exactly the batches an uninterrupted run would.
-
-    Each step takes `accum` micro-batches of `batch_size` pairs, padded to one shape: the padded
-    length T and the LM-head target slots per row K. Without a plan, T comes from the layout's
-    length buckets and K from its target buckets; `plan_shapes` instead picks at most a few
-    shapes fitted to the run's own steps. The remainder of an epoch that does not fill a step is
-    skipped (a different remainder each epoch)."""
-
-    # Planned shapes are multiples of this (vector width friendly, fewer distinct candidates).
-    ALIGN = 8
-
-    def __init__(self, data: Tokenized, batch_size: int, accum: int, seed: int, layout: Layout,
-                 shuffle: bool = True):
-        self.data, self.B, self.G, self.seed, self.layout = data, batch_size, accum, seed, layout
-        self.shuffle = shuffle
-        self.epoch, self.index = 0, 0
-        self.steps_per_epoch = len(data) // (batch_size * accum)
-        self.shapes: tuple[tuple[int, int], ...] | None = None
-        self._cost = None
-
-    def state(self) -> dict:
-        return {"epoch": int(self.epoch), "index": int(self.index)}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    def order(self, epoch: int) -> np.ndarray:
-        n = len(self.data)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
-
-    def __iter__(self):
-        return self
-
-    def _advance(self, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
-        per_step = self.B * self.G
-        if index + per_step > len(self.data):
-            epoch, index = epoch + 1, 0
-        return self.order(epoch)[index:index + per_step], epoch, index + per_step
-
-    def __next__(self) -> tuple[dict, float]:
-        if self.steps_per_epoch == 0:
-            raise StopIteration
-        idx, self.epoch, self.index = self._advance(self.epoch, self.index)
-        progress = self.epoch + self.index / (self.steps_per_epoch * self.B * self.G)
-        return self.make(idx), progress
-
-    # --- shapes -----------------------------------------------------------------------------
-
-    def _micro(self, idx: np.ndarray) -> list[np.ndarray]:
-        return [idx[g * self.B:(g + 1) * self.B] for g in range(self.G)]
-
-    def _parts(self, micro: list[np.ndarray], T: int) -> list[dict]:
-        """Unpacked micro-batches of length T (before the targets are gathered)."""
-        return [make_pair_batch(self.data, m, self.layout, T) for m in micro]
-
-    def _pair_need(self, i: int) -> tuple[int, int]:
-        """(tokens, scored tokens) of pair i's row, or of its longer row (concatenated). Scored
-        tokens are at most the completion tokens, or with ORPO's span the chosen sequence's."""
-        pc, npc, pr, npr, same = _pair_sequences(self.data, i, self.layout)
-        k_c = len(pc) if self.layout.full_span else len(pc) - npc
-        k_r = len(pr) - npr
-        shared = "shared_prompt" in self.layout.kind
-        return (_row_length(pc, npc, pr, npr, same, self.layout.kind),
-                k_c + k_r if shared else max(k_c, k_r))
-
-    def _unit_needs(self, m: np.ndarray) -> list[tuple[int, int]]:
-        """(live tokens, scored tokens) of each row of micro-batch `m`, in row order, when laid out
-        padding-free: a sequence's last token is left out (`padfree.dead_tokens`), so live is at
-        most the row's length minus one per sequence that ends in it."""
-        shared = "shared_prompt" in self.layout.kind
-        first, second = [], []
-        for i in m:
-            pc, npc, pr, npr, same = _pair_sequences(self.data, int(i), self.layout)
-            k_c = len(pc) if self.layout.full_span else len(pc) - npc
-            k_r = len(pr) - npr
-            if shared:
-                # Same prompt: the chosen and rejected branches each end in a dead token when
-                # non-empty (an empty branch leaves the prompt's last token attended). Different
-                # prompts: two separate sequences.
-                dead = (len(pc) > npc) + (len(pr) > npr) if same else (len(pc) > 0) + (len(pr) > 0)
-                first.append((_row_length(pc, npc, pr, npr, same, self.layout.kind) - dead, k_c + k_r))
-            else:
-                first.append((len(pc) - (len(pc) > 0), k_c))
-                second.append((len(pr) - (len(pr) > 0), k_r))
-        return first + second
-
-    def _needs(self, micro: list[np.ndarray]) -> tuple:
-        """The shape these micro-batches need: (T, K) per row (K: an upper bound), or padding-free
-        (L, K, Tb) per stream (`padfree.stream_needs`)."""
-        if self.layout.padding_free:
-            from jaxpref.padfree import stream_needs
-            per = [stream_needs(self._unit_needs(m), self.layout.streams) for m in micro]
-            return tuple(max(p[d] for p in per) for d in range(3))
-        needs = [self._pair_need(int(i)) for m in micro for i in m]
-        return max(t for t, _ in needs), max(max(k for _, k in needs), 1)
-
-    def _row_cover(self) -> tuple[int, int]:
-        """The largest (T, K) any row can need: rows do not depend on how pairs are grouped."""
-        needs = [self._pair_need(int(i)) for i in range(len(self.data))]
-        return max(t for t, _ in needs), max(max(k for _, k in needs), 1)
-
-    def _cover(self) -> tuple:
-        """The largest need any step can have (padding-free: a bound, every stream's rows at the
-        longest row)."""
-        t, k = self._row_cover()
-        if not self.layout.padding_free:
-            return t, k
-        per = self.units_per_stream()
-        return per * t, per * k, t
-
-    def _units(self) -> int:
-        """Rows per micro-batch before any packing."""
-        return self.B if "shared_prompt" in self.layout.kind else 2 * self.B
-
-    def units_per_stream(self) -> int:
-        """Padding-free: rows (attention blocks) per stream."""
-        return self._units() // self.layout.streams
-
-    def _target_need(self, parts: list[dict]) -> int:
-        """Scored tokens of the fullest row of built (possibly packed) micro-batches."""
-        S = 2 * self.B
-        return max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
-
-    def plannable(self) -> bool:
-        return not self.layout.kind.startswith("packed")
-
-    def plan_shapes(self, steps: int, cost, max_shapes: int = 4, sample_steps: int = 2000,
-                    align: int | None = None) -> tuple:
-        """Fit at most `max_shapes` batch shapes to the first `steps` steps of this iterator's
-        order (at most `sample_steps` of them are looked at; every step is covered anyway).
-        `cost(*shape)` is the relative cost of one step of that shape. Deterministic: a resumed
-        run plans the same shapes."""
-        if not self.plannable() or self.steps_per_epoch == 0:
-            return ()
-        a = align or self.ALIGN
-        self._cost = cost
-        needs: dict[tuple, int] = {}
-        epoch, index = 0, 0
-        for _ in range(min(steps, sample_steps)):
-            idx, epoch, index = self._advance(epoch, index)
-            key = tuple(round_up(x, a) for x in self._needs(self._micro(idx)))
-            needs[key] = needs.get(key, 0) + 1
-        if steps <= sample_steps:
-            # Every step was looked at: the largest need is the cover.
-            cover = tuple(max(n[d] for n in needs) for d in range(len(next(iter(needs)))))
-        else:
-            cover = tuple(round_up(x, a) for x in self._cover())
-        self.shapes = choose_shapes(needs, cover, cost, max_shapes)
-        return self.shapes
-
-    def _shape(self, need: tuple) -> tuple | None:
-        """The cheapest planned shape that holds `need`, or None."""
-        fits = [s for s in self.shapes or () if all(a >= b for a, b in zip(s, need))]
-        if fits:
-            return min(fits, key=lambda s: (self._cost(*s), s))
-        return None
-
-    def make(self, idx: np.ndarray) -> dict:
-        micro = self._micro(idx)
-        S = 2 * self.B
-        if self.layout.padding_free:
-            shape = self._shape(self._needs(micro)) if self.shapes else None
-            return self._stack(self._make_padding_free(micro, shape))
-        need = self._needs(micro)
-        shape = self._shape(need)
-        T, K = shape if shape is not None else (bucket_for(need[0], self.layout.buckets), None)
-        parts = self._parts(micro, T)
-        if self.layout.kind.startswith("packed"):
-            L = self.layout.pack_length or T
-            packed = [pack_rows(p, max(L, T), S, self.layout.pad_id) for p in parts]
-            rows = max(p["input_ids"].shape[0] for p in packed)
-            parts = [pack_rows(p, max(L, T), S, self.layout.pad_id, rows) for p in parts]
-        if K is None:
-            K = min(bucket_for(max(self._target_need(parts), 1), self.layout.target_buckets),
-                    parts[0]["input_ids"].shape[1])
-        return self._stack([_with_extra(p, lambda q: compact_targets(q, S, K)) for p in parts])
-
-    def _make_padding_free(self, micro: list[np.ndarray], shape: tuple | None) -> list[dict]:
-        from jaxpref.padfree import built_needs, to_stream
-        S, lay = 2 * self.B, self.layout
-        units = [_with_extra(p, lambda q: compact_targets(q, S)) for p in self._parts(micro, None)]
-        if shape is None:
-            need = [built_needs(u, S, lay.streams) for u in units]
-            L, K, Tb = (max(n[d] for n in need) for d in range(3))
-            shape = (bucket_for(L, lay.buckets), bucket_for(K, lay.target_buckets), bucket_for(Tb, lay.buckets))
-        L, K, Tb = shape
-        return [_with_extra(u, lambda q: to_stream(q, S, lay.streams, L, K, Tb, lay.pad_id,
-                                                   "shared_prompt" in lay.kind)) for u in units]
-
-    @staticmethod
-    def _stack(parts: list[dict]) -> dict:
-        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 
 # Per-micro-batch arrays that are not token rows (KTO's labels): carried past target compaction

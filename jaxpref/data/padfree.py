@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxpref.batching import token_rows, trl_token_count
+from jaxpref.data.layouts import token_rows, trl_token_count
 
 
 def _scored(b: dict, num_seqs: int) -> np.ndarray:

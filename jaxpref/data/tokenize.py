@@ -1,9 +1,7 @@
-"""Preference data: load (hub or local files), detect the format, validate rows, tokenize as TRL does.
+"""Rows -> token ids as TRL tokenizes them (cached on disk by dataset and tokenizer fingerprint).
 
-Formats: standard strings; conversational message lists (chat template); implicit prompt (no prompt
-column: the longest common prefix of chosen and rejected, TRL's trailing-space rule); unpaired
-(prompt, completion, label) for KTO, and paired data unpaired when the method is KTO.
-Bad rows are skipped and counted by reason; nothing is silently lost.
+Every format of `rows` (standard, conversational, implicit prompt, unpaired; paired data unpaired
+when the method is KTO). Bad rows are skipped and counted by reason; nothing is silently lost.
 """
 from __future__ import annotations
 
@@ -13,14 +11,13 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from jaxpref.data.rows import detect_format, extract_prompt, map_columns, row_problem, template_kwargs
 from jaxpref.errors import DataError
 
 log = logging.getLogger("jaxpref")
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
@@ -50,194 +47,6 @@ class Tokenized:
         return Tokenized(pick(self.prompt), pick(self.chosen), pick(self.rejected),
                          pick(self.completion), pick(self.label), self.format, dict(self.skipped),
                          self.prompt_boundary_mismatches, len(idx), pick(self.source))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_rows(ds_cfg, split: str | None = None):
-    """A `datasets.Dataset` for the configured source and split."""
-    import datasets
-
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    split = split or ds_cfg.split
-    name = ds_cfg.name
-    path = Path(name).expanduser() if name else None
-    try:
-        if ds_cfg.data_files:
-            builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
-            return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)
-        if path is not None and path.is_file():
-            # `.gz`: datasets decompresses it; the type is the suffix before it.
-            ext = path.suffixes[-2] if len(path.suffixes) > 1 and path.suffix == ".gz" else path.suffix
-            builder = LOCAL_BUILDERS.get(ext)
-            if builder is None:
-                raise DataError(f"dataset `{name}`: unsupported file type `{path.suffix}` "
-                                f"(use one of {', '.join(LOCAL_BUILDERS)}, optionally gzipped)")
-            if path.stat().st_size == 0:
-                raise DataError(f"dataset `{name}` is empty (0 bytes)")
-            _only_train(name, split, "is one file")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        if path is not None and path.is_dir():
-            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-                d = datasets.load_from_disk(str(path))
-                if isinstance(d, datasets.DatasetDict):
-                    if split not in d:
-                        raise DataError(f"dataset `{name}`: no split `{split}` (splits: {', '.join(d)})")
-                    return d[split]
-                _only_train(name, split, "is one saved Dataset, not a DatasetDict")
-                return d
-            return datasets.load_dataset(str(path), split=split)
-        if name.startswith(("/", "./", "../", "~")) or name.endswith(tuple(LOCAL_BUILDERS)):
-            raise DataError(f"dataset `{name}` not found (no such file or directory)")
-        return datasets.load_dataset(name, ds_cfg.config_name, split=split, revision=ds_cfg.revision)
-    except DataError:
-        raise
-    except ValueError as e:
-        msg = str(e).splitlines()[0]
-        if "split" in msg.lower():
-            raise DataError(f"dataset `{name}`: no split `{split}` ({msg})")
-        raise DataError(f"dataset `{name}`: {msg}")
-    except Exception as e:
-        kind = type(e).__name__
-        if "NotFound" in kind or "Connection" in kind or "Offline" in kind or "HTTP" in kind or "Timeout" in kind:
-            raise DataError(f"dataset `{name}` cannot be fetched from the Hugging Face hub ({kind}); "
-                            "a local json/jsonl/parquet/csv file or directory works as `dataset.name`")
-        raise DataError(f"dataset `{name}`: cannot load ({kind}: {str(e).splitlines()[0] if str(e) else ''})")
-
-
-def _only_train(name: str, split: str, what: str) -> None:
-    """A source without named splits is the `train` split; asking it for another one (for
-    `dataset.split` or `dataset.eval_split`) would silently give the training rows."""
-    if split != "train":
-        raise DataError(f"dataset `{name}` {what}, which has only a `train` split; split `{split}` was "
-                        "asked (for an eval split use `dataset.eval_fraction`, or a directory or "
-                        "DatasetDict with that split)")
-
-
-def _builder_for(files) -> str:
-    if isinstance(files, dict):  # {split: files}
-        files = next(iter(files.values()), "")
-    first = files if isinstance(files, str) else files[0]
-    for ext, b in LOCAL_BUILDERS.items():
-        if first.endswith(ext):
-            return b
-    raise DataError(f"dataset.data_files `{first}`: unsupported file type")
-
-
-# ---------------------------------------------------------------------------------------------
-# Formats and row checks
-
-
-def _is_messages(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in v)
-
-
-def extract_prompt(chosen, rejected):
-    """Implicit prompt: longest common prefix (chars for strings, whole messages for lists); a
-    space right before the split goes to the completions (TRL's rule)."""
-    n = min(len(chosen), len(rejected))
-    idx = max(n - 1, 0)  # TRL keeps the loop variable's last value when one is a prefix of the other
-    for i in range(n):
-        if chosen[i] != rejected[i]:
-            idx = i
-            if chosen[i - 1] == " ":
-                idx = i - 1
-            break
-    return chosen[:idx], chosen[idx:], rejected[idx:]
-
-
-def map_columns(ds, ds_cfg, method: str) -> tuple[Any, str]:
-    """Rename configured columns to canonical ones; returns (dataset, kind) with kind in
-    paired / implicit / unpaired. Raises DataError listing the columns present."""
-    cols = list(ds.column_names)
-    c = ds_cfg
-    if c.chosen_column in cols and c.rejected_column in cols:
-        keep = {c.chosen_column: "chosen", c.rejected_column: "rejected"}
-        kind = "implicit"
-        if c.prompt_column in cols:
-            keep[c.prompt_column] = "prompt"
-            kind = "paired"
-        elif c.prompt_column != "prompt":
-            # Only the default name may be absent (implicit-prompt data); a configured one must exist.
-            raise DataError(f"dataset `{c.name}`: missing column `{c.prompt_column}` "
-                            f"(dataset.prompt_column); columns present: {', '.join(cols)}")
-    elif method == "kto" and c.completion_column in cols and c.label_column in cols:
-        if c.prompt_column not in cols:
-            raise DataError(f"dataset `{c.name}`: missing column `{c.prompt_column}`; columns present: {', '.join(cols)}")
-        keep = {c.prompt_column: "prompt", c.completion_column: "completion", c.label_column: "label"}
-        kind = "unpaired"
-    else:
-        missing = [x for x in (c.chosen_column, c.rejected_column) if x not in cols]
-        raise DataError(f"dataset `{c.name}`: missing column{'s' if len(missing) > 1 else ''} "
-                        f"`{'`, `'.join(missing)}`; columns present: {', '.join(cols)}")
-    keep.update({x: x for x in TEMPLATE_COLUMNS if x in cols and x not in keep})
-    ds = ds.select_columns(list(keep))
-    renames = {k: v for k, v in keep.items() if k != v}
-    if renames:
-        # Two-step rename so that swapped names (e.g. chosen<->rejected) do not collide.
-        ds = ds.rename_columns({k: f"__jp_{v}" for k, v in renames.items()})
-        ds = ds.rename_columns({f"__jp_{v}": v for v in renames.values()})
-    return ds, kind
-
-
-# Per-row chat template inputs TRL passes to `apply_chat_template` for conversational rows.
-TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
-
-
-def template_kwargs(row: dict) -> dict | str:
-    """`apply_chat_template` keyword arguments of one row, as TRL builds them (`tools`, JSON text
-    allowed, plus the row's `chat_template_kwargs`), or the reason the row cannot be used."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            return "tools is not valid JSON"
-    extra = row.get("chat_template_kwargs") or {}
-    if not isinstance(extra, dict):
-        return "chat_template_kwargs is not a mapping"
-    return {"tools": tools, **extra} if (tools is not None or extra) else {}
-
-
-def _blank(v: Any) -> bool:
-    return not v or (isinstance(v, str) and not v.strip())
-
-
-def _row_problem(row: dict, kind: str, fmt: str) -> str | None:
-    fields = ("prompt", "completion") if kind == "unpaired" else ("prompt", "chosen", "rejected")
-    for f in fields:
-        v = row.get(f)
-        if v is None:
-            return f"{f} is null"
-        if fmt == "conversational":
-            if f == "prompt" and v == []:
-                return "prompt is an empty conversation"  # no chat template renders one
-            if not _is_messages(v):
-                return f"{f} is not a message list" if not isinstance(v, str) else "mixed formats"
-        elif not isinstance(v, str):
-            return f"{f} is not a string" if not _is_messages(v) else "mixed formats"
-    comps = ("completion",) if kind == "unpaired" else ("chosen", "rejected")
-    for f in comps:
-        v = row[f]
-        if _blank(v) or (isinstance(v, list) and all(_blank(m["content"]) for m in v)):
-            return f"empty {f}"
-    if kind != "unpaired":
-        if row["chosen"] == row["rejected"]:
-            return "chosen equals rejected"
-    else:
-        if not isinstance(row["label"], (bool, np.bool_)):
-            return "label is not a boolean"
-    return None
-
-
-def detect_format(rows: list[dict], kind: str) -> str:
-    key = "completion" if kind == "unpaired" else "chosen"
-    votes = Counter("conversational" if _is_messages(r.get(key)) else "standard" for r in rows[:200])
-    return votes.most_common(1)[0][0] if votes else "standard"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +156,7 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
                 skipped["mixed formats"] += 1
                 continue
             row = dict(zip(("prompt", "chosen", "rejected"), extract_prompt(c, r)))
-        problem = _row_problem(row, kind, fmt)
+        problem = row_problem(row, kind, fmt)
         if problem:
             skipped[problem] += 1
             continue

@@ -1,13 +1,13 @@
-"""KTO: unpaired batches (each completion plus a mismatched one for the KL estimate) and the
-micro-batch loss. The KL rows pair prompt i with completion i-1 of the same batch (TRL's rotation)."""
+"""Unpaired (KTO) batches: each completion plus a mismatched one for the KL estimate. The KL rows
+pair prompt i with completion i-1 of the same batch (TRL's rotation)."""
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from jaxpref import losses
-from jaxpref.batching import BatchIterator, Layout, _empty, _place, _truncate, bucket_for
-from jaxpref.data import Tokenized
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.data.layouts import Layout, _empty, _place, bucket_for
+from jaxpref.data.lengths import truncate
+from jaxpref.data.tokenize import Tokenized
 
 
 def kl_partner(i: int, b: int) -> int:
@@ -21,11 +21,11 @@ def make_unpaired_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length
     S = 2 * B
     seqs = []
     for k, i in enumerate(idx):
-        seqs.append(_truncate(data.prompt[i], data.completion[i], layout.max_length, layout.truncation_mode))
+        seqs.append(truncate(data.prompt[i], data.completion[i], layout.max_length, layout.truncation_mode))
     kl = []
     for k, i in enumerate(idx):
         j = idx[kl_partner(k, B)]
-        kl.append(_truncate(data.prompt[i], data.completion[j], layout.max_length, layout.truncation_mode))
+        kl.append(truncate(data.prompt[i], data.completion[j], layout.max_length, layout.truncation_mode))
     need = max(len(s[0]) for s in seqs + kl)
     T = length or bucket_for(need, layout.buckets)
     b = _empty(2 * B, T, S, layout.pad_id)
@@ -53,7 +53,7 @@ class UnpairedIterator(BatchIterator):
         for kl in (False, True):
             for row, i in enumerate(m):
                 c = self.data.completion[m[kl_partner(row, len(m))] if kl else i]
-                ids, n_p = _truncate(self.data.prompt[i], c, self.layout.max_length, self.layout.truncation_mode)
+                ids, n_p = truncate(self.data.prompt[i], c, self.layout.max_length, self.layout.truncation_mode)
                 out.append((len(ids), len(ids) - n_p))
         return out
 
@@ -74,18 +74,3 @@ class UnpairedIterator(BatchIterator):
         cap = self.layout.max_length
         T = max(len(p) + longest if cap is None else min(len(p) + longest, cap) for p in self.data.prompt)
         return T, min(longest, T)
-
-
-def micro_loss_kto(st, ref: jax.Array, mb: dict, spec, num_seqs: int):
-    """st: PairStats whose 'chosen' half holds the completions and 'rejected' half the KL rows."""
-    b = num_seqs // 2
-    loss, m = losses.kto_loss(st.logps_chosen, ref[:b], jax.lax.stop_gradient(st.logps_rejected), ref[b:],
-                              mb["kto_label"], spec)
-    labels = mb["kto_label"]
-    m = dict(m)
-    # Token-weighted mean logits over desirable / undesirable completions.
-    m["logits/chosen"] = st.logit_sum_chosen * labels
-    m["logits/rejected"] = st.logit_sum_chosen * (1 - labels)
-    m["_tokens/chosen"] = st.len_chosen * labels
-    m["_tokens/rejected"] = st.len_chosen * (1 - labels)
-    return loss, m

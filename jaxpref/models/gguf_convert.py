@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.no_torch import torch_hidden
+from jaxpref.runtime.no_torch import torch_hidden
 
 # GGUF tensor name -> Hugging Face name (Llama-style architectures).
 _GGUF_NAMES = [

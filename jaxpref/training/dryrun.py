@@ -12,76 +12,20 @@ import time
 import jax
 import numpy as np
 
-from jaxpref import pipeline
-from jaxpref.batching import shape_key
+from jaxpref.data import prepare
+from jaxpref.training import setup
+from jaxpref.data.shapes import shape_key
 from jaxpref.config import Config
 from jaxpref.errors import JaxprefError
-from jaxpref.lora import count, target_shapes
+from jaxpref.lora.tree import count, target_shapes
 from jaxpref.models import weights
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-
-
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def runtime_rss() -> int:
-    """Bytes this process holds now (Python, JAX, tokenizer, data): the fixed cost of a run."""
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
+from jaxpref.runtime.memory import format_bytes, memory_plan
 
 def _weights_kind(bundle) -> str | None:
     try:
         return weights.weight_files(bundle.source.path, bundle.source.spec)[0]
     except JaxprefError:
         return None  # a GGUF read for its metadata only, or no weights: the real run says which
-
-
-def memory_plan(cfg: Config, args, base_params: int, lora_params: int, rows: int, seq_len: int,
-                targets_len: int, mesh=None, runtime: int | None = None) -> dict[str, float]:
-    """Bytes per device for weights, LoRA + optimizer state, activations and logits (estimate).
-
-    `rows` are the batch rows one device holds. Activations: per layer and token, the forward keeps
-    ~ (10 D + 3 I) values for backward plus the attention weights (heads x T); with gradient
-    checkpointing only each layer's input survives, plus one layer recomputed. On CPU the runtime
-    (this process's resident memory before weights are read) is part of the plan."""
-    shard = 1
-    if mesh is not None:
-        shard = mesh.shape["fsdp"] * mesh.shape["tensor"]
-    pbytes = DTYPE_BYTES[cfg.training.param_dtype]
-    cbytes = DTYPE_BYTES[cfg.training.compute_dtype]
-    D = args.hidden_size
-    I = getattr(args, "intermediate_size", 4 * D) or 4 * D
-    L = args.num_layers
-    H = args.num_heads
-    tokens = rows * seq_len
-    per_layer = tokens * (10 * D + 3 * I) * cbytes + rows * H * seq_len * seq_len * 4
-    if cfg.gradient_checkpointing:
-        acts = L * tokens * D * cbytes + per_layer
-    else:
-        acts = L * per_layer
-    V = args.vocab_size
-    plan = {
-        "base weights": base_params * pbytes / shard,
-        "reference copy": (base_params * pbytes / shard
-                           if (not cfg.lora.enabled or (cfg.post_training.use_ref_model
-                                                        and cfg.models[0].ref_model_id)) else 0),
-        "LoRA + grads": lora_params * 4 * 2,
-        "optimizer state": lora_params * 4 * 2,
-        "activations": acts,
-        # logits, softmax and its gradient (one vocabulary chunk at a time with training.vocab_chunk)
-        "logits": rows * targets_len * min(cfg.training.vocab_chunk or V, V) * 4 * 3,
-    }
-    if jax.devices()[0].platform == "cpu":
-        plan["runtime"] = runtime_rss() if runtime is None else runtime
-    plan["total"] = sum(plan.values())
-    return plan
 
 
 def check_model(cfg: Config, index: int) -> list[str]:
@@ -91,7 +35,7 @@ def check_model(cfg: Config, index: int) -> list[str]:
     t0 = time.time()
     print(f"== model {index}: {name} ({entry.huggingface_id})")
     try:
-        bundle, tok, spec, abstract = pipeline.model_for(cfg, index, training=True, weights_needed=False)
+        bundle, tok, spec, abstract = setup.model_for(cfg, index, training=True, weights_needed=False)
         if _weights_kind(bundle) == "safetensors":
             weights.check_weights(bundle)  # names and shapes from the headers; no value is read
     except JaxprefError as e:
@@ -106,7 +50,7 @@ def check_model(cfg: Config, index: int) -> list[str]:
     print(f"  parameters       {total:,} total, {trainable:,} trainable "
           + (f"(LoRA r={spec.r}, alpha={spec.alpha:g}, targets {', '.join(spec.targets)})" if spec else "(full fine-tune)"))
     try:
-        prepared = pipeline.data_for(cfg, tok)
+        prepared = prepare.data_for(cfg, tok)
     except JaxprefError as e:
         problems.append(f"model `{name}`: {e}")
         return problems
@@ -132,13 +76,13 @@ def check_model(cfg: Config, index: int) -> list[str]:
     if not tr.paired and cfg.post_training.method != "kto":
         problems.append(f"model `{name}`: unpaired data needs method kto")
         return problems
-    from jaxpref.runner import iterator_class
+    from jaxpref.training.loop import iterator_class
     it = iterator_class(cfg)(tr, B, G, t.seed, prepared.layout)
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
     steps = t.total_steps(it.steps_per_epoch)
-    pipeline.plan_shapes(it, cfg, bundle.args, abstract, steps)
+    setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
     shapes, max_k = {}, 0
     for _ in range(min(steps, 200)):
         b, _ = next(it)
@@ -151,12 +95,12 @@ def check_model(cfg: Config, index: int) -> list[str]:
           f"{'; planned' if it.shapes else ''}{'' if steps <= 200 else ', first 200 steps'})")
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
-    from jaxpref.mesh import data_parallel_size, make_mesh
+    from jaxpref.runtime.mesh import data_parallel_size, make_mesh
     mesh = make_mesh(cfg.gpu, cfg.source)
     rows, seq = max(max(s[1] for s in shapes) // data_parallel_size(mesh), 1), max(s[2] for s in shapes)
     plan = memory_plan(cfg, args, total, trainable if spec else 0, rows, seq, max_k, mesh=mesh)
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
-    print("  memory plan      " + ", ".join(f"{k} {_gb(v)}" for k, v in plan.items() if v))
+    print("  memory plan      " + ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.items() if v))
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
 

@@ -12,17 +12,23 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxpref import pipeline
-from jaxpref.batching import BatchIterator, shape_key, trl_token_count
+from jaxpref.data import prepare
+from jaxpref.training import setup
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.data.shapes import shape_key
+from jaxpref.data.layouts import trl_token_count
 from jaxpref.config import Config, dump_config
 from jaxpref.errors import ConfigError, JaxprefError
-from jaxpref.export import load_adapter, save_adapter
-from jaxpref.interrupt import StopRequest
-from jaxpref.lora import count, init_lora
-from jaxpref.losses import LossSpec
-from jaxpref.metrics import MetricSinks, ProgressBar
+from jaxpref.lora.peft import load_adapter, save_adapter
+from jaxpref.training.interrupt import StopRequest
+from jaxpref.lora.tree import count, init_lora
+from jaxpref.objectives.losses import LossSpec
+from jaxpref.training.sinks import MetricSinks
+from jaxpref.training.progress import ProgressBar
 from jaxpref.models import weights
-from jaxpref.step import compile_ahead, StepOptions, TrainState, make_eval_step, make_optimizer, make_train_step
+from jaxpref.runtime.memory import peak_memory
+from jaxpref.training.step import compile_ahead, StepOptions, TrainState, make_eval_step, make_train_step
+from jaxpref.training.optim import make_optimizer
 
 
 def loss_spec(cfg: Config) -> LossSpec:
@@ -48,7 +54,7 @@ def ref_mode(cfg: Config, spec: LossSpec, lora_enabled: bool) -> str:
 
 def iterator_class(cfg: Config):
     if cfg.post_training.method == "kto":
-        from jaxpref.kto import UnpairedIterator
+        from jaxpref.data.unpaired import UnpairedIterator
         return UnpairedIterator
     return BatchIterator
 
@@ -115,7 +121,7 @@ class EarlyStopping:
 
 def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                 resume_force: bool = False) -> dict:
-    from jaxpref import checkpoint as ckpt
+    from jaxpref.training import checkpoint as ckpt
     from jaxpref.models.source import fingerprint
 
     entry = cfg.models[index]
@@ -124,7 +130,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     for key, value in unavailable.items():
         if value:
             raise ConfigError(f"{cfg.source}: `{key}` is not available in this version of jaxpref")
-    from jaxpref import mesh as mesh_mod
+    from jaxpref.runtime import mesh as mesh_mod
     mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
     dp = mesh_mod.data_parallel_size(mesh)
     is_main = jax.process_index() == 0
@@ -140,8 +146,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         dump_config(mcfg, run_dir / "config.yaml")
     tcfg = cfg.training
 
-    bundle, tok, lspec, abstract = pipeline.model_for(cfg, index, training=True)
-    prepared = pipeline.data_for(cfg, tok)
+    bundle, tok, lspec, abstract = setup.model_for(cfg, index, training=True)
+    prepared = prepare.data_for(cfg, tok)
     # Padding-free: one stream of rows per data-parallel shard.
     prepared.layout = replace(prepared.layout, streams=dp)
     spec = loss_spec(cfg)
@@ -157,9 +163,9 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
     total = tcfg.total_steps(it.steps_per_epoch)
-    pipeline.plan_shapes(it, cfg, bundle.args, abstract, total)
+    setup.plan_shapes(it, cfg, bundle.args, abstract, total)
 
-    from jaxpref.dryrun import runtime_rss
+    from jaxpref.runtime.memory import runtime_rss
     rss_before_weights = runtime_rss()
     param_sh = mesh_mod.shardings(mesh_mod.param_specs(abstract, mesh, bundle.arch.roles), mesh)
     params = weights.load_params(bundle, shardings=param_sh)
@@ -171,7 +177,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         rtok = load_tokenizer(rsrc)
         if rtok.get_vocab() != tok.get_vocab():
             raise ConfigError(f"{cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
-        ref_bundle = pipeline.reference_bundle(cfg, rsrc)
+        ref_bundle = setup.reference_bundle(cfg, rsrc)
         if rid != entry.huggingface_id:
             ref_abstract = ref_bundle.abstract_params()
             ref_params = weights.load_params(ref_bundle, shardings=mesh_mod.shardings(
@@ -239,7 +245,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         if cfg.post_training.method == "kto":
             raise ConfigError(f"{cfg.source}: `post_training.precompute_ref_logps` is not available for KTO "
                               "(its KL rows change with every batch)")
-        from jaxpref import reference
+        from jaxpref.training import reference
         from jaxpref.models.source import DEFAULT_CACHE
         rb = ref_bundle if mode in ("separate", "initial_adapter") else bundle
         rp = ref_params if mode == "separate" else params
@@ -292,7 +298,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             for step in range(start, total):
                 ref_batch = None
                 if ref_table is not None:
-                    from jaxpref.reference import batch_reference, next_indices
+                    from jaxpref.training.reference import batch_reference, next_indices
                     ref_batch = jax.device_put(batch_reference(ref_table, next_indices(it), G),
                                                mesh_mod.replicated(mesh))
                 batch, epoch = next(it)
@@ -379,7 +385,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             export_lora = best_lora
         if is_main:
             if full_ft:
-                from jaxpref.export import save_merged
+                from jaxpref.lora.merged import save_merged
                 save_merged(run_dir / "model", bundle, export_lora, None, None, tok)
             else:
                 save_adapter(run_dir / "adapter", bundle, export_lora, lspec, entry.huggingface_id, tok)
@@ -439,22 +445,9 @@ def rows_note(cfg: Config, prepared) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def peak_memory() -> dict:
-    """Measured peak: host RSS (MiB) and, where the backend reports it, device memory."""
-    import resource
-    out = {"host_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    try:
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            out["device_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
-    except Exception:
-        pass
-    return out
-
-
 def memory_plan_for(cfg, bundle, params, lora, shapes, dp, mesh, runtime: int) -> dict:
     """The dry-run's plan for the largest batch this run saw (runtime: RSS when it is computed)."""
-    from jaxpref.dryrun import memory_plan
+    from jaxpref.runtime.memory import memory_plan
     n, t, k = (max(s[i] for s in shapes) for i in (1, 2, 3))   # shapes: (G, rows, T, K)
     plan = memory_plan(cfg, bundle.args, count(params), count(lora), max(n // dp, 1), t, k, mesh=mesh, runtime=runtime)
     return {k: round(v / 2**20, 1) for k, v in plan.items()}
@@ -469,7 +462,7 @@ def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, lay
     for _ in range(it.steps_per_epoch):
         batch, _ = next(it)
         if mesh is not None:
-            from jaxpref.mesh import put_batch
+            from jaxpref.runtime.mesh import put_batch
             batch = put_batch(batch, mesh)
         m = jax.device_get(eval_fn(lora, params, ref_params, batch, None))
         for k, v in m.items():

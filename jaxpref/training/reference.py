@@ -12,8 +12,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxpref.batching import BatchIterator
-from jaxpref.step import sequence_logps
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.objectives.logps import sequence_logps
 
 
 def cache_key(model_fp: str, data, layout, ref_id: str) -> str:

@@ -1,0 +1,192 @@
+"""Reading a config: YAML -> the typed sections of `schema`, `--set` overrides, type checks.
+
+Unknown keys and wrong types are errors that name the key, the file and the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from jaxpref.config.schema import Config
+from jaxpref.config.validate import validate
+from jaxpref.errors import ConfigError
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (1e-5 is a str)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try the plain types before containers so "5" stays str when str is allowed.
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where, src)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{src}: `{where}` must be {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: `{where}` must be a mapping, got {value!r}")
+        return _build(tp, value, where, src)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{src}: `{where}` must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: `{where}` must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(v, vt, f"{where}.{k}", src) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{src}: `{where}` must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{src}: `{where}` must be an integer, got {value!r}")
+    if tp is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(f"{src}: `{where}` must be a finite number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{src}: `{where}` must be a string, got {value!r}")
+    raise ConfigError(f"{src}: `{where}` has an unsupported type")
+
+
+def _build(cls: type, data: dict, where: str, src: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean `{close[0]}`?)" if close else f" (valid keys: {', '.join(names)})"
+            raise ConfigError(f"{src}: unknown key `{path}`{hint}")
+        kwargs[key] = _coerce(value, hints[key], path, src)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, src: str) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            try:
+                if int(part) < 0:
+                    raise IndexError(part)
+                node = node[int(part)]
+                continue
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {dotted}: `{'.'.join(parts[:i + 1])}` is not a valid index")
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: `{'.'.join(parts[:i])}` is a value, not a section")
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        try:
+            if int(last) < 0:
+                raise IndexError(last)
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise ConfigError(f"--set {dotted}: `{last}` is not a valid index")
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {dotted}: `{'.'.join(parts[:-1])}` is a value, not a section")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override (`section.key=value`, typed like YAML) and validate a config file."""
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {src}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{src}:{line}: YAML syntax error: {e.problem}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: YAML syntax error: {str(e).splitlines()[0]}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping of sections")
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov}: expected KEY=VALUE with a dotted key")
+        key, raw = ov.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value, src)
+    cfg = _build(Config, data, "", src)
+    cfg.source = src
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict, src: str = "<dict>") -> Config:
+    cfg = _build(Config, data, "", src)
+    cfg.source = src
+    validate(cfg)
+    return cfg
+
+
+
+def to_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.pop("source", None)
+    return d
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

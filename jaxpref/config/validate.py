@@ -1,0 +1,122 @@
+"""Range and consistency checks of a parsed config; each error names the key and the file."""
+from __future__ import annotations
+
+import difflib
+import typing
+
+from jaxpref.config.schema import DPO_LOSS_TYPES, KTO_LOSS_TYPES, METHODS, Config
+from jaxpref.errors import ConfigError
+from pathlib import Path
+
+def _choice(value: str, allowed: typing.Iterable[str], key: str, src: str) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ConfigError(f"{src}: `{key}` is `{value}`, expected one of {', '.join(allowed)}{hint}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks. Raises ConfigError naming the key."""
+    src = cfg.source
+    if not cfg.models:
+        raise ConfigError(f"{src}: `models` is empty; list at least one model with `name` and `huggingface_id`")
+    names = set()
+    for i, m in enumerate(cfg.models):
+        if not m.huggingface_id:
+            raise ConfigError(f"{src}: `models[{i}].huggingface_id` is missing")
+        if not m.name:
+            m.name = Path(m.huggingface_id.rstrip("/")).name.replace(".gguf", "")
+        if m.name in names:
+            raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` is used twice")
+        if "/" in m.name or m.name in (".", ".."):
+            raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` must be usable as a folder name")
+        names.add(m.name)
+    if not cfg.dataset.name and not cfg.dataset.data_files:
+        raise ConfigError(f"{src}: `dataset.name` is missing (a hub id or a local file/directory)")
+    pt = cfg.post_training
+    _choice(pt.method, METHODS, "post_training.method", src)
+    if pt.beta <= 0:
+        raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
+    allowed = {"dpo": DPO_LOSS_TYPES, "ipo": DPO_LOSS_TYPES, "cpo": ("sigmoid", "hinge", "ipo", "simpo"),
+               "kto": KTO_LOSS_TYPES, "orpo": ("orpo",), "simpo": ("simpo",)}[pt.method]
+    for lt in cfg.loss_types:
+        _choice(lt, allowed, "post_training.loss_type", src)
+    if pt.loss_weights is not None and len(pt.loss_weights) != len(cfg.loss_types):
+        raise ConfigError(
+            f"{src}: `post_training.loss_weights` has {len(pt.loss_weights)} entries but "
+            f"`loss_type` has {len(cfg.loss_types)}")
+    if not 0 <= pt.label_smoothing < 1:
+        raise ConfigError(f"{src}: `post_training.label_smoothing` must be in [0, 1), got {pt.label_smoothing}")
+    if "exo_pair" in cfg.loss_types and pt.label_smoothing == 0:
+        raise ConfigError(f"{src}: `post_training.loss_type` exo_pair needs `label_smoothing` > 0 (the paper uses 1e-3)")
+    if "robust" in cfg.loss_types and pt.label_smoothing >= 0.5:
+        raise ConfigError(f"{src}: `post_training.loss_type` robust needs `label_smoothing` < 0.5")
+    if pt.use_weighting and any(lt in ("aot", "aot_unpaired", "aot_pair") for lt in cfg.loss_types):
+        raise ConfigError(f"{src}: `post_training.use_weighting` does not apply to aot losses")
+    _choice(pt.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+            "post_training.f_divergence_type", src)
+    _choice(pt.orpo_nll_span, ("prompt_and_completion", "completion"), "post_training.orpo_nll_span", src)
+    lo = cfg.lora
+    if lo.r <= 0:
+        raise ConfigError(f"{src}: `lora.r` must be > 0, got {lo.r}")
+    if lo.lora_alpha <= 0:
+        raise ConfigError(f"{src}: `lora.lora_alpha` must be > 0, got {lo.lora_alpha}")
+    if not 0 <= lo.lora_dropout < 1:
+        raise ConfigError(f"{src}: `lora.lora_dropout` must be in [0, 1), got {lo.lora_dropout}")
+    _choice(lo.init, ("b_zero", "a_zero"), "lora.init", src)
+    _choice(lo.bias, ("none",), "lora.bias", src)
+    if isinstance(lo.target_modules, list) and not lo.target_modules:
+        raise ConfigError(f"{src}: `lora.target_modules` is empty")
+    tr = cfg.training
+    if tr.learning_rate <= 0:
+        raise ConfigError(f"{src}: `training.learning_rate` must be > 0, got {tr.learning_rate}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps"):
+        if getattr(tr, key) <= 0:
+            raise ConfigError(f"{src}: `training.{key}` must be > 0, got {getattr(tr, key)}")
+    if tr.max_steps == 0 or tr.max_steps < -1:
+        raise ConfigError(f"{src}: `training.max_steps` must be >= 1 (or -1: train for `num_epochs`), "
+                          f"got {tr.max_steps}")
+    if tr.num_epochs <= 0 and tr.max_steps <= 0:
+        raise ConfigError(f"{src}: set `training.num_epochs` > 0 or `training.max_steps` > 0")
+    if tr.max_length is not None and tr.max_length < 2:
+        raise ConfigError(f"{src}: `training.max_length` must be >= 2, got {tr.max_length}")
+    if tr.max_prompt_length is not None and tr.max_prompt_length < 1:
+        raise ConfigError(f"{src}: `training.max_prompt_length` must be >= 1")
+    if tr.warmup_steps < 0 or not 0 <= tr.warmup_ratio <= 1:
+        raise ConfigError(f"{src}: `training.warmup_steps` must be >= 0 and `warmup_ratio` in [0, 1]")
+    if tr.weight_decay < 0 or tr.max_grad_norm < 0:
+        raise ConfigError(f"{src}: `training.weight_decay` and `max_grad_norm` must be >= 0")
+    _choice(tr.lr_scheduler_type, ("constant", "linear", "cosine", "constant_with_warmup"),
+            "training.lr_scheduler_type", src)
+    _choice(tr.optimizer, ("adamw", "sgd", "adafactor"), "training.optimizer", src)
+    _choice(tr.truncation_mode, ("keep_start", "keep_end"), "training.truncation_mode", src)
+    _choice(tr.pair_layout, ("concatenated", "shared_prompt", "packed", "packed_shared_prompt"),
+            "training.pair_layout", src)
+    if tr.padding_free and tr.pair_layout.startswith("packed"):
+        raise ConfigError(f"{src}: `training.padding_free` needs `training.pair_layout` concatenated or "
+                          f"shared_prompt (packed layouts already share rows), got {tr.pair_layout}")
+    if tr.pack_length is not None and tr.pack_length < 2:
+        raise ConfigError(f"{src}: `training.pack_length` must be >= 2")
+    if tr.vocab_chunk < 0:
+        raise ConfigError(f"{src}: `training.vocab_chunk` must be >= 0 (0: the whole vocabulary), got {tr.vocab_chunk}")
+    if tr.max_shapes < 1:
+        raise ConfigError(f"{src}: `training.max_shapes` must be >= 1, got {tr.max_shapes}")
+    if tr.train_sampling_strategy is not None:
+        _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
+    _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)
+    _choice(tr.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype", src)
+    if pt.method == "kto" and tr.per_device_train_batch_size < 2:
+        raise ConfigError(f"{src}: KTO needs `training.per_device_train_batch_size` >= 2 for its KL estimate")
+    if not 0 <= cfg.dataset.eval_fraction < 1:
+        raise ConfigError(f"{src}: `dataset.eval_fraction` must be in [0, 1)")
+    for r in cfg.report_to:
+        _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)
+    _choice(cfg.finetuning.remat_policy, ("nothing_saveable", "dots_saveable",
+                                           "dots_with_no_batch_dims_saveable", "everything_saveable"),
+            "finetuning.remat_policy", src)
+    if cfg.finetuning.early_stopping is not None:
+        _choice(cfg.finetuning.early_stopping.mode, ("min", "max"), "finetuning.early_stopping.mode", src)
+
+

@@ -1,0 +1,250 @@
+"""LoRA trees <-> PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`),
+named as PEFT names the modules, so that `peft.PeftModel.from_pretrained` loads them next to a
+transformers model and jaxpref reads PEFT's own adapters back."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxpref.errors import ConfigError
+from jaxpref.lora.tree import LoraSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def primary_rules(arch) -> list:
+    """One weight rule per parameter path: the first listed. Later rules for the same path are
+    alternative names the reader accepts (GPT-2's unprefixed checkpoint, NeoX's `lm_head`); the
+    writers use the name `transformers` itself saves and PEFT addresses."""
+    seen, out = set(), []
+    for rule in arch.weights:
+        if rule.path not in seen:
+            seen.add(rule.path)
+            out.append(rule)
+    return out
+
+
+def _module_names(bundle) -> dict[tuple, tuple[str, bool]]:
+    """Our module path -> (HF module name template with {i}, stacked) for every linear kernel."""
+    out = {}
+    for rule in primary_rules(bundle.arch):
+        if rule.path[-1] == "kernel" and rule.hf_name.endswith(".weight"):
+            out[rule.path[:-1]] = (rule.hf_name[: -len(".weight")], rule.stacked)
+    return out
+
+
+def peft_state_dict(bundle, lora: dict) -> dict[str, np.ndarray]:
+    """LoRA tree -> PEFT keys `base_model.model.<module>.lora_A.weight` [r, in] / `lora_B` [out, r]."""
+    names = _module_names(bundle)
+    flat = traverse_util.flatten_dict(lora)
+    out = {}
+    for path in sorted({p[:-1] for p in flat}):
+        tmpl, stacked = names[path]
+        a = np.asarray(flat[path + ("a",)], np.float32)
+        b = np.asarray(flat[path + ("b",)], np.float32)
+        layers = range(a.shape[0]) if stacked else [None]
+        for i in layers:
+            mod = tmpl.format(i=i) if stacked else tmpl
+            ai, bi = (a[i], b[i]) if stacked else (a, b)
+            out[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(ai.T)
+            out[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(bi.T)
+    return out
+
+
+def save_adapter(out_dir: Path, bundle, lora: dict, spec: LoraSpec, base_model: str,
+                 tokenizer=None) -> Path:
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(peft_state_dict(bundle, jax.device_get(lora)), str(tmp / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": sorted(spec.targets),
+        "bias": "none",
+        "use_rslora": spec.use_rslora,
+        "fan_in_fan_out": bool(bundle.arch.fan_in_fan_out),
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "revision": None,
+    }
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def read_adapter_config(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"adapter `{path}`: cannot read {ADAPTER_CONFIG} ({e})")
+
+
+# PEFT options that change the adapter's math or contents in ways our LoRA tree cannot express:
+# key -> the values that are fine.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "modules_to_save": (None, []),
+    "target_parameters": (None, []),
+    "layer_replication": (None,),
+    "trainable_token_indices": (None,),
+}
+
+
+def _targets_of(path: Path, c: dict) -> tuple[tuple[str, ...], bool]:
+    """PEFT `target_modules` -> (module names, whether they may cover only part of the modules
+    with those names). PEFT matches an entry against the end of the full module name, and its
+    `all-linear` writes full names (`model.layers.0.self_attn.q_proj`); we apply LoRA per module
+    name, so narrower entries, `layers_to_transform` and `exclude_modules` leave some modules of
+    a targeted name without tensors (they get A = B = 0, which is the same model and stays
+    exactly zero under training)."""
+    targets = c.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ConfigError(f"adapter `{path}`: target_modules is the regex `{targets}`; "
+                          "jaxpref reads adapters whose target_modules list module names")
+    names = tuple(sorted({t.split(".")[-1] for t in targets}))
+    if not names:
+        raise ConfigError(f"adapter `{path}`: target_modules is empty")
+    partial = (any("." in t for t in targets) or c.get("layers_to_transform") is not None
+               or bool(c.get("exclude_modules")))
+    return names, partial
+
+
+def spec_from_adapter(path: Path, dropout: float = 0.0) -> LoraSpec:
+    c = read_adapter_config(path)
+    if c.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"adapter `{path}`: peft_type {c.get('peft_type')} is not LORA")
+    for key, fine in _UNSUPPORTED.items():
+        if key in c and c[key] not in fine:
+            raise ConfigError(f"adapter `{path}`: `{key}: {json.dumps(c[key])}` is not supported by jaxpref")
+    try:
+        r, alpha = int(c["r"]), float(c["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"adapter `{path}`: {ADAPTER_CONFIG} lacks a valid `r` / `lora_alpha` ({e})")
+    targets, _ = _targets_of(path, c)
+    return LoraSpec(r=r, alpha=alpha, targets=targets,
+                    use_rslora=bool(c.get("use_rslora", False)), dropout=dropout)
+
+
+def _read_tensors(file: Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as float32 numpy (bf16/fp16 adapters included)."""
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            for key in f.keys():
+                try:
+                    out[key] = np.asarray(f.get_tensor(key), np.float32)
+                except (TypeError, ValueError):  # bf16 has no numpy dtype in safetensors' numpy backend
+                    with safe_open(str(file), framework="flax") as fx:
+                        out[key] = np.asarray(fx.get_tensor(key).astype(jnp.float32))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"adapter `{file}` is not a readable safetensors file ({str(e).splitlines()[0]})")
+    return out
+
+
+def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraSpec]:
+    """A PEFT adapter folder -> (our LoRA tree float32, its spec).
+
+    The tree has the structure `init_lora` gives for the spec. Every tensor must belong to a
+    targeted linear of this model with the right shape; errors name the tensor."""
+    path = Path(path)
+    spec = spec_from_adapter(path)
+    _, partial = _targets_of(path, read_adapter_config(path))
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise ConfigError(f"adapter `{path}`: no {ADAPTER_WEIGHTS}")
+    tensors = _read_tensors(file)
+    names = _module_names(bundle)
+    shapes = {p[:-1]: tuple(v.shape) for p, v in traverse_util.flatten_dict(abstract_params).items()
+              if p[-1] == "kernel"}
+    patterns = []
+    for mod, (tmpl, stacked) in names.items():
+        if mod not in shapes:
+            continue
+        pat = re.escape(tmpl).replace(re.escape("{i}"), r"(\d+)")
+        patterns.append((re.compile(rf"base_model\.model\.{pat}\.lora_([AB])(?:\.default)?\.weight$"),
+                         mod, stacked))
+    flat: dict[tuple, np.ndarray] = {}
+    seen: set[tuple] = set()     # (leaf path, layer or None)
+    for key, arr in sorted(tensors.items()):
+        for pat, mod, stacked in patterns:
+            m = pat.match(key)
+            if m:
+                break
+        else:
+            raise ConfigError(f"adapter `{path}`: tensor `{key}` matches no module of this "
+                              f"{bundle.source.model_type} model (made for another architecture?)")
+        if mod[-1] not in spec.targets:
+            raise ConfigError(f"adapter `{path}`: tensor `{key}` is for `{mod[-1]}`, which the "
+                              f"adapter's target_modules ({', '.join(spec.targets)}) do not name")
+        which = m.group(m.lastindex)
+        kshape = shapes[mod]
+        din, dout = kshape[-2], kshape[-1]
+        want = (spec.r, din) if which == "A" else (dout, spec.r)
+        if tuple(arr.shape) != want:
+            raise ConfigError(f"adapter `{path}`: tensor `{key}` has shape {tuple(arr.shape)}, "
+                              f"this model needs {want} (made for another model?)")
+        leaf = mod + ("a" if which == "A" else "b",)
+        layer = None
+        if stacked:
+            layer = int(m.group(1))
+            if layer >= kshape[0]:
+                raise ConfigError(f"adapter `{path}`: tensor `{key}` is for layer {layer}, this "
+                                  f"model has {kshape[0]} layers (made for another model?)")
+        buf = flat.setdefault(leaf, np.zeros(kshape[:-2] + want[::-1], np.float32))
+        if stacked:
+            buf[layer] = arr.T
+        else:
+            buf[...] = arr.T
+        seen.add((leaf, layer))
+    if not flat:
+        raise ConfigError(f"adapter `{path}`: holds no LoRA tensors for this model")
+    # Every targeted module gets both factors; a module (or layer) the file lacks is A = B = 0
+    # when the adapter's config says it covers only some of them, an error otherwise.
+    for mod, kshape in sorted(shapes.items()):
+        if mod[-1] not in spec.targets:
+            continue
+        tmpl, stacked = names[mod]
+        din, dout = kshape[-2], kshape[-1]
+        for i in (range(kshape[0]) if stacked else [None]):
+            have = {w for w in "ab" if (mod + (w,), i) in seen}
+            if have == {"a", "b"} or (not have and partial):
+                continue
+            w = ({"a", "b"} - have).pop()
+            key = f"base_model.model.{tmpl.format(i=i) if stacked else tmpl}.lora_{w.upper()}.weight"
+            raise ConfigError(f"adapter `{path}`: lacks tensor `{key}`")
+        flat.setdefault(mod + ("a",), np.zeros(kshape[:-2] + (din, spec.r), np.float32))
+        flat.setdefault(mod + ("b",), np.zeros(kshape[:-2] + (spec.r, dout), np.float32))
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}), spec
+
+

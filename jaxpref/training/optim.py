@@ -1,0 +1,34 @@
+"""The optimizer and learning-rate schedule of the `training` section (Hugging Face semantics)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import optax
+
+
+def make_optimizer(tcfg, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """optax optimizer and schedule from the `training` section (HF semantics for the schedule)."""
+    lr = tcfg.learning_rate
+    warm = tcfg.warmup_steps or int(round(tcfg.warmup_ratio * total_steps))
+    warm = min(warm, max(total_steps, 1))
+    decay_steps = max(total_steps - warm, 1)
+    kind = tcfg.lr_scheduler_type
+    if kind in ("constant", "constant_with_warmup"):
+        after = optax.constant_schedule(lr)
+    elif kind == "linear":
+        after = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(lr, decay_steps)
+    if warm > 0 and kind != "constant":
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+    else:
+        schedule = after
+    if tcfg.optimizer == "adamw":
+        opt = optax.adamw(schedule, b1=tcfg.adam_beta1, b2=tcfg.adam_beta2, eps=tcfg.adam_epsilon,
+                          weight_decay=tcfg.weight_decay)
+    elif tcfg.optimizer == "sgd":
+        opt = optax.chain(optax.add_decayed_weights(tcfg.weight_decay), optax.sgd(schedule))
+    else:
+        opt = optax.adafactor(schedule, weight_decay_rate=tcfg.weight_decay or None)
+    parts = [optax.clip_by_global_norm(tcfg.max_grad_norm)] if tcfg.max_grad_norm > 0 else []
+    return optax.chain(*parts, opt), schedule
