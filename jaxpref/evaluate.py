@@ -59,7 +59,7 @@ def batches(data, batch_size: int, layout):
         real = np.arange(start, min(start + batch_size, n))
         idx = np.concatenate([real, np.full(batch_size - len(real), real[-1])])
         mb = it.make(idx)
-        yield real, {k: v[0] for k, v in mb.items()}
+        yield real, mb.on_device().micro(0)
 
 
 def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_examples: int | None,

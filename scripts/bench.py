@@ -91,9 +91,9 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
 def step_flops(abstract, lora, batch: dict, args, ref_pass: bool) -> float:
     """Matmul FLOPs of one optimizer step on the executed (padded) shapes (`jaxpref.flops`)."""
     from jaxpref.runtime.flops import FlopModel
-    G, N, T = batch["input_ids"].shape
-    K = batch["tgt_ids"].shape[-1]
-    blocks = batch["blk_idx"].shape[-2:] if "blk_idx" in batch else None
+    G, N, T = batch.input_ids.shape
+    K = batch.tgt_ids.shape[-1]
+    blocks = batch.blk_idx.shape[-2:] if "blk_idx" in batch else None
     return FlopModel.of(abstract, args, lora).step(N, T, K, G, ref_pass, blocks)
 
 
@@ -106,7 +106,6 @@ def run_jax(args) -> dict:
     from jaxpref.training import setup
     from jaxpref.runtime.memory import peak_memory
     from jaxpref.training import loop as runner
-    from jaxpref.data.shapes import shape_key
     from jaxpref.config import load_config
     from jaxpref.lora.tree import init_lora
     from jaxpref.models import weights
@@ -154,7 +153,7 @@ def run_jax(args) -> dict:
     compile_s, recompile_s = None, []
     for i in range(total):
         batch, _ = next(it)
-        shape = shape_key(batch)
+        shape = batch.shape_key
         new_shape = shape not in shapes
         shapes.add(shape)
         c0, t0 = cpu_s(), time.perf_counter()
@@ -175,10 +174,10 @@ def run_jax(args) -> dict:
         user.append(c1[0] - c0[0])
         system.append(c1[1] - c0[1])
         flops.append(step_flops(abstract, state.lora, batch, bundle.args, mode != "none"))
-        seg = np.asarray(batch["segment_ids"]) > 0
+        seg = np.asarray(batch.segment_ids) > 0
         real.append(int(seg.sum()))
         slots.append(int(seg.size))
-        trl_tokens.append(runner.host_tokens(batch, prepared.layout.kind))
+        trl_tokens.append(batch.trl_token_count())
     if not times:
         raise SystemExit("bench: every timed step compiled a new batch shape; raise --steps")
     peak = max(peak_before, matmul_peak_gflops())

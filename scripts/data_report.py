@@ -32,12 +32,12 @@ def measure(cfg, tok, kind: str, buckets: list[int] | None) -> dict:
     real = grid = targets = target_grid = 0
     for _ in range(it.steps_per_epoch):
         b, _ = next(it)
-        lengths.add(b["input_ids"].shape[-1])
+        lengths.add(b.input_ids.shape[-1])
         shapes.add(tuple(sorted((k, v.shape) for k, v in b.items())))
-        real += int((b["segment_ids"] > 0).sum())
-        grid += b["segment_ids"].size
-        targets += int(((b["tgt_seq"] < 2 * t.per_device_train_batch_size) | (b["tgt_full"] > 0)).sum())
-        target_grid += b["tgt_seq"].size
+        real += int((b.segment_ids > 0).sum())
+        grid += b.segment_ids.size
+        targets += int(((b.tgt_seq < 2 * t.per_device_train_batch_size) | (b.tgt_full > 0)).sum())
+        target_grid += b.tgt_seq.size
     return {
         "layout": kind,
         "pairs": len(prepared.train),

@@ -38,7 +38,6 @@ from jaxpref.lora.tree import LoraSpec, init_lora
 from jaxpref.objectives.losses import LossSpec
 from jaxpref.models.source import resolve
 from jaxpref.models.weights import build, load_params
-from jaxpref.training.loop import host_tokens
 from jaxpref.training.step import StepOptions, TrainState, make_train_step, micro_loss
 from jaxpref.training.optim import make_optimizer
 
@@ -93,7 +92,7 @@ def test_recompute_activations_keeps_loss_metrics_and_grads_in_less_memory(model
     lora = nonzero_lora(plain)
     opts = StepOptions(LossSpec(loss_types=("sigmoid",)), 2 * B, ref_mode="lora_off")
     data = batches(pairs, "concatenated", 2)
-    mbs = [{k: jnp.asarray(v[g]) for k, v in batch.items()} for batch in data for g in range(G)]
+    mbs = [batch.micro(g) for batch in data for g in range(G)]
 
     def compiled(bundle):
         f = lambda lo, mb: micro_loss(lo, params, mb, None, bundle, None, None, opts)
@@ -158,8 +157,8 @@ def test_shared_prompt_with_planned_shapes_trains_like_the_plain_path(model_dir,
     it = BatchIterator(pairs, B, G, 0, Layout("shared_prompt", None, "keep_start", full_span=False))
     shapes = it.plan_shapes(3, lambda T, K: T * 10 + K, max_shapes=2)
     fast_data = [next(it)[0] for _ in range(3)]
-    assert {(b["input_ids"].shape[-1], b["tgt_ids"].shape[-1]) for b in fast_data} <= set(shapes)
-    assert all(f["input_ids"].shape[1] == B and d["input_ids"].shape[1] == 2 * B
+    assert {(b.input_ids.shape[-1], b.tgt_ids.shape[-1]) for b in fast_data} <= set(shapes)
+    assert all(f.input_ids.shape[1] == B and d.input_ids.shape[1] == 2 * B
                for f, d in zip(fast_data, data))
     m1, lora1 = _train(fast, params, lora, fast_data)
     assert_same_run(m0, lora0, m1, lora1)
@@ -177,12 +176,12 @@ def test_padding_free_trains_like_the_plain_path(model_dir, pairs, fp32_runs, ki
     padded = BatchIterator(pairs, B, G, 0, Layout(kind, None, "keep_start", full_span=False))
     for f in fast_data:
         d, _ = next(padded)
-        L, K, Tb = f["input_ids"].shape[-1], f["tgt_ids"].shape[-1], f["blk_idx"].shape[-1]
-        assert (L, K, Tb) in shapes and f["input_ids"].shape[1] == 1
-        real = (d["segment_ids"] > 0).sum(axis=(1, 2))
+        L, K, Tb = f.input_ids.shape[-1], f.tgt_ids.shape[-1], f.blk_idx.shape[-1]
+        assert (L, K, Tb) in shapes and f.input_ids.shape[1] == 1
+        real = (d.segment_ids > 0).sum(axis=(1, 2))
         # Padding gone, and the two sequences' last tokens of every pair left out.
-        np.testing.assert_array_equal((f["segment_ids"] > 0).sum(axis=(1, 2)), real - 2 * B)
-        assert int(f["trl_tokens"].sum()) == host_tokens(d, kind)
+        np.testing.assert_array_equal((f.segment_ids > 0).sum(axis=(1, 2)), real - 2 * B)
+        assert f.trl_token_count() == d.trl_token_count()
     m1, lora1 = _train(fast, params, lora, fast_data)
     assert_same_run(m0, lora0, m1, lora1)
 

@@ -18,6 +18,7 @@ import torch
 from flax import traverse_util
 
 from conftest import perturbed_llama
+from jaxpref.data.batches import from_arrays
 from jaxpref.data.layouts import pack_rows, Layout, compact_targets, make_pair_batch
 from jaxpref.data.iterator import BatchIterator
 from jaxpref.data.tokenize import Tokenized
@@ -76,7 +77,7 @@ def pairs() -> Tokenized:
     return Tokenized(prompt=prompts, chosen=chosen, rejected=rejected, rows_in=6)
 
 
-def _batch(data: Tokenized, kind: str, max_length=None, mode="keep_start", ld_alpha=None) -> dict:
+def _batch(data: Tokenized, kind: str, max_length=None, mode="keep_start", ld_alpha=None):
     """All pairs as one micro-batch. T and K are pinned so that each layout compiles once."""
     kind, padding_free, streams = kind.partition("+pf")
     layout = Layout(kind, max_length, mode, ld_alpha=ld_alpha, full_span=True)
@@ -88,13 +89,13 @@ def _batch(data: Tokenized, kind: str, max_length=None, mode="keep_start", ld_al
         L, K, Tb = built_needs(unit, S, streams)
         assert L < unit["input_ids"].size // streams  # really without padding
         mb = to_stream(unit, S, streams, 240, 240, 40, shared_prompt=kind == "shared_prompt")
-        return {k: jnp.asarray(v) for k, v in mb.items()}
+        return from_arrays({k: jnp.asarray(v) for k, v in mb.items()}, kind)
     if kind.startswith("packed"):
         # Several sequences (or shared-prompt pairs) per row, block-diagonal attention.
         b = pack_rows(b, 80, 2 * len(idx), min_rows=8)
         assert (b["segment_ids"].max(axis=1) > 1).any()
     mb = compact_targets(b, 2 * len(idx), k=80 if kind.startswith("packed") else 40)
-    return {k: jnp.asarray(v) for k, v in mb.items()}
+    return from_arrays({k: jnp.asarray(v) for k, v in mb.items()}, kind)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,8 @@ def test_orpo_full_span_is_the_same_in_both_layouts(tiny, pairs, fns):
 # Iterator
 
 
-def _same(a: dict, b: dict) -> bool:
+def _same(a, b) -> bool:
+    a, b = a.arrays(), b.arrays()
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -308,7 +310,7 @@ def test_quickstart_epoch_compiles_few_shapes(quickstart, kind):
     shapes = set()
     for _ in range(it.steps_per_epoch):
         batch, _ = next(it)
-        shapes.add(tuple(sorted((k, v.shape) for k, v in batch.items())))
+        shapes.add(tuple(sorted((k, v.shape) for k, v in batch.arrays().items())))
     print(f"quickstart {kind}: {len(shapes)} shapes over {it.steps_per_epoch} steps")
     assert it.steps_per_epoch >= 50
     assert len(shapes) <= 4

@@ -443,7 +443,7 @@ def test_reference_is_base_with_adapter_off_no_copy(arch, base):
     opt, _ = make_optimizer(TrainingConfig(learning_rate=1e-2), 10)
     state = TrainState(lora, opt.init(lora), jnp.zeros((), jnp.int32), jax.random.PRNGKey(1))
     opts = StepOptions(LossSpec(), num_seqs=4, ref_mode="lora_off")
-    mb = {k: jnp.asarray(v[0]) for k, v in _one_batch().items()}
+    mb = _one_batch().micro(0)
     loss, m = jax.jit(lambda lora, params, mb: micro_loss(lora, params, mb, None, bundle, None, None, opts))(
         state.lora, b.params, mb)
     assert abs(float(loss) - math.log(2)) < 1e-6

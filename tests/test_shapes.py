@@ -7,7 +7,7 @@ import pytest
 
 from jaxpref.data.iterator import BatchIterator
 from jaxpref.data.layouts import Layout, compact_targets
-from jaxpref.data.shapes import choose_shapes, shape_key
+from jaxpref.data.shapes import choose_shapes
 from jaxpref.data.tokenize import Tokenized
 from jaxpref.data.unpaired import UnpairedIterator
 
@@ -24,11 +24,11 @@ def cost(T, K):
     return T * 100 + T * T + K * 30
 
 
-def needs_of(batch: dict, S: int) -> tuple[int, int]:
+def needs_of(batch, S: int) -> tuple[int, int]:
     """(tokens, target slots) this batch really uses per row, at most."""
-    seg = batch["segment_ids"] > 0
+    seg = batch.segment_ids > 0
     used = int(seg.sum(axis=-1).max())
-    k = int((batch["tgt_seq"] < S).sum(axis=-1).max())
+    k = int((batch.tgt_seq < S).sum(axis=-1).max())
     return used, k
 
 
@@ -45,14 +45,14 @@ def test_plan_covers_every_step_with_few_shapes_and_less_padding(kind):
     for _ in range(steps):
         a, _ = next(fixed)
         b, _ = next(planned)
-        T, K = b["input_ids"].shape[-1], b["tgt_ids"].shape[-1]
+        T, K = b.input_ids.shape[-1], b.tgt_ids.shape[-1]
         seen.add((T, K))
         for g in range(G):
-            t, k = needs_of({key: v[g] for key, v in b.items()}, 2 * B)
+            t, k = needs_of(b.micro(g), 2 * B)
             assert t <= T and k <= K
             # Same pairs, same tokens, same targets as the bucketed batch.
-            ra = {key: v[g] for key, v in a.items()}
-            rb = {key: v[g] for key, v in b.items()}
+            ra = a.micro(g).arrays()
+            rb = b.micro(g).arrays()
             for key in ("input_ids", "positions", "segment_ids", "branch"):
                 n = min(ra[key].shape[-1], rb[key].shape[-1])
                 np.testing.assert_array_equal(ra[key][:, :n] * (ra["segment_ids"][:, :n] > 0),
@@ -60,7 +60,7 @@ def test_plan_covers_every_step_with_few_shapes_and_less_padding(kind):
             for key in ("tgt_ids", "tgt_seq"):
                 va, vb = ra[key][ra["tgt_seq"] < 2 * B], rb[key][rb["tgt_seq"] < 2 * B]
                 np.testing.assert_array_equal(va, vb)
-        slots["fixed"] += cost(a["input_ids"].shape[-1], a["tgt_ids"].shape[-1])
+        slots["fixed"] += cost(a.input_ids.shape[-1], a.tgt_ids.shape[-1])
         slots["planned"] += cost(T, K)
     assert seen <= set(shapes)
     assert slots["planned"] < slots["fixed"]
@@ -81,16 +81,16 @@ def test_plan_is_deterministic_and_resume_builds_the_same_batches():
     c.plan_shapes(30, cost, 4)
     c.restore(state)
     for want in straight[12:]:
-        got = next(c)[0]
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+        got = next(c)[0].arrays()
+        for k, v in want.arrays().items():
+            np.testing.assert_array_equal(got[k], v)
 
 
 def test_one_shape_when_asked():
     data = random_pairs(40, seed=2)
     it = BatchIterator(data, 2, 1, 0, Layout("concatenated", 128, "keep_start", full_span=False))
     assert len(it.plan_shapes(20, cost, max_shapes=1)) == 1
-    assert len({next(it)[0]["input_ids"].shape for _ in range(20)}) == 1
+    assert len({next(it)[0].input_ids.shape for _ in range(20)}) == 1
 
 
 def test_kto_plan_covers_its_kl_rows():
@@ -105,9 +105,9 @@ def test_kto_plan_covers_its_kl_rows():
     assert 1 <= len(shapes) <= 2
     for _ in range(20):
         b, _ = next(it)
-        assert (b["input_ids"].shape[-1], b["tgt_ids"].shape[-1]) in shapes
-        t, k = needs_of({key: v[0] for key, v in b.items()}, 8)
-        assert t <= b["input_ids"].shape[-1] and k <= b["tgt_ids"].shape[-1]
+        assert (b.input_ids.shape[-1], b.tgt_ids.shape[-1]) in shapes
+        t, k = needs_of(b.micro(0), 8)
+        assert t <= b.input_ids.shape[-1] and k <= b.tgt_ids.shape[-1]
 
 
 def test_choose_shapes_keeps_the_cover_and_stops_when_a_shape_does_not_pay():
@@ -128,8 +128,8 @@ def test_plan_covers_orpo_span_targets(kind):
     shapes = planned.plan_shapes(13, cost, max_shapes=2)
     for _ in range(13):
         a, b = next(fixed)[0], next(planned)[0]
-        assert (b["input_ids"].shape[-1], b["tgt_ids"].shape[-1]) in shapes
-        scored = lambda x: ((x["tgt_seq"] < 6) | (x["tgt_full"] > 0)).sum(axis=-1)
+        assert (b.input_ids.shape[-1], b.tgt_ids.shape[-1]) in shapes
+        scored = lambda x: ((x.tgt_seq < 6) | (x.tgt_full > 0)).sum(axis=-1)
         np.testing.assert_array_equal(scored(b), scored(a))
         assert scored(b).max() > 0
 
@@ -157,6 +157,6 @@ def test_padding_free_needs_from_lengths_equal_the_built_streams(kind, max_lengt
         assert max(b[0] for b in built) == L and max(b[2] for b in built) == Tb
         assert max(b[1] for b in built) <= K
         batch = it.make(idx)
-        assert shape_key(batch)[-4:-2] == (batch["input_ids"].shape[-1], batch["tgt_ids"].shape[-1])
-        assert (batch["input_ids"].shape[-1], batch["tgt_ids"].shape[-1], batch["blk_idx"].shape[-1]) in shapes
-        assert batch["input_ids"].shape[1] == streams
+        assert batch.shape_key[-4:-2] == (batch.input_ids.shape[-1], batch.tgt_ids.shape[-1])
+        assert (batch.input_ids.shape[-1], batch.tgt_ids.shape[-1], batch.blk_idx.shape[-1]) in shapes
+        assert batch.input_ids.shape[1] == streams

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxpref.data.batches import Batch, stack
 from jaxpref.data.layouts import (Layout, _pair_sequences, _row_length, _with_extra, bucket_for, compact_targets,
                                   make_pair_batch, pack_rows)
 from jaxpref.data.shapes import choose_shapes, round_up
@@ -52,7 +53,7 @@ class BatchIterator:
             epoch, index = epoch + 1, 0
         return self.order(epoch)[index:index + per_step], epoch, index + per_step
 
-    def __next__(self) -> tuple[dict, float]:
+    def __next__(self) -> tuple[Batch, float]:
         if self.steps_per_epoch == 0:
             raise StopIteration
         idx, self.epoch, self.index = self._advance(self.epoch, self.index)
@@ -74,7 +75,7 @@ class BatchIterator:
         pc, npc, pr, npr, same = _pair_sequences(self.data, i, self.layout)
         k_c = len(pc) if self.layout.full_span else len(pc) - npc
         k_r = len(pr) - npr
-        shared = "shared_prompt" in self.layout.kind
+        shared = self.layout.kind.shares_prompt
         return (_row_length(pc, npc, pr, npr, same, self.layout.kind),
                 k_c + k_r if shared else max(k_c, k_r))
 
@@ -82,7 +83,7 @@ class BatchIterator:
         """(live tokens, scored tokens) of each row of micro-batch `m`, in row order, when laid out
         padding-free: a sequence's last token is left out (`padfree.dead_tokens`), so live is at
         most the row's length minus one per sequence that ends in it."""
-        shared = "shared_prompt" in self.layout.kind
+        shared = self.layout.kind.shares_prompt
         first, second = [], []
         for i in m:
             pc, npc, pr, npr, same = _pair_sequences(self.data, int(i), self.layout)
@@ -125,7 +126,7 @@ class BatchIterator:
 
     def _units(self) -> int:
         """Rows per micro-batch before any packing."""
-        return self.B if "shared_prompt" in self.layout.kind else 2 * self.B
+        return self.B if self.layout.kind.shares_prompt else 2 * self.B
 
     def units_per_stream(self) -> int:
         """Padding-free: rows (attention blocks) per stream."""
@@ -137,7 +138,7 @@ class BatchIterator:
         return max(int(((p["seq"] < S) | (p["full"] > 0)).sum(axis=1).max()) for p in parts)
 
     def plannable(self) -> bool:
-        return not self.layout.kind.startswith("packed")
+        return not self.layout.kind.packed
 
     def plan_shapes(self, steps: int, cost, max_shapes: int = 4, sample_steps: int = 2000,
                     align: int | None = None) -> tuple:
@@ -170,17 +171,17 @@ class BatchIterator:
             return min(fits, key=lambda s: (self._cost(*s), s))
         return None
 
-    def make(self, idx: np.ndarray) -> dict:
+    def make(self, idx: np.ndarray) -> Batch:
         micro = self._micro(idx)
         S = 2 * self.B
         if self.layout.padding_free:
             shape = self._shape(self._needs(micro)) if self.shapes else None
-            return self._stack(self._make_padding_free(micro, shape))
+            return stack(self._make_padding_free(micro, shape), self.layout.kind)
         need = self._needs(micro)
         shape = self._shape(need)
         T, K = shape if shape is not None else (bucket_for(need[0], self.layout.buckets), None)
         parts = self._parts(micro, T)
-        if self.layout.kind.startswith("packed"):
+        if self.layout.kind.packed:
             L = self.layout.pack_length or T
             packed = [pack_rows(p, max(L, T), S, self.layout.pad_id) for p in parts]
             rows = max(p["input_ids"].shape[0] for p in packed)
@@ -188,7 +189,7 @@ class BatchIterator:
         if K is None:
             K = min(bucket_for(max(self._target_need(parts), 1), self.layout.target_buckets),
                     parts[0]["input_ids"].shape[1])
-        return self._stack([_with_extra(p, lambda q: compact_targets(q, S, K)) for p in parts])
+        return stack([_with_extra(p, lambda q: compact_targets(q, S, K)) for p in parts], self.layout.kind)
 
     def _make_padding_free(self, micro: list[np.ndarray], shape: tuple | None) -> list[dict]:
         from jaxpref.data.padfree import built_needs, to_stream
@@ -200,9 +201,4 @@ class BatchIterator:
             shape = (bucket_for(L, lay.buckets), bucket_for(K, lay.target_buckets), bucket_for(Tb, lay.buckets))
         L, K, Tb = shape
         return [_with_extra(u, lambda q: to_stream(q, S, lay.streams, L, K, Tb, lay.pad_id,
-                                                   "shared_prompt" in lay.kind)) for u in units]
-
-    @staticmethod
-    def _stack(parts: list[dict]) -> dict:
-        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
-
+                                                   lay.kind.shares_prompt)) for u in units]

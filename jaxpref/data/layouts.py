@@ -16,6 +16,7 @@ step reads besides `input_ids`, `positions`, `segment_ids` and `branch`.
 from __future__ import annotations
 
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,9 +37,25 @@ def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
     return int(-(-length // 64) * 64)
 
 
+class PairLayout(enum.StrEnum):
+    """How a pair's two sequences share rows (`training.pair_layout`)."""
+    CONCATENATED = "concatenated"                  # two rows: prompt+chosen, prompt+rejected (TRL's)
+    SHARED_PROMPT = "shared_prompt"                # one row [prompt | chosen | rejected], prompt once
+    PACKED = "packed"                              # concatenated rows packed several to a row
+    PACKED_SHARED_PROMPT = "packed_shared_prompt"  # shared-prompt rows packed several to a row
+
+    @property
+    def shares_prompt(self) -> bool:
+        return self in (PairLayout.SHARED_PROMPT, PairLayout.PACKED_SHARED_PROMPT)
+
+    @property
+    def packed(self) -> bool:
+        return self in (PairLayout.PACKED, PairLayout.PACKED_SHARED_PROMPT)
+
+
 @dataclass(frozen=True)
 class Layout:
-    kind: str = "concatenated"
+    kind: PairLayout = PairLayout.CONCATENATED
     max_length: int | None = 1024
     truncation_mode: str = "keep_start"
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
@@ -54,6 +71,9 @@ class Layout:
     # (one per data-parallel shard), attention kept per original row.
     padding_free: bool = False
     streams: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", PairLayout(self.kind))  # accepts the config's string
 
 
 def token_rows(n: int, t: int, pad_id: int) -> dict:
@@ -133,9 +153,9 @@ def _pair_sequences(data: Tokenized, i: int, layout: Layout):
     return pc, npc, pr, npr, npc == npr and pc[:npc] == pr[:npr]
 
 
-def _row_length(pc, npc, pr, npr, same_prompt: bool, kind: str) -> int:
+def _row_length(pc, npc, pr, npr, same_prompt: bool, kind: PairLayout) -> int:
     """Tokens one pair needs in its row (shared_prompt) or in its longer row (concatenated)."""
-    if "shared_prompt" in kind:
+    if kind.shares_prompt:
         return len(pc) + len(pr) - (npr if same_prompt else 0)
     return max(len(pc), len(pr))
 
@@ -153,7 +173,7 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
     T = length or bucket_for(need, layout.buckets)
     if T < need:
         raise ValueError(f"batch length {T} < {need} tokens needed")
-    if "shared_prompt" in layout.kind:
+    if layout.kind.shares_prompt:
         b = _empty(B, T, S, layout.pad_id)
         for k, (pc, npc, pr, npr, same) in enumerate(seqs):
             shared = min(len(pc) - npc, len(pr) - npr)

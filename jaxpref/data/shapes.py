@@ -7,13 +7,6 @@ import itertools
 import numpy as np
 
 
-def shape_key(batch: dict) -> tuple:
-    """What one compilation of the step is for: [G, rows, T] tokens, K target slots, and the
-    padding-free attention blocks [per row, Tb] when present."""
-    key = tuple(batch["input_ids"].shape) + tuple(batch["tgt_ids"].shape[-1:])
-    return key + tuple(batch["blk_idx"].shape[-2:]) if "blk_idx" in batch else key
-
-
 def round_up(n: int, multiple: int) -> int:
     return int(-(-n // multiple) * multiple)
 

@@ -6,12 +6,12 @@ import jax
 from jaxpref.objectives import losses
 
 
-def micro_loss_kto(st, ref: jax.Array, mb: dict, spec, num_seqs: int):
+def micro_loss_kto(st, ref: jax.Array, mb, spec, num_seqs: int):
     """st: PairStats whose 'chosen' half holds the completions and 'rejected' half the KL rows."""
     b = num_seqs // 2
     loss, m = losses.kto_loss(st.logps_chosen, ref[:b], jax.lax.stop_gradient(st.logps_rejected), ref[b:],
-                              mb["kto_label"], spec)
-    labels = mb["kto_label"]
+                              mb.labels, spec)
+    labels = mb.labels
     m = dict(m)
     # Token-weighted mean logits over desirable / undesirable completions.
     m["logits/chosen"] = st.logit_sum_chosen * labels

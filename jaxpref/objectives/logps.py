@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpref.data.batches import Batch, StreamBatch
 from jaxpref.models.layers import AttnBlocks
 from jaxpref.objectives.head import head_logps
 from jaxpref.objectives.losses import PairStats
@@ -21,36 +22,36 @@ def attention_mask(segment_ids: jax.Array, branch: jax.Array) -> jax.Array:
     return allowed | jnp.eye(t, dtype=bool)[None]
 
 
-def stream_blocks(mb: dict) -> AttnBlocks:
+def stream_blocks(mb: StreamBatch) -> AttnBlocks:
     """A padding-free micro-batch's attention blocks: each original row's tokens gathered from its
     stream (`blk_idx`, -1 = empty slot) with that row's own mask."""
-    r, per, tb = mb["blk_idx"].shape
-    idx = mb["blk_idx"].reshape(r, per * tb)
+    r, per, tb = mb.blk_idx.shape
+    idx = mb.blk_idx.reshape(r, per * tb)
     ok = idx >= 0
     take = lambda x: jnp.where(ok, jnp.take_along_axis(x, jnp.maximum(idx, 0), axis=1), 0)
-    seg, br = take(mb["segment_ids"]).reshape(-1, tb), take(mb["branch"]).reshape(-1, tb)
-    return AttnBlocks(idx, mb["blk_back"], attention_mask(seg, br))
+    seg, br = take(mb.segment_ids).reshape(-1, tb), take(mb.branch).reshape(-1, tb)
+    return AttnBlocks(idx, mb.blk_back, attention_mask(seg, br))
 
 
-def token_logps(bundle, params, lora, mb: dict, rngs=None, need_wpo: bool = False):
+def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = False):
     """Log-probs of the target tokens (`tgt_*`, [N, K]) given their predicting hidden states.
 
     The LM head runs on the K gathered positions only (`jaxpref.head`). Returns (logp, mean_logit, wpo_aligned),
     each [N, K] float32."""
-    mask = stream_blocks(mb) if "blk_idx" in mb else attention_mask(mb["segment_ids"], mb["branch"])
-    hidden = bundle.hidden(params, lora, mb["input_ids"], mb["positions"], mask, rngs=rngs)
-    h = jnp.take_along_axis(hidden, mb["tgt_src"][..., None], axis=1)
-    return head_logps(h, bundle.head(params), mb["tgt_ids"], bundle.args.vocab_chunk, need_wpo)
+    mask = stream_blocks(mb) if isinstance(mb, StreamBatch) else attention_mask(mb.segment_ids, mb.branch)
+    hidden = bundle.hidden(params, lora, mb.input_ids, mb.positions, mask, rngs=rngs)
+    h = jnp.take_along_axis(hidden, mb.tgt_src[..., None], axis=1)
+    return head_logps(h, bundle.head(params), mb.tgt_ids, bundle.args.vocab_chunk, need_wpo)
 
 
 def _seg_sum(x: jax.Array, seq: jax.Array, s: int) -> jax.Array:
     return jax.ops.segment_sum(x.reshape(-1), seq.reshape(-1), num_segments=s + 1)[:s]
 
 
-def pair_stats(logp, mean_logit, wpo, mb: dict, num_seqs: int) -> PairStats:
+def pair_stats(logp, mean_logit, wpo, mb: Batch, num_seqs: int) -> PairStats:
     s = num_seqs
     b = s // 2
-    seq, w = mb["tgt_seq"], mb["tgt_weight"]
+    seq, w = mb.tgt_seq, mb.tgt_weight
     is_comp = (seq < s).astype(jnp.float32)
     sums = _seg_sum(logp * w, seq, s)
     lens = _seg_sum(is_comp, seq, s)
@@ -61,7 +62,7 @@ def pair_stats(logp, mean_logit, wpo, mb: dict, num_seqs: int) -> PairStats:
         wl = jnp.zeros((s,), jnp.float32)
     # ORPO's span: all tokens of the chosen sequence after its first (prompt and completion),
     # marked with their pair's slot + 1 (any layout, packed rows included).
-    full = mb["tgt_full"]
+    full = mb.tgt_full
     owner = jnp.where(full > 0, full.astype(jnp.int32) - 1, b)
     in_span = (full > 0).astype(jnp.float32)
     chosen_full_nll = -_seg_sum(logp * in_span, owner, b)
@@ -75,9 +76,9 @@ def pair_stats(logp, mean_logit, wpo, mb: dict, num_seqs: int) -> PairStats:
     )
 
 
-def sequence_logps(bundle, params, lora, mb: dict, num_seqs: int) -> jax.Array:
+def sequence_logps(bundle, params, lora, mb: Batch, num_seqs: int) -> jax.Array:
     """Summed completion log-probs [S] (chosen slots then rejected): reference / evaluation pass."""
     logp, _, _ = token_logps(bundle, params, lora, mb)
-    return _seg_sum(logp * mb["tgt_weight"], mb["tgt_seq"], num_seqs)
+    return _seg_sum(logp * mb.tgt_weight, mb.tgt_seq, num_seqs)
 
 

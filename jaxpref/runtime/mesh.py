@@ -143,20 +143,20 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (ndim - 2))))
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host batch -> global arrays. Multi-process: each process contributes its own rows."""
-    out = {}
+def put_batch(batch, mesh: Mesh):
+    """Host batch (`jaxpref.data.batches`) -> the same batch of global arrays: rows over data x
+    fsdp, KTO's per-example labels replicated. Multi-process: each process contributes its rows."""
     nproc = jax.process_count()
-    for k, v in batch.items():
-        if v.ndim >= 2 and k != "kto_label":
-            sh = batch_sharding(mesh, v.ndim)
-            if nproc > 1:
-                rows = v.shape[1] // nproc
-                i = jax.process_index()
-                out[k] = jax.make_array_from_process_local_data(sh, v[:, i * rows:(i + 1) * rows], v.shape)
-            else:
-                out[k] = jax.device_put(v, sh)
-        else:
-            out[k] = jax.device_put(v, replicated(mesh)) if nproc == 1 else \
-                jax.make_array_from_process_local_data(replicated(mesh), v, v.shape)
-    return out
+
+    def put(path, v):
+        whole = getattr(path[-1], "name", None) == "labels" or v.ndim < 2
+        sh = replicated(mesh) if whole else batch_sharding(mesh, v.ndim)
+        if nproc == 1:
+            return jax.device_put(v, sh)
+        if not whole:
+            rows = v.shape[1] // nproc
+            i = jax.process_index()
+            return jax.make_array_from_process_local_data(sh, v[:, i * rows:(i + 1) * rows], v.shape)
+        return jax.make_array_from_process_local_data(sh, v, v.shape)
+
+    return jax.tree_util.tree_map_with_path(put, batch.on_device())

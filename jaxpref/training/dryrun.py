@@ -14,7 +14,6 @@ import numpy as np
 
 from jaxpref.data import prepare
 from jaxpref.training import setup
-from jaxpref.data.shapes import shape_key
 from jaxpref.config import Config
 from jaxpref.errors import JaxprefError
 from jaxpref.lora.tree import count, target_shapes
@@ -86,9 +85,9 @@ def check_model(cfg: Config, index: int) -> list[str]:
     shapes, max_k = {}, 0
     for _ in range(min(steps, 200)):
         b, _ = next(it)
-        key = shape_key(b)
+        key = b.shape_key
         shapes[key] = shapes.get(key, 0) + 1
-        max_k = max(max_k, b["tgt_ids"].shape[-1])
+        max_k = max(max_k, b.tgt_ids.shape[-1])
     shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
     blocks = ", blocks, block slots" if prepared.layout.padding_free else ""
     print(f"  batches          [accum, rows, tokens, target slots{blocks}]: {shape_txt} (layout {prepared.layout.kind}"

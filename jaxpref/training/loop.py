@@ -15,8 +15,6 @@ import jax.numpy as jnp
 from jaxpref.data import prepare
 from jaxpref.training import setup
 from jaxpref.data.iterator import BatchIterator
-from jaxpref.data.shapes import shape_key
-from jaxpref.data.layouts import trl_token_count
 from jaxpref.config import Config, dump_config
 from jaxpref.errors import ConfigError, JaxprefError
 from jaxpref.lora.peft import load_adapter, save_adapter
@@ -64,13 +62,6 @@ def model_config(cfg: Config, index: int) -> Config:
     one = copy.deepcopy(cfg)
     one.models = [cfg.models[index]]
     return one
-
-
-def host_tokens(batch: dict, layout_kind: str) -> int:
-    """Tokens in TRL's accounting (prompt counted with each completion), whatever the layout."""
-    if "trl_tokens" in batch:  # padding-free: counted before the stream left tokens out
-        return int(batch["trl_tokens"].sum())
-    return trl_token_count(batch["segment_ids"], batch["branch"], "shared_prompt" in layout_kind)
 
 
 def critical_fingerprint(cfg: Config, entry, model_fp: str) -> dict:
@@ -302,8 +293,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                     ref_batch = jax.device_put(batch_reference(ref_table, next_indices(it), G),
                                                mesh_mod.replicated(mesh))
                 batch, epoch = next(it)
-                shape = shape_key(batch)
-                ntok = host_tokens(batch, prepared.layout.kind)
+                shape = batch.shape_key
+                ntok = batch.trl_token_count()
                 total_tokens += ntok
                 window_tokens += ntok
                 t0 = time.time()

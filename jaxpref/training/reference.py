@@ -37,7 +37,7 @@ def precompute(bundle, params, data, layout, batch_size: int, cache_dir: Path, k
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n   # the last batch wraps around; extra rows dropped
         b = it.make(idx)
-        mb = {k: v[0] for k, v in b.items()}
+        mb = b.on_device().micro(0)
         s = np.asarray(fn(params, mb))
         k = min(batch_size, n - start)
         out[start:start + k, 0] = s[:k]

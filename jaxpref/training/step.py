@@ -56,7 +56,7 @@ def micro_loss(lora, params, mb: dict, ref_logps: jax.Array | None, bundle, ref_
         sft = None
         if "sft" in spec.loss_types:
             # Unweighted token-mean NLL (LD-DPO weights apply to the preference term only).
-            is_c = (mb["tgt_seq"] < b).astype(jnp.float32)
+            is_c = (mb.tgt_seq < b).astype(jnp.float32)
             sft = -jnp.sum(logp * is_c) / jnp.maximum(jnp.sum(is_c), 1.0)
         loss, m = losses.dpo_loss(st, ref[:b], ref[b:], spec, sft)
     m = dict(m)
@@ -111,7 +111,7 @@ def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransfor
         return loss, m, g
 
     def step(state: TrainState, params, ref_params, batch, ref_logps):
-        G = batch["input_ids"].shape[0]
+        G = batch.input_ids.shape[0]
         rng = jax.random.fold_in(state.rng, state.step)
 
         def body(carry, xs):
@@ -150,7 +150,7 @@ def make_eval_step(bundle, opts: StepOptions, ref_bundle=None):
     """-> eval(lora, params, ref_params, batch, ref_logps) -> metrics (no update)."""
 
     def ev(lora, params, ref_params, batch, ref_logps):
-        G = batch["input_ids"].shape[0]
+        G = batch.input_ids.shape[0]
         refs = ref_logps if ref_logps is not None else jnp.zeros((G, opts.num_seqs), jnp.float32)
 
         def body(_, xs):
