@@ -139,14 +139,18 @@ def assert_same_run(m0, lora0, m1, lora1):
 def fp32_runs(model_dir, pairs):
     """Three optimizer steps (2 micro-batches each) on the plain and on the fast path."""
     plain, fast, params = bundles(model_dir)
-    lora = init_lora(plain.abstract_params(), SPEC, jax.random.PRNGKey(1))  # B = 0: starts at ln 2
+    # An adapter already away from the reference: with PEFT's B = 0 every reward margin of step 1
+    # is exactly 0 on the plain path and a rounding-level +-1e-9 on the others, so
+    # `rewards/accuracies` (a strict >) would compare rounding noise, which varies with the CPU.
+    lora = nonzero_lora(plain)
     data = batches(pairs, "concatenated", 3)
     return data, lora, _train(plain, params, lora, data), _train(fast, params, lora, data)
 
 
 def test_train_steps_match_plain_path(fp32_runs):
     _, _, (m0, lora0), (m1, lora1) = fp32_runs
-    assert abs(m0[0]["loss"] - np.log(2)) < 1e-6
+    assert abs(m0[0]["loss"] - np.log(2)) > 1e-3  # the adapter is active from step 1
+    assert min(abs(m["rewards/margins"]) for m in m0) > 1e-4  # accuracies are not decided by rounding
     assert m0[-1]["loss"] < m0[0]["loss"] - 1e-3  # training moved
     assert_same_run(m0, lora0, m1, lora1)
 
