@@ -44,7 +44,8 @@ def apply_lengths(data: Tokenized, max_length: int | None, max_prompt_length: in
             data.prompt[i] = p = p[-max_prompt_length:]
         comps = [data.chosen[i], data.rejected[i]] if data.paired else [data.completion[i]]
         if max_length is not None:
-            if truncation_mode == "keep_start" and len(p) >= max_length:
+            extra = max(data.prompt_extras(i)) if data.paired else 0
+            if truncation_mode == "keep_start" and len(p) + extra >= max_length:
                 continue
             if any(len(p) + len(c) > max_length for c in comps):
                 truncated += 1
@@ -171,9 +172,12 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
 
 def _pair_sequences(data: Tokenized, i: int, layout: Layout):
     """Pair i truncated -> (chosen ids, its prompt length, rejected ids, its prompt length,
-    whether both keep the same prompt). keep_end can cut the two prompts differently."""
-    pc, npc = _truncate(data.prompt[i], data.chosen[i], layout.max_length, layout.truncation_mode)
-    pr, npr = _truncate(data.prompt[i], data.rejected[i], layout.max_length, layout.truncation_mode)
+    whether both keep the same prompt). keep_end can cut the two prompts differently, and TRL's
+    ORPO/CPO tokenization can leave the two branches prompts one token apart (`prompt_extras`)."""
+    xc, xr = data.prompt_extras(i)
+    p, c, r = data.prompt[i], data.chosen[i], data.rejected[i]
+    pc, npc = _truncate(p + c[:xc], c[xc:], layout.max_length, layout.truncation_mode)
+    pr, npr = _truncate(p + r[:xr], r[xr:], layout.max_length, layout.truncation_mode)
     return pc, npc, pr, npr, npc == npr and pc[:npc] == pr[:npr]
 
 
