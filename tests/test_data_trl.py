@@ -349,3 +349,123 @@ def test_data_files_mapping_gives_named_splits(tmp_path):
     assert len(load.load_rows(cfg.dataset, "test")) == 2
     with pytest.raises(DataError, match=r"no split `validation`"):
         load.load_rows(cfg.dataset, "validation")
+
+
+# ---------------------------------------------------------------------------------------------
+# ORPO / CPO / SimPO: TRL's ORPOTrainer / CPOTrainer tokenization (`jaxpref.data.trl_rules`)
+
+# Rows where that tokenization has its own cases: a prompt token that merges with one completion
+# and not the other (the two branches' prompts differ by a token), an empty prompt (BOS alone), a
+# conversational prompt ending with an assistant message (continued, no generation prompt).
+ROW_EXTRA = {
+    "standard": [
+        {"prompt": "The capital of France is ", "chosen": "Paris", "rejected": "\nLyon"},
+        {"prompt": "Hello", "chosen": "world", "rejected": " world!"},
+        {"prompt": "", "chosen": "Yes.", "rejected": "No."},
+    ],
+    "conversational": [
+        {"prompt": [USER("Complete: the sky is"), ASSISTANT("The sky is")],
+         "chosen": [ASSISTANT("blue.")], "rejected": [ASSISTANT("green.")]},
+    ],
+}
+
+
+def _trl_row_tokenized(method: str, tok, rows: list[dict], tmp: Path) -> list[dict]:
+    """ORPOTrainer's (orpo) or CPOTrainer's (cpo, simpo) own preprocessing: its train_dataset."""
+    import datasets
+    import torch
+    import transformers
+
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+    else:
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    args = Config(output_dir=str(tmp), report_to=[], max_length=4096, use_cpu=True, save_strategy="no",
+                  logging_strategy="no", bf16=False)
+    trainer = Trainer(model=transformers.LlamaForCausalLM(cfg), args=args,
+                      train_dataset=datasets.Dataset.from_list(rows), processing_class=copy.deepcopy(tok))
+    return trainer.train_dataset.to_list()
+
+
+def _branches(t: tokenize.Tokenized, i: int) -> dict:
+    """Pair i as TRL's ORPO/CPO rows: input ids and labels (-100 on the branch's prompt)."""
+    xc, xr = t.prompt_extras(i)
+    out = {}
+    for name, comp, extra in (("chosen", t.chosen[i], xc), ("rejected", t.rejected[i], xr)):
+        ids = t.prompt[i] + comp
+        n = len(t.prompt[i]) + extra
+        out[f"{name}_input_ids"] = ids
+        out[f"{name}_labels"] = [-100] * n + ids[n:]
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("method", ["orpo", "cpo"])
+@pytest.mark.parametrize("tok_name", ["smollm2", "gpt2_style"])
+def test_orpo_cpo_token_ids_equal_their_trl_trainers(method, tok_name, tokenizers, tmp_path):
+    """Every format: the chosen/rejected input ids and labels TRL's ORPOTrainer / CPOTrainer train
+    on (BOS prepended, EOS appended as tokens, the prompt/completion boundary moved back by one
+    merged token, per branch)."""
+    tok = tokenizers[tok_name]
+    for fmt, rows in FORMATS.items():
+        rows = rows + ROW_EXTRA.get(fmt, [])
+        if tok_name == "gpt2_style" and fmt == "implicit":
+            rows = rows[:2]  # TRL fails on the third (see test_orpo_rows_trl_refuses_are_skipped)
+        theirs = _trl_row_tokenized(method, tok, rows, tmp_path)
+        ours = tokenize.prepare(datasets_from(rows), DatasetConfig(name="rows"), tok, method)
+        assert len(ours) == len(theirs) == len(rows) and ours.skipped == {}
+        for i, t in enumerate(theirs):
+            mine = _branches(ours, i)
+            for k, v in mine.items():
+                assert v == t[k], (fmt, i, k, tok.decode(v), tok.decode(t[k]))
+    if tok_name == "smollm2":
+        # BOS `<|im_start|>` (id 1) before plain text; a chat template already starts with it.
+        plain = tokenize.prepare(datasets_from(FORMATS["standard"]), DatasetConfig(name="rows"), tok, method)
+        assert all(p[0] == 1 and p[1] != 1 for p in plain.prompt)
+        # "... is " + "Paris" merges " Paris" while "\nLyon" keeps the space with the prompt.
+        extra = tokenize.prepare(datasets_from(ROW_EXTRA["standard"]), DatasetConfig(name="rows"), tok, method)
+        assert extra.prompt_extras(0) == (0, 1)
+
+
+def datasets_from(rows: list[dict]):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_orpo_tokenization_ignores_tools_like_trl(tokenizers, tmp_path):
+    """ORPOTrainer/CPOTrainer render with the row's `chat_template_kwargs` but not its `tools`."""
+    tok = copy.deepcopy(tokenizers["gpt2_style"])
+    tok.chat_template = TOOLS_TEMPLATE
+    tool = {"type": "function", "function": {"name": "add", "description": "Add two numbers.",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    rows = [dict(r, tools=json.dumps([tool]), chat_template_kwargs={"mood": m})
+            for r, m in zip(FORMATS["conversational"], ["happy", "", "sad"])]
+    theirs = _trl_row_tokenized("orpo", tok, rows, tmp_path)
+    ours = tokenize.prepare(datasets_from(rows), DatasetConfig(name="rows"), tok, "orpo")
+    assert len(ours) == 3
+    for i, t in enumerate(theirs):
+        assert _branches(ours, i) == {k: t[k] for k in _branches(ours, i)}, i
+    assert "mood happy" in tok.decode(ours.prompt[0]) and "tools" not in tok.decode(ours.prompt[0])
+
+
+def test_orpo_rows_trl_refuses_are_skipped(tokenizers, tmp_path):
+    """Rows TRL's ORPO/CPO preprocessing fails on are counted skips: a prompt ending with a system
+    message; an implicit prompt ("The answer is ye") with more tokens than prompt+completion
+    ("The answer is yes"). The tokenized cache keeps the rules apart: the same rows for DPO and
+    ORPO are two entries."""
+    conv = FORMATS["conversational"][0]
+    rows = [conv, {**conv, "prompt": [{"role": "system", "content": "Be brief."}]}]
+    ds, ds_cfg = _load(tmp_path, rows)
+    out = tokenize.prepare(ds, ds_cfg, tokenizers["smollm2"], "orpo", cache_dir=tmp_path / "c")
+    assert len(out) == 1 and out.skipped == {"prompt ends with a `system` message": 1}
+    imp = tokenize.prepare(datasets_from(FORMATS["implicit"]), DatasetConfig(name="rows"),
+                       tokenizers["gpt2_style"], "simpo")
+    assert len(imp) == 2 and imp.skipped == {"prompt+completion has fewer tokens than the prompt": 1}
+    dpo = tokenize.prepare(ds, ds_cfg, tokenizers["smollm2"], "dpo", cache_dir=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.json"))) == 2
+    assert dpo.chosen[0] + [2] == out.chosen[0]  # TRL ORPO appends EOS after the template's "<|im_end|>\n"

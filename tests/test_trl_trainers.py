@@ -148,22 +148,14 @@ def test_kto_on_paired_data_equals_trl(setup, tiny_llama):
     assert_close(mine, theirs, KEYS + ("kl",))
 
 
-def test_orpo_first_step_equals_trl(setup, tiny_llama, tmp_path):
-    """TRL's ORPO (trl.experimental) prepends BOS itself; with a BOS-less tokenizer both sides see
-    the same tokens."""
-    import shutil
-
-    from transformers import AutoTokenizer
+def test_orpo_first_step_equals_trl(setup, tiny_llama):
+    """TRL's ORPO (trl.experimental) prepends the tokenizer's BOS `<s>` to the prompt; so does
+    jaxpref's ORPO tokenization (`jaxpref.data.trl_rules`). More cases: tests/test_trl_orpo_cpo.py."""
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    tmp, _, adapter, pairs, _ = setup
-    model_dir = tmp_path / "nobos"
-    shutil.copytree(tiny_llama, model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.bos_token = None
-    tok.save_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    assert tok.bos_token_id is None
+    tmp, tok, adapter, pairs, _ = setup
+    model_dir = tiny_llama
+    assert tok.bos_token == "<s>"
     args = trl_common(tmp)
     theirs = first_log(ORPOTrainer, ORPOConfig(**args), pairs, tok, fresh_peft(model_dir, adapter))
     mine = ours(tmp, model_dir, tmp / "pairs.jsonl", adapter, "orpo", tag="_orpo")

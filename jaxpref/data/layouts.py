@@ -147,9 +147,12 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
 
 def _pair_sequences(data: Tokenized, i: int, layout: Layout):
     """Pair i truncated -> (chosen ids, its prompt length, rejected ids, its prompt length,
-    whether both keep the same prompt). keep_end can cut the two prompts differently."""
-    pc, npc = truncate(data.prompt[i], data.chosen[i], layout.max_length, layout.truncation_mode)
-    pr, npr = truncate(data.prompt[i], data.rejected[i], layout.max_length, layout.truncation_mode)
+    whether both keep the same prompt). keep_end can cut the two prompts differently, and TRL's
+    ORPO/CPO tokenization can leave the two branches prompts one token apart (`prompt_extras`)."""
+    xc, xr = data.prompt_extras(i)
+    p, c, r = data.prompt[i], data.chosen[i], data.rejected[i]
+    pc, npc = truncate(p + c[:xc], c[xc:], layout.max_length, layout.truncation_mode)
+    pr, npr = truncate(p + r[:xr], r[xr:], layout.max_length, layout.truncation_mode)
     return pc, npc, pr, npr, npc == npr and pc[:npc] == pr[:npr]
 
 

@@ -26,7 +26,8 @@ def apply_lengths(data: Tokenized, max_length: int | None, max_prompt_length: in
             data.prompt[i] = p = p[-max_prompt_length:]
         comps = [data.chosen[i], data.rejected[i]] if data.paired else [data.completion[i]]
         if max_length is not None:
-            if truncation_mode == "keep_start" and len(p) >= max_length:
+            extra = max(data.prompt_extras(i)) if data.paired else 0
+            if truncation_mode == "keep_start" and len(p) + extra >= max_length:
                 continue
             if any(len(p) + len(c) > max_length for c in comps):
                 truncated += 1

@@ -34,6 +34,11 @@ class Tokenized:
     prompt_boundary_mismatches: int = 0
     rows_in: int = 0
     source: list[int] = field(default_factory=list)
+    # Leading tokens of chosen / rejected that belong to that branch's prompt (not scored): TRL's
+    # ORPO/CPO tokenization can give the two branches prompts one merged token apart
+    # (`jaxpref.data.trl_rules`). Empty: none anywhere.
+    chosen_prompt_extra: list[int] = field(default_factory=list)
+    rejected_prompt_extra: list[int] = field(default_factory=list)
 
     @property
     def paired(self) -> bool:
@@ -46,7 +51,14 @@ class Tokenized:
         pick = lambda xs: [xs[i] for i in idx] if xs else []
         return Tokenized(pick(self.prompt), pick(self.chosen), pick(self.rejected),
                          pick(self.completion), pick(self.label), self.format, dict(self.skipped),
-                         self.prompt_boundary_mismatches, len(idx), pick(self.source))
+                         self.prompt_boundary_mismatches, len(idx), pick(self.source),
+                         pick(self.chosen_prompt_extra), pick(self.rejected_prompt_extra))
+
+    def prompt_extras(self, i: int) -> tuple[int, int]:
+        """Pair i's (chosen, rejected) leading tokens that are branch prompt, not completion."""
+        if not self.chosen_prompt_extra:
+            return 0, 0
+        return self.chosen_prompt_extra[i], self.rejected_prompt_extra[i]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,12 +134,15 @@ def tokenizer_fingerprint(tok) -> str:
 def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
             max_rows: int | None = None) -> Tokenized:
     """Map columns, check rows, extract implicit prompts, tokenize (cached on disk)."""
+    from jaxpref.data.trl_rules import row_template_kwargs, tokenization_rule, tokenize_pair_row
+
     ds, kind = map_columns(ds, ds_cfg, method)
+    rule = tokenization_rule(method)  # ORPO/CPO/SimPO: TRL's ORPOTrainer/CPOTrainer rules
     if max_rows is not None and len(ds) > max_rows:
         ds = ds.select(range(max_rows))
     key = None
     if cache_dir is not None and getattr(ds, "_fingerprint", None):
-        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|v5".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|{rule}|v6".encode()).hexdigest()[:20]
         cached = _load_cache(cache_dir / f"{key}.json")
         if cached is not None:
             _warn_boundary(cached)
@@ -143,7 +158,8 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
     unpair = method == "kto" and kind != "unpaired"
     pending: list = []
     for n, row in enumerate(rows):
-        template = template_kwargs(row) if fmt == "conversational" else {}
+        template = ((row_template_kwargs if rule == "row" else template_kwargs)(row)
+                    if fmt == "conversational" else {})
         if isinstance(template, str):
             skipped[template] += 1
             continue
@@ -175,12 +191,22 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
                     _flush_unpaired(out, pending)
                 out.prompt_boundary_mismatches += int(moved)
                 continue
-            p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
+            if rule == "row":
+                got = tokenize_pair_row(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
+                if isinstance(got, str):
+                    skipped[got] += 1
+                    continue
+                p, c, r, xc, xr, moved = got
+                out.chosen_prompt_extra.append(xc); out.rejected_prompt_extra.append(xr)
+            else:
+                p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
             out.prompt.append(p); out.chosen.append(c); out.rejected.append(r)
             out.source.append(n)
         out.prompt_boundary_mismatches += int(moved)
     if pending:
         _flush_unpaired(out, pending)
+    if not any(out.chosen_prompt_extra) and not any(out.rejected_prompt_extra):
+        out.chosen_prompt_extra, out.rejected_prompt_extra = [], []
     out.skipped = dict(skipped)
     _warn_boundary(out)
     if len(out) == 0:
