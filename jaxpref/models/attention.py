@@ -88,7 +88,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, backend:
 
     `backend`: auto | xla | xla_chunked | flash (`choose_backend`). `precision` for fp32 inputs:
     None (XLA's default, today's path), "highest" (true fp32 products on GPU) or "tf32".
-    `flash_impl` overrides tokamax's implementation list (tests: ("xla",), its reference)."""
+    `flash_impl` overrides the tokamax implementations tried in order (names of
+    `tokamax...attention.api.IMPLEMENTATIONS` or op objects; tests: ("xla",), its reference)."""
     if info.blk_idx is not None:
         return _in_blocks(q, k, v, info, backend, precision, chunk, mesh, batch_axes, flash_impl)
     rows, t, n, _ = q.shape
@@ -190,8 +191,16 @@ def _with_precision(precision, dtype, f, *args):
 def _in_blocks(q, k, v, info: MaskInfo, *rest) -> jax.Array:
     """Padding-free streams [R, L]: gather each original row's tokens into its block of Tb slots,
     attend block by block (rows of Tb), put the outputs back in stream order."""
-    r = q.shape[0]
-    tb = info.blk_idx.shape[-1]
+    blocks, inner = block_rows(info)
+    out = attention(blocks(q), blocks(k), blocks(v), inner, *rest)
+    out = out.reshape(q.shape[0], -1, *out.shape[2:])
+    return jnp.take_along_axis(out, info.blk_back[:, :, None, None], axis=1)
+
+
+def block_rows(info: MaskInfo):
+    """A padding-free description -> (gather: stream array [R, L, ...] -> block rows
+    [R * blocks, Tb, ...], the blocks' own MaskInfo without blocks)."""
+    r, tb = info.blk_idx.shape[0], info.blk_idx.shape[-1]
     flat = info.blk_idx.reshape(r, -1)
     ok = flat >= 0
     at = jnp.maximum(flat, 0)
@@ -200,10 +209,7 @@ def _in_blocks(q, k, v, info: MaskInfo, *rest) -> jax.Array:
     # Empty slots are padding (segment 0); their positions are never read.
     seg = jnp.where(ok, take(info.segment_ids), 0).reshape(-1, tb)
     br = jnp.where(ok, take(info.branch), 0).reshape(-1, tb)
-    inner = MaskInfo(seg, br, blocks(info.positions), None, None, info.window, info.shared_prompt)
-    out = attention(blocks(q), blocks(k), blocks(v), inner, *rest)
-    out = out.reshape(r, -1, *out.shape[2:])
-    return jnp.take_along_axis(out, info.blk_back[:, :, None, None], axis=1)
+    return blocks, MaskInfo(seg, br, blocks(info.positions), None, None, info.window, info.shared_prompt)
 
 
 def key_intervals(info: MaskInfo) -> tuple[jax.Array | None, jax.Array, jax.Array]:
@@ -282,8 +288,9 @@ def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl) -> jax.Ar
         mask = tk[1].Mask(k_start=start[:, None, :], k_end=end[:, None, :])
         errors = []
         for name in impl:
+            op = tk[0].IMPLEMENTATIONS[name] if isinstance(name, str) else name
             try:
-                return tk[0].IMPLEMENTATIONS[name](q, k, v, mask=mask, precision=preset)
+                return op(q, k, v, mask=mask, precision=preset)
             except NotImplementedError as e:  # this kernel refuses the shape/dtype: the next one
                 errors.append(f"{name}: {e}")
         raise ValueError("training.attention: no flash kernel takes this call (" + "; ".join(errors) + ")")
