@@ -205,6 +205,7 @@ def test_auto_keeps_short_rows_on_today_path():
     assert choose_backend("auto", "cpu", f32, rows=4, t=300, s=300, heads=9) == "xla"
     assert choose_backend("auto", "cpu", f32, rows=1, t=4096, s=4096, heads=9) == "xla_chunked"
     assert choose_backend("auto", "gpu", jnp.bfloat16, rows=1, t=4096, s=4096, heads=9) == "flash"
+    assert choose_backend("auto", "gpu", f32, rows=1, t=4096, s=4096, heads=9) == "xla_chunked"
     assert choose_backend("auto", "tpu", f32, rows=1, t=4096, s=4096, heads=9) == "xla_chunked"
     assert choose_backend("xla", "gpu", f32, rows=1, t=4096, s=4096, heads=9) == "xla"
     with pytest.raises(ValueError, match="TPU"):
