@@ -1,0 +1,221 @@
+"""Every attention backend computes today's attention, on every layout.
+
+The oracle is today's path: `step.attention_mask` (or `step.stream_blocks` for padding-free
+streams), `layers.sliding_window` and `layers.attention`, on micro-batches built by the real
+batching code (concatenated, shared_prompt with one and with two segments per pair, packed,
+packed_shared_prompt, padding-free streams with empty block slots). Against it:
+- "xla" gives the same outputs bit for bit;
+- "xla_chunked" and "flash" (tokamax's reference implementation on a CPU: the same per-query key
+  intervals a GPU kernel receives) give the same outputs and q/k/v gradients within 1e-5 in fp32,
+  with grouped-query heads and with and without a sliding window;
+- the key intervals alone rebuild the dense mask exactly, each key at most once;
+- the Pallas-Triton kernel's own forward, run by Pallas' interpreter, agrees too (its backward
+  cannot be interpreted on a CPU: Pallas' HLO interpreter does not lower `program_id` inside
+  `pl.when`; the GPU check covers it);
+- the chunked path's compiled backward needs far less temporary memory than the dense one for a
+  4,096-token row of SmolLM2's attention, and `auto` keeps short rows on the dense path.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpref.batching import Layout, compact_targets, make_pair_batch, pack_rows
+from jaxpref.data import Tokenized
+from jaxpref.models import layers
+from jaxpref.models.attention import (MaskInfo, attention, block_rows, choose_backend, dense_mask,
+                                      key_intervals, _preset)
+from jaxpref.padfree import to_stream
+from jaxpref.step import attention_mask, stream_blocks
+
+tokamax = pytest.importorskip("tokamax")
+
+VOCAB = 128
+N, K, H = 4, 2, 8  # grouped-query: two query heads per key/value head
+LAYOUTS = ("concatenated", "shared_prompt", "shared_prompt/keep_end", "packed", "packed_shared_prompt",
+           "shared_prompt+pf", "concatenated+pf2")
+
+
+def _pairs() -> Tokenized:
+    """6 pairs: prompts of 0..9 tokens (one empty), completions of 1..11 (one of a single token)."""
+    rng = np.random.default_rng(0)
+    ids = lambda n: [int(x) for x in rng.integers(3, VOCAB, n)]
+    prompts = [ids(n) for n in (5, 0, 9, 3, 7, 1)]
+    chosen = [ids(n) for n in (4, 6, 1, 11, 3, 8)]
+    rejected = [ids(n) for n in (7, 2, 5, 11, 9, 1)]
+    return Tokenized(prompt=prompts, chosen=chosen, rejected=rejected, rows_in=6)
+
+
+def _batch(name: str) -> dict:
+    """One micro-batch of all pairs. `/keep_end` truncates prompt starts differently for chosen and
+    rejected (shared_prompt then holds a pair as two segments); `+pf` is a padding-free stream,
+    `+pf2` two of them."""
+    kind, _, mode = name.partition("/")
+    kind, pf, streams = kind.partition("+pf")
+    data, s = _pairs(), 12
+    layout = Layout(kind, 14 if mode else None, mode or "keep_start", full_span=True)
+    b = make_pair_batch(data, np.arange(len(data)), layout, length=40)
+    if pf:
+        unit = compact_targets(b, s, k=40)
+        b = to_stream(unit, s, int(streams or 1), 240, 240, 40,
+                      shared_prompt=kind == "shared_prompt")
+    elif kind.startswith("packed"):
+        b = compact_targets(pack_rows(b, 80, s, min_rows=8), s, k=80)
+    return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def _todays_mask(mb: dict, window):
+    mask = stream_blocks(mb) if "blk_idx" in mb else attention_mask(mb["segment_ids"], mb["branch"])
+    return mask if window is None else layers.sliding_window(mask, mb["positions"], window)
+
+
+def _qkv(rows: int, t: int, kv_heads: int = K, seed: int = 1):
+    r = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
+    return f(rows, t, N, H), f(rows, t, kv_heads, H), f(rows, t, kv_heads, H)
+
+
+def _value_and_grads(fn, q, k, v):
+    """(outputs, d/dq, d/dk, d/dv of a fixed random projection of the outputs)."""
+    w = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    return (jax.jit(fn)(q, k, v), *jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def layout(request):
+    return request.param, _batch(request.param)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_xla_backend_is_todays_attention_bit_for_bit(layout, window):
+    _, mb = layout
+    q, k, v = _qkv(*mb["segment_ids"].shape)
+    info = MaskInfo.from_batch(mb, window)
+    want = layers.attention(q, k, v, _todays_mask(mb, window))
+    np.testing.assert_array_equal(attention(q, k, v, info, backend="xla"), want)
+    if "blk_idx" not in mb:
+        np.testing.assert_array_equal(dense_mask(info), _todays_mask(mb, window))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_key_intervals_rebuild_the_dense_mask(layout, window):
+    _, mb = layout
+    info = MaskInfo.from_batch(mb, window)
+    want = _todays_mask(mb, window)
+    if "blk_idx" in mb:
+        _, info = block_rows(info)
+        want = want.mask
+    kv_src, start, end = key_intervals(info)
+    slots = jnp.arange(kv_src.shape[1])
+    inside = (slots >= start[:, :, None]) & (slots < end[:, :, None])  # [B, T, S]
+    t = want.shape[-1]
+    seen = jax.vmap(lambda ins, src: jnp.zeros((t, t), jnp.int32).at[:, src].add(ins))(
+        inside.astype(jnp.int32), kv_src)
+    np.testing.assert_array_equal(seen, want.astype(jnp.int32))  # each allowed key exactly once
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("backend", ["xla_chunked", "flash"])
+def test_backend_matches_dense_forward_and_grads(layout, backend, window):
+    name, mb = layout
+    q, k, v = _qkv(*mb["segment_ids"].shape)
+    info = MaskInfo.from_batch(mb, window)
+    mask = _todays_mask(mb, window)
+    want = _value_and_grads(lambda q, k, v: layers.attention(q, k, v, mask), q, k, v)
+    # chunk=16 over rows of 40/80 tokens: several query blocks and a padded last one.
+    got = _value_and_grads(lambda q, k, v: attention(q, k, v, info, backend=backend, chunk=16,
+                                                     flash_impl=("xla",)), q, k, v)
+    for g, w, what in zip(got, want, ("out", "dq", "dk", "dv")):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} {backend} {what}")
+
+
+@pytest.mark.parametrize("backend", ["xla_chunked", "flash"])
+@pytest.mark.parametrize("kv_heads", [K, N])
+def test_one_token_rows_and_padding(backend, kv_heads):
+    """Rows of one token; rows of one real token then padding; an all-padding row; a row whose
+    segments are single tokens. Padding queries see only themselves, as in today's mask."""
+    seg = jnp.array([[1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 2, 3, 4, 5], [1, 1, 1, 1, 1]], jnp.int32)
+    br = jnp.array([[0] * 5, [0] * 5, [0] * 5, [0, 1, 1, 2, 2]], jnp.int32)
+    pos = jnp.array([[0, 0, 0, 0, 0], [0] * 5, [0] * 5, [0, 1, 2, 1, 2]], jnp.int32)
+    for s, b, p in ((seg, br, pos), (seg[:, :1], br[:, :1], pos[:, :1])):
+        q, k, v = _qkv(s.shape[0], s.shape[1], kv_heads)
+        info = MaskInfo(s, b, p, window=2)
+        mask = layers.sliding_window(attention_mask(s, b), p, 2)
+        want = _value_and_grads(lambda q, k, v: layers.attention(q, k, v, mask), q, k, v)
+        got = _value_and_grads(lambda q, k, v: attention(q, k, v, info, backend=backend, chunk=2,
+                                                         flash_impl=("xla",)), q, k, v)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_kernel_forward_interpreted(monkeypatch):
+    """The Pallas-Triton flash kernel itself (forward), run by Pallas' interpreter on the CPU,
+    on shared-prompt rows with a window: the intervals mean to the kernel what they mean here."""
+    from jax.experimental import pallas as pl
+    from tokamax._src.ops.attention import pallas_triton
+
+    plain = pl.pallas_call
+    monkeypatch.setattr(pl, "pallas_call", lambda *a, **kw: plain(*a, **{**kw, "interpret": True}))
+    kernel = pallas_triton.PallasTritonFlashAttention(bypass_device_check=True)
+    mb = _batch("packed_shared_prompt")
+    q, k, v = _qkv(*mb["segment_ids"].shape)
+    info = MaskInfo.from_batch(mb, 3)
+    got = attention(q, k, v, info, backend="flash", flash_impl=(kernel,))
+    want = layers.attention(q, k, v, _todays_mask(mb, 3))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_inside_shard_map_over_batch_rows():
+    mb = _batch("shared_prompt")
+    q, k, v = _qkv(*mb["segment_ids"].shape)
+    info = MaskInfo.from_batch(mb)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    got = jax.jit(lambda q, k, v: attention(q, k, v, info, backend="flash", mesh=mesh,
+                                            flash_impl=("xla",)))(q, k, v)
+    np.testing.assert_allclose(got, attention(q, k, v, info, backend="xla"), atol=1e-5, rtol=1e-5)
+
+
+def _temp_bytes(backend: str, t: int) -> int:
+    """Compiled temporary memory of one layer's attention backward (SmolLM2-135M: 9 query heads,
+    3 key/value heads of 64) for one shared-prompt row of t tokens."""
+    seg = jnp.ones((1, t), jnp.int32)
+    br = jnp.zeros((1, t), jnp.int32).at[:, t // 4:t // 2].set(1).at[:, t // 2:].set(2)
+    info = MaskInfo(seg, br, jnp.arange(t, dtype=jnp.int32)[None])
+    fn = jax.checkpoint(lambda q, k, v: attention(q, k, v, info, backend=backend))
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
+    spec = lambda h: jax.ShapeDtypeStruct((1, t, h, 64), jnp.float32)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec(9), spec(3), spec(3)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_backward_memory_far_below_dense_at_4096_tokens():
+    dense, chunked = _temp_bytes("xla", 4096), _temp_bytes("xla_chunked", 4096)
+    # Dense: [9, 4096, 4096] fp32 scores (604 MiB) several times; chunked: one block of 512 queries.
+    assert dense > 9 * 4096 * 4096 * 4
+    assert chunked < dense / 5, (chunked, dense)
+
+
+def test_auto_keeps_short_rows_on_today_path():
+    f32 = jnp.float32
+    # The quickstart: blocks of <= 128 tokens, 9 heads.
+    assert choose_backend("auto", "cpu", f32, rows=8, t=128, s=128, heads=9) == "xla"
+    assert choose_backend("auto", "cpu", f32, rows=4, t=300, s=300, heads=9) == "xla"
+    assert choose_backend("auto", "cpu", f32, rows=1, t=4096, s=4096, heads=9) == "xla_chunked"
+    assert choose_backend("auto", "gpu", jnp.bfloat16, rows=1, t=4096, s=4096, heads=9) == "flash"
+    assert choose_backend("auto", "gpu", f32, rows=1, t=4096, s=4096, heads=9) == "xla_chunked"
+    assert choose_backend("auto", "tpu", f32, rows=1, t=4096, s=4096, heads=9) == "xla_chunked"
+    assert choose_backend("xla", "gpu", f32, rows=1, t=4096, s=4096, heads=9) == "xla"
+    with pytest.raises(ValueError, match="TPU"):
+        choose_backend("flash", "tpu", f32, 1, 8, 8, 1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        choose_backend("cudnn", "gpu", f32, 1, 8, 8, 1)
+
+
+def test_fp32_is_fp32_unless_tf32_is_asked():
+    p = jax.lax.DotAlgorithmPreset
+    assert _preset(jnp.float32, None) == _preset(jnp.float32, "highest") == p.F32_F32_F32
+    assert _preset(jnp.float32, "tf32") == p.TF32_TF32_F32
+    assert _preset(jnp.bfloat16, None) == p.BF16_BF16_F32
