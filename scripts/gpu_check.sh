@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The whole GPU check of issue #17 in one command, offline, from a copy of the repo:
+#
+#   bash scripts/gpu_check.sh                 # on the GPU machine (needs .whl/: scripts/fetch_gpu_wheels.sh)
+#   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh  # the same stages with a tiny model (a CPU test run)
+#
+# Writes everything under $OUT (default ./gpu_check_out): one log per stage, bench_<wp>_<side>.json,
+# pytest.xml/.log, build.json, and gpu_check.md + gpu_check.json, rewritten after every stage so
+# that partial results survive. Stages, each under its own `timeout`:
+#   setup       install .whl/*.whl (pip --no-index --no-deps --target $SITE), a stub for xprof
+#               (imported by tokamax, used only by its benchmarking) when it is missing
+#   build       random Llama (~1.07 B parameters: 16 layers, hidden 2048, 32/8 heads, ffn 8192,
+#               SmolLM2's 49,152 vocabulary, tied) in bf16 on the GPU, saved to $WORK/model;
+#               synthetic pairs and jaxpref configs for ~450 and ~4,000-token sequences
+#   bench_<wp>_jax / bench_<wp>_trl
+#               scripts/bench.py --only jax|trl (3 warm-up + 5 timed steps; TRL on the device
+#               jaxpref ran on): 8 pairs of ~450 tokens, 2 pairs of ~4,000 tokens per step
+#   tests       fp32: tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
+# Each stage's limit is its cap (below), cut to what is left of GPU_CHECK_BUDGET_S (470 s) less the
+# time kept for the later stages (the tests' floor, 120 s, and 10 s for the report), so the whole
+# check ends within 8 minutes. Environment: OUT, PYTHON (python3), GPU_CHECK_WORK (/tmp/gpu_check),
+# GPU_CHECK_SITE (/tmp/site), GPU_CHECK_BUDGET_S, GPU_CHECK_TINY=1, GPU_CHECK_DTYPE (bfloat16).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-python3}
+SITE=${GPU_CHECK_SITE:-/tmp/site}
+
+setup_stage() {
+    shopt -s nullglob
+    local wheels=(.whl/*.whl)
+    if [ ${#wheels[@]} -eq 0 ]; then
+        echo "gpu_check: no wheels in .whl/ (run scripts/fetch_gpu_wheels.sh where PyPI is reachable)"
+    elif "$PY" -m pip --version >/dev/null 2>&1; then
+        "$PY" -m pip install --quiet --no-index --no-deps --upgrade --target "$SITE" "${wheels[@]}" || return 1
+    else  # no pip: a wheel is a zip archive
+        "$PY" - "$SITE" "${wheels[@]}" <<'EOF' || return 1
+import sys, zipfile
+for w in sys.argv[2:]:
+    zipfile.ZipFile(w).extractall(sys.argv[1])
+EOF
+    fi
+    if ! PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import xprof" 2>/dev/null; then
+        mkdir -p "$SITE/xprof/cli"
+        : > "$SITE/xprof/__init__.py"
+        : > "$SITE/xprof/cli/__init__.py"
+        printf 'def get_kernel_stats_tool(*a, **k):\n    raise RuntimeError("xprof is a stub here (scripts/gpu_check.sh)")\n' \
+            > "$SITE/xprof/cli/tools.py"
+        echo "gpu_check: xprof stubbed"
+    fi
+    PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'EOF'
+import importlib, json
+v = {}
+for m in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "transformers", "torch", "peft", "trl",
+          "datasets", "tokamax", "pyarrow", "pandas", "pytest"):
+    try:
+        v[m] = getattr(importlib.import_module(m), "__version__", "?")
+    except Exception as e:
+        v[m] = f"MISSING ({type(e).__name__}: {e})"[:200]
+import tokamax._src.ops.attention.api  # the flash path's entry point
+import jax
+v["jax_devices"] = [str(d) for d in jax.devices()]
+import torch
+v["torch_cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+print(json.dumps(v, indent=1))
+raise SystemExit(1 if any(str(x).startswith("MISSING") for x in v.values()) else 0)
+EOF
+}
+
+if [ "${1:-}" = _setup ]; then
+    setup_stage
+    exit $?
+fi
+
+OUT=${OUT:-$REPO/gpu_check_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
+DTYPE=${GPU_CHECK_DTYPE:-bfloat16}
+mkdir -p "$WORK"
+if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
+    # A CPU run of every stage: 2 + 3 steps; the tests' cap is short on purpose (on a 2-core CPU they
+    # take far longer), so the run also shows the counts of a test stage cut by its limit.
+    SIZE=--tiny WARMUP=2 STEPS=3 BUDGET=${GPU_CHECK_BUDGET_S:-2400}
+    CAP_SETUP=120 CAP_BUILD=180 CAP_JAX=300 CAP_TRL=400 CAP_TESTS=240 TESTS_FLOOR=240
+else
+    SIZE= WARMUP=3 STEPS=5 BUDGET=${GPU_CHECK_BUDGET_S:-470}
+    CAP_SETUP=60 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=150 TESTS_FLOOR=120
+fi
+REPORT_RESERVE=10
+START=$(date +%s)
+: > "$OUT/stages.jsonl"
+rm -f "$OUT"/bench_*.json "$OUT/pytest.xml" "$OUT/gpu_check.md" "$OUT/gpu_check.json"
+
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+export TOKENIZERS_PARALLELISM=false JAXPREF_CACHE="$WORK/cache" HF_HOME="$WORK/hf" PYTHONUNBUFFERED=1
+
+report() { "$PY" scripts/gpu_check.py report "$OUT" > /dev/null 2>> "$OUT/report.log" || true; }
+
+# run_stage NAME CAP AFTER CMD...: CMD under `timeout`, its limit min(CAP, time left - AFTER).
+run_stage() {
+    local name=$1 cap=$2 after=$3
+    shift 3
+    local left=$((START + BUDGET - after - $(date +%s)))
+    local lim=$((cap < left ? cap : left))
+    if [ "$lim" -lt 5 ]; then
+        echo "== $name: skipped, no time left"
+        echo "{\"name\": \"$name\", \"rc\": \"skipped\", \"seconds\": 0, \"limit\": $lim}" >> "$OUT/stages.jsonl"
+        report
+        return 1
+    fi
+    echo "== $name (limit ${lim} s)"
+    local t0=$(date +%s)
+    timeout -k 5 "$lim" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    local dt=$(($(date +%s) - t0))
+    echo "{\"name\": \"$name\", \"rc\": $rc, \"seconds\": $dt, \"limit\": $lim}" >> "$OUT/stages.jsonl"
+    [ $rc -eq 0 ] || { echo "   exit $rc after ${dt} s; last lines of $OUT/$name.log:"; tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'; }
+    report
+    return $rc
+}
+
+BEFORE_TESTS=$((TESTS_FLOOR + REPORT_RESERVE))
+
+run_stage setup "$CAP_SETUP" "$BEFORE_TESTS" bash "$0" _setup
+export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+if run_stage build "$CAP_BUILD" "$BEFORE_TESTS" "$PY" scripts/gpu_check.py build "$WORK" $SIZE \
+        --dtype "$DTYPE" --warmup "$WARMUP" --steps "$STEPS"; then
+    cp "$WORK/build.json" "$OUT/build.json"
+    report
+    for wp in $("$PY" scripts/gpu_check.py points $SIZE); do
+        run_stage "bench_${wp}_jax" "$CAP_JAX" "$BEFORE_TESTS" "$PY" scripts/bench.py --config "$WORK/$wp.yaml" \
+            --only jax --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/bench_${wp}_jax.json"
+        # TRL on the device jaxpref ran on (if jaxpref's side failed: CUDA whenever torch sees it).
+        trl_dev=$("$PY" -c "import json,sys; print('cuda' if json.load(open(sys.argv[1]))[0]['platform'] == 'gpu' else 'cpu')" \
+            "$OUT/bench_${wp}_jax.json" 2>/dev/null || echo auto)
+        run_stage "bench_${wp}_trl" "$CAP_TRL" "$BEFORE_TESTS" "$PY" scripts/bench.py --config "$WORK/$wp.yaml" \
+            --only trl --trl-device "$trl_dev" --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/bench_${wp}_trl.json"
+    done
+fi
+
+# fp32 tests on the device. Where jaxpref has no `training.matmul_precision` yet, XLA's default fp32
+# matmul on a GPU is TF32, so the tests then run with jax's default precision set to highest.
+if "$PY" -c "import dataclasses, sys; from jaxpref.config.schema import TrainingConfig as T; \
+sys.exit(0 if 'matmul_precision' in {f.name for f in dataclasses.fields(T)} else 1)" 2>/dev/null; then
+    PREC_ENV=()
+else
+    PREC_ENV=(JAX_DEFAULT_MATMUL_PRECISION=highest)
+fi
+echo "{\"tests_env\": \"${PREC_ENV[*]:-}\"}" > "$OUT/tests_env.json"
+# -v: one line per finished test, so a run cut by its limit still counts; no -x: one failure
+# does not hide the rest.
+run_stage tests "$CAP_TESTS" "$REPORT_RESERVE" env "${PREC_ENV[@]}" bash -c \
+    'py=$1; shift; "$py" -c "import jax; print(\"jax devices:\", jax.devices(), flush=True)"; exec "$py" -m pytest "$@"' \
+    _ "$PY" -o addopts= -v -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
+    tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
+
+"$PY" scripts/gpu_check.py report "$OUT"
+echo "gpu_check: $(($(date +%s) - START)) s in all; results in $OUT"

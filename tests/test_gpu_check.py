@@ -1,0 +1,96 @@
+"""The GPU check's own arithmetic (scripts/bench.py, scripts/gpu_check.py), checked on the CPU:
+the work-FLOP formula against a real transformers model's parameters, TRL's sequence lengths read
+back from every batch layout, and the report's test counts from a run cut short."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.data.layouts import Layout
+from jaxpref.data.tokenize import Tokenized
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _script("bench")
+gpu_check = _script("gpu_check")
+
+ONE_B = dict(model_type="llama", num_hidden_layers=16, hidden_size=2048, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=49152,
+             tie_word_embeddings=True)
+
+
+def test_work_flops_of_the_1b_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(ONE_B))
+    fp = bench.flop_params(str(tmp_path), 16, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # per layer: q, o 2048x2048; k, v 2048x512; gate, up, down 2048x8192; + the LM head 49152x2048
+    assert fp["P"] == 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192) + 49152 * 2048 == 2**30
+    assert fp["P_lora"] == 16 * 16 * (2 * (2048 + 2048) + 2 * (2048 + 512))
+    assert bench.work_flops(fp, [450, 400]) == 6.0 * (2**30 + fp["P_lora"]) * 850 \
+        + 8 * 16 * 2048 * (450**2 + 400**2)
+    assert bench.nominal_peak("NVIDIA H100 80GB HBM3", None) == 989e12
+    assert bench.nominal_peak("NVIDIA H200", None) == 989e12
+    assert bench.nominal_peak("cpu", None) is None
+
+
+def test_flop_params_count_the_models_matmul_weights(tmp_path):
+    """P = every Linear weight of a transformers Llama (the tied head counted as a matmul)."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = {**gpu_check.MODELS["tiny"], "vocab_size": 1000, "tie_word_embeddings": True}
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.save_pretrained(tmp_path)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    fp = bench.flop_params(str(tmp_path), 16, "all-linear")
+    assert fp["P"] == linear
+    lora = sum(16 * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert fp["P_lora"] == lora
+
+
+@pytest.mark.parametrize("kind", ["concatenated", "shared_prompt", "packed", "packed_shared_prompt",
+                                  "concatenated+pf", "shared_prompt+pf", "shared_prompt+pf2"])
+def test_sequence_lengths_read_back_from_every_layout(kind):
+    """Over one epoch, the lengths read from the batches are exactly TRL's sequences:
+    prompt + chosen and prompt + rejected of every pair."""
+    rng = np.random.default_rng(0)
+    ids = lambda: [int(x) for x in rng.integers(3, 100, rng.integers(1, 20))]
+    n = 16
+    data = Tokenized([ids() for _ in range(n)], [ids() for _ in range(n)], [ids() for _ in range(n)])
+    kind, pf, streams = kind.partition("+pf")
+    layout = Layout(kind, 64, buckets=(32, 64, 128), padding_free=bool(pf), streams=int(streams or 1))
+    it = BatchIterator(data, 2, 2, seed=3, layout=layout)
+    got = []
+    for _ in range(it.steps_per_epoch):
+        batch, _ = next(it)
+        got += bench.jax_sequence_lengths(batch)
+    want = [len(p) + len(c) for p, c in zip(data.prompt, data.chosen)] + \
+           [len(p) + len(r) for p, r in zip(data.prompt, data.rejected)]
+    assert sorted(got) == sorted(want)
+
+
+def test_report_counts_tests_of_a_run_cut_short(tmp_path):
+    (tmp_path / "tests.log").write_text(
+        "jax devices: [CpuDevice(id=0)]\n"
+        "tests/test_a.py::test_one PASSED                 [ 10%]\n"
+        "tests/test_a.py::test_two[x] FAILED              [ 20%]\n"
+        "tests/test_b.py::test_three SKIPPED (no GPU)     [ 30%]\n"
+        "tests/test_b.py::test_four ")                       # killed mid-test
+    (tmp_path / "stages.jsonl").write_text(json.dumps({"name": "tests", "rc": 124, "seconds": 150, "limit": 150}) + "\n")
+    gpu_check.report(type("A", (), {"out": str(tmp_path)}))
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["tests"] == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1}
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "1 passed, 1 failed" in md and "124 (timed out)" in md
