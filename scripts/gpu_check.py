@@ -270,14 +270,15 @@ def report(args) -> int:
             lines.append(
                 f"| ~{wp} | {'jaxpref' if side == 'jax' else 'TRL'} | {fmt(r.get('step_s_median'), '{:.3f}')} "
                 f"| {fmt(r.get('pairs_per_s'), '{:.1f}')} | {fmt(r.get('model_tokens_per_step'), '{:.0f}')} "
-                f"| {fmt(r.get('model_tflop_per_step'), '{:.2f}')} "
+                f"| {fmt(r.get('model_tflop_per_step'), '{:.3g}')} "
                 f"| {fmt(100 * mfu if mfu is not None else None, '{:.1f}', '%')} "
                 f"| {fmt(r.get('device_peak_gib'))} | {fmt(plan / 1024 if plan is not None else None)} "
                 f"| {fmt(r.get('compile_only_s'), '{:.1f}')} | {fmt(r.get('first_step_s'), '{:.1f}')} "
                 f"| {r.get('steps_timed', '-')} |")
         j, t = bench.get((wp, "jax")), bench.get((wp, "trl"))
         if j and t and j.get("step_s_median") and t.get("step_s_median"):
-            lines.append(f"| ~{wp} | jaxpref / TRL speed | {t['step_s_median'] / j['step_s_median']:.2f}x | | | | | | | | | |")
+            lines.append(f"| ~{wp} | speed-up (TRL step / jaxpref step) | {t['step_s_median'] / j['step_s_median']:.2f}x "
+                         f"| | | | | | | | | |")
     if tests:
         lines.append("")
         env = tests_env.get("tests_env")
