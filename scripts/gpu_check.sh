@@ -115,7 +115,7 @@ run_stage() {
     local rc=$?
     local dt=$(($(date +%s) - t0))
     echo "{\"name\": \"$name\", \"rc\": $rc, \"seconds\": $dt, \"limit\": $lim}" >> "$OUT/stages.jsonl"
-    [ $rc -eq 0 ] || { echo "   exit $rc after ${dt} s; last lines of $OUT/$name.log:"; tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'; }
+    [ $rc -eq 0 ] || { echo "   exit $rc after ${dt} s; last lines of $OUT/$name.log:"; tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'; echo; }
     report
     return $rc
 }
