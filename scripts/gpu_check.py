@@ -204,17 +204,21 @@ def junit_counts(path: Path) -> dict | None:
 
 
 def verbose_counts(path: Path) -> dict | None:
-    """Counts from `pytest -v` lines ('tests/x.py::name PASSED [ 5%]'), printed as each test ends,
-    so a run cut by its time limit still has the tests that finished."""
+    """Counts from `pytest -v` lines, printed as each test ends ('tests/x.py::name PASSED [ 5%]';
+    with pytest-xdist '[gw0] [  5%] PASSED tests/x.py::name'), so a run cut by its time limit
+    still has the tests that finished. Stops at pytest's closing summary (counted by its xml)."""
     if not path.is_file():
         return None
     c = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     words = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors",
              "SKIPPED": "skipped", "XFAIL": "skipped"}
     for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("=") and any(c.values()):   # FAILURES, summary: after the results
+            break
         parts = line.split()
-        if len(parts) >= 2 and "::" in parts[0] and parts[1] in words:
-            c[words[parts[1]]] += 1
+        word = next((w for w in parts[:4] if w in words), None)
+        if word and any("::" in w for w in parts[:5]):
+            c[words[word]] += 1
     return c if any(c.values()) else None
 
 

@@ -82,10 +82,10 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     # A CPU run of every stage: 2 + 3 steps; the tests' cap is short on purpose (on a 2-core CPU they
     # take far longer), so the run also shows the counts of a test stage cut by its limit.
     SIZE=--tiny WARMUP=2 STEPS=3 BUDGET=${GPU_CHECK_BUDGET_S:-2400}
-    CAP_SETUP=120 CAP_BUILD=180 CAP_JAX=300 CAP_TRL=400 CAP_TESTS=240 TESTS_FLOOR=240
+    CAP_SETUP=120 CAP_BUILD=180 CAP_JAX=300 CAP_TRL=400 CAP_TESTS=240 TESTS_FLOOR=240 DEFAULT_WORKERS=2
 else
     SIZE= WARMUP=3 STEPS=5 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-    CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=150 TESTS_FLOOR=120
+    CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=150 TESTS_FLOOR=120 DEFAULT_WORKERS=4
 fi
 REPORT_RESERVE=10
 START=$(date +%s)
@@ -148,12 +148,19 @@ sys.exit(0 if 'matmul_precision' in {f.name for f in dataclasses.fields(T)} else
 else
     PREC_ENV=(JAX_DEFAULT_MATMUL_PRECISION=highest)
 fi
-echo "{\"tests_env\": \"${PREC_ENV[*]:-}\"}" > "$OUT/tests_env.json"
 # -v: one line per finished test, so a run cut by its limit still counts; no -x: one failure
-# does not hide the rest.
+# does not hide the rest. With pytest-xdist (in the GPU image) GPU_CHECK_TEST_WORKERS processes
+# (default 4, tiny 2; 0: one process) share the device, allocating on demand instead of 75% each.
+WORKERS=${GPU_CHECK_TEST_WORKERS:-$DEFAULT_WORKERS}
+XDIST=()
+if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "$WORKERS")
+    PREC_ENV+=(XLA_PYTHON_CLIENT_PREALLOCATE=false)
+fi
+echo "{\"tests_env\": \"${PREC_ENV[*]:-}${XDIST[*]:+ pytest ${XDIST[*]}}\"}" > "$OUT/tests_env.json"
 run_stage tests "$CAP_TESTS" "$REPORT_RESERVE" env "${PREC_ENV[@]}" bash -c \
     'py=$1; shift; "$py" -c "import jax; print(\"jax devices:\", jax.devices(), flush=True)"; exec "$py" -m pytest "$@"' \
-    _ "$PY" -o addopts= -v -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
+    _ "$PY" -o addopts= -v -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml" \
     tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
 
 "$PY" scripts/gpu_check.py report "$OUT"

@@ -87,10 +87,16 @@ def test_report_counts_tests_of_a_run_cut_short(tmp_path):
         "tests/test_a.py::test_one PASSED                 [ 10%]\n"
         "tests/test_a.py::test_two[x] FAILED              [ 20%]\n"
         "tests/test_b.py::test_three SKIPPED (no GPU)     [ 30%]\n"
+        "[gw1] [ 40%] PASSED tests/test_b.py::test_five\n"  # pytest-xdist's form
         "tests/test_b.py::test_four ")                       # killed mid-test
     (tmp_path / "stages.jsonl").write_text(json.dumps({"name": "tests", "rc": 124, "seconds": 150, "limit": 150}) + "\n")
     gpu_check.report(type("A", (), {"out": str(tmp_path)}))
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert res["tests"] == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1}
+    assert res["tests"] == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1}
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "1 passed, 1 failed" in md and "124 (timed out)" in md
+    assert "2 passed, 1 failed" in md and "124 (timed out)" in md
+    # Killed while printing its failures: the tracebacks after the results are not counted.
+    with open(tmp_path / "tests.log", "a") as f:
+        f.write("\n=========== FAILURES ===========\nE   tests/test_a.py::test_two[x] FAILED\n")
+    gpu_check.report(type("A", (), {"out": str(tmp_path)}))
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["tests"]["failed"] == 1
