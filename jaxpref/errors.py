@@ -35,3 +35,15 @@ def check_writable(path, flag: str, directory: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"{flag} {path}: cannot write there ({parent} is not a writable directory)")
+
+
+def check_choice(value: str, allowed, key: str, src: str) -> None:
+    """`value` of config key `key` (in file `src`) must be one of `allowed`; the error names the
+    closest one."""
+    import difflib
+
+    allowed = list(allowed)
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ConfigError(f"{src}: `{key}` is `{value}`, expected one of {', '.join(map(str, allowed))}{hint}")

@@ -1,23 +1,32 @@
 """Range and consistency checks of a parsed config; each error names the key and the file."""
 from __future__ import annotations
 
-import difflib
-import typing
-
-from jaxpref.config.schema import DPO_LOSS_TYPES, KTO_LOSS_TYPES, METHODS, Config
-from jaxpref.errors import ConfigError
 from pathlib import Path
 
-def _choice(value: str, allowed: typing.Iterable[str], key: str, src: str) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
-        hint = f" (did you mean `{close[0]}`?)" if close else ""
-        raise ConfigError(f"{src}: `{key}` is `{value}`, expected one of {', '.join(allowed)}{hint}")
+from jaxpref.config.schema import Config, PostTrainingBase
+from jaxpref.errors import ConfigError
+from jaxpref.errors import check_choice as _choice
+from jaxpref.objectives.methods import METHODS
+
+ATTENTION = ("auto", "xla", "xla_chunked", "flash")
+PAIR_LAYOUTS = ("auto", "concatenated", "shared_prompt", "packed", "packed_shared_prompt")
 
 
 def validate(cfg: Config) -> None:
-    """Range and consistency checks. Raises ConfigError naming the key."""
+    """Range and consistency checks, section by section. Raises ConfigError naming the key."""
+    _models(cfg)
+    if not cfg.dataset.name and not cfg.dataset.data_files:
+        raise ConfigError(f"{cfg.source}: `dataset.name` is missing (a hub id or a local file/directory)")
+    if not 0 <= cfg.dataset.eval_fraction < 1:
+        raise ConfigError(f"{cfg.source}: `dataset.eval_fraction` must be in [0, 1)")
+    _post_training(cfg)
+    _lora(cfg)
+    _training(cfg)
+    _training_layout(cfg)
+    _rest(cfg)
+
+
+def _models(cfg: Config) -> None:
     src = cfg.source
     if not cfg.models:
         raise ConfigError(f"{src}: `models` is empty; list at least one model with `name` and `huggingface_id`")
@@ -32,32 +41,38 @@ def validate(cfg: Config) -> None:
         if "/" in m.name or m.name in (".", ".."):
             raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` must be usable as a folder name")
         names.add(m.name)
-    if not cfg.dataset.name and not cfg.dataset.data_files:
-        raise ConfigError(f"{src}: `dataset.name` is missing (a hub id or a local file/directory)")
-    pt = cfg.post_training
+
+
+def _post_training(cfg: Config) -> None:
+    """Common keys, then the method's own (`Method.check`); a key of another method set away from
+    its default is an error, not silently ignored."""
+    src, pt = cfg.source, cfg.post_training
     _choice(pt.method, METHODS, "post_training.method", src)
+    method = METHODS[pt.method]
     if pt.beta <= 0:
         raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
-    allowed = {"dpo": DPO_LOSS_TYPES, "ipo": DPO_LOSS_TYPES, "cpo": ("sigmoid", "hinge", "ipo", "simpo"),
-               "kto": KTO_LOSS_TYPES, "orpo": ("orpo",), "simpo": ("simpo",)}[pt.method]
     for lt in cfg.loss_types:
-        _choice(lt, allowed, "post_training.loss_type", src)
+        _choice(lt, method.loss_types, "post_training.loss_type", src)
     if pt.loss_weights is not None and len(pt.loss_weights) != len(cfg.loss_types):
         raise ConfigError(
             f"{src}: `post_training.loss_weights` has {len(pt.loss_weights)} entries but "
             f"`loss_type` has {len(cfg.loss_types)}")
     if not 0 <= pt.label_smoothing < 1:
         raise ConfigError(f"{src}: `post_training.label_smoothing` must be in [0, 1), got {pt.label_smoothing}")
-    if "exo_pair" in cfg.loss_types and pt.label_smoothing == 0:
-        raise ConfigError(f"{src}: `post_training.loss_type` exo_pair needs `label_smoothing` > 0 (the paper uses 1e-3)")
-    if "robust" in cfg.loss_types and pt.label_smoothing >= 0.5:
-        raise ConfigError(f"{src}: `post_training.loss_type` robust needs `label_smoothing` < 0.5")
-    if pt.use_weighting and any(lt in ("aot", "aot_unpaired", "aot_pair") for lt in cfg.loss_types):
-        raise ConfigError(f"{src}: `post_training.use_weighting` does not apply to aot losses")
-    _choice(pt.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
-            "post_training.f_divergence_type", src)
-    _choice(pt.orpo_nll_span, ("prompt_and_completion", "completion"), "post_training.orpo_nll_span", src)
-    lo = cfg.lora
+    common = set(PostTrainingBase.__dataclass_fields__)
+    own = set(method.keys.__dataclass_fields__)
+    for m in METHODS.values():
+        for name, f in m.keys.__dataclass_fields__.items():
+            if name in common or name in own or getattr(pt, name) == f.default:
+                continue
+            users = ", ".join(k for k, x in METHODS.items() if name in x.keys.__dataclass_fields__)
+            raise ConfigError(f"{src}: `post_training.{name}` applies to method {users}, not {pt.method}")
+    if method.check is not None:
+        method.check(pt, tuple(cfg.loss_types), src)
+
+
+def _lora(cfg: Config) -> None:
+    src, lo = cfg.source, cfg.lora
     if lo.r <= 0:
         raise ConfigError(f"{src}: `lora.r` must be > 0, got {lo.r}")
     if lo.lora_alpha <= 0:
@@ -68,7 +83,10 @@ def validate(cfg: Config) -> None:
     _choice(lo.bias, ("none",), "lora.bias", src)
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError(f"{src}: `lora.target_modules` is empty")
-    tr = cfg.training
+
+
+def _training(cfg: Config) -> None:
+    src, tr = cfg.source, cfg.training
     if tr.learning_rate <= 0:
         raise ConfigError(f"{src}: `training.learning_rate` must be > 0, got {tr.learning_rate}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
@@ -92,9 +110,20 @@ def validate(cfg: Config) -> None:
             "training.lr_scheduler_type", src)
     _choice(tr.optimizer, ("adamw", "sgd", "adafactor"), "training.optimizer", src)
     _choice(tr.truncation_mode, ("keep_start", "keep_end"), "training.truncation_mode", src)
-    _choice(tr.pair_layout, ("concatenated", "shared_prompt", "packed", "packed_shared_prompt"),
-            "training.pair_layout", src)
-    if tr.padding_free and tr.pair_layout.startswith("packed"):
+    if tr.train_sampling_strategy is not None:
+        _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
+    _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)
+    _choice(tr.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype", src)
+    if pt_is_kto(cfg) and tr.per_device_train_batch_size < 2:
+        raise ConfigError(f"{src}: KTO needs `training.per_device_train_batch_size` >= 2 for its KL estimate")
+
+
+def _training_layout(cfg: Config) -> None:
+    src, tr = cfg.source, cfg.training
+    _choice(tr.pair_layout, PAIR_LAYOUTS, "training.pair_layout", src)
+    if tr.padding_free not in (True, False, "auto"):
+        raise ConfigError(f"{src}: `training.padding_free` must be true, false or auto, got {tr.padding_free!r}")
+    if tr.padding_free is True and tr.pair_layout.startswith("packed"):
         raise ConfigError(f"{src}: `training.padding_free` needs `training.pair_layout` concatenated or "
                           f"shared_prompt (packed layouts already share rows), got {tr.pair_layout}")
     if tr.pack_length is not None and tr.pack_length < 2:
@@ -103,14 +132,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: `training.vocab_chunk` must be >= 0 (0: the whole vocabulary), got {tr.vocab_chunk}")
     if tr.max_shapes < 1:
         raise ConfigError(f"{src}: `training.max_shapes` must be >= 1, got {tr.max_shapes}")
-    if tr.train_sampling_strategy is not None:
-        _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
-    _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)
-    _choice(tr.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype", src)
-    if pt.method == "kto" and tr.per_device_train_batch_size < 2:
-        raise ConfigError(f"{src}: KTO needs `training.per_device_train_batch_size` >= 2 for its KL estimate")
-    if not 0 <= cfg.dataset.eval_fraction < 1:
-        raise ConfigError(f"{src}: `dataset.eval_fraction` must be in [0, 1)")
+    _choice(tr.attention, ATTENTION, "training.attention", src)
+    _choice(tr.matmul_precision, ("highest", "tf32"), "training.matmul_precision", src)
+    if tr.recompute_activations not in (True, False, "auto"):
+        raise ConfigError(f"{src}: `training.recompute_activations` must be true, false or auto, "
+                          f"got {tr.recompute_activations!r}")
+    if pt_is_kto(cfg) and tr.pair_layout not in ("auto", "concatenated"):
+        raise ConfigError(f"{src}: KTO needs `training.pair_layout: concatenated` (or auto)")
+
+
+def pt_is_kto(cfg: Config) -> bool:
+    return METHODS[cfg.post_training.method].data == "unpaired"
+
+
+def _rest(cfg: Config) -> None:
+    src = cfg.source
     for r in cfg.report_to:
         _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)
     _choice(cfg.finetuning.remat_policy, ("nothing_saveable", "dots_saveable",

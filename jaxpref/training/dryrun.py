@@ -75,8 +75,7 @@ def check_model(cfg: Config, index: int) -> list[str]:
     if not tr.paired and cfg.post_training.method != "kto":
         problems.append(f"model `{name}`: unpaired data needs method kto")
         return problems
-    from jaxpref.training.loop import iterator_class
-    it = iterator_class(cfg)(tr, B, G, t.seed, prepared.layout)
+    it = setup.iterator_class(cfg)(tr, B, G, t.seed, prepared.layout)
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
