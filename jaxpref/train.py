@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"training.max_steps={args.max_steps}")
     try:
         cfg = load_config(args.config, overrides)
+        logging.getLogger().setLevel(cfg.logging.log_level.upper())
         indices = select_models(cfg, args.model_index)
         if not args.dry_run:
             from jaxpref.runtime.mesh import init_distributed

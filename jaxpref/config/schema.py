@@ -99,7 +99,6 @@ class TrainingConfig:
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int | None = None
-    save_steps: int | None = None
     # auto: shared_prompt (each prompt computed once; KTO: concatenated) and padding-free rows,
     # the same numbers as TRL's layout, fastest on every backend measured (docs/performance.md).
     pair_layout: str = "auto"
@@ -108,7 +107,6 @@ class TrainingConfig:
     train_sampling_strategy: str | None = None   # random | sequential (default: sequential for KTO, as TRL)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    gradient_checkpointing: bool = False
     length_buckets: list[int] | None = None      # fixed padded lengths T; unset: planned shapes
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
     vocab_chunk: int = 0                         # LM head over this many vocabulary columns at a time
@@ -145,6 +143,8 @@ class FinetuningConfig:
 class GpuConfig:
     device_ids: list[int] | None = None
     mesh: dict[str, int] | None = None
+    # The seed's DDP switch: true (or unset) is data parallel over every device (`mesh` {data: -1});
+    # false trains on one device (the first of `device_ids`).
     ddp: bool | None = None
     distributed: dict[str, Any] | None = None
 
@@ -154,7 +154,7 @@ class LoggingConfig:
     report_to: str | list[str] = field(default_factory=list)
     project: str = "jaxpref"
     run_name: str | None = None
-    log_level: str = "info"
+    log_level: str = "warning"        # debug | info | warning | error: jaxpref's and the libraries' log lines
     progress_bar: bool = True
 
 
@@ -180,11 +180,11 @@ class Config:
 
     @property
     def save_steps(self) -> int | None:
-        return self.finetuning.save_steps or self.training.save_steps
+        return self.finetuning.save_steps
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return self.finetuning.gradient_checkpointing or self.training.gradient_checkpointing
+        return self.finetuning.gradient_checkpointing
 
     @property
     def report_to(self) -> list[str]:

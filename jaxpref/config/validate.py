@@ -147,6 +147,7 @@ def pt_is_kto(cfg: Config) -> bool:
 
 def _rest(cfg: Config) -> None:
     src = cfg.source
+    _choice(cfg.logging.log_level, ("debug", "info", "warning", "error"), "logging.log_level", src)
     for r in cfg.report_to:
         _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)
     _choice(cfg.finetuning.remat_policy, ("nothing_saveable", "dots_saveable",

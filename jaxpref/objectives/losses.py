@@ -40,12 +40,6 @@ class LossSpec:
             return getattr(self, name)
         return dict(self.extra)[name]
 
-    @property
-    def needs_reference(self) -> bool:
-        from jaxpref.objectives.methods import get_method
-
-        return get_method(self.method).needs_reference(self)
-
 
 @jax.tree_util.register_dataclass
 @dataclass

@@ -97,7 +97,7 @@ def loss_spec(cfg: Config) -> LossSpec:
 def ref_mode(cfg: Config, spec: LossSpec, lora_enabled: bool) -> str:
     """Where reference log-probs come from (`training.step.reference_logps`), before the run
     refines it (an initial adapter, a precomputed table)."""
-    if not spec.needs_reference:
+    if not get_method(spec.method).needs_reference(spec):
         return "none"
     if cfg.post_training.use_ref_model or not lora_enabled:
         return "separate"
