@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models.gpt_neox import ACTIVATIONS
-from jaxpref.models.layers import Linear, LayerNorm, attention
+from jaxpref.models.layers import ACTIVATIONS, Linear, Norm, attention
 from jaxpref.models.spec import stacked, ArchArgs, WeightRule
 
 
@@ -61,9 +60,9 @@ class Block(nn.Module):
         a = self.args
         lin = dict(dtype=a.dtype, param_dtype=a.param_dtype, lora_scale=a.lora_scale,
                    lora_dropout=a.lora_dropout, deterministic=a.deterministic)
-        h = LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="ln_1")(x)
+        h = Norm(a.layer_norm_eps, True, a.dtype, a.param_dtype, name="ln_1")(x)
         x = x + _Attention(a, lin, name="attn")(h, mask, layer)
-        h = LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="ln_2")(x)
+        h = Norm(a.layer_norm_eps, True, a.dtype, a.param_dtype, name="ln_2")(x)
         return x + _MLP(a, lin, name="mlp")(h), None
 
 
@@ -119,7 +118,7 @@ class GPT2Model(nn.Module):
         if not a.tie_word_embeddings:
             self.param("lm_head", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
                        a.param_dtype)
-        return LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="ln_f")(x)
+        return Norm(a.layer_norm_eps, True, a.dtype, a.param_dtype, name="ln_f")(x)
 
 
 def head_weight(params: dict, args: GPT2Args) -> jax.Array:

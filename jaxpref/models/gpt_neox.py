@@ -12,18 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models.layers import Linear, LayerNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from jaxpref.models.layers import ACTIVATIONS, Linear, Norm, apply_rope, attention, rope_cos_sin, rope_inv_freq
 from jaxpref.models.spec import stacked, ArchArgs, WeightRule
-
-# Hugging Face `hidden_act` names -> JAX. "gelu" is the exact (erf) form; the others are tanh forms.
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
 
 
 @dataclass(frozen=True)
@@ -77,8 +67,8 @@ class Block(nn.Module):
         cos, sin, mask = inputs
         lin = dict(dtype=a.dtype, param_dtype=a.param_dtype, lora_scale=a.lora_scale,
                    lora_dropout=a.lora_dropout, deterministic=a.deterministic)
-        ln1 = LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="input_layernorm")
-        ln2 = LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="post_attention_layernorm")
+        ln1 = Norm(a.layer_norm_eps, True, a.dtype, a.param_dtype, name="input_layernorm")
+        ln2 = Norm(a.layer_norm_eps, True, a.dtype, a.param_dtype, name="post_attention_layernorm")
         attn = _Attention(a, lin, name="attention")(ln1(x), cos, sin, mask)
         mlp = _MLP(a, lin, name="mlp")
         if a.use_parallel_residual:
@@ -135,7 +125,7 @@ class NeoXModel(nn.Module):
         if not a.tie_word_embeddings:
             self.param("embed_out", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
                        a.param_dtype)
-        return LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="final_layer_norm")(x)
+        return Norm(a.layer_norm_eps, True, a.dtype, a.param_dtype, name="final_layer_norm")(x)
 
 
 def head_weight(params: dict, args: NeoXArgs) -> jax.Array:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models.layers import (Linear, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq,
+from jaxpref.models.layers import (Linear, Norm, apply_rope, attention, rope_cos_sin, rope_inv_freq,
                                    sliding_window)
 from jaxpref.models.spec import stacked, ArchArgs, WeightRule
 
@@ -93,10 +93,10 @@ class Block(nn.Module):
         lin = dict(dtype=a.dtype, param_dtype=a.param_dtype, lora_scale=a.lora_scale,
                    lora_dropout=a.lora_dropout, deterministic=a.deterministic)
         b, t, _ = x.shape
-        h = RMSNorm(a.rms_norm_eps, a.dtype, a.param_dtype, name="input_layernorm")(x)
+        h = Norm(a.rms_norm_eps, False, a.dtype, a.param_dtype, name="input_layernorm")(x)
         attn = _Attention(a, lin, name="self_attn")
         x = x + attn(h, cos, sin, mask)
-        h = RMSNorm(a.rms_norm_eps, a.dtype, a.param_dtype, name="post_attention_layernorm")(x)
+        h = Norm(a.rms_norm_eps, False, a.dtype, a.param_dtype, name="post_attention_layernorm")(x)
         x = x + _MLP(a, lin, name="mlp")(h)
         return x, None
 
@@ -155,7 +155,7 @@ class LlamaModel(nn.Module):
         if not a.tie_word_embeddings:
             self.param("lm_head", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
                        a.param_dtype)
-        return RMSNorm(a.rms_norm_eps, a.dtype, a.param_dtype, name="norm")(x)
+        return Norm(a.rms_norm_eps, False, a.dtype, a.param_dtype, name="norm")(x)
 
 
 def head_weight(params: dict, args: LlamaArgs) -> jax.Array:
