@@ -1,4 +1,6 @@
-"""Building blocks shared by the architectures: a LoRA-aware linear layer, norms, rotary embeddings.
+"""Building blocks shared by the architectures: a LoRA-aware linear layer, norms, activations,
+rotary embeddings, attention masks and the attention core. How they assemble into a decoder:
+`jaxpref.models.blocks`.
 
 LoRA is a parameter transform: the base weights live in the `params` collection, the low-rank
 factors in a separate `lora` collection with the same module paths. A `Linear` adds the low-rank
@@ -78,21 +80,12 @@ def _widened_matmul(subscripts: str, out_dtype):
     return jax.checkpoint(lambda x, w: jnp.einsum(subscripts, x.astype(f), w.astype(f)).astype(out_dtype))
 
 
-class RMSNorm(nn.Module):
+class Norm(nn.Module):
+    """x [..., D] -> [..., D] in the compute `dtype`: RMSNorm (Llama, `centered=False`: a `scale`)
+    or LayerNorm (GPT-2, GPT-NeoX, `centered=True`: mean-centred, a `scale` and a `bias`). The
+    statistics are taken in fp32 whatever the compute dtype, as transformers does."""
     eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
-
-
-class LayerNorm(nn.Module):
-    eps: float = 1e-5
+    centered: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -100,12 +93,28 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
         x32 = x.astype(jnp.float32)
+        if not self.centered:
+            # transformers' LlamaRMSNorm rounds to the compute dtype before the scale multiplies.
+            x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return scale.astype(self.dtype) * x32.astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+# Hugging Face `hidden_act` / `activation_function` names -> JAX. "gelu" is the exact (erf) form;
+# the others are tanh forms.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> jnp.ndarray:
