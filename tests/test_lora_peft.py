@@ -34,6 +34,7 @@ from jaxpref.data.tokenize import Tokenized
 from jaxpref.errors import ConfigError
 from jaxpref.lora.peft import load_adapter, save_adapter
 from jaxpref.lora.merged import save_merged
+from jaxpref.models.attention import MaskInfo
 from jaxpref.lora.tree import LoraSpec, count, init_lora, resolve_targets, target_shapes
 from jaxpref.objectives.losses import LossSpec
 from jaxpref.models import ARCHITECTURES
@@ -88,7 +89,7 @@ ARCHS = _arch_params()
 # Ids below 64 fit every tiny vocabulary here and conftest's tokenizer.
 IDS = np.random.default_rng(0).integers(3, 64, size=(2, 10)).astype(np.int64)
 POS = np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape).copy()
-MASK = jnp.asarray(np.broadcast_to(np.tril(np.ones((10, 10), bool)), (2, 10, 10)))
+MASK = MaskInfo.rows(np.ones((2, 10), np.int32))
 
 @dataclass
 class Base:

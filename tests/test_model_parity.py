@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
+from jaxpref.models.attention import MaskInfo
 from safetensors.numpy import load_file, save_file
 
 from jaxpref.errors import ModelSourceError
@@ -55,11 +57,9 @@ VALID = np.array([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]], np.int64)
 POS = np.maximum(np.cumsum(VALID, axis=1) - 1, 0)
 
 
-def _mask(valid: np.ndarray) -> jnp.ndarray:
-    """[B, T, T] bool: causal and the key is a real token."""
-    t = valid.shape[1]
-    causal = np.tril(np.ones((t, t), bool))
-    return jnp.asarray(causal[None] & valid[:, None, :].astype(bool))
+def _mask(valid: np.ndarray) -> MaskInfo:
+    """Causal rows whose keys are the real tokens (`valid`), at positions POS."""
+    return MaskInfo.rows(valid, POS)
 
 
 def _hf_model(name: str):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpref.models.attention import MaskInfo
 from jaxpref.models.source import load_tokenizer, resolve
 from jaxpref.models.weights import build, load_params
 
@@ -70,8 +71,7 @@ def smollm2():
 def _logits(bundle, params, ids) -> np.ndarray:
     t = ids.shape[1]
     pos = jnp.arange(t, dtype=jnp.int32)[None]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    hidden = bundle.hidden(params, None, jnp.asarray(ids, jnp.int32), pos, mask)
+    hidden = bundle.hidden(params, None, jnp.asarray(ids, jnp.int32), pos, MaskInfo.rows(np.ones((1, t)), pos))
     head = bundle.head(params).astype(hidden.dtype)
     return np.asarray((hidden @ head).astype(jnp.float32))
 

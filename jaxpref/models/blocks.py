@@ -37,6 +37,7 @@ others' graphs stay as they are. Where the next ones go:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -45,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref.models.layers import (ACTIVATIONS, Linear, Norm, apply_rope, attention, rope_cos_sin,
-                                   rope_inv_freq, sliding_window)
+from jaxpref.models.attention import MaskInfo, attention
+from jaxpref.models.layers import ACTIVATIONS, Linear, Norm, apply_rope, rope_cos_sin, rope_inv_freq
 from jaxpref.models.spec import ArchArgs, stacked
 
 
@@ -108,7 +109,8 @@ class DecoderSpec:
 def _linear(a: ArchArgs, features: int, bias: bool, name: str) -> Linear:
     """A LoRA-aware projection with the run's dtypes and LoRA options (called inside a module)."""
     return Linear(features, bias, name=name, dtype=a.dtype, param_dtype=a.param_dtype,
-                  lora_scale=a.lora_scale, lora_dropout=a.lora_dropout, deterministic=a.deterministic)
+                  lora_scale=a.lora_scale, lora_dropout=a.lora_dropout, deterministic=a.deterministic,
+                  precision=a.matmul_precision)
 
 
 def _norm(a: ArchArgs, s: DecoderSpec, name: str) -> Norm:
@@ -121,9 +123,9 @@ class Attention(nn.Module):
     spec: AttnSpec
 
     @nn.compact
-    def __call__(self, h: jax.Array, rope, mask, layer: jax.Array) -> jax.Array:
-        """h [B, T, D] compute dtype; rope (cos, sin) [B, T, rotary_dim] fp32, or None; mask
-        [B, T, T] bool or `AttnBlocks`; layer: this layer's index, int32 scalar -> [B, T, D]."""
+    def __call__(self, h: jax.Array, rope, mask: MaskInfo, layer: jax.Array) -> jax.Array:
+        """h [B, T, D] compute dtype; rope (cos, sin) [B, T, rotary_dim] fp32, or None; mask: who
+        attends to whom (`attention.MaskInfo`); layer: this layer's index, int32 scalar -> [B, T, D]."""
         a, s = self.args, self.spec
         b, t, _ = h.shape
         q, k, v = _project_qkv(a, s, h)                 # [B, T, N, H], [B, T, K, H] x 2
@@ -134,11 +136,19 @@ class Attention(nn.Module):
             q = q * jnp.asarray(s.q_scale, q.dtype)
         if s.inverse_layer_scale:
             q = q / (layer + 1).astype(q.dtype)
-        attend = jax.checkpoint(attention) if a.recompute_activations else attention
+        attend = _attention(a.attention, a.matmul_precision, a.mesh)
+        attend = jax.checkpoint(attend) if a.recompute_activations else attend
         # The one place every architecture attends: where a generation KV cache will be read and
         # written.
         o = attend(q, k, v, mask).reshape(b, t, a.num_heads * a.head_dim)
         return _linear(a, a.hidden_size, s.out_bias, s.out)(o)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention(backend: str, precision: str | None, mesh):
+    """The attention core with the run's backend, one function object per setting (so that
+    `jax.checkpoint` reuses its trace across layers)."""
+    return functools.partial(attention, backend=backend, precision=precision, mesh=mesh)
 
 
 def _project_qkv(a: ArchArgs, s: AttnSpec, h: jax.Array):
@@ -205,9 +215,9 @@ class Decoder(nn.Module):
     args: ArchArgs
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, positions: jax.Array, mask) -> jax.Array:
-        """input_ids, positions [B, T] int32; mask [B, T, T] bool (or `AttnBlocks`) -> hidden
-        [B, T, D] compute dtype. Learned positions index their table by `positions`, so
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, mask: MaskInfo) -> jax.Array:
+        """input_ids, positions [B, T] int32; mask: who attends to whom (`attention.MaskInfo`) ->
+        hidden [B, T, D] compute dtype. Learned positions index their table by `positions`, so
         left-padded rows keep their real positions."""
         a = self.args
         s = a.spec()
@@ -224,7 +234,7 @@ class Decoder(nn.Module):
             scaling = dict(s.rope.scaling) if s.rope.scaling else None
             rope = rope_cos_sin(positions, rope_inv_freq(s.rope.dim, s.rope.theta, scaling))
         if s.sliding_window is not None:
-            mask = sliding_window(mask, positions, s.sliding_window)
+            mask = dataclasses.replace(mask, window=s.sliding_window)
         layers = stacked(DecoderBlock, a, in_axes=(nn.broadcast, 0))(a, name="layers")
         # The layer index as a host array: the layer loop (`scan_layers` off) reads a constant per
         # layer rather than tracing a slice.

@@ -37,6 +37,12 @@ class ArchArgs:
     # Recompute the attention core (scores, softmax, AV) and the MLP's activation in the backward
     # pass instead of storing them: about 1/3 less activation memory for negligible FLOPs.
     recompute_activations: bool = True
+    # The attention backend (`jaxpref.models.attention`): auto | xla | xla_chunked | flash.
+    attention: str = "auto"
+    # fp32 matmuls: "highest" (true fp32 on every backend), "tf32" (GPU tensor cores), None (XLA's
+    # default: TF32 on recent GPUs). bf16 compute ignores it (bf16 products, fp32 accumulation).
+    matmul_precision: str | None = "highest"
+    mesh: Any = None                  # the device mesh: custom attention kernels run per shard in it
 
     def spec(self) -> DecoderSpec:
         """This architecture's choices for the shared decoder (`jaxpref.models.blocks`)."""

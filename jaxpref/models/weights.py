@@ -58,8 +58,10 @@ class ModelBundle:
 
     def abstract_params(self) -> dict:
         """The parameter tree as ShapeDtypeStructs, without reading or allocating weights."""
+        from jaxpref.models.attention import MaskInfo
+
         ids = jnp.zeros((1, 2), jnp.int32)
-        mask = jnp.ones((1, 2, 2), bool)
+        mask = MaskInfo.rows(jnp.ones((1, 2), jnp.int32))
         module = self.arch.model_cls(replace(self.args, scan_layers=True))  # the stacked tree
         return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, mask))["params"]
 

@@ -39,7 +39,8 @@ def run_options(cfg: Config) -> dict:
     """Model options that change how the forward runs, never its numbers (policy and reference)."""
     tr = cfg.training
     return {"vocab_chunk": tr.vocab_chunk, "scan_layers": tr.scan_layers,
-            "recompute_activations": tr.recompute_activations}
+            "recompute_activations": tr.recompute_activations, "attention": tr.attention,
+            "matmul_precision": tr.matmul_precision}
 
 
 def reference_bundle(cfg: Config, src):
