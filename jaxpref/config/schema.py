@@ -111,7 +111,9 @@ class TrainingConfig:
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
     vocab_chunk: int = 0                         # LM head over this many vocabulary columns at a time
     scan_layers: bool = True                     # False: a loop over per-layer weights (faster step, longer compile)
-    recompute_activations: bool = True           # recompute attention core + MLP activation in the backward
+    # Recompute the attention core and MLP activation in the backward instead of storing them.
+    # auto: on CPU (faster there, measured); elsewhere off when the memory plan fits the device.
+    recompute_activations: bool | str = "auto"
     # auto: flash kernels on GPU for bf16 (tokamax), XLA elsewhere, query-chunked for long rows.
     attention: str = "auto"                      # auto | xla | xla_chunked | flash
     matmul_precision: str = "highest"            # fp32 compute: highest (true fp32) | tf32 (GPU tensor cores)

@@ -133,6 +133,9 @@ def _training_layout(cfg: Config) -> None:
     if tr.max_shapes < 1:
         raise ConfigError(f"{src}: `training.max_shapes` must be >= 1, got {tr.max_shapes}")
     _choice(tr.attention, ATTENTION, "training.attention", src)
+    if tr.recompute_activations not in (True, False, "auto"):
+        raise ConfigError(f"{src}: `training.recompute_activations` must be true, false or auto, "
+                          f"got {tr.recompute_activations!r}")
     _choice(tr.matmul_precision, ("highest", "tf32"), "training.matmul_precision", src)
     if pt_is_kto(cfg) and tr.pair_layout not in ("auto", "concatenated"):
         raise ConfigError(f"{src}: KTO needs `training.pair_layout: concatenated` (or auto)")

@@ -248,12 +248,10 @@ class Trainer:
         }
 
     def _memory_plan(self) -> dict:
-        """The dry run's plan for the largest batch this run saw."""
+        """The dry run's plan for the batch shapes this run compiled."""
         run = self.run
-        dp = mesh_mod.data_parallel_size(run.mesh)
-        n, t, k = (max(s[i] for s in self.shapes) for i in (1, 2, 3))   # shapes: (G, rows, T, K)
-        plan = memory_plan(run.cfg, run.bundle.args, count(run.params), count(run.state.lora), max(n // dp, 1),
-                           t, k, mesh=run.mesh, runtime=run.rss_before_weights)
+        plan = memory_plan(run.cfg, run.bundle.args, count(run.params), count(run.state.lora), sorted(self.shapes),
+                           mesh=run.mesh, runtime=run.rss_before_weights)
         return {key: round(v / 2**20, 1) for key, v in plan.items()}
 
     def _start_line(self) -> str:

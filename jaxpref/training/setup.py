@@ -4,6 +4,7 @@ train, dry run, evaluate and the benchmark so that all see exactly the same mode
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 from jaxpref.config import Config
@@ -39,7 +40,7 @@ def run_options(cfg: Config) -> dict:
     """Model options that change how the forward runs, never its numbers (policy and reference)."""
     tr = cfg.training
     return {"vocab_chunk": tr.vocab_chunk, "scan_layers": tr.scan_layers,
-            "recompute_activations": tr.recompute_activations, "attention": tr.attention,
+            "recompute_activations": tr.recompute_activations is not False, "attention": tr.attention,
             "matmul_precision": tr.matmul_precision}
 
 
@@ -149,3 +150,29 @@ def rows_note(cfg: Config, prepared) -> str:
     if prepared.report.truncated:
         parts.append(f"{prepared.report.truncated} truncated")
     return f" ({'; '.join(parts)})" if parts else ""
+
+
+def resolve_recompute(cfg: Config, bundle, abstract, lspec, it, mesh):
+    """`training.recompute_activations: auto`: recompute on a CPU (measured faster there:
+    docs/performance.md); on an accelerator store the activations when the memory plan of the
+    run's planned shapes without recompute fits in 80% of the device's memory."""
+    import jax
+
+    from jaxpref.lora.tree import count, target_shapes
+    from jaxpref.runtime.memory import memory_plan
+
+    if cfg.training.recompute_activations != "auto" or jax.default_backend() == "cpu" or not it.shapes:
+        return bundle
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return bundle
+    trainable = 0 if lspec is None else sum(
+        s[0] * (s[1] + s[2]) * lspec.r if len(s) == 3 else (s[0] + s[1]) * lspec.r
+        for s in target_shapes(abstract, lspec).values())
+    G = cfg.training.gradient_accumulation_steps
+    # Planned shapes are (T, K), or padding-free (L, K, Tb): as shape keys (`data.batches`).
+    keys = [(G, it._units(), *s) if len(s) == 2 else (G, it.layout.streams, s[0], s[1], it.units_per_stream(), s[2])
+            for s in it.shapes]
+    args = dataclasses.replace(bundle.args, recompute_activations=False)
+    plan = memory_plan(cfg, args, count(abstract), trainable, keys, mesh=mesh)
+    return bundle.with_args(recompute_activations=plan["total"] > 0.8 * limit)
