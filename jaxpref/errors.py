@@ -35,3 +35,30 @@ def check_writable(path, flag: str, directory: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"{flag} {path}: cannot write there ({parent} is not a writable directory)")
+
+
+# Errors of the file system rather than of jaxpref: a full disk, a quota, a size limit, a folder
+# that cannot be written. Orbax's background writes (tensorstore) report them in their messages.
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large", "RESOURCE_EXHAUSTED: Error writing")
+
+
+def os_error_line(e: BaseException) -> str | None:
+    """One line naming what could not be written and why, if `e` (or what caused it) is a file
+    system error; else None."""
+    import errno
+    import re
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = " ".join(str(e).split())
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return f"{(e.strerror or text).lower()}" + (f" while writing {e.filename}" if e.filename else "")
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+            return f"{e.filename}: {(e.strerror or text).lower()}"
+        if any(k in text for k in _DISK_FULL):
+            m = re.search(r'(?:writing(?: local file)?|file) "?([^":]+)"?', text)
+            what = f" while writing {m.group(1)}" if m else ""
+            return f"no space left on the device{what}"
+        e = e.__cause__ or e.__context__
+    return None
