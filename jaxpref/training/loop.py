@@ -142,8 +142,6 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     if not resume and is_main:
         ckpt.clear_run(run_dir)
     mcfg = model_config(cfg, index)
-    if is_main:
-        dump_config(mcfg, run_dir / "config.yaml")
     tcfg = cfg.training
 
     bundle, tok, lspec, abstract = setup.model_for(cfg, index, training=True)
@@ -237,7 +235,8 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
                 early.restore(meta.get("early_stopping", {}))
             print(f"[{entry.name}] resuming from step {start}", file=sys.stderr)
     if is_main:
-        ckpt.truncate_metrics(run_dir / "metrics.jsonl", start)
+        ckpt.truncate_metrics(run_dir / "metrics.jsonl", start, final=start >= total)
+        dump_config(mcfg, run_dir / "config.yaml")  # after the resume checks: a refused resume keeps the record
 
     ref_table = None
     eval_mode = mode
@@ -287,7 +286,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
               f"{len(prepared.train)} {'pairs' if prepared.train.paired else 'examples'}{rows_note(cfg, prepared)}, "
               f"{it.steps_per_epoch} steps/epoch, {total} steps, layout {prepared.layout.kind}", file=sys.stderr)
         window_tokens, window_t0 = 0, time.time()
-        last: dict = {}
+        last: dict = ckpt.last_train_metrics(run_dir / "metrics.jsonl") if start else {}
         shapes = set()
         compile_s = None
         best_lora, stopped_early = None, False
@@ -405,7 +404,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
             "adapter_from_step": early.best_step if (stopped_early and best_lora is not None) else final_step,
             "peak_memory": peak_memory(),
             "memory_plan_mib": memory_plan_for(cfg, bundle, params, state.lora, shapes, dp, mesh,
-                                              rss_before_weights),
+                                              rss_before_weights) if shapes else None,
             "final_metrics": last,
             "final_eval": final_eval,
         }
