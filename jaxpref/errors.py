@@ -57,7 +57,7 @@ def os_error_line(e: BaseException) -> str | None:
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
             return f"{e.filename}: {(e.strerror or text).lower()}"
         if any(k in text for k in _DISK_FULL):
-            m = re.search(r'(?:writing(?: local file)?|file) "?([^":]+)"?', text)
+            m = re.search(r'local file "([^"]+)"', text) or re.search(r'(?:writing|file) "?([^":]+)"?', text)
             what = f" while writing {m.group(1)}" if m else ""
             return f"no space left on the device{what}"
         e = e.__cause__ or e.__context__

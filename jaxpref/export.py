@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     except JaxprefError as e:
         print(f"jaxpref.export: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a full disk, a folder that cannot be written: the output was left as it was
+        from jaxpref.errors import os_error_line
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"jaxpref.export: error: {line}; nothing was replaced", file=sys.stderr)
+        return 2
 
 
 def _export(args) -> int:

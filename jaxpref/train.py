@@ -67,19 +67,21 @@ def select_models(cfg: Config, index: int | None) -> list[int]:
 
 def quiet_background_writes() -> None:
     """Orbax logs the tracebacks of a failed background write (a full disk) through absl and
-    asyncio, and the writes still pending then fail on its closed event loop; the failure itself is
-    raised to the run and reported in one line."""
+    asyncio, and tensorstore's writes still pending then fail on Orbax's closed event loop (reported
+    as unraisable exceptions); the failure itself is raised to the run and reported in one line."""
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    previous = sys.excepthook
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxpref_quiet", False):
+        return
 
-    def hook(kind, value, tb):
+    def hook(unraisable):
+        value = unraisable.exc_value
         if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
             return
-        previous(kind, value, tb)
-    if not getattr(previous, "jaxpref_quiet", False):
-        hook.jaxpref_quiet = True
-        sys.excepthook = hook
+        previous(unraisable)
+    hook.jaxpref_quiet = True
+    sys.unraisablehook = hook
 
 
 def report_failure(name: str, run_dir: Path, e: Exception) -> int:

@@ -32,7 +32,7 @@ def load_rows(ds_cfg, split: str | None = None):
         for f in local:
             if f.name.removesuffix(".gz").endswith((".json", ".jsonl")):
                 _check_json(f)
-        raise _load_error(e, name, split)
+        raise _load_error(e, name, split, local=bool(ds_cfg.data_files) or (path is not None and path.exists()))
 
 
 def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
@@ -69,7 +69,7 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
     return datasets.load_dataset(name, ds_cfg.config_name, split=split, revision=ds_cfg.revision)
 
 
-def _load_error(e: Exception, name: str, split: str) -> DataError:
+def _load_error(e: Exception, name: str, split: str, local: bool) -> DataError:
     """A loader exception -> one line; the cause's first line too (datasets wraps arrow's)."""
     first = lambda x: " ".join(str(x).split())[:300] if str(x) else ""
     kind = type(e).__name__
@@ -78,7 +78,6 @@ def _load_error(e: Exception, name: str, split: str) -> DataError:
         if "split" in msg.lower():
             return DataError(f"dataset `{name}`: no split `{split}` ({msg})")
         return DataError(f"dataset `{name}`: {msg}")
-    local = Path(name).expanduser().exists() if name and "\0" not in name else False
     if not local and any(w in kind for w in ("NotFound", "Connection", "Offline", "HTTP", "Timeout")):
         return DataError(f"dataset `{name}` cannot be fetched from the Hugging Face hub ({kind}); "
                          "a local json/jsonl/parquet/csv file or directory works as `dataset.name`")
