@@ -65,7 +65,7 @@ def _steps(run: Path) -> list[int]:
 def _where(run: Path, total: int) -> str:
     """Where a kill landed, read from what it left behind."""
     if (run / "FINISHED").is_file():
-        return "after the end"
+        return "after FINISHED (writing the plot)"
     if any(p.name.startswith(".adapter.jaxpref-tmp-") for p in run.iterdir()) or (run / "adapter").is_dir():
         return "during the final export"
     steps = _steps(run)
@@ -78,49 +78,62 @@ def _where(run: Path, total: int) -> str:
 
 
 def kill_and_resume(cfg: Path, work: Path, seed: int = 0, tries: int = 5, modes=MODES) -> dict:
+    """Kill `tries` live runs (a run that ended before its kill is not counted and is started
+    again, up to 3 * tries + 2 starts) and resume each; -> counts and where the kills landed."""
     import yaml
     raw = yaml.safe_load(Path(cfg).read_text())
     name = raw["models"][0].get("name")
     total = int(raw["training"]["max_steps"])
     rng = random.Random(seed)
     ref_out = work / "uninterrupted"
-    t0 = time.time()
-    _train(cfg, ref_out)
-    duration = time.time() - t0
     ref = ref_out / name
-    identical, landed = 0, {}
-    for k in range(tries):
-        mode = modes[k % len(modes)]
+    # The uninterrupted run, timed from its first checkpoint to its end: where kills are aimed.
+    proc = _train(cfg, ref_out, wait=False)
+    _wait_for(proc, lambda: bool(_steps(ref)), time.time() + 900)
+    t_first = time.time()
+    _, err = proc.communicate(timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({proc.returncode}): {err[-2000:]}")
+    span = max(time.time() - t_first, 0.05)
+    identical, killed, landed, k = 0, 0, {}, 0
+    while killed < tries and k < 3 * tries + 2:
+        mode = modes[killed % len(modes)]
         out = work / f"killed{k}"
         run = out / name
+        k += 1
         proc = _train(cfg, out, wait=False)
         deadline = time.time() + 900
-        if mode == "random":
-            time.sleep(rng.uniform(0.3, 0.98) * duration)
-        elif mode == "after_checkpoint":
+        if mode == "random":  # anywhere from the first checkpoint to the end
+            _wait_for(proc, lambda: bool(_steps(run)), deadline)
+            time.sleep(rng.uniform(0.0, 1.0) * span)
+        elif mode == "after_checkpoint":  # the next step or save under way
             target = rng.randint(1, total - 1)
             _wait_for(proc, lambda: target in _steps(run), deadline)
-            time.sleep(rng.uniform(0.0, 0.4))
-        else:
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:  # the final export: adapter, summary, FINISHED
             _wait_for(proc, lambda: total in _steps(run) or (run.is_dir() and any(
                 p.name.startswith(".adapter.jaxpref-tmp-") for p in run.iterdir())), deadline)
-            time.sleep(rng.uniform(0.0, 0.3))
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(rng.uniform(0.0, 0.05))
+        if proc.poll() is not None:
+            proc.wait()
+            print(f"start {k} ({mode}): the run ended before the kill; not counted", file=sys.stderr, flush=True)
+            continue
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        killed += 1
         where = _where(run, total) if run.is_dir() else "before the run folder"
         landed[where] = landed.get(where, 0) + 1
         try:
             _train(cfg, out, "--resume")
         except RuntimeError as e:
-            print(f"kill {k + 1}: --resume failed: {str(e)[-500:]}", file=sys.stderr)
+            print(f"kill {killed}: --resume failed: {str(e)[-500:]}", file=sys.stderr)
             continue
         same = _losses(run) == _losses(ref)
         a, b = _adapter(ref), _adapter(run)
         same = same and a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
         identical += int(same)
-        print(f"kill {k + 1}/{tries} ({mode}): {where}; resumed run identical: {same}", file=sys.stderr, flush=True)
-    return {"tries": tries, "identical": identical, "landed": landed}
+        print(f"kill {killed}/{tries} ({mode}): {where}; resumed run identical: {same}", file=sys.stderr, flush=True)
+    return {"tries": killed, "identical": identical, "landed": landed}
 
 
 def main() -> int:
