@@ -49,11 +49,11 @@ def _adapter(run: Path):
 MODES = ("random", "after_checkpoint", "final_export")
 
 
-def _wait_for(proc, test, deadline: float) -> bool:
+def _wait_for(proc, test, deadline: float, poll: float = 0.01) -> bool:
     while time.time() < deadline and proc.poll() is None:
         if test():
             return True
-        time.sleep(0.01)
+        time.sleep(poll)
     return False
 
 
@@ -87,14 +87,15 @@ def kill_and_resume(cfg: Path, work: Path, seed: int = 0, tries: int = 5, modes=
     rng = random.Random(seed)
     ref_out = work / "uninterrupted"
     ref = ref_out / name
-    # The uninterrupted run, timed from its first checkpoint to its end: where kills are aimed.
+    # The uninterrupted run, timed from its first checkpoint to FINISHED: where kills are aimed.
     proc = _train(cfg, ref_out, wait=False)
-    _wait_for(proc, lambda: bool(_steps(ref)), time.time() + 900)
+    _wait_for(proc, lambda: bool(_steps(ref)), time.time() + 900, poll=0.002)
     t_first = time.time()
+    _wait_for(proc, lambda: (ref / "FINISHED").is_file(), time.time() + 900, poll=0.002)
+    span = max(time.time() - t_first, 0.05)
     _, err = proc.communicate(timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}): {err[-2000:]}")
-    span = max(time.time() - t_first, 0.05)
     identical, killed, landed, k = 0, 0, {}, 0
     while killed < tries and k < 3 * tries + 2:
         mode = modes[killed % len(modes)]
@@ -103,17 +104,17 @@ def kill_and_resume(cfg: Path, work: Path, seed: int = 0, tries: int = 5, modes=
         k += 1
         proc = _train(cfg, out, wait=False)
         deadline = time.time() + 900
-        if mode == "random":  # anywhere from the first checkpoint to the end
-            _wait_for(proc, lambda: bool(_steps(run)), deadline)
+        if mode == "random":  # anywhere from the first checkpoint to FINISHED
+            _wait_for(proc, lambda: bool(_steps(run)), deadline, poll=0.002)
             time.sleep(rng.uniform(0.0, 1.0) * span)
         elif mode == "after_checkpoint":  # the next step or save under way
             target = rng.randint(1, total - 1)
-            _wait_for(proc, lambda: target in _steps(run), deadline)
-            time.sleep(rng.uniform(0.0, 0.05))
-        else:  # the final export: adapter, summary, FINISHED
-            _wait_for(proc, lambda: total in _steps(run) or (run.is_dir() and any(
-                p.name.startswith(".adapter.jaxpref-tmp-") for p in run.iterdir())), deadline)
-            time.sleep(rng.uniform(0.0, 0.05))
+            _wait_for(proc, lambda: target in _steps(run), deadline, poll=0.002)
+            time.sleep(rng.uniform(0.0, 0.02))
+        else:  # the final export (a few ms on a tiny model): kill as it starts
+            _wait_for(proc, lambda: run.is_dir() and any(p.name.startswith(".adapter.jaxpref-tmp-")
+                                                         for p in run.iterdir()), deadline, poll=0.0005)
+            time.sleep(rng.uniform(0.0, 0.002))
         if proc.poll() is not None:
             proc.wait()
             print(f"start {k} ({mode}): the run ended before the kill; not counted", file=sys.stderr, flush=True)
