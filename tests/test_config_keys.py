@@ -85,3 +85,23 @@ def test_auto_layout_resolves_to_shared_prompt_padding_free():
     assert resolve_layout(cfg(training={"padding_free": False})) == (PairLayout.SHARED_PROMPT, False)
     with pytest.raises(ConfigError, match="KTO needs `training.pair_layout: concatenated`"):
         cfg(post_training={"method": "kto"}, training={"pair_layout": "shared_prompt"})
+
+
+def test_each_method_logs_the_metrics_it_declares():
+    """`Method.metrics` (what early stopping may name) is what its loss returns."""
+    import jax.numpy as jnp
+
+    from jaxpref.data.batches import Batch
+    from jaxpref.objectives.losses import LossSpec, PairStats
+    from jaxpref.objectives.methods import METHODS, LossInputs
+
+    b = 2
+    stats = PairStats(*[jnp.full((b,), v, jnp.float32) for v in (-3.0, -4.0, 2.0, 3.0, 5.0, 4.0, -1.0, -1.5,
+                                                                  0.5, 0.7)])
+    z = jnp.zeros((2 * b, 3), jnp.int32)
+    batch = Batch(input_ids=z, positions=z, segment_ids=z, branch=z, tgt_src=z, tgt_ids=z, tgt_seq=z,
+                  tgt_weight=z.astype(jnp.float32), tgt_full=z.astype(jnp.float32), labels=jnp.array([1.0, 0.0]))
+    for name, m in METHODS.items():
+        spec = LossSpec(method=name, loss_types=(m.default_loss_type,))
+        _, metrics = m.loss(LossInputs(stats, jnp.zeros((2 * b,)), jnp.zeros((2 * b, 3)), batch, 2 * b), spec)
+        assert {k for k in metrics if not k.startswith("_")} == set(m.metrics), name

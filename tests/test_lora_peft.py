@@ -535,6 +535,7 @@ def test_cli_train_export_and_continue(tmp_path, tiny_llama, tiny_pairs):
 
     # A rank that conflicts with the adapter's: exit 2, one line on stderr, no traceback.
     cfg3 = write_config(tmp_path / "bad.yaml", tiny_llama, tiny_pairs,
+                        models=[{"name": "bad", "huggingface_id": str(tiny_llama)}],   # not over the finished run
                         lora={**lora, "r": 8, "init_from": str(run / "adapter")})
     p = _cli("jaxpref.train", "--config", cfg3, "--output-dir", out, cwd=tmp_path)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]

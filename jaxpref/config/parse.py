@@ -174,7 +174,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {src}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{src}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                          "save the file as UTF-8")
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot read the config file ({e.strerror or e})")
+    try:
+        data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

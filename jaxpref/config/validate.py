@@ -1,6 +1,7 @@
 """Range and consistency checks of a parsed config; each error names the key and the file."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from jaxpref.config.schema import Config, PostTrainingBase
@@ -35,7 +36,7 @@ def _models(cfg: Config) -> None:
         if not m.huggingface_id:
             raise ConfigError(f"{src}: `models[{i}].huggingface_id` is missing")
         if not m.name:
-            m.name = Path(m.huggingface_id.rstrip("/")).name.replace(".gguf", "")
+            m.name = derived_name(m.huggingface_id)
         if m.name in names:
             raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` is used twice")
         if "/" in m.name or m.name in (".", ".."):
@@ -147,7 +148,6 @@ def pt_is_kto(cfg: Config) -> bool:
 
 def _rest(cfg: Config) -> None:
     src = cfg.source
-    _choice(cfg.logging.log_level, ("debug", "info", "warning", "error"), "logging.log_level", src)
     for r in cfg.report_to:
         _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)
     _choice(cfg.finetuning.remat_policy, ("nothing_saveable", "dots_saveable",
@@ -155,5 +155,79 @@ def _rest(cfg: Config) -> None:
             "finetuning.remat_policy", src)
     if cfg.finetuning.early_stopping is not None:
         _choice(cfg.finetuning.early_stopping.mode, ("min", "max"), "finetuning.early_stopping.mode", src)
+    validate_safety(cfg)
+
+
+def derived_name(huggingface_id: str) -> str:
+    """The run folder's name when `models[].name` is not given: the last part of the id or path
+    (`./` and `.` name the current folder); empty when nothing can be derived (`/`)."""
+    import os
+
+    name = Path(huggingface_id.rstrip("/")).name
+    if name in ("", ".", ".."):
+        name = Path(os.path.abspath(os.path.expanduser(huggingface_id))).name
+    return name.replace(".gguf", "")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def validate_safety(cfg: Config) -> None:
+    """Values that used to pass silently and then lost data, broke far from their cause or meant
+    nothing (issue #16). Each error names the key and the file."""
+    src = cfg.source
+    for i, m in enumerate(cfg.models):
+        for key in ("name", "huggingface_id", "revision", "ref_model_id", "tokenizer_id"):
+            if "\0" in (getattr(m, key) or ""):
+                raise ConfigError(f"{src}: `models[{i}].{key}` contains a NUL byte")
+        if not m.name:
+            raise ConfigError(f"{src}: `models[{i}].name` is needed: no folder name can be derived from "
+                              f"`huggingface_id` `{m.huggingface_id}`")
+    ds = cfg.dataset
+    files = ds.data_files
+    flat = ([files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict)
+            else list(files or []))
+    flat = [x for v in flat for x in ([v] if isinstance(v, str) else v)]
+    for key, value in [("dataset.name", ds.name)] + [("dataset.data_files", f) for f in flat]:
+        if "\0" in (value or ""):
+            raise ConfigError(f"{src}: `{key}` contains a NUL byte")
+    if ds.max_samples is not None and ds.max_samples < 1:
+        raise ConfigError(f"{src}: `dataset.max_samples` must be >= 1 (or null: every row), got {ds.max_samples}")
+    tr, ft, pt = cfg.training, cfg.finetuning, cfg.post_training
+    if not 0 <= tr.seed <= 2**32 - 1:
+        raise ConfigError(f"{src}: `training.seed` must be in [0, 2**32 - 1], got {tr.seed}")
+    for key, v in (("finetuning.save_steps", ft.save_steps), ("training.eval_steps", tr.eval_steps)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{src}: `{key}` must be >= 1 (or null: never), got {v}")
+    if ft.save_total_limit is not None and ft.save_total_limit < 1:
+        raise ConfigError(f"{src}: `finetuning.save_total_limit` must be >= 1 (or null: keep every "
+                          f"checkpoint), got {ft.save_total_limit}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(tr, key) < 1:
+            raise ConfigError(f"{src}: `training.{key}` must be in [0, 1), got {getattr(tr, key)}")
+    if tr.adam_epsilon <= 0:
+        raise ConfigError(f"{src}: `training.adam_epsilon` must be > 0, got {tr.adam_epsilon}")
+    for j, w in enumerate(pt.loss_weights or []):
+        if w < 0:
+            raise ConfigError(f"{src}: `post_training.loss_weights[{j}]` must be >= 0, got {w}")
+    if pt.label_smoothing > 0.5:
+        raise ConfigError(f"{src}: `post_training.label_smoothing` must be in [0, 0.5] (above 0.5 it "
+                          f"prefers the rejected answers), got {pt.label_smoothing}")
+    for key in ("desirable_weight", "undesirable_weight"):
+        if getattr(pt, key) <= 0:
+            raise ConfigError(f"{src}: `post_training.{key}` must be > 0, got {getattr(pt, key)}")
+    _choice(cfg.logging.log_level.lower(), LOG_LEVELS, "logging.log_level", src)
+    es = ft.early_stopping
+    if es is not None:
+        logged = ["eval_loss"] + [f"eval_{k}" for k in METHODS[pt.method].metrics]
+        if logged and es.metric not in logged:
+            close = difflib.get_close_matches(es.metric, logged, n=1, cutoff=0.5)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise ConfigError(f"{src}: `finetuning.early_stopping.metric` `{es.metric}` is never logged: "
+                              f"{pt.method} evaluations log {', '.join(logged)}{hint}")
+        if es.patience < 1:
+            raise ConfigError(f"{src}: `finetuning.early_stopping.patience` must be >= 1, got {es.patience}")
+        if es.min_delta < 0:
+            raise ConfigError(f"{src}: `finetuning.early_stopping.min_delta` must be >= 0, got {es.min_delta}")
 
 

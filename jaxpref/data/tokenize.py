@@ -148,7 +148,10 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
         if cached is not None:
             _warn_boundary(cached)
             return cached
-    rows = ds.to_list()
+    try:
+        rows = ds.to_list()
+    except UnicodeDecodeError as e:  # arrow keeps invalid UTF-8 in string columns until read
+        raise DataError(f"dataset `{ds_cfg.name}`: a text value is not UTF-8 ({e.reason}); save the data as UTF-8")
     if not rows:
         raise DataError(f"dataset `{ds_cfg.name}` is empty")
     fmt = detect_format(rows, kind)

@@ -21,10 +21,10 @@ from jaxpref.models import weights
 from jaxpref.runtime.memory import format_bytes, memory_plan
 
 def _weights_kind(bundle) -> str | None:
-    try:
-        return weights.weight_files(bundle.source.path, bundle.source.spec)[0]
-    except JaxprefError:
-        return None  # a GGUF read for its metadata only, or no weights: the real run says which
+    if bundle.source.spec.endswith(".gguf"):
+        return None  # a GGUF read for its metadata only: its tensors are checked when converted
+    # No readable weights (only pickles, a broken index) fails here as it fails in training.
+    return weights.weight_files(bundle.source.path, bundle.source.spec)[0]
 
 
 def check_model(cfg: Config, index: int) -> list[str]:
@@ -37,13 +37,17 @@ def check_model(cfg: Config, index: int) -> list[str]:
         bundle, tok, spec, abstract = setup.model_for(cfg, index, training=True, weights_needed=False)
         if _weights_kind(bundle) == "safetensors":
             weights.check_weights(bundle)  # names and shapes from the headers; no value is read
+        # r against each targeted layer, as the LoRA init in training checks it
+        targets = {} if spec is None else target_shapes(abstract, spec, cfg.source)
+        from jaxpref.runtime.mesh import make_mesh
+        mesh = make_mesh(cfg.gpu, cfg.source)  # a mesh or device ids that this machine lacks
     except JaxprefError as e:
         return [f"model `{name}`: {e}"]
     args = bundle.args
     total = count(abstract)
     trainable = count(abstract) if spec is None else sum(
         s[0] * (s[1] + s[2]) * spec.r if len(s) == 3 else (s[0] + s[1]) * spec.r
-        for s in target_shapes(abstract, spec).values())
+        for s in targets.values())
     print(f"  architecture     {bundle.source.model_type}: {args.num_layers} layers, hidden {args.hidden_size}, "
           f"{args.num_heads} heads, vocab {args.vocab_size}, tied embeddings {args.tie_word_embeddings}")
     print(f"  parameters       {total:,} total, {trainable:,} trainable "
@@ -92,8 +96,6 @@ def check_model(cfg: Config, index: int) -> list[str]:
           f"{'; planned' if it.shapes else ''}{'' if steps <= 200 else ', first 200 steps'})")
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
-    from jaxpref.runtime.mesh import make_mesh
-    mesh = make_mesh(cfg.gpu, cfg.source)
     plan = memory_plan(cfg, args, total, trainable if spec else 0, list(shapes), mesh=mesh)
     print(f"  attention        {attention_line(cfg, args, list(shapes), mesh)}")
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")

@@ -37,11 +37,11 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        if not resume:
-            ckpt.clear_run(run_dir)
-        dump_config(setup.model_config(cfg, index), run_dir / "config.yaml")
+    if jax.process_index() == 0 and not resume:
+        ckpt.clear_run(run_dir)  # allowed by train.py's claim on the folder (--overwrite-output-dir)
     run = build_run(cfg, index, run_dir, resume, resume_force)
+    if run.is_main:  # after the resume checks: a refused resume keeps the run's record as it was
+        dump_config(setup.model_config(cfg, index), run_dir / "config.yaml")
     trainer = Trainer(run)
     try:
         trainer.train()
@@ -60,10 +60,12 @@ class Trainer:
         self.run = run
         cfg = run.cfg
         if run.is_main:
-            ckpt.truncate_metrics(run.run_dir / "metrics.jsonl", run.start)
+            # Resumed from the final checkpoint: the final evaluation is logged again.
+            ckpt.truncate_metrics(run.run_dir / "metrics.jsonl", run.start, final=run.start >= run.total)
         self.sinks = MetricSinks(run.run_dir, cfg, run.entry.name, append=run.start > 0, enabled=run.is_main)
         self.bar = ProgressBar(run.total - run.start, enabled=cfg.logging.progress_bar)
-        self.last: dict = {}             # the last logged train metrics
+        # The last logged train metrics (a run resumed from its final checkpoint logs none again).
+        self.last: dict = ckpt.last_train_metrics(run.run_dir / "metrics.jsonl") if run.start else {}
         self.shapes: set = set()         # batch shapes compiled so far
         self.compile_s: float | None = None
         self.saved: set[int] = set()
@@ -242,7 +244,7 @@ class Trainer:
             "early_stopped": self.stopped_early,
             "adapter_from_step": run.early.best_step if best else final_step,
             "peak_memory": peak_memory(),
-            "memory_plan_mib": self._memory_plan(),
+            "memory_plan_mib": self._memory_plan() if self.shapes else None,
             "final_metrics": self.last,
             "final_eval": self.final_eval,
         }

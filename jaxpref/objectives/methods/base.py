@@ -37,6 +37,8 @@ class Method:
       CPOTrainer's `tokenize_row`): see `jaxpref.data.trl_rules`;
     loss: (LossInputs, LossSpec) -> (scalar loss, metrics: name -> per-pair vector, plus
       `logits/*` sums and `_tokens/*` counts that the step turns into TRL's token means);
+    metrics: the names of the metrics its loss logs besides `loss` (train and, `eval_` prefixed,
+      eval; `finetuning.early_stopping.metric` must name one);
     check: extra config checks (post_training section, loss types, config file) raising ConfigError.
     """
     name: str
@@ -47,10 +49,16 @@ class Method:
     reference: bool
     tokenization: str
     loss: Callable[[LossInputs, LossSpec], tuple[jax.Array, dict]]
+    metrics: tuple[str, ...] = ()
     check: Callable[[Any, tuple[str, ...], str], None] | None = None
 
     def needs_reference(self, spec: LossSpec) -> bool:
         return self.reference and not spec.reference_free
+
+
+# What every pairwise method logs (`losses.reward_metrics` and the logits means).
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
 
 
 def logits_metrics(stats: PairStats) -> dict:

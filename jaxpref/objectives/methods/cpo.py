@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from jaxpref.objectives import losses
 from jaxpref.objectives.losses import LossSpec
-from jaxpref.objectives.methods.base import LossInputs, Method, logits_metrics
+from jaxpref.objectives.methods.base import PAIR_METRICS, LossInputs, Method, logits_metrics
 
 
 @dataclass
@@ -22,6 +22,8 @@ def cpo_loss(x: LossInputs, spec: LossSpec):
 
 
 CPO = Method("cpo", CpoKeys, data="paired", loss_types=("sigmoid", "hinge", "ipo", "simpo"),
-             default_loss_type="sigmoid", reference=False, tokenization="row", loss=cpo_loss)
+             default_loss_type="sigmoid", reference=False, tokenization="row", loss=cpo_loss,
+              metrics=PAIR_METRICS + ("nll_loss",))
 SIMPO = Method("simpo", CpoKeys, data="paired", loss_types=("simpo",), default_loss_type="simpo",
-               reference=False, tokenization="row", loss=cpo_loss)
+               reference=False, tokenization="row", loss=cpo_loss,
+              metrics=PAIR_METRICS + ("nll_loss",))

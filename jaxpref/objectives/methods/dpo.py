@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxpref.errors import ConfigError, check_choice
 from jaxpref.objectives import losses
 from jaxpref.objectives.losses import LossSpec
-from jaxpref.objectives.methods.base import LossInputs, Method, logits_metrics
+from jaxpref.objectives.methods.base import PAIR_METRICS, LossInputs, Method, logits_metrics
 
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -52,6 +52,8 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 
 
 DPO = Method("dpo", DpoKeys, data="paired", loss_types=LOSS_TYPES, default_loss_type="sigmoid",
-             reference=True, tokenization="dpo", loss=dpo_loss, check=check)
+             reference=True, tokenization="dpo", loss=dpo_loss,
+              metrics=PAIR_METRICS, check=check)
 IPO = Method("ipo", DpoKeys, data="paired", loss_types=LOSS_TYPES, default_loss_type="ipo",
-             reference=True, tokenization="dpo", loss=dpo_loss, check=check)
+             reference=True, tokenization="dpo", loss=dpo_loss,
+              metrics=PAIR_METRICS, check=check)

@@ -41,4 +41,6 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 
 
 KTO = Method("kto", KtoKeys, data="unpaired", loss_types=("kto", "apo_zero_unpaired"), default_loss_type="kto",
-             reference=True, tokenization="dpo", loss=kto_loss, check=check)
+             reference=True, tokenization="dpo", loss=kto_loss,
+             metrics=("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                      "logps/rejected", "logits/chosen", "logits/rejected"), check=check)

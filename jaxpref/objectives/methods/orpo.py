@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from jaxpref.errors import check_choice
 from jaxpref.objectives import losses
 from jaxpref.objectives.losses import LossSpec
-from jaxpref.objectives.methods.base import LossInputs, Method, logits_metrics
+from jaxpref.objectives.methods.base import PAIR_METRICS, LossInputs, Method, logits_metrics
 
 
 @dataclass
@@ -25,4 +25,5 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 
 
 ORPO = Method("orpo", OrpoKeys, data="paired", loss_types=("orpo",), default_loss_type="orpo",
-              reference=False, tokenization="row", loss=orpo_loss, check=check)
+              reference=False, tokenization="row", loss=orpo_loss,
+              metrics=PAIR_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"), check=check)
