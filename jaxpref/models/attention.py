@@ -220,7 +220,7 @@ def key_intervals(info: MaskInfo) -> tuple[jax.Array | None, jax.Array, jax.Arra
     query i of row b attends to key slots [start, end) of the keys gathered by kv_src (slot j
     holds token kv_src[b, j] of the row; None: the row itself, S = T). Exactly `dense_mask`,
     given that each segment is one run of tokens ordered [shared | branch 1 | branch 2] and
-    positions increase along each query's keys (what `jaxpref.batching` builds)."""
+    positions increase along each query's keys (what `jaxpref.data.layouts` builds)."""
     seg, br, pos = info.segment_ids, info.branch, info.positions
     rows, t = seg.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (rows, t))
