@@ -35,3 +35,42 @@ def check_writable(path, flag: str, directory: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"{flag} {path}: cannot write there ({parent} is not a writable directory)")
+
+
+def check_choice(value: str, allowed, key: str, src: str) -> None:
+    """`value` of config key `key` (in file `src`) must be one of `allowed`; the error names the
+    closest one."""
+    import difflib
+
+    allowed = list(allowed)
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ConfigError(f"{src}: `{key}` is `{value}`, expected one of {', '.join(map(str, allowed))}{hint}")
+
+
+# Errors of the file system rather than of jaxpref: a full disk, a quota, a size limit, a folder
+# that cannot be written. Orbax's background writes (tensorstore) report them in their messages.
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large", "RESOURCE_EXHAUSTED: Error writing")
+
+
+def os_error_line(e: BaseException) -> str | None:
+    """One line naming what could not be written and why, if `e` (or what caused it) is a file
+    system error; else None."""
+    import errno
+    import re
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = " ".join(str(e).split())
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return f"{(e.strerror or text).lower()}" + (f" while writing {e.filename}" if e.filename else "")
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+            return f"{e.filename}: {(e.strerror or text).lower()}"
+        if any(k in text for k in _DISK_FULL):
+            m = re.search(r'local file "([^"]+)"', text) or re.search(r'(?:writing|file) "?([^":]+)"?', text)
+            what = f" while writing {m.group(1)}" if m else ""
+            return f"no space left on the device{what}"
+        e = e.__cause__ or e.__context__
+    return None

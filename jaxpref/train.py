@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from jaxpref.config import Config, load_config
-from jaxpref.errors import JaxprefError
+from jaxpref.errors import JaxprefError, check_writable
 
 
 def parse_args(argv):
@@ -26,6 +26,9 @@ def parse_args(argv):
     ap.add_argument("--resume", action="store_true", help="continue each model from its latest checkpoint")
     ap.add_argument("--resume-force", action="store_true",
                     help="resume even if the base model or training-critical config changed")
+    ap.add_argument("--overwrite-output-dir", action="store_true",
+                    help="start afresh in a run folder that holds a previous run, deleting its checkpoints "
+                         "and outputs (without it such a folder is refused; --resume continues it)")
     ap.add_argument("--dry-run", action="store_true", help="check config, model shapes and data without training")
     ap.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -37,7 +40,15 @@ def load_dotenv(path: Path = Path(".env")) -> None:
     """KEY=VALUE lines of .env into the environment (existing variables win)."""
     if not path.is_file():
         return
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise JaxprefError(f"{path}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                           "save it as UTF-8 or remove it")
+    except OSError as e:
+        raise JaxprefError(f"{path}: cannot read it ({e.strerror or e})")
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
@@ -54,35 +65,87 @@ def select_models(cfg: Config, index: int | None) -> list[int]:
     return [index]
 
 
+def quiet_background_writes() -> None:
+    """Orbax logs the tracebacks of a failed background write (a full disk) through absl and
+    asyncio, and tensorstore's writes still pending then fail on Orbax's closed event loop (reported
+    as unraisable exceptions); the failure itself is raised to the run and reported in one line."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxpref_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+    hook.jaxpref_quiet = True
+    sys.unraisablehook = hook
+
+
+def report_failure(name: str, run_dir: Path, e: Exception) -> int:
+    """One line for an unexpected failure, its traceback in `<run>/error.log` when that can be
+    written. A full disk or a folder that cannot be written is the user's to fix: exit code 2,
+    naming the file; the checkpoints already whole are kept. -> the exit code."""
+    from jaxpref.errors import os_error_line
+
+    tb = traceback.format_exc()
+    where = ""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.log").write_text(tb)
+        where = f" (traceback in {run_dir / 'error.log'})"
+    except Exception as log_error:  # the disk that failed the run may fail this too
+        where = f" (traceback not saved: {type(log_error).__name__})"
+    io_problem = os_error_line(e)
+    if io_problem is not None:
+        ckpts = run_dir / "checkpoints"
+        kept = f"; the checkpoints already whole in {ckpts} are kept (continue with --resume)" if ckpts.is_dir() else ""
+        print(f"jaxpref: error: model `{name}`: {io_problem}{kept}", file=sys.stderr)
+        return 2
+    msg = " ".join(str(e).split())[:500] if str(e) else ""
+    print(f"jaxpref: error: model `{name}` failed: {type(e).__name__}: {msg}{where}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    load_dotenv()
+    quiet_background_writes()
     overrides = list(args.set)
     if args.max_steps is not None:
         overrides.append(f"training.max_steps={args.max_steps}")
+    out_root = Path(args.output_dir or "checkpoints")
     try:
+        load_dotenv()
         cfg = load_config(args.config, overrides)
+        logging.getLogger().setLevel(cfg.logging.log_level.upper())
         indices = select_models(cfg, args.model_index)
         if not args.dry_run:
+            check_writable(out_root, "--output-dir", directory=True)
             from jaxpref.runtime.mesh import init_distributed
             init_distributed(cfg.gpu, cfg.source)
+        if args.dry_run:
+            from jaxpref.training.dryrun import dry_run
+            return dry_run(cfg, indices)
     except JaxprefError as e:
         print(f"jaxpref: error: {e}", file=sys.stderr)
         return 2
-    out_root = Path(args.output_dir or "checkpoints")
-    if args.dry_run:
-        from jaxpref.training.dryrun import dry_run
-        return dry_run(cfg, indices)
-    from jaxpref.training.loop import train_model
+    import jax
 
+    from jaxpref.training.loop import train_model
+    from jaxpref.training.rundir import claim_run_dir
+
+    resume = args.resume or args.resume_force
     codes = []
     for i in indices:
         entry = cfg.models[i]
         run_dir = out_root / entry.name
         try:
-            train_model(cfg, i, run_dir, resume=args.resume or args.resume_force,
-                        resume_force=args.resume_force)
+            # One writer per run folder; a previous run is continued or replaced only when asked.
+            with claim_run_dir(run_dir, resume, args.overwrite_output_dir, lock=jax.process_index() == 0):
+                train_model(cfg, i, run_dir, resume=resume, resume_force=args.resume_force)
             codes.append(0)
         except JaxprefError as e:
             print(f"jaxpref: error: model `{entry.name}`: {e}", file=sys.stderr)
@@ -90,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         except Exception as e:  # report, keep the traceback in the run folder, go on
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.log").write_text(traceback.format_exc())
-            msg = str(e).splitlines()[0] if str(e) else ""
-            print(f"jaxpref: error: model `{entry.name}` failed: {type(e).__name__}: {msg} "
-                  f"(traceback in {run_dir / 'error.log'})", file=sys.stderr)
-            codes.append(1)
+            codes.append(report_failure(entry.name, run_dir, e))
     if len(indices) > 1:
         ok = sum(c == 0 for c in codes)
         print(f"jaxpref: {ok}/{len(indices)} model(s) trained", file=sys.stderr)

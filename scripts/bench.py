@@ -4,8 +4,8 @@
                             [--only jax|trl] [--trl-device auto|cpu|cuda]
 
 Each side runs in its own subprocess, so peak RSS is measured separately. The jaxpref side builds
-the model, data and step exactly as `jaxpref.runner` does (setup.model_for/data_for,
-runner.loss_spec/ref_mode, step.make_train_step, the batch iterator), times every step with a
+the model, data and step exactly as `jaxpref.training.loop` does (setup.model_for/data_for,
+setup.loss_spec/ref_mode, step.make_train_step, the batch iterator), times every step with a
 host sync, and measures this machine's fp32 matmul peak in the same process. The TRL side trains
 the same converted checkpoint (transformers, from the jaxpref cache) on the same jsonl with
 DPOTrainer + a PEFT LoraConfig of the same r/alpha/targets, dtype, max_length and batch size, with
@@ -200,7 +200,6 @@ def run_jax(args) -> dict:
     from jaxpref.data import prepare
     from jaxpref.training import setup
     from jaxpref.runtime.memory import peak_memory
-    from jaxpref.training import loop as runner
     from jaxpref.config import load_config
     from jaxpref.lora.tree import init_lora
     from jaxpref.models import weights
@@ -213,12 +212,12 @@ def run_jax(args) -> dict:
     entry = cfg.models[0]
     bundle, tok, lspec, abstract = setup.model_for(cfg, 0, training=True)
     prepared = prepare.data_for(cfg, tok)
-    spec = runner.loss_spec(cfg)
-    mode = runner.ref_mode(cfg, spec, lspec is not None)
+    spec = setup.loss_spec(cfg)
+    mode = setup.ref_mode(cfg, spec, lspec is not None)
     if mode not in ("lora_off", "none", "separate"):
         raise SystemExit(f"bench: reference mode `{mode}` is not benchmarked")
     B, G = tcfg.per_device_train_batch_size, tcfg.gradient_accumulation_steps
-    it = runner.iterator_class(cfg)(prepared.train, B, G, tcfg.seed, prepared.layout)
+    it = setup.iterator_class(cfg)(prepared.train, B, G, tcfg.seed, prepared.layout)
     total = args.warmup + args.steps
     # The shapes the real run would plan (over all its steps), not just the timed ones.
     run_steps = tcfg.total_steps(it.steps_per_epoch)
@@ -237,9 +236,7 @@ def run_jax(args) -> dict:
     lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-    opts = StepOptions(spec, 2 * B, need_wpo=spec.use_weighting,
-                       orpo_span="completion" if cfg.post_training.orpo_nll_span == "completion"
-                       else "prompt_and_completion", ref_mode=mode)
+    opts = StepOptions(spec, 2 * B, ref_mode=mode)
     step_fn = make_train_step(bundle, opts, optimizer, schedule, ref_bundle, dropout=lspec.dropout > 0)
     setup_s = time.perf_counter() - t_setup
     peak_before = matmul_peak_gflops()

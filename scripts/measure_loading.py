@@ -65,7 +65,8 @@ def child_compile(layers: int, remat: bool) -> dict:
     bundle = build(ModelSource("tiny", Path("."), cfg), gradient_checkpointing=remat)
     ids = jnp.zeros((2, 32), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (2, 32))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((32, 32), bool)), (2, 32, 32))
+    from jaxpref.models.attention import MaskInfo
+    mask = MaskInfo.rows(jnp.ones((2, 32), jnp.int32))
     params = bundle.module.init(jax.random.PRNGKey(0), ids, pos, mask)["params"]
     loss = lambda p: jnp.sum(bundle.hidden(p, None, ids, pos, mask))
     t0 = time.perf_counter()

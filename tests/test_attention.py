@@ -1,8 +1,8 @@
 """Every attention backend computes today's attention, on every layout.
 
-The oracle is today's path: `step.attention_mask` (or `step.stream_blocks` for padding-free
-streams), `layers.sliding_window` and `layers.attention`, on micro-batches built by the real
-batching code (concatenated, shared_prompt with one and with two segments per pair, packed,
+The oracle is the dense path the model ran before the backends existed, written out below
+(`_oracle_*`: a [B, T, T] mask from segment ids and branches, padding-free streams gathered into
+blocks, and `jax.nn.dot_product_attention`), on micro-batches built by the real batching code (concatenated, shared_prompt with one and with two segments per pair, packed,
 packed_shared_prompt, padding-free streams with empty block slots). Against it:
 - "xla" gives the same outputs bit for bit;
 - "xla_chunked" and "flash" (tokamax's reference implementation on a CPU: the same per-query key
@@ -22,13 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpref.batching import Layout, compact_targets, make_pair_batch, pack_rows
-from jaxpref.data import Tokenized
-from jaxpref.models import layers
+from jaxpref.data.layouts import Layout, compact_targets, make_pair_batch, pack_rows
+from jaxpref.data.padfree import to_stream
+from jaxpref.data.tokenize import Tokenized
+from jaxpref.models.layers import upcast_on_cpu
 from jaxpref.models.attention import (MaskInfo, attention, block_rows, choose_backend, dense_mask,
                                       key_intervals, _preset)
-from jaxpref.padfree import to_stream
-from jaxpref.step import attention_mask, stream_blocks
 
 tokamax = pytest.importorskip("tokamax")
 
@@ -66,9 +65,53 @@ def _batch(name: str) -> dict:
     return {k: jnp.asarray(v) for k, v in b.items()}
 
 
-def _todays_mask(mb: dict, window):
-    mask = stream_blocks(mb) if "blk_idx" in mb else attention_mask(mb["segment_ids"], mb["branch"])
-    return mask if window is None else layers.sliding_window(mask, mb["positions"], window)
+def _oracle_mask(segment_ids, branch):
+    """[N, T] -> [N, T, T] bool: same segment, causal, a branch sees shared tokens and itself;
+    padding queries see only themselves."""
+    t = segment_ids.shape[-1]
+    q_seg, k_seg = segment_ids[:, :, None], segment_ids[:, None, :]
+    q_br, k_br = branch[:, :, None], branch[:, None, :]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    allowed = (q_seg == k_seg) & (k_seg > 0) & causal & ((k_br == 0) | (k_br == q_br))
+    return allowed | jnp.eye(t, dtype=bool)[None]
+
+
+def _near(pos, window):
+    return (pos[:, :, None] - pos[:, None, :]) < window
+
+
+def _oracle_attention(q, k, v, mb: dict, window=None):
+    """Dense attention over rows, or over each padding-free stream's blocks (gathered, attended
+    block by block, put back)."""
+    def attend(q, k, v, mask):
+        f = jnp.float32 if upcast_on_cpu(q.dtype) else q.dtype
+        out = jax.nn.dot_product_attention(q.astype(f), k.astype(f), v.astype(f), mask=mask[:, None])
+        return out.astype(q.dtype)
+
+    if "blk_idx" not in mb:
+        mask = _oracle_mask(mb["segment_ids"], mb["branch"])
+        return attend(q, k, v, mask if window is None else mask & _near(mb["positions"], window))
+    r, per, tb = mb["blk_idx"].shape
+    idx = mb["blk_idx"].reshape(r, per * tb)
+    ok, at = idx >= 0, jnp.maximum(idx, 0)
+    take = lambda x: jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
+    blocks = lambda x: take(x).reshape(-1, tb, *x.shape[2:])
+    mask = _oracle_mask(jnp.where(ok, take(mb["segment_ids"]), 0).reshape(-1, tb),
+                        jnp.where(ok, take(mb["branch"]), 0).reshape(-1, tb))
+    if window is not None:
+        mask = mask & _near(blocks(mb["positions"]), window)
+    out = attend(blocks(q), blocks(k), blocks(v), mask).reshape(r, -1, *q.shape[2:])
+    return jnp.take_along_axis(out, mb["blk_back"][:, :, None, None], axis=1)
+
+
+def _oracle_dense_mask(mb: dict, window):
+    mask = _oracle_mask(mb["segment_ids"], mb["branch"])
+    return mask if window is None else mask & _near(mb["positions"], window)
+
+
+def _info(mb: dict, window=None) -> MaskInfo:
+    return MaskInfo(mb["segment_ids"], mb["branch"], mb["positions"], mb.get("blk_idx"), mb.get("blk_back"),
+                    window, True)
 
 
 def _qkv(rows: int, t: int, kv_heads: int = K, seed: int = 1):
@@ -93,21 +136,23 @@ def layout(request):
 def test_xla_backend_is_todays_attention_bit_for_bit(layout, window):
     _, mb = layout
     q, k, v = _qkv(*mb["segment_ids"].shape)
-    info = MaskInfo.from_batch(mb, window)
-    want = layers.attention(q, k, v, _todays_mask(mb, window))
+    info = _info(mb, window)
+    want = _oracle_attention(q, k, v, mb, window)
     np.testing.assert_array_equal(attention(q, k, v, info, backend="xla"), want)
     if "blk_idx" not in mb:
-        np.testing.assert_array_equal(dense_mask(info), _todays_mask(mb, window))
+        np.testing.assert_array_equal(dense_mask(info), _oracle_dense_mask(mb, window))
 
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_key_intervals_rebuild_the_dense_mask(layout, window):
     _, mb = layout
-    info = MaskInfo.from_batch(mb, window)
-    want = _todays_mask(mb, window)
+    info = _info(mb, window)
     if "blk_idx" in mb:
         _, info = block_rows(info)
-        want = want.mask
+        want = _oracle_mask(info.segment_ids, info.branch)
+        want = want if window is None else want & _near(info.positions, window)
+    else:
+        want = _oracle_dense_mask(mb, window)
     kv_src, start, end = key_intervals(info)
     slots = jnp.arange(kv_src.shape[1])
     inside = (slots >= start[:, :, None]) & (slots < end[:, :, None])  # [B, T, S]
@@ -122,9 +167,8 @@ def test_key_intervals_rebuild_the_dense_mask(layout, window):
 def test_backend_matches_dense_forward_and_grads(layout, backend, window):
     name, mb = layout
     q, k, v = _qkv(*mb["segment_ids"].shape)
-    info = MaskInfo.from_batch(mb, window)
-    mask = _todays_mask(mb, window)
-    want = _value_and_grads(lambda q, k, v: layers.attention(q, k, v, mask), q, k, v)
+    info = _info(mb, window)
+    want = _value_and_grads(lambda q, k, v: _oracle_attention(q, k, v, mb, window), q, k, v)
     # chunk=16 over rows of 40/80 tokens: several query blocks and a padded last one.
     got = _value_and_grads(lambda q, k, v: attention(q, k, v, info, backend=backend, chunk=16,
                                                      flash_impl=("xla",)), q, k, v)
@@ -143,8 +187,8 @@ def test_one_token_rows_and_padding(backend, kv_heads):
     for s, b, p in ((seg, br, pos), (seg[:, :1], br[:, :1], pos[:, :1])):
         q, k, v = _qkv(s.shape[0], s.shape[1], kv_heads)
         info = MaskInfo(s, b, p, window=2)
-        mask = layers.sliding_window(attention_mask(s, b), p, 2)
-        want = _value_and_grads(lambda q, k, v: layers.attention(q, k, v, mask), q, k, v)
+        mb = {"segment_ids": s, "branch": b, "positions": p}
+        want = _value_and_grads(lambda q, k, v: _oracle_attention(q, k, v, mb, 2), q, k, v)
         got = _value_and_grads(lambda q, k, v: attention(q, k, v, info, backend=backend, chunk=2,
                                                          flash_impl=("xla",)), q, k, v)
         for g, w in zip(got, want):
@@ -162,16 +206,16 @@ def test_triton_kernel_forward_interpreted(monkeypatch):
     kernel = pallas_triton.PallasTritonFlashAttention(bypass_device_check=True)
     mb = _batch("packed_shared_prompt")
     q, k, v = _qkv(*mb["segment_ids"].shape)
-    info = MaskInfo.from_batch(mb, 3)
+    info = _info(mb, 3)
     got = attention(q, k, v, info, backend="flash", flash_impl=(kernel,))
-    want = layers.attention(q, k, v, _todays_mask(mb, 3))
+    want = _oracle_attention(q, k, v, mb, 3)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_flash_inside_shard_map_over_batch_rows():
     mb = _batch("shared_prompt")
     q, k, v = _qkv(*mb["segment_ids"].shape)
-    info = MaskInfo.from_batch(mb)
+    info = _info(mb)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     got = jax.jit(lambda q, k, v: attention(q, k, v, info, backend="flash", mesh=mesh,
                                             flash_impl=("xla",)))(q, k, v)

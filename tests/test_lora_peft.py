@@ -34,6 +34,7 @@ from jaxpref.data.tokenize import Tokenized
 from jaxpref.errors import ConfigError
 from jaxpref.lora.peft import load_adapter, save_adapter
 from jaxpref.lora.merged import save_merged
+from jaxpref.models.attention import MaskInfo
 from jaxpref.lora.tree import LoraSpec, count, init_lora, resolve_targets, target_shapes
 from jaxpref.objectives.losses import LossSpec
 from jaxpref.models import ARCHITECTURES
@@ -88,7 +89,7 @@ ARCHS = _arch_params()
 # Ids below 64 fit every tiny vocabulary here and conftest's tokenizer.
 IDS = np.random.default_rng(0).integers(3, 64, size=(2, 10)).astype(np.int64)
 POS = np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape).copy()
-MASK = jnp.asarray(np.broadcast_to(np.tril(np.ones((10, 10), bool)), (2, 10, 10)))
+MASK = MaskInfo.rows(np.ones((2, 10), np.int32))
 
 @dataclass
 class Base:
@@ -534,6 +535,7 @@ def test_cli_train_export_and_continue(tmp_path, tiny_llama, tiny_pairs):
 
     # A rank that conflicts with the adapter's: exit 2, one line on stderr, no traceback.
     cfg3 = write_config(tmp_path / "bad.yaml", tiny_llama, tiny_pairs,
+                        models=[{"name": "bad", "huggingface_id": str(tiny_llama)}],   # not over the finished run
                         lora={**lora, "r": 8, "init_from": str(run / "adapter")})
     p = _cli("jaxpref.train", "--config", cfg3, "--output-dir", out, cwd=tmp_path)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]

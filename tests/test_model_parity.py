@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+
+from jaxpref.models.attention import MaskInfo
 from safetensors.numpy import load_file, save_file
 
 from jaxpref.errors import ModelSourceError
@@ -55,11 +57,9 @@ VALID = np.array([[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]], np.int64)
 POS = np.maximum(np.cumsum(VALID, axis=1) - 1, 0)
 
 
-def _mask(valid: np.ndarray) -> jnp.ndarray:
-    """[B, T, T] bool: causal and the key is a real token."""
-    t = valid.shape[1]
-    causal = np.tril(np.ones((t, t), bool))
-    return jnp.asarray(causal[None] & valid[:, None, :].astype(bool))
+def _mask(valid: np.ndarray) -> MaskInfo:
+    """Causal rows whose keys are the real tokens (`valid`), at positions POS."""
+    return MaskInfo.rows(valid, POS)
 
 
 def _hf_model(name: str):
@@ -229,7 +229,10 @@ def test_recompute_activations_keeps_gradients_in_less_memory(name, saved):
 
     c_on, c_off = compiled(on), compiled(off)
     g_on, g_off = c_on(params), c_off(params)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g_on, g_off))
+    # Relative above 1 (gradients here reach ~50): the two compiled programs fuse the attention
+    # core differently, so equal math can differ by a few ulps (2.8e-7 relative seen on gpt2).
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max() / max(1.0, jnp.abs(a).max())),
+                                         g_on, g_off))
     assert max(diffs) <= 1e-5
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_on)) > 0
     assert _max_diff(_our_logits(path, recompute_activations=False), ref) <= 1e-4

@@ -1,4 +1,4 @@
-"""The jaxpref command lines run without importing torch (jaxpref/no_torch.py), and hiding it
+"""The jaxpref command lines run without importing torch (jaxpref/runtime/no_torch.py), and hiding it
 changes no token id.
 
 Each command line runs in a child Python through its real `__main__` block (runpy, as `python -m`
@@ -83,12 +83,12 @@ def test_allow_torch_env_lets_transformers_import_torch(tmp_path, tiny_llama, ti
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)
     r = _as_cli("jaxpref.train", "--config", cfg, "--dry-run", tmp=tmp_path, allow_torch=True)
     assert r["exit"] == 0, r["stderr"][-3000:]
-    assert r["torch_imported"], "transformers no longer imports torch: jaxpref/no_torch.py may be unneeded"
+    assert r["torch_imported"], "transformers no longer imports torch: jaxpref/runtime/no_torch.py may be unneeded"
 
 
 TOKENIZE = """
 import json, sys
-from jaxpref.no_torch import hide_torch
+from jaxpref.runtime.no_torch import hide_torch
 assert hide_torch()
 from jaxpref.data import load, tokenize
 from jaxpref.config import DatasetConfig
@@ -150,7 +150,7 @@ def test_gguf_conversion_error_comes_back_from_its_child(tmp_path):
     bad.write_bytes(b"not a gguf file" * 64)
     with pytest.raises(ModelSourceError) as in_process:
         resolve(str(bad), cache_root=tmp_path / "a", weights=False)
-    code = ("import sys\nfrom jaxpref.no_torch import hide_torch\nassert hide_torch()\n"
+    code = ("import sys\nfrom jaxpref.runtime.no_torch import hide_torch\nassert hide_torch()\n"
             "from jaxpref.errors import ModelSourceError\nfrom jaxpref.models.source import resolve\n"
             "try:\n    resolve(sys.argv[1], cache_root=sys.argv[2], weights=False)\n"
             "except ModelSourceError as e:\n    print(e)\n")

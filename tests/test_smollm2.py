@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpref.models.attention import MaskInfo
 from jaxpref.models.source import load_tokenizer, resolve
 from jaxpref.models.weights import build, load_params
 
@@ -70,8 +71,7 @@ def smollm2():
 def _logits(bundle, params, ids) -> np.ndarray:
     t = ids.shape[1]
     pos = jnp.arange(t, dtype=jnp.int32)[None]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    hidden = bundle.hidden(params, None, jnp.asarray(ids, jnp.int32), pos, mask)
+    hidden = bundle.hidden(params, None, jnp.asarray(ids, jnp.int32), pos, MaskInfo.rows(np.ones((1, t)), pos))
     head = bundle.head(params).astype(hidden.dtype)
     return np.asarray((hidden @ head).astype(jnp.float32))
 
@@ -99,19 +99,35 @@ def _rel(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(x - ref).max() / np.abs(ref).max())
 
 
-def test_smollm2_bf16_compute_as_close_as_transformers_bf16(smollm2):
-    """bf16 compute (fp32 weights) vs the fp32 reference, relative = max|diff| / max|ref|.
+def _mean_kl(ref: np.ndarray, x: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(x)), logits [1, T, V], in float64."""
+    def log_softmax(z):
+        z = z[0].astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    lr, lx = log_softmax(ref), log_softmax(x)
+    return float((np.exp(lr) * (lr - lx)).sum(-1).mean())
 
-    Over 30 layers a bf16 residual stream drifts by a few percent at the worst logit; transformers'
-    own bf16 forward drifts as much (about 3e-2 on this input), so the bound is calibrated on it
-    rather than fixed below what bf16 can give.
-    """
+
+def test_smollm2_bf16_compute_as_close_as_transformers_bf16(smollm2):
+    """bf16 compute (fp32 weights) against the fp32 reference, measured as the next-token
+    distributions the loss reads: mean KL(fp32 || bf16) over positions.
+
+    Over 30 layers a bf16 residual stream drifts: transformers' own bf16 forward is ~3e-3 nats
+    from its fp32 one on this input. The worst single logit is a poor yardstick: it moves with the
+    CPU's bf16 kernels (4.2e-2 relative on an AVX-512/AMX machine, 3.3e-2 on AVX-512 without AMX,
+    for the same code), and a uniform shift of a position's logits changes no log-prob. So the
+    bound is transformers' bf16 KL, on the same machine, within a factor 2 (1.4x in the scale of
+    the log-prob noise); a norm, softmax or residual kept in bf16 moves it far more. The worst
+    logit keeps an absolute cap."""
     bundle, params, ids, (ref, ref_bf16) = smollm2
     bf16 = build(bundle.source, compute_dtype="bfloat16")
     assert bf16.args.dtype == jnp.bfloat16
     ours = _logits(bf16, params, ids)
-    rel, hf_rel = _rel(ours, ref), _rel(ref_bf16, ref)
-    print(f"SmolLM2 bf16 compute: relative {rel:.2e} (transformers bf16: {hf_rel:.2e})")
-    assert rel <= max(2e-2, 1.25 * hf_rel)
-    assert rel <= 5e-2
+    kl, hf_kl = _mean_kl(ref, ours), _mean_kl(ref, ref_bf16)
+    print(f"SmolLM2 bf16 compute: mean KL {kl:.2e} (transformers bf16: {hf_kl:.2e}), "
+          f"worst logit relative {_rel(ours, ref):.2e} (transformers {_rel(ref_bf16, ref):.2e})")
+    assert kl <= 2 * hf_kl
+    assert kl <= 1e-2
+    assert _rel(ours, ref) <= 5e-2
     assert ours[0, -1].argmax() == ref[0, -1].argmax()

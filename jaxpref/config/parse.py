@@ -4,6 +4,7 @@ Unknown keys and wrong types are errors that name the key, the file and the clos
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -141,6 +142,31 @@ def _set_dotted(data: dict, dotted: str, value: Any, src: str) -> None:
         raise ConfigError(f"--set {dotted}: `{'.'.join(parts[:-1])}` is a value, not a section")
 
 
+# Other names of a key (section, key) -> its one home. TRL / transformers users write these
+# under `training`; the config keeps each key in one section.
+ALIASES = {
+    ("training", "save_steps"): ("finetuning", "save_steps"),
+    ("training", "gradient_checkpointing"): ("finetuning", "gradient_checkpointing"),
+}
+
+
+def _apply_aliases(data: dict, src: str) -> None:
+    """Move aliased keys to their home (in place); the same key given twice with two values is
+    an error."""
+    for (sec, key), (home_sec, home_key) in ALIASES.items():
+        section = data.get(sec)
+        if not isinstance(section, dict) or key not in section:
+            continue
+        value = section.pop(key)
+        home = data.get(home_sec)
+        if not isinstance(home, dict):
+            data[home_sec] = home = {}
+        if home_key in home and home[home_key] != value:
+            raise ConfigError(f"{src}: `{sec}.{key}` ({value!r}) and `{home_sec}.{home_key}` ({home[home_key]!r}) "
+                              f"are the same setting; give it once, as `{home_sec}.{home_key}`")
+        home[home_key] = value
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override (`section.key=value`, typed like YAML) and validate a config file."""
     path = Path(path)
@@ -148,7 +174,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {src}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{src}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                          "save the file as UTF-8")
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot read the config file ({e.strerror or e})")
+    try:
+        data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -168,6 +202,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value, src)
+    _apply_aliases(data, src)
     cfg = _build(Config, data, "", src)
     cfg.source = src
     validate(cfg)
@@ -175,6 +210,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def config_from_dict(data: dict, src: str = "<dict>") -> Config:
+    data = copy.deepcopy(data)
+    _apply_aliases(data, src)
     cfg = _build(Config, data, "", src)
     cfg.source = src
     validate(cfg)

@@ -7,20 +7,13 @@ key.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from jaxpref.objectives.methods import METHODS, method_keys
 
-
-METHODS = ("dpo", "ipo", "kto", "orpo", "simpo", "cpo")
-# Loss types of the DPO family (TRL's catalogue plus the older paired kto_pair).
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "aot_pair", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
-    "kto_pair",
-)
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 @dataclass
@@ -50,7 +43,8 @@ class DatasetConfig:
 
 
 @dataclass
-class PostTrainingConfig:
+class PostTrainingBase:
+    """The keys every method reads; each method adds its own (`jaxpref.objectives.methods`)."""
     method: str = "dpo"
     beta: float = 0.1
     loss_type: str | list[str] | None = None
@@ -59,16 +53,13 @@ class PostTrainingConfig:
     use_ref_model: bool = False
     reference_free: bool = False
     precompute_ref_logps: bool = False
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    use_weighting: bool = False
-    ld_alpha: float | None = None
-    rpo_alpha: float | None = None
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    simpo_gamma: float = 0.5
-    cpo_alpha: float = 1.0
-    orpo_nll_span: str = "prompt_and_completion"
+
+
+# The `post_training` section: the common keys plus every method's own (one home per key).
+PostTrainingConfig = dataclasses.make_dataclass(
+    "PostTrainingConfig", [], bases=tuple(reversed(method_keys())) + (PostTrainingBase,))
+PostTrainingConfig.__module__ = __name__
+PostTrainingConfig.__doc__ = "`post_training`: " + ", ".join(f.name for f in dataclasses.fields(PostTrainingConfig))
 
 
 @dataclass
@@ -108,19 +99,24 @@ class TrainingConfig:
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int | None = None
-    save_steps: int | None = None
-    pair_layout: str = "concatenated"
+    # auto: shared_prompt (each prompt computed once; KTO: concatenated) and padding-free rows,
+    # the same numbers as TRL's layout, fastest on every backend measured (docs/performance.md).
+    pair_layout: str = "auto"
     pack_length: int | None = None               # packed layouts: tokens per row (default max_length)
-    padding_free: bool = False                   # rows end to end, no padding (TRL's DPOConfig key)
+    padding_free: bool | str = "auto"            # rows end to end, no padding (TRL's DPOConfig key)
     train_sampling_strategy: str | None = None   # random | sequential (default: sequential for KTO, as TRL)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    gradient_checkpointing: bool = False
     length_buckets: list[int] | None = None      # fixed padded lengths T; unset: planned shapes
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
     vocab_chunk: int = 0                         # LM head over this many vocabulary columns at a time
     scan_layers: bool = True                     # False: a loop over per-layer weights (faster step, longer compile)
-    recompute_activations: bool = True           # recompute attention core + MLP activation in the backward
+    # Recompute the attention core and MLP activation in the backward instead of storing them.
+    # auto: on CPU (faster there, measured); elsewhere off when the memory plan fits the device.
+    recompute_activations: bool | str = "auto"
+    # auto: flash kernels on GPU for bf16 (tokamax), XLA elsewhere, query-chunked for long rows.
+    attention: str = "auto"                      # auto | xla | xla_chunked | flash
+    matmul_precision: str = "highest"            # fp32 compute: highest (true fp32) | tf32 (GPU tensor cores)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: `max_steps` if set, else `num_epochs` epochs (rounded up)."""
@@ -149,6 +145,8 @@ class FinetuningConfig:
 class GpuConfig:
     device_ids: list[int] | None = None
     mesh: dict[str, int] | None = None
+    # The seed's DDP switch: true (or unset) is data parallel over every device (`mesh` {data: -1});
+    # false trains on one device (the first of `device_ids`).
     ddp: bool | None = None
     distributed: dict[str, Any] | None = None
 
@@ -158,7 +156,7 @@ class LoggingConfig:
     report_to: str | list[str] = field(default_factory=list)
     project: str = "jaxpref"
     run_name: str | None = None
-    log_level: str = "info"
+    log_level: str = "warning"        # debug | info | warning | error: jaxpref's and the libraries' log lines
     progress_bar: bool = True
 
 
@@ -184,11 +182,11 @@ class Config:
 
     @property
     def save_steps(self) -> int | None:
-        return self.finetuning.save_steps or self.training.save_steps
+        return self.finetuning.save_steps
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return self.finetuning.gradient_checkpointing or self.training.gradient_checkpointing
+        return self.finetuning.gradient_checkpointing
 
     @property
     def report_to(self) -> list[str]:
@@ -199,7 +197,6 @@ class Config:
 
 
 def default_loss_type(method: str) -> str:
-    return {"dpo": "sigmoid", "ipo": "ipo", "kto": "kto", "orpo": "orpo", "simpo": "simpo",
-            "cpo": "sigmoid"}.get(method, "sigmoid")
+    return METHODS[method].default_loss_type if method in METHODS else "sigmoid"
 
 

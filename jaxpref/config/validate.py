@@ -2,22 +2,32 @@
 from __future__ import annotations
 
 import difflib
-import typing
-
-from jaxpref.config.schema import DPO_LOSS_TYPES, KTO_LOSS_TYPES, METHODS, Config
-from jaxpref.errors import ConfigError
 from pathlib import Path
 
-def _choice(value: str, allowed: typing.Iterable[str], key: str, src: str) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
-        hint = f" (did you mean `{close[0]}`?)" if close else ""
-        raise ConfigError(f"{src}: `{key}` is `{value}`, expected one of {', '.join(allowed)}{hint}")
+from jaxpref.config.schema import Config, PostTrainingBase
+from jaxpref.errors import ConfigError
+from jaxpref.errors import check_choice as _choice
+from jaxpref.objectives.methods import METHODS
+
+ATTENTION = ("auto", "xla", "xla_chunked", "flash")
+PAIR_LAYOUTS = ("auto", "concatenated", "shared_prompt", "packed", "packed_shared_prompt")
 
 
 def validate(cfg: Config) -> None:
-    """Range and consistency checks. Raises ConfigError naming the key."""
+    """Range and consistency checks, section by section. Raises ConfigError naming the key."""
+    _models(cfg)
+    if not cfg.dataset.name and not cfg.dataset.data_files:
+        raise ConfigError(f"{cfg.source}: `dataset.name` is missing (a hub id or a local file/directory)")
+    if not 0 <= cfg.dataset.eval_fraction < 1:
+        raise ConfigError(f"{cfg.source}: `dataset.eval_fraction` must be in [0, 1)")
+    _post_training(cfg)
+    _lora(cfg)
+    _training(cfg)
+    _training_layout(cfg)
+    _rest(cfg)
+
+
+def _models(cfg: Config) -> None:
     src = cfg.source
     if not cfg.models:
         raise ConfigError(f"{src}: `models` is empty; list at least one model with `name` and `huggingface_id`")
@@ -26,38 +36,44 @@ def validate(cfg: Config) -> None:
         if not m.huggingface_id:
             raise ConfigError(f"{src}: `models[{i}].huggingface_id` is missing")
         if not m.name:
-            m.name = Path(m.huggingface_id.rstrip("/")).name.replace(".gguf", "")
+            m.name = derived_name(m.huggingface_id)
         if m.name in names:
             raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` is used twice")
         if "/" in m.name or m.name in (".", ".."):
             raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` must be usable as a folder name")
         names.add(m.name)
-    if not cfg.dataset.name and not cfg.dataset.data_files:
-        raise ConfigError(f"{src}: `dataset.name` is missing (a hub id or a local file/directory)")
-    pt = cfg.post_training
+
+
+def _post_training(cfg: Config) -> None:
+    """Common keys, then the method's own (`Method.check`); a key of another method set away from
+    its default is an error, not silently ignored."""
+    src, pt = cfg.source, cfg.post_training
     _choice(pt.method, METHODS, "post_training.method", src)
+    method = METHODS[pt.method]
     if pt.beta <= 0:
         raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
-    allowed = {"dpo": DPO_LOSS_TYPES, "ipo": DPO_LOSS_TYPES, "cpo": ("sigmoid", "hinge", "ipo", "simpo"),
-               "kto": KTO_LOSS_TYPES, "orpo": ("orpo",), "simpo": ("simpo",)}[pt.method]
     for lt in cfg.loss_types:
-        _choice(lt, allowed, "post_training.loss_type", src)
+        _choice(lt, method.loss_types, "post_training.loss_type", src)
     if pt.loss_weights is not None and len(pt.loss_weights) != len(cfg.loss_types):
         raise ConfigError(
             f"{src}: `post_training.loss_weights` has {len(pt.loss_weights)} entries but "
             f"`loss_type` has {len(cfg.loss_types)}")
     if not 0 <= pt.label_smoothing < 1:
         raise ConfigError(f"{src}: `post_training.label_smoothing` must be in [0, 1), got {pt.label_smoothing}")
-    if "exo_pair" in cfg.loss_types and pt.label_smoothing == 0:
-        raise ConfigError(f"{src}: `post_training.loss_type` exo_pair needs `label_smoothing` > 0 (the paper uses 1e-3)")
-    if "robust" in cfg.loss_types and pt.label_smoothing >= 0.5:
-        raise ConfigError(f"{src}: `post_training.loss_type` robust needs `label_smoothing` < 0.5")
-    if pt.use_weighting and any(lt in ("aot", "aot_unpaired", "aot_pair") for lt in cfg.loss_types):
-        raise ConfigError(f"{src}: `post_training.use_weighting` does not apply to aot losses")
-    _choice(pt.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
-            "post_training.f_divergence_type", src)
-    _choice(pt.orpo_nll_span, ("prompt_and_completion", "completion"), "post_training.orpo_nll_span", src)
-    lo = cfg.lora
+    common = set(PostTrainingBase.__dataclass_fields__)
+    own = set(method.keys.__dataclass_fields__)
+    for m in METHODS.values():
+        for name, f in m.keys.__dataclass_fields__.items():
+            if name in common or name in own or getattr(pt, name) == f.default:
+                continue
+            users = ", ".join(k for k, x in METHODS.items() if name in x.keys.__dataclass_fields__)
+            raise ConfigError(f"{src}: `post_training.{name}` applies to method {users}, not {pt.method}")
+    if method.check is not None:
+        method.check(pt, tuple(cfg.loss_types), src)
+
+
+def _lora(cfg: Config) -> None:
+    src, lo = cfg.source, cfg.lora
     if lo.r <= 0:
         raise ConfigError(f"{src}: `lora.r` must be > 0, got {lo.r}")
     if lo.lora_alpha <= 0:
@@ -68,7 +84,10 @@ def validate(cfg: Config) -> None:
     _choice(lo.bias, ("none",), "lora.bias", src)
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError(f"{src}: `lora.target_modules` is empty")
-    tr = cfg.training
+
+
+def _training(cfg: Config) -> None:
+    src, tr = cfg.source, cfg.training
     if tr.learning_rate <= 0:
         raise ConfigError(f"{src}: `training.learning_rate` must be > 0, got {tr.learning_rate}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
@@ -92,9 +111,20 @@ def validate(cfg: Config) -> None:
             "training.lr_scheduler_type", src)
     _choice(tr.optimizer, ("adamw", "sgd", "adafactor"), "training.optimizer", src)
     _choice(tr.truncation_mode, ("keep_start", "keep_end"), "training.truncation_mode", src)
-    _choice(tr.pair_layout, ("concatenated", "shared_prompt", "packed", "packed_shared_prompt"),
-            "training.pair_layout", src)
-    if tr.padding_free and tr.pair_layout.startswith("packed"):
+    if tr.train_sampling_strategy is not None:
+        _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
+    _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)
+    _choice(tr.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype", src)
+    if pt_is_kto(cfg) and tr.per_device_train_batch_size < 2:
+        raise ConfigError(f"{src}: KTO needs `training.per_device_train_batch_size` >= 2 for its KL estimate")
+
+
+def _training_layout(cfg: Config) -> None:
+    src, tr = cfg.source, cfg.training
+    _choice(tr.pair_layout, PAIR_LAYOUTS, "training.pair_layout", src)
+    if tr.padding_free not in (True, False, "auto"):
+        raise ConfigError(f"{src}: `training.padding_free` must be true, false or auto, got {tr.padding_free!r}")
+    if tr.padding_free is True and tr.pair_layout.startswith("packed"):
         raise ConfigError(f"{src}: `training.padding_free` needs `training.pair_layout` concatenated or "
                           f"shared_prompt (packed layouts already share rows), got {tr.pair_layout}")
     if tr.pack_length is not None and tr.pack_length < 2:
@@ -103,14 +133,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: `training.vocab_chunk` must be >= 0 (0: the whole vocabulary), got {tr.vocab_chunk}")
     if tr.max_shapes < 1:
         raise ConfigError(f"{src}: `training.max_shapes` must be >= 1, got {tr.max_shapes}")
-    if tr.train_sampling_strategy is not None:
-        _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
-    _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)
-    _choice(tr.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype", src)
-    if pt.method == "kto" and tr.per_device_train_batch_size < 2:
-        raise ConfigError(f"{src}: KTO needs `training.per_device_train_batch_size` >= 2 for its KL estimate")
-    if not 0 <= cfg.dataset.eval_fraction < 1:
-        raise ConfigError(f"{src}: `dataset.eval_fraction` must be in [0, 1)")
+    _choice(tr.attention, ATTENTION, "training.attention", src)
+    if tr.recompute_activations not in (True, False, "auto"):
+        raise ConfigError(f"{src}: `training.recompute_activations` must be true, false or auto, "
+                          f"got {tr.recompute_activations!r}")
+    _choice(tr.matmul_precision, ("highest", "tf32"), "training.matmul_precision", src)
+    if pt_is_kto(cfg) and tr.pair_layout not in ("auto", "concatenated"):
+        raise ConfigError(f"{src}: KTO needs `training.pair_layout: concatenated` (or auto)")
+
+
+def pt_is_kto(cfg: Config) -> bool:
+    return METHODS[cfg.post_training.method].data == "unpaired"
+
+
+def _rest(cfg: Config) -> None:
+    src = cfg.source
     for r in cfg.report_to:
         _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)
     _choice(cfg.finetuning.remat_policy, ("nothing_saveable", "dots_saveable",
@@ -118,5 +155,79 @@ def validate(cfg: Config) -> None:
             "finetuning.remat_policy", src)
     if cfg.finetuning.early_stopping is not None:
         _choice(cfg.finetuning.early_stopping.mode, ("min", "max"), "finetuning.early_stopping.mode", src)
+    validate_safety(cfg)
+
+
+def derived_name(huggingface_id: str) -> str:
+    """The run folder's name when `models[].name` is not given: the last part of the id or path
+    (`./` and `.` name the current folder); empty when nothing can be derived (`/`)."""
+    import os
+
+    name = Path(huggingface_id.rstrip("/")).name
+    if name in ("", ".", ".."):
+        name = Path(os.path.abspath(os.path.expanduser(huggingface_id))).name
+    return name.replace(".gguf", "")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def validate_safety(cfg: Config) -> None:
+    """Values that used to pass silently and then lost data, broke far from their cause or meant
+    nothing (issue #16). Each error names the key and the file."""
+    src = cfg.source
+    for i, m in enumerate(cfg.models):
+        for key in ("name", "huggingface_id", "revision", "ref_model_id", "tokenizer_id"):
+            if "\0" in (getattr(m, key) or ""):
+                raise ConfigError(f"{src}: `models[{i}].{key}` contains a NUL byte")
+        if not m.name:
+            raise ConfigError(f"{src}: `models[{i}].name` is needed: no folder name can be derived from "
+                              f"`huggingface_id` `{m.huggingface_id}`")
+    ds = cfg.dataset
+    files = ds.data_files
+    flat = ([files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict)
+            else list(files or []))
+    flat = [x for v in flat for x in ([v] if isinstance(v, str) else v)]
+    for key, value in [("dataset.name", ds.name)] + [("dataset.data_files", f) for f in flat]:
+        if "\0" in (value or ""):
+            raise ConfigError(f"{src}: `{key}` contains a NUL byte")
+    if ds.max_samples is not None and ds.max_samples < 1:
+        raise ConfigError(f"{src}: `dataset.max_samples` must be >= 1 (or null: every row), got {ds.max_samples}")
+    tr, ft, pt = cfg.training, cfg.finetuning, cfg.post_training
+    if not 0 <= tr.seed <= 2**32 - 1:
+        raise ConfigError(f"{src}: `training.seed` must be in [0, 2**32 - 1], got {tr.seed}")
+    for key, v in (("finetuning.save_steps", ft.save_steps), ("training.eval_steps", tr.eval_steps)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{src}: `{key}` must be >= 1 (or null: never), got {v}")
+    if ft.save_total_limit is not None and ft.save_total_limit < 1:
+        raise ConfigError(f"{src}: `finetuning.save_total_limit` must be >= 1 (or null: keep every "
+                          f"checkpoint), got {ft.save_total_limit}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(tr, key) < 1:
+            raise ConfigError(f"{src}: `training.{key}` must be in [0, 1), got {getattr(tr, key)}")
+    if tr.adam_epsilon <= 0:
+        raise ConfigError(f"{src}: `training.adam_epsilon` must be > 0, got {tr.adam_epsilon}")
+    for j, w in enumerate(pt.loss_weights or []):
+        if w < 0:
+            raise ConfigError(f"{src}: `post_training.loss_weights[{j}]` must be >= 0, got {w}")
+    if pt.label_smoothing > 0.5:
+        raise ConfigError(f"{src}: `post_training.label_smoothing` must be in [0, 0.5] (above 0.5 it "
+                          f"prefers the rejected answers), got {pt.label_smoothing}")
+    for key in ("desirable_weight", "undesirable_weight"):
+        if getattr(pt, key) <= 0:
+            raise ConfigError(f"{src}: `post_training.{key}` must be > 0, got {getattr(pt, key)}")
+    _choice(cfg.logging.log_level.lower(), LOG_LEVELS, "logging.log_level", src)
+    es = ft.early_stopping
+    if es is not None:
+        logged = ["eval_loss"] + [f"eval_{k}" for k in METHODS[pt.method].metrics]
+        if logged and es.metric not in logged:
+            close = difflib.get_close_matches(es.metric, logged, n=1, cutoff=0.5)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise ConfigError(f"{src}: `finetuning.early_stopping.metric` `{es.metric}` is never logged: "
+                              f"{pt.method} evaluations log {', '.join(logged)}{hint}")
+        if es.patience < 1:
+            raise ConfigError(f"{src}: `finetuning.early_stopping.patience` must be >= 1, got {es.patience}")
+        if es.min_delta < 0:
+            raise ConfigError(f"{src}: `finetuning.early_stopping.min_delta` must be >= 0, got {es.min_delta}")
 
 

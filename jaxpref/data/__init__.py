@@ -1,0 +1,1 @@
+"""Preference data: loading, formats, TRL-identical tokenization, layouts and typed batches."""

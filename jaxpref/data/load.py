@@ -14,52 +14,161 @@ def load_rows(ds_cfg, split: str | None = None):
     """A `datasets.Dataset` for the configured source and split."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    # CRITICAL: datasets logs its own error lines before raising; ours names the file and line.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
     split = split or ds_cfg.split
     name = ds_cfg.name
     path = Path(name).expanduser() if name else None
+    local = _local_text_files(ds_cfg, path)
+    for f in local:
+        _check_utf8(f)
     try:
-        if ds_cfg.data_files:
-            builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
-            return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)
-        if path is not None and path.is_file():
-            # `.gz`: datasets decompresses it; the type is the suffix before it.
-            ext = path.suffixes[-2] if len(path.suffixes) > 1 and path.suffix == ".gz" else path.suffix
-            builder = LOCAL_BUILDERS.get(ext)
-            if builder is None:
-                raise DataError(f"dataset `{name}`: unsupported file type `{path.suffix}` "
-                                f"(use one of {', '.join(LOCAL_BUILDERS)}, optionally gzipped)")
-            if path.stat().st_size == 0:
-                raise DataError(f"dataset `{name}` is empty (0 bytes)")
-            _only_train(name, split, "is one file")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        if path is not None and path.is_dir():
-            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-                d = datasets.load_from_disk(str(path))
-                if isinstance(d, datasets.DatasetDict):
-                    if split not in d:
-                        raise DataError(f"dataset `{name}`: no split `{split}` (splits: {', '.join(d)})")
-                    return d[split]
-                _only_train(name, split, "is one saved Dataset, not a DatasetDict")
-                return d
-            return datasets.load_dataset(str(path), split=split)
-        if name.startswith(("/", "./", "../", "~")) or name.endswith(tuple(LOCAL_BUILDERS)):
-            raise DataError(f"dataset `{name}` not found (no such file or directory)")
-        return datasets.load_dataset(name, ds_cfg.config_name, split=split, revision=ds_cfg.revision)
+        return _load(datasets, ds_cfg, split, name, path)
     except DataError:
         raise
-    except ValueError as e:
-        msg = str(e).splitlines()[0]
-        if "split" in msg.lower():
-            raise DataError(f"dataset `{name}`: no split `{split}` ({msg})")
-        raise DataError(f"dataset `{name}`: {msg}")
     except Exception as e:
-        kind = type(e).__name__
-        if "NotFound" in kind or "Connection" in kind or "Offline" in kind or "HTTP" in kind or "Timeout" in kind:
-            raise DataError(f"dataset `{name}` cannot be fetched from the Hugging Face hub ({kind}); "
-                            "a local json/jsonl/parquet/csv file or directory works as `dataset.name`")
-        raise DataError(f"dataset `{name}`: cannot load ({kind}: {str(e).splitlines()[0] if str(e) else ''})")
+        # Name the line of a local file that broke the loader, if one did.
+        for f in local:
+            if f.name.removesuffix(".gz").endswith((".json", ".jsonl")):
+                _check_json(f)
+        raise _load_error(e, name, split, local=bool(ds_cfg.data_files) or (path is not None and path.exists()))
+
+
+def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
+    if ds_cfg.data_files:
+        builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
+        return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)
+    if path is not None and path.is_file():
+        # `.gz`: datasets decompresses it; the type is the suffix before it.
+        ext = path.suffixes[-2] if len(path.suffixes) > 1 and path.suffix == ".gz" else path.suffix
+        builder = LOCAL_BUILDERS.get(ext)
+        if builder is None:
+            raise DataError(f"dataset `{name}`: unsupported file type `{path.suffix}` "
+                            f"(use one of {', '.join(LOCAL_BUILDERS)}, optionally gzipped)")
+        if path.stat().st_size == 0:
+            raise DataError(f"dataset `{name}` is empty (0 bytes)")
+        _only_train(name, split, "is one file")
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if path is not None and path.is_dir():
+        saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+        if not saved and not _data_files_in(path):
+            raise DataError(f"dataset `{name}`: the folder has no json/jsonl/parquet/csv files "
+                            "(optionally gzipped) and is no saved `datasets` Dataset")
+        if saved:
+            d = datasets.load_from_disk(str(path))
+            if isinstance(d, datasets.DatasetDict):
+                if split not in d:
+                    raise DataError(f"dataset `{name}`: no split `{split}` (splits: {', '.join(d)})")
+                return d[split]
+            _only_train(name, split, "is one saved Dataset, not a DatasetDict")
+            return d
+        return datasets.load_dataset(str(path), split=split)
+    if name.startswith(("/", "./", "../", "~")) or name.endswith(tuple(LOCAL_BUILDERS)):
+        raise DataError(f"dataset `{name}` not found (no such file or directory)")
+    return datasets.load_dataset(name, ds_cfg.config_name, split=split, revision=ds_cfg.revision)
+
+
+def _load_error(e: Exception, name: str, split: str, local: bool) -> DataError:
+    """A loader exception -> one line; the cause's first line too (datasets wraps arrow's)."""
+    first = lambda x: " ".join(str(x).split())[:300] if str(x) else ""
+    kind = type(e).__name__
+    if isinstance(e, ValueError):
+        msg = first(e)
+        if "split" in msg.lower():
+            return DataError(f"dataset `{name}`: no split `{split}` ({msg})")
+        return DataError(f"dataset `{name}`: {msg}")
+    if not local and any(w in kind for w in ("NotFound", "Connection", "Offline", "HTTP", "Timeout")):
+        return DataError(f"dataset `{name}` cannot be fetched from the Hugging Face hub ({kind}); "
+                         "a local json/jsonl/parquet/csv file or directory works as `dataset.name`")
+    cause = e.__cause__ if isinstance(e.__cause__, Exception) else None
+    why = f"{kind}: {first(e)}" + (f"; {type(cause).__name__}: {first(cause)}" if cause else "")
+    return DataError(f"dataset `{name}`: cannot load ({why})")
+
+
+_DATA_SUFFIXES = tuple(LOCAL_BUILDERS) + tuple(f"{x}.gz" for x in LOCAL_BUILDERS)
+
+
+def _data_files_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.name.endswith(_DATA_SUFFIXES)
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
+def _local_text_files(ds_cfg, path: Path | None) -> list[Path]:
+    """The local json/jsonl/csv files (gzipped or not) the source reads: checked before loading."""
+    import glob
+
+    if ds_cfg.data_files:
+        files = ds_cfg.data_files
+        files = [x for v in files.values() for x in ([v] if isinstance(v, str) else v)] \
+            if isinstance(files, dict) else ([files] if isinstance(files, str) else list(files))
+        found = [Path(f) for pat in files for f in (glob.glob(str(Path(pat).expanduser()), recursive=True)
+                                                    if "\0" not in pat else [])]
+    elif path is not None and "\0" not in str(path) and path.is_file():
+        found = [path]
+    elif path is not None and "\0" not in str(path) and path.is_dir():
+        found = _data_files_in(path)
+    else:
+        found = []
+    return [f for f in found if f.is_file() and f.name.removesuffix(".gz").endswith((".json", ".jsonl", ".csv"))]
+
+
+def _open_binary(f: Path):
+    import gzip
+    return gzip.open(f, "rb") if f.name.endswith(".gz") else open(f, "rb")
+
+
+def _check_utf8(f: Path) -> None:
+    """Arrow takes invalid UTF-8 into string columns without a word; it breaks later. Name the line."""
+    import codecs
+    import zlib
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with _open_binary(f) as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    decoder.decode(line)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"dataset file {f}: line {n} is not UTF-8 text (byte 0x{line[e.start]:02x} "
+                                    f"at column {e.start + 1}); save the file as UTF-8")
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"dataset file {f}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def _check_json(f: Path) -> None:
+    """The first thing wrong in a JSON or JSON Lines file, as `file: line N ...` (or nothing)."""
+    import json
+
+    with _open_binary(f) as fh:
+        text = fh.read().decode("utf-8")
+    kind = lambda v: {list: "an array", dict: "an object", str: "a string", bool: "a boolean",
+                      type(None): "null"}.get(type(v), "a number")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as whole:
+        lines = text.splitlines()
+        first = next((i for i, line in enumerate(lines) if line.strip()), None)
+        try:
+            json.loads(lines[first]) if first is not None else None
+        except json.JSONDecodeError:
+            raise DataError(f"dataset file {f}: line {whole.lineno}, column {whole.colno}: not valid JSON "
+                            f"({whole.msg})")
+        for n, line in enumerate(lines, 1):  # JSON Lines: one object per line
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"dataset file {f}: line {n} is not valid JSON ({e.msg} at column {e.colno})")
+            if not isinstance(row, dict) and row is not None:
+                raise DataError(f"dataset file {f}: line {n} is {kind(row)}, not a JSON object (one row per line)")
+        return
+    rows = doc if isinstance(doc, list) else [doc]
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"dataset file {f}: {'item ' + str(n) + ' of the top-level array' if isinstance(doc, list) else 'the document'} "
+                            f"is {kind(row)}, not a JSON object")
 
 
 def _only_train(name: str, split: str, what: str) -> None:

@@ -9,10 +9,11 @@ import numpy as np
 
 from jaxpref.config import Config
 from jaxpref.data import load, tokenize
-from jaxpref.data.layouts import DEFAULT_BUCKETS, Layout
+from jaxpref.data.layouts import DEFAULT_BUCKETS, Layout, PairLayout
 from jaxpref.data.lengths import LengthReport, apply_lengths
 from jaxpref.data.tokenize import Tokenized
 from jaxpref.errors import ConfigError
+from jaxpref.objectives.methods import get_method
 from jaxpref.models.source import DEFAULT_CACHE
 
 
@@ -50,17 +51,36 @@ def data_for(cfg: Config, tok, max_rows: int | None = None, cache_root: Path | N
     if len(train) == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in train.skipped.items())
         raise ConfigError(f"dataset `{ds_cfg.name}` is empty after filtering ({reasons})")
+    return PreparedData(train, ev, report, layout_for(cfg, tok))
+
+
+def resolve_layout(cfg: Config) -> tuple[PairLayout, bool]:
+    """`training.pair_layout` and `training.padding_free`, with `auto` resolved: a shared prompt
+    (computed once per pair; KTO's unpaired rows: concatenated) laid out padding-free. Both give
+    TRL's numbers (tests/test_layouts.py, tests/test_fast_path.py) and were the fastest measured
+    on CPU and GPU (docs/performance.md)."""
+    tr = cfg.training
+    kind = tr.pair_layout
+    if kind == "auto":
+        unpaired = get_method(cfg.post_training.method).data == "unpaired"
+        kind = PairLayout.CONCATENATED if unpaired else PairLayout.SHARED_PROMPT
+    kind = PairLayout(kind)
+    padding_free = (not kind.packed) if tr.padding_free == "auto" else bool(tr.padding_free)
+    return kind, padding_free
+
+
+def layout_for(cfg: Config, tok) -> Layout:
+    """The batch layout of this config (`jaxpref.data.layouts.Layout`)."""
+    tr = cfg.training
+    kind, padding_free = resolve_layout(cfg)
     buckets = tuple(tr.length_buckets) if tr.length_buckets else DEFAULT_BUCKETS
-    if tr.max_length is not None and tr.pair_layout in ("concatenated", "packed"):
+    if tr.max_length is not None and not kind.shares_prompt:
         buckets = tuple(b for b in buckets if b < tr.max_length) + (tr.max_length,)
-    layout = Layout(tr.pair_layout, tr.max_length, tr.truncation_mode, buckets,
-                    int(tok.pad_token_id if tok.pad_token_id is not None else 0),
-                    cfg.post_training.ld_alpha,
-                    pack_length=tr.pack_length or (tr.max_length if tr.pair_layout == "packed" else
-                                                   int(1.5 * tr.max_length) if tr.max_length else None),
-                    full_span=(cfg.post_training.method == "orpo"
-                               and cfg.post_training.orpo_nll_span == "prompt_and_completion"),
-                    padding_free=tr.padding_free)
-    return PreparedData(train, ev, report, layout)
-
-
+    pack = tr.pack_length or (tr.max_length if kind == PairLayout.PACKED else
+                              int(1.5 * tr.max_length) if tr.max_length else None)
+    return Layout(kind, tr.max_length, tr.truncation_mode, buckets,
+                  int(tok.pad_token_id if tok.pad_token_id is not None else 0),
+                  cfg.post_training.ld_alpha, pack_length=pack,
+                  full_span=(cfg.post_training.method == "orpo"
+                             and cfg.post_training.orpo_nll_span == "prompt_and_completion"),
+                  padding_free=padding_free)

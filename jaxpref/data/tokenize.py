@@ -133,11 +133,12 @@ def tokenizer_fingerprint(tok) -> str:
 
 def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
             max_rows: int | None = None) -> Tokenized:
-    """Map columns, check rows, extract implicit prompts, tokenize (cached on disk)."""
-    from jaxpref.data.trl_rules import row_template_kwargs, tokenization_rule, tokenize_pair_row
+    """Map columns, check rows, extract implicit prompts, tokenize by the method's TRL trainer's
+    rules (`Method.tokenization`), cached on disk."""
+    from jaxpref.objectives.methods import get_method
 
     ds, kind = map_columns(ds, ds_cfg, method)
-    rule = tokenization_rule(method)  # ORPO/CPO/SimPO: TRL's ORPOTrainer/CPOTrainer rules
+    rule = get_method(method).tokenization  # ORPO/CPO/SimPO: TRL's ORPOTrainer/CPOTrainer rules
     if max_rows is not None and len(ds) > max_rows:
         ds = ds.select(range(max_rows))
     key = None
@@ -147,73 +148,81 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
         if cached is not None:
             _warn_boundary(cached)
             return cached
-    rows = ds.to_list()
+    try:
+        rows = ds.to_list()
+    except UnicodeDecodeError as e:  # arrow keeps invalid UTF-8 in string columns until read
+        raise DataError(f"dataset `{ds_cfg.name}`: a text value is not UTF-8 ({e.reason}); save the data as UTF-8")
     if not rows:
         raise DataError(f"dataset `{ds_cfg.name}` is empty")
     fmt = detect_format(rows, kind)
     if fmt == "conversational" and not getattr(tok, "chat_template", None):
         raise DataError(f"dataset `{ds_cfg.name}` is conversational but the tokenizer has no chat template")
+    out = _tokenize_rows(rows, tok, kind, fmt, rule, unpair=get_method(method).data == "unpaired" and kind != "unpaired")
+    _warn_boundary(out)
+    if len(out) == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in Counter(out.skipped).most_common()) or "no rows"
+        raise DataError(f"dataset `{ds_cfg.name}`: no usable row survives ({reasons})")
+    if key is not None:
+        _save_cache(cache_dir / f"{key}.json", out)
+    return out
+
+
+def _usable(row: dict, kind: str, fmt: str) -> dict | str:
+    """The row with its implicit prompt extracted, or the reason it is skipped."""
+    if kind == "implicit":
+        c, r = row.get("chosen"), row.get("rejected")
+        if c is None or r is None:
+            return "chosen/rejected is null"
+        if type(c) is not type(r) or not isinstance(c, (str, list)):
+            return "mixed formats"
+        row = dict(zip(("prompt", "chosen", "rejected"), extract_prompt(c, r)))
+    return row_problem(row, kind, fmt) or row
+
+
+def _tokenize_rows(rows: list[dict], tok, kind: str, fmt: str, rule: str, unpair: bool) -> Tokenized:
+    """Every usable row tokenized (`rule`: "dpo" or "row"), the others counted by reason.
+    `unpair`: paired rows become two unpaired examples (KTO), as TRL unpairs them."""
+    from jaxpref.data.trl_rules import row_template_kwargs, tokenize_pair_row
+
     out = Tokenized(prompt=[], format=fmt if kind != "implicit" else f"implicit-{fmt}", rows_in=len(rows))
     skipped: Counter = Counter()
-    unpair = method == "kto" and kind != "unpaired"
     pending: list = []
     for n, row in enumerate(rows):
         template = ((row_template_kwargs if rule == "row" else template_kwargs)(row)
                     if fmt == "conversational" else {})
-        if isinstance(template, str):
-            skipped[template] += 1
-            continue
-        if kind == "implicit":
-            c, r = row.get("chosen"), row.get("rejected")
-            if c is None or r is None:
-                skipped["chosen/rejected is null"] += 1
-                continue
-            if type(c) is not type(r) or not isinstance(c, (str, list)):
-                skipped["mixed formats"] += 1
-                continue
-            row = dict(zip(("prompt", "chosen", "rejected"), extract_prompt(c, r)))
-        problem = row_problem(row, kind, fmt)
-        if problem:
-            skipped[problem] += 1
+        row = template if isinstance(template, str) else _usable(row, kind, fmt)
+        if isinstance(row, str):
+            skipped[row] += 1
             continue
         if kind == "unpaired":
             p, comp, moved = tokenize_single(tok, row["prompt"], row["completion"], fmt, template)
             out.prompt.append(p); out.completion.append(comp); out.label.append(bool(row["label"]))
             out.source.append(n)
-        else:
-            if unpair:
-                # TRL unpairs the text first, then tokenizes each (prompt, completion) alone.
-                pc, c, moved_c = tokenize_single(tok, row["prompt"], row["chosen"], fmt, template)
-                pr, r, moved_r = tokenize_single(tok, row["prompt"], row["rejected"], fmt, template)
-                pending.append((pc, c, pr, r, n))
-                moved = moved_c or moved_r
-                if len(pending) == UNPAIR_BLOCK:
-                    _flush_unpaired(out, pending)
-                out.prompt_boundary_mismatches += int(moved)
+        elif unpair:
+            # TRL unpairs the text first, then tokenizes each (prompt, completion) alone.
+            pc, c, moved_c = tokenize_single(tok, row["prompt"], row["chosen"], fmt, template)
+            pr, r, moved_r = tokenize_single(tok, row["prompt"], row["rejected"], fmt, template)
+            pending.append((pc, c, pr, r, n))
+            moved = moved_c or moved_r
+            if len(pending) == UNPAIR_BLOCK:
+                _flush_unpaired(out, pending)
+        elif rule == "row":
+            got = tokenize_pair_row(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
+            if isinstance(got, str):
+                skipped[got] += 1
                 continue
-            if rule == "row":
-                got = tokenize_pair_row(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
-                if isinstance(got, str):
-                    skipped[got] += 1
-                    continue
-                p, c, r, xc, xr, moved = got
-                out.chosen_prompt_extra.append(xc); out.rejected_prompt_extra.append(xr)
-            else:
-                p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
-            out.prompt.append(p); out.chosen.append(c); out.rejected.append(r)
-            out.source.append(n)
+            p, c, r, xc, xr, moved = got
+            out.chosen_prompt_extra.append(xc); out.rejected_prompt_extra.append(xr)
+            out.prompt.append(p); out.chosen.append(c); out.rejected.append(r); out.source.append(n)
+        else:
+            p, c, r, moved = tokenize_pair(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
+            out.prompt.append(p); out.chosen.append(c); out.rejected.append(r); out.source.append(n)
         out.prompt_boundary_mismatches += int(moved)
     if pending:
         _flush_unpaired(out, pending)
     if not any(out.chosen_prompt_extra) and not any(out.rejected_prompt_extra):
         out.chosen_prompt_extra, out.rejected_prompt_extra = [], []
     out.skipped = dict(skipped)
-    _warn_boundary(out)
-    if len(out) == 0:
-        reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common()) or "no rows"
-        raise DataError(f"dataset `{ds_cfg.name}`: no usable row survives ({reasons})")
-    if key is not None:
-        _save_cache(cache_dir / f"{key}.json", out)
     return out
 
 

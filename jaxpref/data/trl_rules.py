@@ -23,11 +23,6 @@ TRAINER_OF_METHOD = {"dpo": "DPOTrainer", "ipo": "DPOTrainer", "kto": "KTOTraine
                      "orpo": "ORPOTrainer", "cpo": "CPOTrainer", "simpo": "CPOTrainer"}
 
 
-def tokenization_rule(method: str) -> str:
-    """`row` (ORPO/CPO's `tokenize_row`) or `dpo` (DPOTrainer's rules, KTO's too)."""
-    return "row" if method in ("orpo", "cpo", "simpo") else "dpo"
-
-
 def _common_chars(a: str, b: str) -> str:
     n = 0
     for x, y in zip(a, b):

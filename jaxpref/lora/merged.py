@@ -11,12 +11,18 @@ from flax import traverse_util
 
 from jaxpref.lora.peft import primary_rules
 from jaxpref.lora.tree import LoraSpec, merge
+from jaxpref.runtime.outdir import check_replaceable, write_dir
 
 
 def save_merged(out_dir: Path, bundle, params: dict, lora: dict | None, spec: LoraSpec | None,
-                tokenizer=None) -> Path:
-    """Base (+ merged LoRA) -> HF safetensors + config.json (+ tokenizer) in HF's layout."""
+                tokenizer=None, overwrite: bool = False) -> Path:
+    """Base (+ merged LoRA) -> HF safetensors + config.json (+ tokenizer) in HF's layout, written
+    whole or not at all. Never into the base model's own folder; a folder already there is replaced
+    only if it holds a previous export of ours, or `overwrite`."""
     from safetensors.numpy import save_file
+
+    check_replaceable(out_dir, "merged model folder", overwrite, "--overwrite",
+                      protect={"the base model's folder": bundle.source.path})
 
     if lora is not None:
         params = merge(params, lora, spec.scale)
@@ -33,15 +39,14 @@ def save_merged(out_dir: Path, bundle, params: dict, lora: dict | None, spec: Lo
         else:
             x = arr.T if rule.transpose else arr
             tensors[rule.hf_name] = np.ascontiguousarray(x)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = dict(bundle.source.hf_config)
     cfg["torch_dtype"] = "float32"
     cfg.pop("dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
+    with write_dir(out_dir, "merged") as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import jax
@@ -15,6 +14,7 @@ from flax import traverse_util
 
 from jaxpref.errors import ConfigError
 from jaxpref.lora.tree import LoraSpec
+from jaxpref.runtime.outdir import check_replaceable, write_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -60,13 +60,19 @@ def peft_state_dict(bundle, lora: dict) -> dict[str, np.ndarray]:
 
 
 def save_adapter(out_dir: Path, bundle, lora: dict, spec: LoraSpec, base_model: str,
-                 tokenizer=None) -> Path:
+                 tokenizer=None, overwrite: bool = False) -> Path:
+    """Write the adapter folder whole or not at all (a temporary sibling renamed into place). A
+    folder already there is replaced only if it holds a previous export of ours, or `overwrite`."""
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_replaceable(out_dir, "adapter folder", overwrite, "--overwrite")
+    with write_dir(out_dir, "adapter") as tmp:
+        _write_adapter(tmp, bundle, lora, spec, base_model, tokenizer, save_file)
+    return out_dir
+
+
+def _write_adapter(tmp: Path, bundle, lora, spec, base_model, tokenizer, save_file) -> None:
     save_file(peft_state_dict(bundle, jax.device_get(lora)), str(tmp / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     config = {
@@ -93,9 +99,6 @@ def save_adapter(out_dir: Path, bundle, lora: dict, spec: LoraSpec, base_model: 
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def read_adapter_config(path: Path) -> dict:

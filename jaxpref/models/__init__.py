@@ -1,7 +1,8 @@
 """The architecture table: Hugging Face `model_type` -> our Flax module and its weight names.
 
-Adding an architecture: write its module (arguments `from_hf`, a Flax model with `__call__` and
-`logits`, a `WEIGHTS` table) and add one row here.
+Every architecture runs the same `blocks.Decoder`, configured by its args' `spec()`. Adding one:
+write its module (args with `from_hf` and `spec`, a `WEIGHTS` table; see `jaxpref.models.blocks`)
+and add one row here.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models import gpt2, gpt_neox, llama
+from jaxpref.models.blocks import Decoder, head_weight
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -35,7 +37,7 @@ class Architecture:
         return dict(self.sharding)
 
 
-_LLAMA = Architecture(llama.LlamaArgs, llama.LlamaModel, llama.WEIGHTS, llama.head_weight,
+_LLAMA = Architecture(llama.LlamaArgs, Decoder, llama.WEIGHTS, head_weight,
                       ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                       ignored=(r".*rotary_emb\.inv_freq",),
                       sharding=(("q_proj", "col"), ("k_proj", "col"), ("v_proj", "col"), ("o_proj", "row"),
@@ -44,12 +46,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "gpt_neox": Architecture(gpt_neox.NeoXArgs, gpt_neox.NeoXModel, gpt_neox.WEIGHTS, gpt_neox.head_weight,
+    "gpt_neox": Architecture(gpt_neox.NeoXArgs, Decoder, gpt_neox.WEIGHTS, head_weight,
                              ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                              ignored=gpt_neox.IGNORED,
                              sharding=(("query_key_value", "col"), ("dense", "row"),
                                        ("dense_h_to_4h", "col"), ("dense_4h_to_h", "row"))),
-    "gpt2": Architecture(gpt2.GPT2Args, gpt2.GPT2Model, gpt2.WEIGHTS, gpt2.head_weight,
+    "gpt2": Architecture(gpt2.GPT2Args, Decoder, gpt2.WEIGHTS, head_weight,
                          ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, ignored=gpt2.IGNORED,
                          sharding=(("c_attn", "col"), ("c_fc", "col"), ("c_proj", "row"))),
 }

@@ -1,19 +1,10 @@
 """One attention function, three backends, every layout, and no [T, T] array where it matters.
 
-Integration (not wired yet; `layers.attention` and `step.attention_mask` are today's path):
-
-- step.token_logps: build the mask description instead of the dense mask,
-      info = MaskInfo.from_batch(mb, window=bundle.args.sliding_window,
-                                 shared_prompt=<pair_layout in (shared_prompt, packed_shared_prompt)>)
-  and pass `info` where `mask` goes today (the model forwards it to every layer unchanged; the
-  `sliding_window(mask, ...)` call in llama.py is dropped: the window is in `info`).
-- layers: `_Attention` calls `attention(q, kk, v, info, backend=a.attention, precision=...)`
-  with `a.attention` from `training.attention` (auto | xla | xla_chunked | flash) and
-  `precision` "highest" for `compute_dtype: float32` ("tf32" with `training.matmul_precision:
-  tf32`). Keep the `jax.checkpoint` around it (`recompute_activations`).
-- On a mesh pass `mesh=` and `batch_axes=("data", "fsdp")`: the flash kernel then runs inside
-  `jax.shard_map` over the batch rows (XLA does not partition custom kernels).
-- Install the kernels with `uv sync --extra flash` (tokamax, pinned); without it `auto` is XLA.
+The model calls `attention(q, k, v, info, backend=training.attention, precision=...)` once per
+layer (`blocks.Attention`); the step builds `info` from its batch (`MaskInfo.from_batch`).
+On a mesh the flash kernel runs inside `jax.shard_map` over the batch axes (XLA does not
+partition custom kernels). `uv sync --extra flash` installs the kernels (tokamax, pinned);
+without them `auto` is XLA.
 
 The description (`MaskInfo`) is what the batches already carry, per token: `segment_ids` (0 =
 padding), `branch` (0 = seen by the whole segment, 1/2 = chosen/rejected branch of a shared
@@ -75,10 +66,19 @@ class MaskInfo:
     shared_prompt: bool = True
 
     @classmethod
-    def from_batch(cls, mb: dict, window: int | None = None, shared_prompt: bool = True) -> MaskInfo:
-        """From a micro-batch dict of `jaxpref.batching` / `jaxpref.padfree`."""
-        return cls(mb["segment_ids"], mb["branch"], mb["positions"], mb.get("blk_idx"),
-                   mb.get("blk_back"), window, shared_prompt)
+    def from_batch(cls, mb) -> MaskInfo:
+        """From a micro-batch (`jaxpref.data.batches`: `Batch`, or `StreamBatch` with its blocks)."""
+        return cls(mb.segment_ids, mb.branch, mb.positions, getattr(mb, "blk_idx", None),
+                   getattr(mb, "blk_back", None), None, mb.layout.shares_prompt)
+
+    @classmethod
+    def rows(cls, valid, positions=None) -> MaskInfo:
+        """Plain causal rows, one sequence each: `valid` [B, T] (1 = real token, 0 = padding),
+        `positions` [B, T] (default: each real token's index among the real ones)."""
+        valid = jnp.asarray(valid, jnp.int32)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        return cls(valid, jnp.zeros_like(valid), jnp.asarray(positions, jnp.int32), shared_prompt=False)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, backend: str = "auto",
@@ -220,7 +220,7 @@ def key_intervals(info: MaskInfo) -> tuple[jax.Array | None, jax.Array, jax.Arra
     query i of row b attends to key slots [start, end) of the keys gathered by kv_src (slot j
     holds token kv_src[b, j] of the row; None: the row itself, S = T). Exactly `dense_mask`,
     given that each segment is one run of tokens ordered [shared | branch 1 | branch 2] and
-    positions increase along each query's keys (what `jaxpref.batching` builds)."""
+    positions increase along each query's keys (what `jaxpref.data.layouts` builds)."""
     seg, br, pos = info.segment_ids, info.branch, info.positions
     rows, t = seg.shape
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (rows, t))

@@ -3,7 +3,7 @@
 The tensors are dequantised with the `gguf` package. llama.cpp permutes the rows of Llama's q_proj
 and k_proj for its rotary layout; that is undone here. The config and tokenizer are read by
 transformers' own GGUF support, which imports torch: in a process that hides torch (the jaxpref
-command lines, jaxpref/no_torch.py) the conversion runs in a child Python. Conversion happens once;
+command lines, jaxpref/runtime/no_torch.py) the conversion runs in a child Python. Conversion happens once;
 later runs read the cache.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""GPT-2 decoder: learned position embeddings, pre-LayerNorm blocks, one fused `c_attn`
-projection, a GELU MLP, LM head tied to `wte`. Layers are stacked and run with `nn.scan`.
+"""GPT-2: learned position embeddings, pre-LayerNorm blocks, one fused `c_attn` projection
+laid out [q | k | v], a GELU MLP, LM head tied to `wte`. The decoder itself is
+`jaxpref.models.blocks`.
 
 Hugging Face stores GPT-2's projections as `Conv1D` weights [in, out], which is already our
 kernel layout: no transpose when loading, and `fan_in_fan_out: true` for PEFT.
@@ -8,14 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
 from jaxpref.errors import ModelSourceError
-from jaxpref.models.gpt_neox import ACTIVATIONS
-from jaxpref.models.layers import Linear, LayerNorm, attention
-from jaxpref.models.spec import stacked, ArchArgs, WeightRule
+from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec
+from jaxpref.models.layers import ACTIVATIONS
+from jaxpref.models.spec import ArchArgs, WeightRule
 
 
 @dataclass(frozen=True)
@@ -51,80 +48,14 @@ class GPT2Args(ArchArgs):
             **common,
         )
 
-
-class Block(nn.Module):
-    args: GPT2Args
-
-    @nn.compact
-    def __call__(self, x, mask, layer):
-        """`layer` is this block's index (a scalar from the scan), for the optional 1/(layer+1)."""
-        a = self.args
-        lin = dict(dtype=a.dtype, param_dtype=a.param_dtype, lora_scale=a.lora_scale,
-                   lora_dropout=a.lora_dropout, deterministic=a.deterministic)
-        h = LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="ln_1")(x)
-        x = x + _Attention(a, lin, name="attn")(h, mask, layer)
-        h = LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="ln_2")(x)
-        return x + _MLP(a, lin, name="mlp")(h), None
-
-
-class _Attention(nn.Module):
-    args: GPT2Args
-    lin: dict
-
-    @nn.compact
-    def __call__(self, h, mask, layer):
-        a = self.args
-        b, t, _ = h.shape
-        n, d = a.num_heads, a.head_dim
-        qkv = Linear(3 * n * d, True, name="c_attn", **self.lin)(h)
-        q, k, v = (z.reshape(b, t, n, d) for z in jnp.split(qkv, 3, axis=-1))
-        # `attention` scales by 1/sqrt(d); fold any other scale HF asks for into q.
-        if not a.scale_attn_weights:
-            q = q * jnp.asarray(d ** 0.5, q.dtype)
-        if a.scale_attn_by_inverse_layer_idx:
-            q = q / (layer + 1).astype(q.dtype)
-        attend = jax.checkpoint(attention) if a.recompute_activations else attention
-        o = attend(q, k, v, mask).reshape(b, t, n * d)
-        return Linear(a.hidden_size, True, name="c_proj", **self.lin)(o)
-
-
-class _MLP(nn.Module):
-    args: GPT2Args
-    lin: dict
-
-    @nn.compact
-    def __call__(self, h):
-        a = self.args
-        u = Linear(a.intermediate_size, True, name="c_fc", **self.lin)(h)
-        act = ACTIVATIONS[a.activation]
-        act = jax.checkpoint(act) if a.recompute_activations else act
-        return Linear(a.hidden_size, True, name="c_proj", **self.lin)(act(u))
-
-
-class GPT2Model(nn.Module):
-    """Decoder returning final hidden states; `head_weight` gives the LM head (tied `wte`)."""
-    args: GPT2Args
-
-    @nn.compact
-    def __call__(self, input_ids, positions, mask):
-        """input_ids, positions [B, T] int32; mask [B, T, T] bool -> hidden [B, T, D] compute dtype.
-
-        `positions` index the learned `wpe` table, so left-padded rows keep their real positions.
-        """
-        a = self.args
-        wte = self.param("wte", nn.initializers.normal(0.02), (a.vocab_size, a.hidden_size), a.param_dtype)
-        wpe = self.param("wpe", nn.initializers.normal(0.01), (a.max_positions, a.hidden_size), a.param_dtype)
-        x = (jnp.take(wte, input_ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(a.dtype)
-        x, _ = stacked(Block, a, in_axes=(nn.broadcast, 0))(a, name="layers")(x, mask, jnp.arange(a.num_layers))
-        if not a.tie_word_embeddings:
-            self.param("lm_head", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
-                       a.param_dtype)
-        return LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="ln_f")(x)
-
-
-def head_weight(params: dict, args: GPT2Args) -> jax.Array:
-    """The LM head as [D, V] (the transposed `wte` when tied, as GPT-2 always is on the hub)."""
-    return params["wte"].T if args.tie_word_embeddings else params["lm_head"]
+    def spec(self) -> DecoderSpec:
+        return DecoderSpec(
+            embed="wte", head="lm_head", final_norm="ln_f", norms=("ln_1", "ln_2"),
+            layer_norm=True, norm_eps=self.layer_norm_eps, positions="wpe", max_positions=self.max_positions,
+            attn=AttnSpec("attn", ("c_attn",), "c_proj", self.num_heads, qkv_bias=True, out_bias=True,
+                          q_scale=1.0 if self.scale_attn_weights else self.head_dim ** 0.5,
+                          inverse_layer_scale=self.scale_attn_by_inverse_layer_idx),
+            mlp=MLPSpec("mlp", ("c_fc",), "c_proj", self.intermediate_size, self.activation, bias=True))
 
 
 _NORMS = ("ln_1", "ln_2")

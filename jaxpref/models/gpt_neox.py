@@ -1,29 +1,17 @@
-"""GPT-NeoX decoder (Pythia, GPT-NeoX-20B): LayerNorm with bias, one fused `query_key_value`
-projection, rotary embeddings on the first `rotary_pct` of each head, a GELU MLP, and optionally
-the parallel residual `x + attn(ln1(x)) + mlp(ln2(x))`. Layers are stacked and run with `nn.scan`.
+"""GPT-NeoX (Pythia, GPT-NeoX-20B): LayerNorm with bias, one fused `query_key_value` projection
+laid out per head, rotary embeddings on the first `rotary_pct` of each head, a GELU MLP, and
+optionally the parallel residual `x + attn(ln1(x)) + mlp(ln2(x))`. The decoder itself is
+`jaxpref.models.blocks`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
 from jaxpref.errors import ModelSourceError
-from jaxpref.models.layers import Linear, LayerNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
-from jaxpref.models.spec import stacked, ArchArgs, WeightRule
-
-# Hugging Face `hidden_act` names -> JAX. "gelu" is the exact (erf) form; the others are tanh forms.
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
+from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec
+from jaxpref.models.layers import ACTIVATIONS
+from jaxpref.models.spec import ArchArgs, WeightRule
 
 
 @dataclass(frozen=True)
@@ -67,80 +55,16 @@ class NeoXArgs(ArchArgs):
             **common,
         )
 
-
-class Block(nn.Module):
-    args: NeoXArgs
-
-    @nn.compact
-    def __call__(self, x, inputs):
-        a = self.args
-        cos, sin, mask = inputs
-        lin = dict(dtype=a.dtype, param_dtype=a.param_dtype, lora_scale=a.lora_scale,
-                   lora_dropout=a.lora_dropout, deterministic=a.deterministic)
-        ln1 = LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="input_layernorm")
-        ln2 = LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="post_attention_layernorm")
-        attn = _Attention(a, lin, name="attention")(ln1(x), cos, sin, mask)
-        mlp = _MLP(a, lin, name="mlp")
-        if a.use_parallel_residual:
-            return x + attn + mlp(ln2(x)), None
-        x = x + attn
-        return x + mlp(ln2(x)), None
-
-
-class _Attention(nn.Module):
-    args: NeoXArgs
-    lin: dict
-
-    @nn.compact
-    def __call__(self, h, cos, sin, mask):
-        a = self.args
-        b, t, _ = h.shape
-        n, d = a.num_heads, a.head_dim
-        # HF lays the fused output out per head: [head0: q k v, head1: q k v, ...].
-        qkv = Linear(3 * n * d, a.attention_bias, name="query_key_value", **self.lin)(h)
-        q, k, v = jnp.split(qkv.reshape(b, t, n, 3 * d), 3, axis=-1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attend = jax.checkpoint(attention) if a.recompute_activations else attention
-        o = attend(q, k, v, mask).reshape(b, t, n * d)
-        return Linear(a.hidden_size, a.attention_bias, name="dense", **self.lin)(o)
-
-
-class _MLP(nn.Module):
-    args: NeoXArgs
-    lin: dict
-
-    @nn.compact
-    def __call__(self, h):
-        a = self.args
-        u = Linear(a.intermediate_size, True, name="dense_h_to_4h", **self.lin)(h)
-        act = ACTIVATIONS[a.hidden_act]
-        act = jax.checkpoint(act) if a.recompute_activations else act
-        return Linear(a.hidden_size, True, name="dense_4h_to_h", **self.lin)(act(u))
-
-
-class NeoXModel(nn.Module):
-    """Decoder returning final hidden states; `head_weight` gives the LM head (`embed_out`)."""
-    args: NeoXArgs
-
-    @nn.compact
-    def __call__(self, input_ids, positions, mask):
-        """input_ids, positions [B, T] int32; mask [B, T, T] bool -> hidden [B, T, D] compute dtype."""
-        a = self.args
-        emb = self.param("embed_in", nn.initializers.normal(0.02), (a.vocab_size, a.hidden_size),
-                         a.param_dtype)
-        x = jnp.take(emb, input_ids, axis=0).astype(a.dtype)
-        inv = rope_inv_freq(a.rotary_dim, a.rope_theta, dict(a.rope_scaling) if a.rope_scaling else None)
-        cos, sin = rope_cos_sin(positions, inv)
-        x, _ = stacked(Block, a)(a, name="layers")(x, (cos, sin, mask))
-        if not a.tie_word_embeddings:
-            self.param("embed_out", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
-                       a.param_dtype)
-        return LayerNorm(a.layer_norm_eps, a.dtype, a.param_dtype, name="final_layer_norm")(x)
-
-
-def head_weight(params: dict, args: NeoXArgs) -> jax.Array:
-    """The LM head as [D, V]."""
-    return params["embed_in"].T if args.tie_word_embeddings else params["embed_out"]
+    def spec(self) -> DecoderSpec:
+        return DecoderSpec(
+            embed="embed_in", head="embed_out", final_norm="final_layer_norm",
+            norms=("input_layernorm", "post_attention_layernorm"), layer_norm=True, norm_eps=self.layer_norm_eps,
+            attn=AttnSpec("attention", ("query_key_value",), "dense", self.num_heads, fused_per_head=True,
+                          qkv_bias=self.attention_bias, out_bias=self.attention_bias),
+            mlp=MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", self.intermediate_size, self.hidden_act,
+                        bias=True),
+            rope=RopeSpec(self.rotary_dim, self.rope_theta, self.rope_scaling),
+            parallel_residual=self.use_parallel_residual)
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")

@@ -1,4 +1,6 @@
-"""Building blocks shared by the architectures: a LoRA-aware linear layer, norms, rotary embeddings.
+"""Building blocks shared by the architectures: a LoRA-aware linear layer, norms, activations,
+rotary embeddings (the attention core is `jaxpref.models.attention`). How they assemble into a decoder:
+`jaxpref.models.blocks`.
 
 LoRA is a parameter transform: the base weights live in the `params` collection, the low-rank
 factors in a separate `lora` collection with the same module paths. A `Linear` adds the low-rank
@@ -7,7 +9,6 @@ the `lora` collection left out: one base tree, no copy.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -32,12 +33,13 @@ class Linear(nn.Module):
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
     deterministic: bool = True
+    precision: str | None = "highest"   # fp32 products (`matmul`)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
                             self.param_dtype)
-        y = matmul("...i,io->...o", x, kernel, self.dtype)
+        y = matmul("...i,io->...o", x, kernel, self.dtype, precision=self.precision)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -47,8 +49,8 @@ class Linear(nn.Module):
             h = x
             if self.lora_dropout > 0 and not self.deterministic:
                 h = nn.Dropout(self.lora_dropout, deterministic=False)(h)
-            low = matmul("...i,ir->...r", h, a, self.dtype)
-            y = y + self.lora_scale * matmul("...r,ro->...o", low, b, self.dtype)
+            low = matmul("...i,ir->...r", h, a, self.dtype, precision=self.precision)
+            y = y + self.lora_scale * matmul("...r,ro->...o", low, b, self.dtype, precision=self.precision)
         return y
 
 
@@ -60,16 +62,22 @@ def upcast_on_cpu(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
-def matmul(subscripts: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None) -> jax.Array:
+PRECISIONS = {"highest": "highest", "tf32": "tensorfloat32", None: None}
+
+
+def matmul(subscripts: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None,
+           precision: str | None = "highest") -> jax.Array:
     """einsum of x and w rounded to the compute `dtype`, fp32 accumulation, result in `out_dtype`
-    (default `dtype`)."""
+    (default `dtype`). `precision` applies to fp32 products: "highest" keeps them fp32 on GPUs
+    too (XLA's default there is TF32), "tf32" asks for tensor cores, None is XLA's default."""
     out_dtype = dtype if out_dtype is None else out_dtype
     x, w = x.astype(dtype), w.astype(dtype)
     if upcast_on_cpu(dtype):
         # Rematerialised: the backward widens x and w again instead of keeping their fp32 copies
         # (for the base weights that would be an fp32 copy of the whole model).
         return _widened_matmul(subscripts, out_dtype)(x, w)
-    return jnp.einsum(subscripts, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    prec = PRECISIONS[precision] if jnp.dtype(dtype) == jnp.float32 else None
+    return jnp.einsum(subscripts, x, w, preferred_element_type=jnp.float32, precision=prec).astype(out_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,21 +86,12 @@ def _widened_matmul(subscripts: str, out_dtype):
     return jax.checkpoint(lambda x, w: jnp.einsum(subscripts, x.astype(f), w.astype(f)).astype(out_dtype))
 
 
-class RMSNorm(nn.Module):
+class Norm(nn.Module):
+    """x [..., D] -> [..., D] in the compute `dtype`: RMSNorm (Llama, `centered=False`: a `scale`)
+    or LayerNorm (GPT-2, GPT-NeoX, `centered=True`: mean-centred, a `scale` and a `bias`). The
+    statistics are taken in fp32 whatever the compute dtype, as transformers does."""
     eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
-
-
-class LayerNorm(nn.Module):
-    eps: float = 1e-5
+    centered: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -100,12 +99,28 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
         x32 = x.astype(jnp.float32)
+        if not self.centered:
+            # transformers' LlamaRMSNorm rounds to the compute dtype before the scale multiplies.
+            x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return scale.astype(self.dtype) * x32.astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+# Hugging Face `hidden_act` / `activation_function` names -> JAX. "gelu" is the exact (erf) form;
+# the others are tanh forms.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> jnp.ndarray:
@@ -150,53 +165,3 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     out = (xr.astype(jnp.float32) * c + rot.astype(jnp.float32) * s).astype(x.dtype)
     return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class AttnBlocks:
-    """Attention over blocks of a padding-free stream (`jaxpref.padfree`): a row [L] holds several
-    sequences end to end; slot j of row r's blocks (flattened [blocks * Tb]) reads stream position
-    `idx[r, j]` (-1: empty slot), stream position p reads its output back from slot `back[r, p]`,
-    and `mask` [R * blocks, Tb, Tb] is each block's own attention mask."""
-    idx: jax.Array
-    back: jax.Array
-    mask: jax.Array
-
-
-def sliding_window(mask, positions: jax.Array, window: int):
-    """The attention mask (a [B, T, T] bool array or `AttnBlocks`) restricted to keys fewer than
-    `window` positions before the query, as Mistral's sliding window (transformers: a key is seen
-    when q - k < window). `positions` [B, T] are the rows' (or streams') token positions."""
-    near = lambda pos: (pos[:, :, None] - pos[:, None, :]) < window
-    if isinstance(mask, AttnBlocks):
-        nb, tb = mask.mask.shape[:2]
-        pos = jnp.take_along_axis(positions, jnp.maximum(mask.idx, 0), axis=1).reshape(nb, tb)
-        return dataclasses.replace(mask, mask=mask.mask & near(pos))
-    return mask & near(positions)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
-    """q [B,T,N,H], k/v [B,S,K,H] (grouped-query when K < N), mask [B,T,S] bool -> [B,T,N,H].
-
-    With `mask` an `AttnBlocks`, the rows are padding-free streams: q, k and v are gathered into
-    their blocks, attended block by block, and the outputs put back in stream order.
-    Goes through `jax.nn.dot_product_attention` so that GPUs can pick cuDNN's fused kernel.
-    """
-    if isinstance(mask, AttnBlocks):
-        r = q.shape[0]
-        nb, tb = mask.mask.shape[:2]
-        idx = jnp.maximum(mask.idx, 0)[:, :, None, None]
-        blocks = lambda x: jnp.take_along_axis(x, idx, axis=1).reshape(nb, tb, *x.shape[2:])
-        out = _attend(blocks(q), blocks(k), blocks(v), mask.mask)
-        out = out.reshape(r, -1, *out.shape[2:])
-        return jnp.take_along_axis(out, mask.back[:, :, None, None], axis=1)
-    return _attend(q, k, v, mask)
-
-
-def _attend(q, k, v, mask):
-    if upcast_on_cpu(q.dtype):
-        f = jnp.float32
-        out = jax.nn.dot_product_attention(q.astype(f), k.astype(f), v.astype(f), mask=mask[:, None, :, :])
-        return out.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])

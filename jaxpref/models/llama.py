@@ -1,18 +1,14 @@
-"""Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM/SmolLM2): RMSNorm, rotary
-embeddings, grouped-query attention, SwiGLU MLP. Layers are stacked and run with `nn.scan`."""
+"""Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM/SmolLM2): RMSNorm, rotary embeddings,
+grouped-query attention with separate q/k/v projections, SwiGLU MLP, optional sliding window.
+The decoder itself is `jaxpref.models.blocks`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
 from jaxpref.errors import ModelSourceError
-from jaxpref.models.layers import (Linear, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq,
-                                   sliding_window)
-from jaxpref.models.spec import stacked, ArchArgs, WeightRule
+from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec
+from jaxpref.models.spec import ArchArgs, WeightRule
 
 
 @dataclass(frozen=True)
@@ -54,6 +50,17 @@ class LlamaArgs(ArchArgs):
             **common,
         )
 
+    def spec(self) -> DecoderSpec:
+        return DecoderSpec(
+            embed="embed_tokens", head="lm_head", final_norm="norm",
+            norms=("input_layernorm", "post_attention_layernorm"), norm_eps=self.rms_norm_eps,
+            attn=AttnSpec("self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj", self.num_key_value_heads,
+                          qkv_bias=self.attention_bias, out_bias=self.o_proj_bias),
+            mlp=MLPSpec("mlp", ("gate_proj", "up_proj"), "down_proj", self.intermediate_size, "silu",
+                        bias=self.mlp_bias),
+            rope=RopeSpec(self.head_dim, self.rope_theta, self.rope_scaling),
+            sliding_window=self.sliding_window)
+
 
 def _window(hf: dict) -> int | None:
     """The sliding window every layer uses, or None. transformers gives Mistral's on all layers
@@ -81,86 +88,6 @@ def _window(hf: dict) -> int | None:
 
 def _freeze(d):
     return tuple(sorted(d.items())) if isinstance(d, dict) else d
-
-
-class Block(nn.Module):
-    args: LlamaArgs
-
-    @nn.compact
-    def __call__(self, x, inputs):
-        a = self.args
-        cos, sin, mask = inputs
-        lin = dict(dtype=a.dtype, param_dtype=a.param_dtype, lora_scale=a.lora_scale,
-                   lora_dropout=a.lora_dropout, deterministic=a.deterministic)
-        b, t, _ = x.shape
-        h = RMSNorm(a.rms_norm_eps, a.dtype, a.param_dtype, name="input_layernorm")(x)
-        attn = _Attention(a, lin, name="self_attn")
-        x = x + attn(h, cos, sin, mask)
-        h = RMSNorm(a.rms_norm_eps, a.dtype, a.param_dtype, name="post_attention_layernorm")(x)
-        x = x + _MLP(a, lin, name="mlp")(h)
-        return x, None
-
-
-class _Attention(nn.Module):
-    args: LlamaArgs
-    lin: dict
-
-    @nn.compact
-    def __call__(self, h, cos, sin, mask):
-        a = self.args
-        b, t, _ = h.shape
-        n, k, d = a.num_heads, a.num_key_value_heads, a.head_dim
-        q = Linear(n * d, a.attention_bias, name="q_proj", **self.lin)(h).reshape(b, t, n, d)
-        kk = Linear(k * d, a.attention_bias, name="k_proj", **self.lin)(h).reshape(b, t, k, d)
-        v = Linear(k * d, a.attention_bias, name="v_proj", **self.lin)(h).reshape(b, t, k, d)
-        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        attend = jax.checkpoint(attention) if a.recompute_activations else attention
-        o = attend(q, kk, v, mask).reshape(b, t, n * d)
-        return Linear(a.hidden_size, a.o_proj_bias, name="o_proj", **self.lin)(o)
-
-
-class _MLP(nn.Module):
-    args: LlamaArgs
-    lin: dict
-
-    @nn.compact
-    def __call__(self, h):
-        a = self.args
-        g = Linear(a.intermediate_size, a.mlp_bias, name="gate_proj", **self.lin)(h)
-        u = Linear(a.intermediate_size, a.mlp_bias, name="up_proj", **self.lin)(h)
-        act = jax.checkpoint(_swiglu) if a.recompute_activations else _swiglu
-        return Linear(a.hidden_size, a.mlp_bias, name="down_proj", **self.lin)(act(g, u))
-
-
-def _swiglu(g: jax.Array, u: jax.Array) -> jax.Array:
-    return nn.silu(g) * u
-
-
-class LlamaModel(nn.Module):
-    """Decoder returning final hidden states; `head_weight` gives the LM head."""
-    args: LlamaArgs
-
-    @nn.compact
-    def __call__(self, input_ids, positions, mask):
-        """input_ids, positions [B, T] int32; mask [B, T, T] bool -> hidden [B, T, D] compute dtype."""
-        a = self.args
-        emb = self.param("embed_tokens", nn.initializers.normal(0.02),
-                         (a.vocab_size, a.hidden_size), a.param_dtype)
-        x = jnp.take(emb, input_ids, axis=0).astype(a.dtype)
-        inv = rope_inv_freq(a.head_dim, a.rope_theta, dict(a.rope_scaling) if a.rope_scaling else None)
-        cos, sin = rope_cos_sin(positions, inv)
-        if a.sliding_window is not None:
-            mask = sliding_window(mask, positions, a.sliding_window)
-        x, _ = stacked(Block, a)(a, name="layers")(x, (cos, sin, mask))
-        if not a.tie_word_embeddings:
-            self.param("lm_head", nn.initializers.normal(0.02), (a.hidden_size, a.vocab_size),
-                       a.param_dtype)
-        return RMSNorm(a.rms_norm_eps, a.dtype, a.param_dtype, name="norm")(x)
-
-
-def head_weight(params: dict, args: LlamaArgs) -> jax.Array:
-    """The LM head as [D, V] (the transposed embedding when tied)."""
-    return params["embed_tokens"].T if args.tie_word_embeddings else params["lm_head"]
 
 
 # Hugging Face tensor name -> our parameter path. "{i}" is the layer index; paths under "layers"

@@ -67,6 +67,8 @@ def resolve(spec: str, revision: str | None = None, cache_root: Path | None = No
 
     `weights=False` (dry-run) reads a GGUF's config and tokenizer without dequantising it."""
     cache_root = Path(cache_root or DEFAULT_CACHE)
+    if "\0" in spec:
+        raise ModelSourceError(f"model source {spec!r} contains a NUL byte")
     if spec.startswith("pkg:"):
         path = _package_file(spec)
     else:
@@ -120,9 +122,35 @@ def _from_hub(repo_id: str, revision: str | None, download: bool) -> ModelSource
 
 def _read_config(path: Path, spec: str) -> dict:
     try:
-        return json.loads((path / "config.json").read_text())
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelSourceError(f"model source `{spec}`: {path / 'config.json'} is not UTF-8 text "
+                               f"(byte 0x{e.object[e.start]:02x} at offset {e.start})")
     except (OSError, json.JSONDecodeError) as e:
         raise ModelSourceError(f"model source `{spec}`: cannot read config.json ({e})")
+    if not isinstance(cfg, dict):
+        raise ModelSourceError(f"model source `{spec}`: {path / 'config.json'} is a JSON "
+                               f"{type(cfg).__name__}, expected an object of settings")
+    _check_sizes(cfg, path / "config.json", spec)
+    return cfg
+
+
+# config.json keys that size the model (each architecture's names): positive integers when present.
+_SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer",
+              "n_positions", "n_inner")
+
+
+def _check_sizes(cfg: dict, file: Path, spec: str) -> None:
+    """A size that is not a positive integer breaks the model build far from its cause (a division
+    by zero, a type error blamed on the tokenizer): name the key here."""
+    for key in _SIZE_KEYS:
+        v = cfg.get(key)
+        if v is None and key in ("n_inner", "head_dim", "num_key_value_heads"):
+            continue  # null means "derive it" for these
+        if key in cfg and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ModelSourceError(f"model source `{spec}`: {file} has `{key}: {json.dumps(v)}`, "
+                                   "expected a positive integer")
 
 
 def fingerprint(source: ModelSource) -> str:

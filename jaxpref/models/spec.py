@@ -1,12 +1,16 @@
-"""What every architecture module provides: its arguments and its weight-name table."""
+"""What every architecture module provides (its arguments, their `spec()` and its weight-name
+table), and how the decoder's layers are stacked: `nn.scan` or a loop."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:  # blocks imports this module
+    from jaxpref.models.blocks import DecoderSpec
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,16 @@ class ArchArgs:
     # Recompute the attention core (scores, softmax, AV) and the MLP's activation in the backward
     # pass instead of storing them: about 1/3 less activation memory for negligible FLOPs.
     recompute_activations: bool = True
+    # The attention backend (`jaxpref.models.attention`): auto | xla | xla_chunked | flash.
+    attention: str = "auto"
+    # fp32 matmuls: "highest" (true fp32 on every backend), "tf32" (GPU tensor cores), None (XLA's
+    # default: TF32 on recent GPUs). bf16 compute ignores it (bf16 products, fp32 accumulation).
+    matmul_precision: str | None = "highest"
+    mesh: Any = None                  # the device mesh: custom attention kernels run per shard in it
+
+    def spec(self) -> DecoderSpec:
+        """This architecture's choices for the shared decoder (`jaxpref.models.blocks`)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,10 @@ class ModelBundle:
 
     def abstract_params(self) -> dict:
         """The parameter tree as ShapeDtypeStructs, without reading or allocating weights."""
+        from jaxpref.models.attention import MaskInfo
+
         ids = jnp.zeros((1, 2), jnp.int32)
-        mask = jnp.ones((1, 2, 2), bool)
+        mask = MaskInfo.rows(jnp.ones((1, 2), jnp.int32))
         module = self.arch.model_cls(replace(self.args, scan_layers=True))  # the stacked tree
         return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, mask))["params"]
 
@@ -81,7 +83,14 @@ def weight_files(path: Path, spec: str) -> tuple[str, list[Path]]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         import json
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8, shape of it
+            raise ModelSourceError(f"model `{spec}`: {index} is not a safetensors index with a `weight_map` "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+        missing = [n for n in names if not isinstance(n, str) or not (path / n).is_file()]
+        if missing:
+            raise ModelSourceError(f"model `{spec}`: {index.name} names `{missing[0]}`, which is not in {path}")
         return "safetensors", [path / n for n in names]
     st = sorted(path.glob("*.safetensors"))
     st = [f for f in st if not f.name.startswith("adapter_")]
@@ -175,6 +184,13 @@ def _read_safetensors(files: list[Path], headers_only: bool = False) -> Iterator
                 raise ModelSourceError(f"{f}: not a safetensors file (unreadable header: {e})")
             header.pop("__metadata__", None)
             base = 8 + n
+            try:
+                end = max((int(i["data_offsets"][1]) for i in header.values()), default=0)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise ModelSourceError(f"{f}: not a safetensors file (unreadable header: {type(e).__name__})")
+            if base + end > f.stat().st_size:  # the header knows the size; the dry run reads no data
+                raise ModelSourceError(f"{f}: file is truncated (its header describes {base + end} bytes, "
+                                       f"the file has {f.stat().st_size})")
 
             def get(info, fh=fh, base=base, f=f):
                 begin, end = info["data_offsets"]

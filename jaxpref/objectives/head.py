@@ -15,11 +15,13 @@ from jaxpref.models.layers import matmul
 f32 = jnp.float32
 
 
-def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, need_wpo: bool = False):
-    """-> (logp, mean_logit, wpo or None), each [N, K] float32. `chunk` <= 0: whole vocabulary."""
+def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, need_wpo: bool = False,
+               precision: str | None = "highest"):
+    """-> (logp, mean_logit, wpo or None), each [N, K] float32. `chunk` <= 0: whole vocabulary;
+    `precision`: fp32 products (`layers.matmul`)."""
     V = w.shape[1]
     if chunk <= 0 or chunk >= V:
-        logits = matmul("nkd,dv->nkv", h, w, h.dtype, f32)
+        logits = matmul("nkd,dv->nkv", h, w, h.dtype, f32, precision)
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, tgt_ids[..., None], axis=-1)[..., 0] - lse
         wpo = None
@@ -38,7 +40,8 @@ def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, n
         start = jnp.minimum(i * chunk, V - chunk)
         cols = start + jnp.arange(chunk)
         valid = cols >= i * chunk
-        logits = matmul("nkd,dv->nkv", h, jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1), h.dtype, f32)
+        logits = matmul("nkd,dv->nkv", h, jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1), h.dtype, f32,
+                        precision)
         x = jnp.where(valid, logits, neg)
         m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(x, axis=-1)))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[..., None]), axis=-1)

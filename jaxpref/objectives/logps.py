@@ -5,32 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpref.data.batches import Batch, StreamBatch
-from jaxpref.models.layers import AttnBlocks
+from jaxpref.data.batches import Batch
+from jaxpref.models.attention import MaskInfo
 from jaxpref.objectives.head import head_logps
 from jaxpref.objectives.losses import PairStats
-
-
-def attention_mask(segment_ids: jax.Array, branch: jax.Array) -> jax.Array:
-    """[N, T] -> [N, T, T] bool: same segment, causal, and a branch sees shared tokens and itself.
-    Padding queries see only themselves (keeps softmax finite; their outputs are never used)."""
-    t = segment_ids.shape[-1]
-    q_seg, k_seg = segment_ids[:, :, None], segment_ids[:, None, :]
-    q_br, k_br = branch[:, :, None], branch[:, None, :]
-    causal = jnp.tril(jnp.ones((t, t), bool))[None]
-    allowed = (q_seg == k_seg) & (k_seg > 0) & causal & ((k_br == 0) | (k_br == q_br))
-    return allowed | jnp.eye(t, dtype=bool)[None]
-
-
-def stream_blocks(mb: StreamBatch) -> AttnBlocks:
-    """A padding-free micro-batch's attention blocks: each original row's tokens gathered from its
-    stream (`blk_idx`, -1 = empty slot) with that row's own mask."""
-    r, per, tb = mb.blk_idx.shape
-    idx = mb.blk_idx.reshape(r, per * tb)
-    ok = idx >= 0
-    take = lambda x: jnp.where(ok, jnp.take_along_axis(x, jnp.maximum(idx, 0), axis=1), 0)
-    seg, br = take(mb.segment_ids).reshape(-1, tb), take(mb.branch).reshape(-1, tb)
-    return AttnBlocks(idx, mb.blk_back, attention_mask(seg, br))
 
 
 def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = False):
@@ -38,10 +16,10 @@ def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = Fal
 
     The LM head runs on the K gathered positions only (`jaxpref.head`). Returns (logp, mean_logit, wpo_aligned),
     each [N, K] float32."""
-    mask = stream_blocks(mb) if isinstance(mb, StreamBatch) else attention_mask(mb.segment_ids, mb.branch)
-    hidden = bundle.hidden(params, lora, mb.input_ids, mb.positions, mask, rngs=rngs)
+    hidden = bundle.hidden(params, lora, mb.input_ids, mb.positions, MaskInfo.from_batch(mb), rngs=rngs)
     h = jnp.take_along_axis(hidden, mb.tgt_src[..., None], axis=1)
-    return head_logps(h, bundle.head(params), mb.tgt_ids, bundle.args.vocab_chunk, need_wpo)
+    return head_logps(h, bundle.head(params), mb.tgt_ids, bundle.args.vocab_chunk, need_wpo,
+                      bundle.args.matmul_precision)
 
 
 def _seg_sum(x: jax.Array, seq: jax.Array, s: int) -> jax.Array:

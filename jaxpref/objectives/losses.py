@@ -30,10 +30,15 @@ class LossSpec:
     cpo_alpha: float = 1.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    orpo_nll_span: str = "prompt_and_completion"
+    # Keys of a method's own (`jaxpref.objectives.methods`) that no field above holds: (name, value).
+    extra: tuple[tuple[str, object], ...] = ()
 
-    @property
-    def needs_reference(self) -> bool:
-        return self.method in ("dpo", "ipo", "kto") and not self.reference_free
+    def option(self, name: str):
+        """A method key's value: a field of this spec, else one of `extra`."""
+        if name in self.__dataclass_fields__:
+            return getattr(self, name)
+        return dict(self.extra)[name]
 
 
 @jax.tree_util.register_dataclass

@@ -24,45 +24,65 @@ def runtime_rss() -> int:
         return 0
 
 
-def memory_plan(cfg: Config, args, base_params: int, lora_params: int, rows: int, seq_len: int,
-                targets_len: int, mesh=None, runtime: int | None = None) -> dict[str, float]:
-    """Bytes per device for weights, LoRA + optimizer state, activations and logits (estimate).
+def memory_plan(cfg: Config, args, base_params: int, lora_params: int, shapes, mesh=None,
+                runtime: int | None = None) -> dict[str, float]:
+    """Bytes per device at the step's peak, for the worst of the batch `shapes` (shape keys
+    (G, rows, T, K) or, padding-free, (G, streams, L, K, blocks per stream, Tb); rows are global,
+    divided here over the mesh's data-parallel axes).
 
-    `rows` are the batch rows one device holds. Activations: per layer and token, the forward keeps
-    ~ (10 D + 3 I) values for backward plus the attention weights (heads x T); with gradient
-    checkpointing only each layer's input survives, plus one layer recomputed. On CPU the runtime
-    (this process's resident memory before weights are read) is part of the plan."""
-    shard = 1
+    What the backward keeps, per layer and token, with `recompute_activations` (the default): the
+    layer input and the two normed inputs, q, k, v and the attention output, the MLP input and its
+    gate and up projections (4 D + (2 N + 2 K) H + 2 I values); without it also the MLP activation
+    (I) and, on the dense XLA attention, every head's softmax [T, S] in fp32. Gradient checkpointing
+    keeps only the layer input. One layer's recomputed temporaries come on top: its attention
+    scores (dense: all heads' [T, S]; chunked: one block of queries; flash kernels: none) and MLP.
+    The LM head holds fp32 logits of the target slots (a vocabulary chunk with `vocab_chunk`).
+    On CPU the runtime (the process's memory before weights are read) is part of the plan."""
+    plans = [_plan_for(cfg, args, base_params, lora_params, key, mesh) for key in shapes]
+    plan = max(plans, key=lambda p: sum(p.values()))
+    if jax.devices()[0].platform == "cpu":
+        plan["runtime"] = runtime_rss() if runtime is None else runtime
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def _plan_for(cfg: Config, args, base_params: int, lora_params: int, key: tuple, mesh) -> dict:
+    from jaxpref.models.attention import CHUNK, choose_backend
+
+    shard = dp = 1
     if mesh is not None:
         shard = mesh.shape["fsdp"] * mesh.shape["tensor"]
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
     pbytes = DTYPE_BYTES[cfg.training.param_dtype]
     cbytes = DTYPE_BYTES[cfg.training.compute_dtype]
-    D = args.hidden_size
+    D, L, N, H = args.hidden_size, args.num_layers, args.num_heads, args.head_dim
     I = getattr(args, "intermediate_size", 4 * D) or 4 * D
-    L = args.num_layers
-    H = args.num_heads
-    tokens = rows * seq_len
-    per_layer = tokens * (10 * D + 3 * I) * cbytes + rows * H * seq_len * seq_len * 4
-    if cfg.gradient_checkpointing:
-        acts = L * tokens * D * cbytes + per_layer
+    KV = getattr(args, "num_key_value_heads", N) or N
+    rows, T, K = max(key[1] // dp, 1), key[2], key[3]
+    tokens = rows * T
+    # Attention calls: padded rows attend within themselves; streams block by block.
+    calls, t = (rows * key[4], key[5]) if len(key) > 4 else (rows, T)
+    backend = choose_backend(cfg.training.attention, jax.devices()[0].platform, args.dtype, calls, t, t, N)
+    scores = {"xla": calls * N * t * t * 4, "xla_chunked": calls * N * min(CHUNK, t) * t * 4}.get(backend, 0)
+    recompute = args.recompute_activations
+    kept = 4 * D + (2 * N + 2 * KV) * H + 2 * I + (0 if recompute else I)
+    if args.gradient_checkpointing:
+        stored = L * tokens * D * cbytes
     else:
-        acts = L * per_layer
+        stored = L * (tokens * kept * cbytes + (0 if recompute else 2 * scores))
+    layer_temps = 3 * scores + tokens * (3 * I + 2 * D) * cbytes
     V = args.vocab_size
-    plan = {
+    return {
         "base weights": base_params * pbytes / shard,
         "reference copy": (base_params * pbytes / shard
                            if (not cfg.lora.enabled or (cfg.post_training.use_ref_model
                                                         and cfg.models[0].ref_model_id)) else 0),
         "LoRA + grads": lora_params * 4 * 2,
         "optimizer state": lora_params * 4 * 2,
-        "activations": acts,
+        "activations": stored + layer_temps,
         # logits, softmax and its gradient (one vocabulary chunk at a time with training.vocab_chunk)
-        "logits": rows * targets_len * min(cfg.training.vocab_chunk or V, V) * 4 * 3,
+        "logits": rows * K * min(cfg.training.vocab_chunk or V, V) * 4 * 3,
     }
-    if jax.devices()[0].platform == "cpu":
-        plan["runtime"] = runtime_rss() if runtime is None else runtime
-    plan["total"] = sum(plan.values())
-    return plan
 
 
 def peak_memory() -> dict:

@@ -27,9 +27,8 @@ def init_distributed(gpu_cfg, src: str = "") -> None:
     d = gpu_cfg.distributed
     if not d:
         return
-    from jax._src import distributed as _dist
-    if _dist.global_state.client is not None:
-        return  # already initialised
+    if jax.distributed.is_initialized():
+        return
     kwargs = {}
     if not d.get("auto"):
         for key in ("coordinator_address", "num_processes", "process_id"):
@@ -76,6 +75,11 @@ def make_mesh(gpu_cfg, src: str = "") -> Mesh:
         if missing:
             raise ConfigError(f"{src}: `gpu.device_ids` {missing} do not exist; devices here: {sorted(ids)}")
         devices = [ids[i] for i in gpu_cfg.device_ids]
+    if gpu_cfg.ddp is False:  # the seed's "no DDP": one device
+        if gpu_cfg.mesh and math.prod(v for v in gpu_cfg.mesh.values() if v != -1) > 1:
+            raise ConfigError(f"{src}: `gpu.ddp: false` trains on one device, but `gpu.mesh` {gpu_cfg.mesh} "
+                              "asks for several; drop one of them")
+        devices = devices[:1]
     n = len(devices)
     shape = dict(gpu_cfg.mesh or {"data": -1})
     for k in shape:

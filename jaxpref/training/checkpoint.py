@@ -2,8 +2,10 @@
 record (data-iterator position, token count, early-stopping state, fingerprint).
 
 Orbax writes each step into a temporary folder and renames it when whole, so a checkpoint is
-either complete or absent; one that fails to restore (truncated files) is skipped with a warning
-and the one before it is used.
+either complete or absent; one that lacks a file Orbax writes, or fails to restore (truncated
+files), is set aside with a warning (renamed, never deleted) and the one before it is used.
+Saving a step that is already whole on disk does nothing: a run resumed from its final checkpoint
+goes on to the finishing work instead of failing on the save it already made.
 """
 from __future__ import annotations
 
@@ -40,7 +42,10 @@ class CheckpointStore:
         self.closed = False
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save `step`, unless it is already on disk whole (the run resumed from it: the same state)."""
         ocp = _ocp()
+        if step in self.manager.all_steps() and incomplete(self.dir / str(step)) is None:
+            return
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -67,18 +72,22 @@ class CheckpointStore:
         checkpoint is whole, so it is never set aside. `force` only adds a hint to that error."""
         ocp = _ocp()
         for step in reversed(self.steps()):
+            missing = incomplete(self.dir / str(step))
+            if missing is not None:
+                self._set_aside(step, f"incomplete: no {missing}")
+                continue
             try:
                 meta = dict(self.manager.restore(step, args=ocp.args.Composite(
                     meta=ocp.args.JsonRestore()))["meta"])
             except Exception as e:
-                self._set_aside(step, e)
+                self._set_aside(step, f"unreadable: {type(e).__name__}")
                 continue
             if check is not None:
                 check(meta)
             try:
                 saved = _shapes(self.manager.item_metadata(step)["state"])
             except Exception as e:
-                self._set_aside(step, e)
+                self._set_aside(step, f"unreadable: {type(e).__name__}")
                 continue
             wanted = _shapes(abstract_state)
             diff = next((k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)), None)
@@ -92,17 +101,29 @@ class CheckpointStore:
                     state=ocp.args.StandardRestore(abstract_state)))
                 return step, out["state"], meta
             except Exception as e:  # a truncated or corrupted checkpoint: use the one before
-                self._set_aside(step, e)
+                self._set_aside(step, f"unreadable: {type(e).__name__}")
         return None
 
-    def _set_aside(self, step: int, e: Exception) -> None:
-        msg = f"checkpoint {self.dir / str(step)} is unreadable ({type(e).__name__}); using the previous one"
-        print(f"jaxpref: warning: {msg}", file=sys.stderr)
+    def _set_aside(self, step: int, why: str) -> None:
         # Set it aside (never delete data) so that the step can be saved again.
         broken = self.dir / str(step)
+        aside = self.dir / f"unreadable-{step}-{int(time.time())}"
+        msg = f"checkpoint {broken} is {why}; set aside as {aside.name}, using the previous one"
+        print(f"jaxpref: warning: {msg}", file=sys.stderr)
         if broken.exists():
-            broken.rename(self.dir / f"unreadable-{step}-{int(time.time())}")
+            broken.rename(aside)
         self.manager.reload()
+
+
+# What Orbax writes into every whole step of this store (a step missing one was cut short or
+# damaged after the fact; Orbax itself would restore some of them with default values).
+STEP_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt", "meta/metadata", "meta/commit_success.txt",
+              "state/_METADATA", "state/manifest.ocdbt", "state/commit_success.txt")
+
+
+def incomplete(step_dir: Path) -> str | None:
+    """The first file a whole checkpoint has that `step_dir` lacks, or None."""
+    return next((f for f in STEP_FILES if not (Path(step_dir) / f).is_file()), None)
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -132,19 +153,38 @@ def check_fingerprint(saved: dict, current: dict, run_dir: Path, force: bool) ->
             + (f" and {len(diffs) - 1} more" if len(diffs) > 1 else "") + "; use --resume-force to override")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows logged after `step` (they will be logged again, identically)."""
+def truncate_metrics(path: Path, step: int, final: bool = False) -> None:
+    """Drop metric rows logged after `step` (they will be logged again, identically); `final` (the
+    run resumes from its final checkpoint) drops the final evaluation at `step` too, which the
+    finishing work logs again. The file is replaced whole (a kill here loses no row)."""
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+            at = int(row.get("step", 0))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
             continue  # a row cut by a kill
-        if int(row.get("step", 0)) <= step:
+        if at < step or (at == step and not (final and "loss" not in row)):
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def last_train_metrics(path: Path) -> dict:
+    """The last logged training row (a run resumed from its final checkpoint logs no step)."""
+    last = {}
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "loss" in row:
+                last = row
+    return last
 
 
 def mark_finished(run_dir: Path) -> None:

@@ -21,10 +21,10 @@ from jaxpref.models import weights
 from jaxpref.runtime.memory import format_bytes, memory_plan
 
 def _weights_kind(bundle) -> str | None:
-    try:
-        return weights.weight_files(bundle.source.path, bundle.source.spec)[0]
-    except JaxprefError:
-        return None  # a GGUF read for its metadata only, or no weights: the real run says which
+    if bundle.source.spec.endswith(".gguf"):
+        return None  # a GGUF read for its metadata only: its tensors are checked when converted
+    # No readable weights (only pickles, a broken index) fails here as it fails in training.
+    return weights.weight_files(bundle.source.path, bundle.source.spec)[0]
 
 
 def check_model(cfg: Config, index: int) -> list[str]:
@@ -37,13 +37,17 @@ def check_model(cfg: Config, index: int) -> list[str]:
         bundle, tok, spec, abstract = setup.model_for(cfg, index, training=True, weights_needed=False)
         if _weights_kind(bundle) == "safetensors":
             weights.check_weights(bundle)  # names and shapes from the headers; no value is read
+        # r against each targeted layer, as the LoRA init in training checks it
+        targets = {} if spec is None else target_shapes(abstract, spec, cfg.source)
+        from jaxpref.runtime.mesh import make_mesh
+        mesh = make_mesh(cfg.gpu, cfg.source)  # a mesh or device ids that this machine lacks
     except JaxprefError as e:
         return [f"model `{name}`: {e}"]
     args = bundle.args
     total = count(abstract)
     trainable = count(abstract) if spec is None else sum(
         s[0] * (s[1] + s[2]) * spec.r if len(s) == 3 else (s[0] + s[1]) * spec.r
-        for s in target_shapes(abstract, spec).values())
+        for s in targets.values())
     print(f"  architecture     {bundle.source.model_type}: {args.num_layers} layers, hidden {args.hidden_size}, "
           f"{args.num_heads} heads, vocab {args.vocab_size}, tied embeddings {args.tie_word_embeddings}")
     print(f"  parameters       {total:,} total, {trainable:,} trainable "
@@ -75,29 +79,25 @@ def check_model(cfg: Config, index: int) -> list[str]:
     if not tr.paired and cfg.post_training.method != "kto":
         problems.append(f"model `{name}`: unpaired data needs method kto")
         return problems
-    from jaxpref.training.loop import iterator_class
-    it = iterator_class(cfg)(tr, B, G, t.seed, prepared.layout)
+    it = setup.iterator_class(cfg)(tr, B, G, t.seed, prepared.layout)
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
-    shapes, max_k = {}, 0
+    shapes = {}
     for _ in range(min(steps, 200)):
         b, _ = next(it)
         key = b.shape_key
         shapes[key] = shapes.get(key, 0) + 1
-        max_k = max(max_k, b.tgt_ids.shape[-1])
     shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
     blocks = ", blocks, block slots" if prepared.layout.padding_free else ""
     print(f"  batches          [accum, rows, tokens, target slots{blocks}]: {shape_txt} (layout {prepared.layout.kind}"
           f"{'; planned' if it.shapes else ''}{'' if steps <= 200 else ', first 200 steps'})")
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
-    from jaxpref.runtime.mesh import data_parallel_size, make_mesh
-    mesh = make_mesh(cfg.gpu, cfg.source)
-    rows, seq = max(max(s[1] for s in shapes) // data_parallel_size(mesh), 1), max(s[2] for s in shapes)
-    plan = memory_plan(cfg, args, total, trainable if spec else 0, rows, seq, max_k, mesh=mesh)
+    plan = memory_plan(cfg, args, total, trainable if spec else 0, list(shapes), mesh=mesh)
+    print(f"  attention        {attention_line(cfg, args, list(shapes), mesh)}")
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
     print("  memory plan      " + ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.items() if v))
     print(f"  checked in {time.time() - t0:.1f} s")
@@ -117,3 +117,17 @@ def dry_run(cfg: Config, indices: list[int]) -> int:
         return 2
     print("dry run OK")
     return 0
+
+
+def attention_line(cfg: Config, args, shapes: list, mesh) -> str:
+    """The attention backend `training.attention` resolves to for the largest batch shape, and
+    the activation recompute setting."""
+    from jaxpref.models.attention import choose_backend
+
+    key = max(shapes, key=lambda k: k[1] * k[2])
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    calls, t = (max(key[1] // dp, 1) * key[4], key[5]) if len(key) > 4 else (max(key[1] // dp, 1), key[2])
+    backend = choose_backend(cfg.training.attention, jax.devices()[0].platform, args.dtype, calls, t, t,
+                             args.num_heads)
+    return (f"{backend} (training.attention {cfg.training.attention}); recompute_activations "
+            f"{args.recompute_activations}; fp32 matmuls {cfg.training.matmul_precision}")

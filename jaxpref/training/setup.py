@@ -1,12 +1,16 @@
-"""Config -> (model bundle, tokenizer) and config -> tokenized train/eval data. Shared by train,
-dry-run and evaluate so that all three see exactly the same model and tokens."""
+"""Config -> what a run is made of: the model bundle and tokenizer, the LoRA spec, the loss spec,
+the reference mode, the batch iterator, the planned shapes, the resume fingerprint. Shared by
+train, dry run, evaluate and the benchmark so that all see exactly the same model and batches."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
-
-
 from jaxpref.config import Config
+from jaxpref.data.iterator import BatchIterator
+from jaxpref.objectives.losses import LossSpec
+from jaxpref.objectives.methods import get_method
 from jaxpref.errors import ConfigError
 from jaxpref.lora.tree import LoraSpec, resolve_targets
 from jaxpref.models import weights
@@ -36,7 +40,8 @@ def run_options(cfg: Config) -> dict:
     """Model options that change how the forward runs, never its numbers (policy and reference)."""
     tr = cfg.training
     return {"vocab_chunk": tr.vocab_chunk, "scan_layers": tr.scan_layers,
-            "recompute_activations": tr.recompute_activations}
+            "recompute_activations": tr.recompute_activations is not False, "attention": tr.attention,
+            "matmul_precision": tr.matmul_precision}
 
 
 def reference_bundle(cfg: Config, src):
@@ -73,3 +78,101 @@ def plan_shapes(it, cfg: Config, args, abstract, steps: int) -> tuple:
     else:
         cost = lambda T, K: fm.step(1, T, K)
     return it.plan_shapes(steps, cost, cfg.training.max_shapes)
+
+
+def loss_spec(cfg: Config) -> LossSpec:
+    """The loss parameters of `post_training`: every key that is a `LossSpec` field, the method's
+    other keys as `extra`; RPO (`rpo_alpha`) adds an `sft` term."""
+    pt = cfg.post_training
+    method = get_method(pt.method)
+    types = tuple(cfg.loss_types)
+    w = tuple(pt.loss_weights) if pt.loss_weights else tuple(1.0 for _ in types)
+    if getattr(pt, "rpo_alpha", None) is not None and "sft" not in types:
+        types, w = types + ("sft",), w + (pt.rpo_alpha,)
+    fields = set(LossSpec.__dataclass_fields__) - {"method", "loss_types", "loss_weights", "extra"}
+    keys = [k for k in vars(pt) if k in fields]
+    extra = tuple((k, getattr(pt, k)) for k in method.keys.__dataclass_fields__ if k not in fields)
+    return LossSpec(method=pt.method, loss_types=types, loss_weights=w, extra=extra,
+                    **{k: getattr(pt, k) for k in keys})
+
+
+def ref_mode(cfg: Config, spec: LossSpec, lora_enabled: bool) -> str:
+    """Where reference log-probs come from (`training.step.reference_logps`), before the run
+    refines it (an initial adapter, a precomputed table)."""
+    if not get_method(spec.method).needs_reference(spec):
+        return "none"
+    if cfg.post_training.use_ref_model or not lora_enabled:
+        return "separate"
+    return "lora_off"
+
+
+def iterator_class(cfg: Config):
+    """The batch iterator of the method's data kind (`jaxpref.data.iterator`, `.unpaired`)."""
+    if get_method(cfg.post_training.method).data == "unpaired":
+        from jaxpref.data.unpaired import UnpairedIterator
+        return UnpairedIterator
+    return BatchIterator
+
+
+def model_config(cfg: Config, index: int) -> Config:
+    """The resolved config of one model (what its run folder records)."""
+    one = copy.deepcopy(cfg)
+    one.models = [cfg.models[index]]
+    return one
+
+
+def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str) -> dict:
+    """What must not change between a run and its resumption."""
+    t, pt, lo, ds = cfg.training, cfg.post_training, cfg.lora, cfg.dataset
+    return {
+        "base model": f"{entry.huggingface_id}@{model_fp}", "dataset": ds.name, "method": pt.method,
+        "loss_type": list(cfg.loss_types), "beta": pt.beta, "lora.r": lo.r, "lora.lora_alpha": lo.lora_alpha,
+        "lora.target_modules": lo.target_modules, "seed": t.seed,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "max_length": t.max_length,
+        "pair_layout": str(layout_kind), "compute_dtype": t.compute_dtype,
+        # The optimizer state and the schedule: a resumed run must take the same updates.
+        "optimizer": t.optimizer, "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_steps": t.warmup_steps, "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm, "lora.enabled": lo.enabled,
+    }
+
+
+def rows_note(cfg: Config, prepared) -> str:
+    """' (N rows skipped: reason n, ...; M truncated)' for the start-of-run line, or ''."""
+    parts = []
+    skipped = prepared.train.skipped
+    if skipped:
+        parts.append(f"{sum(skipped.values())} rows skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    if prepared.eval is not None and cfg.dataset.eval_split and prepared.eval.skipped:
+        ev = prepared.eval.skipped
+        parts.append(f"{sum(ev.values())} eval rows skipped: " + ", ".join(f"{k} {v}" for k, v in ev.items()))
+    if prepared.report.truncated:
+        parts.append(f"{prepared.report.truncated} truncated")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def resolve_recompute(cfg: Config, bundle, abstract, lspec, it, mesh):
+    """`training.recompute_activations: auto`: recompute on a CPU (measured faster there:
+    docs/performance.md); on an accelerator store the activations when the memory plan of the
+    run's planned shapes without recompute fits in 80% of the device's memory."""
+    import jax
+
+    from jaxpref.lora.tree import count, target_shapes
+    from jaxpref.runtime.memory import memory_plan
+
+    if cfg.training.recompute_activations != "auto" or jax.default_backend() == "cpu" or not it.shapes:
+        return bundle
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return bundle
+    trainable = 0 if lspec is None else sum(
+        s[0] * (s[1] + s[2]) * lspec.r if len(s) == 3 else (s[0] + s[1]) * lspec.r
+        for s in target_shapes(abstract, lspec).values())
+    G = cfg.training.gradient_accumulation_steps
+    # Planned shapes are (T, K), or padding-free (L, K, Tb): as shape keys (`data.batches`).
+    keys = [(G, it._units(), *s) if len(s) == 2 else (G, it.layout.streams, s[0], s[1], it.units_per_stream(), s[2])
+            for s in it.shapes]
+    args = dataclasses.replace(bundle.args, recompute_activations=False)
+    plan = memory_plan(cfg, args, count(abstract), trainable, keys, mesh=mesh)
+    return bundle.with_args(recompute_activations=plan["total"] > 0.8 * limit)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxpref.objectives import losses
+from jaxpref.objectives.methods import LossInputs, get_method
 from jaxpref.objectives.logps import pair_stats, sequence_logps, token_logps
 from jaxpref.objectives.losses import LossSpec
 
@@ -21,50 +21,39 @@ from jaxpref.objectives.losses import LossSpec
 class StepOptions:
     spec: LossSpec
     num_seqs: int                 # sequence slots per micro-batch (2 x pairs)
-    need_wpo: bool = False
-    orpo_span: str = "prompt_and_completion"
     ref_mode: str = "lora_off"    # lora_off | initial_adapter | separate | precomputed | none
 
 
-def micro_loss(lora, params, mb: dict, ref_logps: jax.Array | None, bundle, ref_bundle, ref_params,
-               opts: StepOptions, rngs=None):
-    """Loss and metric vectors for one micro-batch."""
-    spec = opts.spec
-    logp, mean_logit, wpo = token_logps(bundle, params, lora, mb, rngs=rngs, need_wpo=opts.need_wpo)
-    st = pair_stats(logp, mean_logit, wpo, mb, opts.num_seqs)
-    b = opts.num_seqs // 2
-    if spec.method == "orpo":
-        loss, m = losses.orpo_loss(st, spec, opts.orpo_span)
-    elif spec.method in ("simpo", "cpo"):
-        loss, m = losses.simpo_cpo_loss(st, spec)
+def reference_logps(opts: StepOptions, mb, ref_logps, bundle, params, ref_bundle, ref_params) -> jax.Array:
+    """[S] summed reference log-probs of the micro-batch's sequences, without gradient: the base
+    with the adapter off (`lora_off`), a separate frozen model, the adapter's frozen initial copy
+    (`initial_adapter`, as TRL continues from an adapter), a precomputed table, or zeros (`none`)."""
+    mode = opts.ref_mode
+    if mode == "precomputed":
+        ref = ref_logps
+    elif mode == "none":
+        ref = jnp.zeros((opts.num_seqs,), jnp.float32)
+    elif mode == "separate":
+        ref = sequence_logps(ref_bundle, ref_params, None, mb, opts.num_seqs)
+    elif mode == "initial_adapter":
+        ref = sequence_logps(ref_bundle, params, ref_params, mb, opts.num_seqs)
     else:
-        if opts.ref_mode == "precomputed":
-            ref = ref_logps
-        elif opts.ref_mode == "none":
-            ref = jnp.zeros((opts.num_seqs,), jnp.float32)
-        elif opts.ref_mode == "separate":
-            ref = sequence_logps(ref_bundle, ref_params, None, mb, opts.num_seqs)
-        elif opts.ref_mode == "initial_adapter":
-            # Continuing from an adapter: the reference is its frozen initial copy (as TRL does).
-            ref = sequence_logps(ref_bundle, params, ref_params, mb, opts.num_seqs)
-        else:
-            ref = sequence_logps(bundle, params, None, mb, opts.num_seqs)
-        ref = jax.lax.stop_gradient(ref)
-        if spec.method == "kto":
-            from jaxpref.objectives.kto import micro_loss_kto
-            return micro_loss_kto(st, ref, mb, spec, opts.num_seqs)
-        sft = None
-        if "sft" in spec.loss_types:
-            # Unweighted token-mean NLL (LD-DPO weights apply to the preference term only).
-            is_c = (mb.tgt_seq < b).astype(jnp.float32)
-            sft = -jnp.sum(logp * is_c) / jnp.maximum(jnp.sum(is_c), 1.0)
-        loss, m = losses.dpo_loss(st, ref[:b], ref[b:], spec, sft)
-    m = dict(m)
-    m["logits/chosen"] = st.logit_sum_chosen
-    m["logits/rejected"] = st.logit_sum_rejected
-    m["_tokens/chosen"] = st.len_chosen
-    m["_tokens/rejected"] = st.len_rejected
-    return loss, m
+        ref = sequence_logps(bundle, params, None, mb, opts.num_seqs)
+    return jax.lax.stop_gradient(ref)
+
+
+def micro_loss(lora, params, mb, ref_logps: jax.Array | None, bundle, ref_bundle, ref_params,
+               opts: StepOptions, rngs=None):
+    """Loss and per-pair metric vectors for one micro-batch (`jaxpref.data.batches`), by the
+    method's own loss (`jaxpref.objectives.methods`)."""
+    spec = opts.spec
+    method = get_method(spec.method)
+    logp, mean_logit, wpo = token_logps(bundle, params, lora, mb, rngs=rngs, need_wpo=spec.use_weighting)
+    stats = pair_stats(logp, mean_logit, wpo, mb, opts.num_seqs)
+    ref = None
+    if method.needs_reference(spec):
+        ref = reference_logps(opts, mb, ref_logps, bundle, params, ref_bundle, ref_params)
+    return method.loss(LossInputs(stats, ref, logp, mb, opts.num_seqs), spec)
 
 
 @jax.tree_util.register_dataclass

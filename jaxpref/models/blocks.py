@@ -1,0 +1,250 @@
+"""The decoder every architecture runs: embeddings -> `num_layers` x `DecoderBlock` -> final norm.
+
+An architecture is data, not code: its args class says what its `config.json` means (`from_hf`)
+and, in `spec()`, which choices this decoder makes for it (a `DecoderSpec`). The module names in
+the spec are Hugging Face's, so the parameter paths (`layers/self_attn/q_proj/kernel`), the LoRA
+targets and the PEFT exports follow from it with no other table.
+
+Adding an architecture
+----------------------
+1. `jaxpref/models/<family>.py`: an `ArchArgs` subclass with `from_hf(hf, **common)` and
+   `spec() -> DecoderSpec`, and `WEIGHTS` (HF tensor name -> our parameter path).
+2. One row in `ARCHITECTURES` (`models/__init__.py`): model_cls `Decoder`, head_weight
+   `head_weight`, the `all-linear` module names and their sharding roles.
+3. A tiny config in `tests/test_model_parity.py` (logits against transformers) and in
+   `tests/test_lora_peft.py` (adapters against PEFT).
+
+A family this decoder cannot yet express gets one knob here, off by default, so that the
+others' graphs stay as they are. Where the next ones go:
+- Qwen3 (RMSNorm over each head of q and k before RoPE), OLMo 2 (the same over the full q/k
+  width): `AttnSpec.qk_norm` naming the two norms, applied in `Attention` right after
+  `_project_qkv`.
+- Gemma 1/2/3: `DecoderSpec.embed_scale` (sqrt(hidden)) in `Decoder`; a unit-offset form of
+  `layers.Norm` (1 + weight); GeGLU is already `MLPSpec(up=(gate, up),
+  activation="gelu_pytorch_tanh")`; query_pre_attn_scalar is `AttnSpec.q_scale`; the
+  attention-logit soft-cap a tanh in `layers.attention`, the final-logit one where the LM head
+  forms logits (`jaxpref/head.py`); pre+post norms (also OLMo 2's post-norms) two more names in
+  `DecoderSpec.norms`, applied to the sublayer outputs in `DecoderBlock`.
+- Per-layer choices (Gemma's alternating sliding/global layers and their RoPE bases, a window on
+  only some Qwen2 layers): tuples with one entry per layer in the spec, read in the block at its
+  `layer` index (a traced int32 under `nn.scan`, which still compiles one layer), e.g.
+  `mask = jnp.where(windowed[layer], sliding_window(mask, ...), mask)`.
+- Phi-3: its fused `qkv_proj` ([q | k | v], grouped-query widths) is already a one-name
+  `AttnSpec.qkv`; its fused `gate_up_proj` is `MLPSpec.fused_up`: one `up` projection of twice
+  the width, split into gate and up before the activation.
+- Mixtral / Qwen3-MoE: a `MoESpec` (router + experts) in place of `MLPSpec`, and its module
+  picked in `DecoderBlock`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpref.models.attention import MaskInfo, attention
+from jaxpref.models.layers import ACTIVATIONS, Linear, Norm, apply_rope, rope_cos_sin, rope_inv_freq
+from jaxpref.models.spec import ArchArgs, stacked
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """The attention sublayer. Names are Hugging Face's module names."""
+    name: str                     # the sublayer ("self_attn", "attention", "attn")
+    qkv: tuple[str, ...]          # three names: separate q, k, v projections; one: fused
+    out: str                      # the output projection
+    kv_heads: int                 # < num_heads: grouped-query attention
+    qkv_bias: bool = False
+    out_bias: bool = False
+    # A fused projection's output is [q | k | v] (GPT-2), or per head [h0: q k v, h1: ...] (GPT-NeoX).
+    fused_per_head: bool = False
+    # Multiplies q on top of attention's 1/sqrt(head_dim): GPT-2 without `scale_attn_weights`
+    # cancels it with sqrt(head_dim).
+    q_scale: float = 1.0
+    inverse_layer_scale: bool = False   # q / (layer + 1): GPT-2's `scale_attn_by_inverse_layer_idx`
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """The MLP sublayer: down(act(gate(h)) * up(h)) with two `up` names, down(act(up(h))) with one."""
+    name: str
+    up: tuple[str, ...]           # (gate, up): gated (SwiGLU, GeGLU); (up,): plain
+    down: str
+    width: int                    # intermediate size
+    activation: str               # a key of `layers.ACTIVATIONS`
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embeddings on the first `dim` features of each q and k head."""
+    dim: int
+    theta: float = 10000.0
+    scaling: tuple | None = None  # HF `rope_scaling` as sorted items (hashable)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """One architecture's choices. Names are Hugging Face's (parameter paths and LoRA targets)."""
+    embed: str                    # token embedding [V, D] (also the LM head when tied)
+    head: str                     # untied LM head [D, V]
+    final_norm: str
+    norms: tuple[str, str]        # the norms before attention and before the MLP, in each layer
+    attn: AttnSpec
+    mlp: MLPSpec
+    layer_norm: bool = False      # True: LayerNorm with bias (GPT-2, GPT-NeoX); False: RMSNorm
+    norm_eps: float = 1e-6
+    rope: RopeSpec | None = None  # None: no rotary embeddings
+    positions: str | None = None  # a learned absolute position table [max_positions, D] (GPT-2)
+    max_positions: int = 0
+    # True: x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J); False: one sublayer after the other.
+    parallel_residual: bool = False
+    sliding_window: int | None = None   # every layer: keys fewer than this many positions back
+
+
+def _linear(a: ArchArgs, features: int, bias: bool, name: str) -> Linear:
+    """A LoRA-aware projection with the run's dtypes and LoRA options (called inside a module)."""
+    return Linear(features, bias, name=name, dtype=a.dtype, param_dtype=a.param_dtype,
+                  lora_scale=a.lora_scale, lora_dropout=a.lora_dropout, deterministic=a.deterministic,
+                  precision=a.matmul_precision)
+
+
+def _norm(a: ArchArgs, s: DecoderSpec, name: str) -> Norm:
+    return Norm(s.norm_eps, s.layer_norm, a.dtype, a.param_dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Projections, rotary embeddings, the attention core, the output projection."""
+    args: ArchArgs
+    spec: AttnSpec
+
+    @nn.compact
+    def __call__(self, h: jax.Array, rope, mask: MaskInfo, layer: jax.Array) -> jax.Array:
+        """h [B, T, D] compute dtype; rope (cos, sin) [B, T, rotary_dim] fp32, or None; mask: who
+        attends to whom (`attention.MaskInfo`); layer: this layer's index, int32 scalar -> [B, T, D]."""
+        a, s = self.args, self.spec
+        b, t, _ = h.shape
+        q, k, v = _project_qkv(a, s, h)                 # [B, T, N, H], [B, T, K, H] x 2
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # `attention` scales by 1/sqrt(head_dim); any other scale HF asks for is folded into q.
+        if s.q_scale != 1.0:
+            q = q * jnp.asarray(s.q_scale, q.dtype)
+        if s.inverse_layer_scale:
+            q = q / (layer + 1).astype(q.dtype)
+        attend = _attention(a.attention, a.matmul_precision, a.mesh)
+        attend = jax.checkpoint(attend) if a.recompute_activations else attend
+        # The one place every architecture attends: where a generation KV cache will be read and
+        # written.
+        o = attend(q, k, v, mask).reshape(b, t, a.num_heads * a.head_dim)
+        return _linear(a, a.hidden_size, s.out_bias, s.out)(o)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention(backend: str, precision: str | None, mesh):
+    """The attention core with the run's backend, one function object per setting (so that
+    `jax.checkpoint` reuses its trace across layers)."""
+    return functools.partial(attention, backend=backend, precision=precision, mesh=mesh)
+
+
+def _project_qkv(a: ArchArgs, s: AttnSpec, h: jax.Array):
+    """h [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H] (N query heads, K key/value heads)."""
+    b, t, _ = h.shape
+    n, kv, d = a.num_heads, s.kv_heads, a.head_dim
+    if len(s.qkv) == 3:
+        q, k, v = (_linear(a, heads * d, s.qkv_bias, name)(h).reshape(b, t, heads, d)
+                   for heads, name in zip((n, kv, kv), s.qkv))
+        return q, k, v
+    qkv = _linear(a, (n + 2 * kv) * d, s.qkv_bias, s.qkv[0])(h)
+    if s.fused_per_head:  # GPT-NeoX: as many key/value heads as query heads
+        return jnp.split(qkv.reshape(b, t, n, 3 * d), 3, axis=-1)
+    q, k, v = jnp.split(qkv, [n * d, (n + kv) * d], axis=-1)
+    return q.reshape(b, t, n, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
+
+
+class MLP(nn.Module):
+    """Up projection(s), the activation (gated or not), the down projection."""
+    args: ArchArgs
+    spec: MLPSpec
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        """h [B, T, D] compute dtype -> [B, T, D]."""
+        a, s = self.args, self.spec
+        ups = [_linear(a, s.width, s.bias, name)(h) for name in s.up]   # [B, T, I] each
+        core = _gated(s.activation) if len(ups) == 2 else ACTIVATIONS[s.activation]
+        core = jax.checkpoint(core) if a.recompute_activations else core
+        return _linear(a, a.hidden_size, s.bias, s.down)(core(*ups))
+
+
+@functools.lru_cache(maxsize=None)
+def _gated(activation: str):
+    """act(g) * u, one function object per activation: `jax.checkpoint` reuses its trace across
+    layers (a new lambda per layer would be traced again in every layer of the loop)."""
+    act = ACTIVATIONS[activation]
+    return lambda g, u: act(g) * u
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm residual layer; `stacked` repeats it `num_layers` times."""
+    args: ArchArgs
+
+    @nn.compact
+    def __call__(self, x: jax.Array, shared, layer: jax.Array):
+        """x [B, T, D] compute dtype; shared = (rope, mask), the same for every layer; layer: this
+        layer's index, int32 scalar -> (x [B, T, D], None), the `nn.scan` carry and output."""
+        a = self.args
+        s = a.spec()
+        rope, mask = shared
+        norm_attn, norm_mlp = (_norm(a, s, name) for name in s.norms)
+        attn = Attention(a, s.attn, name=s.attn.name)
+        mlp = MLP(a, s.mlp, name=s.mlp.name)
+        if s.parallel_residual:
+            return x + attn(norm_attn(x), rope, mask, layer) + mlp(norm_mlp(x)), None
+        x = x + attn(norm_attn(x), rope, mask, layer)
+        return x + mlp(norm_mlp(x)), None
+
+
+class Decoder(nn.Module):
+    """The decoder of any architecture (`args.spec()`); returns the final hidden states, and
+    `head_weight` gives the LM head."""
+    args: ArchArgs
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, mask: MaskInfo) -> jax.Array:
+        """input_ids, positions [B, T] int32; mask: who attends to whom (`attention.MaskInfo`) ->
+        hidden [B, T, D] compute dtype. Learned positions index their table by `positions`, so
+        left-padded rows keep their real positions."""
+        a = self.args
+        s = a.spec()
+        init = nn.initializers.normal(0.02)
+        emb = self.param(s.embed, init, (a.vocab_size, a.hidden_size), a.param_dtype)
+        x = jnp.take(emb, input_ids, axis=0)
+        if s.positions is not None:
+            wpe = self.param(s.positions, nn.initializers.normal(0.01), (s.max_positions, a.hidden_size),
+                             a.param_dtype)
+            x = x + jnp.take(wpe, positions, axis=0)
+        x = x.astype(a.dtype)
+        rope = None
+        if s.rope is not None:
+            scaling = dict(s.rope.scaling) if s.rope.scaling else None
+            rope = rope_cos_sin(positions, rope_inv_freq(s.rope.dim, s.rope.theta, scaling))
+        if s.sliding_window is not None:
+            mask = dataclasses.replace(mask, window=s.sliding_window)
+        layers = stacked(DecoderBlock, a, in_axes=(nn.broadcast, 0))(a, name="layers")
+        # The layer index as a host array: the layer loop (`scan_layers` off) reads a constant per
+        # layer rather than tracing a slice.
+        x, _ = layers(x, (rope, mask), np.arange(a.num_layers, dtype=np.int32))
+        if not a.tie_word_embeddings:
+            self.param(s.head, init, (a.hidden_size, a.vocab_size), a.param_dtype)
+        return _norm(a, s, s.final_norm)(x)
+
+
+def head_weight(params: dict, args: ArchArgs) -> jax.Array:
+    """The LM head [D, V]: the transposed token embedding when tied."""
+    s = args.spec()
+    return params[s.embed].T if args.tie_word_embeddings else params[s.head]

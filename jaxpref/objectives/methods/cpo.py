@@ -1,0 +1,29 @@
+"""CPO and SimPO (TRL's CPOTrainer): sigmoid / hinge / ipo / simpo on the policy's log-probs plus
+`cpo_alpha` times the chosen completions' NLL; method `simpo` is loss type simpo without the NLL
+term. No reference model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxpref.objectives import losses
+from jaxpref.objectives.losses import LossSpec
+from jaxpref.objectives.methods.base import PAIR_METRICS, LossInputs, Method, logits_metrics
+
+
+@dataclass
+class CpoKeys:
+    simpo_gamma: float = 0.5    # SimPO's target margin
+    cpo_alpha: float = 1.0      # weight of the NLL term (CPO)
+
+
+def cpo_loss(x: LossInputs, spec: LossSpec):
+    loss, m = losses.simpo_cpo_loss(x.stats, spec)
+    return loss, {**m, **logits_metrics(x.stats)}
+
+
+CPO = Method("cpo", CpoKeys, data="paired", loss_types=("sigmoid", "hinge", "ipo", "simpo"),
+             default_loss_type="sigmoid", reference=False, tokenization="row", loss=cpo_loss,
+              metrics=PAIR_METRICS + ("nll_loss",))
+SIMPO = Method("simpo", CpoKeys, data="paired", loss_types=("simpo",), default_loss_type="simpo",
+               reference=False, tokenization="row", loss=cpo_loss,
+              metrics=PAIR_METRICS + ("nll_loss",))

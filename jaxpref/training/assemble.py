@@ -1,0 +1,248 @@
+"""Setting a run up: config -> a `Run` holding everything the loop needs (model, data, batches,
+weights, reference, train state, compiled step functions, checkpoint store), restored from the
+newest checkpoint when resuming. No training happens here."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxpref.config import Config
+from jaxpref.data import prepare
+from jaxpref.errors import ConfigError, JaxprefError
+from jaxpref.lora.peft import load_adapter
+from jaxpref.lora.tree import init_lora
+from jaxpref.models import weights
+from jaxpref.objectives.methods import get_method
+from jaxpref.runtime import mesh as mesh_mod
+from jaxpref.runtime.memory import runtime_rss
+from jaxpref.training import checkpoint as ckpt
+from jaxpref.training import setup
+from jaxpref.training.evaluation import EarlyStopping
+from jaxpref.training.optim import make_optimizer
+from jaxpref.training.step import StepOptions, TrainState, make_eval_step, make_train_step
+
+
+@dataclass
+class Run:
+    """One model's run. Sizes: B pairs per micro-batch (global, all data-parallel shards), G
+    micro-batches per step, EB pairs per eval batch, `total` optimizer steps."""
+    cfg: Config
+    index: int
+    run_dir: Path
+    mesh: Any
+    bundle: Any
+    tok: Any
+    lspec: Any                 # LoRA spec, or None for full fine-tuning
+    prepared: Any              # jaxpref.data.prepare.PreparedData
+    it: Any                    # the train batch iterator
+    iter_cls: type
+    B: int
+    G: int
+    EB: int
+    total: int
+    params: Any = None
+    ref_bundle: Any = None
+    ref_params: Any = None
+    state: TrainState | None = None
+    mode: str = "lora_off"     # reference mode (`training.step.reference_logps`)
+    eval_mode: str | None = None  # the eval step's reference mode when it differs (precomputed)
+    ref_table: Any = None      # precomputed reference log-probs [pairs, 2]
+    optimizer: Any = None
+    schedule: Any = None
+    step_fn: Any = None
+    eval_fn: Any = None
+    store: Any = None
+    early: EarlyStopping | None = None
+    fingerprint: dict | None = None
+    start: int = 0             # optimizer steps already done (resumed)
+    num_tokens: int = 0        # TRL's token count so far
+    rss_before_weights: int = 0
+
+    @property
+    def entry(self):
+        return self.cfg.models[self.index]
+
+    @property
+    def full_finetune(self) -> bool:
+        return self.lspec is None
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+
+def build_run(cfg: Config, index: int, run_dir: Path, resume: bool, resume_force: bool) -> Run:
+    """Everything a run needs, restored from its newest checkpoint when `resume`."""
+    run = _batches(cfg, index, run_dir)
+    run.rss_before_weights = runtime_rss()
+    _weights(run)
+    _reference_model(run)
+    _train_state(run)
+    run.fingerprint = setup.critical_fingerprint(cfg, run.entry, _model_fp(run), run.prepared.layout.kind)
+    run.store = ckpt.CheckpointStore(run_dir, cfg.finetuning.save_total_limit)
+    es = cfg.finetuning.early_stopping
+    run.early = EarlyStopping(es) if es else None
+    if resume:
+        _restore(run, resume_force)
+    _precomputed_reference(run)
+    _step_functions(run)
+    return run
+
+
+def _model_fp(run: Run) -> str:
+    from jaxpref.models.source import fingerprint
+    return fingerprint(run.bundle.source)
+
+
+def _batches(cfg: Config, index: int, run_dir: Path) -> Run:
+    """The model bundle, the data and the train iterator with its planned shapes."""
+    mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
+    dp = mesh_mod.data_parallel_size(mesh)
+    bundle, tok, lspec, abstract = setup.model_for(cfg, index, training=True)
+    if mesh.devices.size > 1:  # custom attention kernels run per shard (`models.attention`)
+        bundle = bundle.with_args(mesh=mesh)
+    prepared = prepare.data_for(cfg, tok)
+    # Padding-free: one stream of rows per data-parallel shard.
+    prepared.layout = replace(prepared.layout, streams=dp)
+    tcfg = cfg.training
+    # The global batch: per-device pairs times the data-parallel size of the mesh.
+    B, G = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps
+    iter_cls = setup.iterator_class(cfg)
+    unpaired = get_method(cfg.post_training.method).data == "unpaired"
+    strategy = tcfg.train_sampling_strategy or ("sequential" if unpaired else "random")
+    it = iter_cls(prepared.train, B, G, tcfg.seed, prepared.layout, shuffle=strategy == "random")
+    if it.steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
+                          f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
+    total = tcfg.total_steps(it.steps_per_epoch)
+    setup.plan_shapes(it, cfg, bundle.args, abstract, total)
+    bundle = setup.resolve_recompute(cfg, bundle, abstract, lspec, it, mesh)
+    run = Run(cfg, index, run_dir, mesh, bundle, tok, lspec, prepared, it, iter_cls, B, G,
+              tcfg.per_device_eval_batch_size * dp, total)
+    run.params = abstract  # replaced by the weights in `_weights`
+    return run
+
+
+def _weights(run: Run) -> None:
+    abstract = run.params
+    shard = mesh_mod.shardings(mesh_mod.param_specs(abstract, run.mesh, run.bundle.arch.roles), run.mesh)
+    run.params = weights.load_params(run.bundle, shardings=shard)
+
+
+def _reference_model(run: Run) -> None:
+    """A separate frozen reference model (`use_ref_model`, or full fine-tuning): its own weights
+    when `ref_model_id` names another model, else the loaded base weights (no copy)."""
+    spec = setup.loss_spec(run.cfg)
+    run.mode = setup.ref_mode(run.cfg, spec, run.lspec is not None)
+    if run.mode != "separate":
+        return
+    from jaxpref.models.source import load_tokenizer, resolve
+
+    rid = run.entry.ref_model_id or run.entry.huggingface_id
+    rsrc = resolve(rid)
+    if load_tokenizer(rsrc).get_vocab() != run.tok.get_vocab():
+        raise ConfigError(f"{run.cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
+    run.ref_bundle = setup.reference_bundle(run.cfg, rsrc)
+    if run.mesh.devices.size > 1:
+        run.ref_bundle = run.ref_bundle.with_args(mesh=run.mesh)
+    if rid == run.entry.huggingface_id:
+        run.ref_params = run.params
+        return
+    ref_abstract = run.ref_bundle.abstract_params()
+    run.ref_params = weights.load_params(run.ref_bundle, shardings=mesh_mod.shardings(
+        mesh_mod.param_specs(ref_abstract, run.mesh, run.ref_bundle.arch.roles), run.mesh))
+
+
+def _train_state(run: Run) -> None:
+    """The trainable tree (a fresh LoRA, `lora.init_from`'s adapter, or for full fine-tuning the
+    whole base tree), its optimizer state, step 0 and the RNG."""
+    cfg = run.cfg
+    rng = jax.random.PRNGKey(cfg.training.seed)
+    if run.full_finetune:
+        lora = jax.tree_util.tree_map(jnp.copy, run.params)
+    elif cfg.lora.init_from:
+        lora, _ = load_adapter(Path(cfg.lora.init_from), run.bundle, run.bundle.abstract_params())
+    else:
+        lora = init_lora(run.bundle.abstract_params(), run.lspec, jax.random.fold_in(rng, 1), cfg.source)
+    if run.mode == "lora_off" and cfg.lora.init_from:
+        # Continuing from an adapter: the reference is its frozen initial copy (as TRL does).
+        run.mode = "initial_adapter"
+        run.ref_params = jax.device_put(jax.tree_util.tree_map(jnp.copy, lora), mesh_mod.replicated(run.mesh))
+        run.ref_bundle = run.bundle.with_args(deterministic=True)
+    # With `training.scan_layers` off the step reads one weight tree per layer: split once, here.
+    shared_ref = run.ref_params is run.params
+    run.params = run.bundle.runtime_params(run.params)
+    if shared_ref:
+        run.ref_params = run.params
+    elif run.mode == "separate":
+        run.ref_params = run.ref_bundle.runtime_params(run.ref_params)
+    optimizer, schedule = make_optimizer(cfg.training, run.total)
+    run.optimizer, run.schedule = optimizer, schedule
+    if not run.full_finetune:  # trainable weights of a full fine-tune keep the base's sharding
+        lora = jax.device_put(lora, mesh_mod.replicated(run.mesh))
+    state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
+    run.state = state if run.full_finetune else jax.device_put(state, mesh_mod.replicated(run.mesh))
+
+
+def _restore(run: Run, force: bool) -> None:
+    """The newest whole checkpoint: state, data position, token count, early-stopping state."""
+    check = lambda meta: ckpt.check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
+    try:
+        found = run.store.restore_latest(ckpt.abstract_of(run.state), check, force=force)
+    except JaxprefError:
+        run.store.close()
+        raise
+    name = run.entry.name
+    if found is None:
+        print(f"[{name}] no checkpoint to resume from; starting fresh", file=sys.stderr)
+        return
+    run.start, run.state, meta = found
+    run.it.restore(meta["iterator"])
+    run.num_tokens = int(meta["num_tokens"])
+    if run.early is not None:
+        run.early.restore(meta.get("early_stopping", {}))
+    print(f"[{name}] resuming from step {run.start}", file=sys.stderr)
+
+
+def _precomputed_reference(run: Run) -> None:
+    """`precompute_ref_logps`: one reference pass over the training pairs before training
+    (cached), so that the step needs no reference forward."""
+    cfg = run.cfg
+    if not cfg.post_training.precompute_ref_logps or run.mode == "none":
+        return
+    if run.mode == "initial_adapter":
+        raise ConfigError(f"{cfg.source}: `post_training.precompute_ref_logps` with `lora.init_from` is not available")
+    from jaxpref.models.source import DEFAULT_CACHE, fingerprint
+    from jaxpref.training import reference
+
+    rb = run.ref_bundle if run.mode == "separate" else run.bundle
+    rp = run.ref_params if run.mode == "separate" else run.params
+    key = reference.cache_key(fingerprint(rb.source), run.prepared.train, run.prepared.layout,
+                              run.entry.ref_model_id or "")
+    run.ref_table = reference.precompute(rb.with_args(deterministic=True), rp, run.prepared.train,
+                                         run.prepared.layout, run.B, DEFAULT_CACHE / "ref_logps", key)
+    run.eval_mode = run.mode
+    run.mode = "precomputed"
+
+
+def _step_functions(run: Run) -> None:
+    """The jitted train step, and the eval step when the eval split fills a batch."""
+    cfg = run.cfg
+    spec = setup.loss_spec(cfg)
+    eval_mode = run.eval_mode or run.mode
+    opts = StepOptions(spec, 2 * run.B, ref_mode=run.mode)
+    dropout = run.lspec is not None and run.lspec.dropout > 0
+    run.step_fn = make_train_step(run.bundle, opts, run.optimizer, run.schedule, run.ref_bundle,
+                                  dropout=dropout, full_finetune=run.full_finetune)
+    ev = run.prepared.eval
+    if ev is not None and len(ev) >= run.EB:
+        run.eval_fn = make_eval_step(run.bundle.with_args(deterministic=True),
+                                     replace(opts, num_seqs=2 * run.EB, ref_mode=eval_mode), run.ref_bundle)
+    if run.early is not None and run.eval_fn is None:
+        raise ConfigError(f"{cfg.source}: `finetuning.early_stopping` needs an eval split "
+                          "(`dataset.eval_split` or `dataset.eval_fraction`) and `training.eval_steps`")

@@ -1,0 +1,107 @@
+"""Config keys with one home: aliases move to it, a method's own keys belong to that method, the
+seed's `gpu.ddp` and `logging.log_level` do what they say, and auto layouts resolve as documented."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from jaxpref.config import config_from_dict
+from jaxpref.errors import ConfigError
+
+BASE = {"models": [{"name": "m", "huggingface_id": "some/model"}], "dataset": {"name": "d.jsonl"}}
+
+
+def cfg(**sections):
+    return config_from_dict({**BASE, **sections}, "c.yaml")
+
+
+def test_training_aliases_move_to_finetuning():
+    c = cfg(training={"save_steps": 5, "gradient_checkpointing": True})
+    assert (c.finetuning.save_steps, c.finetuning.gradient_checkpointing) == (5, True)
+    assert c.save_steps == 5 and c.gradient_checkpointing
+    assert not hasattr(c.training, "save_steps")
+    with pytest.raises(ConfigError, match="same setting; give it once, as `finetuning.save_steps`"):
+        cfg(training={"save_steps": 5}, finetuning={"save_steps": 7})
+
+
+@pytest.mark.parametrize("method, key, value, owner", [
+    ("dpo", "cpo_alpha", 0.5, "simpo, cpo"),
+    ("orpo", "desirable_weight", 2.0, "kto"),
+    ("kto", "orpo_nll_span", "completion", "orpo"),
+    ("cpo", "ld_alpha", 0.5, "dpo, ipo"),
+])
+def test_a_key_of_another_method_is_an_error(method, key, value, owner):
+    with pytest.raises(ConfigError, match=f"`post_training.{key}` applies to method {owner}, not {method}"):
+        cfg(post_training={"method": method, key: value})
+    # Its default is no setting at all (the example config lists every key).
+    cfg(post_training={"method": method, key: getattr(cfg().post_training, key)})
+
+
+def test_each_method_declares_its_loss_types_and_data():
+    from jaxpref.objectives.methods import METHODS
+
+    assert set(METHODS) == {"dpo", "ipo", "kto", "orpo", "simpo", "cpo"}
+    assert cfg(post_training={"method": "ipo"}).loss_types == ["ipo"]
+    assert cfg(post_training={"method": "cpo", "loss_type": "hinge"}).loss_types == ["hinge"]
+    with pytest.raises(ConfigError, match="`post_training.loss_type` is `orpo`"):
+        cfg(post_training={"method": "cpo", "loss_type": "orpo"})
+    assert [m for m, x in METHODS.items() if x.data == "unpaired"] == ["kto"]
+    assert [m for m, x in METHODS.items() if x.tokenization == "row"] == ["orpo", "simpo", "cpo"]
+
+
+def test_ddp_false_is_one_device():
+    from jaxpref.runtime.mesh import make_mesh
+
+    c = cfg(gpu={"ddp": False})
+    assert make_mesh(c.gpu, c.source).devices.size == 1
+    with pytest.raises(ConfigError, match="`gpu.ddp: false` trains on one device"):
+        make_mesh(cfg(gpu={"ddp": False, "mesh": {"data": 2}}).gpu, "c.yaml")
+
+
+def test_log_level_sets_the_root_level(tmp_path, tiny_llama, tiny_pairs, capsys):
+    from conftest import write_config
+    from jaxpref import train
+
+    path = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, logging={"log_level": "error",
+                                                                              "report_to": [], "progress_bar": False})
+    before = logging.getLogger().level
+    try:
+        assert train.main(["--config", str(path), "--dry-run"]) == 0
+        assert logging.getLogger().level == logging.ERROR
+    finally:
+        logging.getLogger().setLevel(before)
+    with pytest.raises(ConfigError, match="`logging.log_level` is `loud`"):
+        cfg(logging={"log_level": "loud"})
+
+
+def test_auto_layout_resolves_to_shared_prompt_padding_free():
+    from jaxpref.data.layouts import PairLayout
+    from jaxpref.data.prepare import resolve_layout
+
+    assert resolve_layout(cfg()) == (PairLayout.SHARED_PROMPT, True)
+    assert resolve_layout(cfg(post_training={"method": "kto"})) == (PairLayout.CONCATENATED, True)
+    assert resolve_layout(cfg(training={"pair_layout": "packed"})) == (PairLayout.PACKED, False)
+    assert resolve_layout(cfg(training={"padding_free": False})) == (PairLayout.SHARED_PROMPT, False)
+    with pytest.raises(ConfigError, match="KTO needs `training.pair_layout: concatenated`"):
+        cfg(post_training={"method": "kto"}, training={"pair_layout": "shared_prompt"})
+
+
+def test_each_method_logs_the_metrics_it_declares():
+    """`Method.metrics` (what early stopping may name) is what its loss returns."""
+    import jax.numpy as jnp
+
+    from jaxpref.data.batches import Batch
+    from jaxpref.objectives.losses import LossSpec, PairStats
+    from jaxpref.objectives.methods import METHODS, LossInputs
+
+    b = 2
+    stats = PairStats(*[jnp.full((b,), v, jnp.float32) for v in (-3.0, -4.0, 2.0, 3.0, 5.0, 4.0, -1.0, -1.5,
+                                                                  0.5, 0.7)])
+    z = jnp.zeros((2 * b, 3), jnp.int32)
+    batch = Batch(input_ids=z, positions=z, segment_ids=z, branch=z, tgt_src=z, tgt_ids=z, tgt_seq=z,
+                  tgt_weight=z.astype(jnp.float32), tgt_full=z.astype(jnp.float32), labels=jnp.array([1.0, 0.0]))
+    for name, m in METHODS.items():
+        spec = LossSpec(method=name, loss_types=(m.default_loss_type,))
+        _, metrics = m.loss(LossInputs(stats, jnp.zeros((2 * b,)), jnp.zeros((2 * b, 3)), batch, 2 * b), spec)
+        assert {k for k in metrics if not k.startswith("_")} == set(m.metrics), name
