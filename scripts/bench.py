@@ -334,13 +334,12 @@ def work_stats(work: list[float], tokens: list[int], med: float, peak: float | N
 
 
 def plan_mib(cfg, args, params, lora, shapes) -> dict | None:
-    """`memory_plan` as the runner's summary computes it, for the largest (rows, T, K) run."""
+    """`memory_plan` (the dry run's estimate) for the batch shapes this bench ran."""
     import jax
     from jaxpref.runtime.memory import memory_plan
     count = lambda tree: sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
     try:
-        n, t, k = (max(s[i] for s in shapes) for i in (1, 2, 3))   # shapes: (G, rows, T, K, ...)
-        plan = memory_plan(cfg, args, count(params), count(lora), n, t, k)
+        plan = memory_plan(cfg, args, count(params), count(lora), sorted(shapes))
     except Exception as e:  # an estimate must not fail the measurement
         return {"error": f"{type(e).__name__}: {e}"}
     return {key: round(v / 2**20, 1) for key, v in plan.items()}
