@@ -90,7 +90,8 @@ fi
 REPORT_RESERVE=10
 START=$(date +%s)
 : > "$OUT/stages.jsonl"
-rm -f "$OUT"/bench_*.json "$OUT/pytest.xml" "$OUT/gpu_check.md" "$OUT/gpu_check.json"
+rm -f "$OUT"/bench_*.json "$OUT"/*.log "$OUT/pytest.xml" "$OUT/tests_env.json" "$OUT/build.json" \
+    "$OUT/gpu_check.md" "$OUT/gpu_check.json"
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 export TOKENIZERS_PARALLELISM=false JAXPREF_CACHE="$WORK/cache" HF_HOME="$WORK/hf" PYTHONUNBUFFERED=1
@@ -122,7 +123,7 @@ run_stage() {
 
 BEFORE_TESTS=$((TESTS_FLOOR + REPORT_RESERVE))
 
-run_stage setup "$CAP_SETUP" "$BEFORE_TESTS" bash "$0" _setup
+run_stage setup "$CAP_SETUP" "$BEFORE_TESTS" bash "$REPO/scripts/gpu_check.sh" _setup
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 if run_stage build "$CAP_BUILD" "$BEFORE_TESTS" "$PY" scripts/gpu_check.py build "$WORK" $SIZE \
