@@ -294,7 +294,7 @@ def report(args) -> int:
         lines.append("|---|---|---|---|")
         for s in stages:
             rc = s["rc"]
-            note = " (timed out)" if rc in (124, 137) else (" (skipped: no time left)" if rc == "skipped" else "")
+            note = " (timed out)" if rc in (124, 137) else (" (no time left)" if rc == "skipped" else "")
             lines.append(f"| {s['name']} | {rc}{note} | {s['seconds']} | {s['limit']} |")
     md = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(md)
