@@ -204,8 +204,11 @@ def test_gradient_checkpointing_keeps_gradients(name, saved):
     g0, g1 = grads(plain, params), grads(remat, params)
     # The layer loop, fed the stacked tree: its gradients come back stacked, equal.
     g2 = grads(build(source, gradient_checkpointing=True, scan_layers=False), params)
+    # Relative above 1: gradients here reach ~500, where one fp32 rounding step is 6e-5 (seen
+    # with jax 0.11.2, whose fusions differ from 0.12's).
     for g in (g1, g2):
-        diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g0, g))
+        diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max() / max(1.0, jnp.abs(a).max())),
+                                             g0, g))
         assert max(diffs) <= 1e-5
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 0
 
