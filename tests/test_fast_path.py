@@ -227,7 +227,7 @@ def test_bf16_matmul_on_cpu_is_fp32_accumulation_of_bf16_products():
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     exact = np.einsum("btd,do->bto", np.asarray(xb, np.float64), np.asarray(wb, np.float64))
     np.testing.assert_allclose(np.asarray(ours), exact, rtol=1e-5, atol=1e-4)  # fp32 accumulation
-    native = jnp.einsum("btd,do->bto", xb, wb, preferred_element_type=jnp.float32)
+    native = jnp.einsum("btd,do->bto", xb, wb, preferred_element_type=jnp.float32, precision="highest")
     np.testing.assert_allclose(np.asarray(ours), np.asarray(native), rtol=1e-5, atol=1e-4)
     rounded = matmul("btd,do->bto", x, w, jnp.bfloat16)
     assert rounded.dtype == jnp.bfloat16

@@ -159,7 +159,7 @@ def _our_logits(b: Base, lora=None, spec: LoraSpec | None = None) -> np.ndarray:
     """Logits [2, T, V] float32; with `lora`, the adapter applied at `spec.scale`."""
     bundle = b.bundle if spec is None else b.bundle.with_args(lora_scale=spec.scale)
     h = bundle.hidden(b.params, lora, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32), MASK)
-    return np.asarray(h @ bundle.head(b.params))
+    return np.asarray(jnp.matmul(h, bundle.head(b.params), precision="highest"))  # fp32 on GPUs too
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -84,7 +84,7 @@ def _our_logits(path, **options) -> np.ndarray:
     params = bundle.runtime_params(load_params(bundle))
     hidden = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32),
                            _mask(VALID))
-    return np.asarray(hidden @ bundle.head(params))
+    return np.asarray(jnp.matmul(hidden, bundle.head(params), precision="highest"))  # fp32 on GPUs too
 
 
 def _max_diff(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -73,7 +73,7 @@ def _logits(bundle, params, ids) -> np.ndarray:
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     hidden = bundle.hidden(params, None, jnp.asarray(ids, jnp.int32), pos, MaskInfo.rows(np.ones((1, t)), pos))
     head = bundle.head(params).astype(hidden.dtype)
-    return np.asarray((hidden @ head).astype(jnp.float32))
+    return np.asarray(jnp.matmul(hidden, head, precision="highest").astype(jnp.float32))
 
 
 def test_smollm2_config_is_the_real_model(smollm2):
