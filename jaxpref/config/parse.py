@@ -150,9 +150,10 @@ ALIASES = {
 }
 
 
-def _apply_aliases(data: dict, src: str) -> None:
+def _apply_aliases(data: dict, src: str) -> dict[str, str]:
     """Move aliased keys to their home (in place); the same key given twice with two values is
-    an error."""
+    an error. -> {home key: the key as written} for the aliases used."""
+    used = {}
     for (sec, key), (home_sec, home_key) in ALIASES.items():
         section = data.get(sec)
         if not isinstance(section, dict) or key not in section:
@@ -165,6 +166,24 @@ def _apply_aliases(data: dict, src: str) -> None:
             raise ConfigError(f"{src}: `{sec}.{key}` ({value!r}) and `{home_sec}.{home_key}` ({home[home_key]!r}) "
                               f"are the same setting; give it once, as `{home_sec}.{home_key}`")
         home[home_key] = value
+        used[f"{home_sec}.{home_key}"] = f"{sec}.{key}"
+    return used
+
+
+def _from_data(data: dict, src: str) -> Config:
+    """Aliases moved home, typed sections built, values checked; an error about a key the user
+    wrote under another name names it as written."""
+    used = _apply_aliases(data, src)
+    try:
+        cfg = _build(Config, data, "", src)
+        cfg.source = src
+        validate(cfg)
+    except ConfigError as e:
+        msg = str(e)
+        for home, written in used.items():
+            msg = msg.replace(f"`{home}`", f"`{written}`")
+        raise ConfigError(msg) from None
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -202,20 +221,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value, src)
-    _apply_aliases(data, src)
-    cfg = _build(Config, data, "", src)
-    cfg.source = src
-    validate(cfg)
-    return cfg
+    return _from_data(data, src)
 
 
 def config_from_dict(data: dict, src: str = "<dict>") -> Config:
-    data = copy.deepcopy(data)
-    _apply_aliases(data, src)
-    cfg = _build(Config, data, "", src)
-    cfg.source = src
-    validate(cfg)
-    return cfg
+    return _from_data(copy.deepcopy(data), src)
 
 
 
