@@ -43,6 +43,12 @@ CONFIGS = {
     "mistral_window": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=3),
     "qwen2_window": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2, use_sliding_window=True,
                                                      sliding_window=3, max_window_layers=0),
+    # A window on only some layers: layer 1 (from max_window_layers on); layer 0 (layer_types).
+    "qwen2_window_some_layers": lambda: transformers.Qwen2Config(
+        **TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=3, max_window_layers=1),
+    "qwen2_window_layer_types": lambda: transformers.Qwen2Config(
+        **TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"]),
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
                                                             use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,
@@ -237,11 +243,31 @@ def test_recompute_activations_keeps_gradients_in_less_memory(name, saved):
     assert temp(c_on) < temp(c_off)
 
 
-def test_window_on_some_layers_is_named(tmp_path):
-    cfg = transformers.Qwen2Config(**TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
-                                   max_window_layers=1)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    with pytest.raises(ModelSourceError, match=r"sliding attention window on 1 of 2 layers"):
+@pytest.mark.parametrize("name,sliding", [("qwen2_window_some_layers", (False, True)),
+                                          ("qwen2_window_layer_types", (True, False))])
+def test_window_on_some_layers_matches_transformers(name, sliding, saved):
+    """A window of 3 positions (rows of 5-6 tokens) on only some layers, read per layer as a traced
+    window under the scan and as a constant in the layer loop: transformers' logits. The same
+    weights with the window on every layer, or on none, give other logits: the test can fail."""
+    path, ref, model = saved(name)
+    bundle = build(resolve(str(path)))
+    assert (bundle.args.sliding_window, bundle.args.sliding_layers) == (3, sliding)
+    assert bundle.args.spec().layer_windows == tuple(3 if on else None for on in sliding)
+    for scan in (True, False):
+        diff = _max_diff(_our_logits(path, scan_layers=scan), ref)
+        print(f"parity {name} scan_layers={scan}: max|diff| = {diff:.2e}")
+        assert diff <= 1e-4
+    for kinds in (["sliding_attention"] * 2, ["full_attention"] * 2):
+        other = transformers.AutoModelForCausalLM.from_config(
+            type(model.config)(**{**model.config.to_dict(), "layer_types": kinds}), dtype=torch.float32).eval()
+        other.load_state_dict(model.state_dict())
+        assert _max_diff(_hf_logits(other), ref) > 1e-3, kinds
+
+
+def test_layer_types_of_another_length_is_named(tmp_path):
+    cfg = json.loads(transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=3).to_json_string())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "layer_types": ["sliding_attention"] * 3}))
+    with pytest.raises(ModelSourceError, match=r"`layer_types` has 3 entries for 2 layers"):
         build(resolve(str(tmp_path)))
 
 

@@ -25,10 +25,11 @@ others' graphs stay as they are. Where the next ones go:
   attention-logit soft-cap a tanh in `layers.attention`, the final-logit one where the LM head
   forms logits (`jaxpref/head.py`); pre+post norms (also OLMo 2's post-norms) two more names in
   `DecoderSpec.norms`, applied to the sublayer outputs in `DecoderBlock`.
-- Per-layer choices (Gemma's alternating sliding/global layers and their RoPE bases, a window on
-  only some Qwen2 layers): tuples with one entry per layer in the spec, read in the block at its
-  `layer` index (a traced int32 under `nn.scan`, which still compiles one layer), e.g.
-  `mask = jnp.where(windowed[layer], sliding_window(mask, ...), mask)`.
+- Per-layer choices: tuples with one entry per layer in the spec, read in the block at its
+  `layer` index (a traced int32 under `nn.scan`, which still compiles one layer). Done for
+  windows: `DecoderSpec.layer_windows` (a window on only some Qwen2 layers; Gemma 2/3's
+  alternating local/global layers), which the block turns into this layer's `MaskInfo.window`.
+  Gemma 3's per-layer RoPE bases would follow the same way.
 - Phi-3: its fused `qkv_proj` ([q | k | v], grouped-query widths) is already a one-name
   `AttnSpec.qkv`; its fused `gate_up_proj` is `MLPSpec.fused_up`: one `up` projection of twice
   the width, split into gate and up before the activation.
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref.models.attention import MaskInfo, attention
+from jaxpref.models.attention import NO_WINDOW, MaskInfo, attention
 from jaxpref.models.layers import ACTIVATIONS, Linear, Norm, apply_rope, rope_cos_sin, rope_inv_freq
 from jaxpref.models.spec import ArchArgs, stacked
 
@@ -104,6 +105,28 @@ class DecoderSpec:
     # True: x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J); False: one sublayer after the other.
     parallel_residual: bool = False
     sliding_window: int | None = None   # every layer: keys fewer than this many positions back
+    # Per layer (one entry each, None: full attention) when only some layers have a window: Qwen2's
+    # `max_window_layers`, Gemma 2/3's local/global layers. (): `sliding_window` for all. `windows`.
+    layer_windows: tuple[int | None, ...] = ()
+
+
+def windows(window: int | None, sliding: tuple[bool, ...] = ()) -> dict:
+    """The DecoderSpec fields for `window` on the layers marked in `sliding` (() : every layer):
+    one static window when all layers share it, else `layer_windows`."""
+    if window is None or (sliding and not any(sliding)):
+        return {}
+    if all(sliding):
+        return {"sliding_window": window}
+    return {"layer_windows": tuple(window if on else None for on in sliding)}
+
+
+def _layer_window(per_layer: tuple[int | None, ...], layer):
+    """This layer's window: its entry (a constant) in the layer loop; an int32 scalar read from a
+    table under `nn.scan` (NO_WINDOW where the layer has none)."""
+    if isinstance(layer, (int, np.integer)):
+        return per_layer[int(layer)]
+    table = np.array([NO_WINDOW if w is None else w for w in per_layer], np.int32)
+    return jnp.asarray(table)[layer]
 
 
 def _linear(a: ArchArgs, features: int, bias: bool, name: str) -> Linear:
@@ -200,6 +223,8 @@ class DecoderBlock(nn.Module):
         a = self.args
         s = a.spec()
         rope, mask = shared
+        if s.layer_windows:
+            mask = dataclasses.replace(mask, window=_layer_window(s.layer_windows, layer))
         norm_attn, norm_mlp = (_norm(a, s, name) for name in s.norms)
         attn = Attention(a, s.attn, name=s.attn.name)
         mlp = MLP(a, s.mlp, name=s.mlp.name)
