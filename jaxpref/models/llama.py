@@ -89,7 +89,10 @@ def hf_windows(hf: dict) -> tuple[int | None, tuple[bool, ...]]:
 
 
 def _freeze(d):
-    return tuple(sorted(d.items())) if isinstance(d, dict) else d
+    """A config dict as sorted (key, value) pairs, lists as tuples: hashable, for the frozen args."""
+    if not isinstance(d, dict):
+        return d
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
 # Hugging Face tensor name -> our parameter path. "{i}" is the layer index; paths under "layers"
