@@ -49,6 +49,13 @@ CONFIGS = {
     "qwen2_window_layer_types": lambda: transformers.Qwen2Config(
         **TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
         layer_types=["sliding_attention", "full_attention"]),
+    # Qwen3: per-head q/k RMSNorms, head_dim (32) apart from hidden_size / heads (16).
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=32),
+    "qwen3_tied_bias": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=32,
+                                                        tie_word_embeddings=True, attention_bias=True),
+    "qwen3_window_some_layers": lambda: transformers.Qwen3Config(
+        **TINY, num_key_value_heads=2, head_dim=32, use_sliding_window=True, sliding_window=3,
+        max_window_layers=1),
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
                                                             use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,
