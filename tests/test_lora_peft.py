@@ -61,6 +61,7 @@ CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**_DECODER),
     "qwen2": lambda: transformers.Qwen2Config(**_DECODER),
     "qwen3": lambda: transformers.Qwen3Config(**{**_DECODER, "head_dim": 32}),
+    "olmo2": lambda: transformers.Olmo2Config(**_DECODER),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_NEOX),
     "gpt2": lambda: transformers.GPT2Config(**_GPT2),
     # Same family as llama, other widths: an adapter for it does not fit the tiny llama.
@@ -72,6 +73,7 @@ ATTENTION = {
     "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "olmo2": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "gpt_neox": ("query_key_value", "dense"),
     "gpt2": ("c_attn", "c_proj"),   # c_proj also names GPT-2's MLP output, as in PEFT
 }

@@ -56,6 +56,10 @@ CONFIGS = {
     "qwen3_window_some_layers": lambda: transformers.Qwen3Config(
         **TINY, num_key_value_heads=2, head_dim=32, use_sliding_window=True, sliding_window=3,
         max_window_layers=1),
+    # OLMo 2: norms after the sublayers, q/k RMSNorms over the full widths.
+    "olmo2": lambda: transformers.Olmo2Config(**TINY, num_key_value_heads=2),
+    "olmo2_tied_bias": lambda: transformers.Olmo2Config(**TINY, num_key_value_heads=2, attention_bias=True,
+                                                        tie_word_embeddings=True),
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
                                                             use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models import gpt2, gpt_neox, llama, qwen3
+from jaxpref.models import gpt2, gpt_neox, llama, olmo2, qwen3
 from jaxpref.models.blocks import Decoder, head_weight
 from jaxpref.models.spec import ArchArgs, WeightRule
 
@@ -48,6 +48,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": dataclasses.replace(_LLAMA, args_cls=qwen3.Qwen3Args, weights=qwen3.WEIGHTS),
+    "olmo2": dataclasses.replace(_LLAMA, args_cls=olmo2.Olmo2Args, weights=olmo2.WEIGHTS),
     "gpt_neox": Architecture(gpt_neox.NeoXArgs, Decoder, gpt_neox.WEIGHTS, head_weight,
                              ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                              ignored=gpt_neox.IGNORED,
