@@ -60,6 +60,14 @@ CONFIGS = {
     "olmo2": lambda: transformers.Olmo2Config(**TINY, num_key_value_heads=2),
     "olmo2_tied_bias": lambda: transformers.Olmo2Config(**TINY, num_key_value_heads=2, attention_bias=True,
                                                         tie_word_embeddings=True),
+    # Phi-3: fused qkv_proj and gate_up_proj; partial rotary with a window of 3 positions; LongRoPE
+    # with the short factors (rows shorter than the original 16 positions) and the long ones
+    # (longer than 4), its cos/sin factor sqrt(1 + ln(64 / original) / ln(original)).
+    "phi3": lambda: transformers.Phi3Config(**TINY, num_key_value_heads=2),
+    "phi3_partial_window": lambda: transformers.Phi3Config(**TINY, num_key_value_heads=2,
+                                                           partial_rotary_factor=0.5, sliding_window=3),
+    "phi3_longrope_short": lambda: _phi3_longrope(16),
+    "phi3_longrope_long": lambda: _phi3_longrope(4),
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
                                                             use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,
@@ -67,6 +75,15 @@ CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(**GPT2),
     "gpt2_inverse_layer_scale": lambda: transformers.GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True),
 }
+
+def _phi3_longrope(original: int):
+    """Phi-4-mini's shape of RoPE: 3/4 of each head rotated (6 frequencies here), LongRoPE."""
+    return transformers.Phi3Config(
+        **TINY, num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+        original_max_position_embeddings=original,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                      "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})
+
 
 # Row 0 is right-padded (6 real tokens), row 1 left-padded (5 real tokens).
 IDS = np.array([[5, 17, 33, 8, 99, 42, 0, 0], [0, 0, 0, 71, 12, 3, 64, 127]], np.int64)
@@ -273,6 +290,19 @@ def test_window_on_some_layers_matches_transformers(name, sliding, saved):
             type(model.config)(**{**model.config.to_dict(), "layer_types": kinds}), dtype=torch.float32).eval()
         other.load_state_dict(model.state_dict())
         assert _max_diff(_hf_logits(other), ref) > 1e-3, kinds
+
+
+@pytest.mark.parametrize("name", ["phi3_longrope_short", "phi3_longrope_long"])
+def test_longrope_factors_matter(name, saved):
+    """The LongRoPE cases pin which factors apply: with short and long factors swapped,
+    transformers' logits move, so matching them above means the same choice was made."""
+    _, ref, model = saved(name)
+    rope = dict(model.config.rope_parameters)
+    rope["short_factor"], rope["long_factor"] = rope["long_factor"], rope["short_factor"]
+    other = transformers.AutoModelForCausalLM.from_config(
+        type(model.config)(**{**model.config.to_dict(), "rope_parameters": rope}), dtype=torch.float32).eval()
+    other.load_state_dict(model.state_dict())
+    assert _max_diff(_hf_logits(other), ref) > 1e-3
 
 
 def test_layer_types_of_another_length_is_named(tmp_path):
