@@ -305,6 +305,27 @@ def test_longrope_factors_matter(name, saved):
     assert _max_diff(_hf_logits(other), ref) > 1e-3
 
 
+@pytest.mark.parametrize("family,fp32_scale", [("olmo2", True), ("llama", False)])
+def test_rmsnorm_rounding_matches_transformers_in_bf16(family, fp32_scale):
+    """In bf16, OLMo 2's RMSNorm multiplies by its weight in fp32 and then rounds; Llama's rounds
+    first. `Norm(fp32_scale=...)` gives each one's outputs bit for bit (and not the other's)."""
+    from jaxpref.models.layers import Norm
+
+    cls = {"olmo2": transformers.models.olmo2.modeling_olmo2.Olmo2RMSNorm,
+           "llama": transformers.models.llama.modeling_llama.LlamaRMSNorm}[family]
+    rng = np.random.default_rng(0)
+    x = torch.tensor(3 * rng.standard_normal((64, 256)), dtype=torch.bfloat16)
+    norm = cls(256, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor(1 + 0.3 * rng.standard_normal(256)))
+        ref = norm(x).float().numpy()
+    scale, xj = (jnp.asarray(t.detach().float().numpy(), jnp.bfloat16) for t in (norm.weight, x))
+    ours = {f: np.asarray(Norm(1e-6, False, jnp.bfloat16, jnp.bfloat16, fp32_scale=f).apply(
+        {"params": {"scale": scale}}, xj).astype(jnp.float32)) for f in (True, False)}
+    np.testing.assert_array_equal(ours[fp32_scale], ref)
+    assert (ours[not fp32_scale] != ref).any()
+
+
 def test_layer_types_of_another_length_is_named(tmp_path):
     cfg = json.loads(transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=3).to_json_string())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "layer_types": ["sliding_attention"] * 3}))
