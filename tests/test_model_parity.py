@@ -366,3 +366,66 @@ def test_pytorch_bin_only_says_convert(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelSourceError, match=r"pytorch_model\.bin.*convert"):
         load_params(build(resolve(str(tmp_path))))
+
+
+def _write_qwen3_gguf(model, path) -> None:
+    """A tiny Qwen3 as llama.cpp writes one: F32 tensors under GGUF names (q/k not permuted for
+    Qwen), the shape in metadata, a byte-level vocabulary: the 256 byte symbols, one merge, EOS."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    tokens = list(bytes_to_unicode().values()) + ["\u0120t", "<|endoftext|>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 257 + [3])
+    w.add_token_merges(["\u0120 t"])
+    w.add_eos_token_id(257)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for key, t in model.state_dict().items():
+        mod = key.removesuffix(".weight")
+        if mod.startswith("model.layers."):
+            i, rest = mod.split(".", 3)[2:]
+            name = f"blk.{i}.{names[rest]}.weight"
+        else:
+            name = f"{names[mod]}.weight"
+        w.add_tensor(name, t.detach().numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_qwen3_gguf_matches_transformers(tmp_path):
+    """A Qwen3 GGUF (q/k norms included) converted and read by jaxpref: transformers' logits of
+    the model it was written from. head_dim is 128: transformers' Qwen3 GGUF config reads no
+    head width and takes Qwen3Config's default, which every released Qwen3 uses."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**{**TINY, "vocab_size": 258}, num_key_value_heads=2, head_dim=128)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _write_qwen3_gguf(model, tmp_path / "tiny-qwen3.gguf")
+    source = resolve(str(tmp_path / "tiny-qwen3.gguf"), cache_root=tmp_path / "cache")
+    assert source.model_type == "qwen3"
+    diff = _max_diff(_our_logits(source.path), _hf_logits(model))
+    print(f"parity qwen3 gguf: max|diff| = {diff:.2e}")
+    assert diff <= 1e-4
