@@ -212,7 +212,8 @@ def test_flax_msgpack_matches(name, bare, tmp_path, saved):
     assert _max_diff(_our_logits(tmp_path), ref) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt_neox_parallel", "gpt2_inverse_layer_scale"])
+@pytest.mark.parametrize("name", ["llama", "gpt_neox_parallel", "gpt2_inverse_layer_scale", "olmo2",
+                                  "phi3_longrope_long"])
 def test_layer_loop_matches_transformers(name, saved):
     """`scan_layers: false`: the same model run as a loop over per-layer weights."""
     path, ref, _ = saved(name)
@@ -275,16 +276,18 @@ def test_recompute_activations_keeps_gradients_in_less_memory(name, saved):
                                           ("qwen2_window_layer_types", (True, False))])
 def test_window_on_some_layers_matches_transformers(name, sliding, saved):
     """A window of 3 positions (rows of 5-6 tokens) on only some layers, read per layer as a traced
-    window under the scan and as a constant in the layer loop: transformers' logits. The same
-    weights with the window on every layer, or on none, give other logits: the test can fail."""
+    window under the scan and as a constant in the layer loop (each also under gradient
+    checkpointing's remat, where the loop's layer index is traced too): transformers' logits. The
+    same weights with the window on every layer, or on none, give other logits: the test can fail."""
     path, ref, model = saved(name)
     bundle = build(resolve(str(path)))
     assert (bundle.args.sliding_window, bundle.args.sliding_layers) == (3, sliding)
     assert bundle.args.spec().layer_windows == tuple(3 if on else None for on in sliding)
     for scan in (True, False):
-        diff = _max_diff(_our_logits(path, scan_layers=scan), ref)
-        print(f"parity {name} scan_layers={scan}: max|diff| = {diff:.2e}")
-        assert diff <= 1e-4
+        for remat in (False, True):
+            diff = _max_diff(_our_logits(path, scan_layers=scan, gradient_checkpointing=remat), ref)
+            print(f"parity {name} scan_layers={scan} gradient_checkpointing={remat}: max|diff| = {diff:.2e}")
+            assert diff <= 1e-4
     for kinds in (["sliding_attention"] * 2, ["full_attention"] * 2):
         other = transformers.AutoModelForCausalLM.from_config(
             type(model.config)(**{**model.config.to_dict(), "layer_types": kinds}), dtype=torch.float32).eval()
