@@ -15,8 +15,8 @@ Adding an architecture
    `tests/test_lora_peft.py` (adapters against PEFT).
 
 A family this decoder cannot yet express gets one knob here, off by default, so that the
-others' graphs stay as they are. Where the next ones go:
-- Done: Qwen3 (RMSNorm over each head of q and k before RoPE), OLMo 2 (the same over the full
+others' graphs stay as they are. The knobs so far, and where the next ones go:
+- Qwen3 (RMSNorm over each head of q and k before RoPE), OLMo 2 (the same over the full
   q/k width): `AttnSpec.qk_norm` naming the two norms (`qk_norm_full_width`), applied in
   `Attention` right after `_project_qkv`.
 - Gemma 1/2/3: `DecoderSpec.embed_scale` (sqrt(hidden)) in `Decoder`; a unit-offset form of
@@ -27,11 +27,11 @@ others' graphs stay as they are. Where the next ones go:
   whose `norms` are None: no norm before the sublayers), applied to the sublayer outputs in
   `DecoderBlock`; their fp32 multiply by the weight is `DecoderSpec.norm_fp32_scale`.
 - Per-layer choices: tuples with one entry per layer in the spec, read in the block at its
-  `layer` index (a traced int32 under `nn.scan`, which still compiles one layer). Done for
-  windows: `DecoderSpec.layer_windows` (a window on only some Qwen2 layers; Gemma 2/3's
+  `layer` index (a traced int32 under `nn.scan`, which still compiles one layer). Windows are
+  `DecoderSpec.layer_windows` (a window on only some Qwen2 layers; Gemma 2/3's
   alternating local/global layers), which the block turns into this layer's `MaskInfo.window`.
   Gemma 3's per-layer RoPE bases would follow the same way.
-- Done: Phi-3's fused `qkv_proj` ([q | k | v], grouped-query widths) is a one-name
+- Phi-3's fused `qkv_proj` ([q | k | v], grouped-query widths) is a one-name
   `AttnSpec.qkv`; its fused `gate_up_proj` is `MLPSpec.fused_up`: one `up` projection of twice
   the width, split into gate and up before the activation; LongRoPE is a `RopeSpec.scaling`.
 - Mixtral / Qwen3-MoE: a `MoESpec` (router + experts) in place of `MLPSpec`, and its module
