@@ -17,6 +17,8 @@ packed_shared_prompt, padding-free streams with empty block slots). Against it:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +28,8 @@ from jaxpref.data.layouts import Layout, compact_targets, make_pair_batch, pack_
 from jaxpref.data.padfree import to_stream
 from jaxpref.data.tokenize import Tokenized
 from jaxpref.models.layers import upcast_on_cpu
-from jaxpref.models.attention import (MaskInfo, attention, block_rows, choose_backend, dense_mask,
-                                      key_intervals, _preset)
+from jaxpref.models.attention import (NO_WINDOW, MaskInfo, attention, block_rows, choose_backend,
+                                      dense_mask, key_intervals, _preset)
 
 tokamax = pytest.importorskip("tokamax")
 
@@ -174,6 +176,28 @@ def test_backend_matches_dense_forward_and_grads(layout, backend, window):
                                                      flash_impl=("xla",)), q, k, v)
     for g, w, what in zip(got, want, ("out", "dq", "dk", "dv")):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} {backend} {what}")
+
+
+@pytest.mark.parametrize("backend", ["xla", "xla_chunked", "flash", "flash_in_shard_map"])
+def test_traced_window_is_the_static_one(layout, backend):
+    """A per-layer window is read under `nn.scan` as a traced int32 scalar: 3 gives the static
+    window of 3, NO_WINDOW gives no window, outputs and gradients, in every layout."""
+    name, mb = layout
+    q, k, v = _qkv(*mb["segment_ids"].shape)
+    info = _info(mb)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)) if backend.endswith("map") else None
+    be = backend.removesuffix("_in_shard_map")
+
+    @jax.jit
+    def run(q, k, v, window):  # window: a tracer here
+        return attention(q, k, v, dataclasses.replace(info, window=window), backend=be, chunk=16,
+                         mesh=mesh, flash_impl=("xla",))
+
+    for traced, static in ((3, 3), (NO_WINDOW, None)):
+        want = _value_and_grads(lambda q, k, v: _oracle_attention(q, k, v, mb, static), q, k, v)
+        got = _value_and_grads(lambda q, k, v: run(q, k, v, jnp.int32(traced)), q, k, v)
+        for g, w, what in zip(got, want, ("out", "dq", "dk", "dv")):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} {backend} {traced} {what}")
 
 
 @pytest.mark.parametrize("backend", ["xla_chunked", "flash"])
