@@ -202,3 +202,46 @@ def test_early_stopping_exports_the_best_adapter(tmp_path, tiny_llama, tiny_pair
     summary = json.loads((tmp_path / "o" / "tiny" / "summary.json").read_text())
     assert summary["early_stopped"] and summary["adapter_from_step"] == 2 and summary["steps"] == 6
     assert (tmp_path / "o" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_from_a_kept_step_and_continue_a_finished_run(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """--resume-from STEP continues from any kept checkpoint (the later ones set aside, not
+    deleted) and ends as the straight run did; raising --max-steps on a finished run continues it;
+    a finished run that cannot be continued is refused in one line, never skipped with exit 0."""
+    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    straight = tmp_path / "a" / "tiny"
+    shutil.copytree(straight, tmp_path / "b" / "tiny")
+    again = tmp_path / "b" / "tiny"
+    capsys.readouterr()
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--resume-from", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoints 6 set aside" in err and "resuming from step 3" in err, err
+    assert losses(again) == losses(straight)
+    assert [p.name for p in (again / "checkpoints").glob("set-aside-after-3-*/*")] == ["6"]
+
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--resume-from", "4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no checkpoint of step 4" in err and "kept: 3, 6" in err, err
+
+    # A finished run asked for more steps continues from its final checkpoint.
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume", "--max-steps", "8"])
+    err = capsys.readouterr().err
+    assert code == 0 and "resuming from step 6 to 8 steps" in err and "skipping" not in err, err
+    assert [s for s, *_ in losses(straight)] == list(range(1, 9))
+    assert json.loads((straight / "summary.json").read_text())["steps"] == 8
+    assert (straight / "FINISHED").is_file()
+    # Fewer steps than its checkpoint: refused in one line.
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume", "--max-steps", "4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "past this run's 4 steps" in err, err
+
+    # Finished without checkpoints: more steps cannot be had, and it says so (exit 2).
+    plain = write_config(tmp_path / "plain.yaml", tiny_llama, tiny_pairs, training={"max_steps": 2})
+    assert train.main(["--config", str(plain), "--output-dir", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "c" / "tiny" / "checkpoints").exists()   # none made without save_steps
+    code = train.main(["--config", str(plain), "--output-dir", str(tmp_path / "c"), "--resume", "--max-steps", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "finished without a checkpoint (finetuning.save_steps unset)" in err and "--overwrite-output-dir" in err
