@@ -120,3 +120,21 @@ def write_config(path: Path, model_dir: Path, data: Path, **sections) -> Path:
             cfg[k] = v
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def save_moved_adapter(base, path: Path, seed: int = 3) -> Path:
+    """A PEFT LoRA (r 4, alpha 8, on q_proj and v_proj) of the transformers model `base`, with B
+    scaled up so that the policy sits visibly away from the base, saved to `path`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 lora_dropout=0.0, init_lora_weights=False,
+                                                 task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(30.0)
+    peft_model.save_pretrained(path)
+    return path

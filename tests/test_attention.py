@@ -17,6 +17,8 @@ packed_shared_prompt, padding-free streams with empty block slots). Against it:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +28,8 @@ from jaxpref.data.layouts import Layout, compact_targets, make_pair_batch, pack_
 from jaxpref.data.padfree import to_stream
 from jaxpref.data.tokenize import Tokenized
 from jaxpref.models.layers import upcast_on_cpu
-from jaxpref.models.attention import (MaskInfo, attention, block_rows, choose_backend, dense_mask,
-                                      key_intervals, _preset)
+from jaxpref.models.attention import (NO_WINDOW, MaskInfo, attention, block_rows, choose_backend,
+                                      dense_mask, gather_keys, key_intervals, _preset)
 
 tokamax = pytest.importorskip("tokamax")
 
@@ -176,6 +178,28 @@ def test_backend_matches_dense_forward_and_grads(layout, backend, window):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} {backend} {what}")
 
 
+@pytest.mark.parametrize("backend", ["xla", "xla_chunked", "flash", "flash_in_shard_map"])
+def test_traced_window_is_the_static_one(layout, backend):
+    """A per-layer window is read under `nn.scan` as a traced int32 scalar: 3 gives the static
+    window of 3, NO_WINDOW gives no window, outputs and gradients, in every layout."""
+    name, mb = layout
+    q, k, v = _qkv(*mb["segment_ids"].shape)
+    info = _info(mb)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)) if backend.endswith("map") else None
+    be = backend.removesuffix("_in_shard_map")
+
+    @jax.jit
+    def run(q, k, v, window):  # window: a tracer here
+        return attention(q, k, v, dataclasses.replace(info, window=window), backend=be, chunk=16,
+                         mesh=mesh, flash_impl=("xla",))
+
+    for traced, static in ((3, 3), (NO_WINDOW, None)):
+        want = _value_and_grads(lambda q, k, v: _oracle_attention(q, k, v, mb, static), q, k, v)
+        got = _value_and_grads(lambda q, k, v: run(q, k, v, jnp.int32(traced)), q, k, v)
+        for g, w, what in zip(got, want, ("out", "dq", "dk", "dv")):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} {backend} {traced} {what}")
+
+
 @pytest.mark.parametrize("backend", ["xla_chunked", "flash"])
 @pytest.mark.parametrize("kv_heads", [K, N])
 def test_one_token_rows_and_padding(backend, kv_heads):
@@ -263,3 +287,21 @@ def test_fp32_is_fp32_unless_tf32_is_asked():
     assert _preset(jnp.float32, None) == _preset(jnp.float32, "highest") == p.F32_F32_F32
     assert _preset(jnp.float32, "tf32") == p.TF32_TF32_F32
     assert _preset(jnp.bfloat16, None) == p.BF16_BF16_F32
+
+
+def test_gathered_keys_backward_is_the_scatter_it_replaces():
+    """gather_keys' backward (a gather by the inverse permutation) equals the gradient of the plain
+    take_along_axis over key_intervals' real kv_src (a scatter-add), on a shared-prompt stream."""
+    rng = np.random.default_rng(3)
+    seg = jnp.asarray([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], jnp.int32)
+    br = jnp.asarray([[0, 0, 1, 1, 2, 2, 0, 1, 1, 2, 0, 0]], jnp.int32)
+    pos = jnp.asarray([[0, 1, 2, 3, 2, 3, 0, 1, 2, 1, 0, 0]], jnp.int32)
+    kv_src, _, _ = key_intervals(MaskInfo(seg, br, pos, None, None, None, True))
+    assert kv_src is not None and sorted(np.asarray(kv_src[0, 12:]).tolist()) == list(range(12))
+    x = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, 24, 2, 4)), jnp.float32)
+    ours = jax.grad(lambda x: (gather_keys(x, kv_src) * w).sum())(x)
+    plain = jax.grad(lambda x: (jnp.take_along_axis(x, kv_src[:, :, None, None], axis=1) * w).sum())(x)
+    np.testing.assert_array_equal(np.asarray(gather_keys(x, kv_src)),
+                                  np.asarray(jnp.take_along_axis(x, kv_src[:, :, None, None], axis=1)))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=0, atol=1e-6)

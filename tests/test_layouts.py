@@ -164,28 +164,40 @@ def test_layouts_give_the_same_sequence_logps(tiny, pairs, fns, max_length, mode
     assert np.abs(ref_s - theirs).max() <= 1e-4
 
 
+def _windowed(kind: str, window):
+    """A tiny random model with a sliding window of `window` positions (None: without): Mistral's
+    on every layer, or Qwen2's on layer 1 only (`max_window_layers=1`)."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=window)
+    return transformers.Qwen2Config(**common, use_sliding_window=window is not None, sliding_window=window,
+                                    max_window_layers=1)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2_some_layers"])
 @pytest.mark.parametrize("max_length,mode", [(None, "keep_start"), (14, "keep_end")])
-def test_sliding_window_in_every_layout(tmp_path, pairs, max_length, mode):
-    """Mistral's sliding window (4 positions, shorter than the rows) in every layout, padding-free
-    blocks included, equals transformers on each sequence alone."""
+def test_sliding_window_in_every_layout(tmp_path, pairs, max_length, mode, arch):
+    """A sliding window (4 positions, shorter than the rows) on every layer (Mistral) or on only
+    some (Qwen2's `max_window_layers`: a per-layer window under the scan), in every layout,
+    padding-free blocks included, equals transformers on each sequence alone."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                     max_position_embeddings=128, sliding_window=4)
-    model = transformers.MistralForCausalLM(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(_windowed(arch.split("_")[0], 4)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(tmp_path)
     bundle = build(resolve(str(tmp_path)))
     assert bundle.args.sliding_window == 4
+    assert bundle.args.sliding_layers == (() if arch == "mistral" else (False, True))
     params = load_params(bundle)
     logps = jax.jit(lambda mb: sequence_logps(bundle, params, None, mb, 2 * len(pairs)))
     theirs = _torch_logps(model, pairs, max_length, mode)
-    cfg.sliding_window = None
-    unwindowed = transformers.MistralForCausalLM(cfg).eval()
+    unwindowed = transformers.AutoModelForCausalLM.from_config(_windowed(arch.split("_")[0], None)).eval()
     unwindowed.load_state_dict(model.state_dict())
     full = _torch_logps(unwindowed, pairs, max_length, mode)
     for kind in LAYOUTS + PADDING_FREE:

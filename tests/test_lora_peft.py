@@ -60,6 +60,9 @@ CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**_DECODER),
     "mistral": lambda: transformers.MistralConfig(**_DECODER),
     "qwen2": lambda: transformers.Qwen2Config(**_DECODER),
+    "qwen3": lambda: transformers.Qwen3Config(**{**_DECODER, "head_dim": 32}),
+    "olmo2": lambda: transformers.Olmo2Config(**_DECODER),
+    "phi3": lambda: transformers.Phi3Config(**_DECODER, partial_rotary_factor=0.5),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_NEOX),
     "gpt2": lambda: transformers.GPT2Config(**_GPT2),
     # Same family as llama, other widths: an adapter for it does not fit the tiny llama.
@@ -70,6 +73,9 @@ ATTENTION = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "olmo2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "phi3": ("qkv_proj", "o_proj"),   # the fused modules, as PEFT names them
     "gpt_neox": ("query_key_value", "dense"),
     "gpt2": ("c_attn", "c_proj"),   # c_proj also names GPT-2's MLP output, as in PEFT
 }

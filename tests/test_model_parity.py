@@ -43,6 +43,31 @@ CONFIGS = {
     "mistral_window": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=3),
     "qwen2_window": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2, use_sliding_window=True,
                                                      sliding_window=3, max_window_layers=0),
+    # A window on only some layers: layer 1 (from max_window_layers on); layer 0 (layer_types).
+    "qwen2_window_some_layers": lambda: transformers.Qwen2Config(
+        **TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=3, max_window_layers=1),
+    "qwen2_window_layer_types": lambda: transformers.Qwen2Config(
+        **TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"]),
+    # Qwen3: per-head q/k RMSNorms, head_dim (32) apart from hidden_size / heads (16).
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=32),
+    "qwen3_tied_bias": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=32,
+                                                        tie_word_embeddings=True, attention_bias=True),
+    "qwen3_window_some_layers": lambda: transformers.Qwen3Config(
+        **TINY, num_key_value_heads=2, head_dim=32, use_sliding_window=True, sliding_window=3,
+        max_window_layers=1),
+    # OLMo 2: norms after the sublayers, q/k RMSNorms over the full widths.
+    "olmo2": lambda: transformers.Olmo2Config(**TINY, num_key_value_heads=2),
+    "olmo2_tied_bias": lambda: transformers.Olmo2Config(**TINY, num_key_value_heads=2, attention_bias=True,
+                                                        tie_word_embeddings=True),
+    # Phi-3: fused qkv_proj and gate_up_proj; partial rotary with a window of 3 positions; LongRoPE
+    # with the short factors (rows shorter than the original 16 positions) and the long ones
+    # (longer than 4), its cos/sin factor sqrt(1 + ln(64 / original) / ln(original)).
+    "phi3": lambda: transformers.Phi3Config(**TINY, num_key_value_heads=2),
+    "phi3_partial_window": lambda: transformers.Phi3Config(**TINY, num_key_value_heads=2,
+                                                           partial_rotary_factor=0.5, sliding_window=3),
+    "phi3_longrope_short": lambda: _phi3_longrope(16),
+    "phi3_longrope_long": lambda: _phi3_longrope(4),
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
                                                             use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,
@@ -50,6 +75,15 @@ CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(**GPT2),
     "gpt2_inverse_layer_scale": lambda: transformers.GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True),
 }
+
+def _phi3_longrope(original: int):
+    """Phi-4-mini's shape of RoPE: 3/4 of each head rotated (6 frequencies here), LongRoPE."""
+    return transformers.Phi3Config(
+        **TINY, num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+        original_max_position_embeddings=original,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                      "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})
+
 
 # Row 0 is right-padded (6 real tokens), row 1 left-padded (5 real tokens).
 IDS = np.array([[5, 17, 33, 8, 99, 42, 0, 0], [0, 0, 0, 71, 12, 3, 64, 127]], np.int64)
@@ -178,7 +212,8 @@ def test_flax_msgpack_matches(name, bare, tmp_path, saved):
     assert _max_diff(_our_logits(tmp_path), ref) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt_neox_parallel", "gpt2_inverse_layer_scale"])
+@pytest.mark.parametrize("name", ["llama", "gpt_neox_parallel", "gpt2_inverse_layer_scale", "olmo2",
+                                  "phi3_longrope_long"])
 def test_layer_loop_matches_transformers(name, saved):
     """`scan_layers: false`: the same model run as a loop over per-layer weights."""
     path, ref, _ = saved(name)
@@ -243,11 +278,67 @@ def test_recompute_activations_keeps_gradients_in_less_memory(name, saved):
     assert temp(c_on) < temp(c_off)
 
 
-def test_window_on_some_layers_is_named(tmp_path):
-    cfg = transformers.Qwen2Config(**TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
-                                   max_window_layers=1)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    with pytest.raises(ModelSourceError, match=r"sliding attention window on 1 of 2 layers"):
+@pytest.mark.parametrize("name,sliding", [("qwen2_window_some_layers", (False, True)),
+                                          ("qwen2_window_layer_types", (True, False))])
+def test_window_on_some_layers_matches_transformers(name, sliding, saved):
+    """A window of 3 positions (rows of 5-6 tokens) on only some layers, read per layer as a traced
+    window under the scan and as a constant in the layer loop (each also under gradient
+    checkpointing's remat, where the loop's layer index is traced too): transformers' logits. The
+    same weights with the window on every layer, or on none, give other logits: the test can fail."""
+    path, ref, model = saved(name)
+    bundle = build(resolve(str(path)))
+    assert (bundle.args.sliding_window, bundle.args.sliding_layers) == (3, sliding)
+    assert bundle.args.spec().layer_windows == tuple(3 if on else None for on in sliding)
+    for scan in (True, False):
+        for remat in (False, True):
+            diff = _max_diff(_our_logits(path, scan_layers=scan, gradient_checkpointing=remat), ref)
+            print(f"parity {name} scan_layers={scan} gradient_checkpointing={remat}: max|diff| = {diff:.2e}")
+            assert diff <= 1e-4
+    for kinds in (["sliding_attention"] * 2, ["full_attention"] * 2):
+        other = transformers.AutoModelForCausalLM.from_config(
+            type(model.config)(**{**model.config.to_dict(), "layer_types": kinds}), dtype=torch.float32).eval()
+        other.load_state_dict(model.state_dict())
+        assert _max_diff(_hf_logits(other), ref) > 1e-3, kinds
+
+
+@pytest.mark.parametrize("name", ["phi3_longrope_short", "phi3_longrope_long"])
+def test_longrope_factors_matter(name, saved):
+    """The LongRoPE cases pin which factors apply: with short and long factors swapped,
+    transformers' logits move, so matching them above means the same choice was made."""
+    _, ref, model = saved(name)
+    rope = dict(model.config.rope_parameters)
+    rope["short_factor"], rope["long_factor"] = rope["long_factor"], rope["short_factor"]
+    other = transformers.AutoModelForCausalLM.from_config(
+        type(model.config)(**{**model.config.to_dict(), "rope_parameters": rope}), dtype=torch.float32).eval()
+    other.load_state_dict(model.state_dict())
+    assert _max_diff(_hf_logits(other), ref) > 1e-3
+
+
+@pytest.mark.parametrize("family,fp32_scale", [("olmo2", True), ("llama", False)])
+def test_rmsnorm_rounding_matches_transformers_in_bf16(family, fp32_scale):
+    """In bf16, OLMo 2's RMSNorm multiplies by its weight in fp32 and then rounds; Llama's rounds
+    first. `Norm(fp32_scale=...)` gives each one's outputs bit for bit (and not the other's)."""
+    from jaxpref.models.layers import Norm
+
+    cls = {"olmo2": transformers.models.olmo2.modeling_olmo2.Olmo2RMSNorm,
+           "llama": transformers.models.llama.modeling_llama.LlamaRMSNorm}[family]
+    rng = np.random.default_rng(0)
+    x = torch.tensor(3 * rng.standard_normal((64, 256)), dtype=torch.bfloat16)
+    norm = cls(256, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor(1 + 0.3 * rng.standard_normal(256)))
+        ref = norm(x).float().numpy()
+    scale, xj = (jnp.asarray(t.detach().float().numpy(), jnp.bfloat16) for t in (norm.weight, x))
+    ours = {f: np.asarray(Norm(1e-6, False, jnp.bfloat16, jnp.bfloat16, fp32_scale=f).apply(
+        {"params": {"scale": scale}}, xj).astype(jnp.float32)) for f in (True, False)}
+    np.testing.assert_array_equal(ours[fp32_scale], ref)
+    assert (ours[not fp32_scale] != ref).any()
+
+
+def test_layer_types_of_another_length_is_named(tmp_path):
+    cfg = json.loads(transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=3).to_json_string())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "layer_types": ["sliding_attention"] * 3}))
+    with pytest.raises(ModelSourceError, match=r"`layer_types` has 3 entries for 2 layers"):
         build(resolve(str(tmp_path)))
 
 
@@ -284,3 +375,66 @@ def test_pytorch_bin_only_says_convert(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelSourceError, match=r"pytorch_model\.bin.*convert"):
         load_params(build(resolve(str(tmp_path))))
+
+
+def _write_qwen3_gguf(model, path) -> None:
+    """A tiny Qwen3 as llama.cpp writes one: F32 tensors under GGUF names (q/k not permuted for
+    Qwen), the shape in metadata, a byte-level vocabulary: the 256 byte symbols, one merge, EOS."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    tokens = list(bytes_to_unicode().values()) + ["\u0120t", "<|endoftext|>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 257 + [3])
+    w.add_token_merges(["\u0120 t"])
+    w.add_eos_token_id(257)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for key, t in model.state_dict().items():
+        mod = key.removesuffix(".weight")
+        if mod.startswith("model.layers."):
+            i, rest = mod.split(".", 3)[2:]
+            name = f"blk.{i}.{names[rest]}.weight"
+        else:
+            name = f"{names[mod]}.weight"
+        w.add_tensor(name, t.detach().numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_qwen3_gguf_matches_transformers(tmp_path):
+    """A Qwen3 GGUF (q/k norms included) converted and read by jaxpref: transformers' logits of
+    the model it was written from. head_dim is 128: transformers' Qwen3 GGUF config reads no
+    head width and takes Qwen3Config's default, which every released Qwen3 uses."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**{**TINY, "vocab_size": 258}, num_key_value_heads=2, head_dim=128)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _write_qwen3_gguf(model, tmp_path / "tiny-qwen3.gguf")
+    source = resolve(str(tmp_path / "tiny-qwen3.gguf"), cache_root=tmp_path / "cache")
+    assert source.model_type == "qwen3"
+    diff = _max_diff(_our_logits(source.path), _hf_logits(model))
+    print(f"parity qwen3 gguf: max|diff| = {diff:.2e}")
+    assert diff <= 1e-4

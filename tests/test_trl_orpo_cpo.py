@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_config
+from conftest import save_moved_adapter, write_config
 from jaxpref import train
 from test_trl_trainers import FAST, first_log, fresh_peft
 
@@ -56,7 +56,7 @@ ORPO_KEYS = KEYS + ("log_odds_ratio", "log_odds_chosen")
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, a random LoRA adapter, and the pairs."""
-    from peft import LoraConfig, get_peft_model
+
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from jaxpref.models.source import load_tokenizer, resolve
@@ -76,16 +76,8 @@ def smol(tmp_path_factory):
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    torch.manual_seed(3)
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM"))
-    with torch.no_grad():  # a LoRA that moves the policy visibly away from the base
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(30.0)
-    adapter = tmp / "init_adapter"
-    peft_model.save_pretrained(adapter)
+    adapter = save_moved_adapter(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                 tmp / "init_adapter")
     files = {}
     for name, rows in (("plain", PLAIN), ("conversational", CONVERSATIONAL)):
         files[name] = tmp / f"{name}.jsonl"

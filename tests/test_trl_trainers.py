@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import PAIRS, write_config
+from conftest import PAIRS, save_moved_adapter, write_config
 from jaxpref import train
 
 B = 4
@@ -20,22 +20,13 @@ KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_llama):
-    from peft import LoraConfig, get_peft_model
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("trl")
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    torch.manual_seed(3)
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 lora_dropout=0.0, init_lora_weights=False,
-                                                 task_type="CAUSAL_LM"))
-    with torch.no_grad():  # a LoRA that moves the policy visibly away from the base
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(30.0)
-    adapter = tmp / "init_adapter"
-    peft_model.save_pretrained(adapter)
+    adapter = save_moved_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                 tmp / "init_adapter")
     pairs = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS[:B]]
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     unpaired = [{"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"],

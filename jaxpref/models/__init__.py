@@ -6,11 +6,12 @@ and add one row here.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models import gpt2, gpt_neox, llama
+from jaxpref.models import gpt2, gpt_neox, llama, olmo2, phi3, qwen3
 from jaxpref.models.blocks import Decoder, head_weight
 from jaxpref.models.spec import ArchArgs, WeightRule
 
@@ -46,6 +47,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": dataclasses.replace(_LLAMA, args_cls=qwen3.Qwen3Args, weights=qwen3.WEIGHTS),
+    "olmo2": dataclasses.replace(_LLAMA, args_cls=olmo2.Olmo2Args, weights=olmo2.WEIGHTS),
+    "phi3": Architecture(phi3.Phi3Args, Decoder, phi3.WEIGHTS, head_weight,
+                         ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+                         ignored=(r".*rotary_emb\.inv_freq",),
+                         sharding=(("qkv_proj", "col"), ("o_proj", "row"), ("gate_up_proj", "col"),
+                                   ("down_proj", "row"))),
     "gpt_neox": Architecture(gpt_neox.NeoXArgs, Decoder, gpt_neox.WEIGHTS, head_weight,
                              ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                              ignored=gpt_neox.IGNORED,

@@ -9,7 +9,9 @@ without them `auto` is XLA.
 The description (`MaskInfo`) is what the batches already carry, per token: `segment_ids` (0 =
 padding), `branch` (0 = seen by the whole segment, 1/2 = chosen/rejected branch of a shared
 prompt) and `positions`, plus the sliding window and, for padding-free streams, the block
-gather (`blk_idx`, `blk_back`). Query i sees key j when both are in the same segment, j <= i,
+gather (`blk_idx`, `blk_back`). The window is a number, or under `nn.scan` a traced int32 scalar
+(each layer its own: `NO_WINDOW` for a layer without one), so one compiled layer serves
+windowed and full layers. Query i sees key j when both are in the same segment, j <= i,
 j is shared or on i's branch, and pos_i - pos_j < window; a padding query sees only itself.
 That is `step.attention_mask` + `layers.sliding_window`, and `dense_mask` rebuilds it exactly.
 
@@ -45,24 +47,29 @@ from jaxpref.models.layers import upcast_on_cpu
 BACKENDS = ("auto", "xla", "xla_chunked", "flash")
 CHUNK = 512                      # queries per block of the chunked path
 CHUNK_ABOVE_BYTES = 128 << 20    # auto: chunk when one call's fp32 scores would exceed this
+# A window that excludes no key: what a full-attention layer reads under `nn.scan` when other
+# layers have a sliding window (the window is then a traced value, not a Python choice).
+NO_WINDOW = 2**31 - 1
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["segment_ids", "branch", "positions", "blk_idx", "blk_back"],
-                   meta_fields=["window", "shared_prompt"])
+                   data_fields=["segment_ids", "branch", "positions", "blk_idx", "blk_back", "window"],
+                   meta_fields=["shared_prompt"])
 @dataclasses.dataclass
 class MaskInfo:
     """Who attends to whom, per token. segment_ids, branch, positions: [B, T] int32 (B rows or
     padding-free streams of T tokens). blk_idx: [B, blocks * Tb] int32 (-1: empty slot) and
     blk_back: [B, T] int32 for padding-free streams (see `layers.AttnBlocks`), else None.
-    blk_idx's static shape is [B, blocks, Tb]. `shared_prompt` False promises that no segment
-    holds branch-2 tokens after branch-1 tokens (it saves flash its second K/V copy)."""
+    blk_idx's static shape is [B, blocks, Tb]. window: None (no window), an int, or an int32
+    scalar array (a per-layer window read under `nn.scan`; NO_WINDOW: none). `shared_prompt`
+    False promises that no segment holds branch-2 tokens after branch-1 tokens (it saves flash
+    its second K/V copy)."""
     segment_ids: jax.Array
     branch: jax.Array
     positions: jax.Array
     blk_idx: jax.Array | None = None
     blk_back: jax.Array | None = None
-    window: int | None = None
+    window: int | jax.Array | None = None
     shared_prompt: bool = True
 
     @classmethod
@@ -133,7 +140,7 @@ def dense_mask(info: MaskInfo) -> jax.Array:
     return _rule(tok, tok, info.window)
 
 
-def _rule(qt: tuple, kt: tuple, window: int | None) -> jax.Array:
+def _rule(qt: tuple, kt: tuple, window) -> jax.Array:
     """Queries (seg, branch, pos, index) [B, Tq] x keys [B, S] -> allowed [B, Tq, S] bool."""
     (qs, qb, qp, qi), (ks, kb, kp, ki) = [[a[:, :, None] for a in qt], [a[:, None, :] for a in kt]]
     allowed = (qs == ks) & (ks > 0) & (ki <= qi) & ((kb == 0) | (kb == qb))
@@ -244,6 +251,32 @@ def key_intervals(info: MaskInfo) -> tuple[jax.Array | None, jax.Array, jax.Arra
     return kv_src, start, end
 
 
+def gather_keys(x: jax.Array, kv_src: jax.Array) -> jax.Array:
+    """x [B, T, H, D] -> the 2T key slots of `key_intervals`' kv_src ([arange(T) | a permutation
+    of each row]). Its backward gathers by the inverse permutation instead of scattering."""
+    t = x.shape[1]
+    return jnp.concatenate([x, _permute_rows(x, kv_src[:, t:])], axis=1)
+
+
+@jax.custom_vjp
+def _permute_rows(x: jax.Array, perm: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
+
+
+def _permute_rows_fwd(x, perm):
+    return _permute_rows(x, perm), perm
+
+
+def _permute_rows_bwd(perm, g):
+    rows, t = perm.shape
+    inverse = jnp.zeros_like(perm).at[jnp.arange(rows)[:, None], perm].set(
+        jnp.broadcast_to(jnp.arange(t, dtype=perm.dtype), perm.shape))
+    return jnp.take_along_axis(g, inverse[:, :, None, None], axis=1), None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def _run_start(seg: jax.Array) -> jax.Array:
     """[B, T] -> index where each token's run of equal values starts."""
     t = seg.shape[1]
@@ -252,7 +285,7 @@ def _run_start(seg: jax.Array) -> jax.Array:
     return jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
 
 
-def _window_start(kv_pos, lo, hi, q_pos, window: int) -> jax.Array:
+def _window_start(kv_pos, lo, hi, q_pos, window) -> jax.Array:
     """First key slot j in [lo, hi) with q_pos - kv_pos[j] < window (kv_pos increasing there;
     hi - 1, the query itself, always qualifies). Binary search, all queries at once."""
     steps = max(1, math.ceil(math.log2(kv_pos.shape[1] + 1)))
@@ -282,12 +315,10 @@ def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl) -> jax.Ar
     impl = impl or _flash_impl(jax.default_backend(), q.dtype)
     preset = _preset(q.dtype, precision)
 
-    def call(q, k, v, seg, br, pos):
-        kv_src, start, end = key_intervals(MaskInfo(seg, br, pos, None, None, info.window,
-                                                    info.shared_prompt))
+    def call(q, k, v, seg, br, pos, window=None):
+        kv_src, start, end = key_intervals(MaskInfo(seg, br, pos, None, None, window, info.shared_prompt))
         if kv_src is not None:
-            k = jnp.take_along_axis(k, kv_src[:, :, None, None], axis=1)
-            v = jnp.take_along_axis(v, kv_src[:, :, None, None], axis=1)
+            k, v = gather_keys(k, kv_src), gather_keys(v, kv_src)
         mask = tk[1].Mask(k_start=start[:, None, :], k_end=end[:, None, :])
         errors = []
         for name in impl:
@@ -300,9 +331,12 @@ def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl) -> jax.Ar
 
     args = (q, k, v, info.segment_ids, info.branch, info.positions)
     if mesh is None:
-        return call(*args)
+        return call(*args, info.window)
     spec = jax.sharding.PartitionSpec(tuple(a for a in batch_axes if a in mesh.axis_names))
-    return jax.shard_map(call, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec, check_vma=False)(*args)
+    # A traced (per-layer) window enters the per-shard function as an argument, replicated.
+    window = () if info.window is None else (jnp.asarray(info.window, jnp.int32),)
+    specs = (spec,) * 6 + (jax.sharding.PartitionSpec(),) * len(window)
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args, *window)
 
 
 def _flash_impl(platform: str, dtype) -> tuple[str, ...]:

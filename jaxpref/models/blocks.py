@@ -15,23 +15,25 @@ Adding an architecture
    `tests/test_lora_peft.py` (adapters against PEFT).
 
 A family this decoder cannot yet express gets one knob here, off by default, so that the
-others' graphs stay as they are. Where the next ones go:
-- Qwen3 (RMSNorm over each head of q and k before RoPE), OLMo 2 (the same over the full q/k
-  width): `AttnSpec.qk_norm` naming the two norms, applied in `Attention` right after
-  `_project_qkv`.
+others' graphs stay as they are. The knobs so far, and where the next ones go:
+- Qwen3 (RMSNorm over each head of q and k before RoPE), OLMo 2 (the same over the full
+  q/k width): `AttnSpec.qk_norm` naming the two norms (`qk_norm_full_width`), applied in
+  `Attention` right after `_project_qkv`.
 - Gemma 1/2/3: `DecoderSpec.embed_scale` (sqrt(hidden)) in `Decoder`; a unit-offset form of
   `layers.Norm` (1 + weight); GeGLU is already `MLPSpec(up=(gate, up),
   activation="gelu_pytorch_tanh")`; query_pre_attn_scalar is `AttnSpec.q_scale`; the
   attention-logit soft-cap a tanh in `layers.attention`, the final-logit one where the LM head
-  forms logits (`jaxpref/head.py`); pre+post norms (also OLMo 2's post-norms) two more names in
-  `DecoderSpec.norms`, applied to the sublayer outputs in `DecoderBlock`.
-- Per-layer choices (Gemma's alternating sliding/global layers and their RoPE bases, a window on
-  only some Qwen2 layers): tuples with one entry per layer in the spec, read in the block at its
-  `layer` index (a traced int32 under `nn.scan`, which still compiles one layer), e.g.
-  `mask = jnp.where(windowed[layer], sliding_window(mask, ...), mask)`.
-- Phi-3: its fused `qkv_proj` ([q | k | v], grouped-query widths) is already a one-name
+  forms logits (`jaxpref/head.py`); pre+post norms: `DecoderSpec.post_norms` (done for OLMo 2,
+  whose `norms` are None: no norm before the sublayers), applied to the sublayer outputs in
+  `DecoderBlock`; their fp32 multiply by the weight is `DecoderSpec.norm_fp32_scale`.
+- Per-layer choices: tuples with one entry per layer in the spec, read in the block at its
+  `layer` index (a traced int32 under `nn.scan`, which still compiles one layer). Windows are
+  `DecoderSpec.layer_windows` (a window on only some Qwen2 layers; Gemma 2/3's
+  alternating local/global layers), which the block turns into this layer's `MaskInfo.window`.
+  Gemma 3's per-layer RoPE bases would follow the same way.
+- Phi-3's fused `qkv_proj` ([q | k | v], grouped-query widths) is a one-name
   `AttnSpec.qkv`; its fused `gate_up_proj` is `MLPSpec.fused_up`: one `up` projection of twice
-  the width, split into gate and up before the activation.
+  the width, split into gate and up before the activation; LongRoPE is a `RopeSpec.scaling`.
 - Mixtral / Qwen3-MoE: a `MoESpec` (router + experts) in place of `MLPSpec`, and its module
   picked in `DecoderBlock`.
 """
@@ -46,8 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref.models.attention import MaskInfo, attention
-from jaxpref.models.layers import ACTIVATIONS, Linear, Norm, apply_rope, rope_cos_sin, rope_inv_freq
+from jaxpref.models.attention import NO_WINDOW, MaskInfo, attention
+from jaxpref.models.layers import (ACTIVATIONS, Linear, Norm, apply_rope, rope_attention_factor, rope_cos_sin,
+                                   rope_inv_freq)
 from jaxpref.models.spec import ArchArgs, stacked
 
 
@@ -66,6 +69,10 @@ class AttnSpec:
     # cancels it with sqrt(head_dim).
     q_scale: float = 1.0
     inverse_layer_scale: bool = False   # q / (layer + 1): GPT-2's `scale_attn_by_inverse_layer_idx`
+    # RMSNorms of q and k before RoPE (names of the two): Qwen3's over each head ([head_dim]
+    # weights), OLMo 2's over all heads at once with `qk_norm_full_width` ([N*H] and [K*H]).
+    qk_norm: tuple[str, str] | None = None
+    qk_norm_full_width: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ class MLPSpec:
     width: int                    # intermediate size
     activation: str               # a key of `layers.ACTIVATIONS`
     bias: bool = False
+    # One `up` name projecting to 2 * width, [gate | up] (Phi-3's `gate_up_proj`): LoRA and PEFT
+    # see the one fused module, as transformers has it.
+    fused_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ class DecoderSpec:
     embed: str                    # token embedding [V, D] (also the LM head when tied)
     head: str                     # untied LM head [D, V]
     final_norm: str
-    norms: tuple[str, str]        # the norms before attention and before the MLP, in each layer
+    norms: tuple[str | None, str | None]  # the norms before attention and before the MLP (None: none)
     attn: AttnSpec
     mlp: MLPSpec
     layer_norm: bool = False      # True: LayerNorm with bias (GPT-2, GPT-NeoX); False: RMSNorm
@@ -103,7 +113,34 @@ class DecoderSpec:
     max_positions: int = 0
     # True: x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J); False: one sublayer after the other.
     parallel_residual: bool = False
+    # Norms of the attention and MLP outputs before the residual add: x + norm(attn(x)) (OLMo 2).
+    post_norms: tuple[str, str] | None = None
+    # RMSNorm's weight multiplies in fp32 before rounding to the compute dtype (OLMo 2); Llama
+    # rounds first. The same numbers in fp32.
+    norm_fp32_scale: bool = False
     sliding_window: int | None = None   # every layer: keys fewer than this many positions back
+    # Per layer (one entry each, None: full attention) when only some layers have a window: Qwen2's
+    # `max_window_layers`, Gemma 2/3's local/global layers. (): `sliding_window` for all. `windows`.
+    layer_windows: tuple[int | None, ...] = ()
+
+
+def windows(window: int | None, sliding: tuple[bool, ...] = ()) -> dict:
+    """The DecoderSpec fields for `window` on the layers marked in `sliding` (() : every layer):
+    one static window when all layers share it, else `layer_windows`."""
+    if window is None or (sliding and not any(sliding)):
+        return {}
+    if all(sliding):
+        return {"sliding_window": window}
+    return {"layer_windows": tuple(window if on else None for on in sliding)}
+
+
+def _layer_window(per_layer: tuple[int | None, ...], layer):
+    """This layer's window: its entry (a constant) in the layer loop; an int32 scalar read from a
+    table under `nn.scan` (NO_WINDOW where the layer has none)."""
+    if isinstance(layer, (int, np.integer)):
+        return per_layer[int(layer)]
+    table = np.array([NO_WINDOW if w is None else w for w in per_layer], np.int32)
+    return jnp.asarray(table)[layer]
 
 
 def _linear(a: ArchArgs, features: int, bias: bool, name: str) -> Linear:
@@ -114,7 +151,12 @@ def _linear(a: ArchArgs, features: int, bias: bool, name: str) -> Linear:
 
 
 def _norm(a: ArchArgs, s: DecoderSpec, name: str) -> Norm:
-    return Norm(s.norm_eps, s.layer_norm, a.dtype, a.param_dtype, name=name)
+    return Norm(s.norm_eps, s.layer_norm, a.dtype, a.param_dtype, name=name, fp32_scale=s.norm_fp32_scale)
+
+
+def _maybe_norm(a: ArchArgs, s: DecoderSpec, name: str | None):
+    """The norm `name`, or the identity where the spec names none."""
+    return (lambda x: x) if name is None else _norm(a, s, name)
 
 
 class Attention(nn.Module):
@@ -129,6 +171,8 @@ class Attention(nn.Module):
         a, s = self.args, self.spec
         b, t, _ = h.shape
         q, k, v = _project_qkv(a, s, h)                 # [B, T, N, H], [B, T, K, H] x 2
+        if s.qk_norm is not None:
+            q, k = (_qk_norm(a, s, x, name) for x, name in zip((q, k), s.qk_norm))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # `attention` scales by 1/sqrt(head_dim); any other scale HF asks for is folded into q.
@@ -166,6 +210,12 @@ def _project_qkv(a: ArchArgs, s: AttnSpec, h: jax.Array):
     return q.reshape(b, t, n, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
 
 
+def _qk_norm(a: ArchArgs, s: AttnSpec, x: jax.Array, name: str) -> jax.Array:
+    """x [B, T, heads, H] -> RMSNorm over each head's H features, or over all heads' together."""
+    norm = _norm(a, a.spec(), name)
+    return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape) if s.qk_norm_full_width else norm(x)
+
+
 class MLP(nn.Module):
     """Up projection(s), the activation (gated or not), the down projection."""
     args: ArchArgs
@@ -175,7 +225,10 @@ class MLP(nn.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         """h [B, T, D] compute dtype -> [B, T, D]."""
         a, s = self.args, self.spec
-        ups = [_linear(a, s.width, s.bias, name)(h) for name in s.up]   # [B, T, I] each
+        if s.fused_up:  # [gate | up] from one projection
+            ups = jnp.split(_linear(a, 2 * s.width, s.bias, s.up[0])(h), 2, axis=-1)
+        else:
+            ups = [_linear(a, s.width, s.bias, name)(h) for name in s.up]   # [B, T, I] each
         core = _gated(s.activation) if len(ups) == 2 else ACTIVATIONS[s.activation]
         core = jax.checkpoint(core) if a.recompute_activations else core
         return _linear(a, a.hidden_size, s.bias, s.down)(core(*ups))
@@ -200,13 +253,16 @@ class DecoderBlock(nn.Module):
         a = self.args
         s = a.spec()
         rope, mask = shared
-        norm_attn, norm_mlp = (_norm(a, s, name) for name in s.norms)
+        if s.layer_windows:
+            mask = dataclasses.replace(mask, window=_layer_window(s.layer_windows, layer))
+        norm_attn, norm_mlp = (_maybe_norm(a, s, name) for name in s.norms)
+        post_attn, post_mlp = (_maybe_norm(a, s, name) for name in s.post_norms or (None, None))
         attn = Attention(a, s.attn, name=s.attn.name)
         mlp = MLP(a, s.mlp, name=s.mlp.name)
         if s.parallel_residual:
             return x + attn(norm_attn(x), rope, mask, layer) + mlp(norm_mlp(x)), None
-        x = x + attn(norm_attn(x), rope, mask, layer)
-        return x + mlp(norm_mlp(x)), None
+        x = x + post_attn(attn(norm_attn(x), rope, mask, layer))
+        return x + post_mlp(mlp(norm_mlp(x))), None
 
 
 class Decoder(nn.Module):
@@ -232,7 +288,8 @@ class Decoder(nn.Module):
         rope = None
         if s.rope is not None:
             scaling = dict(s.rope.scaling) if s.rope.scaling else None
-            rope = rope_cos_sin(positions, rope_inv_freq(s.rope.dim, s.rope.theta, scaling))
+            rope = rope_cos_sin(positions, rope_inv_freq(s.rope.dim, s.rope.theta, scaling, positions),
+                                rope_attention_factor(scaling))
         if s.sliding_window is not None:
             mask = dataclasses.replace(mask, window=s.sliding_window)
         layers = stacked(DecoderBlock, a, in_axes=(nn.broadcast, 0))(a, name="layers")

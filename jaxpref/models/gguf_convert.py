@@ -21,7 +21,9 @@ import numpy as np
 from jaxpref.errors import ModelSourceError
 from jaxpref.runtime.no_torch import torch_hidden
 
-# GGUF tensor name -> Hugging Face name (Llama-style architectures).
+# GGUF tensor name -> Hugging Face name (Llama-style architectures; Qwen3's q/k norms). OLMo 2
+# and Phi-3 are not here: transformers reads no OLMo 2 GGUF config, and its Phi-3 GGUF config
+# drops the rotary width (Phi-4-mini), the LongRoPE factors (GGUF tensors) and the window.
 _GGUF_NAMES = [
     (r"token_embd\.weight", "model.embed_tokens.weight"),
     (r"output_norm\.weight", "model.norm.weight"),
@@ -35,8 +37,10 @@ _GGUF_NAMES = [
     (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{}.mlp.gate_proj.weight"),
     (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{}.mlp.up_proj.weight"),
     (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{}.mlp.down_proj.weight"),
+    (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{}.self_attn.q_norm.weight"),
+    (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{}.self_attn.k_norm.weight"),
 ]
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 CONVERTER_VERSION = 2  # part of the cache key: a fixed converter never reuses an old conversion
 
 

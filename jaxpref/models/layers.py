@@ -77,6 +77,12 @@ def matmul(subscripts: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None,
         # (for the base weights that would be an fp32 copy of the whole model).
         return _widened_matmul(subscripts, out_dtype)(x, w)
     prec = PRECISIONS[precision] if jnp.dtype(dtype) == jnp.float32 else None
+    if jnp.dtype(out_dtype) == jnp.dtype(dtype):
+        # GPU and TPU kernels accumulate bf16 products in fp32 and round once, as an fp32 result
+        # cast back would; a result typed `dtype` also keeps the backward's products in `dtype`
+        # (an fp32 result would send fp32 cotangents into them: fp32/TF32 matmuls plus weight
+        # conversions, 14% of an H100 step at ~4,000 tokens).
+        return jnp.einsum(subscripts, x, w, preferred_element_type=dtype, precision=prec)
     return jnp.einsum(subscripts, x, w, preferred_element_type=jnp.float32, precision=prec).astype(out_dtype)
 
 
@@ -94,6 +100,7 @@ class Norm(nn.Module):
     centered: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fp32_scale: bool = False   # RMSNorm: scale * x in fp32, then rounded (OLMo 2's RMSNorm)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -103,6 +110,8 @@ class Norm(nn.Module):
         if not self.centered:
             # transformers' LlamaRMSNorm rounds to the compute dtype before the scale multiplies.
             x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            if self.fp32_scale:
+                return (scale.astype(jnp.float32) * x32).astype(self.dtype)
             return scale.astype(self.dtype) * x32.astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
         mean = x32.mean(-1, keepdims=True)
@@ -123,14 +132,24 @@ ACTIVATIONS = {
 }
 
 
-def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> jnp.ndarray:
-    """Inverse frequencies [rotary_dim // 2] float32, with Llama 3 / linear scaling applied."""
-    inv = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None, positions=None) -> jnp.ndarray:
+    """Inverse frequencies [rotary_dim // 2] float32, with Llama 3 / linear / LongRoPE scaling
+    applied. LongRoPE (Phi-3) divides each frequency by its `short_factor`, or by its
+    `long_factor` once the call's largest position passes `original_max_position_embeddings`
+    (`positions` [B, T]): transformers decides per forward call, over the whole batch, as here."""
+    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+    inv = 1.0 / (theta ** exponents)
     if not scaling:
         return inv
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv
+    if kind == "longrope":
+        short, long = (1.0 / (jnp.asarray(scaling[f], jnp.float32) * theta ** exponents)
+                       for f in ("short_factor", "long_factor"))
+        if positions is None:
+            return short
+        return jnp.where(jnp.max(positions) + 1 > scaling["original_max_position_embeddings"], long, short)
     if kind == "linear":
         return inv / scaling["factor"]
     if kind == "llama3":
@@ -149,10 +168,20 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> jnp.nd
     raise ValueError(f"unsupported rope scaling `{kind}`")
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] int -> cos, sin [B, T, rotary_dim] float32 (halves repeated, HF layout)."""
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The factor transformers multiplies cos and sin by: LongRoPE's `attention_factor` (which its
+    args resolve from the config), 1 otherwise."""
+    kind = scaling and scaling.get("rope_type", scaling.get("type"))
+    return float(scaling["attention_factor"]) if kind == "longrope" else 1.0
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> cos, sin [B, T, rotary_dim] float32 (halves repeated, HF layout),
+    times `factor` (`rope_attention_factor`)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
+    if factor != 1.0:
+        return jnp.cos(emb) * factor, jnp.sin(emb) * factor
     return jnp.cos(emb), jnp.sin(emb)
 
 

@@ -1,5 +1,6 @@
 """Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM/SmolLM2): RMSNorm, rotary embeddings,
-grouped-query attention with separate q/k/v projections, SwiGLU MLP, optional sliding window.
+grouped-query attention with separate q/k/v projections, SwiGLU MLP, optional sliding window
+(on every layer, or on some: Qwen2's `max_window_layers`).
 The decoder itself is `jaxpref.models.blocks`."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec
+from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec, windows
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -21,7 +22,8 @@ class LlamaArgs(ArchArgs):
     attention_bias: bool = False
     o_proj_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None   # Mistral: each token sees the last `sliding_window` positions
+    sliding_window: int | None = None   # each token sees the last `sliding_window` positions
+    sliding_layers: tuple[bool, ...] = ()   # the layers that have the window (() : all)
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "LlamaArgs":
@@ -31,6 +33,7 @@ class LlamaArgs(ArchArgs):
         theta = hf.get("rope_theta")
         if theta is None and isinstance(rope, dict):
             theta = rope.get("rope_theta")
+        window, sliding = hf_windows(hf)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -46,7 +49,8 @@ class LlamaArgs(ArchArgs):
             attention_bias=bool(qkv_bias),
             o_proj_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            sliding_window=_window(hf),
+            sliding_window=window,
+            sliding_layers=sliding,
             **common,
         )
 
@@ -59,35 +63,36 @@ class LlamaArgs(ArchArgs):
             mlp=MLPSpec("mlp", ("gate_proj", "up_proj"), "down_proj", self.intermediate_size, "silu",
                         bias=self.mlp_bias),
             rope=RopeSpec(self.head_dim, self.rope_theta, self.rope_scaling),
-            sliding_window=self.sliding_window)
+            **windows(self.sliding_window, self.sliding_layers))
 
 
-def _window(hf: dict) -> int | None:
-    """The sliding window every layer uses, or None. transformers gives Mistral's on all layers
-    (`sliding_window`), and Qwen2's (`use_sliding_window`) on the layers from `max_window_layers`
-    on (`layer_types` when written out); a window on only some layers is not supported."""
+def hf_windows(hf: dict) -> tuple[int | None, tuple[bool, ...]]:
+    """(window, the layers that have it; () : all) as transformers reads config.json. Mistral and
+    Phi-3 window every layer (`sliding_window`); Qwen2 and Qwen3 only with `use_sliding_window`,
+    and only the layers `layer_types` calls "sliding_attention" (written out by transformers >= 5;
+    else those from `max_window_layers` on, 28 when absent as in transformers' configs)."""
     window = hf.get("sliding_window")
-    if window is None or hf.get("model_type") not in ("mistral", "qwen2"):
-        return None
+    kind = hf.get("model_type")
+    if window is None or kind not in ("mistral", "qwen2", "qwen3", "phi3"):
+        return None, ()
+    if kind in ("mistral", "phi3"):
+        return int(window), ()
+    if not hf.get("use_sliding_window", False):
+        return None, ()
     n = hf["num_hidden_layers"]
-    kinds = hf.get("layer_types")
-    if kinds is None and hf.get("model_type") == "qwen2":
-        if not hf.get("use_sliding_window", False):
-            return None
-        first = hf.get("max_window_layers", n)
-        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-    if kinds is not None:
-        sliding = sum(k == "sliding_attention" for k in kinds)
-        if sliding == 0:
-            return None
-        if sliding != len(kinds):
-            raise ModelSourceError(f"a sliding attention window on {sliding} of {len(kinds)} layers "
-                                   "(`layer_types`) is not supported; only all layers or none")
-    return int(window)
+    kinds = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                      else "full_attention" for i in range(n)]
+    if len(kinds) != n:
+        raise ModelSourceError(f"`layer_types` has {len(kinds)} entries for {n} layers")
+    sliding = tuple(k == "sliding_attention" for k in kinds)
+    return (int(window), sliding) if any(sliding) else (None, ())
 
 
 def _freeze(d):
-    return tuple(sorted(d.items())) if isinstance(d, dict) else d
+    """A config dict as sorted (key, value) pairs, lists as tuples: hashable, for the frozen args."""
+    if not isinstance(d, dict):
+        return d
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
 # Hugging Face tensor name -> our parameter path. "{i}" is the layer index; paths under "layers"
