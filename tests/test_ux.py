@@ -167,3 +167,53 @@ def test_dotenv_is_read_by_python_dotenv(tmp_path, monkeypatch):
     assert os.environ["JAXPREF_TEST_A"] == "quoted # not a comment"
     assert os.environ["JAXPREF_TEST_B"] == "plain"
     assert os.environ["JAXPREF_TEST_KEEP"] == "mine"   # existing variables win
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal shows it (tqdm draws its bar only on one)."""
+
+    def __init__(self, fd: int | None = None):
+        super().__init__()
+        self.fd = fd
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def test_gguf_conversion_says_so_and_counts_tensors_in_a_terminal(tmp_path, monkeypatch, capsys):
+    import torch
+    import transformers
+
+    from jaxpref.models import gguf_convert
+    from test_model_parity import TINY, _write_qwen3_gguf
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.Qwen3Config(**{**TINY, "vocab_size": 258}, num_key_value_heads=2, head_dim=128))
+    gguf = tmp_path / "tiny-qwen3.gguf"
+    _write_qwen3_gguf(model, gguf)
+    n = len(model.state_dict())
+    # A file or a pipe: a line when it starts and one when it ends; the cached one says nothing.
+    gguf_convert.convert_gguf(gguf, tmp_path / "plain")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("jaxpref: converting tiny-qwen3.gguf to safetensors, once"), err
+    assert re.fullmatch(r"jaxpref: converted tiny-qwen3.gguf in \d+\.\d s", err[1]), err
+    gguf_convert.convert_gguf(gguf, tmp_path / "plain")
+    assert capsys.readouterr().err == ""
+    # A terminal: a bar counts the tensors, in this process ...
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    gguf_convert.convert_gguf(gguf, tmp_path / "tty")
+    assert f"{n}/{n}" in term.getvalue() and "converting tiny-qwen3.gguf" in term.getvalue(), term.getvalue()
+    # ... and from the child Python that converts when torch is hidden (drawn on our terminal).
+    read, write = os.pipe()
+    monkeypatch.setattr(sys, "stderr", _Terminal(write))
+    gguf_convert._in_child("convert", gguf, tmp_path / "child")
+    os.close(write)
+    drawn = os.read(read, 1 << 20).decode()
+    os.close(read)
+    assert f"{n}/{n}" in drawn and "converting tiny-qwen3.gguf" in drawn, drawn
+    assert len(list((tmp_path / "child").rglob("model.safetensors"))) == 1
