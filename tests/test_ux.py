@@ -196,6 +196,11 @@ def test_gguf_conversion_says_so_and_counts_tensors_in_a_terminal(tmp_path, monk
     gguf = tmp_path / "tiny-qwen3.gguf"
     _write_qwen3_gguf(model, gguf)
     n = len(model.state_dict())
+    # --dry-run reads the config and tokenizer from the GGUF's metadata: nothing dequantised.
+    from jaxpref.models.source import resolve
+    dry = resolve(str(gguf), cache_root=tmp_path / "dry", weights=False)
+    assert (dry.path / "config.json").is_file() and not list((tmp_path / "dry").rglob("*.safetensors"))
+    assert dry.model_type == "qwen3" and "converting" not in capsys.readouterr().err
     # A file or a pipe: a line when it starts and one when it ends; the cached one says nothing.
     gguf_convert.convert_gguf(gguf, tmp_path / "plain")
     err = capsys.readouterr().err.splitlines()
