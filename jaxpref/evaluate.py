@@ -105,11 +105,9 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
     pt = cfg.post_training
     bundle, tok, _, abstract = setup.model_for(cfg, index, training=False)
     prepared = prepare.data_for(cfg, tok)
+    by_default = split is None and prepared.eval is None   # said once the inputs are checked
     if split is None:
         split = "eval" if prepared.eval is not None else "train"
-        if split == "train":
-            print(f"jaxpref.evaluate: note: {cfg.source} has no eval split (`dataset.eval_split` or "
-                  "`dataset.eval_fraction`); evaluating on the train split", file=sys.stderr)
     data = prepared.train if split == "train" else prepared.eval
     if data is None:
         raise ConfigError(f"{cfg.source}: --split eval, but the config has no eval data "
@@ -130,6 +128,9 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
     if adapter:
         lora, spec = load_adapter_for(Path(adapter), bundle, abstract, entry)
         bundle = bundle.with_args(lora_scale=spec.scale, lora_dropout=0.0, deterministic=True)
+    if by_default:
+        print(f"jaxpref.evaluate: note: {cfg.source} has no eval split (`dataset.eval_split` or "
+              "`dataset.eval_fraction`); evaluating on the train split", file=sys.stderr)
     ref_bundle, ref_params = bundle, params
     if pt.use_ref_model and entry.ref_model_id and entry.ref_model_id != entry.huggingface_id:
         rsrc = resolve(entry.ref_model_id)

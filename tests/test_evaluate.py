@@ -184,6 +184,7 @@ def test_run_folder_train_split_note_and_adapter_checks(setup, monkeypatch, caps
     foreign = tmp_path / "foreign"
     peft.get_peft_model(other, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
                         ).save_pretrained(foreign)
+    capsys.readouterr()  # the runs above, peft's warnings
     code, lines, _, err = _run(setup, monkeypatch, capsys, "--adapter", str(foreign))
     assert code == 2 and not lines and len(err.strip().splitlines()) == 1, err
     assert "this model needs" in err and "made for someone/other-model" in err, err
