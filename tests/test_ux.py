@@ -222,3 +222,29 @@ def test_gguf_conversion_says_so_and_counts_tensors_in_a_terminal(tmp_path, monk
     os.close(read)
     assert f"{n}/{n}" in drawn and "converting tiny-qwen3.gguf" in drawn, drawn
     assert len(list((tmp_path / "child").rglob("model.safetensors"))) == 1
+
+
+def test_python_api_takes_a_path_or_a_config(tmp_path):
+    """`config` as a YAML path (with overrides) or a Config (copied: the caller's is not changed);
+    datasets take the place of `dataset.name`; the output root is the argument, else
+    `training.output_dir`, else checkpoints/."""
+    import datasets
+
+    from jaxpref import api
+    from jaxpref.config import load_config
+
+    path = write_config(tmp_path / "c.yaml", tmp_path / "model", tmp_path / "d.jsonl",
+                        training={"output_dir": "runs_here"})
+    cfg = api.load(path, overrides=["training.learning_rate=0.5"])
+    assert cfg.training.learning_rate == 0.5 and cfg.dataset.name == str(tmp_path / "d.jsonl")
+    assert api.output_root(cfg, None) == Path("runs_here") and api.output_root(cfg, "x") == Path("x")
+    mine = load_config(path)
+    rows = datasets.Dataset.from_list([{"prompt": "p", "chosen": " a", "rejected": " b"}] * 3)
+    got = api.load(mine, train_dataset=rows, eval_dataset=rows.select([0]))
+    assert got.dataset.objects["train"] is rows and len(got.dataset.objects["eval"]) == 1
+    assert got.dataset.name.startswith("in-memory datasets.Dataset (3 rows") and got.dataset.eval_split == "eval"
+    assert mine.dataset.name == str(tmp_path / "d.jsonl") and not mine.dataset.objects   # the caller's Config unchanged
+    from jaxpref.data.load import load_rows
+    assert load_rows(got.dataset) is rows and len(load_rows(got.dataset, "eval")) == 1
+    with pytest.raises(TypeError, match="overrides apply to a path or a dict"):
+        api.load(mine, overrides=["training.seed=1"])

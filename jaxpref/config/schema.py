@@ -18,10 +18,10 @@ from jaxpref.objectives.methods import METHODS, method_keys
 
 class Shared(dict):
     """In-memory objects a config refers to (`datasets.Dataset` splits): copies of the config
-    share them rather than copy the data."""
+    share the objects rather than copy the data, each with its own mapping."""
 
     def __deepcopy__(self, memo) -> "Shared":
-        return self
+        return Shared(self)
 
 
 @dataclass
