@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO, write_config
@@ -204,6 +205,7 @@ def test_early_stopping_exports_the_best_adapter(tmp_path, tiny_llama, tiny_pair
     assert (tmp_path / "o" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_from_a_kept_step_and_continue_a_finished_run(tmp_path, tiny_llama, tiny_pairs, capsys):
     """--resume-from STEP continues from any kept checkpoint (the later ones set aside, not
     deleted) and ends as the straight run did; raising --max-steps on a finished run continues it;
@@ -247,6 +249,7 @@ def test_resume_from_a_kept_step_and_continue_a_finished_run(tmp_path, tiny_llam
     assert "finished without a checkpoint (finetuning.save_steps unset)" in err and "--overwrite-output-dir" in err
 
 
+@pytest.mark.slow
 def test_load_best_model_at_end_exports_the_best_evaluation_and_eval_strategy_no(tmp_path, tiny_llama, tiny_pairs):
     """TRL's load_best_model_at_end / metric_for_best_model / greater_is_better: the adapter is the
     state of the best evaluation (equal to a run stopped there), not the last step's;

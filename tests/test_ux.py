@@ -31,6 +31,7 @@ def _config(tmp_path, tiny_llama, tiny_pairs, **training):
                         logging={"report_to": [], "progress_bar": True})
 
 
+@pytest.mark.slow
 def test_log_to_a_file_is_one_plain_line_per_logged_step_and_evaluation(tmp_path, tiny_llama, tiny_pairs):
     cfg = _config(tmp_path, tiny_llama, tiny_pairs)
     out = io.StringIO()  # not a terminal, as under SLURM, nohup or `| tee`
@@ -87,6 +88,7 @@ def _through_a_terminal(args: list[str], cwd: Path) -> str:
     return out.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_terminal_bar_shows_compiling_current_numbers_eta_and_final_eval(tmp_path, tiny_llama, tiny_pairs):
     cfg = _config(tmp_path, tiny_llama, tiny_pairs)
     drawn = _through_a_terminal(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "out")], tmp_path)
@@ -183,6 +185,7 @@ class _Terminal(io.StringIO):
         return self.fd
 
 
+@pytest.mark.slow
 def test_gguf_conversion_says_so_and_counts_tensors_in_a_terminal(tmp_path, monkeypatch, capsys):
     import torch
     import transformers
