@@ -1,4 +1,5 @@
-"""`python -m jaxpref.evaluate --config FILE --output FILE.jsonl`: per-example preference log-probs.
+"""`python -m jaxpref.evaluate --config FILE | --run DIR --output FILE.jsonl` (or `jaxpref evaluate`):
+per-example preference log-probs.
 
 For every pair of a split (the same tokens, truncation and layout that training uses) it writes
 one JSON line: `index` (the row in the dataset split), `logps/chosen`, `logps/rejected` (policy,
@@ -22,10 +23,12 @@ import numpy as np
 from jaxpref.errors import ConfigError, JaxprefError, check_writable
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m jaxpref.evaluate",
+def parse_args(argv, prog: str = "python -m jaxpref.evaluate"):
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="Per-example policy/reference log-probs and DPO rewards on a preference split.")
-    ap.add_argument("--config", required=True, help="YAML config file (model, dataset, lengths, beta)")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="YAML config file (model, dataset, lengths, beta)")
+    which.add_argument("--run", help="a run folder: its config.yaml, and its adapter/ unless --adapter")
     ap.add_argument("--model-index", type=int, default=0, help="evaluate models[I] (default 0)")
     ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder (or a run folder holding adapter/)")
     ap.add_argument("--split", choices=("train", "eval"), default=None,
@@ -48,6 +51,31 @@ def adapter_dir(path: str) -> Path:
     return p
 
 
+def load_adapter_for(path: Path, bundle, abstract, entry):
+    """The adapter, checked against the model: its tensors must fit this model's shapes (an
+    error naming the base model it was made for when not); a base model of another name that
+    fits is evaluated with a warning."""
+    from jaxpref.lora.card import base_model_name
+    from jaxpref.lora.peft import load_adapter, read_adapter_config
+
+    made_for = read_adapter_config(path).get("base_model_name_or_path")
+    try:
+        lora, spec = load_adapter(path, bundle, abstract)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the adapter was made for {made_for or 'an unnamed base model'}; this "
+                          f"config's model is {entry.huggingface_id})") from None
+    ours = {entry.huggingface_id, base_model_name(bundle.source), str(bundle.source.path)}
+    if made_for and made_for not in ours and _norm(made_for) not in {_norm(x) for x in ours}:
+        print(f"jaxpref.evaluate: warning: adapter {path} was made for {made_for}, not for "
+              f"{entry.huggingface_id}; its shapes fit, evaluating it on this model", file=sys.stderr)
+    return lora, spec
+
+
+def _norm(p: str) -> str:
+    import os
+    return os.path.realpath(os.path.expanduser(p)) if os.path.exists(os.path.expanduser(p)) else p
+
+
 def batches(data, batch_size: int, layout):
     """(positions in `data`, micro-batch [N, ...]) over every pair in order; the last batch is
     filled up with repeats of its last pair, whose results are dropped."""
@@ -62,14 +90,13 @@ def batches(data, batch_size: int, layout):
         yield real, mb.on_device().micro(0)
 
 
-def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_examples: int | None,
+def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examples: int | None,
              output: Path) -> dict:
     """Write the per-example lines to `output`; returns the summary."""
     import jax
 
     from jaxpref.data import prepare
     from jaxpref.training import setup
-    from jaxpref.lora.peft import load_adapter
     from jaxpref.models import weights
     from jaxpref.models.source import load_tokenizer, resolve
     from jaxpref.objectives.logps import sequence_logps
@@ -78,6 +105,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
     pt = cfg.post_training
     bundle, tok, _, abstract = setup.model_for(cfg, index, training=False)
     prepared = prepare.data_for(cfg, tok)
+    by_default = split is None and prepared.eval is None   # said once the inputs are checked
     if split is None:
         split = "eval" if prepared.eval is not None else "train"
     data = prepared.train if split == "train" else prepared.eval
@@ -98,8 +126,11 @@ def evaluate(cfg, index: int, split: str | None, adapter: str | None, max_exampl
     params = bundle.runtime_params(weights.load_params(bundle))
     lora = None
     if adapter:
-        lora, spec = load_adapter(adapter_dir(adapter), bundle, abstract)
+        lora, spec = load_adapter_for(Path(adapter), bundle, abstract, entry)
         bundle = bundle.with_args(lora_scale=spec.scale, lora_dropout=0.0, deterministic=True)
+    if by_default:
+        print(f"jaxpref.evaluate: note: {cfg.source} has no eval split (`dataset.eval_split` or "
+              "`dataset.eval_fraction`); evaluating on the train split", file=sys.stderr)
     ref_bundle, ref_params = bundle, params
     if pt.use_ref_model and entry.ref_model_id and entry.ref_model_id != entry.huggingface_id:
         rsrc = resolve(entry.ref_model_id)
@@ -158,19 +189,25 @@ def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.evaluate") -> int:
     from jaxpref.config import load_config
 
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.set)
+        if args.run:
+            run = Path(args.run)
+            if not (run / "config.yaml").is_file():
+                raise ConfigError(f"--run {run}: no config.yaml (not a jaxpref run directory)")
+            if args.adapter is None and (run / "adapter" / "adapter_config.json").is_file():
+                args.adapter = str(run / "adapter")
+        cfg = load_config(args.config or Path(args.run) / "config.yaml", args.set)
         if not 0 <= args.model_index < len(cfg.models):
             raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
                               f"{len(cfg.models)} model(s)")
         check_writable(args.output, "--output", directory=False)
-        summary = evaluate(cfg, args.model_index, args.split, args.adapter, args.max_examples,
-                           Path(args.output))
+        adapter = adapter_dir(args.adapter) if args.adapter else None
+        summary = evaluate(cfg, args.model_index, args.split, adapter, args.max_examples, Path(args.output))
     except JaxprefError as e:
         print(f"jaxpref.evaluate: error: {e}", file=sys.stderr)
         return 2

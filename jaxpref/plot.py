@@ -1,12 +1,38 @@
-"""`python -m jaxpref.plot RUN_DIR`: loss, reward accuracy and margins against steps (train and
-eval) from a run's metrics.jsonl, written to RUN_DIR/metrics.png."""
+"""`python -m jaxpref.plot RUN_DIR` (or `jaxpref plot`): loss, reward accuracy and margins against
+steps (train and eval) from a run's metrics.jsonl, written to RUN_DIR/metrics.png. A method that
+does not log a panel's metric shows its alternative (KTO: its KL estimate for the accuracy) or
+leaves the panel out."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-PANELS = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"))
+# Each panel: the metrics it may show, the first one logged wins.
+PANELS = (("loss",), ("rewards/accuracies", "kl"), ("rewards/margins",))
+TITLES = {"loss": "loss", "rewards/accuracies": "reward accuracy", "kl": "KL estimate",
+          "rewards/margins": "reward margin"}
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    rows = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a row cut short by a killed run; the others still plot
+    return rows
+
+
+def panels_for(rows: list[dict]) -> list[str]:
+    """The metric each panel shows: the first of its choices that a row (train or eval) has."""
+    out = []
+    for choices in PANELS:
+        found = next((k for k in choices if any(k in r or f"eval_{k}" in r for r in rows)), None)
+        if found:
+            out.append(found)
+    return out
 
 
 def plot_run(run_dir: Path) -> Path:
@@ -15,20 +41,16 @@ def plot_run(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a row cut short by a killed run; the others still plot
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PANELS):
+    rows = read_rows(run_dir)
+    keys = panels_for(rows) or ["loss"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
         for prefix, style in (("", "-"), ("eval_", "o--")):
             pts = [(r["step"], r[prefix + key]) for r in rows if prefix + key in r]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, label="eval" if prefix else "train")
-        ax.set_title(title)
+        ax.set_title(TITLES.get(key, key))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -41,12 +63,11 @@ def plot_run(run_dir: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m jaxpref.plot RUN_DIR", file=sys.stderr)
-        return 2
-    run = Path(argv[0])
+def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.plot") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Plot a run's metrics.jsonl into RUN_DIR/metrics.png.")
+    ap.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holds metrics.jsonl)")
+    args = ap.parse_args(argv)
+    run = Path(args.run_dir)
     if not (run / "metrics.jsonl").is_file():
         print(f"jaxpref.plot: error: {run} has no metrics.jsonl", file=sys.stderr)
         return 2

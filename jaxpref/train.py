@@ -1,4 +1,5 @@
-"""`python -m jaxpref.train --config FILE`: post-train every model of a config, one after another.
+"""`python -m jaxpref.train --config FILE` (or `jaxpref train`): post-train every model of a config,
+one after another. Called, this module is the Python API (`jaxpref.train(config, ...)`, `jaxpref.api`).
 
 Each model trains into `<output-dir>/<name>/` with `config.yaml`, `metrics.jsonl`, `adapter/`
 (PEFT) and `summary.json`. A failing model is reported and the next one still runs; the exit code
@@ -8,22 +9,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import traceback
+import types
 from pathlib import Path
 
-from jaxpref.config import Config, load_config
+from jaxpref.api import output_root, select_models, train_one
+from jaxpref.api import train as api_train
+from jaxpref.config import load_config
 from jaxpref.errors import JaxprefError, check_writable
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m jaxpref.train",
+def parse_args(argv, prog: str = "python -m jaxpref.train"):
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO) with LoRA in JAX.")
-    ap.add_argument("--config", required=True, help="YAML config file")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="YAML config file")
+    which.add_argument("--print-config", metavar="FILE",
+                       help="print FILE's resolved config (every key, its default and help) and exit")
     ap.add_argument("--model-index", type=int, default=None, help="train only models[I]")
-    ap.add_argument("--output-dir", default=None, help="output root (default: checkpoints)")
+    ap.add_argument("--output-dir", default=None,
+                    help="output root (default: training.output_dir, else checkpoints)")
     ap.add_argument("--resume", action="store_true", help="continue each model from its latest checkpoint")
+    ap.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                    help="continue from the kept checkpoint of STEP (later ones are set aside, not deleted)")
     ap.add_argument("--resume-force", action="store_true",
                     help="resume even if the base model or training-critical config changed")
     ap.add_argument("--overwrite-output-dir", action="store_true",
@@ -37,32 +46,20 @@ def parse_args(argv):
 
 
 def load_dotenv(path: Path = Path(".env")) -> None:
-    """KEY=VALUE lines of .env into the environment (existing variables win)."""
+    """KEY=VALUE lines of .env into the environment (python-dotenv; existing variables win)."""
     if not path.is_file():
         return
+    import dotenv
+
     try:
-        text = path.read_text(encoding="utf-8")
+        path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         line = e.object[:e.start].count(b"\n") + 1
         raise JaxprefError(f"{path}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
                            "save it as UTF-8 or remove it")
     except OSError as e:
         raise JaxprefError(f"{path}: cannot read it ({e.strerror or e})")
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        k, v = line.split("=", 1)
-        k = k.strip().removeprefix("export ").strip()
-        os.environ.setdefault(k, v.strip().strip('"').strip("'"))
-
-
-def select_models(cfg: Config, index: int | None) -> list[int]:
-    if index is None:
-        return list(range(len(cfg.models)))
-    if not 0 <= index < len(cfg.models):
-        raise JaxprefError(f"--model-index {index} is out of range: the config has {len(cfg.models)} model(s)")
-    return [index]
+    dotenv.load_dotenv(path, override=False, encoding="utf-8")
 
 
 def quiet_background_writes() -> None:
@@ -109,21 +106,27 @@ def report_failure(name: str, run_dir: Path, e: Exception) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -> int:
+    args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_background_writes()
     overrides = list(args.set)
     if args.max_steps is not None:
         overrides.append(f"training.max_steps={args.max_steps}")
-    out_root = Path(args.output_dir or "checkpoints")
     try:
+        if args.print_config:
+            from jaxpref.config.describe import describe
+            print(describe(load_config(args.print_config, overrides)), end="")
+            return 0
         load_dotenv()
         cfg = load_config(args.config, overrides)
+        out_root = output_root(cfg, args.output_dir)
         logging.getLogger().setLevel(cfg.logging.log_level.upper())
         indices = select_models(cfg, args.model_index)
+        if args.resume_from is not None and args.resume_from < 1:
+            raise JaxprefError(f"--resume-from {args.resume_from}: a checkpoint's step is >= 1")
         if not args.dry_run:
-            check_writable(out_root, "--output-dir", directory=True)
+            check_writable(out_root, "--output-dir" if args.output_dir else "training.output_dir", directory=True)
             from jaxpref.runtime.mesh import init_distributed
             init_distributed(cfg.gpu, cfg.source)
         if args.dry_run:
@@ -132,20 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     except JaxprefError as e:
         print(f"jaxpref: error: {e}", file=sys.stderr)
         return 2
-    import jax
-
-    from jaxpref.training.loop import train_model
-    from jaxpref.training.rundir import claim_run_dir
-
-    resume = args.resume or args.resume_force
+    resume = args.resume or args.resume_force or args.resume_from is not None
     codes = []
     for i in indices:
         entry = cfg.models[i]
-        run_dir = out_root / entry.name
         try:
-            # One writer per run folder; a previous run is continued or replaced only when asked.
-            with claim_run_dir(run_dir, resume, args.overwrite_output_dir, lock=jax.process_index() == 0):
-                train_model(cfg, i, run_dir, resume=resume, resume_force=args.resume_force)
+            train_one(cfg, i, out_root, resume, args.resume_from, args.resume_force, args.overwrite_output_dir)
             codes.append(0)
         except JaxprefError as e:
             print(f"jaxpref: error: model `{entry.name}`: {e}", file=sys.stderr)
@@ -153,13 +148,24 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         except Exception as e:  # report, keep the traceback in the run folder, go on
-            codes.append(report_failure(entry.name, run_dir, e))
+            codes.append(report_failure(entry.name, out_root / entry.name, e))
     if len(indices) > 1:
         ok = sum(c == 0 for c in codes)
         print(f"jaxpref: {ok}/{len(indices)} model(s) trained", file=sys.stderr)
     if all(c == 0 for c in codes):
         return 0
     return 2 if 2 in codes else 1
+
+
+class _CallableModule(types.ModuleType):
+    """This module is the command line (`python -m jaxpref.train`, `main`) and, called, the Python
+    API: `jaxpref.train(config, output_dir=..., model_index=...)` is `jaxpref.api.train`."""
+
+    def __call__(self, *args, **kwargs):
+        return api_train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

@@ -157,3 +157,41 @@ def test_bad_input_is_one_line_and_exit_2(setup, monkeypatch, capsys, extra, mes
     code, lines, out, err = _run(setup, monkeypatch, capsys, *extra)
     assert code == 2 and not lines
     assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("jaxpref.evaluate: error:")
+
+
+def test_run_folder_train_split_note_and_adapter_checks(setup, monkeypatch, capsys, tmp_path):
+    """--run DIR reads its config.yaml and adapter/; evaluating the train split because the config
+    has none is said; an adapter of another model is refused naming what it was made for, and one
+    made for another name that fits is evaluated with a warning."""
+    import json as _json
+    import shutil
+
+    import peft
+
+    config, model, _, adapter, tok, root = setup
+    code, by_flags, _, err = _run(setup, monkeypatch, capsys, "--adapter", str(adapter))
+    assert code == 0 and "has no eval split" in err and "evaluating on the train split" in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(config, run / "config.yaml")
+    shutil.copytree(adapter, run / "adapter")
+    out = tmp_path / "by_run.jsonl"
+    assert evaluate.main(["--run", str(run), "--output", str(out)]) == 0
+    assert [_json.loads(x) for x in out.read_text().splitlines()] == by_flags
+
+    other = perturbed_llama(len(tok), hidden_size=32, intermediate_size=64)
+    other.name_or_path = "someone/other-model"
+    foreign = tmp_path / "foreign"
+    peft.get_peft_model(other, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+                        ).save_pretrained(foreign)
+    capsys.readouterr()  # the runs above, peft's warnings
+    code, lines, _, err = _run(setup, monkeypatch, capsys, "--adapter", str(foreign))
+    assert code == 2 and not lines and len(err.strip().splitlines()) == 1, err
+    assert "this model needs" in err and "made for someone/other-model" in err, err
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(adapter, renamed)
+    cfg = _json.loads((renamed / "adapter_config.json").read_text())
+    (renamed / "adapter_config.json").write_text(_json.dumps({**cfg, "base_model_name_or_path": "org/another"}))
+    code, lines, _, err = _run(setup, monkeypatch, capsys, "--adapter", str(renamed))
+    assert code == 0 and lines == by_flags and "was made for org/another" in err, err

@@ -40,29 +40,88 @@ def logged_run(tmp_path_factory, tiny_llama, tiny_pairs):
     return tmp / "out" / "tiny"
 
 
-def test_tensorboard_events_readable_with_expected_tags(logged_run):
+# One tag scheme for train and eval in every tracker, as TRL's runs show (transformers' callbacks).
+TAGS = ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/rewards/chosen",
+        "train/logps/chosen", "train/grad_norm", "eval/loss", "eval/rewards/accuracies", "eval/rewards/chosen")
+
+
+def _resolved(run) -> dict:
+    """The run's config.yaml, flattened as the trackers get it."""
+    from jaxpref.config import load_config
+    from jaxpref.training.sinks import flat_config
+    return flat_config(load_config(run / "config.yaml"))
+
+
+def test_tensorboard_tags_and_hparams(logged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     acc = EventAccumulator(str(logged_run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for t in ("train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "train/grad_norm",
-              "eval/loss"):
+    for t in TAGS:
         assert t in tags, (t, tags)
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["training.learning_rate"].number_value == 1e-3
+    assert hparams["post_training.method"].string_value == "dpo"
+    assert set(hparams) == set(_resolved(logged_run))
 
 
-def test_wandb_offline_run_written(logged_run):
+def _wandb_records(path):
+    """The protobuf records of a W&B offline run's transaction log (LevelDB's log format)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sH", data[:6]) == (b":W&B", 0xBEE1)
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or its last fragment
+            yield wandb_internal_pb2.Record.FromString(buf)
+            buf = b""
+
+
+def test_wandb_offline_run_has_the_config_and_tags(logged_run):
     runs = list((logged_run / "wandb").glob("offline-run-*"))
     assert runs, list((logged_run / "wandb").iterdir())
-    assert any(f.suffix == ".wandb" for f in runs[0].iterdir())
+    config, keys = {}, set()
+    for rec in _wandb_records(next(runs[0].glob("*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            update = rec.run.config.update if kind == "run" else rec.config.update
+            config.update({item.key: json.loads(item.value_json) for item in update})
+        elif kind == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+    config.pop("_wandb", None)
+    assert config == _resolved(logged_run)
+    assert config["training.max_steps"] == 3 and config["models.0.name"] == "tiny"
+    assert set(TAGS) <= keys, keys
 
 
-def test_mlflow_file_store_has_metrics(logged_run):
-    metrics = list((logged_run / "mlruns").rglob("metrics/loss"))
-    assert metrics, "no mlflow loss metric"
-    lines = metrics[0].read_text().split("\n")
-    assert len([l for l in lines if l.strip()]) == 3
+def test_mlflow_params_and_metric_names_keep_their_slashes(logged_run):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient((logged_run / "mlruns").resolve().as_uri())
+    exp = client.get_experiment_by_name("jaxpref")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert set(TAGS) <= set(run.data.metrics), run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    params = run.data.params
+    assert params["training.learning_rate"] == "0.001" and params["post_training.method"] == "dpo"
+    assert set(params) == set(_resolved(logged_run))
 
 
 def test_plot_written(logged_run):

@@ -62,10 +62,11 @@ def trl_loss(loss_types, weights, comp, tok, lssp, ref, **attrs):
     model = _FakeModel(out)
     defaults = dict(beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl",
                     f_alpha_divergence_coef=0.5, ld_alpha=None, use_weighting=False)
+    discopop_tau = attrs.pop("discopop_tau", 0.05)
     defaults.update(attrs)
     tr.__dict__.update(
         model=model, accelerator=_Acc(), aux_loss_enabled=False, precompute_ref_logps=True,
-        loss_types=list(loss_types), loss_weights=list(weights), args=SimpleNamespace(discopop_tau=0.05),
+        loss_types=list(loss_types), loss_weights=list(weights), args=SimpleNamespace(discopop_tau=discopop_tau),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
         **defaults)
     ids = torch.zeros((2 * B, T), dtype=torch.long)
@@ -119,6 +120,17 @@ def test_loss_and_grad_equal_trl(loss_type, fdiv):
         for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected"):
             assert om[k] == pytest.approx(tm[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.3])
+def test_discopop_tau_equals_trl(tau):
+    """`post_training.discopop_tau` (TRL's DPOConfig key) reaches the loss."""
+    comp, tok, lssp, ref = _inputs(11)
+    tl, tg, _ = trl_loss(["discopop"], [1.0], comp, tok, lssp, ref, discopop_tau=tau)
+    ol, og, _ = ours(["discopop"], [1.0], comp, tok, lssp, ref, extra=(("discopop_tau", tau),))
+    assert ol == pytest.approx(tl, rel=1e-6, abs=1e-6)
+    default, _, _ = ours(["discopop"], [1.0], comp, tok, lssp, ref)
+    assert abs(default - ol) > 1e-6  # the key changes the loss
 
 
 @pytest.mark.parametrize("types,weights,wpo", [

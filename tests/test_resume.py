@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO, write_config
@@ -202,3 +203,97 @@ def test_early_stopping_exports_the_best_adapter(tmp_path, tiny_llama, tiny_pair
     summary = json.loads((tmp_path / "o" / "tiny" / "summary.json").read_text())
     assert summary["early_stopped"] and summary["adapter_from_step"] == 2 and summary["steps"] == 6
     assert (tmp_path / "o" / "tiny" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_resume_from_a_kept_step_and_continue_a_finished_run(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """--resume-from STEP continues from any kept checkpoint (the later ones set aside, not
+    deleted) and ends as the straight run did; raising --max-steps on a finished run continues it;
+    a finished run that cannot be continued is refused in one line, never skipped with exit 0."""
+    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    straight = tmp_path / "a" / "tiny"
+    shutil.copytree(straight, tmp_path / "b" / "tiny")
+    again = tmp_path / "b" / "tiny"
+    capsys.readouterr()
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--resume-from", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoints 6 set aside" in err and "resuming from step 3" in err, err
+    assert losses(again) == losses(straight)
+    assert [p.name for p in (again / "checkpoints").glob("set-aside-after-3-*/*")] == ["6"]
+
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--resume-from", "4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no checkpoint of step 4" in err and "kept: 3, 6" in err, err
+
+    # A finished run asked for more steps continues from its final checkpoint.
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume", "--max-steps", "8"])
+    err = capsys.readouterr().err
+    assert code == 0 and "resuming from step 6 to 8 steps" in err and "skipping" not in err, err
+    assert [s for s, *_ in losses(straight)] == list(range(1, 9))
+    assert json.loads((straight / "summary.json").read_text())["steps"] == 8
+    assert (straight / "FINISHED").is_file()
+    # Fewer steps than its checkpoint: refused in one line.
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume", "--max-steps", "4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "past this run's 4 steps" in err, err
+
+    # Finished without checkpoints: more steps cannot be had, and it says so (exit 2).
+    plain = write_config(tmp_path / "plain.yaml", tiny_llama, tiny_pairs, training={"max_steps": 2})
+    assert train.main(["--config", str(plain), "--output-dir", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "c" / "tiny" / "checkpoints").exists()   # none made without save_steps
+    code = train.main(["--config", str(plain), "--output-dir", str(tmp_path / "c"), "--resume", "--max-steps", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "finished without a checkpoint (finetuning.save_steps unset)" in err and "--overwrite-output-dir" in err
+
+
+@pytest.mark.slow
+def test_load_best_model_at_end_exports_the_best_evaluation_and_eval_strategy_no(tmp_path, tiny_llama, tiny_pairs):
+    """TRL's load_best_model_at_end / metric_for_best_model / greater_is_better: the adapter is the
+    state of the best evaluation (equal to a run stopped there), not the last step's;
+    eval_strategy no: no evaluation although the config has an eval split."""
+    def run(name: str, **training) -> Path:
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_llama, tiny_pairs,
+                           dataset={"name": str(tiny_pairs), "eval_fraction": 0.25},
+                           training={"logging_steps": 1, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
+                                     "per_device_eval_batch_size": 2, **training},
+                           lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+        assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / name)]) == 0
+        return tmp_path / name / "tiny"
+
+    # The least eval loss (TRL's default direction for a loss) is an early evaluation here: the
+    # tiny model overfits its 12 pairs.
+    best_run = run("best", max_steps=6, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                   metric_for_best_model="loss")
+    evals = [json.loads(l) for l in (best_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in evals if "eval_loss" in r]
+    assert [s for s, _ in evals] == [2, 4, 6]
+    best = min(evals, key=lambda e: e[1])[0]
+    assert best != 6, evals
+    summary = json.loads((best_run / "summary.json").read_text())
+    assert summary["adapter_from_step"] == best and summary["steps"] == 6
+    stopped = run("stopped", max_steps=best, eval_strategy="no")
+    rows = [json.loads(l) for l in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("eval_") for r in rows for k in r)
+    assert json.loads((stopped / "summary.json").read_text())["final_eval"] is None
+    # The same state up to float reordering (two compiled programs, amplified by Adam's
+    # normalisation): each of the 4 later steps of Adam at lr 5e-3 moves a weight by up to 5e-3.
+    a, b = adapter(best_run), adapter(stopped)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_eval_strategy_picks_the_evaluation_steps():
+    from types import SimpleNamespace as NS
+
+    from jaxpref.training.loop import eval_every
+
+    cfg = lambda **tr: NS(training=NS(**{"eval_strategy": None, "eval_steps": None, "logging_steps": 5, **tr}))
+    assert eval_every(cfg(), 7) is None                                  # only the final evaluation
+    assert eval_every(cfg(eval_steps=3), 7) == 3
+    assert eval_every(cfg(eval_strategy="steps"), 7) == 5                # TRL: eval_steps defaults to logging_steps
+    assert eval_every(cfg(eval_strategy="epoch", eval_steps=3), 7) == 7  # once per epoch
+    assert eval_every(cfg(eval_strategy="no", eval_steps=3), 7) is None

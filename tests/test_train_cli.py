@@ -182,9 +182,9 @@ def test_skipped_train_and_eval_rows_are_reported(tmp_path, tiny_llama, capsys):
     assert "rows skipped     1 (chosen equals rejected: 1)" in out
     assert "eval skipped     2 (chosen equals rejected: 1, chosen is null: 1)" in out
     assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")]) == 0
-    err = capsys.readouterr().err
+    out = capsys.readouterr().out  # the start line is the log's first (stdout)
     assert ("1 rows skipped: chosen equals rejected 1; 2 eval rows skipped: chosen equals rejected 1, "
-            "chosen is null 1") in err
+            "chosen is null 1") in out
     summary = json.loads((tmp_path / "o" / "tiny" / "summary.json").read_text())
     assert summary["skipped_rows"] == {"chosen equals rejected": 1}
     assert summary["eval_skipped_rows"] == {"chosen equals rejected": 1, "chosen is null": 1}

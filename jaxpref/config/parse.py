@@ -103,9 +103,7 @@ def _build(cls: type, data: dict, where: str, src: str) -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f" (did you mean `{close[0]}`?)" if close else f" (valid keys: {', '.join(names)})"
-            raise ConfigError(f"{src}: unknown key `{path}`{hint}")
+            raise ConfigError(f"{src}: unknown key `{path}`{_suggest(where, str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], path, src)
     return cls(**kwargs)
 
@@ -142,23 +140,87 @@ def _set_dotted(data: dict, dotted: str, value: Any, src: str) -> None:
         raise ConfigError(f"--set {dotted}: `{'.'.join(parts[:-1])}` is a value, not a section")
 
 
-# Other names of a key (section, key) -> its one home. TRL / transformers users write these
-# under `training`; the config keeps each key in one section.
+def _bf16(value, src: str, written: str) -> str:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{src}: `{written}` must be true or false, got {value!r}")
+    return "bfloat16" if value else "float32"
+
+
+def _fp16(value, src: str, written: str):
+    if value is True:
+        raise ConfigError(f"{src}: `{written}`: float16 training is not supported; "
+                          "set `training.compute_dtype: bfloat16` (TRL's bf16: true)")
+    return DROP
+
+
+def _tf32(value, src: str, written: str) -> str:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{src}: `{written}` must be true or false, got {value!r}")
+    return "tf32" if value else "highest"
+
+
+def _optim(value, src: str, written: str) -> str:
+    """TRL's `optim` names (transformers' OptimizerNames) -> ours."""
+    name = str(value).lower()
+    if name.startswith("adamw") and "8bit" not in name and "4bit" not in name:
+        return "adamw"
+    if name in ("sgd", "adafactor"):
+        return name
+    raise ConfigError(f"{src}: `{written}` `{value}` has no equivalent here; set `training.optimizer` "
+                      "to adamw (every adamw_* of transformers), sgd or adafactor")
+
+
+def _negate(value, src: str, written: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{src}: `{written}` must be true or false, got {value!r}")
+    return not value
+
+
+DROP = object()  # a converter's answer for a key that says nothing here (fp16: false)
+
+# Other names of a key: (section, key) -> its one home (section, key[, converter]). The names TRL
+# and transformers users write (DPOConfig / TrainingArguments, under `training` or where they
+# belong) are read here; a converter maps the value (bf16: true -> compute_dtype: bfloat16) or
+# raises an error that names our key. Errors about an aliased key name it as written.
 ALIASES = {
     ("training", "save_steps"): ("finetuning", "save_steps"),
+    ("training", "save_total_limit"): ("finetuning", "save_total_limit"),
     ("training", "gradient_checkpointing"): ("finetuning", "gradient_checkpointing"),
+    ("training", "num_train_epochs"): ("training", "num_epochs"),
+    ("training", "bf16"): ("training", "compute_dtype", _bf16),
+    ("training", "fp16"): ("training", "compute_dtype", _fp16),
+    ("training", "tf32"): ("training", "matmul_precision", _tf32),
+    ("training", "optim"): ("training", "optimizer", _optim),
+    ("training", "evaluation_strategy"): ("training", "eval_strategy"),
+    ("training", "load_best_model_at_end"): ("finetuning", "load_best_model_at_end"),
+    ("training", "metric_for_best_model"): ("finetuning", "metric_for_best_model"),
+    ("training", "greater_is_better"): ("finetuning", "greater_is_better"),
+    ("training", "precompute_ref_log_probs"): ("post_training", "precompute_ref_logps"),
+    ("post_training", "precompute_ref_log_probs"): ("post_training", "precompute_ref_logps"),
+    ("training", "report_to"): ("logging", "report_to"),
+    ("training", "run_name"): ("logging", "run_name"),
+    ("training", "log_level"): ("logging", "log_level"),
+    ("training", "disable_tqdm"): ("logging", "progress_bar", _negate),
+    ("logging", "logging_steps"): ("training", "logging_steps"),
+    ("logging", "output_dir"): ("training", "output_dir"),
+    ("logging", "disable_tqdm"): ("logging", "progress_bar", _negate),
 }
 
 
 def _apply_aliases(data: dict, src: str) -> dict[str, str]:
-    """Move aliased keys to their home (in place); the same key given twice with two values is
-    an error. -> {home key: the key as written} for the aliases used."""
+    """Move aliased keys to their home (in place, converting values where the alias says how);
+    the same setting given twice with two values is an error. -> {home key: the key as written}
+    for the aliases used."""
     used = {}
-    for (sec, key), (home_sec, home_key) in ALIASES.items():
+    for (sec, key), (home_sec, home_key, *convert) in ALIASES.items():
         section = data.get(sec)
         if not isinstance(section, dict) or key not in section:
             continue
         value = section.pop(key)
+        if convert:
+            value = convert[0](value, src, f"{sec}.{key}")
+            if value is DROP:
+                continue
         home = data.get(home_sec)
         if not isinstance(home, dict):
             data[home_sec] = home = {}
@@ -168,6 +230,43 @@ def _apply_aliases(data: dict, src: str) -> dict[str, str]:
         home[home_key] = value
         used[f"{home_sec}.{home_key}"] = f"{sec}.{key}"
     return used
+
+
+def _section_keys() -> dict[str, list[str]]:
+    """Each top-level section -> its keys (the models entries' keys under `models`)."""
+    hints = typing.get_type_hints(Config)
+    out = {}
+    for f in dataclasses.fields(Config):
+        tp = hints[f.name]
+        tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        if dataclasses.is_dataclass(tp) and not f.metadata.get("internal"):
+            out[f.name] = [x.name for x in dataclasses.fields(tp) if not x.metadata.get("internal")]
+    return out
+
+
+def _suggest(where: str, key: str, own: list[str]) -> str:
+    """' (did you mean `section.key`?)' for an unknown key, looking in every section: the same
+    name in another section (or a TRL name's home) first, then a close name in its own section,
+    then a close name in another. A nested mapping (early_stopping) looks in itself only."""
+    sections = _section_keys()
+    here = where.split("[")[0]
+    close = lambda pool, cutoff: difflib.get_close_matches(key, pool, n=1, cutoff=cutoff)
+    if where and here not in sections:
+        found = close(own, 0.5)
+        return f" (did you mean `{found[0]}`?)" if found else f" (valid keys: {', '.join(own)})"
+    homes = {(sec, k): f"{sec}.{k}" for sec, ks in sections.items() for k in ks}
+    homes.update({alias: ".".join(home[:2]) for alias, home in ALIASES.items()})
+    exact = [home for (sec, k), home in homes.items() if k == key and sec != here]
+    if exact:
+        return f" (did you mean `{exact[0]}`?)"
+    found = close(own, 0.5)
+    if found:
+        return f" (did you mean `{found[0]}`?)"
+    ratio = lambda k: difflib.SequenceMatcher(None, key, k).ratio()
+    best = max(homes.items(), key=lambda kv: ratio(kv[0][1]))
+    if ratio(best[0][1]) >= 0.75:
+        return f" (did you mean `{best[1]}`?)"
+    return f" ({'sections' if not where else 'valid keys'}: {', '.join(own)})"
 
 
 def _from_data(data: dict, src: str) -> Config:
@@ -188,6 +287,11 @@ def _from_data(data: dict, src: str) -> Config:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override (`section.key=value`, typed like YAML) and validate a config file."""
+    return _from_data(read_config_data(path, overrides), str(path))
+
+
+def read_config_data(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A config file's YAML with `--set` overrides applied, not yet typed or checked."""
     path = Path(path)
     src = str(path)
     if not path.is_file():
@@ -212,6 +316,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: the top level must be a mapping of sections")
+    apply_overrides(data, overrides, src)
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | None, src: str) -> None:
+    """`section.key=value` overrides (values typed like YAML) into a config's data, in place."""
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"--set {ov}: expected KEY=VALUE with a dotted key")
@@ -221,7 +331,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value, src)
-    return _from_data(data, src)
 
 
 def config_from_dict(data: dict, src: str = "<dict>") -> Config:
@@ -229,10 +338,17 @@ def config_from_dict(data: dict, src: str = "<dict>") -> Config:
 
 
 
-def to_dict(cfg: Config) -> dict:
-    d = dataclasses.asdict(cfg)
-    d.pop("source", None)
-    return d
+def to_dict(cfg: Any) -> Any:
+    """A config (or a section) as plain data, without internal fields (its source, in-memory
+    datasets)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if not f.metadata.get("internal")}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -16,43 +16,53 @@ from jaxpref.objectives.methods import METHODS, method_keys
 
 
 
+class Shared(dict):
+    """In-memory objects a config refers to (`datasets.Dataset` splits): copies of the config
+    share the objects rather than copy the data, each with its own mapping."""
+
+    def __deepcopy__(self, memo) -> "Shared":
+        return Shared(self)
+
+
 @dataclass
 class ModelEntry:
-    name: str = ""
-    huggingface_id: str = ""
-    revision: str | None = None
-    ref_model_id: str | None = None
-    tokenizer_id: str | None = None
+    name: str = ""                       # the run folder's name (default: the last part of huggingface_id)
+    huggingface_id: str = ""             # a hub id, a local folder, a .gguf file, or pkg:<package>/<file>
+    revision: str | None = None          # hub revision (branch, tag or commit)
+    ref_model_id: str | None = None      # a separate reference model (with post_training.use_ref_model)
+    tokenizer_id: str | None = None      # another tokenizer (default: the model's own)
 
 
 @dataclass
 class DatasetConfig:
-    name: str = ""
-    config_name: str | None = None
-    split: str = "train"
-    revision: str | None = None
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None   # a dict maps split -> files
-    prompt_column: str = "prompt"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    completion_column: str = "completion"
-    label_column: str = "label"
-    eval_split: str | None = None
-    eval_fraction: float = 0.0
-    max_samples: int | None = None
+    name: str = ""                       # a hub id, or a local json/jsonl/parquet/csv file (.gz too) or folder
+    config_name: str | None = None       # the hub dataset's configuration
+    split: str = "train"                 # the split to train on
+    revision: str | None = None          # hub revision of the dataset
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None   # a file, glob or list; a dict maps split -> files
+    prompt_column: str = "prompt"        # column of the prompt (absent: the longest common prefix of chosen and rejected)
+    chosen_column: str = "chosen"        # column of the preferred answer
+    rejected_column: str = "rejected"    # column of the dispreferred answer
+    completion_column: str = "completion"  # unpaired data (KTO): the completion
+    label_column: str = "label"          # unpaired data (KTO): true when the completion is desirable
+    eval_split: str | None = None        # a split to evaluate on
+    eval_fraction: float = 0.0           # or this fraction of the train rows held out for evaluation
+    max_samples: int | None = None       # only the first N rows (null: all)
+    # Splits given as `datasets.Dataset` objects (the Python API, `jaxpref.train(..., train_dataset=)`).
+    objects: dict = field(default_factory=lambda: Shared(), repr=False, compare=False, metadata={"internal": True})
 
 
 @dataclass
 class PostTrainingBase:
     """The keys every method reads; each method adds its own (`jaxpref.objectives.methods`)."""
-    method: str = "dpo"
-    beta: float = 0.1
-    loss_type: str | list[str] | None = None
-    loss_weights: list[float] | None = None
-    label_smoothing: float = 0.0
-    use_ref_model: bool = False
-    reference_free: bool = False
-    precompute_ref_logps: bool = False
+    method: str = "dpo"                  # dpo | ipo | kto | orpo | simpo | cpo
+    beta: float = 0.1                    # strength of the preference term (the KL penalty's inverse for DPO)
+    loss_type: str | list[str] | None = None   # a loss of the method, or a list combined by loss_weights (default: the method's)
+    loss_weights: list[float] | None = None    # one weight per loss_type (default: 1 each)
+    label_smoothing: float = 0.0         # cDPO / robust DPO: the assumed fraction of flipped labels
+    use_ref_model: bool = False          # a separate frozen reference model instead of the base with the adapter off
+    reference_free: bool = False         # no reference model: its log-probs are 0
+    precompute_ref_logps: bool = False   # one reference pass before training, cached (TRL's precompute_ref_log_probs)
 
 
 # The `post_training` section: the common keys plus every method's own (one home per key).
@@ -64,49 +74,53 @@ PostTrainingConfig.__doc__ = "`post_training`: " + ", ".join(f.name for f in dat
 
 @dataclass
 class LoraConfig:
-    enabled: bool = True
-    r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
+    enabled: bool = True                 # false: full fine-tuning (every weight trained)
+    r: int = 16                          # LoRA rank
+    lora_alpha: float = 32.0             # scale numerator: the update is (lora_alpha / r) B A
+    lora_dropout: float = 0.0            # dropout on the LoRA input during training
     target_modules: str | list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    use_rslora: bool = False
-    init: str = "b_zero"
-    init_from: str | None = None
-    bias: str = "none"
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names, or all-linear
+    use_rslora: bool = False             # rank-stabilised scale lora_alpha / sqrt(r)
+    init: str = "b_zero"                 # b_zero (PEFT's: B = 0) or a_zero
+    init_from: str | None = None         # start from this PEFT adapter folder (the reference is its initial copy)
+    bias: str = "none"                   # PEFT's bias option; only none
 
 
 @dataclass
 class TrainingConfig:
-    num_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5.0e-7
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    lr_scheduler_type: str = "linear"
-    optimizer: str = "adamw"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1.0e-8
-    max_length: int | None = 1024
-    max_prompt_length: int | None = None
-    truncation_mode: str = "keep_start"
-    seed: int = 42
-    logging_steps: int = 1
-    eval_steps: int | None = None
+    num_epochs: float = 1.0              # passes over the train split (TRL: num_train_epochs)
+    max_steps: int = -1                  # optimizer steps; -1: num_epochs decides
+    output_dir: str | None = None        # output root: each model trains into <output_dir>/<name>/ (--output-dir wins; default checkpoints)
+    per_device_train_batch_size: int = 4  # pairs per micro-batch per data-parallel device
+    per_device_eval_batch_size: int = 4  # pairs per eval batch per data-parallel device
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 5.0e-7        # peak learning rate
+    weight_decay: float = 0.0            # decoupled weight decay (AdamW)
+    max_grad_norm: float = 1.0           # clip the global gradient norm to this (0: no clipping)
+    warmup_steps: int | float = 0        # linear warm-up steps; below 1: a fraction of the run (transformers 5's rule)
+    warmup_ratio: float = 0.0            # warm-up as a fraction of the run (older transformers' key)
+    lr_scheduler_type: str = "linear"    # linear | cosine | constant | constant_with_warmup
+    optimizer: str = "adamw"             # adamw | sgd | adafactor (TRL: optim)
+    adam_beta1: float = 0.9              # AdamW's first-moment decay
+    adam_beta2: float = 0.999            # AdamW's second-moment decay
+    adam_epsilon: float = 1.0e-8         # AdamW's epsilon
+    max_length: int | None = 1024        # tokens of prompt + completion at most (null: no limit)
+    max_prompt_length: int | None = None  # tokens of the prompt at most (null: no limit of its own)
+    truncation_mode: str = "keep_start"  # keep_start | keep_end: which end of a long prompt is kept
+    seed: int = 42                       # data order, LoRA init and dropout
+    logging_steps: int = 1               # log every N steps (step 1 and the last always)
+    eval_steps: int | None = None        # evaluate every N steps (null: with eval_strategy steps, logging_steps)
+    # no: never evaluate; steps: every eval_steps; epoch: after each epoch. Default: every eval_steps
+    # when set, and once at the end whenever there is an eval split.
+    eval_strategy: str | None = None
     # auto: shared_prompt (each prompt computed once; KTO: concatenated) and padding-free rows,
     # the same numbers as TRL's layout, fastest on every backend measured (docs/performance.md).
     pair_layout: str = "auto"
     pack_length: int | None = None               # packed layouts: tokens per row (default max_length)
     padding_free: bool | str = "auto"            # rows end to end, no padding (TRL's DPOConfig key)
     train_sampling_strategy: str | None = None   # random | sequential (default: sequential for KTO, as TRL)
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    param_dtype: str = "float32"                 # float32 | bfloat16: the frozen base weights in memory
+    compute_dtype: str = "float32"               # float32 | bfloat16 (TRL: bf16: true)
     length_buckets: list[int] | None = None      # fixed padded lengths T; unset: planned shapes
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
     vocab_chunk: int = 0                         # LM head over this many vocabulary columns at a time
@@ -125,39 +139,42 @@ class TrainingConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    metric: str = "eval_loss"
-    mode: str = "min"
-    patience: int = 3
-    min_delta: float = 0.0
+    metric: str = "eval_loss"            # an eval metric the method logs
+    mode: str = "min"                    # min | max: which way is better
+    patience: int = 3                    # evaluations without improvement before stopping
+    min_delta: float = 0.0               # the least change that counts as an improvement
 
 
 @dataclass
 class FinetuningConfig:
-    save_steps: int | None = None
-    save_total_limit: int | None = None
-    gradient_checkpointing: bool = False
+    save_steps: int | None = None        # a resumable checkpoint every N steps and at the end (null: none)
+    save_total_limit: int | None = None  # keep the newest N checkpoints (null: all)
+    gradient_checkpointing: bool = False  # recompute each layer in the backward (less memory, slower)
     # What a checkpointed layer keeps for the backward pass (jax.checkpoint_policies).
     remat_policy: str = "nothing_saveable"
-    early_stopping: EarlyStoppingConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = None  # stop when an eval metric stops improving; export the best adapter
+    load_best_model_at_end: bool = False  # export the adapter of the best evaluation, not the last step's
+    metric_for_best_model: str | None = None  # which eval metric is best (TRL's rule: eval_ added; default eval_loss)
+    greater_is_better: bool | None = None  # default: false for a metric ending in loss, true otherwise (TRL's rule)
 
 
 @dataclass
 class GpuConfig:
-    device_ids: list[int] | None = None
-    mesh: dict[str, int] | None = None
+    device_ids: list[int] | None = None  # the devices to use (default: all)
+    mesh: dict[str, int] | None = None   # {data, fsdp, tensor} axis sizes; one may be -1 (the rest)
     # The seed's DDP switch: true (or unset) is data parallel over every device (`mesh` {data: -1});
     # false trains on one device (the first of `device_ids`).
     ddp: bool | None = None
-    distributed: dict[str, Any] | None = None
+    distributed: dict[str, Any] | None = None  # several hosts: coordinator_address, num_processes, process_id, timeout_s, or auto: true
 
 
 @dataclass
 class LoggingConfig:
-    report_to: str | list[str] = field(default_factory=list)
-    project: str = "jaxpref"
-    run_name: str | None = None
+    report_to: str | list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow (or none)
+    project: str = "jaxpref"             # the W&B project / MLflow experiment
+    run_name: str | None = None          # the tracker's run name (default: the model's name)
     log_level: str = "warning"        # debug | info | warning | error: jaxpref's and the libraries' log lines
-    progress_bar: bool = True
+    progress_bar: bool = True            # a bar in a terminal, one line per logged step elsewhere (false: neither)
 
 
 @dataclass
@@ -187,6 +204,18 @@ class Config:
     @property
     def gradient_checkpointing(self) -> bool:
         return self.finetuning.gradient_checkpointing
+
+    @property
+    def best_metric(self) -> str:
+        """The eval metric that picks the best adapter (`finetuning.metric_for_best_model`, with
+        TRL's rule: `eval_` added when missing)."""
+        m = self.finetuning.metric_for_best_model or "loss"
+        return m if m.startswith("eval_") else f"eval_{m}"
+
+    @property
+    def greater_is_better(self) -> bool:
+        g = self.finetuning.greater_is_better
+        return (not self.best_metric.endswith("loss")) if g is None else g
 
     @property
     def report_to(self) -> list[str]:

@@ -103,8 +103,13 @@ def _training(cfg: Config) -> None:
         raise ConfigError(f"{src}: `training.max_length` must be >= 2, got {tr.max_length}")
     if tr.max_prompt_length is not None and tr.max_prompt_length < 1:
         raise ConfigError(f"{src}: `training.max_prompt_length` must be >= 1")
-    if tr.warmup_steps < 0 or not 0 <= tr.warmup_ratio <= 1:
-        raise ConfigError(f"{src}: `training.warmup_steps` must be >= 0 and `warmup_ratio` in [0, 1]")
+    if tr.warmup_steps < 0 or (tr.warmup_steps >= 1 and tr.warmup_steps != int(tr.warmup_steps)):
+        raise ConfigError(f"{src}: `training.warmup_steps` must be a whole number of steps, or below 1 a "
+                          f"fraction of the run, got {tr.warmup_steps}")
+    if not 0 <= tr.warmup_ratio <= 1:
+        raise ConfigError(f"{src}: `training.warmup_ratio` must be in [0, 1], got {tr.warmup_ratio}")
+    if tr.eval_strategy is not None:
+        _choice(tr.eval_strategy, ("no", "steps", "epoch"), "training.eval_strategy", src)
     if tr.weight_decay < 0 or tr.max_grad_norm < 0:
         raise ConfigError(f"{src}: `training.weight_decay` and `max_grad_norm` must be >= 0")
     _choice(tr.lr_scheduler_type, ("constant", "linear", "cosine", "constant_with_warmup"),
@@ -218,13 +223,20 @@ def validate_safety(cfg: Config) -> None:
             raise ConfigError(f"{src}: `post_training.{key}` must be > 0, got {getattr(pt, key)}")
     _choice(cfg.logging.log_level.lower(), LOG_LEVELS, "logging.log_level", src)
     es = ft.early_stopping
-    if es is not None:
-        logged = ["eval_loss"] + [f"eval_{k}" for k in METHODS[pt.method].metrics]
-        if logged and es.metric not in logged:
-            close = difflib.get_close_matches(es.metric, logged, n=1, cutoff=0.5)
+    logged = ["eval_loss"] + [f"eval_{k}" for k in METHODS[pt.method].metrics]
+    checked = [("finetuning.early_stopping.metric", es.metric)] if es is not None else []
+    if ft.load_best_model_at_end or ft.metric_for_best_model is not None:
+        checked.append(("finetuning.metric_for_best_model", cfg.best_metric))
+    for key, metric in checked:
+        if metric not in logged:
+            close = difflib.get_close_matches(metric, logged, n=1, cutoff=0.5)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
-            raise ConfigError(f"{src}: `finetuning.early_stopping.metric` `{es.metric}` is never logged: "
+            raise ConfigError(f"{src}: `{key}` `{metric}` is never logged: "
                               f"{pt.method} evaluations log {', '.join(logged)}{hint}")
+    if cfg.training.eval_strategy == "no" and (es is not None or ft.load_best_model_at_end):
+        key = "early_stopping" if es is not None else "load_best_model_at_end"
+        raise ConfigError(f"{src}: `finetuning.{key}` needs evaluations, but `training.eval_strategy` is no")
+    if es is not None:
         if es.patience < 1:
             raise ConfigError(f"{src}: `finetuning.early_stopping.patience` must be >= 1, got {es.patience}")
         if es.min_delta < 0:

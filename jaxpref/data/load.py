@@ -18,6 +18,8 @@ def load_rows(ds_cfg, split: str | None = None):
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
     split = split or ds_cfg.split
+    if split in ds_cfg.objects:  # given as a `datasets.Dataset` (the Python API)
+        return ds_cfg.objects[split]
     name = ds_cfg.name
     path = Path(name).expanduser() if name else None
     local = _local_text_files(ds_cfg, path)

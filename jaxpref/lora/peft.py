@@ -60,15 +60,19 @@ def peft_state_dict(bundle, lora: dict) -> dict[str, np.ndarray]:
 
 
 def save_adapter(out_dir: Path, bundle, lora: dict, spec: LoraSpec, base_model: str,
-                 tokenizer=None, overwrite: bool = False) -> Path:
+                 tokenizer=None, overwrite: bool = False, card: str | None = None) -> Path:
     """Write the adapter folder whole or not at all (a temporary sibling renamed into place). A
-    folder already there is replaced only if it holds a previous export of ours, or `overwrite`."""
+    folder already there is replaced only if it holds a previous export of ours, or `overwrite`.
+    `base_model`: what `base_model_name_or_path` names (`jaxpref.lora.card.base_model_name`);
+    `card`: the README.md (model card)."""
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
     check_replaceable(out_dir, "adapter folder", overwrite, "--overwrite")
     with write_dir(out_dir, "adapter") as tmp:
         _write_adapter(tmp, bundle, lora, spec, base_model, tokenizer, save_file)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return out_dir
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,7 @@ _GGUF_NAMES = [
     (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{}.self_attn.k_norm.weight"),
 ]
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+PROGRESS_FD = "JAXPREF_PROGRESS_FD"  # the child's descriptor for its bar (the parent's terminal)
 CONVERTER_VERSION = 2  # part of the cache key: a fixed converter never reuses an old conversion
 
 
@@ -97,12 +100,36 @@ def gguf_metadata(path: Path, cache_root: Path) -> Path:
 
 
 def convert_gguf(path: Path, cache_root: Path) -> Path:
+    """The cached conversion of `path`, made the first time: a line says so when it starts and
+    when it ends, and in a terminal a bar counts the tensors dequantised."""
     out = _cache_dir(path, cache_root)
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
+    t0 = time.time()
+    print(f"jaxpref: converting {path.name} to safetensors, once (cached in {out}) ...", file=sys.stderr, flush=True)
     if torch_hidden():
         _in_child("convert", path, cache_root)
-        return out
+    else:
+        _convert(path, cache_root)
+    print(f"jaxpref: converted {path.name} in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def _bar(tensors: list, name: str):
+    """`tensors`, counted by a tqdm bar when a terminal shows it: stderr, or the descriptor of
+    its terminal that a parent handed its child (JAXPREF_PROGRESS_FD)."""
+    from tqdm import tqdm
+
+    fd = os.environ.get(PROGRESS_FD)
+    if not fd and not sys.stderr.isatty():
+        return tensors
+    stream = os.fdopen(int(fd), "w", closefd=False) if fd else sys.stderr
+    return tqdm(tensors, desc=f"converting {name}", unit="tensor", file=stream, leave=False,
+                mininterval=0, miniters=1)  # every tensor drawn: a large one takes seconds
+
+
+def _convert(path: Path, cache_root: Path) -> Path:
+    out = _cache_dir(path, cache_root)
     import gguf
     from safetensors.numpy import save_file
     from transformers import AutoConfig, AutoTokenizer
@@ -120,7 +147,7 @@ def convert_gguf(path: Path, cache_root: Path) -> Path:
     tmp.mkdir(parents=True)
     cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     tensors = {}
-    for t in reader.tensors:
+    for t in _bar(list(reader.tensors), path.name):
         name = _hf_name(t.name)
         if name is None:
             continue
@@ -144,17 +171,25 @@ def convert_gguf(path: Path, cache_root: Path) -> Path:
 
 
 def _in_child(step: str, path: Path, cache_root: Path) -> None:
-    """Run `gguf_metadata` or `convert_gguf` ("metadata", "convert") in a fresh Python, where
+    """Run `gguf_metadata` or `_convert` ("metadata", "convert") in a fresh Python, where
     transformers' GGUF reader can import torch; the conversion's memory leaves with the child."""
     cmd = [sys.executable, "-m", "jaxpref.models.gguf_convert", step, str(path), str(cache_root)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env, fds = dict(os.environ), ()
+    if step == "convert" and sys.stderr.isatty():  # the child draws its bar on our terminal
+        fds = (os.dup(sys.stderr.fileno()),)
+        env[PROGRESS_FD] = str(fds[0])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         raise ModelSourceError(lines[-1] if lines else f"GGUF conversion of {path} failed (exit {proc.returncode})")
 
 
 if __name__ == "__main__":  # python -m jaxpref.models.gguf_convert {metadata,convert} GGUF CACHE_ROOT
-    step = {"metadata": gguf_metadata, "convert": convert_gguf}[sys.argv[1]]
+    step = {"metadata": gguf_metadata, "convert": _convert}[sys.argv[1]]
     try:
         print(step(Path(sys.argv[2]), Path(sys.argv[3])))
     except ModelSourceError as e:

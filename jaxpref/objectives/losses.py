@@ -126,7 +126,7 @@ def dpo_per_pair(loss_type: str, s: PairStats, ref_c: jax.Array, ref_r: jax.Arra
         return sigmoid(beta * rho_c) + 1 - sigmoid(beta * (rho_c - rho_r))
     if loss_type == "discopop":
         z = beta * d
-        m = sigmoid(z / DISCOPOP_TAU)
+        m = sigmoid(z / dict(spec.extra).get("discopop_tau", DISCOPOP_TAU))
         return (1 - m) * (-log_sigmoid(z)) + m * jnp.exp(-z)
     if loss_type == "sigmoid_norm":
         return -log_sigmoid(beta * (sc / lc - sr / lr))

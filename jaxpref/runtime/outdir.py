@@ -109,6 +109,7 @@ def write_dir(out_dir: Path, kind: str) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "files": sorted(_files(tmp))}, indent=1) + "\n")
+        _share(tmp)
         _sync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -121,6 +122,26 @@ def write_dir(out_dir: Path, kind: str) -> Iterator[Path]:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (other threads may be creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _share(folder: Path) -> None:
+    """Files 0644 and folders 0755 (under the umask), as `cp` would make them: some writers
+    (safetensors) create their files 0600, which other users and tools could not read."""
+    mask = _umask()
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _sync(folder: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpref.config import Config
+from jaxpref.config import Config, EarlyStoppingConfig
 from jaxpref.data import prepare
 from jaxpref.errors import ConfigError, JaxprefError
 from jaxpref.lora.peft import load_adapter
@@ -58,6 +58,7 @@ class Run:
     eval_fn: Any = None
     store: Any = None
     early: EarlyStopping | None = None
+    best: EarlyStopping | None = None  # `finetuning.load_best_model_at_end`: the best evaluation so far
     fingerprint: dict | None = None
     start: int = 0             # optimizer steps already done (resumed)
     num_tokens: int = 0        # TRL's token count so far
@@ -76,8 +77,10 @@ class Run:
         return jax.process_index() == 0
 
 
-def build_run(cfg: Config, index: int, run_dir: Path, resume: bool, resume_force: bool) -> Run:
-    """Everything a run needs, restored from its newest checkpoint when `resume`."""
+def build_run(cfg: Config, index: int, run_dir: Path, resume: bool, resume_force: bool,
+              resume_from: int | None = None, finished: bool = False) -> Run:
+    """Everything a run needs, restored from its newest checkpoint (or `resume_from`'s) when
+    `resume`; `finished`: the run had finished (it is continued to more steps)."""
     run = _batches(cfg, index, run_dir)
     run.rss_before_weights = runtime_rss()
     _weights(run)
@@ -87,8 +90,11 @@ def build_run(cfg: Config, index: int, run_dir: Path, resume: bool, resume_force
     run.store = ckpt.CheckpointStore(run_dir, cfg.finetuning.save_total_limit)
     es = cfg.finetuning.early_stopping
     run.early = EarlyStopping(es) if es else None
+    if cfg.finetuning.load_best_model_at_end:
+        run.best = EarlyStopping(EarlyStoppingConfig(cfg.best_metric, "max" if cfg.greater_is_better else "min",
+                                                     patience=2**31))
     if resume:
-        _restore(run, resume_force)
+        _restore(run, resume_force, resume_from, finished)
     _precomputed_reference(run)
     _step_functions(run)
     return run
@@ -189,15 +195,24 @@ def _train_state(run: Run) -> None:
     run.state = state if run.full_finetune else jax.device_put(state, mesh_mod.replicated(run.mesh))
 
 
-def _restore(run: Run, force: bool) -> None:
-    """The newest whole checkpoint: state, data position, token count, early-stopping state."""
+def _restore(run: Run, force: bool, step: int | None = None, finished: bool = False) -> None:
+    """The newest whole checkpoint (or `step`'s): state, data position, token count, early
+    stopping and best-model state. Continuing from an earlier step sets the later ones aside."""
     check = lambda meta: ckpt.check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
+    name = run.entry.name
     try:
-        found = run.store.restore_latest(ckpt.abstract_of(run.state), check, force=force)
+        found = run.store.restore_latest(ckpt.abstract_of(run.state), check, force=force, step=step)
+        if found is None and (finished or step is not None):
+            why = (f"checkpoint {step} cannot be read" if step is not None
+                   else "the run finished without a checkpoint (finetuning.save_steps unset)")
+            raise JaxprefError(f"{run.run_dir}: {why}, so it cannot be continued to {run.total} steps; "
+                               "--overwrite-output-dir trains it again from the start")
+        if found is not None and found[0] > run.total:
+            raise JaxprefError(f"{run.run_dir}: its checkpoint is at step {found[0]}, past this run's {run.total} steps "
+                               "(training.max_steps / num_epochs); raise --max-steps, or --resume-from an earlier step")
     except JaxprefError:
         run.store.close()
         raise
-    name = run.entry.name
     if found is None:
         print(f"[{name}] no checkpoint to resume from; starting fresh", file=sys.stderr)
         return
@@ -206,7 +221,15 @@ def _restore(run: Run, force: bool) -> None:
     run.num_tokens = int(meta["num_tokens"])
     if run.early is not None:
         run.early.restore(meta.get("early_stopping", {}))
-    print(f"[{name}] resuming from step {run.start}", file=sys.stderr)
+    if run.best is not None:
+        run.best.restore(meta.get("best_model", {}))
+    if step is not None and run.is_main:
+        moved = run.store.set_aside_after(step)
+        if moved:
+            print(f"[{name}] checkpoints {', '.join(map(str, moved))} set aside in {run.store.dir} "
+                  f"(continuing from step {step})", file=sys.stderr)
+    more = f" to {run.total} steps" if finished and run.start < run.total else ""
+    print(f"[{name}] resuming from step {run.start}{more}", file=sys.stderr)
 
 
 def _precomputed_reference(run: Run) -> None:
@@ -243,6 +266,7 @@ def _step_functions(run: Run) -> None:
     if ev is not None and len(ev) >= run.EB:
         run.eval_fn = make_eval_step(run.bundle.with_args(deterministic=True),
                                      replace(opts, num_seqs=2 * run.EB, ref_mode=eval_mode), run.ref_bundle)
-    if run.early is not None and run.eval_fn is None:
-        raise ConfigError(f"{cfg.source}: `finetuning.early_stopping` needs an eval split "
-                          "(`dataset.eval_split` or `dataset.eval_fraction`) and `training.eval_steps`")
+    for key, wanted in (("early_stopping", run.early), ("load_best_model_at_end", run.best)):
+        if wanted is not None and run.eval_fn is None:
+            raise ConfigError(f"{cfg.source}: `finetuning.{key}` needs an eval split (`dataset.eval_split` or "
+                              "`dataset.eval_fraction`) with at least `per_device_eval_batch_size` rows")

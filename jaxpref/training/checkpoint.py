@@ -31,15 +31,26 @@ def _ocp():
 
 
 class CheckpointStore:
+    """The run's Orbax checkpoints under `<run>/checkpoints/`. The folder is made by the first
+    save (a run without `finetuning.save_steps` has none)."""
+
     def __init__(self, run_dir: Path, keep: int | None = None, asynchronous: bool = True):
-        ocp = _ocp()
         self.dir = (Path(run_dir) / "checkpoints").resolve()
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                            enable_async_checkpointing=asynchronous)
-        # Handlers named up front, so that a checkpoint's tree metadata (shapes) can be read alone.
-        self.manager = ocp.CheckpointManager(self.dir, options=opts, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self._options = (keep, asynchronous)
+        self._manager = None
         self.closed = False
+
+    @property
+    def manager(self):
+        if self._manager is None:
+            ocp = _ocp()
+            keep, asynchronous = self._options
+            opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                                enable_async_checkpointing=asynchronous)
+            # Handlers named up front, so that a checkpoint's tree metadata (shapes) can be read alone.
+            self._manager = ocp.CheckpointManager(self.dir, options=opts, item_handlers={
+                "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        return self._manager
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Save `step`, unless it is already on disk whole (the run resumed from it: the same state)."""
@@ -50,28 +61,49 @@ class CheckpointStore:
                                                          meta=ocp.args.JsonSave(meta)), force=True)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.manager.wait_until_finished()
-            self.manager.close()
+            if self._manager is not None:
+                self._manager.wait_until_finished()
+                self._manager.close()
 
     def steps(self) -> list[int]:
+        if self._manager is None and not self.dir.is_dir():
+            return []
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any, check=None,
-                       force: bool = False) -> tuple[int, Any, dict] | None:
-        """The newest checkpoint that restores whole, or None. Broken ones are skipped and named.
+    def set_aside_after(self, step: int) -> list[int]:
+        """Move the checkpoints after `step` into `set-aside-after-<step>-<time>/` (never deleted;
+        a run continued from `step` saves those steps anew). -> the steps moved."""
+        later = [s for s in self.steps() if s > step]
+        if later:
+            aside = self.dir / f"set-aside-after-{step}-{int(time.time())}"
+            aside.mkdir()
+            for s in later:
+                (self.dir / str(s)).rename(aside / str(s))
+            self.manager.reload()
+        return later
+
+    def restore_latest(self, abstract_state: Any, check=None, force: bool = False,
+                       step: int | None = None) -> tuple[int, Any, dict] | None:
+        """The newest checkpoint that restores whole (`step`: that one only), or None. Broken
+        ones are skipped and named.
 
         `check(meta)` runs on each checkpoint's metadata before its state is read, so that a changed
         setting is reported as such (it raises). A state whose saved shapes do not fit
         `abstract_state` is an error too, read from the tree metadata before any restore: such a
         checkpoint is whole, so it is never set aside. `force` only adds a hint to that error."""
         ocp = _ocp()
-        for step in reversed(self.steps()):
+        kept = self.steps()
+        if step is not None and step not in kept:
+            raise JaxprefError(f"--resume-from {step}: no checkpoint of step {step} in {self.dir} (kept: "
+                               f"{', '.join(map(str, kept)) or 'none'})")
+        for step in reversed([step] if step is not None else kept):
             missing = incomplete(self.dir / str(step))
             if missing is not None:
                 self._set_aside(step, f"incomplete: no {missing}")
@@ -189,6 +221,10 @@ def last_train_metrics(path: Path) -> dict:
 
 def mark_finished(run_dir: Path) -> None:
     (Path(run_dir) / FINISHED).write_text("finished\n")
+
+
+def unmark_finished(run_dir: Path) -> None:
+    (Path(run_dir) / FINISHED).unlink(missing_ok=True)
 
 
 def is_finished(run_dir: Path) -> bool:

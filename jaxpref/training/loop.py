@@ -13,6 +13,7 @@ import jax
 
 from jaxpref.config import Config, dump_config
 from jaxpref.errors import JaxprefError
+from jaxpref.lora.card import base_model_name, model_card
 from jaxpref.lora.peft import save_adapter
 from jaxpref.lora.tree import count
 from jaxpref.runtime import mesh as mesh_mod
@@ -23,25 +24,29 @@ from jaxpref.training.assemble import Run, build_run
 from jaxpref.training.evaluation import evaluate_split
 from jaxpref.training.hooks import Hooks, StepInfo
 from jaxpref.training.interrupt import StopRequest
-from jaxpref.training.progress import ProgressBar
+from jaxpref.training.progress import clock, make_progress, metric_fields
 from jaxpref.training.sinks import MetricSinks
 from jaxpref.training.step import compile_ahead
 
 
-def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
+def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False, resume_from: int | None = None,
                 resume_force: bool = False) -> dict:
-    """Train `cfg.models[index]` into `run_dir`; returns its summary."""
+    """Train `cfg.models[index]` into `run_dir`; returns its summary. `resume_from`: the kept
+    checkpoint to continue from (default: the newest)."""
     entry = cfg.models[index]
-    if resume and ckpt.is_finished(run_dir):
+    finished = resume and ckpt.is_finished(run_dir)
+    if finished and resume_from is None and _same_length(cfg, index, run_dir):
         print(f"[{entry.name}] already finished ({run_dir}); skipping", file=sys.stderr)
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0 and not resume:
         ckpt.clear_run(run_dir)  # allowed by train.py's claim on the folder (--overwrite-output-dir)
-    run = build_run(cfg, index, run_dir, resume, resume_force)
+    run = build_run(cfg, index, run_dir, resume, resume_force, resume_from, finished)
     if run.is_main:  # after the resume checks: a refused resume keeps the run's record as it was
         dump_config(setup.model_config(cfg, index), run_dir / "config.yaml")
+        if run.start < run.total:
+            ckpt.unmark_finished(run_dir)  # a finished run continued to more steps
     trainer = Trainer(run)
     try:
         trainer.train()
@@ -53,6 +58,31 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False,
     return summary
 
 
+def _same_length(cfg: Config, index: int, run_dir: Path) -> bool:
+    """Whether a finished run was asked for as many steps as now (its saved config's
+    `max_steps` and `num_epochs`): then resuming it has nothing to do."""
+    from jaxpref.config import load_config
+
+    try:
+        saved = load_config(run_dir / "config.yaml").training
+    except JaxprefError:
+        return False
+    now = cfg.training
+    return (saved.max_steps, saved.num_epochs) == (now.max_steps, now.num_epochs)
+
+
+def eval_every(cfg: Config, steps_per_epoch: int) -> int | None:
+    """Steps between evaluations (`training.eval_strategy`, TRL's rules), or None."""
+    tr = cfg.training
+    if tr.eval_strategy == "no":
+        return None
+    if tr.eval_strategy == "epoch":
+        return steps_per_epoch
+    if tr.eval_strategy == "steps":
+        return tr.eval_steps or tr.logging_steps
+    return tr.eval_steps
+
+
 class Trainer:
     """Steps a `Run` from its start to `total` (or an early stop), with its hooks."""
 
@@ -62,8 +92,9 @@ class Trainer:
         if run.is_main:
             # Resumed from the final checkpoint: the final evaluation is logged again.
             ckpt.truncate_metrics(run.run_dir / "metrics.jsonl", run.start, final=run.start >= run.total)
-        self.sinks = MetricSinks(run.run_dir, cfg, run.entry.name, append=run.start > 0, enabled=run.is_main)
-        self.bar = ProgressBar(run.total - run.start, enabled=cfg.logging.progress_bar)
+        self.sinks = MetricSinks(run.run_dir, setup.model_config(cfg, run.index), run.entry.name,
+                                 append=run.start > 0, enabled=run.is_main)
+        self.progress = make_progress(run.entry.name, run.start, run.total, cfg.logging.progress_bar and run.is_main)
         # The last logged train metrics (a run resumed from its final checkpoint logs none again).
         self.last: dict = ckpt.last_train_metrics(run.run_dir / "metrics.jsonl") if run.start else {}
         self.shapes: set = set()         # batch shapes compiled so far
@@ -72,11 +103,13 @@ class Trainer:
         self.best_lora = None
         self.stopped_early = False
         self.final_eval = None
+        self.last_eval: dict | None = None
         self._window = (0, time.time())  # tokens and start time since the last log
+        self._tokens = 0                 # tokens of the last step
         self.hooks = Hooks()
         self.hooks.add_hook(self._log, every=cfg.training.logging_steps, at_end=True)
         if run.eval_fn is not None:
-            self.hooks.add_hook(self._evaluate, every=cfg.training.eval_steps)
+            self.hooks.add_hook(self._evaluate, every=eval_every(cfg, run.it.steps_per_epoch))
         save_every = cfg.save_steps
         self.hooks.add_hook(lambda info: info.step != info.total and self.save(info.step), every=save_every)
 
@@ -84,16 +117,16 @@ class Trainer:
 
     def train(self) -> None:
         run = self.run
-        print(self._start_line(), file=sys.stderr)
+        if run.is_main:
+            self.progress.write(self._start_line())
         ctrl_c = StopRequest(run.entry.name).__enter__()
         try:
             for step in range(run.start, run.total):
                 info = self._step(step)
+                self.progress.step(info, self._tokens)
                 if info.step == 1:
                     self._log(info)  # step 1 always
                 self.hooks.run(info)
-                if info.step not in (1,) and not self._logged(info):
-                    self.bar.update(info.step - run.start, None)
                 if self.stopped_early:
                     break
                 if ctrl_c.requested:
@@ -103,7 +136,6 @@ class Trainer:
             raise
         finally:
             ctrl_c.__exit__()
-        self.bar.close()
 
     def _step(self, step: int) -> StepInfo:
         """One optimizer step on the next batch; compiles ahead when its shape is new."""
@@ -112,13 +144,18 @@ class Trainer:
         batch, epoch = next(run.it)
         ntok = batch.trl_token_count()
         run.num_tokens += ntok
+        self._tokens = ntok
         self._window = (self._window[0] + ntok, self._window[1])
         t0 = time.time()
         device_batch = mesh_mod.put_batch(batch, run.mesh)
         args = (run.state, run.params, run.ref_params, device_batch, ref_batch)
         if batch.shape_key not in self.shapes:
             self.shapes.add(batch.shape_key)
+            planned = len(run.it.shapes) if run.it.shapes else None
+            self.progress.compiling(f"the train step for batch shape {len(self.shapes)}"
+                                    + (f" of {planned}" if planned else ""))
             compile_ahead(run.step_fn, *args)
+            self.progress.compiled()
         run.state, metrics = run.step_fn(*args)
         if self.compile_s is None:
             jax.block_until_ready(metrics["loss"])
@@ -132,10 +169,6 @@ class Trainer:
         from jaxpref.training.reference import batch_reference, next_indices
         return jax.device_put(batch_reference(run.ref_table, next_indices(run.it), run.G),
                               mesh_mod.replicated(run.mesh))
-
-    def _logged(self, info: StepInfo) -> bool:
-        every = self.run.cfg.training.logging_steps
-        return info.step % every == 0 or info.step == info.total
 
     # --- hooks ------------------------------------------------------------------------------
 
@@ -154,54 +187,61 @@ class Trainer:
         self._window = (0, time.time())
         self.sinks.log(m)
         self.last = m
-        self.bar.update(info.step - self.run.start, m)
+        self.progress.logged(info.step, m)
 
     def _evaluate(self, info: StepInfo) -> None:
         run = self.run
         ev = self.evaluate(info.step)
+        if run.best is not None and run.best.update(ev, info.step)[0]:
+            self.best_lora = jax.device_get(run.state.lora)  # load_best_model_at_end
         if run.early is None:
             return
         improved, stop = run.early.update(ev, info.step)
-        if improved:
+        if improved and run.best is None:
             self.best_lora = jax.device_get(run.state.lora)
         if stop:
             self.stopped_early = True
             es = run.early
-            print(f"\n[{run.entry.name}] early stopping at step {info.step}: `{es.es.metric}` has not "
-                  f"improved for {es.es.patience} evaluations; best was step {es.best_step}", file=sys.stderr)
+            self.progress.note(f"[{run.entry.name}] early stopping at step {info.step}: `{es.es.metric}` has not "
+                               f"improved for {es.es.patience} evaluations; best was step {es.best_step}", err=True)
 
     def evaluate(self, step: int) -> dict:
         run = self.run
+        t0 = time.time()
+        self.progress.evaluating(step)
         policy = (None, run.state.lora) if run.full_finetune else (run.state.lora, run.params)
         ev = evaluate_split(run.eval_fn, *policy, run.ref_params, run.prepared.eval, run.EB,
                             run.prepared.layout, run.cfg.training.seed, run.iter_cls, run.mesh)
         ev["step"] = step
+        self.last_eval = ev
         self.sinks.log(ev)
+        self.progress.evaluated(step, ev, time.time() - t0)
         return ev
 
     def save(self, step: int) -> None:
         run = self.run
         self.saved.add(step)
         meta = {"fingerprint": run.fingerprint, "iterator": run.it.state(), "num_tokens": run.num_tokens,
-                "step": step, "early_stopping": run.early.state() if run.early else {}}
+                "step": step, "early_stopping": run.early.state() if run.early else {},
+                "best_model": run.best.state() if run.best else {}}
         run.store.save(step, run.state, meta)
 
     def _interrupted(self) -> None:
         """Ctrl-C: save the state the last whole step left (a second Ctrl-C stops without one)."""
         run = self.run
-        self.bar.close()
+        self.progress.close()
         if any(x.is_deleted() for x in jax.tree.leaves(run.state) if isinstance(x, jax.Array)):
             # Interrupted inside a step that had taken (donated) the state: nothing valid to save.
             run.store.close()
-            print(f"[{run.entry.name}] interrupted: no checkpoint written; --resume continues from the "
-                  "last saved one", file=sys.stderr)
+            self.progress.note(f"[{run.entry.name}] interrupted: no checkpoint written; --resume continues "
+                               "from the last saved one", err=True)
             return
         done = int(jax.device_get(run.state.step))
         if done not in self.saved:  # not saved by this very step already
             self.save(done)
         run.store.close()
-        print(f"[{run.entry.name}] interrupted: saved a checkpoint at step {done}; continue with --resume",
-              file=sys.stderr)
+        self.progress.note(f"[{run.entry.name}] interrupted: saved a checkpoint at step {done}; continue with "
+                           "--resume", err=True)
 
     # --- finish -----------------------------------------------------------------------------
 
@@ -209,21 +249,28 @@ class Trainer:
         """Final evaluation and checkpoint, the adapter (or merged model), summary.json."""
         run = self.run
         final_step = int(jax.device_get(run.state.step))
-        if run.eval_fn is not None and not self.stopped_early:
-            self.final_eval = self.evaluate(final_step)
+        if run.eval_fn is not None and not self.stopped_early and run.cfg.training.eval_strategy != "no":
+            # The last step may have been evaluated by its hook already: not twice.
+            done = self.last_eval if self.last_eval and self.last_eval["step"] == final_step else None
+            self.final_eval = done or self.evaluate(final_step)
+            if run.best is not None and run.best.update(self.final_eval, final_step)[0]:
+                self.best_lora = None  # the final state is the best one
+        self.progress.close()
         if run.cfg.save_steps:
             self.save(final_step)
         run.store.close()
-        best = self.stopped_early and self.best_lora is not None
+        best = (self.stopped_early or run.best is not None) and self.best_lora is not None
         export = self.best_lora if best else run.state.lora
-        if run.is_main:
-            if run.full_finetune:
-                from jaxpref.lora.merged import save_merged
-                save_merged(run.run_dir / "model", run.bundle, export, None, None, run.tok)
-            else:
-                save_adapter(run.run_dir / "adapter", run.bundle, export, run.lspec, run.entry.huggingface_id, run.tok)
         summary = self._summary(t_start, final_step, best)
         if run.is_main:
+            card = model_card(run.cfg, run.index, summary, kind="merged" if run.full_finetune else "adapter")
+            if run.full_finetune:
+                from jaxpref.lora.merged import save_merged
+                save_merged(run.run_dir / "model", run.bundle, export, None, None, run.tok,
+                            dtype=run.cfg.training.param_dtype, card=card)
+            else:
+                save_adapter(run.run_dir / "adapter", run.bundle, export, run.lspec,
+                             base_model_name(run.bundle.source), run.tok, card=card)
             (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -242,7 +289,7 @@ class Trainer:
             "eval_skipped_rows": prepared.eval.skipped if (prepared.eval is not None and run.cfg.dataset.eval_split) else None,
             "resumed_from_step": run.start or None,
             "early_stopped": self.stopped_early,
-            "adapter_from_step": run.early.best_step if best else final_step,
+            "adapter_from_step": (run.best or run.early).best_step if best else final_step,
             "peak_memory": peak_memory(),
             "memory_plan_mib": self._memory_plan() if self.shapes else None,
             "final_metrics": self.last,
@@ -266,6 +313,7 @@ class Trainer:
                 f"{run.total} steps, layout {run.prepared.layout.kind}")
 
     def close(self) -> None:
+        self.progress.close()
         self.sinks.close()
         try:  # already closed on success; after an error, let its pending writes finish first
             self.run.store.close()
@@ -274,13 +322,13 @@ class Trainer:
 
 
 def _after(run: Run, summary: dict, last: dict) -> None:
-    """A finished run: FINISHED, the plot, the closing line."""
+    """A finished run: FINISHED, the plot, the closing line (with the final evaluation's numbers)."""
     ckpt.mark_finished(run.run_dir)
     from jaxpref.plot import plot_run
     try:
         plot_run(run.run_dir)
     except Exception as e:  # a plot must never fail a finished run
         print(f"jaxpref: warning: plot not written ({type(e).__name__}: {e})", file=sys.stderr)
-    acc = last.get("rewards/accuracies")  # KTO has none
-    print(f"[{run.entry.name}] done in {summary['wall_time_s']} s: loss {last.get('loss', float('nan')):.4f}"
-          + (f", rewards/accuracies {acc:.3f}" if acc is not None else "") + f" -> {run.run_dir}", file=sys.stderr)
+    parts = metric_fields(last) + metric_fields(summary.get("final_eval") or {}, "eval_")
+    print(f"[{run.entry.name}] done in {clock(summary['wall_time_s'])} ({summary['steps']} steps): "
+          + ", ".join(parts) + f" -> {run.run_dir}", flush=True)

@@ -1,6 +1,7 @@
 """The optimizer and learning-rate schedule of the `training` section (Hugging Face semantics)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import optax
@@ -9,7 +10,9 @@ import optax
 def make_optimizer(tcfg, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
     """optax optimizer and schedule from the `training` section (HF semantics for the schedule)."""
     lr = tcfg.learning_rate
-    warm = tcfg.warmup_steps or int(round(tcfg.warmup_ratio * total_steps))
+    # transformers 5: warmup_steps below 1 is a fraction of the run (warmup_ratio is the older key).
+    ratio = tcfg.warmup_steps if 0 < tcfg.warmup_steps < 1 else tcfg.warmup_ratio
+    warm = int(tcfg.warmup_steps) if tcfg.warmup_steps >= 1 else int(math.ceil(ratio * total_steps))
     warm = min(warm, max(total_steps, 1))
     decay_steps = max(total_steps - warm, 1)
     kind = tcfg.lr_scheduler_type

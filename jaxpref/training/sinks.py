@@ -1,6 +1,12 @@
 """Metric sinks: metrics.jsonl always; TensorBoard, W&B (offline-safe) and MLflow on request
 (`logging.report_to`). Each sink is one small class with `log(metrics)` and `close()`; adding one
-is a class and a row of `SINKS`."""
+is a class and a row of `SINKS`.
+
+The trackers get the run's resolved config (flattened: `training.learning_rate`) as W&B config,
+MLflow params and TensorBoard hparams, and one tag scheme for train and eval, the one TRL's runs
+show through transformers' callbacks (`train/rewards/chosen`, `eval/rewards/chosen`), so that the
+curves of a jaxpref run and a TRL run overlay. metrics.jsonl keeps TRL's logged names
+(`rewards/chosen`, `eval_rewards/chosen`)."""
 from __future__ import annotations
 
 import json
@@ -23,19 +29,55 @@ class JsonlSink:
         self.file.close()
 
 
+def tracker_name(key: str) -> str:
+    """metrics.jsonl's name -> the trackers' tag: `eval_x` -> `eval/x`, anything else `train/x`
+    (transformers' `rewrite_logs`)."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
+def flat_config(cfg) -> dict:
+    """The resolved config as {`section.key`: value} (list entries by index: `models.0.name`)."""
+    from jaxpref.config import to_dict
+
+    out = {}
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, dict) and v:
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                walk(f"{prefix}.{i}", x)
+        else:
+            out[prefix] = v
+    walk("", to_dict(cfg))
+    return out
+
+
+def _param(v) -> str | int | float | bool:
+    """A value trackers take (strings, numbers, booleans); lists, mappings and null as text."""
+    return v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+
+
 class TensorBoardSink:
-    """Scalars under train/... and eval/... (names that already have a `/` kept as they are)."""
+    """Scalars under train/... and eval/...; the config as hparams (the HParams tab)."""
 
     def __init__(self, run_dir: Path, cfg, name: str, append: bool):
         from tensorboardX import SummaryWriter
+        from tensorboardX.summary import hparams
+
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        params = {k: _param(v) for k, v in flat_config(cfg).items()}
+        exp, ssi, self.sei = hparams(params, {"train/loss": 0.0, "eval/loss": 0.0})
+        for summary in (exp, ssi):
+            self.writer.file_writer.add_summary(summary)
 
     def log(self, metrics: dict, step: int, scalars: dict) -> None:
         for k, v in scalars.items():
-            tag = k if "/" in k else (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}")
-            self.writer.add_scalar(tag, v, step)
+            self.writer.add_scalar(tracker_name(k), v, step)
 
     def close(self) -> None:
+        self.writer.file_writer.add_summary(self.sei)
         self.writer.close()
 
 
@@ -48,10 +90,10 @@ class WandbSink:
         online = os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline"
         self.run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name or name,
                               dir=str(run_dir), mode="online" if online else "offline", reinit="finish_previous",
-                              settings=wandb.Settings(init_timeout=30, silent=True))
+                              config=flat_config(cfg), settings=wandb.Settings(init_timeout=30, silent=True))
 
     def log(self, metrics: dict, step: int, scalars: dict) -> None:
-        self.run.log(scalars, step=step)
+        self.run.log({tracker_name(k): v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -68,10 +110,13 @@ class MlflowSink:
         mlflow.set_tracking_uri((Path(run_dir) / "mlruns").resolve().as_uri())
         mlflow.set_experiment(cfg.logging.project)
         mlflow.start_run(run_name=cfg.logging.run_name or name)
+        params = [(k, _param(v)) for k, v in flat_config(cfg).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(params[i:i + 100]))
         self.mlflow = mlflow
 
     def log(self, metrics: dict, step: int, scalars: dict) -> None:
-        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+        self.mlflow.log_metrics({tracker_name(k): v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         self.mlflow.end_run()

@@ -39,7 +39,8 @@ class Method:
       `logits/*` sums and `_tokens/*` counts that the step turns into TRL's token means);
     metrics: the names of the metrics its loss logs besides `loss` (train and, `eval_` prefixed,
       eval; `finetuning.early_stopping.metric` must name one);
-    check: extra config checks (post_training section, loss types, config file) raising ConfigError.
+    check: extra config checks (post_training section, loss types, config file) raising ConfigError;
+    paper: (title, arXiv id) of the paper that introduced it, for the model card.
     """
     name: str
     keys: type
@@ -51,6 +52,7 @@ class Method:
     loss: Callable[[LossInputs, LossSpec], tuple[jax.Array, dict]]
     metrics: tuple[str, ...] = ()
     check: Callable[[Any, tuple[str, ...], str], None] | None = None
+    paper: tuple[str, str] = ("", "")
 
     def needs_reference(self, spec: LossSpec) -> bool:
         return self.reference and not spec.reference_free

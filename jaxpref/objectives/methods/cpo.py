@@ -23,7 +23,10 @@ def cpo_loss(x: LossInputs, spec: LossSpec):
 
 CPO = Method("cpo", CpoKeys, data="paired", loss_types=("sigmoid", "hinge", "ipo", "simpo"),
              default_loss_type="sigmoid", reference=False, tokenization="row", loss=cpo_loss,
-              metrics=PAIR_METRICS + ("nll_loss",))
+              metrics=PAIR_METRICS + ("nll_loss",),
+              paper=("Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in "
+                     "Machine Translation", "2401.08417"))
 SIMPO = Method("simpo", CpoKeys, data="paired", loss_types=("simpo",), default_loss_type="simpo",
                reference=False, tokenization="row", loss=cpo_loss,
-              metrics=PAIR_METRICS + ("nll_loss",))
+              metrics=PAIR_METRICS + ("nll_loss",),
+              paper=("SimPO: Simple Preference Optimization with a Reference-Free Reward", "2405.14734"))

@@ -22,10 +22,11 @@ LOSS_TYPES = (
 @dataclass
 class DpoKeys:
     f_divergence_type: str = "reverse_kl"      # reverse_kl | forward_kl | js_divergence | alpha_divergence
-    f_alpha_divergence_coef: float = 0.5
+    f_alpha_divergence_coef: float = 0.5       # alpha of alpha_divergence
     use_weighting: bool = False                # WPO
     ld_alpha: float | None = None              # LD-DPO: weight of tokens past the shorter completion
     rpo_alpha: float | None = None             # RPO: adds this weight times the SFT loss
+    discopop_tau: float = 0.05                 # DiscoPOP (loss_type discopop): the temperature of its mix
 
 
 def dpo_loss(x: LossInputs, spec: LossSpec):
@@ -47,13 +48,17 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
         raise ConfigError(f"{src}: `post_training.loss_type` robust needs `label_smoothing` < 0.5")
     if pt.use_weighting and any(lt in ("aot", "aot_unpaired", "aot_pair") for lt in loss_types):
         raise ConfigError(f"{src}: `post_training.use_weighting` does not apply to aot losses")
+    if pt.discopop_tau <= 0:
+        raise ConfigError(f"{src}: `post_training.discopop_tau` must be > 0, got {pt.discopop_tau}")
     check_choice(pt.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
             "post_training.f_divergence_type", src)
 
 
 DPO = Method("dpo", DpoKeys, data="paired", loss_types=LOSS_TYPES, default_loss_type="sigmoid",
              reference=True, tokenization="dpo", loss=dpo_loss,
-              metrics=PAIR_METRICS, check=check)
+              metrics=PAIR_METRICS, check=check,
+              paper=("Direct Preference Optimization: Your Language Model is Secretly a Reward Model", "2305.18290"))
 IPO = Method("ipo", DpoKeys, data="paired", loss_types=LOSS_TYPES, default_loss_type="ipo",
              reference=True, tokenization="dpo", loss=dpo_loss,
-              metrics=PAIR_METRICS, check=check)
+              metrics=PAIR_METRICS, check=check,
+              paper=("A General Theoretical Paradigm to Understand Learning from Human Preferences", "2310.12036"))

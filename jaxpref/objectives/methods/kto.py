@@ -16,8 +16,8 @@ from jaxpref.objectives.methods.base import LossInputs, Method
 
 @dataclass
 class KtoKeys:
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    desirable_weight: float = 1.0              # weight of the desirable completions' loss
+    undesirable_weight: float = 1.0            # weight of the undesirable completions' loss
 
 
 def kto_loss(x: LossInputs, spec: LossSpec):
@@ -43,4 +43,5 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 KTO = Method("kto", KtoKeys, data="unpaired", loss_types=("kto", "apo_zero_unpaired"), default_loss_type="kto",
              reference=True, tokenization="dpo", loss=kto_loss,
              metrics=("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                      "logps/rejected", "logits/chosen", "logits/rejected"), check=check)
+                      "logps/rejected", "logits/chosen", "logits/rejected"), check=check,
+              paper=("KTO: Model Alignment as Prospect Theoretic Optimization", "2402.01306"))

@@ -26,4 +26,5 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 
 ORPO = Method("orpo", OrpoKeys, data="paired", loss_types=("orpo",), default_loss_type="orpo",
               reference=False, tokenization="row", loss=orpo_loss,
-              metrics=PAIR_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"), check=check)
+              metrics=PAIR_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"), check=check,
+              paper=("ORPO: Monolithic Preference Optimization without Reference Model", "2403.07691"))

@@ -1,0 +1,107 @@
+"""The Python API. `jaxpref.train(...)` trains as the command line does and returns each model's
+summary (what `summary.json` holds):
+
+    import jaxpref
+    summaries = jaxpref.train("configs/quickstart.yaml", output_dir="runs")
+    summaries = jaxpref.train({"models": [...], "post_training": {"method": "dpo"}, ...},
+                              train_dataset=my_dataset, eval_dataset=my_eval_dataset)
+
+Bad input raises `jaxpref.errors.JaxprefError` (one line naming what is wrong and where).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from jaxpref.config import Config, config_from_dict
+from jaxpref.config.parse import apply_overrides, read_config_data
+
+from jaxpref.errors import JaxprefError
+
+IN_MEMORY = "in-memory datasets.Dataset"
+
+
+def _dataset_name(train_dataset) -> str:
+    fp = getattr(train_dataset, "_fingerprint", None)
+    return f"{IN_MEMORY} ({len(train_dataset)} rows{', fingerprint ' + fp if fp else ''})"
+
+
+def load(config: str | Path | dict | Config, overrides: list[str] | None = None, train_dataset=None,
+         eval_dataset=None) -> Config:
+    """A config from a YAML path, a dict (the YAML's sections) or a `Config`, checked, with
+    `--set`-style `overrides` and `datasets.Dataset` splits in place of `dataset.name`."""
+    if isinstance(config, Config):
+        if overrides:
+            raise TypeError("overrides apply to a path or a dict; change the Config's fields instead")
+        cfg = copy.deepcopy(config)
+    else:
+        if isinstance(config, dict):
+            data, src = copy.deepcopy(config), "<dict>"
+            apply_overrides(data, overrides, src)
+        else:
+            data, src = read_config_data(config, overrides), str(config)
+        if train_dataset is not None and isinstance(data.get("dataset", {}), dict):
+            data.setdefault("dataset", {})["name"] = _dataset_name(train_dataset)
+        cfg = config_from_dict(data, src)
+    ds = cfg.dataset
+    if train_dataset is not None:
+        ds.name, ds.data_files, ds.split = _dataset_name(train_dataset), None, "train"
+        ds.objects["train"] = train_dataset
+    if eval_dataset is not None:
+        ds.eval_split, ds.eval_fraction = "eval", 0.0
+        ds.objects["eval"] = eval_dataset
+    return cfg
+
+
+def train(config: str | Path | dict | Config, output_dir: str | Path | None = None, model_index: int | None = None,
+          train_dataset=None, eval_dataset=None, overrides: list[str] | None = None, resume: bool = False,
+          resume_from: int | None = None, overwrite_output_dir: bool = False) -> dict[str, dict[str, Any]]:
+    """Train every model of `config` (or only `models[model_index]`), each into
+    `<output_dir>/<name>/` (default: `training.output_dir`, else checkpoints/).
+
+    config: a YAML path, a dict of sections, or a `jaxpref.config.Config`;
+    train_dataset / eval_dataset: `datasets.Dataset` objects used instead of `dataset.name` /
+      the eval split (rows as the config's columns name them);
+    overrides: ["training.learning_rate=1e-5", ...], as `--set`;
+    resume / resume_from / overwrite_output_dir: as the command line's flags.
+    -> {model name: its summary}. The first model that fails raises its error."""
+    from jaxpref.runtime.mesh import init_distributed
+
+    cfg = load(config, overrides, train_dataset, eval_dataset)
+    out_root = output_root(cfg, str(output_dir) if output_dir is not None else None)
+    init_distributed(cfg.gpu, cfg.source)
+    resume = resume or resume_from is not None
+    return {cfg.models[i].name: train_one(cfg, i, out_root, resume, resume_from, overwrite=overwrite_output_dir)
+            for i in select_models(cfg, model_index)}
+
+
+def select_models(cfg: Config, index: int | None) -> list[int]:
+    if index is None:
+        return list(range(len(cfg.models)))
+    if not 0 <= index < len(cfg.models):
+        raise JaxprefError(f"--model-index {index} is out of range: the config has {len(cfg.models)} model(s)")
+    return [index]
+
+
+def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, resume_from: int | None = None,
+              resume_force: bool = False, overwrite: bool = False) -> dict:
+    """Train `cfg.models[index]` into `<out_root>/<name>/` (claimed for this process first);
+    returns its summary."""
+    import jax
+
+    from jaxpref.training.loop import train_model
+    from jaxpref.training.rundir import claim_run_dir
+
+    run_dir = Path(out_root) / cfg.models[index].name
+    # One writer per run folder; a previous run is continued or replaced only when asked.
+    with claim_run_dir(run_dir, resume, overwrite, lock=jax.process_index() == 0):
+        return train_model(cfg, index, run_dir, resume=resume, resume_from=resume_from,
+                           resume_force=resume_force)
+
+
+def output_root(cfg: Config, flag: str | None) -> Path:
+    """--output-dir, else the config's `training.output_dir`, else checkpoints/."""
+    return Path(flag or cfg.training.output_dir or "checkpoints")
+
+
