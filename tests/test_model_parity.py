@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.source import resolve
 from jaxpref.models.weights import build, load_params
+from jaxpref.objectives.head import capped_logits
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
@@ -144,8 +145,8 @@ def _our_logits(path, **options) -> np.ndarray:
     hidden = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32),
                            _mask(VALID))
     logits = jnp.matmul(hidden, bundle.head(params), precision="highest")  # fp32 on GPUs too
-    cap = bundle.args.spec().final_logit_softcap  # the LM head applies it (`head_logps`, tested below)
-    return np.asarray(logits if cap is None else jnp.tanh(logits / cap) * cap)
+    # Gemma 2's final soft-cap, as the LM head applies it (`head_logps`, tested below).
+    return np.asarray(capped_logits(logits, bundle.args.spec().final_logit_softcap))
 
 
 def _max_diff(ours: np.ndarray, ref: np.ndarray) -> float:

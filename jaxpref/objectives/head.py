@@ -23,7 +23,7 @@ def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, n
     `precision`: fp32 products (`layers.matmul`); `softcap`: the final-logit soft-cap (None: none)."""
     V = w.shape[1]
     if chunk <= 0 or chunk >= V:
-        logits = _capped(matmul("nkd,dv->nkv", h, w, h.dtype, f32, precision), softcap)
+        logits = capped_logits(matmul("nkd,dv->nkv", h, w, h.dtype, f32, precision), softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, tgt_ids[..., None], axis=-1)[..., 0] - lse
         wpo = None
@@ -42,7 +42,7 @@ def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, n
         start = jnp.minimum(i * chunk, V - chunk)
         cols = start + jnp.arange(chunk)
         valid = cols >= i * chunk
-        logits = _capped(matmul("nkd,dv->nkv", h, jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1), h.dtype,
+        logits = capped_logits(matmul("nkd,dv->nkv", h, jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1), h.dtype,
                                 f32, precision), softcap)
         x = jnp.where(valid, logits, neg)
         m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(x, axis=-1)))
@@ -66,6 +66,7 @@ def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, n
     return logp, total / V, wpo
 
 
-def _capped(logits: jax.Array, softcap: float | None) -> jax.Array:
-    """tanh(logits / softcap) * softcap in fp32; the logits themselves when `softcap` is None."""
+def capped_logits(logits: jax.Array, softcap: float | None) -> jax.Array:
+    """tanh(logits / softcap) * softcap (Gemma 2's final-logit soft-cap); the logits themselves when
+    `softcap` is None."""
     return logits if softcap is None else jnp.tanh(logits / softcap) * softcap
