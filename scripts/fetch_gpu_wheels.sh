@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl
 mkdir -p "$DEST"
-PKGS="datasets dill multiprocess xxhash trl tokamax einshape immutabledict jaxtyping wadler-lindig qwix tensorboardx
+PKGS="datasets dill multiprocess xxhash trl tokamax gguf einshape immutabledict jaxtyping wadler-lindig qwix tensorboardx
       pydantic pydantic-core annotated-types typing-inspection"
 
 # Exact versions from uv.lock (every package above is in it).

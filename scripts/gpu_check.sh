@@ -14,7 +14,9 @@
 #               synthetic pairs and jaxpref configs for ~450 and ~4,000-token sequences
 #   bench_<wp>_jax / bench_<wp>_trl
 #               scripts/bench.py --only jax|trl (3 warm-up + 5 timed steps; TRL on the device
-#               jaxpref ran on): 8 pairs of ~450 tokens, 2 pairs of ~4,000 tokens per step
+#               jaxpref ran on): 8 pairs of ~450 tokens, 2 pairs of ~4,000 tokens per step;
+#               GPU_CHECK_PROFILE=1: jaxpref's side also traces 2 steps (bench.py --profile) and
+#               writes profile_<wp>.txt, device time per kernel (scripts/profile_summary.py)
 #   tests       fp32: tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
 # Each stage's limit is its cap (below), cut to what is left of GPU_CHECK_BUDGET_S (470 s) less the
 # time kept for the later stages (the tests' floor, 120 s, and 10 s for the report), so the whole
@@ -85,7 +87,7 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     CAP_SETUP=120 CAP_BUILD=180 CAP_JAX=300 CAP_TRL=400 CAP_TESTS=240 TESTS_FLOOR=240 DEFAULT_WORKERS=2
 else
     SIZE= WARMUP=3 STEPS=5 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-    CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=150 TESTS_FLOOR=120 DEFAULT_WORKERS=4
+    CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=200 TESTS_FLOOR=120 DEFAULT_WORKERS=8
 fi
 REPORT_RESERVE=10
 START=$(date +%s)
@@ -131,8 +133,11 @@ if run_stage build "$CAP_BUILD" "$BEFORE_TESTS" "$PY" scripts/gpu_check.py build
     cp "$WORK/build.json" "$OUT/build.json"
     report
     for wp in $("$PY" scripts/gpu_check.py points $SIZE); do
+        PROFILE=()
+        [ "${GPU_CHECK_PROFILE:-0}" = 1 ] && PROFILE=(--profile "$WORK/profile_$wp")
         run_stage "bench_${wp}_jax" "$CAP_JAX" "$BEFORE_TESTS" "$PY" scripts/bench.py --config "$WORK/$wp.yaml" \
-            --only jax --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/bench_${wp}_jax.json"
+            --only jax --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/bench_${wp}_jax.json" "${PROFILE[@]}"
+        [ ${#PROFILE[@]} -gt 0 ] && cp "$WORK/profile_$wp/summary.txt" "$OUT/profile_$wp.txt" 2>/dev/null
         # TRL on the device jaxpref ran on (if jaxpref's side failed: CUDA whenever torch sees it).
         trl_dev=$("$PY" -c "import json,sys; print('cuda' if json.load(open(sys.argv[1]))[0]['platform'] == 'gpu' else 'cpu')" \
             "$OUT/bench_${wp}_jax.json" 2>/dev/null || echo auto)
@@ -151,7 +156,7 @@ else
 fi
 # -v: one line per finished test, so a run cut by its limit still counts; no -x: one failure
 # does not hide the rest. With pytest-xdist (in the GPU image) GPU_CHECK_TEST_WORKERS processes
-# (default 4, tiny 2; 0: one process) share the device, allocating on demand instead of 75% each.
+# (default 8, tiny 2; 0: one process) share the device, allocating on demand instead of 75% each.
 WORKERS=${GPU_CHECK_TEST_WORKERS:-$DEFAULT_WORKERS}
 XDIST=()
 if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then

@@ -29,7 +29,7 @@ from jaxpref.data.padfree import to_stream
 from jaxpref.data.tokenize import Tokenized
 from jaxpref.models.layers import upcast_on_cpu
 from jaxpref.models.attention import (NO_WINDOW, MaskInfo, attention, block_rows, choose_backend,
-                                      dense_mask, key_intervals, _preset)
+                                      dense_mask, gather_keys, key_intervals, _preset)
 
 tokamax = pytest.importorskip("tokamax")
 
@@ -310,3 +310,21 @@ def test_fp32_is_fp32_unless_tf32_is_asked():
     assert _preset(jnp.float32, None) == _preset(jnp.float32, "highest") == p.F32_F32_F32
     assert _preset(jnp.float32, "tf32") == p.TF32_TF32_F32
     assert _preset(jnp.bfloat16, None) == p.BF16_BF16_F32
+
+
+def test_gathered_keys_backward_is_the_scatter_it_replaces():
+    """gather_keys' backward (a gather by the inverse permutation) equals the gradient of the plain
+    take_along_axis over key_intervals' real kv_src (a scatter-add), on a shared-prompt stream."""
+    rng = np.random.default_rng(3)
+    seg = jnp.asarray([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], jnp.int32)
+    br = jnp.asarray([[0, 0, 1, 1, 2, 2, 0, 1, 1, 2, 0, 0]], jnp.int32)
+    pos = jnp.asarray([[0, 1, 2, 3, 2, 3, 0, 1, 2, 1, 0, 0]], jnp.int32)
+    kv_src, _, _ = key_intervals(MaskInfo(seg, br, pos, None, None, None, True))
+    assert kv_src is not None and sorted(np.asarray(kv_src[0, 12:]).tolist()) == list(range(12))
+    x = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, 24, 2, 4)), jnp.float32)
+    ours = jax.grad(lambda x: (gather_keys(x, kv_src) * w).sum())(x)
+    plain = jax.grad(lambda x: (jnp.take_along_axis(x, kv_src[:, :, None, None], axis=1) * w).sum())(x)
+    np.testing.assert_array_equal(np.asarray(gather_keys(x, kv_src)),
+                                  np.asarray(jnp.take_along_axis(x, kv_src[:, :, None, None], axis=1)))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=0, atol=1e-6)

@@ -268,6 +268,32 @@ def key_intervals(info: MaskInfo) -> tuple[jax.Array | None, jax.Array, jax.Arra
     return kv_src, start, end
 
 
+def gather_keys(x: jax.Array, kv_src: jax.Array) -> jax.Array:
+    """x [B, T, H, D] -> the 2T key slots of `key_intervals`' kv_src ([arange(T) | a permutation
+    of each row]). Its backward gathers by the inverse permutation instead of scattering."""
+    t = x.shape[1]
+    return jnp.concatenate([x, _permute_rows(x, kv_src[:, t:])], axis=1)
+
+
+@jax.custom_vjp
+def _permute_rows(x: jax.Array, perm: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
+
+
+def _permute_rows_fwd(x, perm):
+    return _permute_rows(x, perm), perm
+
+
+def _permute_rows_bwd(perm, g):
+    rows, t = perm.shape
+    inverse = jnp.zeros_like(perm).at[jnp.arange(rows)[:, None], perm].set(
+        jnp.broadcast_to(jnp.arange(t, dtype=perm.dtype), perm.shape))
+    return jnp.take_along_axis(g, inverse[:, :, None, None], axis=1), None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def _run_start(seg: jax.Array) -> jax.Array:
     """[B, T] -> index where each token's run of equal values starts."""
     t = seg.shape[1]
@@ -310,8 +336,7 @@ def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl, softcap=N
     def call(q, k, v, seg, br, pos, window=None):
         kv_src, start, end = key_intervals(MaskInfo(seg, br, pos, None, None, window, info.shared_prompt))
         if kv_src is not None:
-            k = jnp.take_along_axis(k, kv_src[:, :, None, None], axis=1)
-            v = jnp.take_along_axis(v, kv_src[:, :, None, None], axis=1)
+            k, v = gather_keys(k, kv_src), gather_keys(v, kv_src)
         mask = tk[1].Mask(k_start=start[:, None, :], k_end=end[:, None, :])
         errors = []
         for name in impl:
