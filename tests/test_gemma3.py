@@ -180,3 +180,53 @@ def test_gguf_config_takes_what_transformers_leaves_out_for_gemma():
     assert g3.rope_parameters["sliding_attention"]["rope_type"] == "default"
     plain = _config(transformers.Gemma3TextConfig(), _Reader(**{"general.architecture": "gemma3"}))
     assert plain.rope_parameters["full_attention"]["rope_type"] == "default"
+
+
+@pytest.mark.slow   # transformers' 262k-vocabulary forward, ~1 min on a 2-core CPU
+def test_gemma3_270m_evaluate_logps_match_transformers(gemma3, tmp_path, capsys):
+    """`jaxpref.evaluate` on conversational pairs: each pair's summed completion log-probs equal
+    transformers' on the same GGUF, over the token ids TRL's DPOTrainer makes (its tokenisation
+    with this tokenizer is pinned by tests/test_data_trl.py)."""
+    import datasets
+    import json
+    import torch
+    import transformers
+    import yaml
+
+    from jaxpref import evaluate
+    from jaxpref.config import DatasetConfig
+    from jaxpref.data import tokenize
+
+    _, _, _, _, gguf_path = gemma3
+    user = lambda s: [{"role": "user", "content": s}]
+    bot = lambda s: [{"role": "assistant", "content": s}]
+    rows = [{"prompt": user("What is 2 + 2?"), "chosen": bot("4."), "rejected": bot("Five, I think.")},
+            {"prompt": user("Name a primary colour."), "chosen": bot("Red."), "rejected": bot("Purple.")}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "models": [{"name": "gemma3", "huggingface_id": f"pkg:{PKG}/{GGUF}"}],
+        "dataset": {"name": str(data)}, "post_training": {"method": "dpo", "beta": 0.1},
+        "training": {"per_device_eval_batch_size": 2, "max_length": 128, "vocab_chunk": 16384}}))
+    out = tmp_path / "out.jsonl"
+    assert evaluate.main(["--config", str(cfg), "--output", str(out), "--split", "train"]) == 0, capsys.readouterr().err
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+
+    source = resolve(f"pkg:{PKG}/{GGUF}", cache_root=_cache_root())
+    tok = load_tokenizer(source)
+    ids = tokenize.prepare(datasets.Dataset.from_list(rows), DatasetConfig(name="rows"), tok, "dpo")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=GGUF, dtype=torch.float32).eval()
+    worst = 0.0
+    for line in lines:
+        i = line["index"]
+        for key, comp in (("logps/chosen", ids.chosen[i]), ("logps/rejected", ids.rejected[i])):
+            seq = ids.prompt[i] + comp
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+            ref = sum(float(logp[t - 1, seq[t]]) for t in range(len(ids.prompt[i]), len(seq)))
+            worst = max(worst, abs(line[key] - ref))
+    assert [x["index"] for x in lines] == [0, 1] and ids.prompt[0][0] == tok.bos_token_id
+    print(f"Gemma 3 270M evaluate vs transformers: max|summed log-prob diff| = {worst:.1e}")
+    assert worst <= 2e-4   # 2.9e-5 measured
