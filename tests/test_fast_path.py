@@ -190,22 +190,25 @@ def test_padding_free_trains_like_the_plain_path(model_dir, pairs, fp32_runs, ki
     assert_same_run(m0, lora0, m1, lora1)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])   # Gemma 2's final-logit cap (logits ~N(0, 16) here)
 @pytest.mark.parametrize("chunk", [7, 32, 95])   # 95 = V - 1: a last chunk of one column
-def test_vocab_chunks_give_the_whole_head(chunk):
+def test_vocab_chunks_give_the_whole_head(chunk, softcap):
     from jaxpref.objectives.head import head_logps
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((16, VOCAB)), jnp.float32)
     t = jnp.asarray(rng.integers(0, VOCAB, (3, 5)), jnp.int32)
-    whole, chunked = head_logps(h, w, t, 0, need_wpo=True), head_logps(h, w, t, chunk, need_wpo=True)
+    whole, chunked = (head_logps(h, w, t, c, need_wpo=True, softcap=softcap) for c in (0, chunk))
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
-    f = lambda hh, ww, c: sum(jnp.sum(x * y) for x, y in zip(head_logps(hh, ww, t, c)[:2], (1.0, 0.5)))
+    f = lambda hh, ww, c: sum(jnp.sum(x * y) for x, y in zip(head_logps(hh, ww, t, c, softcap=softcap)[:2],
+                                                             (1.0, 0.5)))
     for a, b in zip(jax.grad(f, (0, 1))(h, w, 0), jax.grad(f, (0, 1))(h, w, chunk)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
     big = jax.ShapeDtypeStruct((8, 256, 16), jnp.float32), jax.ShapeDtypeStruct((16, 4096), jnp.float32), \
         jax.ShapeDtypeStruct((8, 256), jnp.int32)
-    temp = lambda c: jax.jit(jax.grad(lambda hh, ww, tt: jnp.sum(head_logps(hh, ww, tt, c)[0]))).lower(
+    loss = lambda c: lambda hh, ww, tt: jnp.sum(head_logps(hh, ww, tt, c, softcap=softcap)[0])
+    temp = lambda c: jax.jit(jax.grad(loss(c))).lower(
         *big).compile().memory_analysis().temp_size_in_bytes
     assert temp(512) < temp(0) / 2
 

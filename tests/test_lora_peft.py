@@ -36,6 +36,7 @@ from jaxpref.lora.peft import load_adapter, save_adapter
 from jaxpref.lora.merged import save_merged
 from jaxpref.models.attention import MaskInfo
 from jaxpref.lora.tree import LoraSpec, count, init_lora, resolve_targets, target_shapes
+from jaxpref.objectives.head import capped_logits
 from jaxpref.objectives.losses import LossSpec
 from jaxpref.models import ARCHITECTURES
 from jaxpref.models.source import resolve
@@ -63,6 +64,15 @@ CONFIGS = {
     "qwen3": lambda: transformers.Qwen3Config(**{**_DECODER, "head_dim": 32}),
     "olmo2": lambda: transformers.Olmo2Config(**_DECODER),
     "phi3": lambda: transformers.Phi3Config(**_DECODER, partial_rotary_factor=0.5),
+    # Gemma 2 with soft-caps that bite and a window of 4 on layer 0; Gemma 3 with q/k norms and a
+    # local layer (window 4, its own RoPE base) before a global one.
+    "gemma": lambda: transformers.GemmaConfig(**_DECODER, head_dim=32),
+    "gemma2": lambda: transformers.Gemma2Config(**_DECODER, head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+                                                attn_logit_softcapping=0.3, final_logit_softcapping=0.8),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **_DECODER, head_dim=32, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_NEOX),
     "gpt2": lambda: transformers.GPT2Config(**_GPT2),
     # Same family as llama, other widths: an adapter for it does not fit the tiny llama.
@@ -76,6 +86,9 @@ ATTENTION = {
     "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "olmo2": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "phi3": ("qkv_proj", "o_proj"),   # the fused modules, as PEFT names them
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma3_text": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "gpt_neox": ("query_key_value", "dense"),
     "gpt2": ("c_attn", "c_proj"),   # c_proj also names GPT-2's MLP output, as in PEFT
 }
@@ -165,7 +178,8 @@ def _our_logits(b: Base, lora=None, spec: LoraSpec | None = None) -> np.ndarray:
     """Logits [2, T, V] float32; with `lora`, the adapter applied at `spec.scale`."""
     bundle = b.bundle if spec is None else b.bundle.with_args(lora_scale=spec.scale)
     h = bundle.hidden(b.params, lora, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32), MASK)
-    return np.asarray(jnp.matmul(h, bundle.head(b.params), precision="highest"))  # fp32 on GPUs too
+    logits = jnp.matmul(h, bundle.head(b.params), precision="highest")  # fp32 on GPUs too
+    return np.asarray(capped_logits(logits, bundle.args.spec().final_logit_softcap))   # Gemma 2's LM head
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.source import resolve
 from jaxpref.models.weights import build, load_params
+from jaxpref.objectives.head import capped_logits
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
@@ -68,6 +69,27 @@ CONFIGS = {
                                                            partial_rotary_factor=0.5, sliding_window=3),
     "phi3_longrope_short": lambda: _phi3_longrope(16),
     "phi3_longrope_long": lambda: _phi3_longrope(4),
+    # Gemma: embeddings times sqrt(hidden), RMSNorms of (1 + weight), GeGLU, head_dim 32 (not
+    # hidden / heads), tied embeddings (or not, with biases).
+    "gemma": lambda: transformers.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=32),
+    "gemma_untied_bias": lambda: transformers.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=32,
+                                                          tie_word_embeddings=False, attention_bias=True),
+    # Gemma 2: norms before and after both sublayers, scores scaled by 1/sqrt(24) (not head_dim),
+    # a window of 3 positions on layer 0 (the default alternation), and soft-caps small enough to
+    # change the logits (`test_gemma_softcaps_local_rope_matter`).
+    "gemma2": lambda: transformers.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=32,
+                                                query_pre_attn_scalar=24, sliding_window=3,
+                                                attn_logit_softcapping=0.3, final_logit_softcapping=0.8),
+    # Gemma 3: per-head q/k norms; layer 0 local (window of 3, RoPE base 10k), layer 1 global
+    # (base 1M, linear scaling x4); and the soft-caps a Gemma 3 config can hold: the final one
+    # applies, the attention one does not (transformers' Gemma 3 never passes it to attention).
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **TINY, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters=_GEMMA3_ROPE),
+    "gemma3_softcap": lambda: transformers.Gemma3TextConfig(
+        **TINY, num_key_value_heads=2, head_dim=32, sliding_window=3,
+        layer_types=["full_attention", "sliding_attention"], rope_parameters=_GEMMA3_ROPE, attn_logit_softcapping=0.3, final_logit_softcapping=0.8,
+        attn_implementation="eager"),   # sdpa does not take the soft-cap
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
                                                             use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,
@@ -75,6 +97,10 @@ CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(**GPT2),
     "gpt2_inverse_layer_scale": lambda: transformers.GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True),
 }
+
+_GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+
 
 def _phi3_longrope(original: int):
     """Phi-4-mini's shape of RoPE: 3/4 of each head rotated (6 frequencies here), LongRoPE."""
@@ -118,7 +144,9 @@ def _our_logits(path, **options) -> np.ndarray:
     params = bundle.runtime_params(load_params(bundle))
     hidden = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32),
                            _mask(VALID))
-    return np.asarray(jnp.matmul(hidden, bundle.head(params), precision="highest"))  # fp32 on GPUs too
+    logits = jnp.matmul(hidden, bundle.head(params), precision="highest")  # fp32 on GPUs too
+    # Gemma 2's final soft-cap, as the LM head applies it (`head_logps`, tested below).
+    return np.asarray(capped_logits(logits, bundle.args.spec().final_logit_softcap))
 
 
 def _max_diff(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -213,7 +241,7 @@ def test_flax_msgpack_matches(name, bare, tmp_path, saved):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox_parallel", "gpt2_inverse_layer_scale", "olmo2",
-                                  "phi3_longrope_long"])
+                                  "phi3_longrope_long", "gemma3_softcap"])
 def test_layer_loop_matches_transformers(name, saved):
     """`scan_layers: false`: the same model run as a loop over per-layer weights."""
     path, ref, _ = saved(name)
@@ -279,12 +307,14 @@ def test_recompute_activations_keeps_gradients_in_less_memory(name, saved):
 
 
 @pytest.mark.parametrize("name,sliding", [("qwen2_window_some_layers", (False, True)),
-                                          ("qwen2_window_layer_types", (True, False))])
+                                          ("qwen2_window_layer_types", (True, False)),
+                                          ("gemma2", (True, False)), ("gemma3", (True, False))])
 def test_window_on_some_layers_matches_transformers(name, sliding, saved):
     """A window of 3 positions (rows of 5-6 tokens) on only some layers, read per layer as a traced
     window under the scan and as a constant in the layer loop (each also under gradient
     checkpointing's remat, where the loop's layer index is traced too): transformers' logits. The
-    same weights with the window on every layer, or on none, give other logits: the test can fail."""
+    same weights with the window on every layer, or on none, give other logits: the test can fail.
+    Gemma 3's local layers also read their own RoPE, picked the same way."""
     path, ref, model = saved(name)
     bundle = build(resolve(str(path)))
     assert (bundle.args.sliding_window, bundle.args.sliding_layers) == (3, sliding)
@@ -312,6 +342,60 @@ def test_longrope_factors_matter(name, saved):
         type(model.config)(**{**model.config.to_dict(), "rope_parameters": rope}), dtype=torch.float32).eval()
     other.load_state_dict(model.state_dict())
     assert _max_diff(_hf_logits(other), ref) > 1e-3
+
+
+@pytest.mark.parametrize("name,change", [
+    ("gemma2", {"attn_logit_softcapping": None}), ("gemma2", {"final_logit_softcapping": None}),
+    ("gemma3_softcap", {"final_logit_softcapping": None}),
+    ("gemma3", {"rope_parameters": {**_GEMMA3_ROPE, "sliding_attention": _GEMMA3_ROPE["full_attention"]}}),
+    ("gemma3", {"rope_parameters": {**_GEMMA3_ROPE, "full_attention": _GEMMA3_ROPE["sliding_attention"]}})])
+def test_gemma_softcaps_local_rope_matter(name, change, saved):
+    """The Gemma cases pin the soft-caps and the two RoPEs: without a cap, or with the local layers
+    reading the global RoPE (or the reverse), transformers' logits move, so matching them above
+    means each was applied where transformers applies it."""
+    _, ref, model = saved(name)
+    other = transformers.AutoModelForCausalLM.from_config(
+        type(model.config)(**{**model.config.to_dict(), **change}), dtype=torch.float32).eval()
+    other.load_state_dict(model.state_dict())
+    assert _max_diff(_hf_logits(other), ref) > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [0, 48])
+def test_final_logit_softcap_reaches_the_log_probs(chunk, saved):
+    """Gemma 2's final-logit soft-cap in the LM head the loss reads (`head_logps`), over the whole
+    vocabulary and in chunks of 48 of its 128 columns (the last chunk overlapping): the log-probs
+    of each next token are transformers' log-softmax of its capped logits, and the mean logit
+    theirs."""
+    from jaxpref.objectives.head import head_logps
+
+    path, ref, _ = saved("gemma2")
+    bundle = build(resolve(str(path)))
+    params = load_params(bundle)
+    hidden = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32), _mask(VALID))
+    tgt = np.roll(IDS, -1, axis=1)
+    logp, mean_logit, _ = head_logps(hidden, bundle.head(params), jnp.asarray(tgt, jnp.int32), chunk,
+                                     softcap=bundle.args.spec().final_logit_softcap)
+    want = torch.log_softmax(torch.tensor(ref, dtype=torch.float64), -1).numpy()
+    want = np.take_along_axis(want, tgt[..., None], -1)[..., 0]
+    keep = VALID.astype(bool)
+    assert np.abs(np.asarray(logp)[keep] - want[keep]).max() <= 1e-5
+    assert np.abs(np.asarray(mean_logit)[keep] - ref.mean(-1)[keep]).max() <= 1e-5
+
+
+def test_gemma_rmsnorm_matches_transformers_in_bf16():
+    """Gemma's RMSNorm multiplies by (1 + weight) in fp32, then rounds: `Norm(unit_offset=True)`
+    gives its bf16 outputs bit for bit."""
+    from jaxpref.models.layers import Norm
+
+    rng = np.random.default_rng(0)
+    x = torch.tensor(3 * rng.standard_normal((64, 256)), dtype=torch.bfloat16)
+    norm = transformers.models.gemma.modeling_gemma.GemmaRMSNorm(256, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor(0.3 * rng.standard_normal(256)))
+        ref = norm(x).float().numpy()
+    scale, xj = (jnp.asarray(t.detach().float().numpy(), jnp.bfloat16) for t in (norm.weight, x))
+    ours = Norm(1e-6, False, jnp.bfloat16, jnp.bfloat16, unit_offset=True).apply({"params": {"scale": scale}}, xj)
+    np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), ref)
 
 
 @pytest.mark.parametrize("family,fp32_scale", [("olmo2", True), ("llama", False)])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models import gpt2, gpt_neox, llama, olmo2, phi3, qwen3
+from jaxpref.models import gemma, gpt2, gpt_neox, llama, olmo2, phi3, qwen3
 from jaxpref.models.blocks import Decoder, head_weight
 from jaxpref.models.spec import ArchArgs, WeightRule
 
@@ -49,6 +49,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": _LLAMA,
     "qwen3": dataclasses.replace(_LLAMA, args_cls=qwen3.Qwen3Args, weights=qwen3.WEIGHTS),
     "olmo2": dataclasses.replace(_LLAMA, args_cls=olmo2.Olmo2Args, weights=olmo2.WEIGHTS),
+    **{family: dataclasses.replace(_LLAMA, args_cls=gemma.GemmaArgs, weights=gemma.WEIGHTS)
+       for family in gemma.FAMILIES},
     "phi3": Architecture(phi3.Phi3Args, Decoder, phi3.WEIGHTS, head_weight,
                          ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
                          ignored=(r".*rotary_emb\.inv_freq",),

@@ -15,6 +15,10 @@ windowed and full layers. Query i sees key j when both are in the same segment, 
 j is shared or on i's branch, and pos_i - pos_j < window; a padding query sees only itself.
 That is `step.attention_mask` + `layers.sliding_window`, and `dense_mask` rebuilds it exactly.
 
+Gemma 2's attention-logit soft-cap (`softcap`: tanh(s / cap) * cap of the scaled scores before the
+mask) reaches every backend: the XLA paths write the softmax out (jax.nn.dot_product_attention takes
+no cap), tokamax takes it as `logits_soft_cap`.
+
 Backends:
 - "xla": the dense mask and `jax.nn.dot_product_attention`, today's numbers bit for bit. Holds
   [rows, heads, T, S] fp32 scores: for short rows only.
@@ -90,25 +94,27 @@ class MaskInfo:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, backend: str = "auto",
               precision: str | None = None, chunk: int = CHUNK, mesh=None,
-              batch_axes: tuple[str, ...] = ("data", "fsdp"), flash_impl: tuple[str, ...] | None = None
-              ) -> jax.Array:
+              batch_axes: tuple[str, ...] = ("data", "fsdp"), flash_impl: tuple[str, ...] | None = None,
+              softcap: float | None = None) -> jax.Array:
     """q [B,T,N,H], k/v [B,T,K,H] (grouped-query when K < N, N % K == 0) -> [B,T,N,H] q.dtype.
 
     `backend`: auto | xla | xla_chunked | flash (`choose_backend`). `precision` for fp32 inputs:
     None (XLA's default, today's path), "highest" (true fp32 products on GPU) or "tf32".
     `flash_impl` overrides the tokamax implementations tried in order (names of
-    `tokamax...attention.api.IMPLEMENTATIONS` or op objects; tests: ("xla",), its reference)."""
+    `tokamax...attention.api.IMPLEMENTATIONS` or op objects; tests: ("xla",), its reference).
+    `softcap`: scores s = q.k / sqrt(H) become tanh(s / softcap) * softcap before the mask and
+    the softmax (Gemma 2's attention-logit soft-cap), in every backend."""
     if info.blk_idx is not None:
-        return _in_blocks(q, k, v, info, backend, precision, chunk, mesh, batch_axes, flash_impl)
+        return _in_blocks(q, k, v, info, backend, precision, chunk, mesh, batch_axes, flash_impl, softcap)
     rows, t, n, _ = q.shape
     if backend == "auto":
         backend = choose_backend("auto", jax.default_backend(), q.dtype, rows, t, t, n)
     if backend == "xla":
-        return _with_precision(precision, q.dtype, _dense, q, k, v, info)
+        return _with_precision(precision, q.dtype, _dense, q, k, v, info, softcap)
     if backend == "xla_chunked":
-        return _with_precision(precision, q.dtype, _chunked, q, k, v, info, chunk)
+        return _with_precision(precision, q.dtype, _chunked, q, k, v, info, chunk, softcap)
     if backend == "flash":
-        return _flash(q, k, v, info, precision, mesh, batch_axes, flash_impl)
+        return _flash(q, k, v, info, precision, mesh, batch_axes, flash_impl, softcap)
     raise ValueError(f"training.attention: unknown backend `{backend}` (one of {', '.join(BACKENDS)})")
 
 
@@ -150,22 +156,38 @@ def _rule(qt: tuple, kt: tuple, window) -> jax.Array:
     return allowed
 
 
-def _dense(q, k, v, info: MaskInfo) -> jax.Array:
+def _dense(q, k, v, info: MaskInfo, softcap: float | None = None) -> jax.Array:
     """Today's `layers._attend`: one [B, N, T, S] softmax through jax.nn.dot_product_attention."""
-    mask = dense_mask(info)[:, None]
-    if upcast_on_cpu(q.dtype):
-        f = jnp.float32
-        return jax.nn.dot_product_attention(q.astype(f), k.astype(f), v.astype(f), mask=mask).astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return _softmax_attention(q, k, v, dense_mask(info)[:, None], softcap)
 
 
-def _chunked(q, k, v, info: MaskInfo, chunk: int) -> jax.Array:
+def _softmax_attention(q, k, v, mask, softcap: float | None) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] bool -> [B, T, N, H] q.dtype.
+    Without a soft-cap, jax.nn.dot_product_attention; with one (which it does not take), the same
+    steps written out: fp32 scores scaled by 1/sqrt(H), capped, masked, an fp32 softmax."""
+    dtype = q.dtype
+    if upcast_on_cpu(dtype):
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    if softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(dtype)
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)                       # query heads grouped by their K/V head
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = s * jnp.asarray(1.0 / math.sqrt(h), jnp.float32)
+    s = jnp.tanh(s / softcap) * softcap
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)   # [B, 1, 1, T, S] over K, G
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h).astype(dtype)
+
+
+def _chunked(q, k, v, info: MaskInfo, chunk: int, softcap: float | None = None) -> jax.Array:
     """`_dense` over blocks of `chunk` queries: each block's mask [B, c, S] and scores
     [B, N, c, S] exist one block at a time, in the forward and (rematerialised) in the backward.
     Each query's softmax still runs over all its keys at once, as in `_dense`."""
     rows, t = q.shape[:2]
     if t <= chunk:
-        return _dense(q, k, v, info)
+        return _dense(q, k, v, info, softcap)
     nc = -(-t // chunk)
     pad = nc * chunk - t
     idx = jnp.broadcast_to(jnp.arange(t), (rows, t))
@@ -179,12 +201,7 @@ def _chunked(q, k, v, info: MaskInfo, chunk: int) -> jax.Array:
     @jax.checkpoint
     def block(args):
         qb, *tok = args
-        mask = _rule(tuple(tok), keys, info.window)[:, None]
-        if upcast_on_cpu(q.dtype):
-            f = jnp.float32
-            return jax.nn.dot_product_attention(qb.astype(f), k.astype(f), v.astype(f),
-                                                mask=mask).astype(q.dtype)
-        return jax.nn.dot_product_attention(qb, k, v, mask=mask)
+        return _softmax_attention(qb, k, v, _rule(tuple(tok), keys, info.window)[:, None], softcap)
 
     out = jax.lax.map(block, (split(qp), *[split(a) for a in qtok]))
     return jnp.moveaxis(out, 0, 1).reshape(rows, nc * chunk, *q.shape[2:])[:, :t]
@@ -308,12 +325,13 @@ def _tokamax():
     return api, base
 
 
-def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl) -> jax.Array:
+def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl, softcap=None) -> jax.Array:
     tk = _tokamax()
     if tk is None:
         raise ValueError("training.attention: flash needs tokamax (uv sync --extra flash)")
     impl = impl or _flash_impl(jax.default_backend(), q.dtype)
     preset = _preset(q.dtype, precision)
+    capped = {} if softcap is None else {"logits_soft_cap": softcap}   # after tokamax's 1/sqrt(H)
 
     def call(q, k, v, seg, br, pos, window=None):
         kv_src, start, end = key_intervals(MaskInfo(seg, br, pos, None, None, window, info.shared_prompt))
@@ -324,7 +342,7 @@ def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl) -> jax.Ar
         for name in impl:
             op = tk[0].IMPLEMENTATIONS[name] if isinstance(name, str) else name
             try:
-                return op(q, k, v, mask=mask, precision=preset)
+                return op(q, k, v, mask=mask, precision=preset, **capped)
             except NotImplementedError as e:  # this kernel refuses the shape/dtype: the next one
                 errors.append(f"{name}: {e}")
         raise ValueError("training.attention: no flash kernel takes this call (" + "; ".join(errors) + ")")

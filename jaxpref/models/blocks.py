@@ -19,18 +19,22 @@ others' graphs stay as they are. The knobs so far, and where the next ones go:
 - Qwen3 (RMSNorm over each head of q and k before RoPE), OLMo 2 (the same over the full
   q/k width): `AttnSpec.qk_norm` naming the two norms (`qk_norm_full_width`), applied in
   `Attention` right after `_project_qkv`.
-- Gemma 1/2/3: `DecoderSpec.embed_scale` (sqrt(hidden)) in `Decoder`; a unit-offset form of
-  `layers.Norm` (1 + weight); GeGLU is already `MLPSpec(up=(gate, up),
+- Gemma 1/2/3 (`gemma.py`): `DecoderSpec.embed_scale` (sqrt(hidden), in the compute dtype) in
+  `Decoder`; `DecoderSpec.norm_unit_offset`, RMSNorms that multiply by (1 + weight) in fp32
+  (`layers.Norm(unit_offset=True)`); GeGLU is `MLPSpec(up=(gate, up),
   activation="gelu_pytorch_tanh")`; query_pre_attn_scalar is `AttnSpec.q_scale`; the
-  attention-logit soft-cap a tanh in `layers.attention`, the final-logit one where the LM head
-  forms logits (`jaxpref/head.py`); pre+post norms: `DecoderSpec.post_norms` (done for OLMo 2,
-  whose `norms` are None: no norm before the sublayers), applied to the sublayer outputs in
-  `DecoderBlock`; their fp32 multiply by the weight is `DecoderSpec.norm_fp32_scale`.
+  attention-logit soft-cap is `AttnSpec.logit_softcap` (every backend of `attention.py`), the
+  final-logit one `DecoderSpec.final_logit_softcap`, applied where the LM head forms logits
+  (`objectives/head.py`); pre+post norms: `norms` and `DecoderSpec.post_norms` (OLMo 2 has only
+  the post ones: its `norms` are None), the latter applied to the sublayer outputs in
+  `DecoderBlock`; OLMo 2's fp32 multiply by the weight is `DecoderSpec.norm_fp32_scale`.
 - Per-layer choices: tuples with one entry per layer in the spec, read in the block at its
   `layer` index (a traced int32 under `nn.scan`, which still compiles one layer). Windows are
   `DecoderSpec.layer_windows` (a window on only some Qwen2 layers; Gemma 2/3's
   alternating local/global layers), which the block turns into this layer's `MaskInfo.window`.
-  Gemma 3's per-layer RoPE bases would follow the same way.
+  Gemma 3's local layers read their own RoPE (`DecoderSpec.local_rope`, its base
+  `rope_local_base_freq`) where `local_rope_layers` marks them: both tables are computed once,
+  each layer selects its own.
 - Phi-3's fused `qkv_proj` ([q | k | v], grouped-query widths) is a one-name
   `AttnSpec.qkv`; its fused `gate_up_proj` is `MLPSpec.fused_up`: one `up` projection of twice
   the width, split into gate and up before the activation; LongRoPE is a `RopeSpec.scaling`.
@@ -73,6 +77,9 @@ class AttnSpec:
     # weights), OLMo 2's over all heads at once with `qk_norm_full_width` ([N*H] and [K*H]).
     qk_norm: tuple[str, str] | None = None
     qk_norm_full_width: bool = False
+    # Scores s (after the 1/sqrt(head_dim) and q_scale) become tanh(s / cap) * cap before the
+    # softmax (Gemma 2's `attn_logit_softcapping`). None: no cap.
+    logit_softcap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,17 @@ class DecoderSpec:
     # Per layer (one entry each, None: full attention) when only some layers have a window: Qwen2's
     # `max_window_layers`, Gemma 2/3's local/global layers. (): `sliding_window` for all. `windows`.
     layer_windows: tuple[int | None, ...] = ()
+    # The token embeddings times this, in the compute dtype (Gemma: sqrt(hidden_size)). None: 1.
+    embed_scale: float | None = None
+    # RMSNorms multiply by (1 + weight) in fp32, then round (Gemma); the stored weight is HF's.
+    norm_unit_offset: bool = False
+    # The LM head's logits z become tanh(z / cap) * cap (Gemma 2's `final_logit_softcapping`);
+    # `objectives/head.py` applies it. None: no cap.
+    final_logit_softcap: float | None = None
+    # A second RoPE for the layers marked in `local_rope_layers` (one entry per layer): Gemma 3's
+    # local (sliding) layers, base `rope_local_base_freq`; the others read `rope`.
+    local_rope: RopeSpec | None = None
+    local_rope_layers: tuple[bool, ...] = ()
 
 
 def windows(window: int | None, sliding: tuple[bool, ...] = ()) -> dict:
@@ -151,7 +169,8 @@ def _linear(a: ArchArgs, features: int, bias: bool, name: str) -> Linear:
 
 
 def _norm(a: ArchArgs, s: DecoderSpec, name: str) -> Norm:
-    return Norm(s.norm_eps, s.layer_norm, a.dtype, a.param_dtype, name=name, fp32_scale=s.norm_fp32_scale)
+    return Norm(s.norm_eps, s.layer_norm, a.dtype, a.param_dtype, name=name, fp32_scale=s.norm_fp32_scale,
+                unit_offset=s.norm_unit_offset)
 
 
 def _maybe_norm(a: ArchArgs, s: DecoderSpec, name: str | None):
@@ -180,7 +199,7 @@ class Attention(nn.Module):
             q = q * jnp.asarray(s.q_scale, q.dtype)
         if s.inverse_layer_scale:
             q = q / (layer + 1).astype(q.dtype)
-        attend = _attention(a.attention, a.matmul_precision, a.mesh)
+        attend = _attention(a.attention, a.matmul_precision, a.mesh, s.logit_softcap)
         attend = jax.checkpoint(attend) if a.recompute_activations else attend
         # The one place every architecture attends: where a generation KV cache will be read and
         # written.
@@ -189,10 +208,10 @@ class Attention(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _attention(backend: str, precision: str | None, mesh):
+def _attention(backend: str, precision: str | None, mesh, softcap: float | None = None):
     """The attention core with the run's backend, one function object per setting (so that
     `jax.checkpoint` reuses its trace across layers)."""
-    return functools.partial(attention, backend=backend, precision=precision, mesh=mesh)
+    return functools.partial(attention, backend=backend, precision=precision, mesh=mesh, softcap=softcap)
 
 
 def _project_qkv(a: ArchArgs, s: AttnSpec, h: jax.Array):
@@ -253,6 +272,8 @@ class DecoderBlock(nn.Module):
         a = self.args
         s = a.spec()
         rope, mask = shared
+        if s.local_rope is not None:
+            rope = _layer_rope(s.local_rope_layers, rope, layer)
         if s.layer_windows:
             mask = dataclasses.replace(mask, window=_layer_window(s.layer_windows, layer))
         norm_attn, norm_mlp = (_maybe_norm(a, s, name) for name in s.norms)
@@ -285,11 +306,13 @@ class Decoder(nn.Module):
                              a.param_dtype)
             x = x + jnp.take(wpe, positions, axis=0)
         x = x.astype(a.dtype)
+        if s.embed_scale is not None:
+            x = x * jnp.asarray(s.embed_scale, a.dtype)
         rope = None
         if s.rope is not None:
-            scaling = dict(s.rope.scaling) if s.rope.scaling else None
-            rope = rope_cos_sin(positions, rope_inv_freq(s.rope.dim, s.rope.theta, scaling, positions),
-                                rope_attention_factor(scaling))
+            rope = _rope_tables(s.rope, positions)
+        if s.local_rope is not None:  # (global, local): each layer picks its own (`_layer_rope`)
+            rope = (rope, _rope_tables(s.local_rope, positions))
         if s.sliding_window is not None:
             mask = dataclasses.replace(mask, window=s.sliding_window)
         layers = stacked(DecoderBlock, a, in_axes=(nn.broadcast, 0))(a, name="layers")
@@ -299,6 +322,21 @@ class Decoder(nn.Module):
         if not a.tie_word_embeddings:
             self.param(s.head, init, (a.hidden_size, a.vocab_size), a.param_dtype)
         return _norm(a, s, s.final_norm)(x)
+
+
+def _rope_tables(r: RopeSpec, positions: jax.Array):
+    """positions [B, T] -> (cos, sin) [B, T, r.dim] fp32 of this RoPE."""
+    scaling = dict(r.scaling) if r.scaling else None
+    return rope_cos_sin(positions, rope_inv_freq(r.dim, r.theta, scaling, positions), rope_attention_factor(scaling))
+
+
+def _layer_rope(local: tuple[bool, ...], ropes, layer):
+    """(global, local) RoPE tables -> this layer's: a Python choice in the layer loop; a select on
+    a per-layer table under `nn.scan`, where the layer index is traced."""
+    if isinstance(layer, (int, np.integer)):
+        return ropes[1] if local[int(layer)] else ropes[0]
+    pick = jnp.asarray(np.array(local, bool))[layer]
+    return tuple(jnp.where(pick, lo, gl) for gl, lo in zip(*ropes))
 
 
 def head_weight(params: dict, args: ArchArgs) -> jax.Array:

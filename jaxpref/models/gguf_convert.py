@@ -1,7 +1,11 @@
 """GGUF -> a cached Hugging Face-style directory (config.json, model.safetensors fp32, tokenizer).
 
-The tensors are dequantised with the `gguf` package. llama.cpp permutes the rows of Llama's q_proj
-and k_proj for its rotary layout; that is undone here. The config and tokenizer are read by
+The tensors are dequantised with the `gguf` package (every type it reads: F32/F16/BF16, Q4_0 to
+Q8_0, the K-quants Q2_K to Q6_K, ...). llama.cpp permutes the rows of Llama's q_proj and k_proj for
+its rotary layout, and stores Gemma's RMSNorm weights plus one (its norm multiplies by the weight,
+Gemma's by 1 + weight); both are undone here. A Gemma GGUF without a chat template (those
+converted from Google's base checkpoints) gets Gemma's (`chat_templates/gemma.jinja`, Google's
+Gemma 3 template: `<start_of_turn>user ... <end_of_turn>`). The config and tokenizer are read by
 transformers' own GGUF support, which imports torch: in a process that hides torch (the jaxpref
 command lines, jaxpref/runtime/no_torch.py) the conversion runs in a child Python. Conversion happens once;
 later runs read the cache.
@@ -42,13 +46,22 @@ _GGUF_NAMES = [
     (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{}.self_attn.q_norm.weight"),
     (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{}.self_attn.k_norm.weight"),
 ]
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# Gemma 2/3: a norm before and after each sublayer; llama.cpp's `ffn_norm` is the one before the MLP.
+_GEMMA_NAMES = [
+    (r"blk\.(\d+)\.post_attention_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{}.post_feedforward_layernorm.weight"),
+]
+# Gemma 1 is not here: transformers reads no config from its GGUF files.
+GEMMA = ("gemma2", "gemma3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3") + GEMMA
+GEMMA_TEMPLATE = Path(__file__).with_name("chat_templates") / "gemma.jinja"
 PROGRESS_FD = "JAXPREF_PROGRESS_FD"  # the child's descriptor for its bar (the parent's terminal)
 CONVERTER_VERSION = 2  # part of the cache key: a fixed converter never reuses an old conversion
 
 
-def _hf_name(name: str) -> str | None:
-    for pat, out in _GGUF_NAMES:
+def _hf_name(name: str, arch: str) -> str | None:
+    for pat, out in (_GEMMA_NAMES if arch in GEMMA else []) + _GGUF_NAMES:
         m = re.fullmatch(pat, name)
         if m:
             return out.format(*m.groups())
@@ -81,13 +94,14 @@ def gguf_metadata(path: Path, cache_root: Path) -> Path:
         return out
     from transformers import AutoConfig, AutoTokenizer
 
+    import gguf
     try:
-        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        reader = gguf.GGUFReader(str(path))
+        cfg = _config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), reader)
+        tok = _tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), reader)
     except Exception as e:
         raise ModelSourceError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".splitlines()[0])
-    import gguf
-    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    names = {t.name for t in reader.tensors}
     cfg.tie_word_embeddings = "output.weight" not in names
     tmp = out.with_name(out.name + ".meta.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -145,15 +159,17 @@ def _convert(path: Path, cache_root: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    cfg = _config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), reader)
     tensors = {}
     for t in _bar(list(reader.tensors), path.name):
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, arch)
         if name is None:
             continue
         w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim != len(t.shape) else w
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if arch in GEMMA and name.endswith("norm.weight"):
+            w = w - np.float32(1.0)
+        elif arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rows(w, cfg.num_attention_heads)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rows(w, cfg.num_key_value_heads)
@@ -162,12 +178,40 @@ def _convert(path: Path, cache_root: Path) -> Path:
     cfg.save_pretrained(tmp)
     save_file(tensors, str(tmp / "model.safetensors"))
     del tensors
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = _tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), reader)
     tok.save_pretrained(tmp)
     (tmp / "jaxpref_source.json").write_text(json.dumps({"gguf": path.name}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _config(cfg, reader):
+    """transformers' config of a GGUF, with what it leaves out for Gemma: the soft-caps llama.cpp
+    writes for Gemma 2 (transformers takes its defaults); Gemma 3's linear RoPE scaling of the
+    global layers (4B and larger); and Gemma 2 27B's score scale, which llama.cpp decides by the
+    layer count (46): 1/sqrt(hidden / heads) there, 1/sqrt(head_dim) elsewhere."""
+    arch = str(reader.fields["general.architecture"].contents())
+    field = lambda key: reader.fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in reader.fields else None
+    if arch not in GEMMA:
+        return cfg
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if field(key) is not None:
+            setattr(cfg, key, float(field(key)))
+    if arch == "gemma2" and cfg.num_hidden_layers == 46:
+        cfg.query_pre_attn_scalar = cfg.hidden_size // cfg.num_attention_heads
+    factor = field("rope.scaling.factor")
+    if arch == "gemma3" and str(field("rope.scaling.type")) == "linear" and factor not in (None, 1.0):
+        cfg.rope_parameters["full_attention"].update(rope_type="linear", factor=float(factor))
+    return cfg
+
+
+def _tokenizer(tok, reader):
+    """transformers' tokenizer of a GGUF, with Gemma's chat template where a Gemma GGUF has none."""
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch in GEMMA and "tokenizer.chat_template" not in reader.fields and not tok.chat_template:
+        tok.chat_template = GEMMA_TEMPLATE.read_text(encoding="utf-8")
+    return tok
 
 
 def _in_child(step: str, path: Path, cache_root: Path) -> None:

@@ -101,15 +101,20 @@ class Norm(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     fp32_scale: bool = False   # RMSNorm: scale * x in fp32, then rounded (OLMo 2's RMSNorm)
+    # RMSNorm: (1 + scale) * x in fp32, then rounded; the stored scale starts at 0 (Gemma's RMSNorm).
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param("scale", init, (d,), self.param_dtype)
         x32 = x.astype(jnp.float32)
         if not self.centered:
             # transformers' LlamaRMSNorm rounds to the compute dtype before the scale multiplies.
             x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            if self.unit_offset:
+                return ((1.0 + scale.astype(jnp.float32)) * x32).astype(self.dtype)
             if self.fp32_scale:
                 return (scale.astype(jnp.float32) * x32).astype(self.dtype)
             return scale.astype(self.dtype) * x32.astype(self.dtype)

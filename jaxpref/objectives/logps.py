@@ -19,7 +19,7 @@ def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = Fal
     hidden = bundle.hidden(params, lora, mb.input_ids, mb.positions, MaskInfo.from_batch(mb), rngs=rngs)
     h = jnp.take_along_axis(hidden, mb.tgt_src[..., None], axis=1)
     return head_logps(h, bundle.head(params), mb.tgt_ids, bundle.args.vocab_chunk, need_wpo,
-                      bundle.args.matmul_precision)
+                      bundle.args.matmul_precision, bundle.args.spec().final_logit_softcap)
 
 
 def _seg_sum(x: jax.Array, seq: jax.Array, s: int) -> jax.Array:
