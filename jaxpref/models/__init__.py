@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models import gpt2, gpt_neox, llama, olmo2, phi3, qwen3
+from jaxpref.models import gpt2, gpt_neox, llama, mixtral, olmo2, phi3, qwen3, qwen3_moe
 from jaxpref.models.blocks import Decoder, head_weight
 from jaxpref.models.spec import ArchArgs, WeightRule
 
@@ -43,12 +43,21 @@ _LLAMA = Architecture(llama.LlamaArgs, Decoder, llama.WEIGHTS, head_weight,
                       ignored=(r".*rotary_emb\.inv_freq",),
                       sharding=(("q_proj", "col"), ("k_proj", "col"), ("v_proj", "col"), ("o_proj", "row"),
                                 ("gate_proj", "col"), ("up_proj", "col"), ("down_proj", "row")))
+# Mixtures of experts: the router `gate` [D, E] and the experts' stacked kernels `gate_up_proj`
+# [E, D, 2I] / `down_proj` [E, I, D] (split like their dense namesakes, the expert axis whole).
+# `all-linear` covers them as PEFT's does on transformers 5 (the router and experts as parameters).
+_MOE = dataclasses.replace(
+    _LLAMA, linear_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate", "gate_up_proj", "down_proj"),
+    sharding=(("q_proj", "col"), ("k_proj", "col"), ("v_proj", "col"), ("o_proj", "row"),
+              ("gate_up_proj", "col"), ("down_proj", "row")))
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": dataclasses.replace(_LLAMA, args_cls=qwen3.Qwen3Args, weights=qwen3.WEIGHTS),
     "olmo2": dataclasses.replace(_LLAMA, args_cls=olmo2.Olmo2Args, weights=olmo2.WEIGHTS),
+    "mixtral": dataclasses.replace(_MOE, args_cls=mixtral.MixtralArgs, weights=mixtral.WEIGHTS),
+    "qwen3_moe": dataclasses.replace(_MOE, args_cls=qwen3_moe.Qwen3MoeArgs, weights=qwen3_moe.WEIGHTS),
     "phi3": Architecture(phi3.Phi3Args, Decoder, phi3.WEIGHTS, head_weight,
                          ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
                          ignored=(r".*rotary_emb\.inv_freq",),
