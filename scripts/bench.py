@@ -54,6 +54,10 @@ def parse_args(argv=None):
                          "cuda when torch sees one")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="nominal dense peak for MFU (default: 989 on an H100/H200, else no MFU)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the timed steps, trace --profile-steps more under jax.profiler into DIR "
+                         "and write DIR/summary.txt (scripts/profile_summary.py; jaxpref side only)")
+    ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override by dotted path, as in jaxpref.train")
     ap.add_argument("--side", choices=("jax", "trl"), default=None, help=argparse.SUPPRESS)
@@ -281,6 +285,8 @@ def run_jax(args) -> dict:
             work_tokens.append(sum(lens))
     if not times:
         raise SystemExit("bench: every timed step compiled a new batch shape; raise --steps")
+    if args.profile:
+        profile_steps(args, it, step_fn, state, params, ref_params, shapes)
     peak = max(peak_before, matmul_peak_gflops())
     med = float(np.median(times))
     out = {
@@ -321,6 +327,27 @@ def run_jax(args) -> dict:
         **work_stats(work, work_tokens, med, nominal_peak(device.device_kind, args.peak_tflops)),
     }
     return out
+
+
+def profile_steps(args, it, step_fn, state, params, ref_params, shapes) -> None:
+    """Trace `--profile-steps` more steps (of shapes already compiled) and summarise the trace."""
+    import jax
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import profile_summary
+
+    batches = []
+    while len(batches) < args.profile_steps:
+        batch, _ = next(it)
+        if batch.shape_key in shapes:
+            batches.append(batch)
+    with jax.profiler.trace(args.profile):
+        for batch in batches:
+            state, m = step_fn(state, params, ref_params, batch, None)
+            jax.block_until_ready(m["loss"])
+    s = profile_summary.summarise(Path(args.profile))
+    Path(args.profile, "summary.txt").write_text(profile_summary.render(s, 40) + "\n")
+    Path(args.profile, "summary.json").write_text(json.dumps(s, indent=1))
 
 
 def work_stats(work: list[float], tokens: list[int], med: float, peak: float | None) -> dict:
@@ -475,6 +502,8 @@ def run_side(args, side: str) -> dict:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
         for s in args.set:
             cmd += ["--set", s]
+        if args.profile and side == "jax":
+            cmd += ["--profile", str(Path(args.profile).resolve()), "--profile-steps", str(args.profile_steps)]
         env = dict(os.environ)
         if side == "trl":
             env["JAX_PLATFORMS"] = "cpu"   # jaxpref's data loading imports jax: keep it off the GPU
