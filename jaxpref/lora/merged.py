@@ -31,14 +31,8 @@ def save_merged(out_dir: Path, bundle, params: dict, lora: dict | None, spec: Lo
     for rule in primary_rules(bundle.arch):
         if rule.path not in flat:
             continue
-        arr = np.asarray(flat[rule.path], np.float32)
-        if rule.stacked:
-            for i in range(arr.shape[0]):
-                x = arr[i].T if rule.transpose else arr[i]
-                tensors[rule.hf_name.format(i=i)] = np.ascontiguousarray(x)
-        else:
-            x = arr.T if rule.transpose else arr
-            tensors[rule.hf_name] = np.ascontiguousarray(x)
+        for name, x in rule.hf_tensors(np.asarray(flat[rule.path], np.float32)):
+            tensors[name] = np.ascontiguousarray(x)
     cfg = dict(bundle.source.hf_config)
     cfg["torch_dtype"] = "float32"
     cfg.pop("dtype", None)

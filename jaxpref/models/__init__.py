@@ -32,6 +32,8 @@ class Architecture:
     # Sharding roles of the linear modules on a mesh: "col" splits the output features over
     # `tensor` (input over `fsdp`), "row" the reverse. Others are replicated or split by size.
     sharding: tuple[tuple[str, str], ...] = ()
+    # Modules with kernels that LoRA may not target (a mixture's router and experts).
+    no_lora: tuple[str, ...] = ()
 
     @property
     def roles(self) -> dict[str, str]:
@@ -45,9 +47,11 @@ _LLAMA = Architecture(llama.LlamaArgs, Decoder, llama.WEIGHTS, head_weight,
                                 ("gate_proj", "col"), ("up_proj", "col"), ("down_proj", "row")))
 # Mixtures of experts: the router `gate` [D, E] and the experts' stacked kernels `gate_up_proj`
 # [E, D, 2I] / `down_proj` [E, I, D] (split like their dense namesakes, the expert axis whole).
-# `all-linear` covers them as PEFT's does on transformers 5 (the router and experts as parameters).
+# LoRA goes on the attention (`linear_modules`). On the router and experts (PEFT's
+# `target_parameters`, which PEFT's `all-linear` includes on transformers 5) it is refused, and so
+# is `all-linear`.
 _MOE = dataclasses.replace(
-    _LLAMA, linear_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate", "gate_up_proj", "down_proj"),
+    _LLAMA, linear_modules=("q_proj", "k_proj", "v_proj", "o_proj"), no_lora=("gate", "gate_up_proj", "down_proj"),
     sharding=(("q_proj", "col"), ("k_proj", "col"), ("v_proj", "col"), ("o_proj", "row"),
               ("gate_up_proj", "col"), ("down_proj", "row")))
 ARCHITECTURES: dict[str, Architecture] = {

@@ -26,6 +26,9 @@ class MixtralArgs(llama.LlamaArgs):
     num_experts: int = 0
     experts_per_token: int = 0
     activation: str = "silu"
+    # TRL adds this times the router's load-balancing loss to the training loss (transformers'
+    # default 0.001; 0 turns it off there and here).
+    router_aux_loss_coef: float = 0.001
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "MixtralArgs":
@@ -33,7 +36,8 @@ class MixtralArgs(llama.LlamaArgs):
         args = super().from_hf({**hf, "model_type": "mistral"}, **common)
         return dataclasses.replace(args, num_experts=int(hf["num_local_experts"]),
                                    experts_per_token=int(hf["num_experts_per_tok"]),
-                                   activation=hf.get("hidden_act", "silu"))
+                                   activation=hf.get("hidden_act", "silu"),
+                                   router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
 
     def spec(self) -> DecoderSpec:
         return dataclasses.replace(super().spec(), mlp=MoESpec(
@@ -43,19 +47,16 @@ class MixtralArgs(llama.LlamaArgs):
 
 def moe_weights(prefix: str, names: tuple[str, str, str], router: str = "gate") -> list[WeightRule]:
     """Rules for a router and per-expert (gate, up, down) tensors named `{prefix}.experts.{e}.<name>`
-    into our `mlp` tree, with transformers 5's names (`model.layers.{i}.mlp...`) for PEFT."""
+    into our `mlp` tree."""
     gate, up, down = names
-    mlp = "model.layers.{i}.mlp"
     experts = ("layers", "mlp", "experts")
     return [
-        WeightRule(f"{prefix}.{router}.weight", ("layers", "mlp", "gate", "kernel"), transpose=True,
-                   module=f"{mlp}.gate"),
+        WeightRule(f"{prefix}.{router}.weight", ("layers", "mlp", "gate", "kernel"), transpose=True),
         WeightRule(f"{prefix}.experts.{{e}}.{gate}.weight", experts + ("gate_up_proj", "kernel"), transpose=True,
-                   part=(0, 2), module=f"{mlp}.experts.gate_up_proj"),
+                   part=(0, 2)),
         WeightRule(f"{prefix}.experts.{{e}}.{up}.weight", experts + ("gate_up_proj", "kernel"), transpose=True,
-                   part=(1, 2), module=f"{mlp}.experts.gate_up_proj"),
-        WeightRule(f"{prefix}.experts.{{e}}.{down}.weight", experts + ("down_proj", "kernel"), transpose=True,
-                   module=f"{mlp}.experts.down_proj"),
+                   part=(1, 2)),
+        WeightRule(f"{prefix}.experts.{{e}}.{down}.weight", experts + ("down_proj", "kernel"), transpose=True),
     ]
 
 

@@ -59,15 +59,12 @@ class WeightRule:
     """One Hugging Face tensor name (with `{i}` for the layer, `{e}` for the expert) and where it
     goes in our tree. An `{e}` tensor fills slice [i, e] of a [L, E, ...] leaf; `part` (index,
     count) puts it in that share of the leaf's last axis (Mixtral's w1 and w3 are the two halves
-    of our fused `gate_up_proj`). `module`: the module's (or, for experts, the parameter's) name
-    in transformers 5 when the checkpoint's name is an older one (Mixtral's `block_sparse_moe`
-    is `mlp` there): what PEFT adapters name."""
+    of our fused `gate_up_proj`)."""
     hf_name: str
     path: tuple[str, ...]
     transpose: bool = False
     optional_if_tied: bool = False
     part: tuple[int, int] = (0, 1)
-    module: str | None = None
 
     @property
     def stacked(self) -> bool:
