@@ -504,3 +504,25 @@ def test_missing_expert_tensor_is_named(tmp_path):
     _rewrite(tmp_path, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
     with pytest.raises(ModelSourceError, match=r"lacks tensor `model\.layers\.1\.block_sparse_moe\.experts\.2\.w3"):
         load_params(build(resolve(str(tmp_path))))
+
+
+@pytest.mark.parametrize("name,scan", [("mixtral", True), ("qwen3_moe_norm_topk_bias", False)])
+def test_router_load_balancing_loss_matches_transformers(name, scan, saved):
+    """The load-balancing loss (`hidden(..., router_aux=True)`) equals transformers' `aux_loss`
+    (its `load_balancing_loss_func` over every layer's router logits, padding left out by the
+    attention mask), under the layer scan and the layer loop."""
+    path, _, model = saved(name)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(VALID),
+                    position_ids=torch.tensor(POS), output_router_logits=True)
+    bundle = build(resolve(str(path)), scan_layers=scan)
+    params = bundle.runtime_params(load_params(bundle))
+    _, aux = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32), _mask(VALID),
+                           router_aux=True)
+    ref = float(out.aux_loss)
+    print(f"{name} load-balancing loss: ours {float(aux):.7f}, transformers {ref:.7f}")
+    assert abs(float(aux) - ref) <= 1e-6 and ref > 0.5
+    # padding counted as tokens would move it
+    _, padded = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32),
+                              _mask(np.ones_like(VALID)), router_aux=True)
+    assert abs(float(padded) - ref) > 1e-4

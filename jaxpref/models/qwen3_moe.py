@@ -29,6 +29,9 @@ class Qwen3MoeArgs(llama.LlamaArgs):
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     activation: str = "silu"
+    # TRL adds this times the router's load-balancing loss to the training loss (transformers'
+    # default 0.001; 0 turns it off there and here).
+    router_aux_loss_coef: float = 0.001
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "Qwen3MoeArgs":
@@ -46,6 +49,7 @@ class Qwen3MoeArgs(llama.LlamaArgs):
             args, num_experts=experts, experts_per_token=int(hf["num_experts_per_tok"]),
             moe_intermediate_size=int(hf["moe_intermediate_size"]),
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)), activation=hf.get("hidden_act", "silu"),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
             sliding_window=None if window is None else int(window), sliding_layers=())
 
     def spec(self) -> DecoderSpec:

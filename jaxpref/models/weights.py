@@ -64,6 +64,12 @@ class ModelBundle:
         mlp = self.args.spec().mlp
         return mlp if isinstance(mlp, MoESpec) else None
 
+    @property
+    def router_aux_coef(self) -> float:
+        """A mixture of experts' `router_aux_loss_coef` (the training loss adds it times the
+        load-balancing loss, as TRL); 0 for a dense model."""
+        return float(getattr(self.args, "router_aux_loss_coef", 0.0)) if self.moe is not None else 0.0
+
     def head(self, params) -> jax.Array:
         """LM head [D, V]."""
         return self.arch.head_weight(params, self.args)
