@@ -73,6 +73,10 @@ CONFIGS = {
         **_DECODER, head_dim=32, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    # Mixtures of experts: LoRA on the attention; the router and experts frozen.
+    "mixtral": lambda: transformers.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_DECODER, head_dim=32, moe_intermediate_size=32,
+                                                     num_experts=8, num_experts_per_tok=2),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_NEOX),
     "gpt2": lambda: transformers.GPT2Config(**_GPT2),
     # Same family as llama, other widths: an adapter for it does not fit the tiny llama.
@@ -89,9 +93,13 @@ ATTENTION = {
     "gemma": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "gemma3_text": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "gpt_neox": ("query_key_value", "dense"),
     "gpt2": ("c_attn", "c_proj"),   # c_proj also names GPT-2's MLP output, as in PEFT
 }
+# Mixtures of experts: LoRA on the attention only (all-linear is refused, see below).
+MOE = ("mixtral", "qwen3_moe")
 
 
 def _arch_params():
@@ -159,7 +167,7 @@ def base(tmp_path_factory):
 
 
 def _spec(b: Base, arch: str, targets: str, rslora: bool, r: int = 4) -> LoraSpec:
-    want = "all-linear" if targets == "all-linear" else list(ATTENTION[arch])
+    want = "all-linear" if targets == "all-linear" and arch not in MOE else list(ATTENTION[arch])
     names = resolve_targets(want, b.bundle.arch, b.params)
     return LoraSpec(r=r, alpha=8.0, targets=names, use_rslora=rslora)
 
@@ -286,6 +294,10 @@ def test_peft_made_adapter_loads_with_peft_logits(arch, targets, rslora, base, t
     theirs = _torch_logits(model)
     assert _diff(theirs, b.logits) > 1e-2
     model.save_pretrained(tmp_path / "peft")
+    if arch in MOE and targets == "all-linear":   # the router and experts too: refused in one line
+        with pytest.raises(ConfigError, match=r"is not supported by jaxpref$"):
+            load_adapter(tmp_path / "peft", b.bundle, b.bundle.abstract_params())
+        return
 
     lora, spec = load_adapter(tmp_path / "peft", b.bundle, b.bundle.abstract_params())
     assert spec.r == 4 and spec.alpha == 8 and spec.use_rslora == rslora
@@ -414,6 +426,19 @@ def test_rank_above_a_target_dimension_is_refused(arch, base):
         init_lora(b.params, big, jax.random.PRNGKey(0))
 
 
+@pytest.mark.parametrize("arch,target", [("mixtral", "gate_up_proj"), ("qwen3_moe", "gate")])
+def test_lora_on_a_router_or_experts_is_refused(arch, target, base):
+    """A mixture's router and experts hold kernels but take no LoRA (PEFT's `target_parameters`
+    is not written): one line naming the entry; `all-linear`, which covers them in PEFT, likewise."""
+    b = base(arch)
+    with pytest.raises(ConfigError, match=rf"^cfg\.yaml: `lora\.target_modules` entry `{target}` is a mixture"):
+        resolve_targets(["q_proj", target], b.bundle.arch, b.params, "cfg.yaml")
+    with pytest.raises(ConfigError, match=r"^cfg\.yaml: `lora\.target_modules: all-linear` on a mixture .*"
+                                          r"\[q_proj, k_proj, v_proj, o_proj\]$"):
+        resolve_targets("all-linear", b.bundle.arch, b.params, "cfg.yaml")
+    assert resolve_targets(list(ATTENTION[arch]), b.bundle.arch, b.params) == ATTENTION[arch]
+
+
 # ---------------------------------------------------------------------------------------------
 # f) only LoRA-sized state; the reference is the base tree itself
 
@@ -467,7 +492,10 @@ def test_reference_is_base_with_adapter_off_no_copy(arch, base):
     mb = _one_batch().micro(0)
     loss, m = jax.jit(lambda lora, params, mb: micro_loss(lora, params, mb, None, bundle, None, None, opts))(
         state.lora, b.params, mb)
-    assert abs(float(loss) - math.log(2)) < 1e-6
+    # a mixture of experts adds its router's load-balancing term, as TRL (0.001 x about 2 here)
+    aux = float(m["aux_loss"][0]) if arch in MOE else 0.0
+    assert (arch in MOE) == (bundle.router_aux_coef == 0.001) and (aux > 1.0 or arch not in MOE)
+    assert abs(float(loss) - math.log(2) - bundle.router_aux_coef * aux) < 1e-6
     np.testing.assert_array_equal(np.asarray(m["rewards/chosen"]), 0.0)
     np.testing.assert_array_equal(np.asarray(m["rewards/rejected"]), 0.0)
     # Policy and reference forwards ran on the one base tree: no base-size array was added.

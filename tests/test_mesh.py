@@ -153,3 +153,28 @@ def test_unreachable_coordinator_times_out_with_one_line(tmp_path, tiny_llama, t
     lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("jaxpref")]
     assert proc.returncode == 2 and lines and "cannot join" in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_expert_kernels_split_like_their_dense_namesakes(tmp_path):
+    """A mixture's stacked expert kernels [L, E, in, out]: the expert axis whole, gate_up_proj's
+    input over fsdp and output over tensor ("col"), down_proj the reverse ("row"). (param_specs
+    reads only the mesh's axis sizes.)"""
+    from types import SimpleNamespace
+
+    import transformers
+    from jax.sharding import PartitionSpec as P
+
+    from jaxpref.models.source import resolve
+    from jaxpref.models.weights import build
+    from jaxpref.runtime.mesh import param_specs
+
+    transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2).save_pretrained(tmp_path)
+    bundle = build(resolve(str(tmp_path)))
+    specs = param_specs(bundle.abstract_params(), SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 2}),
+                        bundle.arch.roles)
+    experts = specs["layers"]["mlp"]["experts"]
+    assert experts["gate_up_proj"]["kernel"] == P(None, None, "fsdp", "tensor")
+    assert experts["down_proj"]["kernel"] == P(None, None, "tensor", "fsdp")
+    assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")

@@ -30,6 +30,7 @@ NEOX = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
 GPT2 = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
             eos_token_id=2)
+MOE = dict(TINY, intermediate_size=48, num_key_value_heads=2)
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**TINY, num_key_value_heads=2, tie_word_embeddings=False),
@@ -90,6 +91,16 @@ CONFIGS = {
         **TINY, num_key_value_heads=2, head_dim=32, sliding_window=3,
         layer_types=["full_attention", "sliding_attention"], rope_parameters=_GEMMA3_ROPE, attn_logit_softcapping=0.3, final_logit_softcapping=0.8,
         attn_implementation="eager"),   # sdpa does not take the soft-cap
+    # Mixtures of experts: top-2 of 4 (Mixtral, renormalised) or of 8 (Qwen3-MoE, renormalised only
+    # with norm_topk_prob; head_dim from hidden / heads when the config has none); a window of 3.
+    "mixtral": lambda: transformers.MixtralConfig(**MOE, num_local_experts=4, num_experts_per_tok=2),
+    "mixtral_window_tied": lambda: transformers.MixtralConfig(**MOE, num_local_experts=4, num_experts_per_tok=2,
+                                                              sliding_window=3, tie_word_embeddings=True),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**MOE, head_dim=32, moe_intermediate_size=32, num_experts=8,
+                                                     num_experts_per_tok=2),
+    "qwen3_moe_norm_topk_bias": lambda: transformers.Qwen3MoeConfig(
+        **MOE, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
+        attention_bias=True, use_sliding_window=True, sliding_window=3),
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.25,
                                                             use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(**NEOX, rotary_pct=0.5,
@@ -241,7 +252,7 @@ def test_flax_msgpack_matches(name, bare, tmp_path, saved):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox_parallel", "gpt2_inverse_layer_scale", "olmo2",
-                                  "phi3_longrope_long", "gemma3_softcap"])
+                                  "phi3_longrope_long", "gemma3_softcap", "qwen3_moe"])
 def test_layer_loop_matches_transformers(name, saved):
     """`scan_layers: false`: the same model run as a loop over per-layer weights."""
     path, ref, _ = saved(name)
@@ -522,3 +533,80 @@ def test_qwen3_gguf_matches_transformers(tmp_path):
     diff = _max_diff(_our_logits(source.path), _hf_logits(model))
     print(f"parity qwen3 gguf: max|diff| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+def _tie_routing(model, layer_rows: dict[int, list[int]]) -> None:
+    """Give the experts in `layer_rows[layer]` the same router row in that layer: equal logits,
+    so the router ties between them for every token."""
+    with torch.no_grad():
+        for layer, experts in layer_rows.items():
+            w = model.model.layers[layer].mlp.gate.weight
+            w[experts] = w[experts[0]].clone()
+
+
+@pytest.mark.parametrize("name,tied", [("mixtral", {0: [0, 1, 2, 3], 1: [1, 2]}),
+                                       ("qwen3_moe", {0: [0, 1, 2, 3, 4, 5, 6, 7], 1: [0, 5, 6]})])
+def test_routing_ties_broken_as_transformers(name, tied, tmp_path):
+    """Experts with equal router rows tie for every token (layer 0: all of them). torch.topk on a
+    CPU picks the tied experts libstdc++'s nth_element leaves in front (top-2 of 4 equal: experts
+    2 and 3), which `moe_ties: torch_cpu` (the CPU default) replays: transformers' logits. The
+    lower index first (`lowest`, CUDA's topk and jax.lax.top_k) routes to other experts there and
+    gives other logits, so the test can fail."""
+    model = _hf_model(name)
+    _tie_routing(model, tied)
+    model.save_pretrained(tmp_path)
+    ref = _hf_logits(model)
+    layer0 = model.model.layers[0].mlp.gate
+    with torch.no_grad():
+        chosen = layer0(torch.randn(3, model.config.hidden_size))[2]
+    assert chosen.tolist() != [[0, 1]] * 3 and len({tuple(sorted(c)) for c in chosen.tolist()}) == 1, chosen
+    diff = _max_diff(_our_logits(tmp_path), ref)
+    print(f"parity {name} with routing ties: max|diff| = {diff:.2e}")
+    assert diff <= 1e-4
+    assert _max_diff(_our_logits(tmp_path, moe_ties="lowest"), ref) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe_norm_topk_bias"])
+def test_moe_ragged_dot_dispatch_matches_transformers(name, saved):
+    """`jax.lax.ragged_dot` (the TPU path) gives the tiled dispatch's logits."""
+    path, ref, _ = saved(name)
+    diff = _max_diff(_our_logits(path, moe_dispatch="ragged_dot"), ref)
+    print(f"parity {name} ragged_dot: max|diff| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_qwen3_moe_with_dense_layers_is_refused(tmp_path):
+    cfg = transformers.Qwen3MoeConfig(**MOE, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                      mlp_only_layers=[1])
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ModelSourceError, match=r"layers \[1\] have a dense MLP"):
+        build(resolve(str(tmp_path)))
+
+
+def test_missing_expert_tensor_is_named(tmp_path):
+    _hf_model("mixtral").save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    with pytest.raises(ModelSourceError, match=r"lacks tensor `model\.layers\.1\.block_sparse_moe\.experts\.2\.w3"):
+        load_params(build(resolve(str(tmp_path))))
+
+
+@pytest.mark.parametrize("name,scan", [("mixtral", True), ("qwen3_moe_norm_topk_bias", False)])
+def test_router_load_balancing_loss_matches_transformers(name, scan, saved):
+    """The load-balancing loss (`hidden(..., router_aux=True)`) equals transformers' `aux_loss`
+    (its `load_balancing_loss_func` over every layer's router logits, padding left out by the
+    attention mask), under the layer scan and the layer loop."""
+    path, _, model = saved(name)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(VALID),
+                    position_ids=torch.tensor(POS), output_router_logits=True)
+    bundle = build(resolve(str(path)), scan_layers=scan)
+    params = bundle.runtime_params(load_params(bundle))
+    _, aux = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32), _mask(VALID),
+                           router_aux=True)
+    ref = float(out.aux_loss)
+    print(f"{name} load-balancing loss: ours {float(aux):.7f}, transformers {ref:.7f}")
+    assert abs(float(aux) - ref) <= 1e-6 and ref > 0.5
+    # padding counted as tokens would move it
+    _, padded = bundle.hidden(params, None, jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32),
+                              _mask(np.ones_like(VALID)), router_aux=True)
+    assert abs(float(padded) - ref) > 1e-4

@@ -155,3 +155,62 @@ def test_orpo_first_step_equals_trl(setup, tiny_llama):
     fast = ours(tmp, model_dir, tmp / "pairs.jsonl", adapter, "orpo", tag="_orpo_fast",
                 training={**FAST, "pair_layout": "shared_prompt"})
     assert_close(fast, theirs, keys)
+
+
+def _tiny_mixtral(model_dir, coef: float):
+    """A tiny random Mixtral (4 experts, top 2) with the test tokenizer, saved to `model_dir`."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer(model_dir)
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tok.get_vocab()), hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=coef,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    MixtralForCausalLM(cfg).eval().save_pretrained(model_dir)
+    return model_dir
+
+
+def test_dpo_on_a_mixture_of_experts_adds_the_router_loss_as_trl(tmp_path):
+    """Mixtral: TRL adds `router_aux_loss_coef` x the policy forward's load-balancing loss to the
+    DPO loss and logs it as `aux_loss`; jaxpref the same, in TRL's padded layout and in the
+    shared-prompt one (the prompt's tokens counted once per completion, as in TRL's
+    two rows); an explicit padding-free layout is refused. A coefficient of 0.1 makes the term
+    visible in the loss."""
+    from transformers import AutoTokenizer, MixtralForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    model_dir = _tiny_mixtral(tmp_path / "tiny_mixtral", 0.1)
+    adapter = save_moved_adapter(MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                 tmp_path / "init_adapter")
+    pairs = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS[:B]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    theirs = first_log(DPOTrainer, DPOConfig(**trl_common(tmp_path)), pairs, tok, fresh_peft(model_dir, adapter),
+                       ref_model=base_model(model_dir))
+    assert theirs["aux_loss"] > 1.0
+    keys = KEYS + ("aux_loss",)
+    # concatenated rows, and the default shared prompt (padded here: padding-free rows drop each
+    # sequence's last token, which TRL's router statistics count)
+    for layout in ({"pair_layout": "concatenated", "padding_free": False}, {}):
+        tag = "_".join(f"{v}" for v in layout.values())
+        mine = ours(tmp_path, model_dir, tmp_path / "pairs.jsonl", adapter, "dpo", tag=tag, training=layout,
+                    use_ref_model=True)
+        assert_close(mine, theirs, keys)
+    cfg = write_config(tmp_path / "pf.yaml", model_dir, tmp_path / "pairs.jsonl", training={"padding_free": True})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "pf")]) == 2
+
+
+def test_kto_on_a_mixture_of_experts_with_a_router_loss_is_refused(tmp_path, capsys):
+    """TRL's KTO adds the router loss of its main forward only; jaxpref does not compute that yet
+    and says so in one line (exit 2) unless the model's coefficient is 0."""
+    model_dir = _tiny_mixtral(tmp_path / "tiny_mixtral", 0.001)
+    rows = [{"prompt": p, "completion": " " + c, "label": True} for p, c, _ in PAIRS[:B]]
+    (tmp_path / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(tmp_path / "kto.yaml", model_dir, tmp_path / "unpaired.jsonl",
+                       post_training={"method": "kto", "beta": 0.1})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "kto on a mixture of experts: TRL adds router_aux_loss_coef (0.001)" in err and "Traceback" not in err

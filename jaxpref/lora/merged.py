@@ -82,14 +82,8 @@ def save_merged(out_dir: Path, bundle, params: dict, lora: dict | None, spec: Lo
     for rule in primary_rules(bundle.arch):
         if rule.path not in flat:
             continue
-        arr = np.asarray(flat[rule.path], np.float32)
-        if rule.stacked:
-            for i in range(arr.shape[0]):
-                x = arr[i].T if rule.transpose else arr[i]
-                tensors[rule.hf_name.format(i=i)] = np.ascontiguousarray(x.astype(np_dtype))
-        else:
-            x = arr.T if rule.transpose else arr
-            tensors[rule.hf_name] = np.ascontiguousarray(x.astype(np_dtype))
+        for name, x in rule.hf_tensors(np.asarray(flat[rule.path], np.float32)):
+            tensors[name] = np.ascontiguousarray(x.astype(np_dtype))
     cfg = hf_config_for_export(bundle.source.hf_config, bundle.source.model_type, dtype)
     with write_dir(out_dir, "merged") as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -26,8 +26,8 @@ def primary_rules(arch) -> list:
     writers use the name `transformers` itself saves and PEFT addresses."""
     seen, out = set(), []
     for rule in arch.weights:
-        if rule.path not in seen:
-            seen.add(rule.path)
+        if (rule.path, rule.part) not in seen:   # `part`: each share of a fused leaf (Mixtral's w1, w3)
+            seen.add((rule.path, rule.part))
             out.append(rule)
     return out
 

@@ -42,6 +42,10 @@ def linear_modules(params: Any) -> dict[tuple, tuple]:
 def resolve_targets(target_modules: str | list[str], arch, params: Any, src: str = "") -> tuple[str, ...]:
     mods = linear_modules(params)
     names = sorted({p[-1] for p in mods})
+    if target_modules == "all-linear" and arch.no_lora:
+        raise ConfigError(f"{src}: `lora.target_modules: all-linear` on a mixture of experts covers its router and "
+                          f"experts too (as in PEFT), which jaxpref cannot put LoRA on yet; list the attention "
+                          f"modules instead: [{', '.join(arch.linear_modules)}]")
     if target_modules == "all-linear":
         found = tuple(n for n in arch.linear_modules if n in names)
         if not found:
@@ -51,6 +55,10 @@ def resolve_targets(target_modules: str | list[str], arch, params: Any, src: str
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     for t in target_modules:
+        if t in arch.no_lora:
+            raise ConfigError(f"{src}: `lora.target_modules` entry `{t}` is a mixture of experts' router or "
+                              f"experts, which jaxpref cannot put LoRA on yet; target the attention "
+                              f"({', '.join(arch.linear_modules)})")
         if t not in names:
             raise ConfigError(f"{src}: `lora.target_modules` entry `{t}` matches no module; "
                               f"this model has: {', '.join(names)}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from jaxpref.errors import ModelSourceError
-from jaxpref.models import gemma, gpt2, gpt_neox, llama, olmo2, phi3, qwen3
+from jaxpref.models import gemma, gpt2, gpt_neox, llama, mixtral, olmo2, phi3, qwen3, qwen3_moe
 from jaxpref.models.blocks import Decoder, head_weight
 from jaxpref.models.spec import ArchArgs, WeightRule
 
@@ -32,6 +32,8 @@ class Architecture:
     # Sharding roles of the linear modules on a mesh: "col" splits the output features over
     # `tensor` (input over `fsdp`), "row" the reverse. Others are replicated or split by size.
     sharding: tuple[tuple[str, str], ...] = ()
+    # Modules with kernels that LoRA may not target (a mixture's router and experts).
+    no_lora: tuple[str, ...] = ()
 
     @property
     def roles(self) -> dict[str, str]:
@@ -43,6 +45,15 @@ _LLAMA = Architecture(llama.LlamaArgs, Decoder, llama.WEIGHTS, head_weight,
                       ignored=(r".*rotary_emb\.inv_freq",),
                       sharding=(("q_proj", "col"), ("k_proj", "col"), ("v_proj", "col"), ("o_proj", "row"),
                                 ("gate_proj", "col"), ("up_proj", "col"), ("down_proj", "row")))
+# Mixtures of experts: the router `gate` [D, E] and the experts' stacked kernels `gate_up_proj`
+# [E, D, 2I] / `down_proj` [E, I, D] (split like their dense namesakes, the expert axis whole).
+# LoRA goes on the attention (`linear_modules`). On the router and experts (PEFT's
+# `target_parameters`, which PEFT's `all-linear` includes on transformers 5) it is refused, and so
+# is `all-linear`.
+_MOE = dataclasses.replace(
+    _LLAMA, linear_modules=("q_proj", "k_proj", "v_proj", "o_proj"), no_lora=("gate", "gate_up_proj", "down_proj"),
+    sharding=(("q_proj", "col"), ("k_proj", "col"), ("v_proj", "col"), ("o_proj", "row"),
+              ("gate_up_proj", "col"), ("down_proj", "row")))
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -51,6 +62,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmo2": dataclasses.replace(_LLAMA, args_cls=olmo2.Olmo2Args, weights=olmo2.WEIGHTS),
     **{family: dataclasses.replace(_LLAMA, args_cls=gemma.GemmaArgs, weights=gemma.WEIGHTS)
        for family in gemma.FAMILIES},
+    "mixtral": dataclasses.replace(_MOE, args_cls=mixtral.MixtralArgs, weights=mixtral.WEIGHTS),
+    "qwen3_moe": dataclasses.replace(_MOE, args_cls=qwen3_moe.Qwen3MoeArgs, weights=qwen3_moe.WEIGHTS),
     "phi3": Architecture(phi3.Phi3Args, Decoder, phi3.WEIGHTS, head_weight,
                          ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
                          ignored=(r".*rotary_emb\.inv_freq",),

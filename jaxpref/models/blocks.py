@@ -38,8 +38,9 @@ others' graphs stay as they are. The knobs so far, and where the next ones go:
 - Phi-3's fused `qkv_proj` ([q | k | v], grouped-query widths) is a one-name
   `AttnSpec.qkv`; its fused `gate_up_proj` is `MLPSpec.fused_up`: one `up` projection of twice
   the width, split into gate and up before the activation; LongRoPE is a `RopeSpec.scaling`.
-- Mixtral / Qwen3-MoE: a `MoESpec` (router + experts) in place of `MLPSpec`, and its module
-  picked in `DecoderBlock`.
+- Mixtral / Qwen3-MoE: a `moe.MoESpec` (router, top-k, experts) as `DecoderSpec.mlp` in place of
+  `MLPSpec`; `DecoderBlock` then runs `moe.MoE`, which also reads the mask (its load-balancing
+  statistics count TRL's tokens).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ import numpy as np
 from jaxpref.models.attention import NO_WINDOW, MaskInfo, attention
 from jaxpref.models.layers import (ACTIVATIONS, Linear, Norm, apply_rope, rope_attention_factor, rope_cos_sin,
                                    rope_inv_freq)
+from jaxpref.models.moe import MoE, MoESpec
 from jaxpref.models.spec import ArchArgs, stacked
 
 
@@ -112,7 +114,7 @@ class DecoderSpec:
     final_norm: str
     norms: tuple[str | None, str | None]  # the norms before attention and before the MLP (None: none)
     attn: AttnSpec
-    mlp: MLPSpec
+    mlp: MLPSpec | MoESpec        # a MoESpec: a mixture of experts in place of the MLP
     layer_norm: bool = False      # True: LayerNorm with bias (GPT-2, GPT-NeoX); False: RMSNorm
     norm_eps: float = 1e-6
     rope: RopeSpec | None = None  # None: no rotary embeddings
@@ -279,7 +281,8 @@ class DecoderBlock(nn.Module):
         norm_attn, norm_mlp = (_maybe_norm(a, s, name) for name in s.norms)
         post_attn, post_mlp = (_maybe_norm(a, s, name) for name in s.post_norms or (None, None))
         attn = Attention(a, s.attn, name=s.attn.name)
-        mlp = MLP(a, s.mlp, name=s.mlp.name)
+        mlp = MLP(a, s.mlp, name=s.mlp.name) if isinstance(s.mlp, MLPSpec) else \
+            functools.partial(MoE(a, s.mlp, name=s.mlp.name), mask=mask)
         if s.parallel_residual:
             return x + attn(norm_attn(x), rope, mask, layer) + mlp(norm_mlp(x)), None
         x = x + post_attn(attn(norm_attn(x), rope, mask, layer))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 if TYPE_CHECKING:  # blocks imports this module
     from jaxpref.models.blocks import DecoderSpec
@@ -43,6 +44,10 @@ class ArchArgs:
     # default: TF32 on recent GPUs). bf16 compute ignores it (bf16 products, fp32 accumulation).
     matmul_precision: str | None = "highest"
     mesh: Any = None                  # the device mesh: custom attention kernels run per shard in it
+    # Mixtures of experts (`jaxpref.models.moe`): the grouped matmul (auto | tiles | ragged_dot) and
+    # how routing ties are broken (auto | torch_cpu | lowest).
+    moe_dispatch: str = "auto"
+    moe_ties: str = "auto"
 
     def spec(self) -> DecoderSpec:
         """This architecture's choices for the shared decoder (`jaxpref.models.blocks`)."""
@@ -51,15 +56,35 @@ class ArchArgs:
 
 @dataclass(frozen=True)
 class WeightRule:
-    """One Hugging Face tensor name (with `{i}` for the layer) and where it goes in our tree."""
+    """One Hugging Face tensor name (with `{i}` for the layer, `{e}` for the expert) and where it
+    goes in our tree. An `{e}` tensor fills slice [i, e] of a [L, E, ...] leaf; `part` (index,
+    count) puts it in that share of the leaf's last axis (Mixtral's w1 and w3 are the two halves
+    of our fused `gate_up_proj`)."""
     hf_name: str
     path: tuple[str, ...]
     transpose: bool = False
     optional_if_tied: bool = False
+    part: tuple[int, int] = (0, 1)
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf_name
+
+    @property
+    def expert(self) -> bool:
+        return "{e}" in self.hf_name
+
+    def hf_tensors(self, leaf: np.ndarray):
+        """Our leaf (stacked [L, (E,) ...] where the name has {i} / {e}) -> (name, tensor) pairs in
+        the checkpoint's names and layout (the inverse of what the loader does)."""
+        index, count = self.part
+        width = leaf.shape[-1] // count
+        leaf = leaf[..., index * width:(index + 1) * width]
+        lead = leaf.shape[:int(self.stacked) + int(self.expert)]
+        for pos in np.ndindex(*lead):
+            keys = dict(zip(("i", "e") if self.stacked else ("e",), pos))
+            x = leaf[pos]
+            yield self.hf_name.format(**keys), (x.T if self.transpose else x)
 
 
 def remat_policy(name: str):
@@ -84,7 +109,7 @@ def stacked(block, args: ArchArgs, in_axes=None):
     if not args.scan_layers:
         per_layer = tuple(a is not nn.broadcast for a in in_axes) if in_axes is not None else ()
         return lambda a, name=None: _Layers(block, per_layer, a, name=name)
-    return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0, "aux": 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=axes, length=args.num_layers)
 
 

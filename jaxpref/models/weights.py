@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models import Architecture, get_architecture
+from jaxpref.models.moe import MoESpec, load_balancing_loss
 from jaxpref.models.source import ModelSource
 from jaxpref.models.spec import split_layers
 
@@ -43,14 +44,31 @@ class ModelBundle:
         The stacked tree given is consumed: use only the returned one."""
         return params if self.args.scan_layers else split_layers(params, self.args.num_layers, consume=True)
 
-    def hidden(self, params, lora, input_ids, positions, mask, rngs=None):
+    def hidden(self, params, lora, input_ids, positions, mask, rngs=None, router_aux: bool = False):
         """Final hidden states [B, T, D]; `lora=None` is the reference (adapter off). Stacked or
-        split layer trees are both accepted; the stacked LoRA is split inside the step."""
+        split layer trees are both accepted; the stacked LoRA is split inside the step.
+        `router_aux` (mixtures of experts): (hidden, the load-balancing loss of this forward, a
+        float32 scalar over the tokens TRL counts, `moe.load_balancing_loss`)."""
         if not self.args.scan_layers:
             params = split_layers(params, self.args.num_layers)
             lora = None if lora is None else split_layers(lora, self.args.num_layers)
         variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+        if router_aux:
+            hidden, state = self.module.apply(variables, input_ids, positions, mask, rngs=rngs, mutable=["aux"])
+            return hidden, load_balancing_loss(state.get("aux", {}), self.moe.num_experts)
         return self.module.apply(variables, input_ids, positions, mask, rngs=rngs)
+
+    @property
+    def moe(self) -> MoESpec | None:
+        """The mixture-of-experts sublayer's spec, None for a dense model."""
+        mlp = self.args.spec().mlp
+        return mlp if isinstance(mlp, MoESpec) else None
+
+    @property
+    def router_aux_coef(self) -> float:
+        """A mixture of experts' `router_aux_loss_coef` (the training loss adds it times the
+        load-balancing loss, as TRL); 0 for a dense model."""
+        return float(getattr(self.args, "router_aux_loss_coef", 0.0)) if self.moe is not None else 0.0
 
     def head(self, params) -> jax.Array:
         """LM head [D, V]."""
@@ -152,9 +170,36 @@ def _iter_msgpack(file: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
 def _compile_rules(arch: Architecture):
     rules = []
     for r in arch.weights:
-        pat = re.escape(r.hf_name).replace(re.escape("{i}"), r"(\d+)")
+        pat = re.escape(r.hf_name).replace(re.escape("{i}"), r"(?P<i>\d+)").replace(re.escape("{e}"), r"(?P<e>\d+)")
         rules.append((re.compile(pat + "$"), r))
     return rules
+
+
+def _slot(rule, index: tuple[int, ...], target) -> tuple[tuple, tuple[int, ...], int]:
+    """Where a tensor of `rule` goes in its leaf: (buffer index, the tensor's expected shape,
+    units that fill the leaf). `index`: its layer (and expert); `part` selects a share of the
+    leaf's last axis."""
+    p, count = rule.part
+    body = target.shape[len(index):]
+    width = body[-1] // count if body else 0
+    where = index if count == 1 else index + (Ellipsis, slice(p * width, (p + 1) * width))
+    want = tuple(body[:-1]) + (width,) if count > 1 else tuple(body)
+    return where, want, int(np.prod(target.shape[:len(index)], dtype=np.int64)) * count
+
+
+def _lost_name(rules, path: tuple, target, have: set) -> str:
+    """The checkpoint name of one missing piece of leaf `path` (`have`: the pieces read)."""
+    mine = [r for r in rules if r.path == path]
+    if not mine:
+        return "/".join(path)
+    if not mine[0].stacked and not mine[0].expert:
+        return mine[0].hf_name
+    lead = target.shape[:int(mine[0].stacked) + int(mine[0].expert)]
+    for pos in np.ndindex(*lead):
+        for r in mine:
+            if pos + (r.part[0],) not in have:
+                return r.hf_name.format(**dict(zip(("i", "e") if r.stacked else ("e",), pos)))
+    return mine[0].hf_name
 
 
 # safetensors dtype names -> numpy (bf16 and fp8 through ml_dtypes, which jax ships).
@@ -229,7 +274,6 @@ def load_params(bundle: ModelBundle, shardings: Any = None, headers_only: bool =
     buffers: dict[tuple, np.ndarray] = {}
     filled: dict[tuple, set] = {}
     out: dict[tuple, jax.Array] = {}
-    num_layers = bundle.args.num_layers
     np_dtype = np.dtype(jnp.dtype(bundle.args.param_dtype))
 
     it = _read_safetensors(files, headers_only) if kind == "safetensors" else _iter_msgpack(files[0])
@@ -238,38 +282,38 @@ def load_params(bundle: ModelBundle, shardings: Any = None, headers_only: bool =
         for pat, rule in rules:
             m = pat.match(name)
             if m:
-                match = (rule, int(m.group(1)) if rule.stacked else None)
+                match = (rule, tuple(int(m.group(g)) for g in ("i", "e") if g in m.groupdict()))
                 break
         if match is None:
             if any(p.match(name) for p in ignored):
                 continue
             raise ModelSourceError(f"model `{spec}`: unexpected tensor `{name}` for {bundle.source.model_type}")
-        rule, layer = match
+        rule, index = match
         if rule.path not in abstract:
             if rule.optional_if_tied:
                 continue  # an lm_head saved next to tied embeddings
             raise ModelSourceError(f"model `{spec}`: unexpected tensor `{name}` (not in this configuration)")
         target = abstract[rule.path]
+        where, want, units = _slot(rule, index, target)
         arr = get()
         if rule.transpose:
             arr = arr.T
-        want = target.shape[1:] if rule.stacked else target.shape
-        if tuple(arr.shape) != tuple(want):
-            raise ModelSourceError(
-                f"model `{spec}`: tensor `{name}` has shape {tuple(arr.shape)}, expected {tuple(want)}")
-        if rule.stacked:
-            if layer >= num_layers:
-                raise ModelSourceError(f"model `{spec}`: tensor `{name}` is beyond num_hidden_layers={num_layers}")
-            filled.setdefault(rule.path, set()).add(layer)
+        if tuple(arr.shape) != want:
+            raise ModelSourceError(f"model `{spec}`: tensor `{name}` has shape {tuple(arr.shape)}, expected {want}")
+        if index:
+            for i, n, what in zip(index, target.shape, ("num_hidden_layers", "experts")):
+                if i >= n:
+                    raise ModelSourceError(f"model `{spec}`: tensor `{name}` is beyond {what}={n}")
+            filled.setdefault(rule.path, set()).add(index + (rule.part[0],))
             if headers_only:
-                if len(filled[rule.path]) == num_layers:
+                if len(filled[rule.path]) == units:
                     out[rule.path] = None
                 continue
             buf = buffers.get(rule.path)
             if buf is None:
                 buf = buffers[rule.path] = _aligned_empty(target.shape, np_dtype)
-            buf[layer] = arr
-            if len(filled[rule.path]) == num_layers:
+            buf[where] = arr
+            if len(filled[rule.path]) == units:
                 out[rule.path] = _to_device(buffers.pop(rule.path), flat_shardings.get(rule.path))
         elif headers_only:
             out[rule.path] = None
@@ -278,19 +322,9 @@ def load_params(bundle: ModelBundle, shardings: Any = None, headers_only: bool =
         del arr
     missing = [p for p in abstract if p not in out]
     if missing:
-        names = []
-        for p in missing:
-            rule = next((r for r in bundle.arch.weights if r.path == p), None)
-            if rule is None:
-                names.append("/".join(p))
-            elif rule.stacked:
-                have = filled.get(p, set())
-                lost = next(i for i in range(num_layers) if i not in have)
-                names.append(rule.hf_name.format(i=lost))
-            else:
-                names.append(rule.hf_name)
-        raise ModelSourceError(f"model `{spec}`: checkpoint lacks tensor `{names[0]}`"
-                               + (f" and {len(names) - 1} more" if len(names) > 1 else ""))
+        lost = _lost_name(bundle.arch.weights, missing[0], abstract[missing[0]], filled.get(missing[0], set()))
+        raise ModelSourceError(f"model `{spec}`: checkpoint lacks tensor `{lost}`"
+                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     return None if headers_only else traverse_util.unflatten_dict(out)
 
 

@@ -11,15 +11,21 @@ from jaxpref.objectives.head import head_logps
 from jaxpref.objectives.losses import PairStats
 
 
-def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = False):
+def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = False, router_aux: bool = False):
     """Log-probs of the target tokens (`tgt_*`, [N, K]) given their predicting hidden states.
 
     The LM head runs on the K gathered positions only (`jaxpref.head`). Returns (logp, mean_logit, wpo_aligned),
-    each [N, K] float32."""
-    hidden = bundle.hidden(params, lora, mb.input_ids, mb.positions, MaskInfo.from_batch(mb), rngs=rngs)
+    each [N, K] float32; with `router_aux` (a mixture of experts) a fourth item, the forward's
+    load-balancing loss (`ModelBundle.hidden`)."""
+    mask = MaskInfo.from_batch(mb)
+    if router_aux:
+        hidden, aux = bundle.hidden(params, lora, mb.input_ids, mb.positions, mask, rngs=rngs, router_aux=True)
+    else:
+        hidden = bundle.hidden(params, lora, mb.input_ids, mb.positions, mask, rngs=rngs)
     h = jnp.take_along_axis(hidden, mb.tgt_src[..., None], axis=1)
-    return head_logps(h, bundle.head(params), mb.tgt_ids, bundle.args.vocab_chunk, need_wpo,
-                      bundle.args.matmul_precision, bundle.args.spec().final_logit_softcap)
+    out = head_logps(h, bundle.head(params), mb.tgt_ids, bundle.args.vocab_chunk, need_wpo,
+                     bundle.args.matmul_precision, bundle.args.spec().final_logit_softcap)
+    return (*out, aux) if router_aux else out
 
 
 def _seg_sum(x: jax.Array, seq: jax.Array, s: int) -> jax.Array:

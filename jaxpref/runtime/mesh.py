@@ -125,6 +125,10 @@ def param_specs(abstract: Any, mesh: Mesh, roles: dict[str, str]) -> Any:
         if path[-1] == "kernel" and len(body) == 2 and name in roles:
             a_in, a_out = ("fsdp", "tensor") if roles[name] == "col" else ("tensor", "fsdp")
             spec = (_fits(body[0], mesh, a_in), _fits(body[1], mesh, a_out))
+        elif path[-1] == "kernel" and len(body) == 3 and name in roles:
+            # A mixture of experts' stacked kernels [E, in, out]: each expert split as a dense kernel.
+            a_in, a_out = ("fsdp", "tensor") if roles[name] == "col" else ("tensor", "fsdp")
+            spec = (None, _fits(body[1], mesh, a_in), _fits(body[2], mesh, a_out))
         elif path[-1] == "bias" and len(body) == 1 and roles.get(name) == "col":
             spec = (_fits(body[0], mesh, "tensor"),)
         elif len(body) == 2:  # embeddings [V, D] and LM heads [D, V]

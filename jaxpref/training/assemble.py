@@ -114,7 +114,7 @@ def _batches(cfg: Config, index: int, run_dir: Path) -> Run:
         bundle = bundle.with_args(mesh=mesh)
     prepared = prepare.data_for(cfg, tok)
     # Padding-free: one stream of rows per data-parallel shard.
-    prepared.layout = replace(prepared.layout, streams=dp)
+    prepared.layout = replace(setup.router_aux_layout(cfg, bundle, prepared.layout), streams=dp)
     tcfg = cfg.training
     # The global batch: per-device pairs times the data-parallel size of the mesh.
     B, G = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps

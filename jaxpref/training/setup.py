@@ -57,12 +57,45 @@ def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bo
                            gradient_checkpointing=cfg.gradient_checkpointing,
                            remat_policy=cfg.finetuning.remat_policy, **run_options(cfg))
     tok = load_tokenizer(src, entry.tokenizer_id)  # after `build`: an unsupported model is named first
+    bundle = _router_aux(cfg, bundle)
     abstract = bundle.abstract_params()
     spec = lora_spec_for(cfg, bundle.arch, abstract)
     if spec is not None:
         bundle = bundle.with_args(lora_scale=spec.scale, lora_dropout=spec.dropout,
                                   deterministic=not (training and spec.dropout > 0))
     return bundle, tok, spec, abstract
+
+
+def _router_aux(cfg: Config, bundle):
+    """A mixture of experts' load-balancing term, where TRL's trainer for the method adds it: DPO
+    and IPO always (`router_aux_loss_coef` from the model's config), ORPO/CPO/SimPO only when the
+    config sets `output_router_logits`; KTO (TRL's main forward only, not its KL pass) is refused
+    while the coefficient is not 0."""
+    coef = bundle.router_aux_coef
+    method = cfg.post_training.method
+    if not coef:
+        return bundle
+    if method == "kto":
+        raise ConfigError(f"{cfg.source}: kto on a mixture of experts: TRL adds router_aux_loss_coef ({coef}) times "
+                          f"the load-balancing loss, which jaxpref does not compute for KTO yet; set "
+                          f"`router_aux_loss_coef: 0` in the model's config.json (TRL then adds none either)")
+    if method in ("orpo", "cpo", "simpo") and not bundle.source.hf_config.get("output_router_logits"):
+        return bundle.with_args(router_aux_loss_coef=0.0)
+    return bundle
+
+
+def router_aux_layout(cfg: Config, bundle, layout):
+    """The layout when the loss has a router term: TRL's load-balancing statistics count every
+    token of its rows, and the padding-free and packed layouts leave out each sequence's last token
+    (it is only a target), so they are padded here (`padding_free: auto`) or refused."""
+    if not bundle.router_aux_coef or not (layout.padding_free or layout.kind.packed):
+        return layout
+    if cfg.training.padding_free == "auto" and not layout.kind.packed:
+        return dataclasses.replace(layout, padding_free=False)
+    what = "`training.padding_free: true`" if layout.padding_free else f"`training.pair_layout: {layout.kind.value}`"
+    raise ConfigError(f"{cfg.source}: {what} leaves each sequence's last token out of the router's load-balancing "
+                      f"loss that TRL adds on a mixture of experts (router_aux_loss_coef {bundle.router_aux_coef}); "
+                      f"use padded rows (padding_free: false, pair_layout concatenated or shared_prompt)")
 
 
 def plan_shapes(it, cfg: Config, args, abstract, steps: int) -> tuple:

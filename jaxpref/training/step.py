@@ -48,12 +48,18 @@ def micro_loss(lora, params, mb, ref_logps: jax.Array | None, bundle, ref_bundle
     method's own loss (`jaxpref.objectives.methods`)."""
     spec = opts.spec
     method = get_method(spec.method)
-    logp, mean_logit, wpo = token_logps(bundle, params, lora, mb, rngs=rngs, need_wpo=spec.use_weighting)
+    coef = bundle.router_aux_coef
+    out = token_logps(bundle, params, lora, mb, rngs=rngs, need_wpo=spec.use_weighting, router_aux=bool(coef))
+    logp, mean_logit, wpo = out[:3]
     stats = pair_stats(logp, mean_logit, wpo, mb, opts.num_seqs)
     ref = None
     if method.needs_reference(spec):
         ref = reference_logps(opts, mb, ref_logps, bundle, params, ref_bundle, ref_params)
-    return method.loss(LossInputs(stats, ref, logp, mb, opts.num_seqs), spec)
+    loss, metrics = method.loss(LossInputs(stats, ref, logp, mb, opts.num_seqs), spec)
+    if coef:   # as TRL: the policy forward's load-balancing loss, weighted, and logged as aux_loss
+        loss = loss + coef * out[3]
+        metrics = {**metrics, "aux_loss": out[3][None]}
+    return loss, metrics
 
 
 @jax.tree_util.register_dataclass
