@@ -52,30 +52,6 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def read_prompts(path: str) -> list:
-    """The `prompt` of every row of a JSON lines file (blank lines skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--prompts {path}: no such file")
-    out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--prompts {path}: line {n} is not JSON ({e.msg})")
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise ConfigError(f"--prompts {path}: line {n} has no `prompt`")
-        if not isinstance(row["prompt"], (str, list)):
-            raise ConfigError(f"--prompts {path}: line {n}: `prompt` must be a string or a list of "
-                              f"messages, got {type(row['prompt']).__name__}")
-        out.append(row["prompt"])
-    if not out:
-        raise ConfigError(f"--prompts {path}: no prompts")
-    return out
-
-
 def check_options(args) -> None:
     from jaxpref.generation.sampling import Sampling
 
@@ -113,7 +89,7 @@ def generate(cfg, args) -> list[dict]:
     from jaxpref.runtime.mesh import make_mesh
     from jaxpref.training import setup
 
-    rows_in = read_prompts(args.prompts) if args.prompts else None
+    rows_in = text.read_prompts(args.prompts, "--prompts") if args.prompts else None
     bundle, tok, _, abstract = setup.model_for(cfg, args.model_index, training=False)
     shown = rows_in or list(args.prompt)   # each output line's `prompt`: as given
     given = rows_in or [text.user_prompt(tok, t) for t in args.prompt]

@@ -158,6 +158,8 @@ class LoggingConfig:
     run_name: str | None = None
     log_level: str = "warning"        # debug | info | warning | error: jaxpref's and the libraries' log lines
     progress_bar: bool = True
+    sample_prompts: int | str | None = None   # N eval-split prompts, or a prompts .jsonl: samples.jsonl
+    sample_max_new_tokens: int = 64
 
 
 @dataclass

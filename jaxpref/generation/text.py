@@ -28,6 +28,30 @@ def prompt_ids(tok, prompt, where: str = "prompt") -> list[int]:
     return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
 
+def read_prompts(path: str, flag: str) -> list:
+    """The `prompt` of every row of a JSON lines file (blank lines skipped); errors name `flag`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{flag} {path}: no such file")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag} {path}: line {n} is not JSON ({e.msg})")
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ConfigError(f"{flag} {path}: line {n} has no `prompt`")
+        if not isinstance(row["prompt"], (str, list)):
+            raise ConfigError(f"{flag} {path}: line {n}: `prompt` must be a string or a list of "
+                              f"messages, got {type(row['prompt']).__name__}")
+        out.append(row["prompt"])
+    if not out:
+        raise ConfigError(f"{flag} {path}: no prompts")
+    return out
+
+
 def check_messages(prompt, where: str) -> None:
     if not isinstance(prompt, list) or not prompt:
         raise ConfigError(f"{where} must be a string or a non-empty list of messages, "

@@ -77,6 +77,13 @@ class Trainer:
         self.hooks.add_hook(self._log, every=cfg.training.logging_steps, at_end=True)
         if run.eval_fn is not None:
             self.hooks.add_hook(self._evaluate, every=cfg.training.eval_steps)
+        self.sampler = None
+        if cfg.logging.sample_prompts:
+            from jaxpref.training.samples import Sampler
+            self.sampler = Sampler(run, self.sinks, append=run.start > 0)
+            if run.eval_fn is not None:
+                self.hooks.add_hook(lambda info: self.sampler.sample(info.step, info.state.lora),
+                                    every=cfg.training.eval_steps)
         save_every = cfg.save_steps
         self.hooks.add_hook(lambda info: info.step != info.total and self.save(info.step), every=save_every)
 
@@ -85,6 +92,8 @@ class Trainer:
     def train(self) -> None:
         run = self.run
         print(self._start_line(), file=sys.stderr)
+        if self.sampler is not None:
+            self.sampler.sample(0, None, "base")
         ctrl_c = StopRequest(run.entry.name).__enter__()
         try:
             for step in range(run.start, run.total):
@@ -216,6 +225,8 @@ class Trainer:
         run.store.close()
         best = self.stopped_early and self.best_lora is not None
         export = self.best_lora if best else run.state.lora
+        if self.sampler is not None:
+            self.sampler.sample(run.early.best_step if best else final_step, export)
         if run.is_main:
             if run.full_finetune:
                 from jaxpref.lora.merged import save_merged

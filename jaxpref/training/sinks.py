@@ -1,6 +1,7 @@
 """Metric sinks: metrics.jsonl always; TensorBoard, W&B (offline-safe) and MLflow on request
-(`logging.report_to`). Each sink is one small class with `log(metrics)` and `close()`; adding one
-is a class and a row of `SINKS`."""
+(`logging.report_to`). Each sink is one small class with `log(metrics)` and `close()` (and
+`log_samples(rows, step)` when it shows text: TensorBoard and W&B); adding one is a class and a
+row of `SINKS`."""
 from __future__ import annotations
 
 import json
@@ -35,6 +36,14 @@ class TensorBoardSink:
             tag = k if "/" in k else (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}")
             self.writer.add_scalar(tag, v, step)
 
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """A markdown table (TensorBoard's text tab renders it): model, prompt, completion."""
+        cell = lambda s: " ".join(str(s).split()).replace("|", "\\|")
+        lines = ["| model | prompt | completion |", "|---|---|---|"]
+        lines += [f"| {r['model']} | {cell(r['prompt'])} | {cell(r['completion'])} |" for r in rows]
+        self.writer.add_text("samples", "\n".join(lines), step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -52,6 +61,13 @@ class WandbSink:
 
     def log(self, metrics: dict, step: int, scalars: dict) -> None:
         self.run.log(scalars, step=step)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        import wandb
+
+        data = [[r["step"], r["model"], str(r["prompt"]), r["completion"]] for r in rows]
+        self.run.log({"samples": wandb.Table(columns=["step", "model", "prompt", "completion"], data=data)},
+                     step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -103,6 +119,11 @@ class MetricSinks:
         scalars = {k: float(v) for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         for sink in self.sinks:
             sink.log(metrics, step, scalars)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, "log_samples"):
+                sink.log_samples(rows, step)
 
     def close(self) -> None:
         sinks, self.sinks = self.sinks, []
