@@ -157,13 +157,16 @@ def plot_curves(runs: list[RunInfo], out: Path) -> Path | None:
                 pts = [(x["step"], x[key]) for x in r.metrics if key in x and "step" in x]
                 if not pts:
                     continue
-                style = "o--" if key.startswith("eval_") or j == 1 else "-"
-                label = f"{r.name}" + (" (eval)" if key.startswith("eval_") else "")
+                ev = key.startswith("eval_")
+                style = "o--" if ev else ("--" if j == 1 else "-")
+                label = f"{r.name} (eval)" if ev else (f"_{r.name}" if j == 1 else r.name)
                 ax.plot(*zip(*pts), style, color=colours[i % len(colours)], label=label, markersize=4)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    handles = {l.get_label(): l for ax in axes for l in ax.lines if not l.get_label().startswith("_")}
+    handles: dict = {}
+    for line in (x for ax in axes for x in ax.lines if not x.get_label().startswith("_")):
+        handles.setdefault(line.get_label(), line)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out, dpi=100)
