@@ -13,7 +13,9 @@ COMMANDS = {
     "train": ("jaxpref.train", "post-train every model of a config (DPO, IPO, KTO, ORPO, SimPO, CPO)", True),
     "evaluate": ("jaxpref.evaluate", "per-example log-probs and rewards on a split, and their summary", True),
     "export": ("jaxpref.export", "a finished run as a PEFT adapter and/or a merged model; upload to the Hub", True),
+    "generate": ("jaxpref.generate", "completions of a config's model, with a run's adapter and/or the base", True),
     "plot": ("jaxpref.plot", "a run's metrics.png (loss, reward accuracy, margins)", False),
+    "report": ("jaxpref.report", "report.md/.html comparing every model trained into an output folder", False),
 }
 
 

@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
     except JaxprefError as e:
         print(f"jaxpref: error: {e}", file=sys.stderr)
         return 2
+    import jax
+
     resume = args.resume or args.resume_force or args.resume_from is not None
-    codes = []
+    codes, errors = [], {}
     for i in indices:
         entry = cfg.models[i]
         try:
@@ -145,16 +147,33 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         except JaxprefError as e:
             print(f"jaxpref: error: model `{entry.name}`: {e}", file=sys.stderr)
             codes.append(2)
+            errors[entry.name] = " ".join(str(e).split())
         except KeyboardInterrupt:
             return 130
         except Exception as e:  # report, keep the traceback in the run folder, go on
             codes.append(report_failure(entry.name, out_root / entry.name, e))
+            errors[entry.name] = " ".join(f"{type(e).__name__}: {e}".split())[:500]
     if len(indices) > 1:
         ok = sum(c == 0 for c in codes)
         print(f"jaxpref: {ok}/{len(indices)} model(s) trained", file=sys.stderr)
+    if jax.process_index() == 0:
+        write_report(out_root, [m.name for m in cfg.models], errors, quiet=bool(errors))
     if all(c == 0 for c in codes):
         return 0
     return 2 if 2 in codes else 1
+
+
+def write_report(out_root: Path, names: list[str], errors: dict[str, str], quiet: bool) -> None:
+    """report.md / report.html over the config's models (`quiet`: written without a line, after
+    the failures' one-line errors); a report must never fail the run."""
+    from jaxpref.report import write_report as write
+
+    try:
+        page = write(out_root, names, errors)
+        if page is not None and not quiet:
+            print(f"jaxpref: report: {page}", file=sys.stderr)
+    except Exception as e:
+        print(f"jaxpref: warning: report not written ({type(e).__name__}: {e})".splitlines()[0], file=sys.stderr)
 
 
 class _CallableModule(types.ModuleType):

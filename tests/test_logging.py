@@ -21,7 +21,8 @@ def logged_run(tmp_path_factory, tiny_llama, tiny_pairs):
                        dataset={"name": str(tiny_pairs), "eval_fraction": 0.25},
                        training={"max_steps": 3, "logging_steps": 1, "eval_steps": 2,
                                  "per_device_eval_batch_size": 2},
-                       logging={"report_to": ["tensorboard", "wandb", "mlflow"], "progress_bar": False})
+                       logging={"report_to": ["tensorboard", "wandb", "mlflow"], "progress_bar": False,
+                                "sample_prompts": 2, "sample_max_new_tokens": 4})
     (tmp / ".env").write_text(f"HF_TOKEN={FAKE}\nWANDB_API_KEY={FAKE_WANDB}\n")
     cwd = os.getcwd()
     saved = {k: os.environ.get(k) for k in ("HF_TOKEN", "WANDB_API_KEY", "WANDB_MODE")}
@@ -109,6 +110,16 @@ def test_wandb_offline_run_has_the_config_and_tags(logged_run):
     assert config == _resolved(logged_run)
     assert config["training.max_steps"] == 3 and config["models.0.name"] == "tiny"
     assert set(TAGS) <= keys, keys
+
+
+def test_wandb_samples_table(logged_run):
+    samples = [json.loads(l) for l in (logged_run / "samples.jsonl").read_text().splitlines()]
+    tables = sorted((logged_run / "wandb").rglob("samples_*.table.json"), key=lambda f: f.stat().st_mtime)
+    assert len(tables) == 3   # base (step 0), the eval at step 2, the end (step 3)
+    last = json.loads(tables[-1].read_text())
+    assert last["columns"] == ["step", "model", "prompt", "completion"]
+    assert last["data"] == [[3, "tuned", r["prompt"], r["completion"]] for r in samples if r["step"] == 3]
+
 
 
 def test_mlflow_params_and_metric_names_keep_their_slashes(logged_run):

@@ -175,6 +175,8 @@ class LoggingConfig:
     run_name: str | None = None          # the tracker's run name (default: the model's name)
     log_level: str = "warning"        # debug | info | warning | error: jaxpref's and the libraries' log lines
     progress_bar: bool = True            # a bar in a terminal, one line per logged step elsewhere (false: neither)
+    sample_prompts: int | str | None = None   # greedy completions in samples.jsonl at each eval and at the end: N eval-split prompts, or a prompts .jsonl
+    sample_max_new_tokens: int = 64      # tokens generated per sample prompt
 
 
 @dataclass

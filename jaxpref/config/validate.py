@@ -222,6 +222,7 @@ def validate_safety(cfg: Config) -> None:
         if getattr(pt, key) <= 0:
             raise ConfigError(f"{src}: `post_training.{key}` must be > 0, got {getattr(pt, key)}")
     _choice(cfg.logging.log_level.lower(), LOG_LEVELS, "logging.log_level", src)
+    _check_samples(cfg.logging, cfg.dataset, src)
     es = ft.early_stopping
     logged = ["eval_loss"] + [f"eval_{k}" for k in METHODS[pt.method].metrics]
     checked = [("finetuning.early_stopping.metric", es.metric)] if es is not None else []
@@ -243,3 +244,16 @@ def validate_safety(cfg: Config) -> None:
             raise ConfigError(f"{src}: `finetuning.early_stopping.min_delta` must be >= 0, got {es.min_delta}")
 
 
+
+
+def _check_samples(lg, ds, src: str) -> None:
+    sp = lg.sample_prompts
+    if isinstance(sp, int) and sp < 1:
+        raise ConfigError(f"{src}: `logging.sample_prompts` must be a count >= 1 or a .jsonl file, got {sp}")
+    if isinstance(sp, int) and not (ds.eval_split or ds.eval_fraction > 0):
+        raise ConfigError(f"{src}: `logging.sample_prompts: {sp}` takes prompts from the eval split, and there "
+                          "is none (set dataset.eval_split or dataset.eval_fraction, or give a prompts .jsonl)")
+    if isinstance(sp, str) and not Path(sp).is_file():
+        raise ConfigError(f"{src}: `logging.sample_prompts`: no such file {sp}")
+    if lg.sample_max_new_tokens < 1:
+        raise ConfigError(f"{src}: `logging.sample_max_new_tokens` must be >= 1, got {lg.sample_max_new_tokens}")

@@ -181,6 +181,21 @@ def _softmax_attention(q, k, v, mask, softcap: float | None) -> jax.Array:
     return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h).astype(dtype)
 
 
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, start: jax.Array,
+                    precision: str | None = None, softcap: float | None = None) -> jax.Array:
+    """Generation (`kv_cache.KVCache`): q [B, T, N, H] are the tokens in cache slots
+    [start, start + T) (`start` int32 scalar), k/v [B, S, K, H] the whole cache with them written,
+    and `info` describes the S slots (segment 0: left padding; positions). The rule is `dense_mask`'s
+    with the queries' slots as their indices, so slots not yet written (after the query) are never
+    seen. XLA's dense path: [B, N, T, S] scores, T = 1 per decoding step."""
+    t = q.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), info.segment_ids.shape)
+    keys = (info.segment_ids, info.branch, info.positions, idx)
+    queries = tuple(jax.lax.dynamic_slice_in_dim(a, start, t, axis=1) for a in keys)
+    mask = _rule(queries, keys, info.window)[:, None]
+    return _with_precision(precision, q.dtype, _softmax_attention, q, k, v, mask, softcap)
+
+
 def _chunked(q, k, v, info: MaskInfo, chunk: int, softcap: float | None = None) -> jax.Array:
     """`_dense` over blocks of `chunk` queries: each block's mask [B, c, S] and scores
     [B, N, c, S] exist one block at a time, in the forward and (rematerialised) in the backward.

@@ -44,15 +44,18 @@ class ModelBundle:
         The stacked tree given is consumed: use only the returned one."""
         return params if self.args.scan_layers else split_layers(params, self.args.num_layers, consume=True)
 
-    def hidden(self, params, lora, input_ids, positions, mask, rngs=None, router_aux: bool = False):
+    def hidden(self, params, lora, input_ids, positions, mask, rngs=None, router_aux: bool = False, cache=None):
         """Final hidden states [B, T, D]; `lora=None` is the reference (adapter off). Stacked or
         split layer trees are both accepted; the stacked LoRA is split inside the step.
         `router_aux` (mixtures of experts): (hidden, the load-balancing loss of this forward, a
-        float32 scalar over the tokens TRL counts, `moe.load_balancing_loss`)."""
+        float32 scalar over the tokens TRL counts, `moe.load_balancing_loss`). With a generation
+        `cache` (`kv_cache.KVCache`): (hidden, the updated cache)."""
         if not self.args.scan_layers:
             params = split_layers(params, self.args.num_layers)
             lora = None if lora is None else split_layers(lora, self.args.num_layers)
         variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+        if cache is not None:
+            return self.module.apply(variables, input_ids, positions, mask, cache, rngs=rngs)
         if router_aux:
             hidden, state = self.module.apply(variables, input_ids, positions, mask, rngs=rngs, mutable=["aux"])
             return hidden, load_balancing_loss(state.get("aux", {}), self.moe.num_experts)

@@ -110,6 +110,13 @@ class Trainer:
         self.hooks.add_hook(self._log, every=cfg.training.logging_steps, at_end=True)
         if run.eval_fn is not None:
             self.hooks.add_hook(self._evaluate, every=eval_every(cfg, run.it.steps_per_epoch))
+        self.sampler = None
+        if cfg.logging.sample_prompts:
+            from jaxpref.training.samples import Sampler
+            self.sampler = Sampler(run, self.sinks, append=run.start > 0)
+            if run.eval_fn is not None:
+                self.hooks.add_hook(lambda info: self.sampler.sample(info.step, info.state.lora),
+                                    every=eval_every(cfg, run.it.steps_per_epoch))
         save_every = cfg.save_steps
         self.hooks.add_hook(lambda info: info.step != info.total and self.save(info.step), every=save_every)
 
@@ -119,6 +126,8 @@ class Trainer:
         run = self.run
         if run.is_main:
             self.progress.write(self._start_line())
+        if self.sampler is not None:
+            self.sampler.sample(0, None, "base")
         ctrl_c = StopRequest(run.entry.name).__enter__()
         try:
             for step in range(run.start, run.total):
@@ -261,6 +270,8 @@ class Trainer:
         run.store.close()
         best = (self.stopped_early or run.best is not None) and self.best_lora is not None
         export = self.best_lora if best else run.state.lora
+        if self.sampler is not None:
+            self.sampler.sample((run.best or run.early).best_step if best else final_step, export)
         summary = self._summary(t_start, final_step, best)
         if run.is_main:
             card = model_card(run.cfg, run.index, summary, kind="merged" if run.full_finetune else "adapter")

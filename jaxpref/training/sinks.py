@@ -1,6 +1,7 @@
 """Metric sinks: metrics.jsonl always; TensorBoard, W&B (offline-safe) and MLflow on request
-(`logging.report_to`). Each sink is one small class with `log(metrics)` and `close()`; adding one
-is a class and a row of `SINKS`.
+(`logging.report_to`). Each sink is one small class with `log(metrics)` and `close()` (and
+`log_samples(rows, step)` when it shows text: TensorBoard and W&B); adding one is a class and a
+row of `SINKS`.
 
 The trackers get the run's resolved config (flattened: `training.learning_rate`) as W&B config,
 MLflow params and TensorBoard hparams, and one tag scheme for train and eval, the one TRL's runs
@@ -76,6 +77,14 @@ class TensorBoardSink:
         for k, v in scalars.items():
             self.writer.add_scalar(tracker_name(k), v, step)
 
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """A markdown table (TensorBoard's text tab renders it): model, prompt, completion."""
+        cell = lambda s: " ".join(str(s).split()).replace("|", "\\|")
+        lines = ["| model | prompt | completion |", "|---|---|---|"]
+        lines += [f"| {r['model']} | {cell(r['prompt'])} | {cell(r['completion'])} |" for r in rows]
+        self.writer.add_text("samples", "\n".join(lines), step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.file_writer.add_summary(self.sei)
         self.writer.close()
@@ -94,6 +103,13 @@ class WandbSink:
 
     def log(self, metrics: dict, step: int, scalars: dict) -> None:
         self.run.log({tracker_name(k): v for k, v in scalars.items()}, step=step)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        import wandb
+
+        data = [[r["step"], r["model"], str(r["prompt"]), r["completion"]] for r in rows]
+        self.run.log({"samples": wandb.Table(columns=["step", "model", "prompt", "completion"], data=data)},
+                     step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -148,6 +164,11 @@ class MetricSinks:
         scalars = {k: float(v) for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         for sink in self.sinks:
             sink.log(metrics, step, scalars)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, "log_samples"):
+                sink.log_samples(rows, step)
 
     def close(self) -> None:
         sinks, self.sinks = self.sinks, []

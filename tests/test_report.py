@@ -1,0 +1,111 @@
+"""`python -m jaxpref.report` and the report `python -m jaxpref.train` writes: one row per model with
+the values of its summary.json / metrics.jsonl / adapter_config.json, overlaid curves, base and
+tuned samples side by side (those of samples.jsonl), failed models with their error."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import write_config
+from jaxpref import report, train
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, tiny_llama, tiny_pairs):
+    tmp = tmp_path_factory.mktemp("report")
+    cfg = write_config(tmp / "c.yaml", tiny_llama, tiny_pairs,
+                       models=[{"name": "a", "huggingface_id": str(tiny_llama)},
+                               {"name": "broken", "huggingface_id": str(tmp / "nope")},
+                               {"name": "b", "huggingface_id": str(tiny_llama)}],
+                       dataset={"name": str(tiny_pairs), "eval_fraction": 0.25},
+                       training={"max_steps": 2, "eval_steps": 1, "per_device_eval_batch_size": 2},
+                       logging={"report_to": [], "progress_bar": False, "sample_prompts": 2,
+                                "sample_max_new_tokens": 4})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / "out")]) == 2   # `broken` failed
+    return tmp / "out"
+
+
+def md_table(text: str, heading: str) -> list[list[str]]:
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [l for l in section.splitlines() if l.startswith("|")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", l)[1:-1]] for l in lines[:1] + lines[2:]]
+
+
+def test_report_files_written(two_models):
+    for name in ("report.md", "report.html", "report_curves.png"):
+        assert (two_models / name).is_file(), name
+    assert (two_models / "report_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (two_models / "report.html").read_text()
+    # self-contained: the plot is embedded, nothing is fetched
+    assert "data:image/png;base64," in page
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)
+
+
+def test_one_row_per_model_with_its_values(two_models):
+    md = (two_models / "report.md").read_text()
+    assert "2/3 model(s) trained." in md
+    header, *rows = md_table(md, "Models")
+    assert list(header) == list(report.COLUMNS)
+    assert [r[0] for r in rows] == ["a", "b"]
+    for r in rows:
+        cell = dict(zip(header, r))
+        run = two_models / r[0]
+        summary = json.loads((run / "summary.json").read_text())
+        metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        last = [m for m in metrics if "loss" in m][-1]
+        assert cell["steps"] == "2" and cell["method (loss)"] == "dpo (default)"
+        assert cell["LoRA r / alpha / targets"] == "4 / 8 / q_proj, v_proj" == \
+            f"{adapter['r']} / {adapter['lora_alpha']:g} / {', '.join(sorted(adapter['target_modules']))}"
+        assert float(cell["train loss"]) == pytest.approx(last["loss"], rel=1e-3)
+        assert float(cell["eval loss"]) == pytest.approx(summary["final_eval"]["eval_loss"], rel=1e-3)
+        acc_train, acc_eval = cell["reward acc (train / eval)"].split(" / ")
+        assert float(acc_train) == pytest.approx(last["rewards/accuracies"], abs=1e-3)
+        assert float(acc_eval) == pytest.approx(summary["final_eval"]["eval_rewards/accuracies"], abs=1e-3)
+        assert float(cell["wall s"]) == pytest.approx(summary["wall_time_s"], rel=1e-3)
+        assert float(cell["peak host MiB"]) == pytest.approx(summary["peak_memory"]["host_rss_mib"], rel=1e-3)
+        assert cell["tokens/s"] != "-" and cell["compile s"] != "-"
+
+
+def test_samples_side_by_side(two_models):
+    md = (two_models / "report.md").read_text()
+    header, *rows = md_table(md, "Samples")
+    assert header[0] == "prompt" and header[1].startswith("base: ") and header[2:] == ["a (step 2)", "b (step 2)"]
+    a = [json.loads(l) for l in (two_models / "a" / "samples.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (two_models / "b" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for i, row in enumerate(rows):
+        base_a = [x for x in a if x["model"] == "base"][i]
+        assert row[0] == base_a["prompt"]
+        assert row[1] == " ".join(base_a["completion"].split())
+        assert row[2] == " ".join([x for x in a if x["step"] == 2][i]["completion"].split())
+        assert row[3] == " ".join([x for x in b if x["step"] == 2][i]["completion"].split())
+
+
+def test_failed_model_listed_with_its_error(two_models):
+    md = (two_models / "report.md").read_text()
+    failed = md.split("## Failed\n", 1)[1]
+    assert failed.strip().startswith("- `broken`: ") and "not found" in failed
+    assert "broken" in (two_models / "report.html").read_text()
+
+
+def test_report_cli_rewrites_the_same_report(two_models, capsys):
+    before = (two_models / "report.md").read_text()
+    assert report.main([str(two_models)]) == 0
+    after = (two_models / "report.md").read_text()
+    # the standalone report reads the run folders: the same rows; `broken` never had a folder
+    assert md_table(after, "Models") == md_table(before, "Models")
+    assert md_table(after, "Samples") == md_table(before, "Samples")
+    assert capsys.readouterr().out.strip().endswith("report.html")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "is not a folder"),
+    (lambda p: p, "holds no run folder"),
+])
+def test_report_cli_bad_folder_is_one_line(tmp_path, capsys, make, message):
+    assert report.main([str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
