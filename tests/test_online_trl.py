@@ -276,3 +276,176 @@ def test_rloo_advantages_loss_and_metrics_equal_trl(rloo, tiny, normalize, epsil
                 assert set(m) == set(theirs), case
                 for k, v in m.items():
                     _close(v[0], theirs[k], f"{k} {case}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Online DPO: OnlineDPOTrainer.training_step on two fixed completions per prompt
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("missing_eos_penalty", [None, 0.7])
+def test_online_dpo_pairs_loss_and_metrics_equal_trl(tiny, tmp_path, loss_type, missing_eos_penalty):
+    """Padded completion slots hold log-prob 0 here: TRL sums `objective/kl` and
+    `objective/entropy` over every slot, padding included, jaxpref over the completion tokens."""
+    from datasets import Dataset
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    path, tok, comp = tiny
+    b = 4
+    prompts, answers = PROMPTS * 2, ANSWERS * 2
+    args = OnlineDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=b, max_new_tokens=C,
+                           report_to=[], use_cpu=True, save_strategy="no", loss_type=loss_type,
+                           missing_eos_penalty=missing_eos_penalty, reward_weights=WEIGHTS, beta=[0.15])
+    tr = OnlineDPOTrainer(model=str(path), reward_funcs=[correct, style], args=args, processing_class=tok,
+                          train_dataset=Dataset.from_dict({"prompt": prompts, "answer": answers}))
+    width = max(map(len, comp))
+    ids = torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in comp])
+    cmask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in comp])
+    cur, _, ref, _ = _arrays(4, 0.0)
+    cur, ref = cur * cmask.numpy(), ref * cmask.numpy()
+    cur_t = torch.tensor(cur, requires_grad=True)
+    pids = torch.ones((2 * b, 3), dtype=torch.long)
+    tr._generate = lambda model, ps, images=None: (pids, torch.ones_like(pids), ids, cmask, None)
+    tr._forward = lambda model, *a: torch.tensor(ref) if model is tr.ref_model else cur_t
+    loss = tr.training_step(tr.model, {"prompt": list(prompts), "answer": list(answers)})
+    theirs = {k: v[-1] for k, v in tr.stats.items() if v}
+
+    per_func = score(FUNCS, prompts * 2, decode_completions(tok, ids.tolist(), False), ids.tolist(),
+                     {"answer": answers * 2}).per_func
+    eos = np.isin(ids.numpy(), [tok.eos_token_id]).any(1)
+    rewards = online.online_dpo_rewards(per_func, jnp.asarray(WEIGHTS), eos, missing_eos_penalty)
+    chosen, rejected = online.online_dpo_pairs(rewards)
+    order = jnp.concatenate([chosen, rejected])
+    mask = jnp.asarray(cmask.numpy(), jnp.float32)
+
+    def f(logp):
+        return online.online_dpo_loss(logp[order], jnp.asarray(ref)[order], mask[order], rewards[order],
+                                      eos[np.asarray(order)], beta=0.15, loss_type=loss_type)
+
+    (ours, m), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(cur))
+    _close(ours, loss.item() * args.gradient_accumulation_steps, "loss")
+    _close(g, cur_t.grad.numpy(), "gradient", atol=1e-7)
+    assert set(m) == set(theirs)
+    for k, v in m.items():
+        _close(v[0], theirs[k], k)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO: TRL's PPOTrainer.train formulas, written out in torch (TRL 1.16 no longer ships PPOTrainer)
+
+
+def _trl_masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def _trl_masked_whiten(x, mask, shift_mean=True):
+    mean = _trl_masked_mean(x, mask)
+    var = _trl_masked_mean((x - mean) ** 2, mask) * (mask.sum() / (mask.sum() - 1))
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def _trl_ppo_rollout(logprobs, ref_logprobs, values, scores, seq, kl_coef, kl_estimator, whiten, gamma, lam):
+    """PPOTrainer.train, steps 'Response Processing 3' to '6. compute advantages and returns'."""
+    t = logprobs.shape[1]
+    idxs = torch.arange(t).repeat(logprobs.shape[0], 1)
+    padding_mask = idxs > seq.unsqueeze(1)
+    logprobs = torch.masked_fill(logprobs, padding_mask, ppo.INVALID_LOGPROB)
+    ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, ppo.INVALID_LOGPROB)
+    padding_mask_p1 = idxs > (seq + 1).unsqueeze(1)
+    values = torch.masked_fill(values, padding_mask_p1, 0)
+    logr = ref_logprobs - logprobs
+    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    end = torch.where(seq + 1 < t, seq + 1, seq)
+    rewards[torch.arange(rewards.size(0)), end] += scores
+    if whiten:
+        rewards = torch.masked_fill(_trl_masked_whiten(rewards, ~padding_mask_p1, shift_mean=False), padding_mask_p1, 0)
+    last, rev = 0, []
+    for i in reversed(range(t)):
+        nextvalues = values[:, i + 1] if i < t - 1 else 0.0
+        delta = rewards[:, i] + gamma * nextvalues - values[:, i]
+        last = delta + gamma * lam * last
+        rev.append(last)
+    advantages = torch.stack(rev[::-1], axis=1)
+    returns = advantages + values
+    advantages = torch.masked_fill(_trl_masked_whiten(advantages, ~padding_mask), padding_mask, 0)
+    return dict(logprobs=logprobs, values=values, rewards=rewards, advantages=advantages, returns=returns, kl=kl,
+                non_score_reward=non_score_reward, padding_mask=padding_mask, padding_mask_p1=padding_mask_p1)
+
+
+def _trl_ppo_loss(r, new_logprobs, vpred, entropy, cliprange, cliprange_value, vf_coef):
+    """PPOTrainer.train, one micro-batch of the PPO epochs."""
+    new_logprobs = torch.masked_fill(new_logprobs, r["padding_mask"], ppo.INVALID_LOGPROB)
+    vpred = torch.masked_fill(vpred, r["padding_mask_p1"], 0)
+    vclip = torch.clamp(vpred, r["values"] - cliprange_value, r["values"] + cliprange_value)
+    vf1, vf2 = torch.square(vpred - r["returns"]), torch.square(vclip - r["returns"])
+    vf_loss = 0.5 * _trl_masked_mean(torch.max(vf1, vf2), ~r["padding_mask_p1"])
+    diff = new_logprobs - r["logprobs"]
+    ratio = torch.exp(diff)
+    pg1 = -r["advantages"] * ratio
+    pg2 = -r["advantages"] * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = _trl_masked_mean(torch.max(pg1, pg2), ~r["padding_mask"])
+    with torch.no_grad():
+        m = {"policy/approxkl_avg": 0.5 * (diff ** 2).mean(),
+             "policy/clipfrac_avg": _trl_masked_mean((pg2 > pg1).float(), ~r["padding_mask"]),
+             "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss,
+             "val/clipfrac_avg": _trl_masked_mean((vf2 > vf1).float(), ~r["padding_mask_p1"]),
+             "policy/entropy_avg": entropy.mean(), "val/ratio": ratio.mean()}
+    return pg_loss + vf_coef * vf_loss, m
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+@pytest.mark.parametrize("whiten_rewards", [False, True])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_ppo_rewards_gae_losses_and_metrics_equal_trl_formulas(kl_estimator, whiten_rewards, gamma, lam):
+    from trl.experimental.utils import first_true_indices
+
+    rng = np.random.default_rng(5)
+    b, t, pad, stop = 8, 7, 0, 2
+    responses = rng.integers(3, 20, (b, t))
+    for i, n in enumerate([1, 3, 7, 5, 2, 7, 4, 6]):        # response lengths; 7 = no pad
+        responses[i, n - 1] = stop if n < t else responses[i, n - 1]
+        responses[i, n:] = pad
+    truncated = ppo.truncate_after_stop(jnp.asarray(responses), stop, pad)
+    np.testing.assert_array_equal(np.asarray(truncated), responses)
+    seq = first_true_indices(torch.tensor(responses) == pad) - 1
+    np.testing.assert_array_equal(np.asarray(ppo.sequence_lengths(jnp.asarray(responses), pad)), seq.numpy())
+    logprobs = rng.normal(-1.5, 0.5, (b, t)).astype(np.float32)
+    ref = (logprobs + rng.normal(0, 0.3, (b, t))).astype(np.float32)
+    values = rng.normal(0, 1, (b, t)).astype(np.float32)
+    scores = rng.normal(0, 2, b).astype(np.float32)
+    kw = dict(kl_coef=0.05, kl_estimator=kl_estimator, whiten_rewards=whiten_rewards, gamma=gamma, lam=lam)
+    theirs = _trl_ppo_rollout(torch.tensor(logprobs), torch.tensor(ref), torch.tensor(values), torch.tensor(scores),
+                              seq, kl_coef=0.05, kl_estimator=kl_estimator, whiten=whiten_rewards, gamma=gamma, lam=lam)
+    r = ppo.ppo_rollout(jnp.asarray(logprobs), jnp.asarray(ref), jnp.asarray(values), jnp.asarray(scores),
+                        jnp.asarray(seq.numpy()), **kw)
+    for k in ("logprobs", "values", "rewards", "advantages", "returns", "kl", "non_score_reward",
+              "padding_mask", "padding_mask_p1"):
+        _close(getattr(r, k), theirs[k].numpy(), k)
+    new = (logprobs + rng.normal(0, 0.3, (b, t))).astype(np.float32)
+    vpred = (values + rng.normal(0, 0.4, (b, t))).astype(np.float32)
+    ent = rng.uniform(0.5, 3, (b, t)).astype(np.float32)
+    new_t, vpred_t = torch.tensor(new, requires_grad=True), torch.tensor(vpred, requires_grad=True)
+    loss, tm = _trl_ppo_loss(theirs, new_t, vpred_t, torch.tensor(ent), 0.2, 0.2, 0.1)
+    loss.backward()
+
+    def f(n, v):
+        return ppo.ppo_loss(n, v, jnp.asarray(ent), r.logprobs, r.values, r.returns, r.advantages, r.padding_mask,
+                            r.padding_mask_p1, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+
+    (ours, m), (gn, gv) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(jnp.asarray(new), jnp.asarray(vpred))
+    _close(ours, loss.item(), "loss")
+    _close(gn, new_t.grad.numpy(), "policy gradient", atol=1e-7)
+    _close(gv, vpred_t.grad.numpy(), "value gradient", atol=1e-7)
+    for k, v in m.items():
+        _close(v[0], tm[k].item(), k)
+    objective = ppo.ppo_rollout_metrics(r, int((responses == stop).sum()))
+    kl_t = theirs["kl"]
+    expect = {"objective/kl": kl_t.sum(1).mean(), "objective/entropy": (-theirs["logprobs"]).sum(1).mean(),
+              "objective/non_score_reward": theirs["non_score_reward"].sum(1).mean(),
+              "objective/scores": torch.tensor(scores).mean()}
+    expect["objective/rlhf_reward"] = expect["objective/non_score_reward"] + expect["objective/scores"]
+    for k, v in expect.items():
+        _close(objective[k], v.item(), k)
