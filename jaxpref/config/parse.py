@@ -147,6 +147,8 @@ def _set_dotted(data: dict, dotted: str, value: Any, src: str) -> None:
 ALIASES = {
     ("training", "save_steps"): ("finetuning", "save_steps"),
     ("training", "gradient_checkpointing"): ("finetuning", "gradient_checkpointing"),
+    # GRPOConfig's name (TRL <= 0.24); jaxpref keeps the prompt's last tokens, as TRL did.
+    ("post_training", "max_prompt_length"): ("training", "max_prompt_length"),
 }
 
 

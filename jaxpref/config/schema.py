@@ -46,7 +46,7 @@ class DatasetConfig:
 class PostTrainingBase:
     """The keys every method reads; each method adds its own (`jaxpref.objectives.methods`)."""
     method: str = "dpo"
-    beta: float = 0.1
+    beta: float | None = None      # None: the method's TRL default (0.1; grpo 0.0, rloo 0.05)
     loss_type: str | list[str] | None = None
     loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
