@@ -4,7 +4,8 @@ and passed to the reward functions (`jaxpref.data.rewards`) as TRL passes them.
 
 Prompts are tokenized as TRL 1.16's GRPOTrainer tokenizes them (`_tokenize_prompts`, the same in
 RLOOTrainer): conversational prompts through the chat template with the generation prompt,
-standard prompts as text with the tokenizer's special tokens. `training.max_prompt_length` keeps a
+standard prompts as text with the tokenizer's special tokens; for online DPO as its trainer does
+(text, no special tokens: `tokenize_prompt`). `training.max_prompt_length` keeps a
 prompt's last tokens (TRL <= 0.24's left truncation; TRL 1.x no longer truncates prompts).
 Rows whose prompt is null, empty, of the other format or not a message list are skipped and
 counted. Completions are decoded for the reward functions as those trainers decode them.
@@ -67,12 +68,26 @@ def map_prompt_columns(ds, ds_cfg):
     return ds.rename_column(name, "prompt") if name != "prompt" else ds
 
 
-def tokenize_prompt(tok, prompt, fmt: str) -> list[int]:
-    """One prompt -> token ids, as TRL's `_tokenize_prompts`."""
+def tokenize_prompt(tok, prompt, fmt: str, rule: str = "prompt") -> list[int] | str:
+    """One prompt -> token ids, or the reason it cannot be tokenized. rule "prompt": TRL's
+    GRPOTrainer/RLOOTrainer (`_tokenize_prompts`: the chat template with the generation prompt,
+    tokenized; standard text with the tokenizer's special tokens); "prompt_text": OnlineDPOTrainer
+    (`_generate`: the chat template rendered to text, the generation prompt after a user or tool
+    message, an assistant message continued; then the text without special tokens)."""
+    if rule == "prompt":
+        if fmt == "conversational":
+            out = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+            return list(out["input_ids"])
+        return list(tok(text=prompt)["input_ids"])
+    if rule != "prompt_text":
+        raise ValueError(rule)
     if fmt == "conversational":
-        out = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
-    return list(tok(text=prompt)["input_ids"])
+        last = prompt[-1]["role"]
+        if last not in ("user", "tool", "assistant"):
+            return f"prompt ends with a `{last}` message"
+        gen = last != "assistant"
+        prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=gen, continue_final_message=not gen)
+    return list(tok(text=prompt, add_special_tokens=False)["input_ids"])
 
 
 def _problem(prompt: Any, fmt: str) -> str | None:
@@ -89,9 +104,10 @@ def _problem(prompt: Any, fmt: str) -> str | None:
     return "empty prompt" if not prompt.strip() else None
 
 
-def prepare_prompts(ds, ds_cfg, tok, max_prompt_length: int | None = None,
-                    max_rows: int | None = None) -> Prompts:
-    """A `datasets.Dataset` split -> `Prompts` (bad rows skipped and counted)."""
+def prepare_prompts(ds, ds_cfg, tok, max_prompt_length: int | None = None, max_rows: int | None = None,
+                    rule: str = "prompt") -> Prompts:
+    """A `datasets.Dataset` split -> `Prompts` (bad rows skipped and counted); `rule` is the
+    method's tokenization (`tokenize_prompt`)."""
     ds = map_prompt_columns(ds, ds_cfg)
     if max_rows is not None and len(ds) > max_rows:
         ds = ds.select(range(max_rows))
@@ -106,11 +122,10 @@ def prepare_prompts(ds, ds_cfg, tok, max_prompt_length: int | None = None,
     out = Prompts([], [], {c: [] for c in other}, fmt, rows_in=len(rows))
     skipped: Counter = Counter()
     for n, row in enumerate(rows):
-        why = _problem(row["prompt"], fmt)
-        if why is not None:
-            skipped[why] += 1
+        ids = _problem(row["prompt"], fmt) or tokenize_prompt(tok, row["prompt"], fmt, rule)
+        if isinstance(ids, str):
+            skipped[ids] += 1
             continue
-        ids = tokenize_prompt(tok, row["prompt"], fmt)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             ids = ids[-max_prompt_length:]
             out.truncated += 1
