@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.set)
+        from jaxpref.objectives.methods import offline_only
+        offline_only(cfg.post_training.method, "evaluation")
         if not 0 <= args.model_index < len(cfg.models):
             raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
                               f"{len(cfg.models)} model(s)")

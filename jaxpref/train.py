@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         load_dotenv()
         cfg = load_config(args.config, overrides)
         logging.getLogger().setLevel(cfg.logging.log_level.upper())
+        from jaxpref.objectives.methods import offline_only
+        offline_only(cfg.post_training.method, "training" if not args.dry_run else "training (and its dry run)")
         indices = select_models(cfg, args.model_index)
         if not args.dry_run:
             check_writable(out_root, "--output-dir", directory=True)
