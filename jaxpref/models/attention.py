@@ -152,11 +152,30 @@ def _rule(qt: tuple, kt: tuple, window) -> jax.Array:
 
 def _dense(q, k, v, info: MaskInfo) -> jax.Array:
     """Today's `layers._attend`: one [B, N, T, S] softmax through jax.nn.dot_product_attention."""
-    mask = dense_mask(info)[:, None]
+    return _masked(q, k, v, dense_mask(info)[:, None])
+
+
+def _masked(q, k, v, mask) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] bool -> [B, T, N, H] q.dtype."""
     if upcast_on_cpu(q.dtype):
         f = jnp.float32
         return jax.nn.dot_product_attention(q.astype(f), k.astype(f), v.astype(f), mask=mask).astype(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, start: jax.Array,
+                    precision: str | None = None) -> jax.Array:
+    """Generation (`kv_cache.KVCache`): q [B, T, N, H] are the tokens in cache slots
+    [start, start + T) (`start` int32 scalar), k/v [B, S, K, H] the whole cache with them written,
+    and `info` describes the S slots (segment 0: left padding; positions). The rule is `dense_mask`'s
+    with the queries' slots as their indices, so slots not yet written (after the query) are never
+    seen. XLA's dense path: [B, N, T, S] scores, T = 1 per decoding step."""
+    t = q.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), info.segment_ids.shape)
+    keys = (info.segment_ids, info.branch, info.positions, idx)
+    queries = tuple(jax.lax.dynamic_slice_in_dim(a, start, t, axis=1) for a in keys)
+    mask = _rule(queries, keys, info.window)[:, None]
+    return _with_precision(precision, q.dtype, _masked, q, k, v, mask)
 
 
 def _chunked(q, k, v, info: MaskInfo, chunk: int) -> jax.Array:

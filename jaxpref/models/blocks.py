@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref.models.attention import NO_WINDOW, MaskInfo, attention
+from jaxpref.models.attention import NO_WINDOW, MaskInfo, attention, cache_attention
+from jaxpref.models.kv_cache import KVCache
 from jaxpref.models.layers import (ACTIVATIONS, Linear, Norm, apply_rope, rope_attention_factor, rope_cos_sin,
                                    rope_inv_freq)
 from jaxpref.models.spec import ArchArgs, stacked
@@ -165,9 +166,11 @@ class Attention(nn.Module):
     spec: AttnSpec
 
     @nn.compact
-    def __call__(self, h: jax.Array, rope, mask: MaskInfo, layer: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, rope, mask: MaskInfo, layer: jax.Array, cache: KVCache | None = None):
         """h [B, T, D] compute dtype; rope (cos, sin) [B, T, rotary_dim] fp32, or None; mask: who
-        attends to whom (`attention.MaskInfo`); layer: this layer's index, int32 scalar -> [B, T, D]."""
+        attends to whom (`attention.MaskInfo`); layer: this layer's index, int32 scalar; cache:
+        generation's keys and values (`kv_cache.KVCache`), or None -> ([B, T, D], this call's
+        (k, v) [B, T, K, H] each for the cache, or None)."""
         a, s = self.args, self.spec
         b, t, _ = h.shape
         q, k, v = _project_qkv(a, s, h)                 # [B, T, N, H], [B, T, K, H] x 2
@@ -180,12 +183,19 @@ class Attention(nn.Module):
             q = q * jnp.asarray(s.q_scale, q.dtype)
         if s.inverse_layer_scale:
             q = q / (layer + 1).astype(q.dtype)
-        attend = _attention(a.attention, a.matmul_precision, a.mesh)
-        attend = jax.checkpoint(attend) if a.recompute_activations else attend
-        # The one place every architecture attends: where a generation KV cache will be read and
-        # written.
-        o = attend(q, k, v, mask).reshape(b, t, a.num_heads * a.head_dim)
-        return _linear(a, a.hidden_size, s.out_bias, s.out)(o)
+        # The one place every architecture attends. Generation writes this call's keys and values
+        # into its cache and attends over the whole cache; `mask` then describes the cache slots.
+        new = None
+        if cache is not None:
+            new = (k, v)
+            k, v = cache.layer(layer, k, v)
+            o = cache_attention(q, k, v, mask, cache.index, a.matmul_precision)
+        else:
+            attend = _attention(a.attention, a.matmul_precision, a.mesh)
+            attend = jax.checkpoint(attend) if a.recompute_activations else attend
+            o = attend(q, k, v, mask)
+        o = o.reshape(b, t, a.num_heads * a.head_dim)
+        return _linear(a, a.hidden_size, s.out_bias, s.out)(o), new
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,9 +257,10 @@ class DecoderBlock(nn.Module):
     args: ArchArgs
 
     @nn.compact
-    def __call__(self, x: jax.Array, shared, layer: jax.Array):
+    def __call__(self, x: jax.Array, shared, layer: jax.Array, cache: KVCache | None = None):
         """x [B, T, D] compute dtype; shared = (rope, mask), the same for every layer; layer: this
-        layer's index, int32 scalar -> (x [B, T, D], None), the `nn.scan` carry and output."""
+        layer's index, int32 scalar; cache: generation's KV cache (all layers) or None -> (x [B, T, D],
+        this layer's new (k, v) for the cache or None), the `nn.scan` carry and output."""
         a = self.args
         s = a.spec()
         rope, mask = shared
@@ -259,10 +270,11 @@ class DecoderBlock(nn.Module):
         post_attn, post_mlp = (_maybe_norm(a, s, name) for name in s.post_norms or (None, None))
         attn = Attention(a, s.attn, name=s.attn.name)
         mlp = MLP(a, s.mlp, name=s.mlp.name)
+        h, kv = attn(norm_attn(x), rope, mask, layer, cache)
         if s.parallel_residual:
-            return x + attn(norm_attn(x), rope, mask, layer) + mlp(norm_mlp(x)), None
-        x = x + post_attn(attn(norm_attn(x), rope, mask, layer))
-        return x + post_mlp(mlp(norm_mlp(x))), None
+            return x + h + mlp(norm_mlp(x)), kv
+        x = x + post_attn(h)
+        return x + post_mlp(mlp(norm_mlp(x))), kv
 
 
 class Decoder(nn.Module):
@@ -271,10 +283,13 @@ class Decoder(nn.Module):
     args: ArchArgs
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, positions: jax.Array, mask: MaskInfo) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, mask: MaskInfo,
+                 cache: KVCache | None = None):
         """input_ids, positions [B, T] int32; mask: who attends to whom (`attention.MaskInfo`) ->
         hidden [B, T, D] compute dtype. Learned positions index their table by `positions`, so
-        left-padded rows keep their real positions."""
+        left-padded rows keep their real positions. With a `cache` (generation) the tokens go into
+        cache slots [cache.index, cache.index + T), `mask` describes the cache's slots [B, S], and
+        the result is (hidden, the cache with them written)."""
         a = self.args
         s = a.spec()
         init = nn.initializers.normal(0.02)
@@ -292,13 +307,14 @@ class Decoder(nn.Module):
                                 rope_attention_factor(scaling))
         if s.sliding_window is not None:
             mask = dataclasses.replace(mask, window=s.sliding_window)
-        layers = stacked(DecoderBlock, a, in_axes=(nn.broadcast, 0))(a, name="layers")
+        layers = stacked(DecoderBlock, a, in_axes=(nn.broadcast, 0, nn.broadcast))(a, name="layers")
         # The layer index as a host array: the layer loop (`scan_layers` off) reads a constant per
         # layer rather than tracing a slice.
-        x, _ = layers(x, (rope, mask), np.arange(a.num_layers, dtype=np.int32))
+        x, new_kv = layers(x, (rope, mask), np.arange(a.num_layers, dtype=np.int32), cache)
         if not a.tie_word_embeddings:
             self.param(s.head, init, (a.hidden_size, a.vocab_size), a.param_dtype)
-        return _norm(a, s, s.final_norm)(x)
+        x = _norm(a, s, s.final_norm)(x)
+        return x if cache is None else (x, cache.advance(*new_kv))
 
 
 def head_weight(params: dict, args: ArchArgs) -> jax.Array:

@@ -97,10 +97,13 @@ class _Layers(nn.Module):
 
     @nn.compact
     def __call__(self, x, *inputs):
+        ys = []
         for i in range(self.a.num_layers):
             xs = [v[i] if j < len(self.per_layer) and self.per_layer[j] else v for j, v in enumerate(inputs)]
-            x, _ = self.block(self.a, name=str(i))(x, *xs)
-        return x, None
+            x, y = self.block(self.a, name=str(i))(x, *xs)
+            ys.append(y)
+        # The blocks' outputs stacked on a leading layer axis, as `nn.scan` gives them.
+        return x, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
 def split_layers(tree: dict, num_layers: int, consume: bool = False) -> dict:

@@ -43,14 +43,17 @@ class ModelBundle:
         The stacked tree given is consumed: use only the returned one."""
         return params if self.args.scan_layers else split_layers(params, self.args.num_layers, consume=True)
 
-    def hidden(self, params, lora, input_ids, positions, mask, rngs=None):
+    def hidden(self, params, lora, input_ids, positions, mask, rngs=None, cache=None):
         """Final hidden states [B, T, D]; `lora=None` is the reference (adapter off). Stacked or
-        split layer trees are both accepted; the stacked LoRA is split inside the step."""
+        split layer trees are both accepted; the stacked LoRA is split inside the step. With a
+        generation `cache` (`kv_cache.KVCache`): (hidden, the updated cache)."""
         if not self.args.scan_layers:
             params = split_layers(params, self.args.num_layers)
             lora = None if lora is None else split_layers(lora, self.args.num_layers)
         variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-        return self.module.apply(variables, input_ids, positions, mask, rngs=rngs)
+        if cache is None:
+            return self.module.apply(variables, input_ids, positions, mask, rngs=rngs)
+        return self.module.apply(variables, input_ids, positions, mask, cache, rngs=rngs)
 
     def head(self, params) -> jax.Array:
         """LM head [D, V]."""

@@ -1,0 +1,78 @@
+"""Prompts in, completions out: the tokens a prompt becomes, the ids that end a completion, stop
+strings, and the completion's text.
+
+Prompts follow TRL's two formats: a string is used as it is (standard format: tokenized with the
+tokenizer's defaults, as `GRPOTrainer` does); a list of messages is rendered with the tokenizer's
+chat template and `add_generation_prompt=True` (conversational format), as transformers'
+`apply_chat_template` renders and tokenizes it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxpref.errors import ConfigError
+
+
+def prompt_ids(tok, prompt, where: str = "prompt") -> list[int]:
+    """A string or a list of {"role", "content"} messages -> token ids. Errors name `where`."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ConfigError(f"{where} is an empty string")
+        return list(tok(prompt)["input_ids"])
+    check_messages(prompt, where)
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"{where} is a list of messages, but the tokenizer has no chat template")
+    out = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = out["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def check_messages(prompt, where: str) -> None:
+    if not isinstance(prompt, list) or not prompt:
+        raise ConfigError(f"{where} must be a string or a non-empty list of messages, "
+                          f"got {type(prompt).__name__}")
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise ConfigError(f"{where}: message {i} must be an object with `role` and `content`")
+
+
+def user_prompt(tok, text: str):
+    """`--prompt TEXT`: one user message when the tokenizer has a chat template, else the text."""
+    return [{"role": "user", "content": text}] if getattr(tok, "chat_template", None) else text
+
+
+def eos_ids(model_dir: Path, tok) -> tuple[int, ...]:
+    """The ids that end a completion: `eos_token_id` of the model's generation_config.json (an id
+    or a list) when the file is there and names one, else the tokenizer's eos id."""
+    file = Path(model_dir) / "generation_config.json"
+    ids = None
+    if file.is_file():
+        try:
+            ids = json.loads(file.read_text()).get("eos_token_id")
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{file}: unreadable ({e})")
+    if ids is None:
+        ids = tok.eos_token_id
+    if ids is None:
+        return ()
+    return tuple(dict.fromkeys(int(i) for i in (ids if isinstance(ids, list) else [ids])))
+
+
+def cut_at_stop(tok, ids: list[int], stops: list[str]) -> list[int]:
+    """`ids` up to and including the token that completes the first stop string in the decoded
+    text (as transformers' `stop_strings` stops), or `ids` unchanged."""
+    if not stops or not any(s in tok.decode(ids) for s in stops):
+        return ids
+    lo, hi = 1, len(ids)   # the shortest prefix whose text holds a stop string
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in tok.decode(ids[:mid]) for s in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return ids[:lo]
+
+
+def completion_text(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True)
