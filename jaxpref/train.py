@@ -19,7 +19,7 @@ from jaxpref.errors import JaxprefError, check_writable
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m jaxpref.train",
-                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO) with LoRA in JAX.")
+                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO; online: GRPO, RLOO) with LoRA in JAX.")
     ap.add_argument("--config", required=True, help="YAML config file")
     ap.add_argument("--model-index", type=int, default=None, help="train only models[I]")
     ap.add_argument("--output-dir", default=None, help="output root (default: checkpoints)")
@@ -121,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         load_dotenv()
         cfg = load_config(args.config, overrides)
         logging.getLogger().setLevel(cfg.logging.log_level.upper())
-        from jaxpref.objectives.methods import offline_only
-        offline_only(cfg.post_training.method, "training" if not args.dry_run else "training (and its dry run)")
+        from jaxpref.objectives.methods import get_method
+        online = get_method(cfg.post_training.method).online
+        if online:
+            from jaxpref.training.online_loop import check_online
+            check_online(cfg, args.resume or args.resume_force, args.dry_run)
         indices = select_models(cfg, args.model_index)
         if not args.dry_run:
             check_writable(out_root, "--output-dir", directory=True)
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from jaxpref.training.loop import train_model
+    from jaxpref.training.online_loop import train_online
     from jaxpref.training.rundir import claim_run_dir
 
     resume = args.resume or args.resume_force
@@ -147,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # One writer per run folder; a previous run is continued or replaced only when asked.
             with claim_run_dir(run_dir, resume, args.overwrite_output_dir, lock=jax.process_index() == 0):
-                train_model(cfg, i, run_dir, resume=resume, resume_force=args.resume_force)
+                if online:
+                    train_online(cfg, i, run_dir)
+                else:
+                    train_model(cfg, i, run_dir, resume=resume, resume_force=args.resume_force)
             codes.append(0)
         except JaxprefError as e:
             print(f"jaxpref: error: model `{entry.name}`: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The method table: `post_training.method` -> its `Method` (`base`). Adding a method: write its
 module (keys, data kind, reference need, tokenization, loss) and add one row here. The online
-methods (grpo, rloo, online_dpo, ppo) train on rollouts (`base`); the run loop does not generate
-yet, so `offline_only` refuses them where training would start."""
+methods (grpo, rloo, online_dpo, ppo) train on rollouts (`base`): grpo and rloo through
+`jaxpref.training.online_loop`; `offline_only` refuses online methods where there is no loop
+for them (evaluation)."""
 from __future__ import annotations
 
 from jaxpref.errors import ConfigError
@@ -29,10 +30,9 @@ def get_method(name: str) -> Method:
 
 
 def offline_only(name: str, what: str = "training") -> None:
-    """ConfigError (one line) for an online method: the run loop cannot generate yet."""
+    """ConfigError (one line) for an online method where only the offline methods run."""
     if name in METHODS and METHODS[name].online:
-        raise ConfigError(f"`post_training.method` {name}: online {what} is not available yet (generation "
-                          "inside the training loop comes next); the offline methods train now")
+        raise ConfigError(f"`post_training.method` {name}: {what} of an online method is not available yet")
 
 
 def method_keys() -> list[type]:
