@@ -117,3 +117,27 @@ def test_rloo_trains_from_the_cli_with_leave_one_out_advantages(tmp_path, online
     # Ratio 1: the loss is the mean of -A over the sequences of each micro-batch, averaged.
     assert metrics[0]["loss"] == pytest.approx(-adv.mean().item(), abs=1e-6)
     assert metrics[0]["reward"] == pytest.approx(rewards.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("post, training, needles", [
+    ({"method": "online_dpo"}, {}, ["online_dpo", "grpo, rloo"]),
+    ({"num_generations": 3}, {}, ["not a multiple", "num_generations` 3"]),
+    ({"reward_funcs": ["some-org/reward-model"]}, {}, ["reward_funcs[0]", "reward models"]),
+    ({"reward_funcs": ["rewards.py:nowhere"]}, {}, ["rewards.py:nowhere", "nowhere"]),
+    ({"reward_funcs": ["rewards.py:broken"]}, {}, ["broken", "ZeroDivisionError"]),
+    ({}, {"max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8}, ["prompts are fewer"]),
+])
+def test_bad_online_inputs_are_one_line_errors(tmp_path, online_setup, capsys, post, training, needles):
+    d = online_setup
+    (d / "rewards.py").write_text(REWARDS + "\ndef broken(completions, **kw):\n    return [1 / 0]\n")
+    pt = {"method": "grpo", "reward_funcs": ["rewards.py:digit_share"], "num_generations": 4,
+          "max_completion_length": 4, **post}
+    cfg = write_config(d / "bad.yaml", d / "model", d / "prompts.jsonl", post_training=pt,
+                       training={"max_steps": 1, "per_device_train_batch_size": 4, **training})
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
