@@ -80,7 +80,7 @@ def first(samples):
 def test_grpo_trains_from_the_cli_and_its_first_step_is_trls(tmp_path, online_setup, capsys):
     import torch
 
-    metrics, samples = run(tmp_path, online_setup, capsys, beta=0.04)
+    metrics, samples = run(tmp_path, online_setup, capsys, beta=0.04, temperature=0.7)
     assert [m["step"] for m in metrics] == [1, 2]
     rows, per_func, rewards, lengths, adv = first(samples)
     assert rows[0]["prompt"] == rows[3]["prompt"] != rows[4]["prompt"]       # G = 4 completions per prompt
@@ -103,6 +103,31 @@ def test_grpo_trains_from_the_cli_and_its_first_step_is_trls(tmp_path, online_se
               "time/generate", "time/update"):
         assert k in m, k
     assert m["grad_norm"] > 0 and metrics[1]["kl"] > 0    # it trained: the policy left the base
+    # The training forward (left-padded prompt, completion, logits / temperature) as transformers
+    # computes it: step 1's entropy, the mean over micro-batches of its token mean.
+    assert m["entropy"] == pytest.approx(base_entropy(online_setup / "model", rows, 0.7, micro_batches=2), rel=1e-4)
+
+
+def base_entropy(model_dir, rows, temperature: float, micro_batches: int) -> float:
+    """The base model's mean entropy of softmax(logits / T) over each completion's tokens (the
+    word-level test tokenizer decodes and re-encodes a completion to its ids; an EOS that ended
+    one is the token its length counts beyond the words)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    per_mb = [[] for _ in range(micro_batches)]
+    for i, s in enumerate(rows):
+        p = tok(s["prompt"])["input_ids"]
+        c = tok(s["completion"], add_special_tokens=False)["input_ids"]
+        c = c + [tok.eos_token_id] * (s["completion_length"] - len(c))
+        assert len(c) == s["completion_length"]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1] / temperature
+        ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+        per_mb[i * micro_batches // len(rows)].append(ent)
+    return float(sum(torch.cat(e).mean() for e in per_mb) / micro_batches)
 
 
 def test_rloo_trains_from_the_cli_with_leave_one_out_advantages(tmp_path, online_setup, capsys):
