@@ -166,3 +166,31 @@ def test_bad_online_inputs_are_one_line_errors(tmp_path, online_setup, capsys, p
     assert len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_grpo_on_8_virtual_devices_gives_the_single_device_numbers(tmp_path, online_setup, capsys):
+    """The same generation (8 completions) on one device and on a data 4 x fsdp 2 mesh of 8 virtual
+    CPU devices (a subprocess): the same sampled completions, rewards, losses and gradients."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    d = online_setup
+    pt = {"method": "grpo", "reward_funcs": ["rewards.py:digit_share"], "num_generations": 4,
+          "max_completion_length": 8, "beta": 0.04}
+    runs = {}
+    for name, per_device, gpu in (("one", 8, {"device_ids": [0]}), ("mesh", 1, {"mesh": {"data": 4, "fsdp": 2, "tensor": 1}})):
+        cfg = write_config(d / f"{name}.yaml", d / "model", d / "prompts.jsonl", post_training=pt, gpu=gpu,
+                           training={"max_steps": 2, "per_device_train_batch_size": per_device,
+                                     "learning_rate": 1.0e-2, "logging_steps": 1, "seed": 0})
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, "-m", "jaxpref.train", "--config", str(cfg), "--output-dir",
+                               str(tmp_path / name)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = [json.loads(l) for l in (tmp_path / name / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["one"], runs["mesh"]):
+        for k in ("loss", "reward", "reward_std", "kl", "entropy", "grad_norm", "completions/mean_length"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
