@@ -144,6 +144,23 @@ def test_rloo_trains_from_the_cli_with_leave_one_out_advantages(tmp_path, online
     assert metrics[0]["reward"] == pytest.approx(rewards.mean().item(), rel=1e-5)
 
 
+def test_grpo_reuses_a_rollout_and_masks_truncated_completions(tmp_path, online_setup, capsys):
+    import torch
+
+    metrics, samples = run(tmp_path, online_setup, capsys, loss_type="bnpo", num_iterations=2,
+                           mask_truncated_completions=True, max_completion_length=2)
+    assert {s["step"] for s in samples} == {0}                  # one generation for both steps
+    assert metrics[1]["reward"] == metrics[0]["reward"] and metrics[1]["time/generate"] == 0.0
+    rows, per_func, rewards, lengths, adv = first(samples)
+    kept = torch.tensor([0.0 if s["truncated"] else 1.0 for s in rows])
+    assert 0 < kept.sum() < len(rows)
+    # bnpo per micro-batch (4 completions): -sum(A * tokens) / tokens over the kept completions.
+    w = (lengths * kept).view(2, 4)
+    loss = (-(adv.view(2, 4) * w).sum(1) / w.sum(1).clamp(min=1)).mean()
+    assert metrics[0]["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    assert metrics[1]["clip_ratio/region_mean"] >= 0 and metrics[1]["loss"] != metrics[0]["loss"]
+
+
 @pytest.mark.parametrize("post, training, needles", [
     ({"method": "online_dpo"}, {}, ["online_dpo", "grpo, rloo"]),
     ({"num_generations": 3}, {}, ["not a multiple", "num_generations` 3"]),
