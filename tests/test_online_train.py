@@ -77,6 +77,7 @@ def first(samples):
     return rows, per_func, rewards, lengths, adv
 
 
+@pytest.mark.slow
 def test_grpo_trains_from_the_cli_and_its_first_step_is_trls(tmp_path, online_setup, capsys):
     import torch
 
@@ -130,6 +131,7 @@ def base_entropy(model_dir, rows, temperature: float, micro_batches: int) -> flo
     return float(sum(torch.cat(e).mean() for e in per_mb) / micro_batches)
 
 
+@pytest.mark.slow
 def test_rloo_trains_from_the_cli_with_leave_one_out_advantages(tmp_path, online_setup, capsys):
     import torch
 
@@ -144,6 +146,7 @@ def test_rloo_trains_from_the_cli_with_leave_one_out_advantages(tmp_path, online
     assert metrics[0]["reward"] == pytest.approx(rewards.mean().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_grpo_reuses_a_rollout_and_masks_truncated_completions(tmp_path, online_setup, capsys):
     import torch
 
@@ -166,12 +169,12 @@ def test_grpo_reuses_a_rollout_and_masks_truncated_completions(tmp_path, online_
     ({"num_generations": 3}, {}, ["not a multiple", "num_generations` 3"]),
     ({"reward_funcs": ["some-org/reward-model"]}, {}, ["reward_funcs[0]", "reward models"]),
     ({"reward_funcs": ["rewards.py:nowhere"]}, {}, ["rewards.py:nowhere", "nowhere"]),
-    ({"reward_funcs": ["rewards.py:broken"]}, {}, ["broken", "ZeroDivisionError"]),
+    ({"reward_funcs": ["broken.py:broken"]}, {}, ["broken", "ZeroDivisionError"]),
     ({}, {"max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8}, ["prompts are fewer"]),
 ])
 def test_bad_online_inputs_are_one_line_errors(tmp_path, online_setup, capsys, post, training, needles):
     d = online_setup
-    (d / "rewards.py").write_text(REWARDS + "\ndef broken(completions, **kw):\n    return [1 / 0]\n")
+    (d / "broken.py").write_text("def broken(completions, **kw):\n    return [1 / 0]\n")
     pt = {"method": "grpo", "reward_funcs": ["rewards.py:digit_share"], "num_generations": 4,
           "max_completion_length": 4, **post}
     cfg = write_config(d / "bad.yaml", d / "model", d / "prompts.jsonl", post_training=pt,
