@@ -93,9 +93,17 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
     from jaxpref.training.loop import train_model
     from jaxpref.training.rundir import claim_run_dir
 
+    from jaxpref.objectives.methods import get_method
+
+    online = get_method(cfg.post_training.method).online
+    if online:
+        from jaxpref.training.online_loop import check_online, train_online
+        check_online(cfg, resume, False)
     run_dir = Path(out_root) / cfg.models[index].name
     # One writer per run folder; a previous run is continued or replaced only when asked.
     with claim_run_dir(run_dir, resume, overwrite, lock=jax.process_index() == 0):
+        if online:
+            return train_online(cfg, index, run_dir)
         return train_model(cfg, index, run_dir, resume=resume, resume_from=resume_from,
                            resume_force=resume_force)
 

@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.evaluate"
             if args.adapter is None and (run / "adapter" / "adapter_config.json").is_file():
                 args.adapter = str(run / "adapter")
         cfg = load_config(args.config or Path(args.run) / "config.yaml", args.set)
+        from jaxpref.objectives.methods import offline_only
+        offline_only(cfg.post_training.method, "evaluation")
         if not 0 <= args.model_index < len(cfg.models):
             raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
                               f"{len(cfg.models)} model(s)")

@@ -22,7 +22,7 @@ from jaxpref.errors import JaxprefError, check_writable
 
 def parse_args(argv, prog: str = "python -m jaxpref.train"):
     ap = argparse.ArgumentParser(prog=prog,
-                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO) with LoRA in JAX.")
+                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO; online: GRPO, RLOO) with LoRA in JAX.")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--config", help="YAML config file")
     which.add_argument("--print-config", metavar="FILE",
@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         cfg = load_config(args.config, overrides)
         out_root = output_root(cfg, args.output_dir)
         logging.getLogger().setLevel(cfg.logging.log_level.upper())
+        from jaxpref.objectives.methods import get_method
+        online = get_method(cfg.post_training.method).online
+        if online:
+            from jaxpref.training.online_loop import check_online
+            check_online(cfg, args.resume or args.resume_force, args.dry_run)
         indices = select_models(cfg, args.model_index)
         if args.resume_from is not None and args.resume_from < 1:
             raise JaxprefError(f"--resume-from {args.resume_from}: a checkpoint's step is >= 1")

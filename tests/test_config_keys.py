@@ -41,7 +41,8 @@ def test_a_key_of_another_method_is_an_error(method, key, value, owner):
 def test_each_method_declares_its_loss_types_and_data():
     from jaxpref.objectives.methods import METHODS
 
-    assert set(METHODS) == {"dpo", "ipo", "kto", "orpo", "simpo", "cpo"}
+    assert set(METHODS) == {"dpo", "ipo", "kto", "orpo", "simpo", "cpo", "grpo", "rloo", "online_dpo", "ppo"}
+    assert [m for m, x in METHODS.items() if x.online] == ["grpo", "rloo", "online_dpo", "ppo"]
     assert cfg(post_training={"method": "ipo"}).loss_types == ["ipo"]
     assert cfg(post_training={"method": "cpo", "loss_type": "hinge"}).loss_types == ["hinge"]
     with pytest.raises(ConfigError, match="`post_training.loss_type` is `orpo`"):
@@ -102,6 +103,8 @@ def test_each_method_logs_the_metrics_it_declares():
     batch = Batch(input_ids=z, positions=z, segment_ids=z, branch=z, tgt_src=z, tgt_ids=z, tgt_seq=z,
                   tgt_weight=z.astype(jnp.float32), tgt_full=z.astype(jnp.float32), labels=jnp.array([1.0, 0.0]))
     for name, m in METHODS.items():
+        if m.online:   # tests/test_online_methods.py
+            continue
         spec = LossSpec(method=name, loss_types=(m.default_loss_type,))
         _, metrics = m.loss(LossInputs(stats, jnp.zeros((2 * b,)), jnp.zeros((2 * b, 3)), batch, 2 * b), spec)
         assert {k for k in metrics if not k.startswith("_")} == set(m.metrics), name

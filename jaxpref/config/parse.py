@@ -204,6 +204,8 @@ ALIASES = {
     ("logging", "logging_steps"): ("training", "logging_steps"),
     ("logging", "output_dir"): ("training", "output_dir"),
     ("logging", "disable_tqdm"): ("logging", "progress_bar", _negate),
+    # GRPOConfig's name (TRL <= 0.24); jaxpref keeps the prompt's last tokens, as TRL did.
+    ("post_training", "max_prompt_length"): ("training", "max_prompt_length"),
 }
 
 

@@ -50,8 +50,6 @@ def _post_training(cfg: Config) -> None:
     src, pt = cfg.source, cfg.post_training
     _choice(pt.method, METHODS, "post_training.method", src)
     method = METHODS[pt.method]
-    if pt.beta <= 0:
-        raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
     for lt in cfg.loss_types:
         _choice(lt, method.loss_types, "post_training.loss_type", src)
     if pt.loss_weights is not None and len(pt.loss_weights) != len(cfg.loss_types):
@@ -68,6 +66,11 @@ def _post_training(cfg: Config) -> None:
                 continue
             users = ", ".join(k for k, x in METHODS.items() if name in x.keys.__dataclass_fields__)
             raise ConfigError(f"{src}: `post_training.{name}` applies to method {users}, not {pt.method}")
+    for name, value in method.defaults:   # TRL's default of a key the methods default differently
+        if getattr(pt, name) is None:
+            setattr(pt, name, value)
+    if not method.online and pt.beta <= 0:
+        raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
     if method.check is not None:
         method.check(pt, tuple(cfg.loss_types), src)
 

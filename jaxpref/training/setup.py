@@ -124,7 +124,8 @@ def loss_spec(cfg: Config) -> LossSpec:
         types, w = types + ("sft",), w + (pt.rpo_alpha,)
     fields = set(LossSpec.__dataclass_fields__) - {"method", "loss_types", "loss_weights", "extra"}
     keys = [k for k in vars(pt) if k in fields]
-    extra = tuple((k, getattr(pt, k)) for k in method.keys.__dataclass_fields__ if k not in fields)
+    frozen = lambda v: tuple(v) if isinstance(v, list) else v   # LossSpec is hashable (a static argument)
+    extra = tuple((k, frozen(getattr(pt, k))) for k in method.keys.__dataclass_fields__ if k not in fields)
     return LossSpec(method=pt.method, loss_types=types, loss_weights=w, extra=extra,
                     **{k: getattr(pt, k) for k in keys})
 

@@ -1,6 +1,20 @@
 """What a method is: its config keys, the data it trains on, whether it needs a reference, how it
 tokenizes, and its micro-batch loss. One module per method family declares these
-(`dpo`, `kto`, `orpo`, `cpo`); `jaxpref.objectives.methods.METHODS` is the table."""
+(`dpo`, `kto`, `orpo`, `cpo`; online: `grpo`, `rloo`, `online_dpo`, `ppo`);
+`jaxpref.objectives.methods.METHODS` is the table.
+
+Offline and online methods. An offline method's loss reads fixed data: token rows built from the
+dataset (`LossInputs`). An online method (`data == "prompts"`) trains on rollouts: the loop takes a
+batch of prompts, generates completions with the current adapter, scores them with the reward
+functions, and only then can the loss run. So an online method declares two functions instead of
+one: `score` (once per rollout batch, outside the gradient: rewards and the no-gradient log-prob
+passes -> advantages and the other per-completion arrays its loss reads, plus the rollout's
+metrics) and `loss` (per micro-batch of completions, inside the compiled step: `RolloutInputs`
+-> loss and metrics). Its data is prompt-only (`jaxpref.data.prompts`); its tokenization is
+"prompt" (TRL's GRPOTrainer) or "prompt_text" (OnlineDPOTrainer); `reference` says whether the
+rollout needs reference log-probs (when beta / kl_coef is not 0). Nothing of the offline step
+(`training/step.py`) runs an online method.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,22 +39,70 @@ class LossInputs:
 
 
 @dataclass(frozen=True)
+class ScoringInputs:
+    """What an online method's `score` gets for one rollout batch of N completions (rows grouped
+    by prompt, G consecutive rows per prompt): `per_func` [N, F] float32 rewards (NaN: None),
+    `weights` [F], `names` (the reward functions' names), `lengths` [N] generated tokens,
+    `truncated` [N] bool (no EOS: cut at the length limit), `contains_eos` [N] bool, and [N, C]
+    float32 over the completion slots: `mask` (completion tokens), `old_logp` (the rollout policy's
+    log-probs, no gradient; None when the method does not need them), `ref_logp` (None without a
+    reference pass), `values` (PPO's value head); `seq_lengths` [N] int32 last-token indices."""
+    per_func: Any
+    weights: Any
+    names: tuple[str, ...]
+    lengths: Any
+    truncated: Any
+    contains_eos: Any
+    mask: Any
+    old_logp: Any = None
+    ref_logp: Any = None
+    values: Any = None
+    seq_lengths: Any = None
+
+
+@dataclass(frozen=True)
+class RolloutInputs:
+    """What the step hands an online method's loss for one micro-batch of B completions, [B, C]
+    float32 over the completion slots: `logp` and `entropy` of the policy being trained (logits /
+    temperature, as TRL), `mask`, `old_logp` (rollout policy, no gradient; None: num_iterations 1),
+    `ref_logp`, `values` (PPO's value predictions); `rollout`: the per-completion arrays `score`
+    returned, sliced to these rows; `num_items`: dapo's normaliser (the step's active tokens divided
+    by its micro-batches)."""
+    logp: jax.Array
+    entropy: jax.Array
+    mask: jax.Array
+    rollout: dict
+    old_logp: jax.Array | None = None
+    ref_logp: jax.Array | None = None
+    values: jax.Array | None = None
+    num_items: Any = None
+
+
+@dataclass(frozen=True)
 class Method:
     """A post-training method (`post_training.method`).
 
     keys: a dataclass of the `post_training` keys only this method reads, with their defaults
       (the config's `post_training` section is the common keys plus every method's own);
-    data: "paired" (prompt, chosen, rejected) or "unpaired" (prompt, completion, label);
+    data: "paired" (prompt, chosen, rejected), "unpaired" (prompt, completion, label) or "prompts"
+      (an online method: prompts and reward columns; see the module docstring);
     loss_types / default_loss_type: the accepted `post_training.loss_type` values;
     reference: whether the loss reads reference log-probs (unless `reference_free`);
     tokenization: "dpo" (TRL DPOTrainer's / KTOTrainer's rules) or "row" (ORPOTrainer's and
-      CPOTrainer's `tokenize_row`): see `jaxpref.data.trl_rules`;
+      CPOTrainer's `tokenize_row`): see `jaxpref.data.trl_rules`; online: "prompt" or "prompt_text"
+      (`jaxpref.data.prompts`);
     loss: (LossInputs, LossSpec) -> (scalar loss, metrics: name -> per-pair vector, plus
-      `logits/*` sums and `_tokens/*` counts that the step turns into TRL's token means);
+      `logits/*` sums and `_tokens/*` counts that the step turns into TRL's token means); online:
+      (RolloutInputs, LossSpec) -> (scalar loss, metrics: name -> [1] per micro-batch);
     metrics: the names of the metrics its loss logs besides `loss` (train and, `eval_` prefixed,
       eval; `finetuning.early_stopping.metric` must name one);
     check: extra config checks (post_training section, loss types, config file) raising ConfigError;
     paper: (title, arXiv id) of the paper that introduced it, for the model card.
+    defaults: TRL's defaults of the keys this method shares with others under another default
+      (`beta`; online: `temperature`, `num_generations`), given where the config leaves them unset;
+    score: online only: (ScoringInputs, LossSpec) -> (per-completion arrays for the loss, rollout
+      metrics: name -> scalar);
+    kl_key: online only: the key whose value 0 skips the reference pass (`beta`, PPO's `kl_coef`).
     """
     name: str
     keys: type
@@ -53,8 +115,17 @@ class Method:
     metrics: tuple[str, ...] = ()
     check: Callable[[Any, tuple[str, ...], str], None] | None = None
     paper: tuple[str, str] = ("", "")
+    defaults: tuple[tuple[str, Any], ...] = (("beta", 0.1),)
+    score: Callable[[ScoringInputs, LossSpec], tuple[dict, dict]] | None = None
+    kl_key: str = "beta"
+
+    @property
+    def online(self) -> bool:
+        return self.data == "prompts"
 
     def needs_reference(self, spec: LossSpec) -> bool:
+        if self.online:
+            return self.reference and spec.option(self.kl_key) != 0
         return self.reference and not spec.reference_free
 
 

@@ -1,0 +1,236 @@
+"""The run loop of an online method (GRPO, RLOO): each generation samples `num_generations`
+completions for a batch of prompts with the current adapter (the generation engine), scores them
+with the reward functions, turns the rewards into advantages (the method's `score`) and takes
+`num_iterations` optimizer steps on them (`online_step`).
+
+Sizes, as TRL's GRPOTrainer counts them: a generation holds per_device_train_batch_size x
+data-parallel devices x gradient_accumulation_steps completions (TRL's generation batch with
+steps_per_generation = gradient_accumulation_steps), i.e. that divided by num_generations
+prompts; one optimizer step runs its gradient_accumulation_steps micro-batches. Prompts are
+shuffled each epoch (seeded). Outputs in the run folder: config.yaml, metrics.jsonl (TRL's metric
+names, plus `time/generate` and `time/update`), samples.jsonl (every completion with its
+rewards and advantage), adapter/ and summary.json. Not yet: checkpoints and --resume, reward
+models, full fine-tuning, online DPO and PPO in this loop.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpref.config import Config, dump_config
+from jaxpref.errors import ConfigError
+from jaxpref.objectives.methods import get_method
+from jaxpref.objectives.methods.base import ScoringInputs
+from jaxpref.objectives.methods.rollout import reward_entries
+from jaxpref.training import rollouts, setup
+from jaxpref.training.online_step import make_online_step, micro_batches
+
+ONLINE_LOOP = ("grpo", "rloo")   # the online methods this loop trains
+
+
+def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
+    """One-line ConfigErrors for what the online loop does not do."""
+    from jaxpref.data.rewards import parse_entry
+
+    pt = cfg.post_training
+    if pt.method not in ONLINE_LOOP:
+        raise ConfigError(f"`post_training.method` {pt.method}: online training is available for "
+                          f"{', '.join(ONLINE_LOOP)}; {pt.method}'s loss exists but its loop does not yet")
+    if dry_run or resume:
+        raise ConfigError(f"{'--dry-run' if dry_run else '--resume'} is not available yet for the online method {pt.method}")
+    if not cfg.lora.enabled:
+        raise ConfigError(f"{cfg.source}: {pt.method} trains a LoRA adapter (`lora.enabled: false` is not available yet)")
+    for i, entry in enumerate(reward_entries(pt)):
+        if parse_entry(entry)[0] == "model":
+            raise ConfigError(f"{cfg.source}: `post_training.reward_funcs[{i}]` `{entry}`: reward models are not "
+                              "available yet; give a `file.py:function` or `package.module:function`")
+
+
+def train_online(cfg: Config, index: int, run_dir: Path) -> dict:
+    """Train `cfg.models[index]` with its online method into `run_dir`; returns the summary."""
+    from jaxpref.training import checkpoint as ckpt
+
+    t_start = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        ckpt.clear_run(run_dir)
+    loop = OnlineRun(cfg, index, run_dir)
+    if jax.process_index() == 0:
+        dump_config(setup.model_config(cfg, index), run_dir / "config.yaml")
+    try:
+        loop.train()
+    finally:
+        loop.close()
+    return loop.finish(t_start)
+
+
+class OnlineRun:
+    """Model, prompts, reward functions, generator and compiled step of one online run."""
+
+    def __init__(self, cfg: Config, index: int, run_dir: Path):
+        from jaxpref.data.load import load_rows
+        from jaxpref.data.prompts import prepare_prompts, stop_token_ids
+        from jaxpref.data.rewards import load_reward_func
+        from jaxpref.generation.engine import Generator
+        from jaxpref.lora.tree import init_lora
+        from jaxpref.models import weights
+        from jaxpref.runtime import mesh as mesh_mod
+        from jaxpref.training.optim import make_optimizer
+        from jaxpref.training.sinks import MetricSinks
+        from jaxpref.training.step import TrainState
+
+        self.cfg, self.run_dir, self.entry = cfg, run_dir, cfg.models[index]
+        pt, tcfg = cfg.post_training, cfg.training
+        self.method, self.spec = get_method(pt.method), setup.loss_spec(cfg)
+        self.mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
+        dp = mesh_mod.data_parallel_size(self.mesh)
+        self.B, self.G, self.K = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps, pt.num_generations
+        if (self.B * self.G) % self.K:
+            raise ConfigError(f"{cfg.source}: a generation's {self.B * self.G} completions (per_device_train_batch_size x "
+                              f"devices x gradient_accumulation_steps) are not a multiple of "
+                              f"`post_training.num_generations` {self.K}")
+        self.funcs = [load_reward_func(e, Path(cfg.source).parent) for e in reward_entries(pt)]
+        self.weights = np.asarray(pt.reward_weights or [1.0] * len(self.funcs), np.float32)
+        self.bundle, self.tok, self.lspec, abstract = setup.model_for(cfg, index, training=True)
+        self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
+                                    rule=self.method.tokenization)
+        self.per_gen = self.B * self.G // self.K
+        self.steps_per_epoch = len(self.data) // self.per_gen
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{cfg.source}: {len(self.data)} usable prompts are fewer than one generation's "
+                              f"{self.per_gen} prompts")
+        self.total = tcfg.total_steps(self.steps_per_epoch * pt.num_iterations)
+        shard = mesh_mod.shardings(mesh_mod.param_specs(abstract, self.mesh, self.bundle.arch.roles), self.mesh)
+        self.params = self.bundle.runtime_params(weights.load_params(self.bundle, shardings=shard))
+        rng = jax.random.PRNGKey(tcfg.seed)
+        lora = init_lora(self.bundle.abstract_params(), self.lspec, jax.random.fold_in(rng, 1), cfg.source)
+        self.optimizer, self.schedule = make_optimizer(tcfg, self.total)
+        state = TrainState(lora, self.optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
+        self.state = jax.device_put(state, mesh_mod.replicated(self.mesh))   # one compiled step
+        from jaxpref.generation.text import eos_ids
+        self.eos = stop_token_ids(self.tok, list(eos_ids(self.bundle.source.path, self.tok)))
+        self.opts = rollouts.decode_options(pt, self.tok, self.eos)
+        self.generator = Generator(self.bundle, self.params, mesh=self.mesh if dp > 1 else None,
+                                   batch_size=self.B * self.G)
+        self.logps = rollouts.make_logps_fn(self.bundle.with_args(deterministic=True), pt.temperature)
+        dropout = self.lspec.dropout > 0
+        self.step_fn = make_online_step(self.bundle, self.method, self.spec, self.optimizer, self.schedule,
+                                        pt.temperature, dropout=dropout)
+        main = jax.process_index() == 0
+        self.sinks = MetricSinks(run_dir, cfg, self.entry.name, enabled=main)
+        self.samples = open(run_dir / "samples.jsonl", "w") if main else None
+        self.last: dict = {}
+        self.window: list[dict] = []
+
+    # --- one generation ------------------------------------------------------------------------
+
+    def _rollout(self, step: int, idx: list[int], epoch: float):
+        from jaxpref.data.rewards import TrainerState
+
+        t0 = time.time()
+        rows, comps, prompts = rollouts.sample(self.generator, self.data, idx, self.K, self.opts,
+                                               self.state.lora, seed=self.cfg.training.seed * 1_000_003 + step)
+        t_gen = time.time() - t0
+        r = rollouts.assemble(self.tok, self.data, rows, prompts, comps, self.opts, self.funcs,
+                              TrainerState(step, epoch, self.total))
+        ids, valid = jnp.asarray(r.ids), jnp.asarray(r.valid)
+        # No-gradient passes (TRL's): the rollout policy's log-probs when the method reads them
+        # (RLOO always; GRPO when a rollout is reused), the base's when the KL weight is not 0.
+        need_old = self.method.name == "rloo" or self.cfg.post_training.num_iterations > 1
+        old = self.logps(self.params, self.state.lora, ids, valid, r.P) if need_old else None
+        ref = self.logps(self.params, None, ids, valid, r.P) if self.method.needs_reference(self.spec) else None
+        x = ScoringInputs(per_func=jnp.asarray(r.per_func), weights=jnp.asarray(self.weights),
+                          names=tuple(f.name for f in self.funcs), lengths=jnp.asarray(r.lengths),
+                          truncated=jnp.asarray(r.truncated), contains_eos=jnp.asarray(~r.truncated),
+                          mask=jnp.asarray(r.mask), old_logp=old, ref_logp=ref)
+        scored, metrics = self.method.score(x, self.spec)
+        arrays = dict(scored, ids=ids, valid=valid)
+        if old is not None and self.method.name == "grpo":
+            arrays["old_logp"] = old
+        if ref is not None and self.method.name == "grpo":
+            arrays["ref_logp"] = ref
+        num_items = jnp.sum(scored["mask"]) / self.G
+        self._write_samples(step, r, np.asarray(scored["advantages"]))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update({k: float(np.mean(v)) for k, v in r.extra_metrics.items()})
+        return micro_batches(arrays, self.G), num_items, r.P, metrics, t_gen
+
+    def _write_samples(self, step: int, r, adv: np.ndarray) -> None:
+        if self.samples is None:
+            return
+        names = [f.name for f in self.funcs]
+        total = np.nansum(r.per_func * self.weights[None], axis=1)
+        for i in range(len(r.rows)):
+            rew = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, r.per_func[i])}
+            self.samples.write(json.dumps({"step": step, "prompt": r.prompts[i], "completion": r.completions[i],
+                                           "completion_length": int(r.lengths[i]), "truncated": bool(r.truncated[i]), "reward": float(total[i]), "rewards": rew,
+                                           "advantage": float(adv[i])}) + "\n")
+        self.samples.flush()
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _prompt_batches(self):
+        """Prompt indices per generation, epoch after epoch, shuffled with the seed (TRL's sampler)."""
+        epoch = 0
+        while True:
+            order = np.random.default_rng([self.cfg.training.seed, epoch]).permutation(len(self.data))
+            for s in range(self.steps_per_epoch):
+                yield epoch + s / self.steps_per_epoch, order[s * self.per_gen:(s + 1) * self.per_gen].tolist()
+            epoch += 1
+
+    def train(self) -> None:
+        pt = self.cfg.post_training
+        print(f"[{self.entry.name}] {pt.method}: {len(self.data)} prompts, {self.per_gen} prompts x "
+              f"{self.K} completions per generation, {self.total} steps", file=sys.stderr)
+        step, batches = 0, self._prompt_batches()
+        while step < self.total:
+            epoch, idx = next(batches)
+            batch, num_items, P, rollout_metrics, t_gen = self._rollout(step, idx, epoch)
+            for _ in range(pt.num_iterations):
+                if step >= self.total:
+                    break
+                t0 = time.time()
+                self.state, m = self.step_fn(self.state, self.params, batch, num_items, P=P)
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                step += 1
+                self.window.append(dict(m, **rollout_metrics, **{"time/generate": t_gen,
+                                                                 "time/update": time.time() - t0}))
+                t_gen = 0.0
+                if step == 1 or step % self.cfg.training.logging_steps == 0 or step == self.total:
+                    self._log(step, epoch)
+
+    def _log(self, step: int, epoch: float) -> None:
+        """The window's metrics averaged (TRL averages what it gathered since the last log)."""
+        keys = dict.fromkeys(k for w in self.window for k in w)
+        row = {"step": step, "epoch": round(epoch, 4)}
+        for k in keys:
+            vals = [w[k] for w in self.window if k in w]
+            row[k] = float(np.nanmean(vals))
+        self.window = []
+        self.last = row
+        self.sinks.log(row)
+        shown = " ".join(f"{k} {row[k]:.4g}" for k in ("loss", "reward", "reward_std", "kl") if k in row)
+        print(f"[{self.entry.name}] step {step}/{self.total} {shown}", file=sys.stderr)
+
+    def finish(self, t_start: float) -> dict:
+        from jaxpref.lora.peft import save_adapter
+
+        summary = {"model": self.entry.name, "method": self.cfg.post_training.method, "steps": self.total,
+                   "train_runtime": round(time.time() - t_start, 2), "final_metrics": self.last}
+        if jax.process_index() == 0:
+            save_adapter(self.run_dir / "adapter", self.bundle, jax.device_get(self.state.lora), self.lspec,
+                         self.entry.huggingface_id, tokenizer=self.tok)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"[{self.entry.name}] done: {self.run_dir}", file=sys.stderr)
+        return summary
+
+    def close(self) -> None:
+        self.sinks.close()
+        if self.samples is not None:
+            self.samples.close()

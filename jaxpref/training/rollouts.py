@@ -1,0 +1,105 @@
+"""One rollout batch of an online method (GRPO, RLOO): prompts -> completions sampled by the
+generation engine with the current adapter -> rewards from the reward functions -> the arrays
+the method's `score` and loss read.
+
+Layout (TRL's): N = prompts x G rows, prompt p's G completions in rows p*G .. p*G+G-1. Each row
+is its prompt left-padded to P tokens followed by its completion right-padded to C =
+`max_completion_length` slots; `mask` [N, C] marks the completion's tokens up to and including
+its first end-of-sequence id (TRL's `completion_mask`). Log-probs and entropies of the completion
+tokens are those of logits / temperature, as GRPOTrainer's `_get_per_token_logps_and_entropies`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpref.data import rewards as rw
+from jaxpref.data.prompts import Prompts, decode_completions, truncated_mask
+from jaxpref.generation.engine import DecodeOptions, bucket
+from jaxpref.models.attention import MaskInfo
+from jaxpref.models.layers import matmul
+
+
+@dataclass
+class Rollout:
+    """ids [N, P + C] int32 (prompt left-padded, completion right-padded), valid [N, P + C] int32
+    (real tokens), P, mask [N, C] float32, lengths [N] int32 (completion tokens, EOS included),
+    truncated [N] bool (no EOS within C), the raw prompts and decoded completions (what the reward
+    functions got), completion token lists, per_func [N, F] rewards (NaN: None), `rows` the prompts'
+    indices in the split."""
+    ids: np.ndarray
+    valid: np.ndarray
+    P: int
+    mask: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+    prompts: list
+    completions: list
+    completion_ids: list
+    per_func: np.ndarray
+    rows: list
+    extra_metrics: dict
+
+
+def decode_options(pt, tok, eos_ids: list[int]) -> DecodeOptions:
+    from jaxpref.generation.sampling import Sampling
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    return DecodeOptions(max_new_tokens=pt.max_completion_length,
+                         sampling=Sampling(temperature=pt.temperature, top_p=pt.top_p, top_k=pt.top_k),
+                         eos_ids=tuple(eos_ids), pad_id=pad)
+
+
+def sample(generator, data: Prompts, idx: list[int], G: int, opts: DecodeOptions, lora, seed: int) -> tuple:
+    """Prompts `idx`, each G times -> (rows, completion token lists, prompt ids left-padded [N, P],
+    prompt lengths [N])."""
+    rows = [i for i in idx for _ in range(G)]
+    prompts = [data.prompt_ids[i] for i in rows]
+    outs = generator.generate(prompts, opts, lora=lora, seed=seed)
+    return rows, [o.ids for o in outs], prompts
+
+
+def assemble(tok, data: Prompts, rows: list[int], prompts: list[list[int]], comps: list[list[int]],
+             opts: DecodeOptions, funcs: list, state: rw.TrainerState) -> Rollout:
+    """Token lists -> padded arrays, decoded completions and their rewards."""
+    n, C = len(rows), opts.max_new_tokens
+    P = bucket(max(len(p) for p in prompts))
+    ids = np.full((n, P + C), opts.pad_id, np.int32)
+    valid = np.zeros((n, P + C), np.int32)
+    mask = np.zeros((n, C), np.float32)
+    for r, (p, c) in enumerate(zip(prompts, comps)):
+        ids[r, P - len(p):P] = p
+        ids[r, P:P + len(c)] = c
+        valid[r, P - len(p):P + len(c)] = 1
+        mask[r, :len(c)] = 1.0
+    lengths = np.array([len(c) for c in comps], np.int32)
+    truncated = truncated_mask(comps, list(opts.eos_ids), None)
+    raw, columns = data.rows(rows)
+    texts = decode_completions(tok, comps, data.conversational)
+    scored = rw.score(funcs, raw, texts, comps, columns, state)
+    return Rollout(ids, valid, P, mask, lengths, truncated, raw, texts, comps, scored.per_func, rows,
+                   scored.extra_metrics)
+
+
+def completion_logps(bundle, params, lora, ids, valid, P: int, temperature: float, rngs=None):
+    """Rows [B, P + C] -> (log-prob [B, C], entropy [B, C]) of the completion tokens under
+    softmax(logits / temperature), float32; `lora=None`: the base model (adapter off)."""
+    pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    hidden = bundle.hidden(params, lora, ids, pos, MaskInfo.rows(valid, pos), rngs=rngs)
+    a = bundle.args
+    h = hidden[:, P - 1:-1]
+    logits = matmul("btd,dv->btv", h, bundle.head(params), a.dtype, jnp.float32, a.matmul_precision)
+    logz = jax.nn.log_softmax(logits / temperature, axis=-1)
+    logp = jnp.take_along_axis(logz, ids[:, P:, None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logz) * logz, axis=-1)
+    return logp, entropy
+
+
+def make_logps_fn(bundle, P_temperature: float):
+    """Jitted no-gradient pass: (params, lora, ids, valid, P) -> log-probs [N, C]."""
+    def f(params, lora, ids, valid, P):
+        return completion_logps(bundle, params, lora, ids, valid, P, P_temperature)[0]
+    return jax.jit(f, static_argnames=("P",))
