@@ -22,7 +22,7 @@ class PpoKeys(RolloutKeys):
     response_length: int = 53                  # completion length limit
     num_ppo_epochs: int = 4                    # passes over each rollout batch
     num_mini_batches: int = 1                  # optimizer steps per pass
-    whiten_rewards: bool = False
+    whiten_rewards: bool = False               # rewards scaled to unit variance over the batch
     kl_coef: float = 0.05                      # weight of the KL in the per-token rewards
     kl_estimator: str = "k1"                   # k1: logp - ref; k3: exp(r) - 1 - r
     cliprange: float = 0.2                     # policy ratio clip
@@ -32,7 +32,7 @@ class PpoKeys(RolloutKeys):
     lam: float = 0.95                          # GAE lambda
     missing_eos_penalty: float | None = None   # subtracted from the score of a response without EOS
     stop_token: str | None = None              # "eos": responses end at the tokenizer's EOS
-    stop_token_id: int | None = None
+    stop_token_id: int | None = None           # responses end at this token id
 
 
 def score(x: ScoringInputs, spec: LossSpec):

@@ -16,7 +16,7 @@ class RolloutKeys:
     reward_funcs: str | list[str] | None = None
     reward_weights: list[float] | None = None     # one per reward function; default 1.0 each
     temperature: float | None = None              # sampling; None: the method's TRL default
-    top_p: float = 1.0
+    top_p: float = 1.0                            # nucleus sampling: the smallest set of tokens with this mass
     top_k: int = 0                                # 0: no top-k filter
 
 
@@ -24,7 +24,7 @@ class RolloutKeys:
 class GroupKeys(RolloutKeys):
     """GRPO's and RLOO's: G completions per prompt, a clipped ratio, reuse of a rollout."""
     num_generations: int | None = None            # G; None: 8 (GRPO), 2 (RLOO)
-    max_completion_length: int = 512
+    max_completion_length: int = 512              # tokens sampled per completion at most
     num_iterations: int = 1                       # optimizer steps per rollout batch (TRL's mu)
     epsilon: float = 0.2                          # ratio clip, lower side
     epsilon_high: float | None = None             # upper side (DAPO: 0.28); None: epsilon
