@@ -36,6 +36,7 @@ def parse_args(argv, prog: str = "python -m jaxpref.evaluate"):
                          "or train (default: eval when the config has one, else train)")
     ap.add_argument("--max-examples", type=int, default=None, help="only the first N pairs of the split")
     ap.add_argument("--output", required=True, help="JSON lines file to write, one line per pair")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value by dotted path, e.g. training.max_length=512")
     return ap.parse_args(argv)
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.evaluate"
             raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
                               f"{len(cfg.models)} model(s)")
         check_writable(args.output, "--output", directory=False)
+        if Path(args.output).exists() and not args.overwrite:
+            raise ConfigError(f"--output {args.output} exists; pass --overwrite to replace it")
         adapter = adapter_dir(args.adapter) if args.adapter else None
         summary = evaluate(cfg, args.model_index, args.split, adapter, args.max_examples, Path(args.output))
     except JaxprefError as e:

@@ -195,3 +195,19 @@ def test_run_folder_train_split_note_and_adapter_checks(setup, monkeypatch, caps
     (renamed / "adapter_config.json").write_text(_json.dumps({**cfg, "base_model_name_or_path": "org/another"}))
     code, lines, _, err = _run(setup, monkeypatch, capsys, "--adapter", str(renamed))
     assert code == 0 and lines == by_flags and "was made for org/another" in err, err
+
+
+def test_existing_output_is_refused_unless_overwrite(setup, monkeypatch, capsys):
+    """An existing --output file is the user's: refused in one line (naming --overwrite) and left
+    as it was; --overwrite replaces it."""
+    config, _, _, _, _, root = setup
+    monkeypatch.chdir(root)
+    out = root / "mine.jsonl"
+    out.write_text("my notes\n")
+    assert evaluate.main(["--config", str(config), "--output", str(out), "--max-examples", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--overwrite" in err and "exists" in err, err
+    assert out.read_text() == "my notes\n"
+    assert evaluate.main(["--config", str(config), "--output", str(out), "--max-examples", "2",
+                          "--overwrite"]) == 0
+    assert len(out.read_text().splitlines()) == 2
