@@ -16,6 +16,7 @@ The report files are regenerated each time (they are the report's own; nothing e
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import json
@@ -292,11 +293,10 @@ def write_report(out_dir: Path, names: list[str] | None = None, errors: dict[str
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.report") -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print(f"usage: {prog} OUTPUT_DIR", file=sys.stderr)
-        return 2
-    out = Path(argv[0])
+    ap = argparse.ArgumentParser(prog=prog, description="report.md / report.html comparing every model "
+                                 "trained into OUTPUT_DIR (one run folder per model).")
+    ap.add_argument("output_dir", metavar="OUTPUT_DIR", help="the folder `train` wrote its run folders into")
+    out = Path(ap.parse_args(argv).output_dir)
     if not out.is_dir():
         print(f"jaxpref.report: error: {out} is not a folder", file=sys.stderr)
         return 2

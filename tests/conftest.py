@@ -138,3 +138,42 @@ def save_moved_adapter(base, path: Path, seed: int = 3) -> Path:
                 p.mul_(30.0)
     peft_model.save_pretrained(path)
     return path
+
+
+# The slow group (`pytest -m slow`, README): whole-process and multi-process runs of 15 s or more
+# here, and the per-architecture sweeps beyond the parameters kept below. Every architecture's
+# logits against transformers stay in the default set (tests/test_model_parity.py).
+SLOW_TESTS = {
+    "test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted",
+    "test_sigkill_then_resume_matches_uninterrupted",
+    "test_two_processes_checkpoint_and_resume_exactly",
+    "test_meshes_give_single_device_numbers",
+    "test_two_processes_equal_one",
+    "test_cli_train_export_and_continue",
+    "test_train_evaluate_export_command_lines_never_import_torch",
+    "test_allow_torch_env_lets_transformers_import_torch",
+    "test_smollm2_greedy_matches_transformers_generate",
+    "test_smollm2_greedy_with_peft_adapter_matches_transformers",
+    "test_dpo_on_a_mixture_of_experts_adds_the_router_loss_as_trl",
+}
+# test -> the parameter ids (prefixes) that stay in the default set; the rest are slow.
+SWEEPS = {
+    "test_exported_adapter_matches_peft_logits": ("llama-", "mixtral-"),
+    "test_peft_made_adapter_loads_with_peft_logits": ("llama-", "mixtral-"),
+    "test_reference_is_base_with_adapter_off_no_copy": ("llama", "mixtral"),
+    "test_merged_export_matches_in_transformers": ("llama-", "mixtral-"),
+    "test_adapter_roundtrip_is_identity": ("llama", "mixtral"),
+    "test_peft_adapter_on_some_layers_loads_as_zeros_elsewhere": ("llama", "mixtral"),
+    "test_traced_window_is_the_static_one": ("shared_prompt+pf-",),
+    "test_cpo_simpo_first_step_equals_trl_cpo_trainer": ("cpo-sigmoid-alpha1.0-plain", "simpo-simpo-alpha0.0-plain"),
+    "test_greedy_batch_matches_transformers_generate": ("llama", "mistral_window", "phi3_longrope_long"),
+    "test_greedy_with_peft_adapter_matches_transformers": ("llama", "mistral_window"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.originalname or item.name
+        param = item.callspec.id if hasattr(item, "callspec") else ""
+        if name in SLOW_TESTS or (name in SWEEPS and not param.startswith(SWEEPS[name])):
+            item.add_marker(pytest.mark.slow)

@@ -50,6 +50,8 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
                 return _coerce(value, a, where, src)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # one type or null: that type's own message (e.g. "a finite number")
+            raise errors[0]
         raise ConfigError(f"{src}: `{where}` must be {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if value is None:
