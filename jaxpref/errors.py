@@ -20,6 +20,20 @@ class DataError(JaxprefError):
     pass
 
 
+def read_utf8(path, error: type[JaxprefError], what: str, hint: str) -> str:
+    """A text file's contents, or `error` in one line: the first line that is not UTF-8 (and `hint`),
+    or why `what` cannot be read."""
+    src = str(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")   # whole: the error's offset counts from the file's start
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise error(f"{src}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); {hint}")
+    except OSError as e:
+        raise error(f"{src}: cannot read {what} ({e.strerror or e})")
+
+
 def check_writable(path, flag: str, directory: bool) -> None:
     """Fail before any work when `path` (given by `flag`) cannot be written: a file where a folder
     is wanted or the reverse, or a first existing ancestor that is not a writable folder."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from jaxpref.api import output_root, select_models, train_one
 from jaxpref.api import train as api_train
 from jaxpref.config import load_config
-from jaxpref.errors import JaxprefError, check_writable
+from jaxpref.errors import JaxprefError, check_writable, read_utf8
 
 
 def parse_args(argv, prog: str = "python -m jaxpref.train"):
@@ -51,14 +51,7 @@ def load_dotenv(path: Path = Path(".env")) -> None:
         return
     import dotenv
 
-    try:
-        path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = e.object[:e.start].count(b"\n") + 1
-        raise JaxprefError(f"{path}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
-                           "save it as UTF-8 or remove it")
-    except OSError as e:
-        raise JaxprefError(f"{path}: cannot read it ({e.strerror or e})")
+    read_utf8(path, JaxprefError, "it", "save it as UTF-8 or remove it")
     dotenv.load_dotenv(path, override=False, encoding="utf-8")
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from jaxpref.config.schema import Config
 from jaxpref.config.validate import validate
-from jaxpref.errors import ConfigError
+from jaxpref.errors import ConfigError, read_utf8
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -300,14 +300,7 @@ def read_config_data(path: str | Path, overrides: list[str] | None = None) -> di
     src = str(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {src}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = e.object[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{src}: line {line} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
-                          "save the file as UTF-8")
-    except OSError as e:
-        raise ConfigError(f"{src}: cannot read the config file ({e.strerror or e})")
+    text = read_utf8(path, ConfigError, "the config file", "save the file as UTF-8")
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
