@@ -5,7 +5,7 @@
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh  # the same stages with a tiny model (a CPU test run)
 #
 # Writes everything under $OUT (default ./gpu_check_out): one log per stage, bench_<wp>_<side>.json,
-# pytest.xml/.log, build.json, and gpu_check.md + gpu_check.json, rewritten after every stage so
+# pytest.xml/.log, failures.txt (each failing test's traceback end, also printed), build.json, and gpu_check.md + gpu_check.json, rewritten after every stage so
 # that partial results survive. Stages, each under its own `timeout`:
 #   setup       install .whl/*.whl (pip --no-index --no-deps --target $SITE), a stub for xprof
 #               (imported by tokamax, used only by its benchmarking) when it is missing
@@ -164,10 +164,19 @@ if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
     PREC_ENV+=(XLA_PYTHON_CLIENT_PREALLOCATE=false)
 fi
 echo "{\"tests_env\": \"${PREC_ENV[*]:-}${XDIST[*]:+ pytest ${XDIST[*]}}\"}" > "$OUT/tests_env.json"
+export JAXPREF_FAILURE_LOG="$OUT/failures.txt"
+: > "$JAXPREF_FAILURE_LOG"
 run_stage tests "$CAP_TESTS" "$REPORT_RESERVE" env "${PREC_ENV[@]}" bash -c \
     'py=$1; shift; "$py" -c "import jax; print(\"jax devices:\", jax.devices(), flush=True)"; exec "$py" -m pytest "$@"' \
     _ "$PY" -o addopts= -v -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml" \
     tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
+# Each failing test's traceback end (tests/conftest.py writes them as they happen) on stdout:
+# the run's output is what surely comes back from a lent machine.
+if [ -s "$JAXPREF_FAILURE_LOG" ]; then
+    echo "== failures (first 8000 bytes of $JAXPREF_FAILURE_LOG)"
+    head -c 8000 "$JAXPREF_FAILURE_LOG"
+    echo
+fi
 
 "$PY" scripts/gpu_check.py report "$OUT"
 echo "gpu_check: $(($(date +%s) - START)) s in all; results in $OUT"

@@ -177,3 +177,12 @@ def pytest_collection_modifyitems(config, items):
         param = item.callspec.id if hasattr(item, "callspec") else ""
         if name in SLOW_TESTS or (name in SWEEPS and not param.startswith(SWEEPS[name])):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_logreport(report):
+    """With JAXPREF_FAILURE_LOG set (the GPU check), each failure's node id and the end of its
+    traceback are appended there as it happens, so a run cut by its time limit still says why."""
+    path = os.environ.get("JAXPREF_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext[-2500:]}\n")
