@@ -206,6 +206,38 @@ def test_early_stopping_exports_the_best_adapter(tmp_path, tiny_llama, tiny_pair
 
 
 @pytest.mark.slow
+def test_resume_keeps_early_stopping_and_the_best_adapter(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """The best evaluation's adapter travels in the checkpoints: a run killed after its final
+    checkpoint but before its export, and one stopped between evaluations, both export the
+    straight run's best adapter on --resume; the first trains no further step."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       dataset={"name": str(tiny_pairs), "eval_fraction": 0.25},
+                       training={"max_steps": 10, "logging_steps": 1, "eval_steps": 2, "learning_rate": 5e-3,
+                                 "per_device_eval_batch_size": 2},
+                       finetuning={"save_steps": 2, "early_stopping": {"metric": "eval_loss", "mode": "min",
+                                                                       "patience": 2, "min_delta": 1e9}})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    straight = tmp_path / "a" / "tiny"
+    assert json.loads((straight / "summary.json").read_text())["adapter_from_step"] == 2
+    for name, step in (("after_final_checkpoint", 6), ("between_evaluations", 4)):
+        shutil.copytree(straight, tmp_path / name / "tiny")
+        resumed = tmp_path / name / "tiny"
+        forget_after(resumed, step)
+        (resumed / "summary.json").unlink()
+        capsys.readouterr()
+        assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / name), "--resume"]) == 0
+        err = capsys.readouterr().err
+        assert f"resuming from step {step}" in err, err
+        assert ("exporting its best adapter" in err) == (step == 6), err
+        summary = json.loads((resumed / "summary.json").read_text())
+        assert summary["early_stopped"] and summary["adapter_from_step"] == 2 and summary["steps"] == 6, summary
+        assert losses(resumed) == losses(straight)
+        a, b = adapter(straight), adapter(resumed)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.slow
 def test_resume_from_a_kept_step_and_continue_a_finished_run(tmp_path, tiny_llama, tiny_pairs, capsys):
     """--resume-from STEP continues from any kept checkpoint (the later ones set aside, not
     deleted) and ends as the straight run did; raising --max-steps on a finished run continues it;

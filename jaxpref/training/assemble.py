@@ -61,6 +61,8 @@ class Run:
     best: EarlyStopping | None = None  # `finetuning.load_best_model_at_end`: the best evaluation so far
     fingerprint: dict | None = None
     start: int = 0             # optimizer steps already done (resumed)
+    best_lora: Any = None      # the best evaluation's adapter, restored with the state (resumed)
+    stopped_early: bool = False  # resumed from a run that early stopping had ended
     num_tokens: int = 0        # TRL's token count so far
     rss_before_weights: int = 0
 
@@ -223,12 +225,15 @@ def _restore(run: Run, force: bool, step: int | None = None, finished: bool = Fa
         run.early.restore(meta.get("early_stopping", {}))
     if run.best is not None:
         run.best.restore(meta.get("best_model", {}))
+    if meta.get("best_saved"):
+        run.best_lora = run.store.restore_best(run.start, ckpt.abstract_of(run.state.lora))
+    run.stopped_early = bool(meta.get("stopped_early"))
     if step is not None and run.is_main:
         moved = run.store.set_aside_after(step)
         if moved:
             print(f"[{name}] checkpoints {', '.join(map(str, moved))} set aside in {run.store.dir} "
                   f"(continuing from step {step})", file=sys.stderr)
-    more = f" to {run.total} steps" if finished and run.start < run.total else ""
+    more = f" to {run.total} steps" if finished and run.start < run.total and not run.stopped_early else ""
     print(f"[{name}] resuming from step {run.start}{more}", file=sys.stderr)
 
 

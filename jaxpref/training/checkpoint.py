@@ -49,16 +49,26 @@ class CheckpointStore:
                                                 enable_async_checkpointing=asynchronous)
             # Handlers named up front, so that a checkpoint's tree metadata (shapes) can be read alone.
             self._manager = ocp.CheckpointManager(self.dir, options=opts, item_handlers={
-                "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+                "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "best": ocp.StandardCheckpointHandler()})
         return self._manager
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save `step`, unless it is already on disk whole (the run resumed from it: the same state)."""
+    def save(self, step: int, state: Any, meta: dict, best: Any = None) -> None:
+        """Save `step`, unless it is already on disk whole (the run resumed from it: the same state).
+        `best`: the adapter of the best evaluation so far (early stopping, load_best_model_at_end),
+        kept beside the state so that a resumed run exports it; `meta["best_saved"]` says so."""
         ocp = _ocp()
         if step in self.manager.all_steps() and incomplete(self.dir / str(step)) is None:
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta, best_saved=best is not None))}
+        if best is not None:
+            items["best"] = ocp.args.StandardSave(best)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore_best(self, step: int, abstract: Any) -> Any:
+        """The best adapter saved with `step` (`save(..., best=)`)."""
+        ocp = _ocp()
+        return self.manager.restore(step, args=ocp.args.Composite(best=ocp.args.StandardRestore(abstract)))["best"]
 
     def wait(self) -> None:
         if self._manager is not None:

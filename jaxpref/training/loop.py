@@ -100,8 +100,8 @@ class Trainer:
         self.shapes: set = set()         # batch shapes compiled so far
         self.compile_s: float | None = None
         self.saved: set[int] = set()
-        self.best_lora = None
-        self.stopped_early = False
+        self.best_lora = run.best_lora    # the best evaluation's adapter (restored when resumed)
+        self.stopped_early = run.stopped_early
         self.final_eval = None
         self.last_eval: dict | None = None
         self._window = (0, time.time())  # tokens and start time since the last log
@@ -126,6 +126,10 @@ class Trainer:
         run = self.run
         if run.is_main:
             self.progress.write(self._start_line())
+        if self.stopped_early:   # resumed after early stopping ended the run: export only
+            self.progress.note(f"[{run.entry.name}] early stopping ended this run at step {run.start}; "
+                               "exporting its best adapter", err=True)
+            return
         if self.sampler is not None:
             self.sampler.sample(0, None, "base")
         ctrl_c = StopRequest(run.entry.name).__enter__()
@@ -232,8 +236,8 @@ class Trainer:
         self.saved.add(step)
         meta = {"fingerprint": run.fingerprint, "iterator": run.it.state(), "num_tokens": run.num_tokens,
                 "step": step, "early_stopping": run.early.state() if run.early else {},
-                "best_model": run.best.state() if run.best else {}}
-        run.store.save(step, run.state, meta)
+                "best_model": run.best.state() if run.best else {}, "stopped_early": self.stopped_early}
+        run.store.save(step, run.state, meta, best=self.best_lora)
 
     def _interrupted(self) -> None:
         """Ctrl-C: save the state the last whole step left (a second Ctrl-C stops without one)."""
@@ -265,7 +269,7 @@ class Trainer:
             if run.best is not None and run.best.update(self.final_eval, final_step)[0]:
                 self.best_lora = None  # the final state is the best one
         self.progress.close()
-        if run.cfg.save_steps:
+        if run.cfg.save_steps and final_step not in self.saved:   # (an early stop may have saved it)
             self.save(final_step)
         run.store.close()
         best = (self.stopped_early or run.best is not None) and self.best_lora is not None
