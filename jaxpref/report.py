@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxpref.training.sinks import read_rows
+
 SAMPLE_PROMPTS = 4
 CURVES = (("loss", ("loss", "eval_loss")), ("eval reward accuracy", ("eval_rewards/accuracies",)),
           ("reward margin", ("rewards/margins", "eval_rewards/margins")),
@@ -48,17 +50,6 @@ class RunInfo:
     adapter: dict | None = None
 
 
-def _jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue   # a row cut short by a killed run
-    return out
-
-
 def _json(path: Path):
     try:
         return json.loads(path.read_text()) if path.is_file() else None
@@ -76,8 +67,8 @@ def read_run(folder: Path, error: str | None = None) -> RunInfo:
     except (OSError, yaml.YAMLError):
         info.config = {}
     info.summary = _json(folder / "summary.json") or {}
-    info.metrics = _jsonl(folder / "metrics.jsonl")
-    info.samples = _jsonl(folder / "samples.jsonl")
+    info.metrics = read_rows(folder / "metrics.jsonl")
+    info.samples = read_rows(folder / "samples.jsonl")
     info.adapter = _json(folder / "adapter" / "adapter_config.json")
     if info.error is None and not (folder / "FINISHED").is_file():
         log = folder / "error.log"

@@ -217,16 +217,9 @@ def truncate_metrics(path: Path, step: int, final: bool = False) -> None:
 
 def last_train_metrics(path: Path) -> dict:
     """The last logged training row (a run resumed from its final checkpoint logs no step)."""
-    last = {}
-    if Path(path).is_file():
-        for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "loss" in row:
-                last = row
-    return last
+    from jaxpref.training.sinks import read_rows
+
+    return next((row for row in reversed(read_rows(path)) if "loss" in row), {})
 
 
 def mark_finished(run_dir: Path) -> None:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from jaxpref.errors import ConfigError
+from jaxpref.training.sinks import read_rows
 
 ROWS = 8   # prompts decoded together
 
@@ -42,7 +43,7 @@ class Sampler:
             self.file.write_text("")
         self.done: set[tuple[int, str]] = set()
         if append and self.file.is_file():
-            self.done |= {(r["step"], r["model"]) for r in _rows(self.file)}
+            self.done |= {(r["step"], r["model"]) for r in read_rows(self.file)}
 
     def sample(self, step: int, lora, model: str = "tuned") -> list[dict]:
         """Completions with `lora` (the trainable tree: LoRA, or a full fine-tune's weights; None
@@ -82,13 +83,3 @@ def prompts(run, source) -> tuple[list, list[list[int]]]:
         raise ConfigError("`logging.sample_prompts` is a count of eval prompts, and the run has no eval split")
     ids = [list(p) for p in ev.prompt[:source]]
     return [tok.decode(p, skip_special_tokens=True) for p in ids], ids
-
-
-def _rows(file: Path) -> list[dict]:
-    out = []
-    for line in file.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue   # a row cut short by a killed run
-    return out

@@ -16,6 +16,21 @@ import sys
 from pathlib import Path
 
 
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON object rows of a metrics/samples .jsonl file ([] when absent); a row cut short by
+    a killed run is skipped."""
+    out = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                out.append(row)
+    return out
+
 class JsonlSink:
     """metrics.jsonl: one JSON object per logged step (appended to when resuming)."""
 
