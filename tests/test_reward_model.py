@@ -175,3 +175,29 @@ def test_a_folder_without_a_score_head_is_refused(tmp_path, tiny_llama):
     (tmp_path / "bare" / "config.json").write_text(json.dumps(hf))
     with pytest.raises(ConfigError, match="no `score.weight`"):
         load_reward_func("bare", tmp_path)
+
+
+@pytest.mark.slow
+def test_rows_split_over_two_devices_give_the_same_scores(tmp_path):
+    """Two virtual CPU devices (a subprocess): the rows of a batch split over them, the weights
+    replicated; 9 rows in batches of 4 (the last padded)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = save_reward_model(tmp_path / "rm")
+    prompts, completions = (STANDARD[0] * 3)[:9], (STANDARD[1][::-1] * 3)[:9]
+    _, want = trl_rewards(path, prompts, completions)
+    code = ("import json, sys, jax\nfrom pathlib import Path\nfrom jaxpref.training import reward_model\n"
+            "reward_model.BATCH_ROWS = 2\nfrom jaxpref.data.rewards import load_reward_func\n"
+            "p, c = json.loads(sys.argv[2])\nrf = load_reward_func(sys.argv[1], Path('.'))\n"
+            "print(json.dumps([jax.device_count(), rf.fn.mesh.size, rf.fn(prompts=p, completions=c)]))\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code, str(path), json.dumps([prompts, completions])], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    devices, mesh, got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert devices == mesh == 2
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
