@@ -91,6 +91,31 @@ def test_scores_equal_trls_reward_model(tmp_path, data, pad_is_eos):
         assert rf_std.fn(prompts=prompts[-1:], completions=completions[-1:])[0] != pytest.approx(got[-1], abs=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox"])
+def test_other_bodies_score_as_trl(tmp_path, kind):
+    """Checkpoints whose body is not under `model.` (GPT-2's `transformer.`, GPT-NeoX's `gpt_neox.`)."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    path = tmp_path / kind
+    tok = make_tokenizer(path)
+    common = dict(vocab_size=len(tok.get_vocab()), num_labels=1, pad_token_id=tok.pad_token_id,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2ForSequenceClassification(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common))
+    else:
+        model = GPTNeoXForSequenceClassification(GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                               num_attention_heads=4, **common))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval().save_pretrained(path)
+    _, want = trl_rewards(path, *STANDARD)
+    got = load_reward_func(kind, tmp_path).fn(prompts=STANDARD[0], completions=STANDARD[1])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 def test_more_rows_than_one_batch_keep_their_order(tmp_path, monkeypatch):
     from jaxpref.training import reward_model
 

@@ -9,10 +9,12 @@ model's chat template), tokenises them without special tokens, right-padded, and
 `logits[:, 0]`. The logit is the `score` head [num_labels, hidden] (no bias) applied to the final
 hidden state of the last token whose id is not the pad id, as transformers pools.
 
-Scoring runs jitted in float32, in batches of a fixed number of rows, lengths rounded up to a
-power of two (a handful of compiled shapes); with several local devices the rows are split over
-them and the weights replicated. The entry is a folder (relative to the config's folder, or
-absolute); its metric name is the folder's name (TRL's `rewards/<model name>/mean`).
+Scoring runs jitted in float32 (TRL: the checkpoint's dtype, unless `model_init_kwargs` sets
+one), in batches of a fixed number of rows, lengths rounded up to a power of two (a handful of
+compiled shapes); with several local devices the rows are split over them and the weights
+replicated. The entry is a folder (relative to the config's folder, or
+absolute); its metric name is the folder's name, the entry's last path part as TRL takes it
+(`rewards/<model name>/mean`; a trailing `/` is dropped first, where TRL's name would be empty).
 """
 from __future__ import annotations
 
