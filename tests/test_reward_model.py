@@ -226,3 +226,18 @@ def test_rows_split_over_two_devices_give_the_same_scores(tmp_path):
     devices, mesh, got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert devices == mesh == 2
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_conversational_prompts_need_the_reward_models_chat_template(tmp_path):
+    from jaxpref.training.reward_model import RewardModelError
+
+    path = save_reward_model(tmp_path / "rm")
+    for f in path.glob("chat_template.*"):
+        f.unlink()
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    rf = load_reward_func(str(path), tmp_path)
+    assert rf.fn(prompts=STANDARD[0][:1], completions=STANDARD[1][:1])    # plain text still scores
+    with pytest.raises(RewardModelError, match="reward model .* conversational prompts need a chat template"):
+        rf.fn(prompts=CHAT[0], completions=CHAT[1])
