@@ -112,8 +112,14 @@ def test_other_bodies_score_as_trl(tmp_path, kind):
             p.add_(0.05 * torch.randn_like(p))
     model.eval().save_pretrained(path)
     _, want = trl_rewards(path, *STANDARD)
-    got = load_reward_func(kind, tmp_path).fn(prompts=STANDARD[0], completions=STANDARD[1])
+    rf = load_reward_func(kind, tmp_path)
+    got = rf.fn(prompts=STANDARD[0], completions=STANDARD[1])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    if kind == "gpt2":   # learned positions: a longer text is refused in one line (transformers fails)
+        from jaxpref.training.reward_model import RewardModelError
+
+        with pytest.raises(RewardModelError, match="of 129 tokens is longer than its 128 positions"):
+            rf.fn(prompts=["yes " * 129], completions=[""])
 
 
 def test_more_rows_than_one_batch_keep_their_order(tmp_path, monkeypatch):

@@ -102,7 +102,9 @@ def load_reward_model(entry: str, config_dir: Path) -> "RewardModel":
     if score.shape[1] != bundle.args.hidden_size:
         raise ConfigError(f"reward model `{entry}`: `score.weight` has shape {tuple(score.shape)}, expected "
                           f"[1, {bundle.args.hidden_size}] (hidden_size)")
-    return RewardModel(model_name(entry), entry, bundle, params, score, tok)
+    model = RewardModel(model_name(entry), entry, bundle, params, score, tok)
+    model.max_tokens = src.hf_config.get("n_positions")   # learned positions (GPT-2): a hard limit
+    return model
 
 
 class RewardModel:
@@ -120,6 +122,7 @@ class RewardModel:
         self.rows_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("rows"))
         self.params = jax.device_put((params, score), rep)
         self.rows = BATCH_ROWS * len(devices)
+        self.max_tokens: int | None = None
         self._forward = jax.jit(_make_forward(bundle, self.pad_id))
 
     def texts(self, prompts: list, completions: list) -> list[str]:
@@ -146,7 +149,11 @@ class RewardModel:
         n = len(seqs)
         if n == 0:
             return np.zeros(0, np.float32)
-        T = bucket(max(len(s) for s in seqs))
+        longest = max(len(s) for s in seqs)
+        if self.max_tokens and longest > self.max_tokens:
+            raise RewardModelError(f"reward model `{self.entry}`: a prompt and completion of {longest} tokens is "
+                                   f"longer than its {self.max_tokens} positions (n_positions)")
+        T = bucket(longest)
         ndev = self.mesh.size
         rows = min(self.rows, -(-n // ndev) * ndev)
         out = []
