@@ -2,8 +2,9 @@
 GRPO/RLOO/online DPO trainers call theirs.
 
 An entry is `package.module:function` (imported from the Python path) or `path/to/file.py:function`
-(a path relative to the config file's folder, or absolute). Any other entry names a reward model (a
-sequence-classification checkpoint); those are read by the model loader, not here.
+(a path relative to the config file's folder, or absolute). Any other entry names a reward model: a
+folder with a one-label sequence-classification checkpoint (relative to the config file's folder,
+or absolute), read into our model and called like a function (`jaxpref.training.reward_model`).
 
 A function is called once per rollout batch with keyword arguments only, as TRL 1.16 calls it
 (`GRPOTrainer._calculate_rewards`): `prompts` (the raw prompts, strings or message lists, one per
@@ -68,12 +69,17 @@ def check_entries(entries: list[str], config_dir: Path, src: str) -> None:
         if kind == "file" and not resolve_file(where, config_dir).is_file():
             raise ConfigError(f"{src}: `{key}` `{entry}`: file {where} not found "
                               f"(a path relative to the config's folder {config_dir})")
+        if kind == "model" and not resolve_file(where, config_dir).is_dir():
+            raise ConfigError(f"{src}: `{key}` `{entry}`: no reward model folder {where} (a path relative to "
+                              f"the config's folder {config_dir}); a reward function is written "
+                              "`path/to/file.py:function` or `package.module:function`")
 
 
 @dataclass(frozen=True)
 class RewardFunc:
     """A loaded reward function: `name` is TRL's (the function's `__name__`, a partial
-    unwrapped; a callable object's class name), used in `rewards/<name>/mean`."""
+    unwrapped; a callable object's class name; a reward model's folder name), used in
+    `rewards/<name>/mean`."""
     name: str
     entry: str
     fn: Callable
@@ -118,12 +124,15 @@ def _load_module(where: str, entry: str):
 
 
 def load_reward_func(entry: str, config_dir: Path) -> RewardFunc:
-    """One `module:function` or `file.py:function` entry -> its function; ConfigError in one line
-    for a missing file, module or function, a file that does not import, or a non-callable."""
+    """One `module:function` or `file.py:function` entry -> its function, a reward model folder ->
+    its scorer; ConfigError in one line for a missing file, module, function or folder, a file that
+    does not import, a non-callable, or a folder that is not a one-label reward model."""
     kind, where, func = parse_entry(entry)
     if kind == "model":
-        raise ConfigError(f"reward function `{entry}`: not `package.module:function` or "
-                          "`path/to/file.py:function` (reward models are read by the model loader)")
+        from jaxpref.training.reward_model import load_reward_model
+
+        model = load_reward_model(entry, config_dir)
+        return RewardFunc(model.__name__, entry, model)
     if kind == "file":
         path = resolve_file(where, config_dir)
         if not path.is_file():

@@ -259,6 +259,17 @@ def _read_safetensors(files: list[Path], headers_only: bool = False) -> Iterator
                     yield name, (lambda info=info: get(info))
 
 
+def read_tensor(source: ModelSource, name: str) -> np.ndarray | None:
+    """One tensor of a safetensors checkpoint, by its name, read alone (None when absent or when
+    the weights are not safetensors)."""
+    kind, files = weight_files(source.path, source.spec)
+    if kind == "safetensors":
+        for found, get in _read_safetensors(files):
+            if found == name:
+                return get()
+    return None
+
+
 def check_weights(bundle: ModelBundle) -> None:
     """What `load_params` checks (every tensor present, named as this architecture expects, with
     the right shape), from the safetensors headers alone: no weight value is read (dry run)."""

@@ -9,8 +9,8 @@ steps_per_generation = gradient_accumulation_steps), i.e. that divided by num_ge
 prompts; one optimizer step runs its gradient_accumulation_steps micro-batches. Prompts are
 shuffled each epoch (seeded). Outputs in the run folder: config.yaml, metrics.jsonl (TRL's metric
 names, plus `time/generate` and `time/update`), samples.jsonl (every completion with its
-rewards and advantage), adapter/ and summary.json. Not yet: checkpoints and --resume, reward
-models, full fine-tuning, online DPO and PPO in this loop.
+rewards and advantage), adapter/ and summary.json. Not yet: checkpoints and --resume, full
+fine-tuning, online DPO and PPO in this loop.
 """
 from __future__ import annotations
 
@@ -36,8 +36,6 @@ ONLINE_LOOP = ("grpo", "rloo")   # the online methods this loop trains
 
 def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
     """One-line ConfigErrors for what the online loop does not do."""
-    from jaxpref.data.rewards import parse_entry
-
     pt = cfg.post_training
     if pt.method not in ONLINE_LOOP:
         raise ConfigError(f"`post_training.method` {pt.method}: online training is available for "
@@ -46,10 +44,6 @@ def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
         raise ConfigError(f"{'--dry-run' if dry_run else '--resume'} is not available yet for the online method {pt.method}")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: {pt.method} trains a LoRA adapter (`lora.enabled: false` is not available yet)")
-    for i, entry in enumerate(reward_entries(pt)):
-        if parse_entry(entry)[0] == "model":
-            raise ConfigError(f"{cfg.source}: `post_training.reward_funcs[{i}]` `{entry}`: reward models are not "
-                              "available yet; give a `file.py:function` or `package.module:function`")
 
 
 def train_online(cfg: Config, index: int, run_dir: Path) -> dict:
