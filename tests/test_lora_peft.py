@@ -98,7 +98,8 @@ ATTENTION = {
     "gpt_neox": ("query_key_value", "dense"),
     "gpt2": ("c_attn", "c_proj"),   # c_proj also names GPT-2's MLP output, as in PEFT
 }
-# Mixtures of experts: LoRA on the attention only (all-linear is refused, see below).
+# Mixtures of experts: the sweeps here put LoRA on the attention (all-linear is refused: PEFT's covers
+# the router); LoRA on the experts is tests/test_lora_experts.py's.
 MOE = ("mixtral", "qwen3_moe")
 
 
@@ -424,19 +425,6 @@ def test_rank_above_a_target_dimension_is_refused(arch, base):
         target_shapes(b.params, big, "cfg.yaml")
     with pytest.raises(ConfigError):
         init_lora(b.params, big, jax.random.PRNGKey(0))
-
-
-@pytest.mark.parametrize("arch,target", [("mixtral", "gate_up_proj"), ("qwen3_moe", "gate")])
-def test_lora_on_a_router_or_experts_is_refused(arch, target, base):
-    """A mixture's router and experts hold kernels but take no LoRA (PEFT's `target_parameters`
-    is not written): one line naming the entry; `all-linear`, which covers them in PEFT, likewise."""
-    b = base(arch)
-    with pytest.raises(ConfigError, match=rf"^cfg\.yaml: `lora\.target_modules` entry `{target}` is a mixture"):
-        resolve_targets(["q_proj", target], b.bundle.arch, b.params, "cfg.yaml")
-    with pytest.raises(ConfigError, match=r"^cfg\.yaml: `lora\.target_modules: all-linear` on a mixture .*"
-                                          r"\[q_proj, k_proj, v_proj, o_proj\]$"):
-        resolve_targets("all-linear", b.bundle.arch, b.params, "cfg.yaml")
-    assert resolve_targets(list(ATTENTION[arch]), b.bundle.arch, b.params) == ATTENTION[arch]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -535,6 +535,104 @@ def test_qwen3_gguf_matches_transformers(tmp_path):
     assert diff <= 1e-4
 
 
+_GEMMA_GGUF_NAMES = {
+    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _write_gemma_gguf(model, path, arch: str) -> None:
+    """A tiny Gemma as llama.cpp writes one: F32 tensors under GGUF names, the RMSNorm weights
+    plus one (llama.cpp's norm multiplies by the weight), q/k not permuted, tied embeddings (no
+    `output`), the soft-caps and window in metadata, a SentencePiece-style vocabulary."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "gemma2":
+        w.add_sliding_window(c.sliding_window)
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    letters = [chr(x) for x in range(ord("a"), ord("z") + 1)]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581"] + letters + ["\u2581" + x for x in letters]
+    tokens += [x + y for x in letters for y in letters][: c.vocab_size - len(tokens)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([3, 3, 3, 2] + [1] * (len(tokens) - 4))
+    w.add_pad_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_bos_token_id(2)
+    w.add_unk_token_id(3)
+    for key, t in model.state_dict().items():
+        mod = key.removesuffix(".weight")
+        if mod == "lm_head":
+            continue   # tied
+        if mod.startswith("model.layers."):
+            i, rest = mod.split(".", 3)[2:]
+            name = f"blk.{i}.{_GEMMA_GGUF_NAMES[rest]}.weight"
+        else:
+            name = f"{_GEMMA_GGUF_NAMES[mod]}.weight"
+        x = t.detach().numpy().astype(np.float32)
+        w.add_tensor(name, x + 1.0 if "norm" in name else x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gemma2_gguf_matches_transformers(tmp_path):
+    """A Gemma 2 GGUF (window of 3, pre/post norms stored plus one, tied embeddings) converted and
+    read by jaxpref: the logits transformers gives reading the same file, and those of the model
+    it was written from. transformers' Gemma 2 GGUF config reads neither the soft-caps nor
+    `query_pre_attn_scalar`; the model keeps their defaults (50, 30, 256) so that it can read it."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=32, sliding_window=3,
+                                    tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _write_gemma_gguf(model, tmp_path / "tiny-gemma2.gguf", "gemma2")
+    source = resolve(str(tmp_path / "tiny-gemma2.gguf"), cache_root=tmp_path / "cache")
+    assert source.model_type == "gemma2"
+    ours = _our_logits(source.path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny-gemma2.gguf", dtype=torch.float32).eval()
+    assert theirs.config.sliding_window == 3
+    diff, written = _max_diff(ours, _hf_logits(theirs)), _max_diff(ours, _hf_logits(model))
+    print(f"parity gemma2 gguf: max|diff| = {diff:.2e} (transformers on the GGUF), {written:.2e} (the model)")
+    assert diff <= 1e-4 and written <= 1e-4
+
+
+def test_gemma1_gguf_is_refused_in_one_line(tmp_path):
+    """transformers reads no config from a Gemma 1 (`gemma`) GGUF, so neither does jaxpref: one
+    line naming the file and the architecture."""
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    _write_gemma_gguf(model, tmp_path / "tiny-gemma.gguf", "gemma")
+    with pytest.raises(ValueError):
+        transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file="tiny-gemma.gguf")
+    with pytest.raises(ModelSourceError) as e:
+        load_params(build(resolve(str(tmp_path / "tiny-gemma.gguf"), cache_root=tmp_path / "cache")))
+    msg = str(e.value)
+    assert "\n" not in msg and "tiny-gemma.gguf" in msg and "gemma" in msg, msg
+    print(msg)
+
+
 def _tie_routing(model, layer_rows: dict[int, list[int]]) -> None:
     """Give the experts in `layer_rows[layer]` the same router row in that layer: equal logits,
     so the router ties between them for every token."""

@@ -13,6 +13,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxpref.errors import ConfigError
+from jaxpref.lora import experts as experts_mod
 from jaxpref.lora.tree import LoraSpec
 from jaxpref.runtime.outdir import check_replaceable, write_dir
 
@@ -42,14 +43,23 @@ def _module_names(bundle) -> dict[tuple, tuple[str, bool]]:
 
 
 def peft_state_dict(bundle, lora: dict) -> dict[str, np.ndarray]:
-    """LoRA tree -> PEFT keys `base_model.model.<module>.lora_A.weight` [r, in] / `lora_B` [out, r]."""
+    """LoRA tree -> PEFT keys `base_model.model.<module>.lora_A.weight` [r, in] / `lora_B` [out, r];
+    a mixture's expert kernels as PEFT's `target_parameters` hold them (`jaxpref.lora.experts`)."""
     names = _module_names(bundle)
     flat = traverse_util.flatten_dict(lora)
+    paths = sorted({p[:-1] for p in flat})
+    experts = experts_mod.key_prefixes(bundle.arch, {p[-1] for p in paths})
     out = {}
-    for path in sorted({p[:-1] for p in flat}):
-        tmpl, stacked = names[path]
+    for path in paths:
         a = np.asarray(flat[path + ("a",)], np.float32)
         b = np.asarray(flat[path + ("b",)], np.float32)
+        if path[-1] in experts:
+            for i in range(a.shape[0]):
+                big_a, big_b = experts_mod.to_peft(a[i], b[i])
+                out[experts[path[-1]].format(i=i) + "lora_A.weight"] = big_a
+                out[experts[path[-1]].format(i=i) + "lora_B.weight"] = big_b
+            continue
+        tmpl, stacked = names[path]
         layers = range(a.shape[0]) if stacked else [None]
         for i in layers:
             mod = tmpl.format(i=i) if stacked else tmpl
@@ -77,6 +87,8 @@ def save_adapter(out_dir: Path, bundle, lora: dict, spec: LoraSpec, base_model: 
 
 
 def _write_adapter(tmp: Path, bundle, lora, spec, base_model, tokenizer, save_file) -> None:
+    params = experts_mod.peft_parameter_names(bundle.arch, spec.targets)
+    modules = sorted(t for t in spec.targets if t not in dict(bundle.arch.target_parameters))
     save_file(peft_state_dict(bundle, jax.device_get(lora)), str(tmp / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     config = {
@@ -85,7 +97,8 @@ def _write_adapter(tmp: Path, bundle, lora, spec, base_model, tokenizer, save_fi
         "r": spec.r,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": sorted(spec.targets),
+        "target_modules": modules or None,
+        **({"target_parameters": params} if params else {}),
         "bias": "none",
         "use_rslora": spec.use_rslora,
         "fan_in_fan_out": bool(bundle.arch.fan_in_fan_out),
@@ -120,7 +133,6 @@ _UNSUPPORTED = {
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
     "modules_to_save": (None, []),
-    "target_parameters": (None, []),
     "layer_replication": (None,),
     "trainable_token_indices": (None,),
 }
@@ -132,16 +144,18 @@ def _targets_of(path: Path, c: dict) -> tuple[tuple[str, ...], bool]:
     `all-linear` writes full names (`model.layers.0.self_attn.q_proj`); we apply LoRA per module
     name, so narrower entries, `layers_to_transform` and `exclude_modules` leave some modules of
     a targeted name without tensors (they get A = B = 0, which is the same model and stays
-    exactly zero under training)."""
+    exactly zero under training). `target_parameters` (a mixture's fused experts) add their
+    parameter names (`jaxpref.lora.experts.names_from_config`)."""
     targets = c.get("target_modules") or []
     if isinstance(targets, str):
         raise ConfigError(f"adapter `{path}`: target_modules is the regex `{targets}`; "
                           "jaxpref reads adapters whose target_modules list module names")
-    names = tuple(sorted({t.split(".")[-1] for t in targets}))
+    params, params_partial = experts_mod.names_from_config(c.get("target_parameters"))
+    names = tuple(sorted({t.split(".")[-1] for t in targets} | set(params)))
     if not names:
         raise ConfigError(f"adapter `{path}`: target_modules is empty")
     partial = (any("." in t for t in targets) or c.get("layers_to_transform") is not None
-               or bool(c.get("exclude_modules")))
+               or bool(c.get("exclude_modules")) or params_partial)
     return names, partial
 
 
@@ -179,32 +193,68 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _patterns(bundle, shapes: dict, spec: LoraSpec) -> list[tuple]:
+    """(PEFT key pattern, our module path, stacked, expert) for every linear kernel of this model;
+    a mixture's expert kernels only where targeted (their key depends on which are)."""
+    experts = experts_mod.key_prefixes(bundle.arch, spec.targets)
+    fused = dict(bundle.arch.target_parameters)
+    out = []
+    for mod, (tmpl, stacked) in _module_names(bundle).items():
+        if mod not in shapes:
+            continue
+        if mod[-1] in fused:
+            if mod[-1] in experts:
+                out.append((experts_mod.key_pattern(experts[mod[-1]]), mod, True, True))
+            continue
+        pat = re.escape(tmpl).replace(re.escape("{i}"), r"(\d+)")
+        out.append((re.compile(rf"base_model\.model\.{pat}\.lora_([AB])(?:\.default)?\.weight$"), mod, stacked, False))
+    return out
+
+
+def _peft_shape(which: str, kshape: tuple, r: int, expert: bool) -> tuple[int, int]:
+    """PEFT's lora_A [r, in] / lora_B [out, r] of a kernel [.., in, out] (r * E for experts)."""
+    n = r * kshape[-3] if expert else r
+    return (n, kshape[-2]) if which == "A" else (kshape[-1], n)
+
+
+def _ours(arr: np.ndarray, which: str, kshape: tuple, expert: bool) -> np.ndarray:
+    if not expert:
+        return arr.T
+    return (experts_mod.a_from_peft if which == "A" else experts_mod.b_from_peft)(arr, kshape[-3])
+
+
+def _key(bundle, spec: LoraSpec, mod: tuple, i: int | None, w: str) -> str:
+    """The PEFT tensor name of factor `w` (a/b) of module `mod` in layer i."""
+    experts = experts_mod.key_prefixes(bundle.arch, spec.targets)
+    if mod[-1] in experts:
+        return experts[mod[-1]].format(i=i) + f"lora_{w.upper()}.weight"
+    tmpl, stacked = _module_names(bundle)[mod]
+    return f"base_model.model.{tmpl.format(i=i) if stacked else tmpl}.lora_{w.upper()}.weight"
+
+
 def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraSpec]:
     """A PEFT adapter folder -> (our LoRA tree float32, its spec).
 
     The tree has the structure `init_lora` gives for the spec. Every tensor must belong to a
-    targeted linear of this model with the right shape; errors name the tensor."""
+    targeted linear (or expert kernel) of this model with the right shape; errors name the tensor."""
     path = Path(path)
     spec = spec_from_adapter(path)
     _, partial = _targets_of(path, read_adapter_config(path))
+    router = [t for t in spec.targets if t in bundle.arch.no_lora]
+    if router:
+        raise ConfigError(f"adapter `{path}`: LoRA on `{router[0]}` (a mixture of experts' router, "
+                          f"in `target_parameters`) is not supported by jaxpref")
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
         raise ConfigError(f"adapter `{path}`: no {ADAPTER_WEIGHTS}")
     tensors = _read_tensors(file)
-    names = _module_names(bundle)
     shapes = {p[:-1]: tuple(v.shape) for p, v in traverse_util.flatten_dict(abstract_params).items()
               if p[-1] == "kernel"}
-    patterns = []
-    for mod, (tmpl, stacked) in names.items():
-        if mod not in shapes:
-            continue
-        pat = re.escape(tmpl).replace(re.escape("{i}"), r"(\d+)")
-        patterns.append((re.compile(rf"base_model\.model\.{pat}\.lora_([AB])(?:\.default)?\.weight$"),
-                         mod, stacked))
+    patterns = _patterns(bundle, shapes, spec)
     flat: dict[tuple, np.ndarray] = {}
     seen: set[tuple] = set()     # (leaf path, layer or None)
     for key, arr in sorted(tensors.items()):
-        for pat, mod, stacked in patterns:
+        for pat, mod, stacked, expert in patterns:
             m = pat.match(key)
             if m:
                 break
@@ -216,8 +266,7 @@ def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraS
                               f"adapter's target_modules ({', '.join(spec.targets)}) do not name")
         which = m.group(m.lastindex)
         kshape = shapes[mod]
-        din, dout = kshape[-2], kshape[-1]
-        want = (spec.r, din) if which == "A" else (dout, spec.r)
+        want = _peft_shape(which, kshape, spec.r, expert)
         if tuple(arr.shape) != want:
             raise ConfigError(f"adapter `{path}`: tensor `{key}` has shape {tuple(arr.shape)}, "
                               f"this model needs {want} (made for another model?)")
@@ -228,30 +277,30 @@ def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraS
             if layer >= kshape[0]:
                 raise ConfigError(f"adapter `{path}`: tensor `{key}` is for layer {layer}, this "
                                   f"model has {kshape[0]} layers (made for another model?)")
-        buf = flat.setdefault(leaf, np.zeros(kshape[:-2] + want[::-1], np.float32))
-        if stacked:
-            buf[layer] = arr.T
-        else:
-            buf[...] = arr.T
+        ours = _ours(arr, which, kshape, expert)
+        buf = flat.setdefault(leaf, np.zeros(kshape[:-2] + ours.shape[-2:], np.float32))
+        buf[layer if stacked else ...] = ours
         seen.add((leaf, layer))
     if not flat:
         raise ConfigError(f"adapter `{path}`: holds no LoRA tensors for this model")
-    # Every targeted module gets both factors; a module (or layer) the file lacks is A = B = 0
-    # when the adapter's config says it covers only some of them, an error otherwise.
+    _fill_missing(path, bundle, spec, shapes, flat, seen, partial)
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}), spec
+
+
+def _fill_missing(path, bundle, spec, shapes, flat, seen, partial) -> None:
+    """Every targeted module gets both factors; a module (or layer) the file lacks is A = B = 0
+    when the adapter's config says it covers only some of them, an error otherwise."""
+    names = _module_names(bundle)
     for mod, kshape in sorted(shapes.items()):
         if mod[-1] not in spec.targets:
             continue
-        tmpl, stacked = names[mod]
+        stacked = names[mod][1]
         din, dout = kshape[-2], kshape[-1]
         for i in (range(kshape[0]) if stacked else [None]):
             have = {w for w in "ab" if (mod + (w,), i) in seen}
             if have == {"a", "b"} or (not have and partial):
                 continue
             w = ({"a", "b"} - have).pop()
-            key = f"base_model.model.{tmpl.format(i=i) if stacked else tmpl}.lora_{w.upper()}.weight"
-            raise ConfigError(f"adapter `{path}`: lacks tensor `{key}`")
+            raise ConfigError(f"adapter `{path}`: lacks tensor `{_key(bundle, spec, mod, i, w)}`")
         flat.setdefault(mod + ("a",), np.zeros(kshape[:-2] + (din, spec.r), np.float32))
         flat.setdefault(mod + ("b",), np.zeros(kshape[:-2] + (spec.r, dout), np.float32))
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}), spec
-
-

@@ -43,9 +43,9 @@ def resolve_targets(target_modules: str | list[str], arch, params: Any, src: str
     mods = linear_modules(params)
     names = sorted({p[-1] for p in mods})
     if target_modules == "all-linear" and arch.no_lora:
-        raise ConfigError(f"{src}: `lora.target_modules: all-linear` on a mixture of experts covers its router and "
-                          f"experts too (as in PEFT), which jaxpref cannot put LoRA on yet; list the attention "
-                          f"modules instead: [{', '.join(arch.linear_modules)}]")
+        raise ConfigError(f"{src}: `lora.target_modules: all-linear` on a mixture of experts covers its router too "
+                          f"(as in PEFT), which jaxpref cannot put LoRA on; list the modules instead: "
+                          f"[{', '.join(_listable(arch))}]")
     if target_modules == "all-linear":
         found = tuple(n for n in arch.linear_modules if n in names)
         if not found:
@@ -56,13 +56,26 @@ def resolve_targets(target_modules: str | list[str], arch, params: Any, src: str
         target_modules = [target_modules]
     for t in target_modules:
         if t in arch.no_lora:
-            raise ConfigError(f"{src}: `lora.target_modules` entry `{t}` is a mixture of experts' router or "
-                              f"experts, which jaxpref cannot put LoRA on yet; target the attention "
-                              f"({', '.join(arch.linear_modules)})")
+            raise ConfigError(f"{src}: `lora.target_modules` entry `{t}` is a mixture of experts' router, "
+                              f"which jaxpref cannot put LoRA on; target the attention or the experts "
+                              f"({', '.join(_listable(arch))})")
         if t not in names:
             raise ConfigError(f"{src}: `lora.target_modules` entry `{t}` matches no module; "
                               f"this model has: {', '.join(names)}")
     return tuple(dict.fromkeys(target_modules))
+
+
+def _listable(arch) -> list[str]:
+    return list(arch.linear_modules) + [name for name, _ in arch.target_parameters]
+
+
+def check_expert_dropout(spec: LoraSpec, arch, src: str = "") -> None:
+    """LoRA on fused expert kernels takes no dropout (PEFT's ParamWrapper refuses it too: the
+    input of every expert's factors is the one dispatched row)."""
+    experts = [t for t in spec.targets if t in dict(arch.target_parameters)]
+    if experts and spec.dropout > 0:
+        raise ConfigError(f"{src}: `lora.lora_dropout` = {spec.dropout} with the experts targeted "
+                          f"({', '.join(experts)}): LoRA on experts takes no dropout (as in PEFT); set it to 0")
 
 
 def target_shapes(params: Any, spec: LoraSpec, src: str = "") -> dict[tuple, tuple]:

@@ -32,8 +32,12 @@ class Architecture:
     # Sharding roles of the linear modules on a mesh: "col" splits the output features over
     # `tensor` (input over `fsdp`), "row" the reverse. Others are replicated or split by size.
     sharding: tuple[tuple[str, str], ...] = ()
-    # Modules with kernels that LoRA may not target (a mixture's router and experts).
+    # Modules with kernels that LoRA may not target (a mixture's router).
     no_lora: tuple[str, ...] = ()
+    # Fused 3-D expert kernels that take LoRA as PEFT's `target_parameters` do: our module name ->
+    # the transformers parameter, in the order transformers registers them (PEFT nests its
+    # wrappers of one module's parameters in that order, `jaxpref.lora.experts`).
+    target_parameters: tuple[tuple[str, str], ...] = ()
 
     @property
     def roles(self) -> dict[str, str]:
@@ -47,11 +51,13 @@ _LLAMA = Architecture(llama.LlamaArgs, Decoder, llama.WEIGHTS, head_weight,
                                 ("gate_proj", "col"), ("up_proj", "col"), ("down_proj", "row")))
 # Mixtures of experts: the router `gate` [D, E] and the experts' stacked kernels `gate_up_proj`
 # [E, D, 2I] / `down_proj` [E, I, D] (split like their dense namesakes, the expert axis whole).
-# LoRA goes on the attention (`linear_modules`). On the router and experts (PEFT's
-# `target_parameters`, which PEFT's `all-linear` includes on transformers 5) it is refused, and so
-# is `all-linear`.
+# LoRA goes on the attention (`linear_modules`) and, when targeted, on the experts (one pair of
+# factors per expert, PEFT's `target_parameters`). On the router it is refused, and so is
+# `all-linear` (PEFT's covers the router too).
 _MOE = dataclasses.replace(
-    _LLAMA, linear_modules=("q_proj", "k_proj", "v_proj", "o_proj"), no_lora=("gate", "gate_up_proj", "down_proj"),
+    _LLAMA, linear_modules=("q_proj", "k_proj", "v_proj", "o_proj"), no_lora=("gate",),
+    target_parameters=(("gate_up_proj", "model.layers.{i}.mlp.experts.gate_up_proj"),
+                       ("down_proj", "model.layers.{i}.mlp.experts.down_proj")),
     sharding=(("q_proj", "col"), ("k_proj", "col"), ("v_proj", "col"), ("o_proj", "row"),
               ("gate_up_proj", "col"), ("down_proj", "row")))
 ARCHITECTURES: dict[str, Architecture] = {

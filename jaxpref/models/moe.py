@@ -15,8 +15,8 @@ Dispatch: the N*k (token, expert) assignments are sorted by expert (stable), so 
 expert's rows are contiguous, and a grouped matmul runs every expert on its own rows only
 (`grouped_matmul`). Weights are held as transformers 5 holds them: `experts/gate_up_proj/kernel`
 [E, D, 2I] ([gate | up] per expert) and `experts/down_proj/kernel` [E, I, D], with a leading
-layer axis under the layer scan; LoRA on them is per expert (a [E, in, r], b [E, r, out]), PEFT's
-`target_parameters` layout.
+layer axis under the layer scan; LoRA on them is per expert (a [E, in, r], b [E, r, out]; PEFT's
+`target_parameters` tensors, `jaxpref.lora.experts`).
 
 The load-balancing loss TRL adds (`router_aux_loss_coef * aux_loss`, transformers'
 `load_balancing_loss_func`) needs each layer's routing statistics: with the `aux` collection

@@ -12,7 +12,7 @@ from jaxpref.data.iterator import BatchIterator
 from jaxpref.objectives.losses import LossSpec
 from jaxpref.objectives.methods import get_method
 from jaxpref.errors import ConfigError
-from jaxpref.lora.tree import LoraSpec, resolve_targets
+from jaxpref.lora.tree import LoraSpec, check_expert_dropout, resolve_targets
 from jaxpref.models import weights
 from jaxpref.models.source import load_tokenizer, resolve
 
@@ -31,9 +31,12 @@ def lora_spec_for(cfg: Config, bundle_arch, abstract_params) -> LoraSpec | None:
             if theirs != ours:
                 raise ConfigError(f"{cfg.source}: `lora.{key}` is {ours if key != 'target_modules' else sorted(ours)} "
                                   f"but the adapter in `lora.init_from` has {theirs if key != 'target_modules' else sorted(theirs)}")
-        return LoraSpec(spec.r, spec.alpha, spec.targets, spec.use_rslora, lo.lora_dropout, lo.init)
-    targets = resolve_targets(lo.target_modules, bundle_arch, abstract_params, cfg.source)
-    return LoraSpec(lo.r, lo.lora_alpha, targets, lo.use_rslora, lo.lora_dropout, lo.init)
+        out = LoraSpec(spec.r, spec.alpha, spec.targets, spec.use_rslora, lo.lora_dropout, lo.init)
+    else:
+        targets = resolve_targets(lo.target_modules, bundle_arch, abstract_params, cfg.source)
+        out = LoraSpec(lo.r, lo.lora_alpha, targets, lo.use_rslora, lo.lora_dropout, lo.init)
+    check_expert_dropout(out, bundle_arch, cfg.source)
+    return out
 
 
 def run_options(cfg: Config) -> dict:
