@@ -165,7 +165,7 @@ def test_grpo_reuses_a_rollout_and_masks_truncated_completions(tmp_path, online_
 
 
 @pytest.mark.parametrize("post, training, needles", [
-    ({"method": "online_dpo"}, {}, ["online_dpo", "grpo, rloo"]),
+    ({"method": "ppo"}, {}, ["ppo", "grpo, rloo"]),
     ({"num_generations": 3}, {}, ["not a multiple", "num_generations` 3"]),
     ({"reward_funcs": ["some-org/reward-model"]}, {}, ["reward_funcs[0]", "reward models"]),
     ({"reward_funcs": ["rewards.py:nowhere"]}, {}, ["rewards.py:nowhere", "nowhere"]),
