@@ -34,6 +34,7 @@ from jaxpref.training.online_step import make_online_step, micro_batches
 
 ONLINE_LOOP = ("grpo", "rloo", "online_dpo")   # the online methods this loop trains
 PAIRS = "online_dpo"   # two completions per prompt, ranked: `online_pairs`
+LATEST = ("num_tokens",)   # logged as their last value in the window, not the mean (TRL's)
 
 
 def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
@@ -135,6 +136,7 @@ class OnlineRun:
         self.samples = open(run_dir / "samples.jsonl", "w") if main else None
         self.last: dict = {}
         self.window: list[dict] = []
+        self.num_tokens = 0   # prompt + completion tokens sampled so far (TRL's num_input_tokens_seen)
 
     # --- one generation ------------------------------------------------------------------------
 
@@ -169,6 +171,8 @@ class OnlineRun:
         self._write_samples(step, r, np.asarray(scored["advantages"]))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update({k: float(np.mean(v)) for k, v in r.extra_metrics.items()})
+        self.num_tokens += sum(map(len, prompts)) + int(np.sum(r.lengths))
+        metrics["num_tokens"] = float(self.num_tokens)
         return micro_batches(arrays, self.G), num_items, r.P, metrics, t_gen
 
     def _write_samples(self, step: int, r, adv: np.ndarray) -> None:
@@ -221,7 +225,7 @@ class OnlineRun:
         row = {"step": step, "epoch": round(epoch, 4)}
         for k in keys:
             vals = [w[k] for w in self.window if k in w]
-            row[k] = float(np.nanmean(vals))
+            row[k] = float(vals[-1] if k in LATEST else np.nanmean(vals))
         self.window = []
         self.last = row
         self.sinks.log(row)
