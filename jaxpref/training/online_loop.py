@@ -229,7 +229,8 @@ class OnlineRun:
         self.window = []
         self.last = row
         self.sinks.log(row)
-        shown = " ".join(f"{k} {row[k]:.4g}" for k in ("loss", "reward", "reward_std", "kl") if k in row)
+        shown = " ".join(f"{k} {row[k]:.4g}" for k in ("loss", "reward", "reward_std", "kl", "objective/scores",
+                                                             "objective/kl") if k in row)
         print(f"[{self.entry.name}] step {step}/{self.total} {shown}", file=sys.stderr)
 
     def finish(self, t_start: float) -> dict:
