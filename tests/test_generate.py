@@ -240,3 +240,43 @@ def test_data_parallel_mesh_gives_single_device_tokens(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["devices"] == 8 and all(got["same"]) and len(got["same"]) == 8
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_is_transformers(penalty):
+    """Fixed logits and rows of earlier tokens (repeats included): the penalised logits, and the
+    warped ones after it, are transformers' RepetitionPenaltyLogitsProcessor's (then its warpers)."""
+    from transformers.generation import logits_process as lp
+
+    from jaxpref.generation.sampling import penalize, seen_tokens
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, size=(3, 50)).astype(np.float32)
+    ids = rng.integers(0, 50, size=(3, 7))
+    ids[0, 3] = ids[0, 1]
+    theirs = lp.RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(ids), torch.tensor(logits)).numpy()
+    seen = seen_tokens(jax.numpy.asarray(ids), jax.numpy.ones(ids.shape, bool), 50)
+    ours = np.asarray(penalize(jax.numpy.asarray(logits), seen, penalty))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert (ours != logits).sum() == len({(r, t) for r in range(3) for t in ids[r]})
+    s = Sampling(0.8, top_k=20, min_p=0.05, repetition_penalty=penalty)
+    warped = lp.MinPLogitsWarper(0.05)(None, lp.TopKLogitsWarper(20)(None, lp.TemperatureLogitsWarper(0.8)(
+        None, torch.tensor(theirs)))).numpy()
+    mine = np.asarray(warp(jax.numpy.asarray(ours), s))
+    np.testing.assert_array_equal(np.isinf(mine), np.isinf(warped))
+    np.testing.assert_allclose(mine[~np.isinf(mine)], warped[~np.isinf(warped)], rtol=1e-6)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers_generate(tiny):
+    """One unpadded prompt at a time (transformers would penalise a padded row's pad id too)."""
+    model, tok, gen, _ = tiny("llama")
+    opts = DecodeOptions(NEW, Sampling(repetition_penalty=1.5))
+    outs = gen.generate(PROMPTS, opts)
+    plain = gen.generate(PROMPTS, DecodeOptions(NEW))
+    model.generation_config.eos_token_id = None
+    for p, o in zip(PROMPTS, outs):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, repetition_penalty=1.5,
+                                  pad_token_id=0)[0, len(p):].tolist()
+        assert o.ids == want
+    assert [o.ids for o in outs] != [o.ids for o in plain]   # the penalty changed what was generated

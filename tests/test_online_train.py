@@ -104,6 +104,15 @@ def test_grpo_trains_from_the_cli_and_its_first_step_is_trls(tmp_path, online_se
               "time/generate", "time/update"):
         assert k in m, k
     assert m["grad_norm"] > 0 and metrics[1]["kl"] > 0    # it trained: the policy left the base
+    # num_tokens: TRL's running count of prompt (unpadded) and completion tokens sampled.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(online_setup / "model")
+    seen = 0
+    for step, row in enumerate(metrics):
+        gen = [s for s in samples if s["step"] == step]
+        seen += sum(len(tok(s["prompt"])["input_ids"]) + s["completion_length"] for s in gen)
+        assert row["num_tokens"] == seen
     # The training forward (left-padded prompt, completion, logits / temperature) as transformers
     # computes it: step 1's entropy, the mean over micro-batches of its token mean.
     assert m["entropy"] == pytest.approx(base_entropy(online_setup / "model", rows, 0.7, micro_batches=2), rel=1e-4)
@@ -165,11 +174,13 @@ def test_grpo_reuses_a_rollout_and_masks_truncated_completions(tmp_path, online_
 
 
 @pytest.mark.parametrize("post, training, needles", [
-    ({"method": "online_dpo"}, {}, ["online_dpo", "grpo, rloo"]),
+    ({"method": "ppo"}, {}, ["ppo", "grpo, rloo"]),
     ({"num_generations": 3}, {}, ["not a multiple", "num_generations` 3"]),
     ({"reward_funcs": ["some-org/reward-model"]}, {}, ["reward_funcs[0]", "no reward model folder"]),
     ({"reward_funcs": ["rewards.py:nowhere"]}, {}, ["rewards.py:nowhere", "nowhere"]),
     ({"reward_funcs": ["broken.py:broken"]}, {}, ["broken", "ZeroDivisionError"]),
+    ({"repetition_penalty": 0.0}, {}, ["post_training.repetition_penalty", "> 0"]),
+    ({"min_p": 1.5}, {}, ["post_training.min_p", "[0, 1]"]),
     ({}, {"max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8}, ["prompts are fewer"]),
 ])
 def test_bad_online_inputs_are_one_line_errors(tmp_path, online_setup, capsys, post, training, needles):
@@ -214,3 +225,25 @@ def test_grpo_on_8_virtual_devices_gives_the_single_device_numbers(tmp_path, onl
     for a, b in zip(runs["one"], runs["mesh"]):
         for k in ("loss", "reward", "reward_std", "kl", "entropy", "grad_norm", "completions/mean_length"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("method", ["grpo", "online_dpo"])
+def test_sampling_keys_reach_the_generator(online_setup, method):
+    """TRL's min_p and repetition_penalty (with temperature, top_p, top_k) are the engine's
+    sampling options; online DPO's completion limit is its max_new_tokens."""
+    from transformers import AutoTokenizer
+
+    from jaxpref.config import load_config
+    from jaxpref.generation.sampling import Sampling
+    from jaxpref.training import online_pairs, rollouts
+
+    d = online_setup
+    pt = {"method": method, "reward_funcs": ["rewards.py:digit_share"], "temperature": 0.8, "top_p": 0.9, "top_k": 7,
+          "min_p": 0.05, "repetition_penalty": 1.2, ("max_new_tokens" if method == "online_dpo" else
+                                                     "max_completion_length"): 5}
+    cfg = load_config(write_config(d / f"keys_{method}.yaml", d / "model", d / "prompts.jsonl", post_training=pt))
+    tok = AutoTokenizer.from_pretrained(d / "model")
+    build = online_pairs.decode_options if method == "online_dpo" else rollouts.decode_options
+    opts = build(cfg.post_training, tok, [tok.eos_token_id])
+    assert opts.sampling == Sampling(0.8, top_p=0.9, top_k=7, min_p=0.05, repetition_penalty=1.2)
+    assert opts.max_new_tokens == 5 and opts.eos_ids == (tok.eos_token_id,)

@@ -55,7 +55,7 @@ class DatasetConfig:
 @dataclass
 class PostTrainingBase:
     """The keys every method reads; each method adds its own (`jaxpref.objectives.methods`)."""
-    method: str = "dpo"                  # dpo | ipo | kto | orpo | simpo | cpo; online: grpo | rloo
+    method: str = "dpo"                  # dpo | ipo | kto | orpo | simpo | cpo; online: grpo | rloo | online_dpo
     beta: float | None = None            # strength of the preference term (the KL penalty's inverse for DPO); None: the method's TRL default (0.1; grpo 0.0, rloo 0.05)
     loss_type: str | list[str] | None = None   # a loss of the method, or a list combined by loss_weights (default: the method's)
     loss_weights: list[float] | None = None    # one weight per loss_type (default: 1 each)

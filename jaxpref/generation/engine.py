@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref.generation.sampling import Sampling, next_token
+from jaxpref.generation.sampling import Sampling, next_token, seen_tokens
 from jaxpref.models.attention import MaskInfo
 from jaxpref.models.kv_cache import KVCache
 from jaxpref.models.layers import matmul
@@ -84,7 +84,10 @@ def decode(bundle, params, lora, prompt_ids: jax.Array, lengths: jax.Array, key:
 
     eos = jnp.asarray(opts.eos_ids or (-1,), jnp.int32)
     logits, cache = forward(prompt_ids, cache)
-    tok, lp = next_token(logits, jax.random.fold_in(key, 0), opts.sampling)
+    seen = None                 # [B, V] tokens in each row, for the repetition penalty
+    if opts.sampling.repetition_penalty != 1.0:
+        seen = seen_tokens(prompt_ids, jnp.arange(p)[None] >= (p - lengths)[:, None], logits.shape[-1])
+    tok, lp = next_token(logits, jax.random.fold_in(key, 0), opts.sampling, seen)
     done = jnp.isin(tok, eos)
     tokens = jnp.full((b, n), opts.pad_id, jnp.int32).at[:, 0].set(tok)
     logps = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
@@ -95,16 +98,18 @@ def decode(bundle, params, lora, prompt_ids: jax.Array, lengths: jax.Array, key:
         return (step < n) & ~jnp.all(done)
 
     def body(state):
-        step, tok, done, cache, tokens, logps, lens = state
+        step, tok, done, cache, tokens, logps, lens, seen = state
         logits, cache = forward(tok[:, None], cache)
-        new, lp = next_token(logits, jax.random.fold_in(key, step), opts.sampling)
+        if seen is not None:
+            seen = seen.at[jnp.arange(b), tok].set(True)
+        new, lp = next_token(logits, jax.random.fold_in(key, step), opts.sampling, seen)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, jnp.where(done, opts.pad_id, new)[:, None], step, 1)
         logps = jax.lax.dynamic_update_slice_in_dim(logps, jnp.where(done, 0.0, lp)[:, None], step, 1)
         lens = lens + (~done).astype(jnp.int32)
-        return step + 1, new, done | jnp.isin(new, eos), cache, tokens, logps, lens
+        return step + 1, new, done | jnp.isin(new, eos), cache, tokens, logps, lens, seen
 
-    state = (jnp.int32(1), tok, done, cache, tokens, logps, lens)
-    _, _, _, _, tokens, logps, lens = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(1), tok, done, cache, tokens, logps, lens, seen)
+    _, _, _, _, tokens, logps, lens, _ = jax.lax.while_loop(cond, body, state)
     return Completions(tokens, lens, logps)
 
 

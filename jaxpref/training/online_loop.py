@@ -1,4 +1,4 @@
-"""The run loop of an online method (GRPO, RLOO): each generation samples `num_generations`
+"""The run loop of an online method (GRPO, RLOO, online DPO): each generation samples `num_generations`
 completions for a batch of prompts with the current adapter (the generation engine), scores them
 with the reward functions, turns the rewards into advantages (the method's `score`) and takes
 `num_iterations` optimizer steps on them (`online_step`).
@@ -9,8 +9,9 @@ steps_per_generation = gradient_accumulation_steps), i.e. that divided by num_ge
 prompts; one optimizer step runs its gradient_accumulation_steps micro-batches. Prompts are
 shuffled each epoch (seeded). Outputs in the run folder: config.yaml, metrics.jsonl (TRL's metric
 names, plus `time/generate` and `time/update`), samples.jsonl (every completion with its
-rewards and advantage), adapter/ and summary.json. Not yet: checkpoints and --resume, full
-fine-tuning, online DPO and PPO in this loop.
+rewards and advantage), adapter/ and summary.json. Online DPO (two completions per prompt, ranked
+by the reward; per_device_train_batch_size counts prompts, as TRL's) is `online_pairs`. Not yet:
+checkpoints and --resume, full fine-tuning, PPO in this loop.
 """
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ from jaxpref.errors import ConfigError
 from jaxpref.objectives.methods import get_method
 from jaxpref.objectives.methods.base import ScoringInputs
 from jaxpref.objectives.methods.rollout import reward_entries
-from jaxpref.training import rollouts, setup
+from jaxpref.training import online_pairs, rollouts, setup
 from jaxpref.training.online_step import make_online_step, micro_batches
 
-ONLINE_LOOP = ("grpo", "rloo")   # the online methods this loop trains
+ONLINE_LOOP = ("grpo", "rloo", "online_dpo")   # the online methods this loop trains
+PAIRS = "online_dpo"   # two completions per prompt, ranked: `online_pairs`
+LATEST = ("num_tokens",)   # logged as their last value in the window, not the mean (TRL's)
 
 
 def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
@@ -44,6 +47,9 @@ def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
         raise ConfigError(f"{'--dry-run' if dry_run else '--resume'} is not available yet for the online method {pt.method}")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: {pt.method} trains a LoRA adapter (`lora.enabled: false` is not available yet)")
+    if pt.method == PAIRS and cfg.lora.lora_dropout > 0:
+        raise ConfigError(f"{cfg.source}: `lora.lora_dropout` {cfg.lora.lora_dropout}: online_dpo trains without "
+                          "dropout (TRL's OnlineDPOConfig disable_dropout); set it to 0")
 
 
 def train_online(cfg: Config, index: int, run_dir: Path) -> dict:
@@ -84,8 +90,10 @@ class OnlineRun:
         self.method, self.spec = get_method(pt.method), setup.loss_spec(cfg)
         self.mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
         dp = mesh_mod.data_parallel_size(self.mesh)
-        self.B, self.G, self.K = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps, pt.num_generations
-        if (self.B * self.G) % self.K:
+        self.pairs = pt.method == PAIRS
+        self.B, self.G = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps
+        self.K = online_pairs.SAMPLES if self.pairs else pt.num_generations
+        if not self.pairs and (self.B * self.G) % self.K:
             raise ConfigError(f"{cfg.source}: a generation's {self.B * self.G} completions (per_device_train_batch_size x "
                               f"devices x gradient_accumulation_steps) are not a multiple of "
                               f"`post_training.num_generations` {self.K}")
@@ -94,7 +102,7 @@ class OnlineRun:
         self.bundle, self.tok, self.lspec, abstract = setup.model_for(cfg, index, training=True)
         self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
                                     rule=self.method.tokenization)
-        self.per_gen = self.B * self.G // self.K
+        self.per_gen = self.B * self.G if self.pairs else self.B * self.G // self.K
         self.steps_per_epoch = len(self.data) // self.per_gen
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{cfg.source}: {len(self.data)} usable prompts are fewer than one generation's "
@@ -109,24 +117,28 @@ class OnlineRun:
         self.state = jax.device_put(state, mesh_mod.replicated(self.mesh))   # one compiled step
         from jaxpref.generation.text import eos_ids
         self.eos = stop_token_ids(self.tok, list(eos_ids(self.bundle.source.path, self.tok)))
-        self.opts = rollouts.decode_options(pt, self.tok, self.eos)
+        self.opts = (online_pairs.decode_options if self.pairs else rollouts.decode_options)(pt, self.tok, self.eos)
         self.generator = Generator(self.bundle, self.params, mesh=self.mesh if dp > 1 else None,
-                                   batch_size=self.B * self.G)
-        self.logps = rollouts.make_logps_fn(self.bundle.with_args(deterministic=True), pt.temperature)
+                                   batch_size=self.per_gen * self.K)
+        temperature = online_pairs.LOGP_TEMPERATURE if self.pairs else pt.temperature
+        self.logps = rollouts.make_logps_fn(self.bundle.with_args(deterministic=True), temperature)
         dropout = self.lspec.dropout > 0
         self.step_fn = make_online_step(self.bundle, self.method, self.spec, self.optimizer, self.schedule,
-                                        pt.temperature, dropout=dropout)
+                                        temperature, dropout=dropout, sum_grads=self.pairs)
         main = jax.process_index() == 0
         self.sinks = MetricSinks(run_dir, cfg, self.entry.name, enabled=main)
         self.samples = open(run_dir / "samples.jsonl", "w") if main else None
         self.last: dict = {}
         self.window: list[dict] = []
+        self.num_tokens = 0   # prompt + completion tokens sampled so far (TRL's num_input_tokens_seen)
 
     # --- one generation ------------------------------------------------------------------------
 
     def _rollout(self, step: int, idx: list[int], epoch: float):
         from jaxpref.data.rewards import TrainerState
 
+        if self.pairs:
+            return online_pairs.rollout(self, step, idx, epoch)
         t0 = time.time()
         rows, comps, prompts = rollouts.sample(self.generator, self.data, idx, self.K, self.opts,
                                                self.state.lora, seed=self.cfg.training.seed * 1_000_003 + step)
@@ -153,6 +165,8 @@ class OnlineRun:
         self._write_samples(step, r, np.asarray(scored["advantages"]))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update({k: float(np.mean(v)) for k, v in r.extra_metrics.items()})
+        self.num_tokens += sum(map(len, prompts)) + int(np.sum(r.lengths))
+        metrics["num_tokens"] = float(self.num_tokens)
         return micro_batches(arrays, self.G), num_items, r.P, metrics, t_gen
 
     def _write_samples(self, step: int, r, adv: np.ndarray) -> None:
@@ -205,11 +219,12 @@ class OnlineRun:
         row = {"step": step, "epoch": round(epoch, 4)}
         for k in keys:
             vals = [w[k] for w in self.window if k in w]
-            row[k] = float(np.nanmean(vals))
+            row[k] = float(vals[-1] if k in LATEST else np.nanmean(vals))
         self.window = []
         self.last = row
         self.sinks.log(row)
-        shown = " ".join(f"{k} {row[k]:.4g}" for k in ("loss", "reward", "reward_std", "kl") if k in row)
+        shown = " ".join(f"{k} {row[k]:.4g}" for k in ("loss", "reward", "reward_std", "kl", "objective/scores",
+                                                             "objective/kl") if k in row)
         print(f"[{self.entry.name}] step {step}/{self.total} {shown}", file=sys.stderr)
 
     def finish(self, t_start: float) -> dict:

@@ -13,10 +13,13 @@ from jaxpref.training.rollouts import completion_logps
 from jaxpref.training.step import TrainState
 
 
-def make_online_step(bundle, method, spec, optimizer, schedule, temperature: float, dropout: bool = False):
+def make_online_step(bundle, method, spec, optimizer, schedule, temperature: float, dropout: bool = False,
+                     sum_grads: bool = False):
     """-> step(state, params, batch, P) -> (state, metrics), jit-compiled. batch: dict of [G, B, ...]
     arrays: ids, valid, and the `score` outputs (advantages, mask, ...), with optional old_logp /
-    ref_logp [G, B, C] and num_items (dapo's tokens per micro-batch, a scalar)."""
+    ref_logp [G, B, C] and num_items (dapo's tokens per micro-batch, a scalar). `sum_grads`: the
+    micro-batches' gradients summed, not averaged (TRL's OnlineDPOTrainer.training_step does not
+    divide its loss by the accumulation steps before the backward pass; the logged loss is the mean)."""
 
     def micro(lora, params, mb, num_items, P, rng):
         rngs = {"dropout": rng} if dropout else None
@@ -39,7 +42,7 @@ def make_online_step(bundle, method, spec, optimizer, schedule, temperature: flo
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.lora)
         gsum, ms = jax.lax.scan(body, zeros, (batch, jnp.arange(G)))
-        grads = jax.tree_util.tree_map(lambda g: g / G, gsum)
+        grads = gsum if sum_grads else jax.tree_util.tree_map(lambda g: g / G, gsum)
         metrics = {k: jnp.mean(v) for k, v in ms.items()}   # TRL logs the mean of its per-micro-batch values
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["learning_rate"] = schedule(state.step)

@@ -49,7 +49,8 @@ def decode_options(pt, tok, eos_ids: list[int]) -> DecodeOptions:
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
     return DecodeOptions(max_new_tokens=pt.max_completion_length,
-                         sampling=Sampling(temperature=pt.temperature, top_p=pt.top_p, top_k=pt.top_k),
+                         sampling=Sampling(temperature=pt.temperature, top_p=pt.top_p, top_k=pt.top_k,
+                                           min_p=pt.min_p or 0.0, repetition_penalty=pt.repetition_penalty),
                          eos_ids=tuple(eos_ids), pad_id=pad)
 
 

@@ -11,11 +11,11 @@ from jaxpref.errors import ConfigError
 from jaxpref.objectives import online
 from jaxpref.objectives.losses import LossSpec
 from jaxpref.objectives.methods.base import Method, RolloutInputs, ScoringInputs
-from jaxpref.objectives.methods.rollout import RolloutKeys, check_rollout
+from jaxpref.objectives.methods.rollout import SamplingKeys, check_rollout
 
 
 @dataclass
-class OnlineDpoKeys(RolloutKeys):
+class OnlineDpoKeys(SamplingKeys):
     max_new_tokens: int = 64                   # completion length limit
     missing_eos_penalty: float | None = None   # subtracted from the reward of a completion without EOS
 

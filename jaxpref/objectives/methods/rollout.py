@@ -21,7 +21,14 @@ class RolloutKeys:
 
 
 @dataclass
-class GroupKeys(RolloutKeys):
+class SamplingKeys(RolloutKeys):
+    """The sampling keys GRPO's, RLOO's and online DPO's TRL configs add (PPO's does not)."""
+    min_p: float | None = None                    # drop tokens less likely than min_p x the most likely one
+    repetition_penalty: float = 1.0               # > 1: tokens already in the prompt or completion less likely
+
+
+@dataclass
+class GroupKeys(SamplingKeys):
     """GRPO's and RLOO's: G completions per prompt, a clipped ratio, reuse of a rollout."""
     num_generations: int | None = None            # G; None: 8 (GRPO), 2 (RLOO)
     max_completion_length: int = 512              # tokens sampled per completion at most
@@ -66,6 +73,11 @@ def check_rollout(pt, loss_types: tuple[str, ...], src: str, method: str) -> Non
         raise ConfigError(f"{src}: `post_training.top_p` must be in (0, 1], got {pt.top_p}")
     if pt.top_k < 0:
         raise ConfigError(f"{src}: `post_training.top_k` must be >= 0 (0: no top-k), got {pt.top_k}")
+    if pt.min_p is not None and not 0 <= pt.min_p <= 1:
+        raise ConfigError(f"{src}: `post_training.min_p` must be in [0, 1], got {pt.min_p}")
+    if pt.repetition_penalty <= 0:
+        raise ConfigError(f"{src}: `post_training.repetition_penalty` must be > 0 (1: off), "
+                          f"got {pt.repetition_penalty}")
 
 
 def check_group(pt, src: str, method: str) -> None:
