@@ -155,6 +155,7 @@ SLOW_TESTS = {
     "test_smollm2_greedy_matches_transformers_generate",
     "test_smollm2_greedy_with_peft_adapter_matches_transformers",
     "test_dpo_on_a_mixture_of_experts_adds_the_router_loss_as_trl",
+    "test_the_cli_run_and_its_dry_run_with_a_token_budget",
 }
 # test -> the parameter ids (prefixes) that stay in the default set; the rest are slow.
 SWEEPS = {
@@ -168,6 +169,7 @@ SWEEPS = {
     "test_cpo_simpo_first_step_equals_trl_cpo_trainer": ("cpo-sigmoid-alpha1.0-plain", "simpo-simpo-alpha0.0-plain"),
     "test_greedy_batch_matches_transformers_generate": ("llama", "mistral_window", "phi3_longrope_long"),
     "test_greedy_with_peft_adapter_matches_transformers": ("llama", "mistral_window"),
+    "test_token_budget_trains_like_the_same_config_without_it": ("dpo_rpo-shared_prompt",),
 }
 
 
