@@ -3,6 +3,9 @@
     python scripts/bench.py --config configs/quickstart.yaml [--steps 10] [--json OUT] [--vs-trl]
                             [--only jax|trl] [--trl-device auto|cpu|cuda]
 
+`--set training.max_tokens_per_batch=16384` times the token budget's micro-batches
+(`jaxpref.data.budget`) on the same pairs per step; compare with the same command without it.
+
 Each side runs in its own subprocess, so peak RSS is measured separately. The jaxpref side builds
 the model, data and step exactly as `jaxpref.training.loop` does (setup.model_for/data_for,
 setup.loss_spec/ref_mode, step.make_train_step, the batch iterator), times every step with a
@@ -191,6 +194,9 @@ def step_flops(abstract, lora, batch: dict, args, ref_pass: bool) -> float:
     """Matmul FLOPs of one optimizer step on the executed (padded) shapes (`jaxpref.flops`)."""
     from jaxpref.runtime.flops import FlopModel
     G, N, T = batch.input_ids.shape
+    if getattr(batch, "pair_w", None) is not None:  # a token budget's step: its empty micro-batches are skipped
+        import numpy as np
+        G = int((np.asarray(batch.pair_w) > 0).any(axis=-1).sum())
     K = batch.tgt_ids.shape[-1]
     blocks = batch.blk_idx.shape[-2:] if getattr(batch, "blk_idx", None) is not None else None
     return FlopModel.of(abstract, args, lora).step(N, T, K, G, ref_pass, blocks)
@@ -221,7 +227,8 @@ def run_jax(args) -> dict:
     if mode not in ("lora_off", "none", "separate"):
         raise SystemExit(f"bench: reference mode `{mode}` is not benchmarked")
     B, G = tcfg.per_device_train_batch_size, tcfg.gradient_accumulation_steps
-    it = setup.iterator_class(cfg)(prepared.train, B, G, tcfg.seed, prepared.layout)
+    # With `--set training.max_tokens_per_batch=N` the token budget's micro-batches (`data.budget`).
+    it = setup.train_iterator(cfg, prepared.train, B, G, prepared.layout)
     total = args.warmup + args.steps
     # The shapes the real run would plan (over all its steps), not just the timed ones.
     run_steps = tcfg.total_steps(it.steps_per_epoch)
@@ -240,7 +247,7 @@ def run_jax(args) -> dict:
     lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-    opts = StepOptions(spec, 2 * B, ref_mode=mode)
+    opts = StepOptions(spec, 2 * B, ref_mode=mode, groups=G)
     step_fn = make_train_step(bundle, opts, optimizer, schedule, ref_bundle, dropout=lspec.dropout > 0)
     setup_s = time.perf_counter() - t_setup
     peak_before = matmul_peak_gflops()
@@ -248,7 +255,7 @@ def run_jax(args) -> dict:
     fp = flop_params(str(bundle.source.path), cfg.lora.r, cfg.lora.target_modules) if lspec is not None else None
 
     times, user, system, flops, real, slots, trl_tokens, shapes, losses = [], [], [], [], [], [], [], set(), []
-    work, work_tokens = [], []
+    work, work_tokens, passes = [], [], []
     compile_s, compile_only_s, recompile_s = None, None, []
     for i in range(total):
         batch, _ = next(it)
@@ -279,6 +286,8 @@ def run_jax(args) -> dict:
         real.append(int(seg.sum()))
         slots.append(int(seg.size))
         trl_tokens.append(batch.trl_token_count())
+        pw = getattr(batch, "pair_w", None)   # a token budget's step: the micro-batches it runs
+        passes.append(int((np.asarray(pw) > 0).any(axis=-1).sum()) if pw is not None else batch.input_ids.shape[0])
         if fp is not None and mode == "lora_off":
             lens = jax_sequence_lengths(batch)
             work.append(work_flops(fp, lens))
@@ -314,6 +323,7 @@ def run_jax(args) -> dict:
         "device_peak_gib": device_peak_gib(peak_memory()),
         # The dry run's estimate (jaxpref.runtime.memory.memory_plan) for the largest shape run.
         "memory_plan_mib": plan_mib(cfg, bundle.args, params, state.lora, shapes),
+        "micro_batches_per_step": round(float(np.mean(passes)), 2),
         "compiled_shapes": len(shapes),  # distinct (G, N, T, K) batch shapes
         "planned_shapes": [list(x) for x in planned],
         "compilations": int(step_fn._cache_size()) if hasattr(step_fn, "_cache_size") else None,

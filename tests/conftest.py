@@ -156,6 +156,7 @@ SLOW_TESTS = {
     "test_smollm2_greedy_with_peft_adapter_matches_transformers",
     "test_dpo_on_a_mixture_of_experts_adds_the_router_loss_as_trl",
     "test_trained_expert_adapter_and_merged_export_match_peft_and_transformers",
+    "test_the_cli_run_and_its_dry_run_with_a_token_budget",
 }
 # test -> the parameter ids (prefixes) that stay in the default set; the rest are slow.
 SWEEPS = {
@@ -171,6 +172,7 @@ SWEEPS = {
     "test_greedy_with_peft_adapter_matches_transformers": ("llama", "mistral_window"),
     "test_expert_adapter_loads_in_peft_with_our_logits": ("mixtral-", "qwen3_moe-attention+experts"),
     "test_evaluate_logps_match_transformers_and_peft": ("gemma2-", "qwen3_moe-standard"),
+    "test_token_budget_trains_like_the_same_config_without_it": ("dpo_rpo-shared_prompt",),
 }
 
 

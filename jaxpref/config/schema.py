@@ -123,6 +123,9 @@ class TrainingConfig:
     compute_dtype: str = "float32"               # float32 | bfloat16 (TRL: bf16: true)
     length_buckets: list[int] | None = None      # fixed padded lengths T; unset: planned shapes
     max_shapes: int = 4                          # planned batch shapes (T, K) per run at most
+    # Micro-batches filled to this many tokens per device (padding-free streams) instead of
+    # per_device_train_batch_size pairs each; a step still covers the same pairs, same loss.
+    max_tokens_per_batch: int | None = None
     vocab_chunk: int = 0                         # LM head over this many vocabulary columns at a time
     scan_layers: bool = True                     # False: a loop over per-layer weights (faster step, longer compile)
     # Recompute the attention core and MLP activation in the backward instead of storing them.

@@ -148,6 +148,38 @@ def _training_layout(cfg: Config) -> None:
     _choice(tr.matmul_precision, ("highest", "tf32"), "training.matmul_precision", src)
     if pt_is_kto(cfg) and tr.pair_layout not in ("auto", "concatenated"):
         raise ConfigError(f"{src}: KTO needs `training.pair_layout: concatenated` (or auto)")
+    _token_budget(cfg)
+
+
+# Loss types whose value compares the pairs of one micro-batch with each other (sorting, a KL
+# estimate): a token budget's micro-batches cannot reproduce them (`jaxpref.data.budget`).
+BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired", "aot_pair", "kto_pair")
+
+
+def _token_budget(cfg: Config) -> None:
+    """`training.max_tokens_per_batch`: a positive count, on the layouts and losses it can carry.
+    The data-dependent check (the longest pair fits) is `training.setup.train_iterator`'s."""
+    src, tr, pt = cfg.source, cfg.training, cfg.post_training
+    n = tr.max_tokens_per_batch
+    if n is None:
+        return
+    key = "`training.max_tokens_per_batch`"
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{src}: {key} must be a positive number of tokens, got {n!r}")
+    if METHODS[pt.method].data != "paired":
+        raise ConfigError(f"{src}: {key} is for the paired offline methods (dpo, ipo, orpo, cpo, simpo), not "
+                          f"{pt.method}" + (" (its KL estimate is per micro-batch of pairs)" if pt_is_kto(cfg) else ""))
+    if tr.padding_free is False or tr.pair_layout.startswith("packed"):
+        what = "padding_free: false" if tr.padding_free is False else f"pair_layout: {tr.pair_layout}"
+        raise ConfigError(f"{src}: {key} fills padding-free streams: it needs `training.padding_free` true or "
+                          f"auto and `training.pair_layout` concatenated, shared_prompt or auto, not `{what}`")
+    coupled = [lt for lt in cfg.loss_types if lt in BATCH_COUPLED_LOSSES]
+    if coupled:
+        raise ConfigError(f"{src}: {key} does not apply to loss_type {coupled[0]} (its loss compares the pairs of "
+                          "a micro-batch with each other, so a different cut changes it)")
+    if pt.precompute_ref_logps:
+        raise ConfigError(f"{src}: {key} with `post_training.precompute_ref_logps` is not available yet "
+                          "(the reference table is read per micro-batch of pairs)")
 
 
 def pt_is_kto(cfg: Config) -> bool:

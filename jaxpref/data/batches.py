@@ -77,15 +77,23 @@ class StreamBatch(Batch):
     (R = one stream per data-parallel shard), plus `blk_idx` [G, R, U, Tb] int32 (stream position of
     each slot of the U attention blocks of a stream, -1 = empty slot), `blk_back` [G, R, L] int32
     (the block slot each stream position reads its output from) and `trl_tokens` [G, R] int32 (TRL's
-    token count of each stream before dead tokens were left out; host only)."""
+    token count of each stream before dead tokens were left out; host only).
+    Micro-batches cut to a token budget (`budget`) also carry per pair slot, [G, Bp] float32:
+    `pair_w` (1/B for a pair, 0 for an empty slot) and its group's token totals `ntok_c` (chosen
+    completion tokens) and `ntok_full` (ORPO's span); None otherwise."""
     blk_idx: Array
     blk_back: Array
     trl_tokens: Array | None = None
+    pair_w: Array | None = None
+    ntok_c: Array | None = None
+    ntok_full: Array | None = None
 
     @property
     def shape_key(self) -> tuple:
-        """... and the padding-free attention blocks [per stream, Tb]."""
-        return super().shape_key + tuple(self.blk_idx.shape[-2:])
+        """... and the padding-free attention blocks [per stream, Tb] (and the pair slots Bp of a
+        token budget's micro-batches)."""
+        extra = () if self.pair_w is None else tuple(self.pair_w.shape[-1:])
+        return super().shape_key + tuple(self.blk_idx.shape[-2:]) + extra
 
     def trl_token_count(self) -> int:
         return int(np.asarray(self.trl_tokens).sum())

@@ -164,6 +164,13 @@ class BatchIterator:
         self.shapes = choose_shapes(needs, cover, cost, max_shapes)
         return self.shapes
 
+    def shape_keys(self, accum: int) -> list[tuple]:
+        """The planned shapes (T, K), or padding-free (L, K, Tb), as batch shape keys
+        (`data.batches`) of steps of `accum` micro-batches."""
+        return [(accum, self._units(), *s) if len(s) == 2
+                else (accum, self.layout.streams, s[0], s[1], self.units_per_stream(), s[2])
+                for s in self.shapes or ()]
+
     def _shape(self, need: tuple) -> tuple | None:
         """The cheapest planned shape that holds `need`, or None."""
         fits = [s for s in self.shapes or () if all(a >= b for a, b in zip(s, need))]

@@ -71,6 +71,9 @@ class Layout:
     # (one per data-parallel shard), attention kept per original row.
     padding_free: bool = False
     streams: int = 1
+    # `training.max_tokens_per_batch`: a step's pairs packed into micro-batches of at most this
+    # many stream tokens (`jaxpref.data.budget`); None: G micro-batches of B pairs.
+    max_tokens: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "kind", PairLayout(self.kind))  # accepts the config's string

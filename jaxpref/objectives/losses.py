@@ -63,6 +63,33 @@ class PairStats:
     logit_sum_rejected: jax.Array
 
 
+@dataclass(frozen=True)
+class Reduce:
+    """How a micro-batch's per-pair terms add up to the step's loss. Default: the micro-batch is
+    one of the step's G groups of B pairs; a pair mean is `jnp.mean` and a token mean is over the
+    micro-batch's tokens. Token budget (`jaxpref.data.budget`): the micro-batch holds pairs of
+    several groups and empty slots; `pair_w` [B] (1/B for a pair, 0 for an empty slot) and the
+    group totals `ntok_c` / `ntok_full` [B] turn each mean into a sum of per-pair shares, so that
+    the sums over the step's micro-batches equal the groups' means."""
+    pair_w: jax.Array | None = None
+    ntok_c: jax.Array | None = None
+    ntok_full: jax.Array | None = None
+
+    def mean(self, per: jax.Array) -> jax.Array:
+        return jnp.mean(per) if self.pair_w is None else jnp.sum(per * self.pair_w)
+
+    def token_mean(self, sums: jax.Array, counts: jax.Array, full: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Per-pair token sums [B] and counts -> (the token mean's term in the loss, a per-pair
+        vector whose `mean` is that term: the metric, or an SFT loss type's per-pair values).
+        `full`: counted over ORPO's span (`ntok_full`) rather than chosen completions."""
+        if self.pair_w is None:
+            t = jnp.sum(sums) / jnp.maximum(jnp.sum(counts), 1.0)
+            return t, jnp.broadcast_to(t, sums.shape)
+        share = sums / jnp.maximum(self.ntok_full if full else self.ntok_c, 1.0)
+        real = self.pair_w > 0
+        return jnp.sum(share), jnp.where(real, share / jnp.where(real, self.pair_w, 1.0), 0.0)
+
+
 def _scores(rho: jax.Array, spec: LossSpec) -> jax.Array:
     """f-divergence transform of a log-ratio (constants that cancel in differences dropped)."""
     kind = spec.f_divergence_type
@@ -140,19 +167,21 @@ def dpo_per_pair(loss_type: str, s: PairStats, ref_c: jax.Array, ref_r: jax.Arra
     raise ValueError(f"unknown loss_type {loss_type}")
 
 
-def sft_token_mean(s: PairStats) -> jax.Array:
-    """Token-mean NLL of the policy over the chosen completions of the batch."""
-    return -jnp.sum(s.logps_chosen) / jnp.maximum(jnp.sum(s.len_chosen), 1.0)
+def sft_token_mean(s: PairStats, red: Reduce = Reduce()) -> jax.Array:
+    """Token-mean NLL of the policy over the chosen completions of the batch, as per-pair values
+    whose `red.mean` is that NLL (`Reduce.token_mean`)."""
+    return red.token_mean(-s.logps_chosen, s.len_chosen)[1]
 
 
 def dpo_loss(s: PairStats, ref_c: jax.Array, ref_r: jax.Array, spec: LossSpec,
-             sft_nll: jax.Array | None = None) -> tuple[jax.Array, dict]:
+             sft_nll: jax.Array | None = None, red: Reduce = Reduce()) -> tuple[jax.Array, dict]:
     """DPO family. s: policy stats; ref_*: reference summed log-probs [B] (zeros if reference-free).
 
-    `sft_nll` overrides the SFT term (needed when LD-DPO reweights logps_chosen)."""
+    `sft_nll` overrides the SFT term's per-pair values (needed when LD-DPO reweights
+    logps_chosen); `red`: how pair means are taken (`Reduce`)."""
     if spec.reference_free:
         ref_c, ref_r = jnp.zeros_like(ref_c), jnp.zeros_like(ref_r)
-    sft = sft_token_mean(s) if sft_nll is None else sft_nll
+    sft = sft_token_mean(s, red) if sft_nll is None else sft_nll
     weights = None
     if spec.use_weighting:
         weights = jax.lax.stop_gradient(jnp.exp(s.wlog_chosen) * jnp.exp(s.wlog_rejected))
@@ -161,7 +190,7 @@ def dpo_loss(s: PairStats, ref_c: jax.Array, ref_r: jax.Array, spec: LossSpec,
         per = dpo_per_pair(lt, s, ref_c, ref_r, spec, sft)
         if weights is not None:
             per = per * (weights if per.shape == weights.shape else jnp.concatenate([weights, weights]))
-        loss = loss + w * jnp.mean(per)
+        loss = loss + w * red.mean(per)
     rc = spec.beta * jax.lax.stop_gradient(s.logps_chosen - ref_c)
     rr = spec.beta * jax.lax.stop_gradient(s.logps_rejected - ref_r)
     return loss, reward_metrics(rc, rr, s)
@@ -185,30 +214,31 @@ def _log1mexp(x: jax.Array) -> jax.Array:
     return jnp.where(x > -math.log(2), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
-def orpo_loss(s: PairStats, spec: LossSpec, span: str = "prompt_and_completion") -> tuple[jax.Array, dict]:
+def orpo_loss(s: PairStats, spec: LossSpec, span: str = "prompt_and_completion",
+              red: Reduce = Reduce()) -> tuple[jax.Array, dict]:
     """ORPO: NLL(chosen) - beta * mean(logsig(log_odds)), on length-averaged log-probs."""
     pc = s.logps_chosen / jnp.maximum(s.len_chosen, 1.0)
     pr = s.logps_rejected / jnp.maximum(s.len_rejected, 1.0)
     log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
     ratio = log_sigmoid(log_odds)
     if span == "completion":
-        nll = -jnp.sum(s.logps_chosen) / jnp.maximum(jnp.sum(s.len_chosen), 1.0)
+        nll, nll_pairs = red.token_mean(-s.logps_chosen, s.len_chosen)
     else:
-        nll = jnp.sum(s.nll_full_chosen) / jnp.maximum(jnp.sum(s.len_full_chosen), 1.0)
-    loss = nll - spec.beta * jnp.mean(ratio)
+        nll, nll_pairs = red.token_mean(s.nll_full_chosen, s.len_full_chosen, full=True)
+    loss = nll - spec.beta * red.mean(ratio)
     rc = spec.beta * jax.lax.stop_gradient(pc)
     rr = spec.beta * jax.lax.stop_gradient(pr)
     m = reward_metrics(rc, rr, s)
     # TRL's ORPO logs the length-averaged log-probs it optimises.
     m["logps/chosen"] = jax.lax.stop_gradient(pc)
     m["logps/rejected"] = jax.lax.stop_gradient(pr)
-    m["nll_loss"] = jnp.broadcast_to(jax.lax.stop_gradient(nll), pc.shape)
+    m["nll_loss"] = jax.lax.stop_gradient(nll_pairs)
     m["log_odds_ratio"] = jax.lax.stop_gradient(ratio)
     m["log_odds_chosen"] = jax.lax.stop_gradient(log_odds)
     return loss, m
 
 
-def simpo_cpo_loss(s: PairStats, spec: LossSpec) -> tuple[jax.Array, dict]:
+def simpo_cpo_loss(s: PairStats, spec: LossSpec, red: Reduce = Reduce()) -> tuple[jax.Array, dict]:
     """CPO (TRL's CPOTrainer): sigmoid / hinge / ipo / simpo on policy log-probs, plus cpo_alpha
     times the chosen completions' token-mean NLL. ipo and simpo use length-averaged log-probs;
     method `simpo` is loss_type simpo with cpo_alpha = 0 (pure SimPO)."""
@@ -231,14 +261,14 @@ def simpo_cpo_loss(s: PairStats, spec: LossSpec) -> tuple[jax.Array, dict]:
     else:
         raise ValueError(f"loss_type {lt} is not available for {spec.method}")
     alpha = 0.0 if spec.method == "simpo" else spec.cpo_alpha
-    nll = -jnp.sum(s.logps_chosen) / jnp.maximum(jnp.sum(s.len_chosen), 1.0)
+    nll, nll_pairs = red.token_mean(-s.logps_chosen, s.len_chosen)
     if alpha == 0:
-        nll = jnp.zeros((), jnp.float32)
-    loss = jnp.mean(per) + alpha * nll
+        nll, nll_pairs = jnp.zeros((), jnp.float32), jnp.zeros_like(pc)
+    loss = red.mean(per) + alpha * nll
     m = reward_metrics(beta * jax.lax.stop_gradient(pc), beta * jax.lax.stop_gradient(pr), s)
     m["logps/chosen"] = jax.lax.stop_gradient(pc)
     m["logps/rejected"] = jax.lax.stop_gradient(pr)
-    m["nll_loss"] = jnp.broadcast_to(jax.lax.stop_gradient(nll), pc.shape)
+    m["nll_loss"] = jax.lax.stop_gradient(nll_pairs)
     return loss, m
 
 

@@ -123,7 +123,7 @@ def _batches(cfg: Config, index: int, run_dir: Path) -> Run:
     iter_cls = setup.iterator_class(cfg)
     unpaired = get_method(cfg.post_training.method).data == "unpaired"
     strategy = tcfg.train_sampling_strategy or ("sequential" if unpaired else "random")
-    it = iter_cls(prepared.train, B, G, tcfg.seed, prepared.layout, shuffle=strategy == "random")
+    it = setup.train_iterator(cfg, prepared.train, B, G, prepared.layout, shuffle=strategy == "random")
     if it.steps_per_epoch == 0:
         raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
@@ -263,7 +263,7 @@ def _step_functions(run: Run) -> None:
     cfg = run.cfg
     spec = setup.loss_spec(cfg)
     eval_mode = run.eval_mode or run.mode
-    opts = StepOptions(spec, 2 * run.B, ref_mode=run.mode)
+    opts = StepOptions(spec, 2 * run.B, ref_mode=run.mode, groups=run.G)
     dropout = run.lspec is not None and run.lspec.dropout > 0
     run.step_fn = make_train_step(run.bundle, opts, run.optimizer, run.schedule, run.ref_bundle,
                                   dropout=dropout, full_finetune=run.full_finetune)

@@ -79,21 +79,17 @@ def check_model(cfg: Config, index: int) -> list[str]:
     if not tr.paired and cfg.post_training.method != "kto":
         problems.append(f"model `{name}`: unpaired data needs method kto")
         return problems
-    it = setup.iterator_class(cfg)(tr, B, G, t.seed, prepared.layout)
+    try:
+        it = setup.train_iterator(cfg, tr, B, G, prepared.layout)
+    except JaxprefError as e:
+        problems.append(f"model `{name}`: {e}")
+        return problems
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
-    shapes = {}
-    for _ in range(min(steps, 200)):
-        b, _ = next(it)
-        key = b.shape_key
-        shapes[key] = shapes.get(key, 0) + 1
-    shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
-    blocks = ", blocks, block slots" if prepared.layout.padding_free else ""
-    print(f"  batches          [accum, rows, tokens, target slots{blocks}]: {shape_txt} (layout {prepared.layout.kind}"
-          f"{'; planned' if it.shapes else ''}{'' if steps <= 200 else ', first 200 steps'})")
+    shapes = _batch_lines(it, steps, prepared.layout)
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
     plan = memory_plan(cfg, args, total, trainable if spec else 0, list(shapes), mesh=mesh)
@@ -102,6 +98,25 @@ def check_model(cfg: Config, index: int) -> list[str]:
     print("  memory plan      " + ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.items() if v))
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
+
+
+def _batch_lines(it, steps: int, layout) -> dict:
+    """Print the batch shapes of the first 200 steps (and a token budget's micro-batch plan);
+    -> {shape key: steps}."""
+    shapes, seen = {}, []
+    for _ in range(min(steps, 200)):
+        b, _ = next(it)
+        shapes[b.shape_key] = shapes.get(b.shape_key, 0) + 1
+        seen.append(b)
+    shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
+    blocks = ", blocks, block slots" if layout.padding_free else ""
+    blocks += ", pair slots" if layout.max_tokens else ""
+    print(f"  batches          [accum, rows, tokens, target slots{blocks}]: {shape_txt} (layout {layout.kind}"
+          f"{'; planned' if it.shapes else ''}{'' if steps <= 200 else ', first 200 steps'})")
+    if layout.max_tokens:
+        from jaxpref.data.budget import plan_line
+        print(f"  micro-batches    {plan_line(it, seen)}")
+    return shapes
 
 
 def dry_run(cfg: Config, indices: list[int]) -> int:

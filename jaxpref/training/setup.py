@@ -151,6 +151,29 @@ def iterator_class(cfg: Config):
     return BatchIterator
 
 
+def train_iterator(cfg: Config, data, B: int, G: int, layout, shuffle: bool = True):
+    """The train batch iterator: the method's (`iterator_class`), or with
+    `training.max_tokens_per_batch` the token budget's (`jaxpref.data.budget`), which needs
+    padding-free rows, one stream (one data-parallel device) and a budget that holds every pair."""
+    if not layout.max_tokens:
+        return iterator_class(cfg)(data, B, G, cfg.training.seed, layout, shuffle=shuffle)
+    from jaxpref.data.budget import BudgetIterator
+
+    key = f"{cfg.source}: `training.max_tokens_per_batch`"
+    if not layout.padding_free:
+        raise ConfigError(f"{key} needs padding-free rows, which this run does not use (a mixture of experts' "
+                          "router loss counts every token: see `training.padding_free`)")
+    if layout.streams != 1:
+        raise ConfigError(f"{key} is not available yet on {layout.streams} data-parallel devices (one device only)")
+    it = BudgetIterator(data, B, G, cfg.training.seed, layout, shuffle=shuffle)
+    longest = it.longest_pair()
+    if longest > layout.max_tokens:
+        raise ConfigError(f"{key} {layout.max_tokens} is smaller than the longest pair ({longest} tokens after "
+                          f"truncation to max_length {cfg.training.max_length}); raise it to at least {longest} "
+                          "or lower `training.max_length`")
+    return it
+
+
 def model_config(cfg: Config, index: int) -> Config:
     """The resolved config of one model (what its run folder records)."""
     one = copy.deepcopy(cfg)
@@ -206,10 +229,7 @@ def resolve_recompute(cfg: Config, bundle, abstract, lspec, it, mesh):
     trainable = 0 if lspec is None else sum(
         s[0] * (s[1] + s[2]) * lspec.r if len(s) == 3 else (s[0] + s[1]) * lspec.r
         for s in target_shapes(abstract, lspec).values())
-    G = cfg.training.gradient_accumulation_steps
-    # Planned shapes are (T, K), or padding-free (L, K, Tb): as shape keys (`data.batches`).
-    keys = [(G, it._units(), *s) if len(s) == 2 else (G, it.layout.streams, s[0], s[1], it.units_per_stream(), s[2])
-            for s in it.shapes]
+    keys = it.shape_keys(cfg.training.gradient_accumulation_steps)
     args = dataclasses.replace(bundle.args, recompute_activations=False)
     plan = memory_plan(cfg, args, count(abstract), trainable, keys, mesh=mesh)
     return bundle.with_args(recompute_activations=plan["total"] > 0.8 * limit)

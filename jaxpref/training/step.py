@@ -5,7 +5,7 @@ call does one optimizer update.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import jax
@@ -14,7 +14,7 @@ import optax
 
 from jaxpref.objectives.methods import LossInputs, get_method
 from jaxpref.objectives.logps import pair_stats, sequence_logps, token_logps
-from jaxpref.objectives.losses import LossSpec
+from jaxpref.objectives.losses import LossSpec, Reduce
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,17 @@ class StepOptions:
     spec: LossSpec
     num_seqs: int                 # sequence slots per micro-batch (2 x pairs)
     ref_mode: str = "lora_off"    # lora_off | initial_adapter | separate | precomputed | none
+    groups: int = 0               # the step's mean is over this many groups (0: its micro-batches)
+
+    def for_batch(self, mb) -> "StepOptions":
+        """A token budget's micro-batch (`data.budget`) has its own pair slots (`pair_w`)."""
+        pw = getattr(mb, "pair_w", None)
+        return self if pw is None else replace(self, num_seqs=2 * pw.shape[-1])
+
+
+def reduce_of(mb) -> Reduce:
+    """How the micro-batch's means add up to the step's (`losses.Reduce`)."""
+    return Reduce(getattr(mb, "pair_w", None), getattr(mb, "ntok_c", None), getattr(mb, "ntok_full", None))
 
 
 def reference_logps(opts: StepOptions, mb, ref_logps, bundle, params, ref_bundle, ref_params) -> jax.Array:
@@ -45,7 +56,9 @@ def reference_logps(opts: StepOptions, mb, ref_logps, bundle, params, ref_bundle
 def micro_loss(lora, params, mb, ref_logps: jax.Array | None, bundle, ref_bundle, ref_params,
                opts: StepOptions, rngs=None):
     """Loss and per-pair metric vectors for one micro-batch (`jaxpref.data.batches`), by the
-    method's own loss (`jaxpref.objectives.methods`)."""
+    method's own loss (`jaxpref.objectives.methods`). A token budget's micro-batch also returns
+    `_real` (1 for a pair slot in use): the step's metrics are means over those."""
+    opts = opts.for_batch(mb)
     spec = opts.spec
     method = get_method(spec.method)
     coef = bundle.router_aux_coef
@@ -55,7 +68,10 @@ def micro_loss(lora, params, mb, ref_logps: jax.Array | None, bundle, ref_bundle
     ref = None
     if method.needs_reference(spec):
         ref = reference_logps(opts, mb, ref_logps, bundle, params, ref_bundle, ref_params)
-    loss, metrics = method.loss(LossInputs(stats, ref, logp, mb, opts.num_seqs), spec)
+    red = reduce_of(mb)
+    loss, metrics = method.loss(LossInputs(stats, ref, logp, mb, opts.num_seqs, red), spec)
+    if red.pair_w is not None:
+        metrics = {**metrics, "_real": (red.pair_w > 0).astype(jnp.float32)}
     if coef:   # as TRL: the policy forward's load-balancing loss, weighted, and logged as aux_loss
         loss = loss + coef * out[3]
         metrics = {**metrics, "aux_loss": out[3][None]}
@@ -72,17 +88,20 @@ class TrainState:
 
 
 def reduce_metrics(m: dict) -> dict:
-    """Per-pair metric vectors (stacked over micro-batches) -> scalars with TRL's semantics."""
+    """Per-pair metric vectors (stacked over micro-batches) -> scalars with TRL's semantics
+    (means over the pair slots in use when `_real` marks them)."""
     out = {}
     tc = jnp.sum(m.pop("_tokens/chosen"))
     tr = jnp.sum(m.pop("_tokens/rejected"))
+    real = m.pop("_real", None)
+    mean = jnp.mean if real is None else (lambda v: jnp.sum(v * real) / jnp.maximum(jnp.sum(real), 1.0))
     for k, v in m.items():
         if k == "logits/chosen":
             out[k] = jnp.sum(v) / jnp.maximum(tc, 1.0)
         elif k == "logits/rejected":
             out[k] = jnp.sum(v) / jnp.maximum(tr, 1.0)
         else:
-            out[k] = jnp.mean(v)
+            out[k] = mean(v)
     return out
 
 
@@ -106,19 +125,25 @@ def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransfor
         return loss, m, g
 
     def step(state: TrainState, params, ref_params, batch, ref_logps):
-        G = batch.input_ids.shape[0]
+        n_mb = batch.input_ids.shape[0]
+        G = opts.groups or n_mb
         rng = jax.random.fold_in(state.rng, state.step)
 
         def body(carry, xs):
             gsum, lsum = carry
             mb, ref, i = xs
-            loss, m, g = loss_and_grad(state.lora, params, ref_params, mb, ref, jax.random.fold_in(rng, i))
+            run = lambda: loss_and_grad(state.lora, params, ref_params, mb, ref, jax.random.fold_in(rng, i))
+            if getattr(mb, "pair_w", None) is None:
+                loss, m, g = run()
+            else:   # a token budget's step may hold empty micro-batches: skipped
+                none = lambda: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(run))
+                loss, m, g = jax.lax.cond(jnp.any(mb.pair_w > 0), run, none)
             gsum = jax.tree_util.tree_map(jnp.add, gsum, g)
             return (gsum, lsum + loss), m
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.lora)
-        refs = ref_logps if ref_logps is not None else jnp.zeros((G, opts.num_seqs), jnp.float32)
-        (gsum, lsum), ms = jax.lax.scan(body, (zeros, 0.0), (batch, refs, jnp.arange(G)))
+        refs = ref_logps if ref_logps is not None else jnp.zeros((n_mb, opts.for_batch(batch).num_seqs), jnp.float32)
+        (gsum, lsum), ms = jax.lax.scan(body, (zeros, 0.0), (batch, refs, jnp.arange(n_mb)))
         grads = jax.tree_util.tree_map(lambda g: g / G, gsum)
         metrics = reduce_metrics({k: v.reshape(-1) if v.ndim > 1 else v for k, v in ms.items()})
         metrics["loss"] = lsum / G

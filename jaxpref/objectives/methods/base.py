@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import jax
 
-from jaxpref.objectives.losses import LossSpec, PairStats
+from jaxpref.objectives.losses import LossSpec, PairStats, Reduce
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,14 @@ class LossInputs:
     """What the step hands a method's loss for one micro-batch: `stats` (per-pair sums, [B]),
     `ref` [S] float32 summed reference log-probs (chosen slots then rejected; None when the
     method needs no reference), `logp` [N, K] float32 token log-probs of the target slots, `batch`
-    the micro-batch (`jaxpref.data.batches`), `num_seqs` S = 2B sequence slots."""
+    the micro-batch (`jaxpref.data.batches`), `num_seqs` S = 2B sequence slots, `reduce` how its
+    pair and token means add up to the step's (`losses.Reduce`; a token budget's micro-batches)."""
     stats: PairStats
     ref: jax.Array | None
     logp: jax.Array
     batch: Any
     num_seqs: int
+    reduce: Reduce = Reduce()
 
 
 @dataclass(frozen=True)

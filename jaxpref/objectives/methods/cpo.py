@@ -17,7 +17,7 @@ class CpoKeys:
 
 
 def cpo_loss(x: LossInputs, spec: LossSpec):
-    loss, m = losses.simpo_cpo_loss(x.stats, spec)
+    loss, m = losses.simpo_cpo_loss(x.stats, spec, x.reduce)
     return loss, {**m, **logits_metrics(x.stats)}
 
 

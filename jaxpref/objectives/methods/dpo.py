@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 
 from jaxpref.errors import ConfigError, check_choice
@@ -34,10 +35,15 @@ def dpo_loss(x: LossInputs, spec: LossSpec):
     sft = None
     if "sft" in spec.loss_types:
         # Unweighted token-mean NLL (LD-DPO weights apply to the preference term only).
-        is_c = (x.batch.tgt_seq < b).astype(jnp.float32)
-        sft = -jnp.sum(x.logp * is_c) / jnp.maximum(jnp.sum(is_c), 1.0)
+        seq = x.batch.tgt_seq
+        is_c = (seq < b).astype(jnp.float32)
+        if x.reduce.pair_w is None:
+            sft = -jnp.sum(x.logp * is_c) / jnp.maximum(jnp.sum(is_c), 1.0)
+        else:   # per chosen slot, then the group's token mean (`losses.Reduce`)
+            nll = -jax.ops.segment_sum((x.logp * is_c).reshape(-1), jnp.minimum(seq, b).reshape(-1), b + 1)[:b]
+            sft = x.reduce.token_mean(nll, x.stats.len_chosen)[1]
     ref = x.ref if x.ref is not None else jnp.zeros((x.num_seqs,), jnp.float32)
-    loss, m = losses.dpo_loss(x.stats, ref[:b], ref[b:], spec, sft)
+    loss, m = losses.dpo_loss(x.stats, ref[:b], ref[b:], spec, sft, x.reduce)
     return loss, {**m, **logits_metrics(x.stats)}
 
 

@@ -16,7 +16,7 @@ class OrpoKeys:
 
 
 def orpo_loss(x: LossInputs, spec: LossSpec):
-    loss, m = losses.orpo_loss(x.stats, spec, spec.orpo_nll_span)
+    loss, m = losses.orpo_loss(x.stats, spec, spec.orpo_nll_span, x.reduce)
     return loss, {**m, **logits_metrics(x.stats)}
 
 
