@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         online = get_method(cfg.post_training.method).online
         if online:
             from jaxpref.training.online_loop import check_online
-            check_online(cfg, args.resume or args.resume_force, args.dry_run)
+            check_online(cfg, args.dry_run)
         indices = select_models(cfg, args.model_index)
         if args.resume_from is not None and args.resume_from < 1:
             raise JaxprefError(f"--resume-from {args.resume_from}: a checkpoint's step is >= 1")
