@@ -176,3 +176,22 @@ def test_prompt_batches_continue_from_a_generation():
     for g in (1, 3, 5):
         it = OnlineRun._prompt_batches(run, g)
         assert [next(it) for _ in range(8 - g)] == straight[g:]
+
+
+@pytest.mark.slow
+def test_online_sigkill_then_resume_matches_uninterrupted(tmp_path, online_setup):  # noqa: F811
+    """A GRPO run killed with SIGKILL at a random moment (checkpoint every step) resumes to the
+    same losses and adapter (scripts/kill_resume.py repeats this many times)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from kill_resume import kill_and_resume
+
+    cfg = config(online_setup, max_steps=6)
+    text = cfg.read_text().replace("num_iterations: 2", "num_iterations: 1")
+    assert text != cfg.read_text()
+    cfg.write_text(text)
+    result = kill_and_resume(cfg, tmp_path, seed=1, tries=1)
+    assert result["identical"] == result["tries"] == 1

@@ -10,7 +10,7 @@ prompts; one optimizer step runs its gradient_accumulation_steps micro-batches. 
 shuffled each epoch (seeded). Outputs in the run folder: config.yaml, metrics.jsonl (TRL's metric
 names, plus `time/generate` and `time/update`), samples.jsonl (every completion with its
 rewards and advantage), adapter/, summary.json and FINISHED. Checkpoints (`finetuning.save_steps`)
-and `--resume` continue a run exactly: `online_resume`. Not yet: reward models, full fine-tuning,
+and `--resume` continue a run exactly: `online_resume`; `--dry-run`: `online_dryrun`. Not yet: reward models, full fine-tuning,
 online DPO and PPO in this loop.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from jaxpref.training.online_step import make_online_step, micro_batches
 ONLINE_LOOP = ("grpo", "rloo")   # the online methods this loop trains
 
 
-def check_online(cfg: Config, dry_run: bool = False) -> None:
+def check_online(cfg: Config) -> None:
     """One-line ConfigErrors for what the online loop does not do."""
     from jaxpref.data.rewards import parse_entry
 
@@ -43,8 +43,6 @@ def check_online(cfg: Config, dry_run: bool = False) -> None:
     if pt.method not in ONLINE_LOOP:
         raise ConfigError(f"`post_training.method` {pt.method}: online training is available for "
                           f"{', '.join(ONLINE_LOOP)}; {pt.method}'s loss exists but its loop does not yet")
-    if dry_run:
-        raise ConfigError(f"--dry-run is not available yet for the online method {pt.method}")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: {pt.method} trains a LoRA adapter (`lora.enabled: false` is not available yet)")
     for i, entry in enumerate(reward_entries(pt)):
