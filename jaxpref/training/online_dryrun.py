@@ -68,10 +68,11 @@ def check_online_model(cfg: Config, index: int) -> list[str]:
           f"{pt.num_iterations} step(s) of {s['G']} micro-batch(es) of {s['B']}")
     print(f"  schedule         {s['gens_per_epoch']} generations/epoch, {s['generations']} generations, "
           f"{s['total']} steps, {len(data) - s['gens_per_epoch'] * s['per_gen']} prompts/epoch left over")
-    every = cfg.save_steps
-    print("  checkpoints      " + (f"at the first generation boundary after every {every} steps and at the end"
-                                   + (f", newest {cfg.finetuning.save_total_limit} kept" if cfg.finetuning.save_total_limit else "")
-                                   if every else "none (finetuning.save_steps unset): --resume cannot continue this run"))
+    every, keep = cfg.save_steps, cfg.finetuning.save_total_limit
+    saves = (f"at the first generation boundary after every {every} steps and at the end"
+             + (f", newest {keep} kept" if keep else "")) if every else \
+        "none (finetuning.save_steps unset): --resume cannot continue this run"
+    print(f"  checkpoints      {saves}")
     _memory(cfg, bundle, mesh, total, trainable if spec else 0, int(lens.max()), sizes)
     print(f"  checked in {time.time() - t0:.1f} s")
     return []

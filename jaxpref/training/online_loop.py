@@ -10,8 +10,8 @@ prompts; one optimizer step runs its gradient_accumulation_steps micro-batches. 
 shuffled each epoch (seeded). Outputs in the run folder: config.yaml, metrics.jsonl (TRL's metric
 names, plus `time/generate` and `time/update`), samples.jsonl (every completion with its
 rewards and advantage), adapter/, summary.json and FINISHED. Checkpoints (`finetuning.save_steps`)
-and `--resume` continue a run exactly: `online_resume`; `--dry-run`: `online_dryrun`. Not yet: reward models, full fine-tuning,
-online DPO and PPO in this loop.
+and `--resume` continue a run exactly (`online_resume`); `--dry-run` is `online_dryrun`. Not yet:
+reward models, full fine-tuning, online DPO and PPO in this loop.
 """
 from __future__ import annotations
 
