@@ -101,6 +101,16 @@ def test_online_run_resumes_exactly(tmp_path, online_setup, capsys):  # noqa: F8
         code, err = cli(capsys, cfg, tmp_path / "a", "--resume-from", "4", "--set", change)
         assert code == 2 and f"`{key}` changed" in err and "--resume-force" in err, err
         assert steps_on_disk(straight) == before
+    # So is an edited reward function file (its rewards would differ from the checkpoint's run's).
+    rewards = online_setup / "rewards.py"
+    kept = rewards.read_text()
+    try:
+        rewards.write_text(kept + "\n# edited\n")
+        code, err = cli(capsys, cfg, tmp_path / "a", "--resume-from", "4")
+        assert code == 2 and "`reward function file rewards.py` changed" in err, err
+    finally:
+        rewards.write_text(kept)
+    assert steps_on_disk(straight) == before
 
 
 @pytest.mark.slow

@@ -30,14 +30,32 @@ from jaxpref.training import checkpoint as ckpt
 
 def fingerprint(cfg, entry, model_fp: str) -> dict:
     """The offline loop's critical settings plus every `post_training` key (the rollouts, rewards
-    and advantages depend on them all)."""
+    and advantages depend on them all) and the content of each reward function file."""
+    from jaxpref.objectives.methods.rollout import reward_entries
     from jaxpref.training import setup
 
     fp = setup.critical_fingerprint(cfg, entry, model_fp, "online")
     for k, v in dataclasses.asdict(cfg.post_training).items():
         fp[f"post_training.{k}"] = v
     fp["max_prompt_length"] = cfg.training.max_prompt_length
+    for e in reward_entries(cfg.post_training):
+        digest = _file_digest(e, Path(cfg.source).parent)
+        if digest is not None:
+            fp[f"reward function file {e.rpartition(':')[0]}"] = digest
     return json.loads(json.dumps(fp, default=str))   # as the JSON record will read it back
+
+
+def _file_digest(entry: str, config_dir: Path) -> str | None:
+    """sha256 of a `file.py:function` entry's file (None for a module or a missing file)."""
+    import hashlib
+
+    from jaxpref.data.rewards import parse_entry, resolve_file
+
+    kind, where, _ = parse_entry(entry)
+    path = resolve_file(where, config_dir) if kind == "file" else None
+    if path is None or not path.is_file():
+        return None
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def due(save_steps: int | None, before: int, after: int) -> bool:
