@@ -205,3 +205,30 @@ def test_online_sigkill_then_resume_matches_uninterrupted(tmp_path, online_setup
     cfg.write_text(text)
     result = kill_and_resume(cfg, tmp_path, seed=1, tries=1)
     assert result["identical"] == result["tries"] == 1
+
+
+@pytest.mark.slow
+def test_online_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tmp_path, online_setup):  # noqa: F811
+    """Ctrl-C stops after the generation under way with a checkpoint there (exit 130); --resume then
+    ends with the rows and adapter of an uninterrupted run."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from kill_resume import _train
+    from test_resume import _interrupt
+
+    cfg = config(online_setup, max_steps=40, logging_steps=1)
+    cfg.write_text(cfg.read_text().replace("save_steps: 1", "save_steps: 1000"))
+    _train(cfg, tmp_path / "straight")
+    code, err, saved = _interrupt(cfg, tmp_path / "stopped", after_rows=3)
+    assert code == 130, err[-2000:]
+    assert len(saved) == 1 and 3 <= saved[0] < 40 and saved[0] % 2 == 0, saved   # a generation boundary
+    assert "stopping after this generation" in err and f"interrupted: saved a checkpoint at step {saved[0]}" in err
+    _train(cfg, tmp_path / "stopped", "--resume")
+    run, ref = tmp_path / "stopped" / "tiny", tmp_path / "straight" / "tiny"
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert rows(run / name) == rows(ref / name), name
+    a, b = adapter(ref), adapter(run)
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -223,9 +223,18 @@ class OnlineRun:
             epoch, first = epoch + 1, 0
 
     def train(self) -> None:
+        """From the start (or the resumed step) to `total`; a first Ctrl-C stops after the
+        generation under way, with a checkpoint."""
+        from jaxpref.training.interrupt import StopRequest
+
         pt = self.cfg.post_training
         print(f"[{self.entry.name}] {pt.method}: {len(self.data)} prompts, {self.per_gen} prompts x "
               f"{self.K} completions per generation, {self.total} steps", file=sys.stderr)
+        with StopRequest(self.entry.name, unit="generation") as ctrl_c:
+            self._loop(ctrl_c)
+
+    def _loop(self, ctrl_c) -> None:
+        pt = self.cfg.post_training
         step, batches = self.start, self._prompt_batches(self.generation)
         while step < self.total:
             epoch, idx = next(batches)
@@ -243,14 +252,22 @@ class OnlineRun:
                 t_gen = 0.0
                 if step == 1 or step % self.cfg.training.logging_steps == 0 or step == self.total:
                     self._log(step, epoch)
-            self._generation_done(before, step)
+            self._generation_done(before, step, ctrl_c.requested)
 
-    def _generation_done(self, before: int, step: int) -> None:
-        """A generation took the run from step `before` to `step`: a checkpoint when one is due."""
+    def _generation_done(self, before: int, step: int, stop: bool = False) -> None:
+        """A generation took the run from step `before` to `step`: a checkpoint when one is due;
+        `stop` (Ctrl-C): a checkpoint here in any case, then KeyboardInterrupt."""
         from jaxpref.training import online_resume
 
-        if step < self.total and online_resume.due(self.cfg.save_steps, before, step):
+        if step >= self.total:
+            return
+        if online_resume.due(self.cfg.save_steps, before, step) or stop:
             online_resume.save(self, step)
+        if stop:
+            self.store.close()
+            print(f"[{self.entry.name}] interrupted: saved a checkpoint at step {step}; continue with --resume",
+                  file=sys.stderr)
+            raise KeyboardInterrupt
 
     def _log(self, step: int, epoch: float) -> None:
         """The window's metrics averaged (TRL averages what it gathered since the last log)."""
