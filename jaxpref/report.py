@@ -182,7 +182,9 @@ def _shown(prompt) -> str:
 def sample_table(runs: list[RunInfo]) -> tuple[list[str], list[list[str]]]:
     """(header, rows): the first prompts of the first model's samples; a column for each base
     model (its step-0 completions) and for each model (its last step's completions)."""
-    with_samples = [r for r in runs if r.samples]
+    # The greedy samples (`logging.sample_prompts`) name their `model`; an online run's rollouts
+    # (completions with rewards) do not and are not this table's.
+    with_samples = [r for r in runs if any("model" in x for x in r.samples)]
     if not with_samples:
         return [], []
     prompts = list(dict.fromkeys(_key(x["prompt"]) for x in with_samples[0].samples))[:SAMPLE_PROMPTS]
@@ -191,12 +193,12 @@ def sample_table(runs: list[RunInfo]) -> tuple[list[str], list[list[str]]]:
     bases = {}
     for r in with_samples:
         base = ((r.config.get("models") or [{}])[0]).get("huggingface_id", r.name)
-        got = {_key(x["prompt"]): x["completion"] for x in r.samples if x["model"] == "base"}
+        got = {_key(x["prompt"]): x["completion"] for x in r.samples if x.get("model") == "base"}
         if got and base not in bases:
             bases[base] = got
     columns += [(f"base: {b}", got) for b, got in bases.items()]
     for r in with_samples:
-        tuned = [x for x in r.samples if x["model"] == "tuned"]
+        tuned = [x for x in r.samples if x.get("model") == "tuned"]
         last = max((x["step"] for x in tuned), default=None)
         columns.append((f"{r.name} (step {last})", {_key(x["prompt"]): x["completion"] for x in tuned
                                                     if x["step"] == last}))

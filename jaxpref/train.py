@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         online = get_method(cfg.post_training.method).online
         if online:
             from jaxpref.training.online_loop import check_online
-            check_online(cfg, args.resume or args.resume_force, args.dry_run)
+            check_online(cfg)
         indices = select_models(cfg, args.model_index)
         if args.resume_from is not None and args.resume_from < 1:
             raise JaxprefError(f"--resume-from {args.resume_from}: a checkpoint's step is >= 1")
@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
             init_distributed(cfg.gpu, cfg.source)
         if args.dry_run:
             from jaxpref.training.dryrun import dry_run
+            if online:
+                from jaxpref.training.online_dryrun import check_online_model
+                return dry_run(cfg, indices, check_online_model)
             return dry_run(cfg, indices)
     except JaxprefError as e:
         print(f"jaxpref: error: {e}", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -235,6 +234,14 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def clear_run(run_dir: Path) -> None:
-    """A fresh (non-resumed) run starts from an empty checkpoint folder."""
-    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+    """A fresh (non-resumed) run starts with no checkpoint step and no FINISHED marker.
+    `rundir.claim_run_dir` has already refused a folder holding checkpoint steps (or deleted them,
+    asked by --overwrite-output-dir), so nothing else is deleted here: checkpoints set aside
+    (`set-aside-*`, `unreadable-*`) stay, and Orbax removes its own unfinished temporary folders.
+    A step still there (the folder was not claimed) is refused, never deleted."""
+    found = Path(run_dir) / "checkpoints"
+    steps = sorted(p.name for p in found.iterdir() if p.name.isdigit()) if found.is_dir() else []
+    if steps:
+        raise JaxprefError(f"{found} holds checkpoint step {steps[0]}; --resume continues that run, "
+                           "--overwrite-output-dir deletes it and starts again")
     (Path(run_dir) / FINISHED).unlink(missing_ok=True)

@@ -27,22 +27,17 @@ def _weights_kind(bundle) -> str | None:
     return weights.weight_files(bundle.source.path, bundle.source.spec)[0]
 
 
-def check_model(cfg: Config, index: int) -> list[str]:
-    entry = cfg.models[index]
-    name = entry.name
-    problems: list[str] = []
-    t0 = time.time()
-    print(f"== model {index}: {name} ({entry.huggingface_id})")
-    try:
-        bundle, tok, spec, abstract = setup.model_for(cfg, index, training=True, weights_needed=False)
-        if _weights_kind(bundle) == "safetensors":
-            weights.check_weights(bundle)  # names and shapes from the headers; no value is read
-        # r against each targeted layer, as the LoRA init in training checks it
-        targets = {} if spec is None else target_shapes(abstract, spec, cfg.source)
-        from jaxpref.runtime.mesh import make_mesh
-        mesh = make_mesh(cfg.gpu, cfg.source)  # a mesh or device ids that this machine lacks
-    except JaxprefError as e:
-        return [f"model `{name}`: {e}"]
+def check_weights_and_lora(cfg: Config, index: int):
+    """The model part of the check, printed: architecture and parameter counts, from the config
+    and the weight headers. -> (bundle, tokenizer, LoRA spec, abstract params, mesh, total,
+    trainable); a JaxprefError names what is wrong."""
+    bundle, tok, spec, abstract = setup.model_for(cfg, index, training=True, weights_needed=False)
+    if _weights_kind(bundle) == "safetensors":
+        weights.check_weights(bundle)  # names and shapes from the headers; no value is read
+    # r against each targeted layer, as the LoRA init in training checks it
+    targets = {} if spec is None else target_shapes(abstract, spec, cfg.source)
+    from jaxpref.runtime.mesh import make_mesh
+    mesh = make_mesh(cfg.gpu, cfg.source)  # a mesh or device ids that this machine lacks
     args = bundle.args
     total = count(abstract)
     trainable = count(abstract) if spec is None else sum(
@@ -52,6 +47,20 @@ def check_model(cfg: Config, index: int) -> list[str]:
           f"{args.num_heads} heads, vocab {args.vocab_size}, tied embeddings {args.tie_word_embeddings}")
     print(f"  parameters       {total:,} total, {trainable:,} trainable "
           + (f"(LoRA r={spec.r}, alpha={spec.alpha:g}, targets {', '.join(spec.targets)})" if spec else "(full fine-tune)"))
+    return bundle, tok, spec, abstract, mesh, total, trainable
+
+
+def check_model(cfg: Config, index: int) -> list[str]:
+    entry = cfg.models[index]
+    name = entry.name
+    problems: list[str] = []
+    t0 = time.time()
+    print(f"== model {index}: {name} ({entry.huggingface_id})")
+    try:
+        bundle, tok, spec, abstract, mesh, total, trainable = check_weights_and_lora(cfg, index)
+    except JaxprefError as e:
+        return [f"model `{name}`: {e}"]
+    args = bundle.args
     try:
         prepared = prepare.data_for(cfg, tok)
     except JaxprefError as e:
@@ -119,13 +128,16 @@ def _batch_lines(it, steps: int, layout) -> dict:
     return shapes
 
 
-def dry_run(cfg: Config, indices: list[int]) -> int:
+def dry_run(cfg: Config, indices: list[int], check=None) -> int:
+    """Check the models `indices` with `check(cfg, index) -> problems` (default `check_model`;
+    an online method's is `online_dryrun.check_online_model`). -> the exit code."""
+    check = check or check_model
     problems: list[str] = []
     print(f"jaxpref dry run of {cfg.source}: method {cfg.post_training.method}, "
           f"loss {'+'.join(cfg.loss_types)}, beta {cfg.post_training.beta}, devices {len(jax.devices())} "
           f"({jax.devices()[0].platform})")
     for i in indices:
-        problems += check_model(cfg, i)
+        problems += check(cfg, i)
     if problems:
         for p in problems:
             print(f"jaxpref: error: {p}", file=sys.stderr)

@@ -11,8 +11,8 @@ import threading
 
 
 class StopRequest:
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, unit: str = "step"):
+        self.name, self.unit = name, unit   # what the run finishes before it stops
         self.requested = False
         self._previous = None
 
@@ -25,7 +25,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n[{self.name}] Ctrl-C: stopping after this step with a checkpoint "
+        print(f"\n[{self.name}] Ctrl-C: stopping after this {self.unit} with a checkpoint "
               "(Ctrl-C again stops at once, without one)", file=sys.stderr)
 
     def __exit__(self, *exc) -> bool:

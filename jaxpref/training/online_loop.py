@@ -9,9 +9,10 @@ steps_per_generation = gradient_accumulation_steps), i.e. that divided by num_ge
 prompts; one optimizer step runs its gradient_accumulation_steps micro-batches. Prompts are
 shuffled each epoch (seeded). Outputs in the run folder: config.yaml, metrics.jsonl (TRL's metric
 names, plus `time/generate` and `time/update`), samples.jsonl (every completion with its
-rewards and advantage), adapter/ and summary.json. Online DPO (two completions per prompt, ranked
-by the reward; per_device_train_batch_size counts prompts, as TRL's) is `online_pairs`. Not yet:
-checkpoints and --resume, full fine-tuning, PPO in this loop.
+rewards and advantage), adapter/, summary.json and FINISHED. Online DPO (two completions per prompt,
+ranked by the reward; per_device_train_batch_size counts prompts, as TRL's) is `online_pairs`.
+Checkpoints (`finetuning.save_steps`) and `--resume` continue a run exactly (`online_resume`);
+`--dry-run` is `online_dryrun`. Not yet: full fine-tuning.
 """
 from __future__ import annotations
 
@@ -37,14 +38,12 @@ PAIRS = "online_dpo"   # two completions per prompt, ranked: `online_pairs`
 LATEST = ("num_tokens",)   # logged as their last value in the window, not the mean (TRL's)
 
 
-def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
+def check_online(cfg: Config) -> None:
     """One-line ConfigErrors for what the online loop does not do."""
     pt = cfg.post_training
     if pt.method not in ONLINE_LOOP:
         raise ConfigError(f"`post_training.method` {pt.method}: online training is available for "
                           f"{', '.join(ONLINE_LOOP)}; {pt.method}'s loss exists but its loop does not yet")
-    if dry_run or resume:
-        raise ConfigError(f"{'--dry-run' if dry_run else '--resume'} is not available yet for the online method {pt.method}")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: {pt.method} trains a LoRA adapter (`lora.enabled: false` is not available yet)")
     if pt.method == PAIRS and cfg.lora.lora_dropout > 0:
@@ -52,22 +51,39 @@ def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
                           "dropout (TRL's OnlineDPOConfig disable_dropout); set it to 0")
 
 
-def train_online(cfg: Config, index: int, run_dir: Path) -> dict:
-    """Train `cfg.models[index]` with its online method into `run_dir`; returns the summary."""
+def train_online(cfg: Config, index: int, run_dir: Path, resume: bool = False, resume_from: int | None = None,
+                 resume_force: bool = False) -> dict:
+    """Train `cfg.models[index]` with its online method into `run_dir` (continued from its newest
+    checkpoint, or `resume_from`'s, when `resume`); returns the summary."""
     from jaxpref.training import checkpoint as ckpt
+    from jaxpref.training import online_resume
 
+    main = jax.process_index() == 0
+    finished = resume and ckpt.is_finished(run_dir)
+    if finished and resume_from is None and online_resume.same_length(cfg, run_dir):
+        print(f"[{cfg.models[index].name}] already finished ({run_dir}); skipping", file=sys.stderr)
+        return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        ckpt.clear_run(run_dir)
+    if main and not resume:
+        ckpt.clear_run(run_dir)  # only what `rundir.claim_run_dir` allowed (--overwrite-output-dir)
     loop = OnlineRun(cfg, index, run_dir)
-    if jax.process_index() == 0:
+    loop.store = ckpt.CheckpointStore(run_dir, cfg.finetuning.save_total_limit)
+    if resume:
+        online_resume.restore(loop, resume_force, resume_from, finished)
+    if main:  # after the resume checks: a refused resume keeps the run's record as it was
         dump_config(setup.model_config(cfg, index), run_dir / "config.yaml")
+        if loop.start < loop.total:
+            ckpt.unmark_finished(run_dir)
+    loop.open_outputs()
     try:
         loop.train()
+        summary = loop.finish(t_start)
     finally:
         loop.close()
-    return loop.finish(t_start)
+    if main:
+        ckpt.mark_finished(run_dir)
+    return summary
 
 
 class OnlineRun:
@@ -125,12 +141,33 @@ class OnlineRun:
         dropout = self.lspec.dropout > 0
         self.step_fn = make_online_step(self.bundle, self.method, self.spec, self.optimizer, self.schedule,
                                         temperature, dropout=dropout, sum_grads=self.pairs)
-        main = jax.process_index() == 0
-        self.sinks = MetricSinks(run_dir, cfg, self.entry.name, enabled=main)
-        self.samples = open(run_dir / "samples.jsonl", "w") if main else None
+        self.sinks, self.samples = None, None   # `open_outputs`
         self.last: dict = {}
         self.window: list[dict] = []
         self.num_tokens = 0   # prompt + completion tokens sampled so far (TRL's num_input_tokens_seen)
+        # Where the run stands (restored by `online_resume`): optimizer steps and generations done.
+        self.start, self.generation, self.store = 0, 0, None
+        from jaxpref.models.source import fingerprint
+        from jaxpref.training.online_resume import fingerprint as run_fingerprint
+        self.fingerprint = run_fingerprint(cfg, self.entry, fingerprint(self.bundle.source))
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    def open_outputs(self) -> None:
+        """metrics.jsonl and samples.jsonl: new, or continued after the resumed step (the rows
+        logged after it are dropped; they are written again)."""
+        from jaxpref.training import checkpoint as ckpt
+        from jaxpref.training.online_resume import truncate_samples
+        from jaxpref.training.sinks import MetricSinks
+
+        if self.is_main and self.start:
+            ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", self.start)
+            truncate_samples(self.run_dir / "samples.jsonl", self.start)
+            self.last = ckpt.last_train_metrics(self.run_dir / "metrics.jsonl")
+        self.sinks = MetricSinks(self.run_dir, self.cfg, self.entry.name, append=self.start > 0, enabled=self.is_main)
+        self.samples = open(self.run_dir / "samples.jsonl", "a" if self.start else "w") if self.is_main else None
 
     # --- one generation ------------------------------------------------------------------------
 
@@ -183,23 +220,34 @@ class OnlineRun:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def _prompt_batches(self):
-        """Prompt indices per generation, epoch after epoch, shuffled with the seed (TRL's sampler)."""
-        epoch = 0
+    def _prompt_batches(self, start: int = 0):
+        """Prompt indices per generation from generation `start` on, epoch after epoch, shuffled
+        with the seed (TRL's sampler)."""
+        epoch, first = divmod(start, self.steps_per_epoch)
         while True:
             order = np.random.default_rng([self.cfg.training.seed, epoch]).permutation(len(self.data))
-            for s in range(self.steps_per_epoch):
+            for s in range(first, self.steps_per_epoch):
                 yield epoch + s / self.steps_per_epoch, order[s * self.per_gen:(s + 1) * self.per_gen].tolist()
-            epoch += 1
+            epoch, first = epoch + 1, 0
 
     def train(self) -> None:
+        """From the start (or the resumed step) to `total`; a first Ctrl-C stops after the
+        generation under way, with a checkpoint."""
+        from jaxpref.training.interrupt import StopRequest
+
         pt = self.cfg.post_training
         print(f"[{self.entry.name}] {pt.method}: {len(self.data)} prompts, {self.per_gen} prompts x "
               f"{self.K} completions per generation, {self.total} steps", file=sys.stderr)
-        step, batches = 0, self._prompt_batches()
+        with StopRequest(self.entry.name, unit="generation") as ctrl_c:
+            self._loop(ctrl_c)
+
+    def _loop(self, ctrl_c) -> None:
+        pt = self.cfg.post_training
+        step, batches = self.start, self._prompt_batches(self.generation)
         while step < self.total:
             epoch, idx = next(batches)
             batch, num_items, P, rollout_metrics, t_gen = self._rollout(step, idx, epoch)
+            self.generation, before = self.generation + 1, step
             for _ in range(pt.num_iterations):
                 if step >= self.total:
                     break
@@ -212,6 +260,22 @@ class OnlineRun:
                 t_gen = 0.0
                 if step == 1 or step % self.cfg.training.logging_steps == 0 or step == self.total:
                     self._log(step, epoch)
+            self._generation_done(before, step, ctrl_c.requested)
+
+    def _generation_done(self, before: int, step: int, stop: bool = False) -> None:
+        """A generation took the run from step `before` to `step`: a checkpoint when one is due;
+        `stop` (Ctrl-C): a checkpoint here in any case, then KeyboardInterrupt."""
+        from jaxpref.training import online_resume
+
+        if step >= self.total:
+            return
+        if online_resume.due(self.cfg.save_steps, before, step) or stop:
+            online_resume.save(self, step)
+        if stop:
+            self.store.close()
+            print(f"[{self.entry.name}] interrupted: saved a checkpoint at step {step}; continue with --resume",
+                  file=sys.stderr)
+            raise KeyboardInterrupt
 
     def _log(self, step: int, epoch: float) -> None:
         """The window's metrics averaged (TRL averages what it gathered since the last log)."""
@@ -230,8 +294,14 @@ class OnlineRun:
     def finish(self, t_start: float) -> dict:
         from jaxpref.lora.peft import save_adapter
 
+        from jaxpref.training import online_resume
+
+        if self.cfg.save_steps:   # the final checkpoint (inside a generation when num_iterations cuts it)
+            online_resume.save(self, self.total, boundary=self.total % self.cfg.post_training.num_iterations == 0)
+        self.store.close()
         summary = {"model": self.entry.name, "method": self.cfg.post_training.method, "steps": self.total,
-                   "train_runtime": round(time.time() - t_start, 2), "final_metrics": self.last}
+                   "train_runtime": round(time.time() - t_start, 2), "resumed_from_step": self.start or None,
+                   "final_metrics": self.last}
         if jax.process_index() == 0:
             save_adapter(self.run_dir / "adapter", self.bundle, jax.device_get(self.state.lora), self.lspec,
                          self.entry.huggingface_id, tokenizer=self.tok)
@@ -240,6 +310,12 @@ class OnlineRun:
         return summary
 
     def close(self) -> None:
-        self.sinks.close()
+        if self.sinks is not None:
+            self.sinks.close()
         if self.samples is not None:
             self.samples.close()
+        if self.store is not None:
+            try:  # already closed on success; after an error, let its pending writes finish first
+                self.store.close()
+            except Exception as e:
+                print(f"jaxpref: warning: checkpoint store not closed cleanly ({type(e).__name__})", file=sys.stderr)

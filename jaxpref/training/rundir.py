@@ -17,7 +17,8 @@ from jaxpref.runtime.outdir import is_our_export
 
 LOCK = ".lock"
 # What a run writes (besides config.yaml, error.log and the sinks' folders).
-OUTPUTS = ("checkpoints", "adapter", "model", "summary.json", "metrics.jsonl", "metrics.png", "FINISHED")
+OUTPUTS = ("checkpoints", "adapter", "model", "summary.json", "metrics.jsonl", "samples.jsonl", "metrics.png",
+           "FINISHED")
 
 
 class RunLock:
