@@ -31,7 +31,7 @@ from jaxpref.objectives.methods.rollout import reward_entries
 from jaxpref.training import rollouts, setup
 from jaxpref.training.online_step import make_online_step, micro_batches
 
-ONLINE_LOOP = ("grpo", "rloo")   # the online methods this loop trains
+ONLINE_LOOP = ("grpo", "rloo", "ppo")   # the online methods this loop trains (ppo: `ppo_loop`)
 
 
 def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
@@ -52,15 +52,16 @@ def check_online(cfg: Config, resume: bool, dry_run: bool = False) -> None:
                               "available yet; give a `file.py:function` or `package.module:function`")
 
 
-def train_online(cfg: Config, index: int, run_dir: Path) -> dict:
-    """Train `cfg.models[index]` with its online method into `run_dir`; returns the summary."""
+def train_online(cfg: Config, index: int, run_dir: Path, run_cls=None) -> dict:
+    """Train `cfg.models[index]` with its online method into `run_dir` (`run_cls`: the run's
+    class, default `OnlineRun`); returns the summary."""
     from jaxpref.training import checkpoint as ckpt
 
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         ckpt.clear_run(run_dir)
-    loop = OnlineRun(cfg, index, run_dir)
+    loop = (run_cls or OnlineRun)(cfg, index, run_dir)
     if jax.process_index() == 0:
         dump_config(setup.model_config(cfg, index), run_dir / "config.yaml")
     try:
@@ -72,6 +73,8 @@ def train_online(cfg: Config, index: int, run_dir: Path) -> dict:
 
 class OnlineRun:
     """Model, prompts, reward functions, generator and compiled step of one online run."""
+
+    SHOWN = ("loss", "reward", "reward_std", "kl")   # the metrics of the log line
 
     def __init__(self, cfg: Config, index: int, run_dir: Path):
         from jaxpref.data.load import load_rows
@@ -215,7 +218,7 @@ class OnlineRun:
         self.window = []
         self.last = row
         self.sinks.log(row)
-        shown = " ".join(f"{k} {row[k]:.4g}" for k in ("loss", "reward", "reward_std", "kl") if k in row)
+        shown = " ".join(f"{k} {row[k]:.4g}" for k in self.SHOWN if k in row)
         print(f"[{self.entry.name}] step {step}/{self.total} {shown}", file=sys.stderr)
 
     def finish(self, t_start: float) -> dict:
