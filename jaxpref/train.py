@@ -22,7 +22,7 @@ from jaxpref.errors import JaxprefError, check_writable, read_utf8
 
 def parse_args(argv, prog: str = "python -m jaxpref.train"):
     ap = argparse.ArgumentParser(prog=prog,
-                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO; online: GRPO, RLOO) with LoRA in JAX.")
+                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO; online: GRPO, RLOO, PPO) with LoRA in JAX.")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--config", help="YAML config file")
     which.add_argument("--print-config", metavar="FILE",

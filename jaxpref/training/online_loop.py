@@ -10,7 +10,7 @@ prompts; one optimizer step runs its gradient_accumulation_steps micro-batches. 
 shuffled each epoch (seeded). Outputs in the run folder: config.yaml, metrics.jsonl (TRL's metric
 names, plus `time/generate` and `time/update`), samples.jsonl (every completion with its
 rewards and advantage), adapter/ and summary.json. Not yet: checkpoints and --resume, reward
-models, full fine-tuning, online DPO and PPO in this loop.
+models, full fine-tuning, online DPO. PPO runs on these pieces in `ppo_loop`.
 """
 from __future__ import annotations
 
