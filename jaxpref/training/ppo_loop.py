@@ -232,7 +232,7 @@ class PpoRun(OnlineRun):
                             "time/generate": t_gen, "time/update": t_update})
             self.window.append(metrics)
             if step == 1 or step % self.cfg.training.logging_steps == 0 or step == self.total:
-                self._log(step, epoch)
+                self._log(step, self.episode / len(self.data))   # TRL's epoch: episodes / prompts
 
     def finish(self, t_start: float) -> dict:
         from safetensors.numpy import save_file
