@@ -22,7 +22,7 @@ from jaxpref.errors import JaxprefError, check_writable, read_utf8
 
 def parse_args(argv, prog: str = "python -m jaxpref.train"):
     ap = argparse.ArgumentParser(prog=prog,
-                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO; online: GRPO, RLOO, online DPO) with LoRA in JAX.")
+                                 description="Preference post-training (DPO, IPO, KTO, ORPO, SimPO, CPO; online: GRPO, RLOO, online DPO, PPO) with LoRA in JAX.")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--config", help="YAML config file")
     which.add_argument("--print-config", metavar="FILE",
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         online = get_method(cfg.post_training.method).online
         if online:
             from jaxpref.training.online_loop import check_online
-            check_online(cfg)
+            check_online(cfg, resume=args.resume or args.resume_force or args.resume_from is not None,
+                         dry_run=args.dry_run)
         indices = select_models(cfg, args.model_index)
         if args.resume_from is not None and args.resume_from < 1:
             raise JaxprefError(f"--resume-from {args.resume_from}: a checkpoint's step is >= 1")

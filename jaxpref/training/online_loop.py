@@ -12,7 +12,8 @@ names, plus `time/generate` and `time/update`), samples.jsonl (every completion 
 rewards and advantage), adapter/, summary.json and FINISHED. Online DPO (two completions per prompt,
 ranked by the reward; per_device_train_batch_size counts prompts, as TRL's) is `online_pairs`.
 Checkpoints (`finetuning.save_steps`) and `--resume` continue a run exactly (`online_resume`);
-`--dry-run` is `online_dryrun`. Not yet: full fine-tuning.
+`--dry-run` is `online_dryrun`. PPO runs on these pieces in `ppo_loop`
+(no checkpoints or --dry-run yet). Not yet: full fine-tuning.
 """
 from __future__ import annotations
 
@@ -33,17 +34,20 @@ from jaxpref.objectives.methods.rollout import reward_entries
 from jaxpref.training import online_pairs, rollouts, setup
 from jaxpref.training.online_step import make_online_step, micro_batches
 
-ONLINE_LOOP = ("grpo", "rloo", "online_dpo")   # the online methods this loop trains
+ONLINE_LOOP = ("grpo", "rloo", "online_dpo", "ppo")   # the online methods this loop trains (ppo: `ppo_loop`)
 PAIRS = "online_dpo"   # two completions per prompt, ranked: `online_pairs`
 LATEST = ("num_tokens",)   # logged as their last value in the window, not the mean (TRL's)
 
 
-def check_online(cfg: Config) -> None:
+def check_online(cfg: Config, resume: bool = False, dry_run: bool = False) -> None:
     """One-line ConfigErrors for what the online loop does not do."""
     pt = cfg.post_training
     if pt.method not in ONLINE_LOOP:
         raise ConfigError(f"`post_training.method` {pt.method}: online training is available for "
                           f"{', '.join(ONLINE_LOOP)}; {pt.method}'s loss exists but its loop does not yet")
+    if pt.method == "ppo" and (resume or dry_run or cfg.save_steps):
+        what = "--resume" if resume else "--dry-run" if dry_run else "`finetuning.save_steps` (checkpoints)"
+        raise ConfigError(f"{cfg.source}: {what} is not available yet for ppo (its value head is not checkpointed)")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: {pt.method} trains a LoRA adapter (`lora.enabled: false` is not available yet)")
     if pt.method == PAIRS and cfg.lora.lora_dropout > 0:
@@ -52,9 +56,9 @@ def check_online(cfg: Config) -> None:
 
 
 def train_online(cfg: Config, index: int, run_dir: Path, resume: bool = False, resume_from: int | None = None,
-                 resume_force: bool = False) -> dict:
+                 resume_force: bool = False, run_cls=None) -> dict:
     """Train `cfg.models[index]` with its online method into `run_dir` (continued from its newest
-    checkpoint, or `resume_from`'s, when `resume`); returns the summary."""
+    checkpoint, or `resume_from`'s, when `resume`; `run_cls`: the run's class, default `OnlineRun`); returns the summary."""
     from jaxpref.training import checkpoint as ckpt
     from jaxpref.training import online_resume
 
@@ -67,7 +71,7 @@ def train_online(cfg: Config, index: int, run_dir: Path, resume: bool = False, r
     run_dir.mkdir(parents=True, exist_ok=True)
     if main and not resume:
         ckpt.clear_run(run_dir)  # only what `rundir.claim_run_dir` allowed (--overwrite-output-dir)
-    loop = OnlineRun(cfg, index, run_dir)
+    loop = (run_cls or OnlineRun)(cfg, index, run_dir)
     loop.store = ckpt.CheckpointStore(run_dir, cfg.finetuning.save_total_limit)
     if resume:
         online_resume.restore(loop, resume_force, resume_from, finished)
@@ -88,6 +92,10 @@ def train_online(cfg: Config, index: int, run_dir: Path, resume: bool = False, r
 
 class OnlineRun:
     """Model, prompts, reward functions, generator and compiled step of one online run."""
+
+    SHOWN = ("loss", "reward", "reward_std", "kl", "objective/scores", "objective/kl")   # on the progress line
+
+    SHOWN = ("loss", "reward", "reward_std", "kl")   # the metrics of the log line
 
     def __init__(self, cfg: Config, index: int, run_dir: Path):
         from jaxpref.data.load import load_rows
@@ -287,8 +295,7 @@ class OnlineRun:
         self.window = []
         self.last = row
         self.sinks.log(row)
-        shown = " ".join(f"{k} {row[k]:.4g}" for k in ("loss", "reward", "reward_std", "kl", "objective/scores",
-                                                             "objective/kl") if k in row)
+        shown = " ".join(f"{k} {row[k]:.4g}" for k in self.SHOWN if k in row)
         print(f"[{self.entry.name}] step {step}/{self.total} {shown}", file=sys.stderr)
 
     def finish(self, t_start: float) -> dict:

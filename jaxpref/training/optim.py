@@ -7,8 +7,11 @@ from typing import Callable
 import optax
 
 
-def make_optimizer(tcfg, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """optax optimizer and schedule from the `training` section (HF semantics for the schedule)."""
+def make_optimizer(tcfg, total_steps: int, every: int = 1) -> tuple[optax.GradientTransformation, Callable]:
+    """optax optimizer and schedule from the `training` section (HF semantics for the schedule).
+    `every`: optimizer updates per schedule step (PPO: the updates of one rollout batch share a
+    learning rate, as TRL's PPOTrainer steps its scheduler once per batch); `total_steps` counts
+    schedule steps."""
     lr = tcfg.learning_rate
     # transformers 5: warmup_steps below 1 is a fraction of the run (warmup_ratio is the older key).
     ratio = tcfg.warmup_steps if 0 < tcfg.warmup_steps < 1 else tcfg.warmup_ratio
@@ -26,12 +29,13 @@ def make_optimizer(tcfg, total_steps: int) -> tuple[optax.GradientTransformation
         schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
     else:
         schedule = after
+    per_update = schedule if every == 1 else (lambda count: schedule(count // every))
     if tcfg.optimizer == "adamw":
-        opt = optax.adamw(schedule, b1=tcfg.adam_beta1, b2=tcfg.adam_beta2, eps=tcfg.adam_epsilon,
+        opt = optax.adamw(per_update, b1=tcfg.adam_beta1, b2=tcfg.adam_beta2, eps=tcfg.adam_epsilon,
                           weight_decay=tcfg.weight_decay)
     elif tcfg.optimizer == "sgd":
-        opt = optax.chain(optax.add_decayed_weights(tcfg.weight_decay), optax.sgd(schedule))
+        opt = optax.chain(optax.add_decayed_weights(tcfg.weight_decay), optax.sgd(per_update))
     else:
-        opt = optax.adafactor(schedule, weight_decay_rate=tcfg.weight_decay or None)
+        opt = optax.adafactor(per_update, weight_decay_rate=tcfg.weight_decay or None)
     parts = [optax.clip_by_global_norm(tcfg.max_grad_norm)] if tcfg.max_grad_norm > 0 else []
     return optax.chain(*parts, opt), schedule

@@ -1,0 +1,245 @@
+"""The run loop of PPO (TRL's PPOTrainer.train), on the online loop's pieces (`online_loop`).
+
+Each step (TRL's "update") takes one rollout batch: per_device_train_batch_size x data-parallel
+devices x gradient_accumulation_steps prompts (TRL's batch_size), one completion each, sampled
+with the current adapter (at most `response_length` tokens, ending at the stop token: `stop_token:
+eos` or `stop_token_id`; without one, every completion runs to `response_length` as in TRL). Then,
+without gradient: the rollout's log-probs and values (adapter on), the reference log-probs (adapter
+off), the scores (the weighted sum of the reward functions on the completion, minus
+`missing_eos_penalty` for a completion without the tokenizer's EOS) -> per-token rewards with the
+KL, GAE advantages and returns (`objectives.ppo`). Then `num_ppo_epochs` passes, each over a fresh
+seeded shuffle of the batch cut into `num_mini_batches` mini-batches: one optimizer step per
+mini-batch, over its micro-batches of per_device_train_batch_size x devices rows. The learning rate
+moves once per rollout batch (TRL's scheduler), so `training.max_steps` / `num_epochs` count
+rollout batches.
+
+Where this differs from TRL's code: TRL's `accelerator.accumulate` steps the optimizer every
+gradient_accumulation_steps micro-batches whatever the mini-batches are, and its stats tensors
+keep zeros for micro-batches a mini-batch does not have; both agree with this loop at
+`num_mini_batches: 1` (TRL's default). TRL masks every pad-id token out of attention (the EOS too
+where the pad is the EOS); here the completion's tokens are attended as generated. TRL never clips
+gradients in PPO; `training.max_grad_norm` applies here (0: no clipping, as TRL).
+
+Metrics per step, TRL's names: objective/kl, objective/entropy, objective/non_score_reward,
+objective/rlhf_reward, objective/scores, policy/approxkl_avg, policy/clipfrac_avg,
+loss/policy_avg, loss/value_avg, val/clipfrac_avg, policy/entropy_avg, val/ratio, val/ratio_var,
+val/num_eos_tokens, lr, episode, eps; plus time/generate and time/update. samples.jsonl: each
+completion with its rewards and score. Outputs: adapter/ (PEFT) and value_head.safetensors beside
+it (`score.weight` [1, hidden], as a sequence-classification head stores it).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpref.config import Config
+from jaxpref.errors import ConfigError
+from jaxpref.objectives import ppo as ppo_math
+from jaxpref.objectives.methods import get_method
+from jaxpref.objectives.methods.base import ScoringInputs
+from jaxpref.objectives.methods.rollout import reward_entries
+from jaxpref.training import rollouts, setup
+from jaxpref.training.online_loop import OnlineRun, train_online
+from jaxpref.training.ppo_step import (LOSS_KEYS, VALUE_HEAD_FILE, init_value_head, make_ppo_step,
+                                       make_rollout_pass, mini_batch)
+
+
+def train_ppo(cfg: Config, index: int, run_dir: Path) -> dict:
+    """Train `cfg.models[index]` with PPO into `run_dir`; returns the summary."""
+    return train_online(cfg, index, run_dir, PpoRun)
+
+
+def check_sizes(cfg: Config, B: int, G: int) -> None:
+    """TRL's batch-size rules, as one-line ConfigErrors."""
+    pt = cfg.post_training
+    if G % pt.num_mini_batches:
+        raise ConfigError(f"{cfg.source}: `training.gradient_accumulation_steps` {G} is not a multiple of "
+                          f"`post_training.num_mini_batches` {pt.num_mini_batches} (a mini-batch is whole "
+                          "micro-batches)")
+    if pt.whiten_rewards and B * G // pt.num_mini_batches < 8:
+        raise ConfigError(f"{cfg.source}: `post_training.whiten_rewards` needs mini-batches of at least 8 "
+                          f"completions, got {B * G // pt.num_mini_batches} (per_device_train_batch_size x "
+                          "devices x gradient_accumulation_steps / num_mini_batches)")
+
+
+def stop_token(cfg: Config, tok) -> int | None:
+    """The id a completion ends at (TRL: `stop_token: eos` or `stop_token_id`), or None."""
+    pt = cfg.post_training
+    if pt.stop_token == "eos":
+        if tok.eos_token_id is None:
+            raise ConfigError(f"{cfg.source}: `post_training.stop_token: eos`, but the tokenizer has no EOS token")
+        return tok.eos_token_id
+    return pt.stop_token_id
+
+
+class PpoRun(OnlineRun):
+    """Model with its value head, prompts, reward functions, generator and compiled step of a
+    PPO run."""
+
+    SHOWN = ("objective/scores", "objective/rlhf_reward", "objective/kl", "loss/policy_avg", "loss/value_avg")
+
+    def __init__(self, cfg: Config, index: int, run_dir: Path):
+        from jaxpref.data.load import load_rows
+        from jaxpref.data.prompts import prepare_prompts
+        from jaxpref.data.rewards import load_reward_func
+        from jaxpref.runtime import mesh as mesh_mod
+
+        self.cfg, self.run_dir, self.entry = cfg, run_dir, cfg.models[index]
+        pt, tcfg = cfg.post_training, cfg.training
+        self.method, self.spec = get_method(pt.method), setup.loss_spec(cfg)
+        self.mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
+        self.dp = mesh_mod.data_parallel_size(self.mesh)
+        self.B, self.G, self.K = tcfg.per_device_train_batch_size * self.dp, tcfg.gradient_accumulation_steps, 1
+        check_sizes(cfg, self.B, self.G)
+        self.funcs = [load_reward_func(e, Path(cfg.source).parent) for e in reward_entries(pt)]
+        self.weights = np.asarray(pt.reward_weights or [1.0] * len(self.funcs), np.float32)
+        self.bundle, self.tok, self.lspec, abstract = setup.model_for(cfg, index, training=True)
+        self.stop = stop_token(cfg, self.tok)
+        self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
+                                    rule=self.method.tokenization)
+        self.per_gen = self.B * self.G
+        self.steps_per_epoch = len(self.data) // self.per_gen
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{cfg.source}: {len(self.data)} usable prompts are fewer than one rollout batch's "
+                              f"{self.per_gen} prompts")
+        self.total = tcfg.total_steps(self.steps_per_epoch)
+        self._build(abstract, mesh_mod)
+        self.sinks, self.samples, self.last, self.window = None, None, {}, []   # `open_outputs`
+        self.start, self.generation, self.store = 0, 0, None   # no checkpoints yet (`check_online`)
+        self.episode = 0
+
+    def _build(self, abstract, mesh_mod) -> None:
+        """Weights, adapter and value head, optimizer, generator and the compiled passes."""
+        from jaxpref.generation.engine import DecodeOptions, Generator
+        from jaxpref.generation.sampling import Sampling
+        from jaxpref.lora.tree import init_lora
+        from jaxpref.models import weights
+        from jaxpref.training.optim import make_optimizer
+        from jaxpref.training.step import TrainState
+
+        cfg, pt, tcfg = self.cfg, self.cfg.post_training, self.cfg.training
+        shard = mesh_mod.shardings(mesh_mod.param_specs(abstract, self.mesh, self.bundle.arch.roles), self.mesh)
+        self.params = self.bundle.runtime_params(weights.load_params(self.bundle, shardings=shard))
+        rng = jax.random.PRNGKey(tcfg.seed)
+        lora = init_lora(self.bundle.abstract_params(), self.lspec, jax.random.fold_in(rng, 1), cfg.source)
+        trainable = {"lora": lora, "value_head": init_value_head(self.bundle.args.hidden_size)}
+        self.optimizer, self.schedule = make_optimizer(tcfg, self.total, every=pt.num_ppo_epochs * pt.num_mini_batches)
+        state = TrainState(trainable, self.optimizer.init(trainable), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
+        self.state = jax.device_put(state, mesh_mod.replicated(self.mesh))
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.opts = DecodeOptions(max_new_tokens=pt.response_length,
+                                  sampling=Sampling(temperature=pt.temperature, top_p=pt.top_p, top_k=pt.top_k),
+                                  eos_ids=() if self.stop is None else (self.stop,), pad_id=self.pad)
+        self.generator = Generator(self.bundle, self.params, mesh=self.mesh if self.dp > 1 else None,
+                                   batch_size=self.per_gen)
+        bundle = self.bundle.with_args(deterministic=True)   # TRL turns dropout off in PPO
+        self.rollout_pass = make_rollout_pass(bundle, pt.temperature)
+        self.step_fn = make_ppo_step(bundle, self.method, self.spec, self.optimizer, pt.temperature)
+
+    # --- one rollout batch -----------------------------------------------------------------------
+
+    def _rollout(self, step: int, idx: list[int], epoch: float):
+        from jaxpref.data.rewards import TrainerState
+
+        t0 = time.time()
+        rows, comps, prompts = rollouts.sample(self.generator, self.data, idx, 1, self.opts, self.state.lora["lora"],
+                                               seed=self.cfg.training.seed * 1_000_003 + step)
+        t_gen = time.time() - t0
+        r = rollouts.assemble(self.tok, self.data, rows, prompts, comps, self.opts, self.funcs,
+                              TrainerState(step, epoch, self.total))
+        ids, valid = jnp.asarray(r.ids), jnp.asarray(r.valid)
+        responses = ids[:, r.P:]
+        post = responses if self.stop is None else ppo_math.truncate_after_stop(responses, self.stop, self.pad)
+        eos = -1 if self.tok.eos_token_id is None else self.tok.eos_token_id
+        old, ref, values = self.rollout_pass(self.params, self.state.lora, ids, valid, r.P)
+        x = ScoringInputs(per_func=jnp.asarray(r.per_func), weights=jnp.asarray(self.weights),
+                          names=tuple(f.name for f in self.funcs), lengths=jnp.asarray(r.lengths),
+                          truncated=jnp.asarray(r.truncated), contains_eos=jnp.any(post == eos, axis=1),
+                          mask=jnp.asarray(r.mask), old_logp=old, ref_logp=ref, values=values,
+                          seq_lengths=ppo_math.sequence_lengths(post, self.pad))
+        scored, metrics = self.method.score(x, self.spec)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["val/num_eos_tokens"] = float(jnp.sum(responses == eos))   # TRL: EOS ids in the raw responses
+        metrics.update({k: float(np.mean(v)) for k, v in r.extra_metrics.items()})
+        self._write_samples(step, r, scored)
+        arrays = dict({k: scored[k] for k in LOSS_KEYS}, ids=ids, valid=valid)
+        return arrays, r.P, metrics, t_gen
+
+    def _write_samples(self, step: int, r, scored: dict) -> None:
+        if self.samples is None:
+            return
+        names = [f.name for f in self.funcs]
+        total = np.nansum(r.per_func * self.weights[None], axis=1)
+        scores, kl = np.asarray(scored["scores"]), np.asarray(jnp.sum(scored["kl"], axis=1))
+        for i in range(len(r.rows)):
+            rew = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, r.per_func[i])}
+            self.samples.write(json.dumps({"step": step, "prompt": r.prompts[i], "completion": r.completions[i],
+                                           "completion_length": int(r.lengths[i]), "truncated": bool(r.truncated[i]),
+                                           "reward": float(total[i]), "rewards": rew, "score": float(scores[i]),
+                                           "kl": float(kl[i])}) + "\n")
+        self.samples.flush()
+
+    def _update(self, step: int, arrays: dict, P: int) -> dict:
+        """num_ppo_epochs x num_mini_batches optimizer steps on one rollout batch -> TRL's
+        policy/, loss/ and val/ averages over its micro-batches, and val/ratio_var."""
+        pt = self.cfg.post_training
+        n = self.per_gen
+        size = n // pt.num_mini_batches
+        stats: list[dict] = []
+        for e in range(pt.num_ppo_epochs):
+            order = np.random.default_rng([self.cfg.training.seed, step, e]).permutation(n)
+            for k in range(pt.num_mini_batches):
+                batch = mini_batch(arrays, order[k * size:(k + 1) * size], self.B)
+                self.state, m = self.step_fn(self.state, self.params, batch, P=P)
+                stats.append(jax.device_get(m))
+        per_micro = {k: np.concatenate([s[k] for s in stats]) for k in stats[0] if k not in ("loss", "grad_norm")}
+        out = {k: float(np.mean(v)) for k, v in per_micro.items()}
+        ratios = per_micro["val/ratio"]
+        out["val/ratio_var"] = float(np.var(ratios, ddof=1)) if len(ratios) > 1 else float("nan")
+        return out
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        pt = self.cfg.post_training
+        print(f"[{self.entry.name}] ppo: {len(self.data)} prompts, {self.per_gen} completions per rollout batch, "
+              f"{pt.num_ppo_epochs} x {pt.num_mini_batches} optimizer steps each, {self.total} rollout batches",
+              file=sys.stderr)
+        step, batches, t_start = 0, self._prompt_batches(), time.time()
+        while step < self.total:
+            epoch, idx = next(batches)
+            arrays, P, metrics, t_gen = self._rollout(step, idx, epoch)
+            t0 = time.time()
+            metrics.update(self._update(step, arrays, P))
+            t_update = time.time() - t0
+            step += 1
+            self.episode += self.per_gen
+            metrics.update({"lr": float(self.schedule(step - 1)), "episode": self.episode,
+                            "eps": int(self.episode / (time.time() - t_start)),
+                            "time/generate": t_gen, "time/update": t_update})
+            self.window.append(metrics)
+            if step == 1 or step % self.cfg.training.logging_steps == 0 or step == self.total:
+                self._log(step, self.episode / len(self.data))   # TRL's epoch: episodes / prompts
+
+    def finish(self, t_start: float) -> dict:
+        from safetensors.numpy import save_file
+
+        from jaxpref.lora.peft import save_adapter
+
+        summary = {"model": self.entry.name, "method": "ppo", "steps": self.total,
+                   "train_runtime": round(time.time() - t_start, 2), "final_metrics": self.last}
+        if jax.process_index() == 0:
+            trainable = jax.device_get(self.state.lora)
+            save_adapter(self.run_dir / "adapter", self.bundle, trainable["lora"], self.lspec,
+                         self.entry.huggingface_id, tokenizer=self.tok)
+            head = np.asarray(trainable["value_head"], np.float32)[None, :]
+            save_file({"score.weight": head}, str(self.run_dir / VALUE_HEAD_FILE), metadata={"format": "pt"})
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"[{self.entry.name}] done: {self.run_dir}", file=sys.stderr)
+        return summary

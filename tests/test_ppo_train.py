@@ -1,0 +1,242 @@
+"""PPO (`jaxpref.training.ppo_loop`, `ppo_step`): the value head on the policy body and the first
+mini-batch's losses, metrics and gradients equal TRL's PPOTrainer formulas computed in torch on the
+same model (a PEFT adapter, a value head on the last hidden state) for a fixed rollout; a run from
+the command line with TRL's metric names, a PEFT adapter and the value head beside it; bad PPO keys
+as one-line errors."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import write_config
+from jaxpref import train
+
+PROMPTS = [[1, 14, 11, 24, 15, 24], [1, 11, 28, 32], [1, 14, 11, 12, 13, 11, 31], [1, 11, 25, 27]]
+COMPLETIONS = [[10, 29, 2], [30, 31, 32, 33, 34, 35], [2], [36, 29, 40, 2]]   # 2: EOS; the second fills C
+SCORES = [1.5, -0.5, 0.25, 2.0]
+C, TEMPERATURE = 6, 0.7
+
+
+@pytest.fixture(scope="module")
+def peft_tiny(tmp_path_factory, tiny_llama):
+    """The tiny llama with a non-zero PEFT LoRA (q_proj, v_proj) saved beside it."""
+    import copy
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("ppo_peft")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    torch.manual_seed(4)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, lora_dropout=0.0)).eval()
+    pm.save_pretrained(d / "adapter")
+    return pm, d / "adapter"
+
+
+def _rollout_rows(pad: int):
+    """Prompts left-padded to P, completions right-padded to C (the rollout's layout)."""
+    P = max(map(len, PROMPTS))
+    ids = np.full((len(PROMPTS), P + C), pad, np.int64)
+    for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        ids[i, P - len(p):P] = p
+        ids[i, P:P + len(c)] = c
+    return ids, P
+
+
+def _trl_forward(pm, head, ids, P, pad, adapter=True):
+    """TRL's `forward` (pad-masked attention, exclusive-cumsum positions) -> log-probs of
+    logits / (T + 1e-7), entropies and the value head on hidden_states[-1] at [P - 1 : -1]."""
+    import contextlib
+
+    import torch
+
+    ids = torch.tensor(ids)
+    mask = ids != pad
+    pos = mask.cumsum(1) - mask.long()
+    ctx = contextlib.nullcontext() if adapter else pm.disable_adapter()
+    with ctx:
+        out = pm(input_ids=torch.masked_fill(ids, ~mask, 0), attention_mask=mask, position_ids=pos,
+                 output_hidden_states=True)
+    logits = out.logits[:, P - 1:-1] / (TEMPERATURE + 1e-7)
+    logp = torch.gather(logits.log_softmax(-1), 2, ids[:, P:, None])[..., 0]
+    entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+    values = out.hidden_states[-1][:, P - 1:-1] @ head
+    return logp, entropy, values
+
+
+def test_ppo_first_mini_batch_equals_trl_on_a_fixed_rollout(tiny_llama, peft_tiny):
+    import torch
+    from test_online_trl import _trl_ppo_loss, _trl_ppo_rollout
+
+    from jaxpref.lora.peft import load_adapter
+    from jaxpref.models.source import resolve
+    from jaxpref.models.weights import build, load_params
+    from jaxpref.objectives import ppo
+    from jaxpref.objectives.losses import LossSpec
+    from jaxpref.objectives.methods import get_method
+    from jaxpref.objectives.methods.base import ScoringInputs
+    from jaxpref.training.ppo_step import LOSS_KEYS, make_ppo_step, make_rollout_pass, mini_batch
+    from jaxpref.training.step import TrainState
+
+    pm, adapter_dir = peft_tiny
+    pad, eos = 0, 2
+    ids, P = _rollout_rows(pad)
+    torch.manual_seed(7)
+    head_t = (0.3 * torch.randn(64)).requires_grad_(True)
+    # TRL: rollout log-probs and values (adapter on), reference (adapter off), response processing.
+    with torch.no_grad():
+        old_t, _, values_t = _trl_forward(pm, head_t, ids, P, pad)
+        ref_t, _, _ = _trl_forward(pm, head_t, ids, P, pad, adapter=False)
+    responses = torch.tensor(ids[:, P:])
+    seq = (responses == pad).int().argmax(1) - 1
+    seq = torch.where((responses == pad).any(1), seq, C - 1)
+    scores = torch.tensor(SCORES) - 1.0 * ~(responses == eos).any(1)          # missing_eos_penalty 1.0
+    opts = dict(kl_coef=0.2, kl_estimator="k3", gamma=0.95, lam=0.9, whiten_rewards=False, cliprange=0.2,
+                cliprange_value=0.2, vf_coef=0.1, missing_eos_penalty=1.0)
+    theirs = _trl_ppo_rollout(old_t, ref_t, values_t, scores, seq, 0.2, "k3", False, 0.95, 0.9)
+    # Ours: the same model, adapter and head.
+    bundle = build(resolve(str(tiny_llama)))
+    lora, spec = load_adapter(adapter_dir, bundle, bundle.abstract_params())
+    bundle = bundle.with_args(lora_scale=spec.scale, deterministic=True)
+    params = bundle.runtime_params(load_params(bundle))
+    trainable = {"lora": lora, "value_head": jnp.asarray(head_t.detach().numpy())}
+    jids, valid = jnp.asarray(ids, jnp.int32), jnp.asarray(ids != pad, jnp.int32)
+    old, ref, values = make_rollout_pass(bundle, TEMPERATURE)(params, trainable, jids, valid, P)
+    # Equal where TRL reads them (the slots past them hold pads, which its forward masks).
+    keep, keep_p1 = ~theirs["padding_mask"].numpy(), ~theirs["padding_mask_p1"].numpy()
+    for ours, want, where in ((old, old_t, keep), (ref, ref_t, keep), (values, values_t, keep_p1)):
+        np.testing.assert_allclose(np.asarray(ours)[where], want.numpy()[where], rtol=1e-5, atol=1e-5)
+    method = get_method("ppo")
+    lspec = LossSpec(method="ppo", loss_types=("ppo",), loss_weights=(1.0,), extra=tuple(opts.items()))
+    contains = jnp.any(jids[:, P:] == eos, axis=1)
+    x = ScoringInputs(per_func=jnp.asarray(SCORES)[:, None], weights=jnp.ones(1), names=("f",),
+                      lengths=None, truncated=~contains, contains_eos=contains, mask=None, old_logp=old,
+                      ref_logp=ref, values=values, seq_lengths=ppo.sequence_lengths(jids[:, P:], pad))
+    scored, objective = method.score(x, lspec)
+    for k in ("advantages", "returns", "rewards", "values"):
+        np.testing.assert_allclose(np.asarray(scored[k]), theirs[k].numpy(), rtol=1e-5, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(float(objective["objective/kl"]), theirs["kl"].sum(1).mean().item(), rtol=1e-5)
+    # One mini-batch of two micro-batches (rows 2, 0 | 3, 1): TRL's losses on each, gradients averaged.
+    opt = __import__("optax").sgd(1.0)
+    state = TrainState(trainable, opt.init(trainable), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0))
+    step = make_ppo_step(bundle, method, lspec, opt, TEMPERATURE)
+    arrays = dict({k: scored[k] for k in LOSS_KEYS}, ids=jids, valid=valid)
+    order = [2, 0, 3, 1]
+    _, m = step(state, params, mini_batch(arrays, order, 2), P=P)
+    total = 0
+    for i, rows in enumerate((order[:2], order[2:])):
+        new_t, ent_t, vpred_t = _trl_forward(pm, head_t, ids[rows], P, pad)
+        r = {k: v[rows] for k, v in theirs.items()}
+        loss, tm = _trl_ppo_loss(r, new_t, vpred_t, ent_t, 0.2, 0.2, 0.1)
+        total = total + loss / 2
+        for k, v in tm.items():
+            # TRL's entropy mean takes in the padding slots, whose hidden states differ (ppo_step)
+            rtol = 2e-2 if k == "policy/entropy_avg" else 1e-5
+            np.testing.assert_allclose(float(m[k][i]), v.item(), rtol=rtol, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(float(m["loss"][i]), loss.item(), rtol=1e-5)
+    total.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "lora_" in n] + [head_t.grad]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+    assert norm > 1e-3
+    np.testing.assert_allclose(float(m["grad_norm"]), norm, rtol=1e-4)
+
+
+REWARDS = '''
+def digit_share(prompts, completions, **kwargs):
+    out = []
+    for c in completions:
+        words = c.split()
+        out.append(sum(w.isdigit() for w in words) / len(words) if words else None)
+    return out
+
+def wants_answer(prompts, completions, answer, **kwargs):
+    return [float(a in c) for c, a in zip(completions, answer)]
+'''
+TEXTS = ["what is one and one ?", "is the sun hot ?", "what is two and two ?", "is the sky blue ?",
+         "what is the opposite of hot ?", "is the grass green ?"]
+TRL_METRICS = {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+               "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+               "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var",
+               "val/num_eos_tokens", "lr", "episode", "eps"}
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ppo_cli")
+    (d / "rewards.py").write_text(REWARDS)
+    rows = [{"prompt": p, "answer": a} for p, a in zip(TEXTS, ["two", "yes", "four", "yes", "cold", "yes"])]
+    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def _config(d, model, post=None, training=None):
+    pt = {"method": "ppo", "beta": None, "reward_funcs": ["rewards.py:digit_share", "rewards.py:wants_answer"],
+          "reward_weights": [1.0, 0.5], "response_length": 6, "stop_token": "eos", "num_ppo_epochs": 2,
+          "num_mini_batches": 2, "missing_eos_penalty": 1.0, "temperature": 1.0, **(post or {})}
+    tr = {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+          "learning_rate": 1.0e-2, "logging_steps": 1, "seed": 0, "max_prompt_length": 32, **(training or {})}
+    return write_config(d / "ppo.yaml", model, d / "prompts.jsonl", post_training=pt, training=tr)
+
+
+@pytest.mark.slow
+def test_ppo_trains_from_the_cli(tmp_path, ppo_setup, tiny_llama, capsys):
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(ppo_setup, tiny_llama, training={"lr_scheduler_type": "linear"})
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    run_dir = tmp_path / "out" / "tiny"
+    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    m1, m2 = metrics
+    assert TRL_METRICS | {"time/generate", "time/update"} <= set(m1)
+    first = [s for s in samples if s["step"] == 0]
+    assert len(first) == 4 and len(samples) == 8                 # 2 x 2 prompts, one completion each
+    # scores: the weighted rewards, minus missing_eos_penalty where the completion has no EOS
+    for s in first:
+        want = sum(w * (v or 0.0) for w, v in zip((1.0, 0.5), s["rewards"].values()))
+        assert s["score"] == pytest.approx(want - (1.0 if s["truncated"] else 0.0), abs=1e-6)
+    assert m1["objective/scores"] == pytest.approx(np.mean([s["score"] for s in first]), rel=1e-5, abs=1e-6)
+    # Step 1 samples with the zero adapter: the policy is the reference, KL 0, and the first
+    # mini-batch's ratio is 1; the later three (2 epochs x 2 mini-batches) moved it.
+    assert m1["objective/kl"] == 0.0 and m1["objective/rlhf_reward"] == m1["objective/scores"]
+    assert m1["val/ratio_var"] > 0 and m1["loss/value_avg"] > 0
+    assert m2["objective/kl"] != 0.0
+    # the learning rate moves once per rollout batch (linear over 2 batches), whatever its 4 updates
+    assert (m1["lr"], m2["lr"]) == (pytest.approx(1.0e-2), pytest.approx(5.0e-3))
+    assert (m1["episode"], m2["episode"], m2["epoch"]) == (4, 8, pytest.approx(8 / 6, abs=1e-4))
+    head = load_file(run_dir / "value_head.safetensors")["score.weight"]
+    assert head.shape == (1, 64) and np.abs(head).max() > 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("post, training, needle", [
+    ({"num_mini_batches": 3}, {}, "not a multiple of `post_training.num_mini_batches` 3"),
+    ({"kl_estimator": "k2"}, {}, "kl_estimator"),
+    ({"num_ppo_epochs": 0}, {}, "num_ppo_epochs` must be >= 1"),
+    ({"stop_token_id": 2}, {}, "not both"),
+    ({"whiten_rewards": True}, {}, "whiten_rewards` needs mini-batches of at least 8"),
+    ({"beta": 0.1}, {}, "kl_coef"),
+    ({}, {"per_device_train_batch_size": 4}, "fewer than one rollout batch"),
+])
+def test_bad_ppo_keys_are_one_line_errors(tmp_path, ppo_setup, tiny_llama, capsys, post, training, needle):
+    code = train.main(["--config", str(_config(ppo_setup, tiny_llama, post, training)),
+                       "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
