@@ -240,3 +240,14 @@ def test_bad_ppo_keys_are_one_line_errors(tmp_path, ppo_setup, tiny_llama, capsy
     lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags", [["--resume"], ["--dry-run"]])
+def test_ppo_refuses_what_it_does_not_do_yet_in_one_line(tmp_path, ppo_setup, tiny_llama, capsys, flags):
+    """No checkpoints for PPO yet: --resume and --dry-run are refused (not ignored), before any work."""
+    code = train.main(["--config", str(_config(ppo_setup, tiny_llama, {}, {})), "--output-dir",
+                       str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{flags[0]} is not available yet for ppo" in err, err
+    assert not (tmp_path / "out").exists()

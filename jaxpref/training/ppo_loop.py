@@ -52,7 +52,7 @@ from jaxpref.training.ppo_step import (LOSS_KEYS, VALUE_HEAD_FILE, init_value_he
 
 def train_ppo(cfg: Config, index: int, run_dir: Path) -> dict:
     """Train `cfg.models[index]` with PPO into `run_dir`; returns the summary."""
-    return train_online(cfg, index, run_dir, PpoRun)
+    return train_online(cfg, index, run_dir, run_cls=PpoRun)
 
 
 def check_sizes(cfg: Config, B: int, G: int) -> None:
