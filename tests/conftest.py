@@ -144,6 +144,8 @@ def save_moved_adapter(base, path: Path, seed: int = 3) -> Path:
 # here, and the per-architecture sweeps beyond the parameters kept below. Every architecture's
 # logits against transformers stay in the default set (tests/test_model_parity.py).
 SLOW_TESTS = {
+    "test_a_budget_of_one_pair_needs_more_micro_batches_and_skips_empty_ones",
+    "test_multi_model_resume_skips_finished_and_finishes_the_rest",
     "test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted",
     "test_sigkill_then_resume_matches_uninterrupted",
     "test_two_processes_checkpoint_and_resume_exactly",
