@@ -474,7 +474,8 @@ def test_pytorch_bin_only_says_convert(tmp_path):
 
 def _write_qwen3_gguf(model, path) -> None:
     """A tiny Qwen3 as llama.cpp writes one: F32 tensors under GGUF names (q/k not permuted for
-    Qwen), the shape in metadata, a byte-level vocabulary: the 256 byte symbols, one merge, EOS."""
+    Qwen), the shape in metadata, a byte-level vocabulary: the 256 byte symbols, two merges, EOS
+    (two: transformers before 5.2x reads a one-element GGUF array as its element, a string)."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -490,13 +491,13 @@ def _write_qwen3_gguf(model, path) -> None:
     w.add_value_length(c.head_dim)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    tokens = list(bytes_to_unicode().values()) + ["\u0120t", "<|endoftext|>"]
+    tokens = list(bytes_to_unicode().values()) + ["\u0120t", "th", "<|endoftext|>"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
-    w.add_token_types([1] * 257 + [3])
-    w.add_token_merges(["\u0120 t"])
-    w.add_eos_token_id(257)
+    w.add_token_types([1] * 258 + [3])
+    w.add_token_merges(["\u0120 t", "t h"])
+    w.add_eos_token_id(258)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -522,7 +523,7 @@ def test_qwen3_gguf_matches_transformers(tmp_path):
     the model it was written from. head_dim is 128: transformers' Qwen3 GGUF config reads no
     head width and takes Qwen3Config's default, which every released Qwen3 uses."""
     torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(**{**TINY, "vocab_size": 258}, num_key_value_heads=2, head_dim=128)
+    cfg = transformers.Qwen3Config(**{**TINY, "vocab_size": 259}, num_key_value_heads=2, head_dim=128)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
