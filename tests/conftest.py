@@ -14,6 +14,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def converter_cache(name: str) -> Path:
+    """checkpoints/.cache/<name>/<digest of gguf_convert.py>: a GGUF conversion cache keyed by the
+    converter's source, so runs after the first skip the conversion (~30 s) and any change to
+    the converter converts afresh (its own cache key is the GGUF file only). Older digests go."""
+    import hashlib
+    import shutil
+
+    from jaxpref.models import gguf_convert
+
+    root = REPO / "checkpoints" / ".cache" / name
+    digest = hashlib.sha256(Path(gguf_convert.__file__).read_bytes()).hexdigest()[:12]
+    for old in root.glob("*"):
+        if old.name != digest:
+            shutil.rmtree(old, ignore_errors=True)
+    return root / digest
+
+
 def make_tokenizer(path: Path):
     """A small word-level tokenizer with BOS/EOS/pad and a ChatML template, built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers

