@@ -98,16 +98,16 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
     online = get_method(cfg.post_training.method).online
     if online:
         from jaxpref.training.online_loop import check_online, train_online
-        check_online(cfg, resume=resume)
+        check_online(cfg)
     run_dir = Path(out_root) / cfg.models[index].name
     # One writer per run folder; a previous run is continued or replaced only when asked.
     with claim_run_dir(run_dir, resume, overwrite, lock=jax.process_index() == 0):
-        if online and cfg.post_training.method == "ppo":
-            from jaxpref.training.ppo_loop import train_ppo
-            return train_ppo(cfg, index, run_dir)
         if online:
+            run_cls = None
+            if cfg.post_training.method == "ppo":
+                from jaxpref.training.ppo_loop import PpoRun as run_cls
             return train_online(cfg, index, run_dir, resume=resume, resume_from=resume_from,
-                                resume_force=resume_force)
+                                resume_force=resume_force, run_cls=run_cls)
         return train_model(cfg, index, run_dir, resume=resume, resume_from=resume_from,
                            resume_force=resume_force)
 

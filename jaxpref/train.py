@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         online = get_method(cfg.post_training.method).online
         if online:
             from jaxpref.training.online_loop import check_online
-            check_online(cfg, resume=args.resume or args.resume_force or args.resume_from is not None,
-                         dry_run=args.dry_run)
+            check_online(cfg)
         indices = select_models(cfg, args.model_index)
         if args.resume_from is not None and args.resume_from < 1:
             raise JaxprefError(f"--resume-from {args.resume_from}: a checkpoint's step is >= 1")

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import write_config
 from jaxpref import train
-from test_online_train import online_setup  # noqa: F401  (the module fixture)
+from online_fixtures import one_device_and_mesh, online_setup  # noqa: F401  (the module fixture)
 
 METRICS = ("objective/scores_margin", "objective/scores", "val/contain_eos_token", "logps/chosen",
            "logps/rejected", "objective/kl", "objective/non_score_reward", "objective/rlhf_reward",
@@ -156,25 +156,9 @@ def test_online_dpo_trains_from_the_cli(tmp_path, online_setup, capsys):  # noqa
 def test_online_dpo_on_8_virtual_devices_gives_the_single_device_numbers(tmp_path, online_setup):  # noqa: F811
     """One generation of 4 prompts (8 completions) on one device and on a data 2 x fsdp 2 x tensor 2
     mesh of 8 virtual CPU devices (subprocesses): the same completions, pairs, losses and gradients."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     d = online_setup
     pt = {"method": "online_dpo", "reward_funcs": ["rewards.py:digit_share"], "max_new_tokens": 6, "beta": 0.2}
-    runs = {}
-    for name, per_device, gpu in (("one", 4, {"device_ids": [0]}),
-                                  ("mesh", 1, {"mesh": {"data": 2, "fsdp": 2, "tensor": 2}})):
-        cfg = write_config(d / f"dp_{name}.yaml", d / "model", d / "prompts.jsonl", post_training=pt, gpu=gpu,
-                           training={"max_steps": 2, "per_device_train_batch_size": per_device,
-                                     "learning_rate": 1.0e-2, "logging_steps": 1, "seed": 0})
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-        proc = subprocess.run([sys.executable, "-m", "jaxpref.train", "--config", str(cfg), "--output-dir",
-                               str(tmp_path / name)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        runs[name] = [json.loads(l) for l in (tmp_path / name / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    runs = one_device_and_mesh(tmp_path, d, d / "model", pt, (4, 1), {"data": 2, "fsdp": 2, "tensor": 2})
     assert runs["one"][1]["objective/kl"] != 0.0
     for a, b in zip(runs["one"], runs["mesh"]):
         # abs 1e-6: rewards/* are beta times differences of log-prob sums of about 10 (step 2: the

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_config
 from jaxpref import train
-from test_online_train import online_setup  # noqa: F401  (the fixture)
+from online_fixtures import online_setup, ppo_setup  # noqa: F401  (the fixtures)
 
 
 def dry(tmp_path, d, capsys, **training):
@@ -42,3 +42,42 @@ def test_online_dry_run_bad_input_is_one_line(tmp_path, online_setup, capsys, tr
     lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
     assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
     assert "dry run OK" not in out
+
+
+def test_ppo_dry_run_prints_its_plan_and_writes_nothing(tmp_path, ppo_setup, tiny_llama, capsys):  # noqa: F811
+    from test_ppo_train import _config
+
+    cfg = _config(ppo_setup, tiny_llama, {}, {"max_steps": 3})
+    before = sorted(p.name for p in ppo_setup.iterdir())
+    args = ["--config", str(cfg), "--output-dir", str(tmp_path / "out"), "--dry-run"]
+    code = train.main(args + ["--set", "finetuning.save_steps=2"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "dry run OK" in out, err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in ppo_setup.iterdir()) == before
+    assert "prompts          format standard, 6 rows in, 6 usable, 0 skipped" in out
+    # 2 rows x 2 micro-batches = 4 prompts a rollout batch, one an epoch of 6; each update 2 epochs
+    # x 2 mini-batches of one micro-batch.
+    assert "rollout batch    4 prompts x 1 completion (response_length 6, temperature 1, stop_token eos)" in out
+    assert ("update           num_ppo_epochs 2 x num_mini_batches 2 = 4 optimizer steps per rollout batch, "
+            "each of 1 micro-batch(es) of 2") in out
+    assert "value head       linear [hidden 64 -> 1]" in out
+    assert "1 rollout batches/epoch, 3 rollout batches, 3 steps, 2 prompts/epoch left over" in out
+    assert "checkpoints      every 2 steps and at the end" in out
+    assert "training step [accum, rows, tokens, completion slots] [1, 2, " in out
+    # PPO's size rules, as the run applies them: one line, nothing planned.
+    code = train.main(args + ["--set", "post_training.num_mini_batches=3"])
+    out, err = capsys.readouterr()
+    lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
+    assert code == 2 and len(lines) == 1 and "`post_training.num_mini_batches` 3" in lines[0], err
+    assert "dry run OK" not in out and not (tmp_path / "out").exists()
+
+
+def test_online_dpo_dry_run_plans_two_completions_a_prompt(tmp_path, online_setup, capsys):  # noqa: F811
+    from test_online_dpo_train import _config
+
+    code = train.main(["--config", str(_config(online_setup, "dry")), "--output-dir", str(tmp_path / "out"),
+                       "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "dry run OK" in out and not (tmp_path / "out").exists(), err
+    assert "generation       4 prompts x 2 completions = 8 completions (max_new_tokens 6" in out
+    assert "1 generations/epoch, 2 generations, 2 steps" in out

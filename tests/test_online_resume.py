@@ -1,6 +1,7 @@
-"""Checkpoints and --resume of an online run (GRPO): a run stopped at a checkpoint and resumed
-writes the same metrics.jsonl and samples.jsonl rows and the same adapter as one that ran through;
-changed settings and impossible continuations are one-line errors; a fresh run deletes nothing."""
+"""Checkpoints and --resume of an online run (GRPO, online DPO, PPO): a run stopped at a checkpoint
+and resumed writes the same metrics.jsonl and samples.jsonl rows and the same adapter (PPO: and
+value head) as one that ran through; changed settings and impossible continuations are one-line
+errors; a fresh run deletes nothing."""
 from __future__ import annotations
 
 import json
@@ -13,21 +14,41 @@ from safetensors.numpy import load_file
 
 from conftest import write_config
 from jaxpref import train
-from test_online_train import online_setup  # noqa: F401  (the fixture)
+from online_fixtures import online_setup, ppo_setup  # noqa: F401  (the fixtures)
 
 
 def rows(path):
-    """The file's rows without the timings (the only numbers allowed to differ)."""
+    """The file's rows without the timings (the only numbers allowed to differ: time/*, and PPO's
+    completions per second, eps)."""
     out = [json.loads(l) for l in path.read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in out]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "eps"} for r in out]
 
 
-def adapter(run):
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+def adapter(run, name="adapter/adapter_model.safetensors"):
+    return load_file(str(run / name))
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def steps_on_disk(run):
     return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def stopped_copy(run, to, step: int):
+    """`run` copied to `to` as a run stopped after its checkpoint `step` leaves it: the later
+    checkpoints, the outputs and the FINISHED marker gone, the rows logged after `step` kept."""
+    shutil.copytree(run, to)
+    for s in steps_on_disk(to):
+        if s > step:
+            shutil.rmtree(to / "checkpoints" / str(s))
+    shutil.rmtree(to / "adapter")
+    (to / "FINISHED").unlink()
+    (to / "value_head.safetensors").unlink(missing_ok=True)
+    return to
 
 
 def config(d, **training):
@@ -60,20 +81,13 @@ def test_online_run_resumes_exactly(tmp_path, online_setup, capsys):  # noqa: F8
 
     # Stopped after step 2 (its later checkpoints, adapter and marker gone; the rows it had
     # logged after step 2 still in the files): resumed, the same rows once each and the same adapter.
-    resumed = tmp_path / "b" / "tiny"
-    shutil.copytree(straight, resumed)
-    for s in (4, 5):
-        shutil.rmtree(resumed / "checkpoints" / str(s))
-    shutil.rmtree(resumed / "adapter")
-    (resumed / "FINISHED").unlink()
+    resumed = stopped_copy(straight, tmp_path / "b" / "tiny", 2)
     code, err = cli(capsys, cfg, tmp_path / "b", "--resume")
     assert code == 0 and "resuming from step 2" in err, err
     for name in ("metrics.jsonl", "samples.jsonl"):
         assert rows(resumed / name) == rows(straight / name), name
-    a, b = adapter(straight), adapter(resumed)
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
+    a = adapter(straight)
+    assert_same_tensors(a, adapter(resumed))
     assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 2
 
     # A finished run is skipped; one that stopped after its final checkpoint goes to the finishing work.
@@ -111,6 +125,50 @@ def test_online_run_resumes_exactly(tmp_path, online_setup, capsys):  # noqa: F8
     finally:
         rewards.write_text(kept)
     assert steps_on_disk(straight) == before
+
+
+def method_config(method: str, request):
+    """PPO's and online DPO's CLI test configs (test_ppo_train, test_online_dpo_train): 6 prompts,
+    4 a rollout batch / generation (one an epoch, reshuffled each), run for `STEPS` with a
+    checkpoint every step; PPO with 2 epochs x 2 mini-batches an update."""
+    if method == "ppo":
+        from test_ppo_train import _config
+        return _config(request.getfixturevalue("ppo_setup"), request.getfixturevalue("tiny_llama"))
+    from test_online_dpo_train import _config
+    return _config(request.getfixturevalue("online_setup"), "resume")
+
+
+STEPS = ("--max-steps", "4", "--set", "training.logging_steps=3", "--set", "finetuning.save_steps=1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ppo", "online_dpo"])
+def test_stopped_and_resumed_equals_a_straight_run(tmp_path, request, capsys, method):
+    cfg = method_config(method, request)
+    code, err = cli(capsys, cfg, tmp_path / "a", *STEPS)
+    assert code == 0, err
+    straight = tmp_path / "a" / "tiny"
+    assert steps_on_disk(straight) == [1, 2, 3, 4]
+    assert [r["step"] for r in rows(straight / "metrics.jsonl")] == [1, 3, 4]
+    assert sorted({r["step"] for r in rows(straight / "samples.jsonl")}) == [0, 1, 2, 3]
+    # Stopped after step 2 (the rows of steps 3 and 4 still in the files, the window of step 2's
+    # metrics in the checkpoint: step 3's row averages steps 2 and 3).
+    resumed = stopped_copy(straight, tmp_path / "b" / "tiny", 2)
+    code, err = cli(capsys, cfg, tmp_path / "b", "--resume", *STEPS)
+    assert code == 0 and "resuming from step 2" in err, err
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert rows(resumed / name) == rows(straight / name), name
+    assert_same_tensors(adapter(straight), adapter(resumed))
+    if method == "ppo":
+        head = adapter(straight, "value_head.safetensors")
+        assert np.abs(head["score.weight"]).max() > 0
+        assert_same_tensors(head, adapter(resumed, "value_head.safetensors"))
+        assert rows(resumed / "metrics.jsonl")[-1]["episode"] == 16
+    # A changed setting of the method is named before any state is read; nothing is set aside.
+    key = "post_training.num_ppo_epochs" if method == "ppo" else "post_training.max_new_tokens"
+    code, err = cli(capsys, cfg, tmp_path / "b", "--resume-from", "2", *STEPS, "--set", f"{key}=3")
+    assert code == 2 and f"`{key}` changed" in err and "--resume-force" in err, err
+    assert steps_on_disk(resumed) == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

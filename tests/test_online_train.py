@@ -10,42 +10,7 @@ import pytest
 
 from conftest import write_config
 from jaxpref import train
-
-REWARDS = '''
-def digit_share(prompts, completions, completion_ids, **kwargs):
-    """The share of the completion's words that are numbers (None for an empty completion)."""
-    out = []
-    for c in completions:
-        words = c.split()
-        out.append(sum(w.isdigit() for w in words) / len(words) if words else None)
-    return out
-
-def wants_answer(prompts, completions, answer, **kwargs):
-    return [float(a in c) for c, a in zip(completions, answer)]
-'''
-
-PROMPTS = ["what is one and one ?", "is the sun hot ?", "what is two and two ?", "is the sky blue ?",
-           "what is the opposite of hot ?", "is the grass green ?"]
-
-
-@pytest.fixture(scope="module")
-def online_setup(tmp_path_factory, tiny_llama):
-    """The tiny model with the number words as extra end-of-sequence ids (generation_config.json,
-    as TRL reads them), so that completions end at different lengths; prompts; reward functions."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("online")
-    shutil.copytree(tiny_llama, d / "model")
-    tok = AutoTokenizer.from_pretrained(d / "model")
-    stops = [tok.eos_token_id] + [tok.convert_tokens_to_ids(str(i)) for i in range(40)]
-    (d / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}))
-    (d / "rewards.py").write_text(REWARDS)
-    rows = [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, ["two", "yes", "four", "yes", "cold", "yes"])]
-    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
-
+from online_fixtures import one_device_and_mesh, online_setup  # noqa: F401  (the module fixture)
 
 def run(tmp_path, d, capsys, **post):
     pt = {"method": "grpo", "reward_funcs": [str(d / "rewards.py") + ":digit_share", "rewards.py:wants_answer"],
@@ -203,25 +168,10 @@ def test_bad_online_inputs_are_one_line_errors(tmp_path, online_setup, capsys, p
 def test_grpo_on_8_virtual_devices_gives_the_single_device_numbers(tmp_path, online_setup, capsys):
     """The same generation (8 completions) on one device and on a data 4 x fsdp 2 mesh of 8 virtual
     CPU devices (a subprocess): the same sampled completions, rewards, losses and gradients."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     d = online_setup
     pt = {"method": "grpo", "reward_funcs": ["rewards.py:digit_share"], "num_generations": 4,
           "max_completion_length": 8, "beta": 0.04}
-    runs = {}
-    for name, per_device, gpu in (("one", 8, {"device_ids": [0]}), ("mesh", 1, {"mesh": {"data": 4, "fsdp": 2, "tensor": 1}})):
-        cfg = write_config(d / f"{name}.yaml", d / "model", d / "prompts.jsonl", post_training=pt, gpu=gpu,
-                           training={"max_steps": 2, "per_device_train_batch_size": per_device,
-                                     "learning_rate": 1.0e-2, "logging_steps": 1, "seed": 0})
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-        proc = subprocess.run([sys.executable, "-m", "jaxpref.train", "--config", str(cfg), "--output-dir",
-                               str(tmp_path / name)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        runs[name] = [json.loads(l) for l in (tmp_path / name / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    runs = one_device_and_mesh(tmp_path, d, d / "model", pt, (8, 1), {"data": 4, "fsdp": 2, "tensor": 1})
     for a, b in zip(runs["one"], runs["mesh"]):
         for k in ("loss", "reward", "reward_std", "kl", "entropy", "grad_norm", "completions/mean_length"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k

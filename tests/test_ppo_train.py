@@ -14,6 +14,7 @@ import pytest
 
 from conftest import write_config
 from jaxpref import train
+from online_fixtures import ppo_setup  # noqa: F401  (the module fixture)
 
 PROMPTS = [[1, 14, 11, 24, 15, 24], [1, 11, 28, 32], [1, 14, 11, 12, 13, 11, 31], [1, 11, 25, 27]]
 COMPLETIONS = [[10, 29, 2], [30, 31, 32, 33, 34, 35], [2], [36, 29, 40, 2]]   # 2: EOS; the second fills C
@@ -147,32 +148,10 @@ def test_ppo_first_mini_batch_equals_trl_on_a_fixed_rollout(tiny_llama, peft_tin
     np.testing.assert_allclose(float(m["grad_norm"]), norm, rtol=1e-4)
 
 
-REWARDS = '''
-def digit_share(prompts, completions, **kwargs):
-    out = []
-    for c in completions:
-        words = c.split()
-        out.append(sum(w.isdigit() for w in words) / len(words) if words else None)
-    return out
-
-def wants_answer(prompts, completions, answer, **kwargs):
-    return [float(a in c) for c, a in zip(completions, answer)]
-'''
-TEXTS = ["what is one and one ?", "is the sun hot ?", "what is two and two ?", "is the sky blue ?",
-         "what is the opposite of hot ?", "is the grass green ?"]
 TRL_METRICS = {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
                "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var",
                "val/num_eos_tokens", "lr", "episode", "eps"}
-
-
-@pytest.fixture(scope="module")
-def ppo_setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ppo_cli")
-    (d / "rewards.py").write_text(REWARDS)
-    rows = [{"prompt": p, "answer": a} for p, a in zip(TEXTS, ["two", "yes", "four", "yes", "cold", "yes"])]
-    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
 
 
 def _config(d, model, post=None, training=None):
@@ -242,12 +221,22 @@ def test_bad_ppo_keys_are_one_line_errors(tmp_path, ppo_setup, tiny_llama, capsy
     assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("flags", [["--resume"], ["--dry-run"]])
-def test_ppo_refuses_what_it_does_not_do_yet_in_one_line(tmp_path, ppo_setup, tiny_llama, capsys, flags):
-    """No checkpoints for PPO yet: --resume and --dry-run are refused (not ignored), before any work."""
-    code = train.main(["--config", str(_config(ppo_setup, tiny_llama, {}, {})), "--output-dir",
-                       str(tmp_path / "out"), *flags])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1, err
-    assert f"{flags[0]} is not available yet for ppo" in err, err
-    assert not (tmp_path / "out").exists()
+@pytest.mark.slow
+def test_ppo_on_8_virtual_devices_gives_the_single_device_numbers(tmp_path, ppo_setup, tiny_llama):  # noqa: F811
+    """Two rollout batches of 8 prompts (2 micro-batches of 4 rows, 2 epochs x 2 mini-batches an
+    update) on one device and on a data 2 x fsdp 2 x tensor 2 mesh of 8 virtual CPU devices
+    (subprocesses): the same completions, scores, values, losses and metrics."""
+    from online_fixtures import one_device_and_mesh, write_prompts_and_rewards
+
+    write_prompts_and_rewards(ppo_setup, 16, "prompts16.jsonl")
+    pt = {"method": "ppo", "beta": None, "reward_funcs": ["rewards.py:digit_share", "rewards.py:wants_answer"],
+          "response_length": 6, "stop_token": "eos", "num_ppo_epochs": 2, "num_mini_batches": 2,
+          "missing_eos_penalty": 1.0, "temperature": 1.0}
+    runs = one_device_and_mesh(tmp_path, ppo_setup, tiny_llama, pt, (4, 1), {"data": 2, "fsdp": 2, "tensor": 2},
+                               prompts="prompts16.jsonl", gradient_accumulation_steps=2)
+    assert len(runs["one"]) == len(runs["mesh"]) == 2 and runs["one"][1]["objective/kl"] != 0.0
+    for a, b in zip(runs["one"], runs["mesh"]):
+        assert b["episode"] == a["episode"]
+        for k in TRL_METRICS - {"eps", "episode", "val/num_eos_tokens"}:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+        assert b["val/num_eos_tokens"] == a["val/num_eos_tokens"]

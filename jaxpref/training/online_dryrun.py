@@ -1,7 +1,8 @@
-"""`--dry-run` of an online method (GRPO, RLOO): the model, the prompts, the reward functions and
-the plan of the run (prompts and completions per generation, generations, optimizer steps,
-checkpoints, the training step's memory plan) without reading weight values, generating or
-training. The sizes are those `online_loop.OnlineRun` uses."""
+"""`--dry-run` of an online method (GRPO, RLOO, online DPO, PPO): the model, the prompts, the reward
+functions and the plan of the run (prompts and completions per generation, generations, optimizer
+steps, checkpoints, the training step's memory plan; PPO: the rollout batch, its num_ppo_epochs x
+num_mini_batches update and the value head) without reading weight values, generating or training.
+The sizes are those the loops use (`online_plan`)."""
 from __future__ import annotations
 
 import time
@@ -10,25 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpref.config import Config
-from jaxpref.errors import ConfigError, JaxprefError
-
-
-def plan(cfg: Config, dp: int, prompts: int) -> dict:
-    """The run's sizes for `prompts` usable prompts on `dp` data-parallel devices (the online
-    loop's rules); ConfigError as the loop raises it."""
-    tcfg, pt = cfg.training, cfg.post_training
-    B, G, K = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps, pt.num_generations
-    if (B * G) % K:
-        raise ConfigError(f"{cfg.source}: a generation's {B * G} completions (per_device_train_batch_size x "
-                          f"devices x gradient_accumulation_steps) are not a multiple of "
-                          f"`post_training.num_generations` {K}")
-    per_gen = B * G // K
-    gens_per_epoch = prompts // per_gen
-    if gens_per_epoch == 0:
-        raise ConfigError(f"{cfg.source}: {prompts} usable prompts are fewer than one generation's {per_gen} prompts")
-    total = tcfg.total_steps(gens_per_epoch * pt.num_iterations)
-    return {"B": B, "G": G, "K": K, "per_gen": per_gen, "gens_per_epoch": gens_per_epoch, "total": total,
-            "generations": -(-total // pt.num_iterations)}
+from jaxpref.errors import JaxprefError
 
 
 def check_online_model(cfg: Config, index: int) -> list[str]:
@@ -40,6 +23,8 @@ def check_online_model(cfg: Config, index: int) -> list[str]:
     from jaxpref.runtime import mesh as mesh_mod
     from jaxpref.training.dryrun import check_weights_and_lora
     from jaxpref.training.online_loop import check_online
+    from jaxpref.training.online_plan import plan
+    from jaxpref.training.ppo_loop import stop_token
 
     entry = cfg.models[index]
     t0 = time.time()
@@ -52,6 +37,8 @@ def check_online_model(cfg: Config, index: int) -> list[str]:
         data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, tok, tcfg.max_prompt_length,
                                rule=get_method(pt.method).tokenization)
         sizes = plan(cfg, mesh_mod.data_parallel_size(mesh), len(data))
+        if pt.method == "ppo":
+            stop_token(cfg, tok)
     except JaxprefError as e:
         return [f"model `{entry.name}`: {e}"]
     print(f"  rewards          {', '.join(f.name for f in funcs)}"
@@ -62,30 +49,51 @@ def check_online_model(cfg: Config, index: int) -> list[str]:
           + f", {data.truncated} truncated (max_prompt_length {tcfg.max_prompt_length})")
     lens = np.array([len(p) for p in data.prompt_ids])
     print(f"  prompt tokens    p50 {int(np.percentile(lens, 50))}, p95 {int(np.percentile(lens, 95))}, max {int(lens.max())}")
-    s = sizes
-    print(f"  generation       {s['per_gen']} prompts x {s['K']} completions = {s['B'] * s['G']} completions "
-          f"(max_completion_length {pt.max_completion_length}, temperature {pt.temperature:g}), each used for "
-          f"{pt.num_iterations} step(s) of {s['G']} micro-batch(es) of {s['B']}")
-    print(f"  schedule         {s['gens_per_epoch']} generations/epoch, {s['generations']} generations, "
-          f"{s['total']} steps, {len(data) - s['gens_per_epoch'] * s['per_gen']} prompts/epoch left over")
-    every, keep = cfg.save_steps, cfg.finetuning.save_total_limit
-    saves = (f"at the first generation boundary after every {every} steps and at the end"
-             + (f", newest {keep} kept" if keep else "")) if every else \
-        "none (finetuning.save_steps unset): --resume cannot continue this run"
-    print(f"  checkpoints      {saves}")
-    _memory(cfg, bundle, mesh, total, trainable if spec else 0, int(lens.max()), sizes)
+    _plan_lines(cfg, sizes, len(data), bundle.args.hidden_size)
+    extra = bundle.args.hidden_size if pt.method == "ppo" else 0   # the value head
+    _memory(cfg, bundle, mesh, total + extra, (trainable if spec else 0) + extra, int(lens.max()), sizes)
     print(f"  checked in {time.time() - t0:.1f} s")
     return []
 
 
-def _memory(cfg: Config, bundle, mesh, total: int, trainable: int, longest: int, sizes: dict) -> None:
+def _plan_lines(cfg: Config, s, prompts: int, hidden: int) -> None:
+    """The generation (PPO: rollout batch and update), schedule and checkpoint lines."""
+    pt = cfg.post_training
+    limit = f"{s.completion_key} {s.completion_limit}, temperature {pt.temperature:g}"
+    if pt.method == "ppo":
+        stop = (f"stop_token_id {pt.stop_token_id}" if pt.stop_token_id is not None else "stop_token eos"
+                if pt.stop_token == "eos" else "no stop token: each runs to response_length")
+        print(f"  rollout batch    {s.per_gen} prompts x 1 completion ({limit}, {stop})")
+        mini = s.G // pt.num_mini_batches
+        print(f"  update           num_ppo_epochs {pt.num_ppo_epochs} x num_mini_batches {pt.num_mini_batches} = "
+              f"{pt.num_ppo_epochs * pt.num_mini_batches} optimizer steps per rollout batch, each of {mini} "
+              f"micro-batch(es) of {s.B}")
+        print(f"  value head       linear [hidden {hidden} -> 1] on the last hidden state, from zeros, trained "
+              "with the adapter; saved as value_head.safetensors")
+    else:
+        print(f"  generation       {s.per_gen} prompts x {s.K} completions = {s.per_gen * s.K} completions "
+              f"({limit}), each used for {pt.num_iterations} step(s) of {s.G} micro-batch(es) of {s.B}")
+    units = s.unit + ("es" if s.unit.endswith("h") else "s")
+    print(f"  schedule         {s.gens_per_epoch} {units}/epoch, {s.generations} {units}, {s.total} steps, "
+          f"{prompts - s.gens_per_epoch * s.per_gen} prompts/epoch left over")
+    every, keep = cfg.save_steps, cfg.finetuning.save_total_limit
+    where = f"every {every} steps" if s.steps_per_gen == 1 else f"at the first {s.unit} boundary after every {every} steps"
+    saves = (f"{where} and at the end"
+             + (f", newest {keep} kept" if keep else "")) if every else \
+        "none (finetuning.save_steps unset): --resume cannot continue this run"
+    print(f"  checkpoints      {saves}")
+
+
+def _memory(cfg: Config, bundle, mesh, total: int, trainable: int, longest: int, sizes) -> None:
     """The training step's memory plan for its largest micro-batch: B rows of the longest prompt
-    (bucketed as the rollout pads it) and max_completion_length completion slots."""
+    (bucketed as the rollout pads it) and the completion limit's slots; an optimizer step runs G
+    micro-batches (PPO: a mini-batch's G / num_mini_batches)."""
     from jaxpref.generation.engine import bucket
     from jaxpref.runtime.memory import format_bytes, memory_plan
 
-    C = cfg.post_training.max_completion_length
-    key = (sizes["G"], sizes["B"], bucket(longest) + C, C)
+    pt, C = cfg.post_training, sizes.completion_limit
+    accum = sizes.G // pt.num_mini_batches if pt.method == "ppo" else sizes.G
+    key = (accum, sizes.B, bucket(longest) + C, C)
     mem = memory_plan(cfg, bundle.args, total, trainable, [key], mesh=mesh)
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
     print(f"  memory plan      training step [accum, rows, tokens, completion slots] {list(key)}: "

@@ -6,14 +6,14 @@ with the reward functions, turns the rewards into advantages (the method's `scor
 Sizes, as TRL's GRPOTrainer counts them: a generation holds per_device_train_batch_size x
 data-parallel devices x gradient_accumulation_steps completions (TRL's generation batch with
 steps_per_generation = gradient_accumulation_steps), i.e. that divided by num_generations
-prompts; one optimizer step runs its gradient_accumulation_steps micro-batches. Prompts are
+prompts (`online_plan`); one optimizer step runs its gradient_accumulation_steps micro-batches. Prompts are
 shuffled each epoch (seeded). Outputs in the run folder: config.yaml, metrics.jsonl (TRL's metric
 names, plus `time/generate` and `time/update`), samples.jsonl (every completion with its
 rewards and advantage), adapter/, summary.json and FINISHED. Online DPO (two completions per prompt,
 ranked by the reward; per_device_train_batch_size counts prompts, as TRL's) is `online_pairs`.
 Checkpoints (`finetuning.save_steps`) and `--resume` continue a run exactly (`online_resume`);
-`--dry-run` is `online_dryrun`. PPO runs on these pieces in `ppo_loop`
-(no checkpoints or --dry-run yet). Not yet: full fine-tuning.
+`--dry-run` is `online_dryrun`. PPO runs on these pieces in `ppo_loop` (its own rollout, update
+and loop; checkpoints, --resume and --dry-run as here). Not yet: full fine-tuning.
 """
 from __future__ import annotations
 
@@ -32,22 +32,19 @@ from jaxpref.objectives.methods import get_method
 from jaxpref.objectives.methods.base import ScoringInputs
 from jaxpref.objectives.methods.rollout import reward_entries
 from jaxpref.training import online_pairs, rollouts, setup
+from jaxpref.training.online_plan import PAIRS
 from jaxpref.training.online_step import make_online_step, micro_batches
 
 ONLINE_LOOP = ("grpo", "rloo", "online_dpo", "ppo")   # the online methods this loop trains (ppo: `ppo_loop`)
-PAIRS = "online_dpo"   # two completions per prompt, ranked: `online_pairs`
 LATEST = ("num_tokens",)   # logged as their last value in the window, not the mean (TRL's)
 
 
-def check_online(cfg: Config, resume: bool = False, dry_run: bool = False) -> None:
+def check_online(cfg: Config) -> None:
     """One-line ConfigErrors for what the online loop does not do."""
     pt = cfg.post_training
     if pt.method not in ONLINE_LOOP:
         raise ConfigError(f"`post_training.method` {pt.method}: online training is available for "
                           f"{', '.join(ONLINE_LOOP)}; {pt.method}'s loss exists but its loop does not yet")
-    if pt.method == "ppo" and (resume or dry_run or cfg.save_steps):
-        what = "--resume" if resume else "--dry-run" if dry_run else "`finetuning.save_steps` (checkpoints)"
-        raise ConfigError(f"{cfg.source}: {what} is not available yet for ppo (its value head is not checkpointed)")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: {pt.method} trains a LoRA adapter (`lora.enabled: false` is not available yet)")
     if pt.method == PAIRS and cfg.lora.lora_dropout > 0:
@@ -93,71 +90,86 @@ def train_online(cfg: Config, index: int, run_dir: Path, resume: bool = False, r
 class OnlineRun:
     """Model, prompts, reward functions, generator and compiled step of one online run."""
 
-    SHOWN = ("loss", "reward", "reward_std", "kl", "objective/scores", "objective/kl")   # on the progress line
-
     SHOWN = ("loss", "reward", "reward_std", "kl")   # the metrics of the log line
+    COUNTERS = ("num_tokens",)   # run counters a checkpoint keeps (`online_resume`)
+    UNIT = "generation"          # what the run finishes before a Ctrl-C stops it
 
     def __init__(self, cfg: Config, index: int, run_dir: Path):
-        from jaxpref.data.load import load_rows
-        from jaxpref.data.prompts import prepare_prompts, stop_token_ids
-        from jaxpref.data.rewards import load_reward_func
+        from jaxpref.data.prompts import stop_token_ids
         from jaxpref.generation.engine import Generator
-        from jaxpref.lora.tree import init_lora
-        from jaxpref.models import weights
-        from jaxpref.runtime import mesh as mesh_mod
-        from jaxpref.training.optim import make_optimizer
-        from jaxpref.training.sinks import MetricSinks
-        from jaxpref.training.step import TrainState
-
-        self.cfg, self.run_dir, self.entry = cfg, run_dir, cfg.models[index]
-        pt, tcfg = cfg.post_training, cfg.training
-        self.method, self.spec = get_method(pt.method), setup.loss_spec(cfg)
-        self.mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
-        dp = mesh_mod.data_parallel_size(self.mesh)
-        self.pairs = pt.method == PAIRS
-        self.B, self.G = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps
-        self.K = online_pairs.SAMPLES if self.pairs else pt.num_generations
-        if not self.pairs and (self.B * self.G) % self.K:
-            raise ConfigError(f"{cfg.source}: a generation's {self.B * self.G} completions (per_device_train_batch_size x "
-                              f"devices x gradient_accumulation_steps) are not a multiple of "
-                              f"`post_training.num_generations` {self.K}")
-        self.funcs = [load_reward_func(e, Path(cfg.source).parent) for e in reward_entries(pt)]
-        self.weights = np.asarray(pt.reward_weights or [1.0] * len(self.funcs), np.float32)
-        self.bundle, self.tok, self.lspec, abstract = setup.model_for(cfg, index, training=True)
-        self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
-                                    rule=self.method.tokenization)
-        self.per_gen = self.B * self.G if self.pairs else self.B * self.G // self.K
-        self.steps_per_epoch = len(self.data) // self.per_gen
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{cfg.source}: {len(self.data)} usable prompts are fewer than one generation's "
-                              f"{self.per_gen} prompts")
-        self.total = tcfg.total_steps(self.steps_per_epoch * pt.num_iterations)
-        shard = mesh_mod.shardings(mesh_mod.param_specs(abstract, self.mesh, self.bundle.arch.roles), self.mesh)
-        self.params = self.bundle.runtime_params(weights.load_params(self.bundle, shardings=shard))
-        rng = jax.random.PRNGKey(tcfg.seed)
-        lora = init_lora(self.bundle.abstract_params(), self.lspec, jax.random.fold_in(rng, 1), cfg.source)
-        self.optimizer, self.schedule = make_optimizer(tcfg, self.total)
-        state = TrainState(lora, self.optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-        self.state = jax.device_put(state, mesh_mod.replicated(self.mesh))   # one compiled step
         from jaxpref.generation.text import eos_ids
+
+        pt = cfg.post_training
+        abstract = self._open(cfg, index, run_dir)
+        self.pairs = pt.method == PAIRS
+        lora = self._trainable(abstract)
+        self._train_state(lora)
         self.eos = stop_token_ids(self.tok, list(eos_ids(self.bundle.source.path, self.tok)))
         self.opts = (online_pairs.decode_options if self.pairs else rollouts.decode_options)(pt, self.tok, self.eos)
-        self.generator = Generator(self.bundle, self.params, mesh=self.mesh if dp > 1 else None,
+        self.generator = Generator(self.bundle, self.params, mesh=self.mesh if self.dp > 1 else None,
                                    batch_size=self.per_gen * self.K)
         temperature = online_pairs.LOGP_TEMPERATURE if self.pairs else pt.temperature
         self.logps = rollouts.make_logps_fn(self.bundle.with_args(deterministic=True), temperature)
         dropout = self.lspec.dropout > 0
         self.step_fn = make_online_step(self.bundle, self.method, self.spec, self.optimizer, self.schedule,
                                         temperature, dropout=dropout, sum_grads=self.pairs)
+        self.num_tokens = 0   # prompt + completion tokens sampled so far (TRL's num_input_tokens_seen)
+
+    def _open(self, cfg: Config, index: int, run_dir: Path):
+        """Settings, mesh, reward functions, model and prompts, the run's sizes (`online_plan`) and
+        where it stands (restored by `online_resume`: optimizer steps and generations done).
+        -> the abstract params."""
+        from jaxpref.data.load import load_rows
+        from jaxpref.data.prompts import prepare_prompts
+        from jaxpref.data.rewards import load_reward_func
+        from jaxpref.models.source import fingerprint
+        from jaxpref.runtime import mesh as mesh_mod
+        from jaxpref.training.online_plan import per_generation, plan
+        from jaxpref.training.online_resume import fingerprint as run_fingerprint
+
+        self.cfg, self.run_dir, self.entry = cfg, run_dir, cfg.models[index]
+        pt, tcfg = cfg.post_training, cfg.training
+        self.method, self.spec = get_method(pt.method), setup.loss_spec(cfg)
+        self.mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
+        self.dp = mesh_mod.data_parallel_size(self.mesh)
+        per_generation(cfg, self.dp)   # the batch-size rules first, before anything is loaded
+        self.funcs = [load_reward_func(e, Path(cfg.source).parent) for e in reward_entries(pt)]
+        self.weights = np.asarray(pt.reward_weights or [1.0] * len(self.funcs), np.float32)
+        self.bundle, self.tok, self.lspec, abstract = setup.model_for(cfg, index, training=True)
+        self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
+                                    rule=self.method.tokenization)
+        self.sizes = plan(cfg, self.dp, len(self.data))
+        self.B, self.G, self.K, self.per_gen = self.sizes.B, self.sizes.G, self.sizes.K, self.sizes.per_gen
+        self.steps_per_epoch, self.total = self.sizes.gens_per_epoch, self.sizes.total
         self.sinks, self.samples = None, None   # `open_outputs`
         self.last: dict = {}
         self.window: list[dict] = []
-        self.num_tokens = 0   # prompt + completion tokens sampled so far (TRL's num_input_tokens_seen)
-        # Where the run stands (restored by `online_resume`): optimizer steps and generations done.
         self.start, self.generation, self.store = 0, 0, None
-        from jaxpref.models.source import fingerprint
-        from jaxpref.training.online_resume import fingerprint as run_fingerprint
         self.fingerprint = run_fingerprint(cfg, self.entry, fingerprint(self.bundle.source))
+        return abstract
+
+    def _trainable(self, abstract):
+        """The base weights (`self.params`, sharded over the mesh) and a new LoRA adapter."""
+        from jaxpref.lora.tree import init_lora
+        from jaxpref.models import weights
+        from jaxpref.runtime import mesh as mesh_mod
+
+        shard = mesh_mod.shardings(mesh_mod.param_specs(abstract, self.mesh, self.bundle.arch.roles), self.mesh)
+        self.params = self.bundle.runtime_params(weights.load_params(self.bundle, shardings=shard))
+        rng = jax.random.PRNGKey(self.cfg.training.seed)
+        return init_lora(self.bundle.abstract_params(), self.lspec, jax.random.fold_in(rng, 1), self.cfg.source)
+
+    def _train_state(self, trainable, every: int = 1) -> None:
+        """The optimizer (its schedule moving once every `every` updates) and the train state of
+        `trainable`, replicated over the mesh (one compiled step)."""
+        from jaxpref.runtime import mesh as mesh_mod
+        from jaxpref.training.optim import make_optimizer
+        from jaxpref.training.step import TrainState
+
+        self.optimizer, self.schedule = make_optimizer(self.cfg.training, self.total, every=every)
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.training.seed), 2)
+        state = TrainState(trainable, self.optimizer.init(trainable), jnp.zeros((), jnp.int32), rng)
+        self.state = jax.device_put(state, mesh_mod.replicated(self.mesh))
 
     @property
     def is_main(self) -> bool:
@@ -243,11 +255,13 @@ class OnlineRun:
         generation under way, with a checkpoint."""
         from jaxpref.training.interrupt import StopRequest
 
-        pt = self.cfg.post_training
-        print(f"[{self.entry.name}] {pt.method}: {len(self.data)} prompts, {self.per_gen} prompts x "
-              f"{self.K} completions per generation, {self.total} steps", file=sys.stderr)
-        with StopRequest(self.entry.name, unit="generation") as ctrl_c:
+        print(f"[{self.entry.name}] {self.cfg.post_training.method}: {len(self.data)} prompts, {self._intro()}",
+              file=sys.stderr)
+        with StopRequest(self.entry.name, unit=self.UNIT) as ctrl_c:
             self._loop(ctrl_c)
+
+    def _intro(self) -> str:
+        return f"{self.per_gen} prompts x {self.K} completions per generation, {self.total} steps"
 
     def _loop(self, ctrl_c) -> None:
         pt = self.cfg.post_training
@@ -266,9 +280,12 @@ class OnlineRun:
                 self.window.append(dict(m, **rollout_metrics, **{"time/generate": t_gen,
                                                                  "time/update": time.time() - t0}))
                 t_gen = 0.0
-                if step == 1 or step % self.cfg.training.logging_steps == 0 or step == self.total:
+                if self._log_due(step):
                     self._log(step, epoch)
             self._generation_done(before, step, ctrl_c.requested)
+
+    def _log_due(self, step: int) -> bool:
+        return step == 1 or step % self.cfg.training.logging_steps == 0 or step == self.total
 
     def _generation_done(self, before: int, step: int, stop: bool = False) -> None:
         """A generation took the run from step `before` to `step`: a checkpoint when one is due;
@@ -299,22 +316,26 @@ class OnlineRun:
         print(f"[{self.entry.name}] step {step}/{self.total} {shown}", file=sys.stderr)
 
     def finish(self, t_start: float) -> dict:
-        from jaxpref.lora.peft import save_adapter
-
         from jaxpref.training import online_resume
 
         if self.cfg.save_steps:   # the final checkpoint (inside a generation when num_iterations cuts it)
-            online_resume.save(self, self.total, boundary=self.total % self.cfg.post_training.num_iterations == 0)
+            online_resume.save(self, self.total, boundary=self.total % self.sizes.steps_per_gen == 0)
         self.store.close()
         summary = {"model": self.entry.name, "method": self.cfg.post_training.method, "steps": self.total,
                    "train_runtime": round(time.time() - t_start, 2), "resumed_from_step": self.start or None,
                    "final_metrics": self.last}
-        if jax.process_index() == 0:
-            save_adapter(self.run_dir / "adapter", self.bundle, jax.device_get(self.state.lora), self.lspec,
-                         self.entry.huggingface_id, tokenizer=self.tok)
+        if self.is_main:
+            self._save_trained(jax.device_get(self.state.lora))
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"[{self.entry.name}] done: {self.run_dir}", file=sys.stderr)
         return summary
+
+    def _save_trained(self, lora) -> None:
+        """The trained adapter into adapter/ (PEFT's layout)."""
+        from jaxpref.lora.peft import save_adapter
+
+        save_adapter(self.run_dir / "adapter", self.bundle, lora, self.lspec, self.entry.huggingface_id,
+                     tokenizer=self.tok)
 
     def close(self) -> None:
         if self.sinks is not None:

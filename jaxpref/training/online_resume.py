@@ -1,11 +1,14 @@
-"""Checkpoints and --resume of an online run (GRPO, RLOO), exact as the offline loop's.
+"""Checkpoints and --resume of an online run (GRPO, RLOO, online DPO, PPO), exact as the offline
+loop's.
 
 Design: a checkpoint is taken only at a generation boundary, after the last of a rollout's
-`num_iterations` optimizer steps and before the next rollout is sampled, so no rollout is stored.
-It holds the train state (LoRA, optimizer state, step, dropout RNG) and a JSON record: the step,
+`num_iterations` optimizer steps and before the next rollout is sampled, so no rollout is stored
+(PPO: after a rollout batch's update). It holds the train state (the trainable tree: LoRA, and
+PPO's value head; the optimizer state of all of it; step; dropout RNG) and a JSON record: the step,
 the number of generations done (the data position: the prompt order is a function of the seed and
-the epoch, the sampling seed a function of the step), the metrics gathered since the last log (the
-logged row averages them) and the fingerprint of the settings a resumed run must keep.
+the epoch, the sampling seed a function of the step), the run's counters (`COUNTERS`: num_tokens;
+PPO's episode), the metrics gathered since the last log (the logged row averages them) and the
+fingerprint of the settings a resumed run must keep.
 
 `finetuning.save_steps` N: a checkpoint at the first generation boundary at or after each multiple
 of N (with `num_iterations` 1, every N steps), and one at the end. A final step inside a generation
@@ -73,7 +76,7 @@ def save(run, step: int, boundary: bool = True) -> None:
     """Checkpoint `run` (an OnlineRun) at `step`."""
     meta = {"fingerprint": run.fingerprint, "step": step, "generation": run.generation,
             "boundary": boundary, "window": _plain(run.window),
-            "num_tokens": run.num_tokens}
+            **{k: getattr(run, k) for k in run.COUNTERS}}
     run.store.save(step, run.state, meta)
 
 
@@ -105,7 +108,8 @@ def restore(run, force: bool, step: int | None, finished: bool) -> None:
         return
     run.start, run.state, meta = found
     run.generation = int(meta["generation"])
-    run.num_tokens = int(meta.get("num_tokens", 0))
+    for k in run.COUNTERS:
+        setattr(run, k, int(meta.get(k, 0)))
     run.window = [{k: (math.nan if v is None else v) for k, v in w.items()} for w in meta.get("window", [])]
     if step is not None and run.is_main:
         moved = run.store.set_aside_after(step)

@@ -26,11 +26,16 @@ loss/policy_avg, loss/value_avg, val/clipfrac_avg, policy/entropy_avg, val/ratio
 val/num_eos_tokens, lr, episode, eps; plus time/generate and time/update. samples.jsonl: each
 completion with its rewards and score. Outputs: adapter/ (PEFT) and value_head.safetensors beside
 it (`score.weight` [1, hidden], as a sequence-classification head stores it).
+
+Checkpoints (`finetuning.save_steps`: every N rollout batches, and at the end), `--resume` and its
+checks are the online loop's (`online_resume`): the train state holds the adapter, the value head
+and the optimizer state of both, the record the rollout batches done (the data position; the
+sampling seed and the mini-batch shuffles follow from the seed and the step) and `episode`.
+`--dry-run` prints PPO's plan (`online_dryrun`).
 """
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -41,31 +46,11 @@ import numpy as np
 from jaxpref.config import Config
 from jaxpref.errors import ConfigError
 from jaxpref.objectives import ppo as ppo_math
-from jaxpref.objectives.methods import get_method
 from jaxpref.objectives.methods.base import ScoringInputs
-from jaxpref.objectives.methods.rollout import reward_entries
-from jaxpref.training import rollouts, setup
-from jaxpref.training.online_loop import OnlineRun, train_online
+from jaxpref.training import rollouts
+from jaxpref.training.online_loop import OnlineRun
 from jaxpref.training.ppo_step import (LOSS_KEYS, VALUE_HEAD_FILE, init_value_head, make_ppo_step,
                                        make_rollout_pass, mini_batch)
-
-
-def train_ppo(cfg: Config, index: int, run_dir: Path) -> dict:
-    """Train `cfg.models[index]` with PPO into `run_dir`; returns the summary."""
-    return train_online(cfg, index, run_dir, run_cls=PpoRun)
-
-
-def check_sizes(cfg: Config, B: int, G: int) -> None:
-    """TRL's batch-size rules, as one-line ConfigErrors."""
-    pt = cfg.post_training
-    if G % pt.num_mini_batches:
-        raise ConfigError(f"{cfg.source}: `training.gradient_accumulation_steps` {G} is not a multiple of "
-                          f"`post_training.num_mini_batches` {pt.num_mini_batches} (a mini-batch is whole "
-                          "micro-batches)")
-    if pt.whiten_rewards and B * G // pt.num_mini_batches < 8:
-        raise ConfigError(f"{cfg.source}: `post_training.whiten_rewards` needs mini-batches of at least 8 "
-                          f"completions, got {B * G // pt.num_mini_batches} (per_device_train_batch_size x "
-                          "devices x gradient_accumulation_steps / num_mini_batches)")
 
 
 def stop_token(cfg: Config, tok) -> int | None:
@@ -80,58 +65,23 @@ def stop_token(cfg: Config, tok) -> int | None:
 
 class PpoRun(OnlineRun):
     """Model with its value head, prompts, reward functions, generator and compiled step of a
-    PPO run."""
+    PPO run (`online_loop.train_online(..., run_cls=PpoRun)`)."""
 
     SHOWN = ("objective/scores", "objective/rlhf_reward", "objective/kl", "loss/policy_avg", "loss/value_avg")
+    COUNTERS = ("episode",)   # completions sampled so far (TRL's state.episode)
+    UNIT = "rollout batch"
 
     def __init__(self, cfg: Config, index: int, run_dir: Path):
-        from jaxpref.data.load import load_rows
-        from jaxpref.data.prompts import prepare_prompts
-        from jaxpref.data.rewards import load_reward_func
-        from jaxpref.runtime import mesh as mesh_mod
-
-        self.cfg, self.run_dir, self.entry = cfg, run_dir, cfg.models[index]
-        pt, tcfg = cfg.post_training, cfg.training
-        self.method, self.spec = get_method(pt.method), setup.loss_spec(cfg)
-        self.mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
-        self.dp = mesh_mod.data_parallel_size(self.mesh)
-        self.B, self.G, self.K = tcfg.per_device_train_batch_size * self.dp, tcfg.gradient_accumulation_steps, 1
-        check_sizes(cfg, self.B, self.G)
-        self.funcs = [load_reward_func(e, Path(cfg.source).parent) for e in reward_entries(pt)]
-        self.weights = np.asarray(pt.reward_weights or [1.0] * len(self.funcs), np.float32)
-        self.bundle, self.tok, self.lspec, abstract = setup.model_for(cfg, index, training=True)
-        self.stop = stop_token(cfg, self.tok)
-        self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
-                                    rule=self.method.tokenization)
-        self.per_gen = self.B * self.G
-        self.steps_per_epoch = len(self.data) // self.per_gen
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{cfg.source}: {len(self.data)} usable prompts are fewer than one rollout batch's "
-                              f"{self.per_gen} prompts")
-        self.total = tcfg.total_steps(self.steps_per_epoch)
-        self._build(abstract, mesh_mod)
-        self.sinks, self.samples, self.last, self.window = None, None, {}, []   # `open_outputs`
-        self.start, self.generation, self.store = 0, 0, None   # no checkpoints yet (`check_online`)
-        self.episode = 0
-
-    def _build(self, abstract, mesh_mod) -> None:
-        """Weights, adapter and value head, optimizer, generator and the compiled passes."""
         from jaxpref.generation.engine import DecodeOptions, Generator
         from jaxpref.generation.sampling import Sampling
-        from jaxpref.lora.tree import init_lora
-        from jaxpref.models import weights
-        from jaxpref.training.optim import make_optimizer
-        from jaxpref.training.step import TrainState
 
-        cfg, pt, tcfg = self.cfg, self.cfg.post_training, self.cfg.training
-        shard = mesh_mod.shardings(mesh_mod.param_specs(abstract, self.mesh, self.bundle.arch.roles), self.mesh)
-        self.params = self.bundle.runtime_params(weights.load_params(self.bundle, shardings=shard))
-        rng = jax.random.PRNGKey(tcfg.seed)
-        lora = init_lora(self.bundle.abstract_params(), self.lspec, jax.random.fold_in(rng, 1), cfg.source)
-        trainable = {"lora": lora, "value_head": init_value_head(self.bundle.args.hidden_size)}
-        self.optimizer, self.schedule = make_optimizer(tcfg, self.total, every=pt.num_ppo_epochs * pt.num_mini_batches)
-        state = TrainState(trainable, self.optimizer.init(trainable), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-        self.state = jax.device_put(state, mesh_mod.replicated(self.mesh))
+        pt = cfg.post_training
+        abstract = self._open(cfg, index, run_dir)
+        self.stop = stop_token(cfg, self.tok)
+        lora = self._trainable(abstract)
+        # The value head trains with the adapter: one optimizer state covers both.
+        self._train_state({"lora": lora, "value_head": init_value_head(self.bundle.args.hidden_size)},
+                          every=pt.num_ppo_epochs * pt.num_mini_batches)
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         self.opts = DecodeOptions(max_new_tokens=pt.response_length,
                                   sampling=Sampling(temperature=pt.temperature, top_p=pt.top_p, top_k=pt.top_k),
@@ -141,6 +91,7 @@ class PpoRun(OnlineRun):
         bundle = self.bundle.with_args(deterministic=True)   # TRL turns dropout off in PPO
         self.rollout_pass = make_rollout_pass(bundle, pt.temperature)
         self.step_fn = make_ppo_step(bundle, self.method, self.spec, self.optimizer, pt.temperature)
+        self.episode = 0
 
     # --- one rollout batch -----------------------------------------------------------------------
 
@@ -206,40 +157,37 @@ class PpoRun(OnlineRun):
 
     # --- the loop --------------------------------------------------------------------------------
 
-    def train(self) -> None:
+    def _intro(self) -> str:
         pt = self.cfg.post_training
-        print(f"[{self.entry.name}] ppo: {len(self.data)} prompts, {self.per_gen} completions per rollout batch, "
-              f"{pt.num_ppo_epochs} x {pt.num_mini_batches} optimizer steps each, {self.total} rollout batches",
-              file=sys.stderr)
-        step, batches, t_start = 0, self._prompt_batches(), time.time()
+        return (f"{self.per_gen} completions per rollout batch, {pt.num_ppo_epochs} x {pt.num_mini_batches} "
+                f"optimizer steps each, {self.total} rollout batches")
+
+    def _loop(self, ctrl_c) -> None:
+        """One step per rollout batch; a checkpoint after each one that is due (every step is a
+        boundary). `eps`: the completions sampled per second since this process started (TRL's
+        episodes / time, which a resumed run would inflate with the episodes before it)."""
+        step, batches = self.start, self._prompt_batches(self.generation)
+        t_start, first_episode = time.time(), self.episode
         while step < self.total:
             epoch, idx = next(batches)
             arrays, P, metrics, t_gen = self._rollout(step, idx, epoch)
             t0 = time.time()
             metrics.update(self._update(step, arrays, P))
             t_update = time.time() - t0
-            step += 1
+            step, self.generation = step + 1, self.generation + 1
             self.episode += self.per_gen
             metrics.update({"lr": float(self.schedule(step - 1)), "episode": self.episode,
-                            "eps": int(self.episode / (time.time() - t_start)),
+                            "eps": int((self.episode - first_episode) / (time.time() - t_start)),
                             "time/generate": t_gen, "time/update": t_update})
             self.window.append(metrics)
-            if step == 1 or step % self.cfg.training.logging_steps == 0 or step == self.total:
+            if self._log_due(step):
                 self._log(step, self.episode / len(self.data))   # TRL's epoch: episodes / prompts
+            self._generation_done(step - 1, step, ctrl_c.requested)
 
-    def finish(self, t_start: float) -> dict:
+    def _save_trained(self, trainable) -> None:
+        """The adapter, and the value head beside it as a sequence-classification head stores it."""
         from safetensors.numpy import save_file
 
-        from jaxpref.lora.peft import save_adapter
-
-        summary = {"model": self.entry.name, "method": "ppo", "steps": self.total,
-                   "train_runtime": round(time.time() - t_start, 2), "final_metrics": self.last}
-        if jax.process_index() == 0:
-            trainable = jax.device_get(self.state.lora)
-            save_adapter(self.run_dir / "adapter", self.bundle, trainable["lora"], self.lspec,
-                         self.entry.huggingface_id, tokenizer=self.tok)
-            head = np.asarray(trainable["value_head"], np.float32)[None, :]
-            save_file({"score.weight": head}, str(self.run_dir / VALUE_HEAD_FILE), metadata={"format": "pt"})
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"[{self.entry.name}] done: {self.run_dir}", file=sys.stderr)
-        return summary
+        super()._save_trained(trainable["lora"])
+        head = np.asarray(trainable["value_head"], np.float32)[None, :]
+        save_file({"score.weight": head}, str(self.run_dir / VALUE_HEAD_FILE), metadata={"format": "pt"})
