@@ -129,7 +129,7 @@ class Base:
 
 def _save_hf(name: str, path: Path) -> np.ndarray:
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():  # HF zero-inits biases and sets norms to 1: perturb everything
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -200,7 +200,7 @@ def _record(key: str, diff: float) -> None:
 
 
 def _peft_on_base(base_path: Path, adapter: Path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, attn_implementation="eager")
     return peft.PeftModel.from_pretrained(model, str(adapter)).eval()
 
 
@@ -247,7 +247,7 @@ def test_merged_export_matches_in_transformers(arch, rslora, base, tmp_path):
     ours = _our_logits(b, lora, spec)
     out = save_merged(tmp_path / "merged", b.bundle, b.params, lora, spec)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, output_loading_info=True)
+        out, dtype=torch.float32, output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     diff = _diff(ours, _torch_logits(model.eval()))
     _record(f"b {arch} merged rslora={rslora}", diff)
@@ -285,7 +285,7 @@ def test_adapter_roundtrip_is_identity(arch, base, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_peft_made_adapter_loads_with_peft_logits(arch, targets, rslora, base, tmp_path):
     b = base(arch)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(b.path, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(b.path, dtype=torch.float32, attn_implementation="eager")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                           target_modules="all-linear" if targets == "all-linear" else list(ATTENTION[arch]),
                           use_rslora=rslora, fan_in_fan_out=b.bundle.arch.fan_in_fan_out)
@@ -313,7 +313,7 @@ def test_peft_adapter_on_some_layers_loads_as_zeros_elsewhere(arch, base, tmp_pa
     """`layers_to_transform` (and PEFT's full-name targets) cover only some modules: the rest get
     A = B = 0, the same model, and the tree keeps init_lora's structure."""
     b = base(arch)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(b.path, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(b.path, dtype=torch.float32, attn_implementation="eager")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(ATTENTION[arch]), layers_to_transform=[1],
                           fan_in_fan_out=b.bundle.arch.fan_in_fan_out, task_type="CAUSAL_LM")
     model = peft.get_peft_model(hf, cfg)

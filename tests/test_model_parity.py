@@ -89,8 +89,7 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention"], rope_parameters=_GEMMA3_ROPE),
     "gemma3_softcap": lambda: transformers.Gemma3TextConfig(
         **TINY, num_key_value_heads=2, head_dim=32, sliding_window=3,
-        layer_types=["full_attention", "sliding_attention"], rope_parameters=_GEMMA3_ROPE, attn_logit_softcapping=0.3, final_logit_softcapping=0.8,
-        attn_implementation="eager"),   # sdpa does not take the soft-cap
+        layer_types=["full_attention", "sliding_attention"], rope_parameters=_GEMMA3_ROPE, attn_logit_softcapping=0.3, final_logit_softcapping=0.8),
     # Mixtures of experts: top-2 of 4 (Mixtral, renormalised) or of 8 (Qwen3-MoE, renormalised only
     # with norm_topk_prob; head_dim from hidden / heads when the config has none); a window of 3.
     "mixtral": lambda: transformers.MixtralConfig(**MOE, num_local_experts=4, num_experts_per_tok=2),
@@ -133,10 +132,17 @@ def _mask(valid: np.ndarray) -> MaskInfo:
     return MaskInfo.rows(valid, POS)
 
 
+def _from_config(cfg, **kwargs):
+    """transformers' fp32 model of `cfg` with eager attention: the reference implementation, which
+    applies Gemma 2's attention soft-cap under every transformers version (5.17's sdpa path
+    drops it)."""
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **kwargs)
+
+
 def _hf_model(name: str):
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = _from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # HF zero-inits biases and sets norms to 1: perturb all so loading shows
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -336,7 +342,7 @@ def test_window_on_some_layers_matches_transformers(name, sliding, saved):
             print(f"parity {name} scan_layers={scan} gradient_checkpointing={remat}: max|diff| = {diff:.2e}")
             assert diff <= 1e-4
     for kinds in (["sliding_attention"] * 2, ["full_attention"] * 2):
-        other = transformers.AutoModelForCausalLM.from_config(
+        other = _from_config(
             type(model.config)(**{**model.config.to_dict(), "layer_types": kinds}), dtype=torch.float32).eval()
         other.load_state_dict(model.state_dict())
         assert _max_diff(_hf_logits(other), ref) > 1e-3, kinds
@@ -349,7 +355,7 @@ def test_longrope_factors_matter(name, saved):
     _, ref, model = saved(name)
     rope = dict(model.config.rope_parameters)
     rope["short_factor"], rope["long_factor"] = rope["long_factor"], rope["short_factor"]
-    other = transformers.AutoModelForCausalLM.from_config(
+    other = _from_config(
         type(model.config)(**{**model.config.to_dict(), "rope_parameters": rope}), dtype=torch.float32).eval()
     other.load_state_dict(model.state_dict())
     assert _max_diff(_hf_logits(other), ref) > 1e-3
@@ -365,7 +371,7 @@ def test_gemma_softcaps_local_rope_matter(name, change, saved):
     reading the global RoPE (or the reverse), transformers' logits move, so matching them above
     means each was applied where transformers applies it."""
     _, ref, model = saved(name)
-    other = transformers.AutoModelForCausalLM.from_config(
+    other = _from_config(
         type(model.config)(**{**model.config.to_dict(), **change}), dtype=torch.float32).eval()
     other.load_state_dict(model.state_dict())
     assert _max_diff(_hf_logits(other), ref) > 1e-3
@@ -524,7 +530,7 @@ def test_qwen3_gguf_matches_transformers(tmp_path):
     head width and takes Qwen3Config's default, which every released Qwen3 uses."""
     torch.manual_seed(0)
     cfg = transformers.Qwen3Config(**{**TINY, "vocab_size": 259}, num_key_value_heads=2, head_dim=128)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = _from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -602,7 +608,7 @@ def test_gemma2_gguf_matches_transformers(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=32, sliding_window=3,
                                     tie_word_embeddings=True)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = _from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -611,7 +617,7 @@ def test_gemma2_gguf_matches_transformers(tmp_path):
     assert source.model_type == "gemma2"
     ours = _our_logits(source.path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file="tiny-gemma2.gguf", dtype=torch.float32).eval()
+        str(tmp_path), gguf_file="tiny-gemma2.gguf", dtype=torch.float32, attn_implementation="eager").eval()
     assert theirs.config.sliding_window == 3
     diff, written = _max_diff(ours, _hf_logits(theirs)), _max_diff(ours, _hf_logits(model))
     print(f"parity gemma2 gguf: max|diff| = {diff:.2e} (transformers on the GGUF), {written:.2e} (the model)")
@@ -623,7 +629,7 @@ def test_gemma1_gguf_is_refused_in_one_line(tmp_path):
     line naming the file and the architecture."""
     torch.manual_seed(0)
     cfg = transformers.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=32)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = _from_config(cfg, dtype=torch.float32).eval()
     _write_gemma_gguf(model, tmp_path / "tiny-gemma.gguf", "gemma")
     with pytest.raises(ValueError):
         transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file="tiny-gemma.gguf")
