@@ -30,9 +30,13 @@ from jaxpref.training.sinks import read_rows
 SAMPLE_PROMPTS = 4
 CURVES = (("loss", ("loss", "eval_loss")), ("eval reward accuracy", ("eval_rewards/accuracies",)),
           ("reward margin", ("rewards/margins", "eval_rewards/margins")),
-          ("log-probs (chosen -, rejected --)", ("logps/chosen", "logps/rejected")))
+          ("log-probs (chosen -, rejected --)", ("logps/chosen", "logps/rejected")),
+          # online methods: GRPO/RLOO log TRL's `reward` and `kl`, PPO and online DPO `objective/...`
+          ("reward (online)", ("reward", "objective/scores")), ("KL to the reference (online)", ("kl", "objective/kl")))
 OWN = {"kto": ("kl",), "orpo": ("log_odds_ratio", "log_odds_chosen", "nll_loss"), "cpo": ("nll_loss",),
-       "simpo": ("nll_loss",)}
+       "simpo": ("nll_loss",), "grpo": ("reward", "kl"), "rloo": ("reward", "kl"),
+       "online_dpo": ("objective/scores", "objective/kl"),
+       "ppo": ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg")}
 COLUMNS = ("model", "base model", "method (loss)", "LoRA r / alpha / targets", "steps", "epochs", "wall s",
            "tokens/s", "compile s", "peak host MiB", "peak device MiB", "train loss", "eval loss",
            "reward acc (train / eval)", "margin (train / eval)", "own metrics")
@@ -115,7 +119,7 @@ def row_of(r: RunInfo) -> list[str]:
         lora = "full fine-tune"
     else:
         lora = f"{_fmt(lo.get('r'))} / {_fmt(lo.get('lora_alpha'))} / {lo.get('target_modules')}"
-    train = [x for x in m if "loss" in x]
+    train = [x for x in m if "loss" in x or "objective/kl" in x]   # PPO logs no `loss`
     tps = [x["tokens_per_second"] for x in train[1:] if "tokens_per_second" in x]   # step 1 compiles
     fe = s.get("final_eval") or {}
     peak = s.get("peak_memory") or {}
@@ -123,7 +127,7 @@ def row_of(r: RunInfo) -> list[str]:
     base = ((cfg.get("models") or [{}])[0]).get("huggingface_id", "-")
     pair = lambda key: f"{_fmt(_last(train, key), 3)} / {_fmt(fe.get('eval_' + key), 3)}"
     return [r.name, base, f"{method} ({loss or 'default'})", lora, _fmt(s.get("steps")),
-            _fmt(_last(train, "epoch")), _fmt(s.get("wall_time_s")),
+            _fmt(_last(train, "epoch")), _fmt(s.get("wall_time_s", s.get("train_runtime"))),
             _fmt(round(statistics.median(tps), 1)) if tps else "-", _fmt(s.get("compile_time_s")),
             _fmt(peak.get("host_rss_mib")), _fmt(peak.get("device_peak_mib")), _fmt(_last(train, "loss")),
             _fmt(fe.get("eval_loss")), pair("rewards/accuracies"), pair("rewards/margins"), "; ".join(own) or "-"]
@@ -141,17 +145,24 @@ def plot_curves(runs: list[RunInfo], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
+    panels = [(t, keys) for t, keys in CURVES if any(k in x for r in runs for x in r.metrics for k in keys)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    axes = axes[0]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, keys) in zip(axes, CURVES):
+    for ax, (title, keys) in zip(axes, panels):
         for i, r in enumerate(runs):
             for j, key in enumerate(keys):
                 pts = [(x["step"], x[key]) for x in r.metrics if key in x and "step" in x]
                 if not pts:
                     continue
                 ev = key.startswith("eval_")
-                style = "o--" if ev else ("--" if j == 1 else "-")
-                label = f"{r.name} (eval)" if ev else (f"_{r.name}" if j == 1 else r.name)
+                # dashed: the second of a pair the run logs both of (rejected after chosen); a run
+                # with only the second key (PPO's objective/scores for `reward`) draws it solid
+                second = j == 1 and any(keys[0] in x for x in r.metrics)
+                style = "o--" if ev else ("--" if second else "-")
+                label = f"{r.name} (eval)" if ev else (f"_{r.name}" if second else r.name)
                 ax.plot(*zip(*pts), style, color=colours[i % len(colours)], label=label, markersize=4)
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -159,7 +170,9 @@ def plot_curves(runs: list[RunInfo], out: Path) -> Path | None:
     handles: dict = {}
     for line in (x for ax in axes for x in ax.lines if not x.get_label().startswith("_")):
         handles.setdefault(line.get_label(), line)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6),
+                   frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -200,6 +200,12 @@ def test_ppo_trains_from_the_cli(tmp_path, ppo_setup, tiny_llama, capsys):
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    # the report after the run: PPO's own metrics in its row, its reward and KL curves drawn
+    assert "report not written" not in err and (tmp_path / "out" / "report_curves.png").is_file()
+    row = next(x for x in (tmp_path / "out" / "report.md").read_text().splitlines() if x.startswith("| tiny |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "ppo (default)" and float(cells[6]) > 0, cells          # wall s: train_runtime
+    assert f"objective/scores {m2['objective/scores']:.4g}" in cells[-1], cells[-1]
 
 
 @pytest.mark.parametrize("post, training, needle", [
