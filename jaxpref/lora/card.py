@@ -46,7 +46,7 @@ def model_card(cfg: Config, index: int, summary: dict, kind: str) -> str:
         f"library_name: {'peft' if kind == 'adapter' else 'transformers'}", f"model_name: {entry.name}",
         "pipeline_tag: text-generation", "tags:", "- generated_from_trainer", "- jaxpref", f"- {pt.method}"]
     front += ["- lora"] if kind == "adapter" else []
-    front += ([f"datasets:", f"- {hub_data}"] if hub_data else []) + ["---", ""]
+    front += (["datasets:", f"- {hub_data}"] if hub_data else []) + ["---", ""]
     base = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{entry.huggingface_id}`"
     data = f"[{hub_data}](https://huggingface.co/datasets/{hub_data})" if hub_data else f"`{ds.name or 'in-memory data'}`"
     load = ("from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"PATH\")"

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpref.models.layers import ACTIVATIONS, PRECISIONS, Linear, matmul, upcast_on_cpu
 from jaxpref.models.spec import ArchArgs

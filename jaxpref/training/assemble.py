@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxpref.config import Config, EarlyStoppingConfig
 from jaxpref.data import prepare
-from jaxpref.errors import ConfigError, JaxprefError
+from jaxpref.errors import ConfigError
 from jaxpref.lora.peft import load_adapter
 from jaxpref.lora.tree import init_lora
 from jaxpref.models import weights
@@ -200,23 +200,8 @@ def _train_state(run: Run) -> None:
 def _restore(run: Run, force: bool, step: int | None = None, finished: bool = False) -> None:
     """The newest whole checkpoint (or `step`'s): state, data position, token count, early
     stopping and best-model state. Continuing from an earlier step sets the later ones aside."""
-    check = lambda meta: ckpt.check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
-    name = run.entry.name
-    try:
-        found = run.store.restore_latest(ckpt.abstract_of(run.state), check, force=force, step=step)
-        if found is None and (finished or step is not None):
-            why = (f"checkpoint {step} cannot be read" if step is not None
-                   else "the run finished without a checkpoint (finetuning.save_steps unset)")
-            raise JaxprefError(f"{run.run_dir}: {why}, so it cannot be continued to {run.total} steps; "
-                               "--overwrite-output-dir trains it again from the start")
-        if found is not None and found[0] > run.total:
-            raise JaxprefError(f"{run.run_dir}: its checkpoint is at step {found[0]}, past this run's {run.total} steps "
-                               "(training.max_steps / num_epochs); raise --max-steps, or --resume-from an earlier step")
-    except JaxprefError:
-        run.store.close()
-        raise
+    found = ckpt.resume_point(run, force, step, finished)
     if found is None:
-        print(f"[{name}] no checkpoint to resume from; starting fresh", file=sys.stderr)
         return
     run.start, run.state, meta = found
     run.it.restore(meta["iterator"])
@@ -228,13 +213,9 @@ def _restore(run: Run, force: bool, step: int | None = None, finished: bool = Fa
     if meta.get("best_saved"):
         run.best_lora = run.store.restore_best(run.start, ckpt.abstract_of(run.state.lora))
     run.stopped_early = bool(meta.get("stopped_early"))
-    if step is not None and run.is_main:
-        moved = run.store.set_aside_after(step)
-        if moved:
-            print(f"[{name}] checkpoints {', '.join(map(str, moved))} set aside in {run.store.dir} "
-                  f"(continuing from step {step})", file=sys.stderr)
+    ckpt.set_aside_later(run, step)
     more = f" to {run.total} steps" if finished and run.start < run.total and not run.stopped_early else ""
-    print(f"[{name}] resuming from step {run.start}{more}", file=sys.stderr)
+    print(f"[{run.entry.name}] resuming from step {run.start}{more}", file=sys.stderr)
 
 
 def _precomputed_reference(run: Run) -> None:

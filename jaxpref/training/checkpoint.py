@@ -194,6 +194,44 @@ def check_fingerprint(saved: dict, current: dict, run_dir: Path, force: bool) ->
             + (f" and {len(diffs) - 1} more" if len(diffs) > 1 else "") + "; use --resume-force to override")
 
 
+def resume_point(run, force: bool, step: int | None, finished: bool, refuse=None):
+    """(step, state, meta) of the newest whole checkpoint of `run` (or `step`'s), or None to start
+    fresh. One line (JaxprefError, the store closed) for what cannot be continued: a missing
+    checkpoint a finished run or `--resume-from` needs, one past `run.total` steps, or what
+    `refuse(found)` (a method's own rule) returns. `run`: the offline or online loop's Run
+    (store, state, fingerprint, run_dir, total)."""
+    check = lambda meta: check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
+    try:
+        found = run.store.restore_latest(abstract_of(run.state), check, force=force, step=step)
+        if found is None and (finished or step is not None):
+            why = (f"checkpoint {step} cannot be read" if step is not None
+                   else "the run finished without a checkpoint (finetuning.save_steps unset)")
+            raise JaxprefError(f"{run.run_dir}: {why}, so it cannot be continued to {run.total} steps; "
+                               "--overwrite-output-dir trains it again from the start")
+        if found is not None and found[0] > run.total:
+            raise JaxprefError(f"{run.run_dir}: its checkpoint is at step {found[0]}, past this run's {run.total} "
+                               "steps (training.max_steps / num_epochs); raise --max-steps, or --resume-from an "
+                               "earlier step")
+        why = refuse(found) if refuse is not None and found is not None else None
+        if why:
+            raise JaxprefError(f"{run.run_dir}: {why}")
+    except JaxprefError:
+        run.store.close()
+        raise
+    if found is None:
+        print(f"[{run.entry.name}] no checkpoint to resume from; starting fresh", file=sys.stderr)
+    return found
+
+
+def set_aside_later(run, step: int | None) -> None:
+    """`--resume-from step`: the checkpoints after it moved aside (never deleted), and said."""
+    if step is not None and run.is_main:
+        moved = run.store.set_aside_after(step)
+        if moved:
+            print(f"[{run.entry.name}] checkpoints {', '.join(map(str, moved))} set aside in {run.store.dir} "
+                  f"(continuing from step {step})", file=sys.stderr)
+
+
 def truncate_metrics(path: Path, step: int, final: bool = False) -> None:
     """Drop metric rows logged after `step` (they will be logged again, identically); `final` (the
     run resumes from its final checkpoint) drops the final evaluation at `step` too, which the

@@ -27,7 +27,6 @@ import math
 import sys
 from pathlib import Path
 
-from jaxpref.errors import JaxprefError
 from jaxpref.training import checkpoint as ckpt
 
 
@@ -83,41 +82,24 @@ def save(run, step: int, boundary: bool = True) -> None:
 def restore(run, force: bool, step: int | None, finished: bool) -> None:
     """The newest whole checkpoint (or `step`'s) into `run`: state, data position and the metrics
     window. Continuing from an earlier step sets the later checkpoints aside."""
-    name = run.entry.name
-    check = lambda meta: ckpt.check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
-    try:
-        found = run.store.restore_latest(ckpt.abstract_of(run.state), check, force=force, step=step)
-        if found is None and (finished or step is not None):
-            why = (f"checkpoint {step} cannot be read" if step is not None
-                   else "the run finished without a checkpoint (finetuning.save_steps unset)")
-            raise JaxprefError(f"{run.run_dir}: {why}, so it cannot be continued to {run.total} steps; "
-                               "--overwrite-output-dir trains it again from the start")
-        if found is not None and found[0] > run.total:
-            raise JaxprefError(f"{run.run_dir}: its checkpoint is at step {found[0]}, past this run's {run.total} "
-                               "steps (training.max_steps / num_epochs); raise --max-steps, or --resume-from an "
-                               "earlier step")
-        if found is not None and not found[2].get("boundary", True) and found[0] < run.total:
-            raise JaxprefError(f"{run.run_dir}: checkpoint {found[0]} was taken inside a generation (the run's last "
-                               f"step, post_training.num_iterations {run.cfg.post_training.num_iterations}), so it "
-                               "cannot be continued to more steps; --resume-from an earlier step")
-    except JaxprefError:
-        run.store.close()
-        raise
+    def inside_a_generation(found) -> str | None:
+        if not found[2].get("boundary", True) and found[0] < run.total:
+            return (f"checkpoint {found[0]} was taken inside a generation (the run's last step, "
+                    f"post_training.num_iterations {run.cfg.post_training.num_iterations}), so it cannot be "
+                    "continued to more steps; --resume-from an earlier step")
+        return None
+
+    found = ckpt.resume_point(run, force, step, finished, refuse=inside_a_generation)
     if found is None:
-        print(f"[{name}] no checkpoint to resume from; starting fresh", file=sys.stderr)
         return
     run.start, run.state, meta = found
     run.generation = int(meta["generation"])
     for k in run.COUNTERS:
         setattr(run, k, int(meta.get(k, 0)))
     run.window = [{k: (math.nan if v is None else v) for k, v in w.items()} for w in meta.get("window", [])]
-    if step is not None and run.is_main:
-        moved = run.store.set_aside_after(step)
-        if moved:
-            print(f"[{name}] checkpoints {', '.join(map(str, moved))} set aside in {run.store.dir} "
-                  f"(continuing from step {step})", file=sys.stderr)
+    ckpt.set_aside_later(run, step)
     more = f" to {run.total} steps" if finished and run.start < run.total else ""
-    print(f"[{name}] resuming from step {run.start}{more}", file=sys.stderr)
+    print(f"[{run.entry.name}] resuming from step {run.start}{more}", file=sys.stderr)
 
 
 def truncate_samples(path: Path, step: int) -> None:
