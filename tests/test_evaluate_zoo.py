@@ -1,9 +1,13 @@
-"""`jaxpref.evaluate` on Gemma 2 and a mixture of experts: each pair's summed completion log-probs
-equal transformers' (and, with a PEFT adapter, PEFT's) over the token ids that TRL's DPOTrainer
-makes from the same rows, in standard and conversational data.
+"""`jaxpref.evaluate` on the model zoo: each pair's summed completion log-probs equal
+transformers' (and, with a PEFT adapter, PEFT's) over the token ids that TRL's DPOTrainer makes
+from the same rows, in standard and conversational data.
 
 Gemma 2 brings the soft-caps (the final one inside the log-probs), pre/post norms, a window of 3
-positions (shorter than every row) and (1 + weight) norms; Qwen3-MoE its top-2-of-4 routing.
+positions (shorter than every row) and (1 + weight) norms; Qwen3 its q/k norms and a window on its
+first layer only; OLMo 2 its post-norms and full-width q/k norms; Phi-3 its fused qkv_proj (the
+adapter on it) with half of each head rotated and a window; Qwen3-MoE and Mixtral their top-2-of-4
+routing (Mixtral with a window). Gemma 2 and one Qwen3-MoE case run by default, the rest in the
+slow group (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -37,14 +41,26 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endofte
             "{% if add_generation_prompt %}assistant:{% endif %}")
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128, tie_word_embeddings=False)
+# name -> (config of vocabulary size v, the LoRA targets as PEFT names them).
+QV = ["q_proj", "v_proj"]
 ARCHS = {
-    "gemma2": lambda v: transformers.Gemma2Config(
+    "gemma2": (lambda v: transformers.Gemma2Config(
         vocab_size=v, **SMALL, intermediate_size=128, head_dim=32, query_pre_attn_scalar=24,
         sliding_window=3, attn_logit_softcapping=0.3, final_logit_softcapping=0.8,
-        attn_implementation="eager"),
-    "qwen3_moe": lambda v: transformers.Qwen3MoeConfig(
+        attn_implementation="eager"), QV),
+    "qwen3_moe": (lambda v: transformers.Qwen3MoeConfig(
         vocab_size=v, **SMALL, intermediate_size=48, head_dim=32, moe_intermediate_size=32,
-        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True), QV),
+    "qwen3": (lambda v: transformers.Qwen3Config(
+        vocab_size=v, **SMALL, intermediate_size=128, head_dim=32, use_sliding_window=True,
+        sliding_window=3, max_window_layers=1), QV),
+    "olmo2": (lambda v: transformers.Olmo2Config(vocab_size=v, **SMALL, intermediate_size=128), QV),
+    "phi3": (lambda v: transformers.Phi3Config(
+        vocab_size=v, **SMALL, intermediate_size=128, partial_rotary_factor=0.5, sliding_window=3,
+        pad_token_id=0, eos_token_id=0), ["qkv_proj", "o_proj"]),
+    "mixtral": (lambda v: transformers.MixtralConfig(
+        vocab_size=v, **SMALL, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=3), QV),
 }
 BETA = 0.5
 
@@ -103,14 +119,15 @@ def test_evaluate_logps_match_transformers_and_peft(arch, fmt, trl_ids, tmp_path
 
     tok, theirs = trl_ids
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(ARCHS[arch](len(tok)), dtype=torch.float32).eval()
+    config, targets = ARCHS[arch]
+    model = transformers.AutoModelForCausalLM.from_config(config(len(tok)), dtype=torch.float32).eval()
     with torch.no_grad():  # biases and norms away from their trivial init
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
     pm.save_pretrained(tmp_path / "adapter")
 
     data = tmp_path / "pairs.jsonl"
@@ -119,7 +136,7 @@ def test_evaluate_logps_match_transformers_and_peft(arch, fmt, trl_ids, tmp_path
     cfg.write_text(yaml.safe_dump({
         "models": [{"name": arch, "huggingface_id": str(tmp_path / "model")}],
         "dataset": {"name": str(data)}, "post_training": {"method": "dpo", "beta": BETA},
-        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": targets},
         "training": {"per_device_eval_batch_size": 2, "max_length": 64}}))
     monkeypatch.chdir(tmp_path)  # the tokenized cache lands under ./checkpoints/.cache
     out = tmp_path / "out.jsonl"

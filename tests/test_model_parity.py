@@ -478,25 +478,45 @@ def test_pytorch_bin_only_says_convert(tmp_path):
         load_params(build(resolve(str(tmp_path))))
 
 
-def _write_qwen3_gguf(model, path) -> None:
-    """A tiny Qwen3 as llama.cpp writes one: F32 tensors under GGUF names (q/k not permuted for
-    Qwen), the shape in metadata, a byte-level vocabulary: the 256 byte symbols, two merges, EOS
-    (two: transformers before 5.2x reads a one-element GGUF array as its element, a string)."""
+_GGUF_NAMES = {
+    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+    "mlp.experts.down_proj": "ffn_down_exps"}
+
+
+def _gguf_llama_permute(x: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation for `llama` files (its converter's `permute`)."""
+    return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _write_gguf(model, path, arch: str = "qwen3") -> None:
+    """A tiny model as llama.cpp writes one: F32 tensors under GGUF names (q/k rows permuted for
+    `llama` only), a mixture's experts stacked [E, out, in] (`ffn_gate_exps`, `ffn_up_exps`,
+    `ffn_down_exps`) with its router `ffn_gate_inp`, the shape in metadata, a byte-level
+    vocabulary: the 256 byte symbols, two merges, EOS (two: transformers before 5.2x reads a
+    one-element GGUF array as its element, a string)."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     c = model.config
-    w = gguf.GGUFWriter(str(path), "qwen3")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    w.add_key_length(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    w.add_value_length(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if getattr(c, "num_experts_per_tok", None):
+        w.add_expert_count(getattr(c, "num_experts", None) or c.num_local_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(getattr(c, "moe_intermediate_size", c.intermediate_size))
     tokens = list(bytes_to_unicode().values()) + ["\u0120t", "th", "<|endoftext|>"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -504,20 +524,19 @@ def _write_qwen3_gguf(model, path) -> None:
     w.add_token_types([1] * 258 + [3])
     w.add_token_merges(["\u0120 t", "t h"])
     w.add_eos_token_id(258)
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-             "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
     for key, t in model.state_dict().items():
-        mod = key.removesuffix(".weight")
-        if mod.startswith("model.layers."):
-            i, rest = mod.split(".", 3)[2:]
-            name = f"blk.{i}.{names[rest]}.weight"
-        else:
-            name = f"{names[mod]}.weight"
-        w.add_tensor(name, t.detach().numpy().astype(np.float32))
+        x, mod = t.detach().numpy().astype(np.float32), key.removesuffix(".weight")
+        if not mod.startswith("model.layers."):
+            w.add_tensor(f"{_GGUF_NAMES[mod]}.weight", x)
+            continue
+        i, rest = mod.split(".", 3)[2:]
+        if rest == "mlp.experts.gate_up_proj":  # [E, 2I, D]: gate rows first
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(x[:, : x.shape[1] // 2]))
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(x[:, x.shape[1] // 2:]))
+            continue
+        if arch == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):
+            x = _gguf_llama_permute(x, c.num_attention_heads if "q_proj" in rest else c.num_key_value_heads)
+        w.add_tensor(f"blk.{i}.{_GGUF_NAMES[rest]}.weight", x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -534,12 +553,64 @@ def test_qwen3_gguf_matches_transformers(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    _write_qwen3_gguf(model, tmp_path / "tiny-qwen3.gguf")
+    _write_gguf(model, tmp_path / "tiny-qwen3.gguf")
     source = resolve(str(tmp_path / "tiny-qwen3.gguf"), cache_root=tmp_path / "cache")
     assert source.model_type == "qwen3"
     diff = _max_diff(_our_logits(source.path), _hf_logits(model))
     print(f"parity qwen3 gguf: max|diff| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("width", [768, 32])
+def test_qwen3_moe_gguf_matches_transformers(width, tmp_path):
+    """A Qwen3-MoE GGUF (`qwen3moe`: q/k norms, head_dim 32 from `key_length`, the experts
+    stacked as llama.cpp stores them, top 2 of 4 renormalised) converted and read by jaxpref: the
+    logits of the model it was written from, and at expert width 768 those transformers gives
+    reading the same file. transformers' config of such a file keeps Qwen3MoeConfig's expert width
+    (768) whatever the file says, so it cannot load the width-32 file; jaxpref reads the width from
+    `expert_feed_forward_length`."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(**{**MOE, "vocab_size": 259}, head_dim=32, moe_intermediate_size=width,
+                                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _write_gguf(model, tmp_path / "tiny-qwen3moe.gguf", "qwen3moe")
+    source = resolve(str(tmp_path / "tiny-qwen3moe.gguf"), cache_root=tmp_path / "cache")
+    assert source.model_type == "qwen3_moe"
+    ours = _our_logits(source.path)
+    written = _max_diff(ours, _hf_logits(model))
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny-qwen3moe.gguf", dtype=torch.float32).eval()
+    if width == 768:
+        diff = _max_diff(ours, _hf_logits(load()))
+        print(f"parity qwen3_moe gguf: max|diff| = {diff:.2e} (transformers on the GGUF), {written:.2e} (the model)")
+        assert diff <= 1e-4
+    else:
+        with pytest.raises(RuntimeError, match="mismatched"):
+            load()
+        print(f"parity qwen3_moe gguf, expert width 32: max|diff| = {written:.2e} (the model)")
+    assert written <= 1e-4
+
+
+def test_mixtral_gguf_is_refused_in_one_line(tmp_path):
+    """llama.cpp writes Mixtral as `llama` with stacked experts; transformers reads such a file as
+    a dense Llama (no experts in its config, the MLP weights missing), so there is nothing to pin
+    jaxpref's reading to: the conversion and the dry-run's metadata refuse it in one line naming
+    the file and an expert tensor."""
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(**{**MOE, "vocab_size": 259}, num_local_experts=4, num_experts_per_tok=2)
+    _write_gguf(transformers.AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-mixtral.gguf", "llama")
+    theirs = transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file="tiny-mixtral.gguf")
+    assert theirs.model_type == "llama" and not hasattr(theirs, "num_local_experts")
+    for weights in (False, True):
+        with pytest.raises(ModelSourceError) as e:
+            resolve(str(tmp_path / "tiny-mixtral.gguf"), cache_root=tmp_path / "cache", weights=weights)
+        msg = str(e.value)
+        assert "\n" not in msg and "tiny-mixtral.gguf" in msg and "blk.0.ffn_" in msg and "`llama`" in msg, msg
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+    print(msg)
 
 
 _GEMMA_GGUF_NAMES = {

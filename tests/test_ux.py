@@ -191,13 +191,13 @@ def test_gguf_conversion_says_so_and_counts_tensors_in_a_terminal(tmp_path, monk
     import transformers
 
     from jaxpref.models import gguf_convert
-    from test_model_parity import TINY, _write_qwen3_gguf
+    from test_model_parity import TINY, _write_gguf
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
-        transformers.Qwen3Config(**{**TINY, "vocab_size": 258}, num_key_value_heads=2, head_dim=128))
+        transformers.Qwen3Config(**{**TINY, "vocab_size": 259}, num_key_value_heads=2, head_dim=128))
     gguf = tmp_path / "tiny-qwen3.gguf"
-    _write_qwen3_gguf(model, gguf)
+    _write_gguf(model, gguf)
     n = len(model.state_dict())
     # --dry-run reads the config and tokenizer from the GGUF's metadata: nothing dequantised.
     from jaxpref.models.source import resolve

@@ -5,7 +5,9 @@ Q8_0, the K-quants Q2_K to Q6_K, ...). llama.cpp permutes the rows of Llama's q_
 its rotary layout, and stores Gemma's RMSNorm weights plus one (its norm multiplies by the weight,
 Gemma's by 1 + weight); both are undone here. A Gemma GGUF without a chat template (those
 converted from Google's base checkpoints) gets Gemma's (`chat_templates/gemma.jinja`, Google's
-Gemma 3 template: `<start_of_turn>user ... <end_of_turn>`). The config and tokenizer are read by
+Gemma 3 template: `<start_of_turn>user ... <end_of_turn>`). Qwen3-MoE's stacked expert tensors
+are split into the per-expert tensors of its checkpoints; a mixture of experts under any other
+architecture (Mixtral's files say `llama`) is refused. The config and tokenizer are read by
 transformers' own GGUF support, which imports torch: in a process that hides torch (the jaxpref
 command lines, jaxpref/runtime/no_torch.py) the conversion runs in a child Python. Conversion happens once;
 later runs read the cache.
@@ -45,16 +47,25 @@ _GGUF_NAMES = [
     (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{}.mlp.down_proj.weight"),
     (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{}.self_attn.q_norm.weight"),
     (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{}.self_attn.k_norm.weight"),
+    # Qwen3-MoE: the router, and the experts stacked [E, out, in], split into one tensor per expert.
+    (r"blk\.(\d+)\.ffn_gate_inp\.weight", "model.layers.{}.mlp.gate.weight"),
+    (r"blk\.(\d+)\.ffn_gate_exps\.weight", "model.layers.{}.mlp.experts.{{e}}.gate_proj.weight"),
+    (r"blk\.(\d+)\.ffn_up_exps\.weight", "model.layers.{}.mlp.experts.{{e}}.up_proj.weight"),
+    (r"blk\.(\d+)\.ffn_down_exps\.weight", "model.layers.{}.mlp.experts.{{e}}.down_proj.weight"),
 ]
+# Expert tensors: stacked (`_exps`) or one per expert (`ffn_gate.3`, older Mixtral files), and routers.
+_EXPERT_TENSOR = re.compile(r"blk\.\d+\.ffn_(gate_inp|(gate|up|down)(_exps|\.\d+))\.weight")
 # Gemma 2/3: a norm before and after each sublayer; llama.cpp's `ffn_norm` is the one before the MLP.
 _GEMMA_NAMES = [
     (r"blk\.(\d+)\.post_attention_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
     (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.pre_feedforward_layernorm.weight"),
     (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{}.post_feedforward_layernorm.weight"),
 ]
-# Gemma 1 is not here: transformers reads no config from its GGUF files.
+# Gemma 1 is not here: transformers reads no config from its GGUF files. Mixtral (llama.cpp's
+# `llama` with experts) neither: transformers reads it as a dense Llama without its MLP weights.
 GEMMA = ("gemma2", "gemma3")
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3") + GEMMA
+MOE = ("qwen3moe",)
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3") + GEMMA + MOE
 GEMMA_TEMPLATE = Path(__file__).with_name("chat_templates") / "gemma.jinja"
 PROGRESS_FD = "JAXPREF_PROGRESS_FD"  # the child's descriptor for its bar (the parent's terminal)
 CONVERTER_VERSION = 2  # part of the cache key: a fixed converter never reuses an old conversion
@@ -97,6 +108,10 @@ def gguf_metadata(path: Path, cache_root: Path) -> Path:
     import gguf
     try:
         reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelSourceError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".splitlines()[0])
+    _check_architecture(reader, path)
+    try:
         cfg = _config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), reader)
         tok = _tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), reader)
     except Exception as e:
@@ -152,10 +167,7 @@ def _convert(path: Path, cache_root: Path) -> Path:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
         raise ModelSourceError(f"cannot read GGUF file {path}: {e}")
-    arch = str(reader.fields["general.architecture"].contents())
-    if arch not in SUPPORTED:
-        raise ModelSourceError(f"GGUF {path.name}: architecture `{arch}` is not supported "
-                               f"(supported: {', '.join(SUPPORTED)})")
+    arch = _check_architecture(reader, path)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -167,6 +179,9 @@ def _convert(path: Path, cache_root: Path) -> Path:
             continue
         w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+        if "{e}" in name:
+            tensors.update({name.format(e=e): np.ascontiguousarray(x) for e, x in enumerate(w)})
+            continue
         if arch in GEMMA and name.endswith("norm.weight"):
             w = w - np.float32(1.0)
         elif arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -186,13 +201,30 @@ def _convert(path: Path, cache_root: Path) -> Path:
     return out
 
 
+def _check_architecture(reader, path: Path) -> str:
+    """The GGUF's architecture, if jaxpref reads it (one line naming the file otherwise)."""
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in SUPPORTED:
+        raise ModelSourceError(f"GGUF {path.name}: architecture `{arch}` is not supported "
+                               f"(supported: {', '.join(SUPPORTED)})")
+    experts = next((t.name for t in reader.tensors if _EXPERT_TENSOR.fullmatch(t.name)), None)
+    if experts and arch not in MOE:
+        raise ModelSourceError(f"GGUF {path.name}: a mixture of experts (`{experts}`) under architecture "
+                               f"`{arch}` (Mixtral) is not supported: transformers reads it as a dense model; "
+                               "give the safetensors checkpoint instead")
+    return arch
+
+
 def _config(cfg, reader):
-    """transformers' config of a GGUF, with what it leaves out for Gemma: the soft-caps llama.cpp
-    writes for Gemma 2 (transformers takes its defaults); Gemma 3's linear RoPE scaling of the
-    global layers (4B and larger); and Gemma 2 27B's score scale, which llama.cpp decides by the
-    layer count (46): 1/sqrt(hidden / heads) there, 1/sqrt(head_dim) elsewhere."""
+    """transformers' config of a GGUF, with what it leaves out: Qwen3-MoE's expert width
+    (transformers keeps its default, 768); the soft-caps llama.cpp writes for Gemma 2 (transformers
+    takes its defaults); Gemma 3's linear RoPE scaling of the global layers (4B and larger); and
+    Gemma 2 27B's score scale, which llama.cpp decides by the layer count (46): 1/sqrt(hidden /
+    heads) there, 1/sqrt(head_dim) elsewhere."""
     arch = str(reader.fields["general.architecture"].contents())
     field = lambda key: reader.fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in reader.fields else None
+    if arch == "qwen3moe" and field("expert_feed_forward_length") is not None:
+        cfg.moe_intermediate_size = int(field("expert_feed_forward_length"))
     if arch not in GEMMA:
         return cfg
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
