@@ -27,6 +27,33 @@ PROMPTS = ["what is one and one ?", "is the sun hot ?", "what is two and two ?",
 ANSWERS = ["two", "yes", "four", "yes", "cold", "yes"]
 
 
+def train_ok(cfg, out, capsys) -> tuple:
+    """`jaxpref train --config cfg --output-dir out` that must succeed: (the run folder of the
+    config's model `tiny`, its metrics.jsonl rows, its samples.jsonl rows)."""
+    from jaxpref import train
+
+    code = train.main(["--config", str(cfg), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    run_dir = out / "tiny"
+    rows = lambda name: [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
+    return run_dir, rows("metrics.jsonl"), rows("samples.jsonl")
+
+
+def train_refused(cfg, out, capsys, needles) -> None:
+    """`jaxpref train` that must exit 2 with one `jaxpref: error` line naming each of `needles`,
+    no traceback."""
+    from jaxpref import train
+
+    code = train.main(["--config", str(cfg), "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [x for x in err.splitlines() if x.startswith("jaxpref: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
 def write_prompts_and_rewards(d, n: int = len(PROMPTS), name: str = "prompts.jsonl"):
     """rewards.py and `name` (the first `n` of the prompts, repeated as needed) in the folder `d`."""
     (d / "rewards.py").write_text(REWARDS)

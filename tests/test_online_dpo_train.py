@@ -5,15 +5,13 @@ and `python -m jaxpref.train` trains it, logs TRL's metric names and saves an ad
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import write_config
-from jaxpref import train
-from online_fixtures import one_device_and_mesh, online_setup  # noqa: F401  (the module fixture)
+from online_fixtures import one_device_and_mesh, online_setup, train_ok  # noqa: F401  (the module fixture)
 
 METRICS = ("objective/scores_margin", "objective/scores", "val/contain_eos_token", "logps/chosen",
            "logps/rejected", "objective/kl", "objective/non_score_reward", "objective/rlhf_reward",
@@ -120,12 +118,7 @@ def test_online_dpo_trains_from_the_cli(tmp_path, online_setup, capsys):  # noqa
 
     d = online_setup
     cfg = _config(d, "cli", temperature=0.9, missing_eos_penalty=0.5)
-    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 0, err
-    run_dir = tmp_path / "out" / "tiny"
-    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    run_dir, metrics, samples = train_ok(cfg, tmp_path / "out", capsys)
     assert [m["step"] for m in metrics] == [1, 2]
     for k in METRICS + ("loss", "grad_norm", "learning_rate", "time/generate", "time/update"):
         assert k in metrics[0], k

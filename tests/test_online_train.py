@@ -4,13 +4,11 @@ TRL's formulas (GRPOTrainer / RLOOTrainer, written out in torch) on the completi
 sampled and wrote to samples.jsonl."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from conftest import write_config
-from jaxpref import train
-from online_fixtures import one_device_and_mesh, online_setup  # noqa: F401  (the module fixture)
+from online_fixtures import (one_device_and_mesh, online_setup, train_ok,  # noqa: F401  (the module fixture)
+                             train_refused)
 
 def run(tmp_path, d, capsys, **post):
     pt = {"method": "grpo", "reward_funcs": [str(d / "rewards.py") + ":digit_share", "rewards.py:wants_answer"],
@@ -18,12 +16,7 @@ def run(tmp_path, d, capsys, **post):
     cfg = write_config(d / f"{post.get('method', 'grpo')}.yaml", d / "model", d / "prompts.jsonl", post_training=pt,
                        training={"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                                  "learning_rate": 1.0e-2, "logging_steps": 1, "seed": 0, "max_prompt_length": 32})
-    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    run_dir = tmp_path / "out" / "tiny"
-    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    run_dir, metrics, samples = train_ok(cfg, tmp_path / "out", capsys)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     return metrics, samples
 
@@ -155,13 +148,7 @@ def test_bad_online_inputs_are_one_line_errors(tmp_path, online_setup, capsys, p
           "max_completion_length": 4, **post}
     cfg = write_config(d / "bad.yaml", d / "model", d / "prompts.jsonl", post_training=pt,
                        training={"max_steps": 1, "per_device_train_batch_size": 4, **training})
-    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
+    train_refused(cfg, tmp_path / "out", capsys, needles)
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ the command line with TRL's metric names, a PEFT adapter and the value head besi
 as one-line errors."""
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import write_config
-from jaxpref import train
-from online_fixtures import ppo_setup  # noqa: F401  (the module fixture)
+from online_fixtures import ppo_setup, train_ok, train_refused  # noqa: F401  (the module fixture)
 
 PROMPTS = [[1, 14, 11, 24, 15, 24], [1, 11, 28, 32], [1, 14, 11, 12, 13, 11, 31], [1, 11, 25, 27]]
 COMPLETIONS = [[10, 29, 2], [30, 31, 32, 33, 34, 35], [2], [36, 29, 40, 2]]   # 2: EOS; the second fills C
@@ -171,12 +169,7 @@ def test_ppo_trains_from_the_cli(tmp_path, ppo_setup, tiny_llama, capsys):
     from transformers import AutoModelForCausalLM
 
     cfg = _config(ppo_setup, tiny_llama, training={"lr_scheduler_type": "linear"})
-    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 0, err
-    run_dir = tmp_path / "out" / "tiny"
-    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    run_dir, metrics, samples = train_ok(cfg, tmp_path / "out", capsys)
     assert [m["step"] for m in metrics] == [1, 2]
     m1, m2 = metrics
     assert TRL_METRICS | {"time/generate", "time/update"} <= set(m1)
@@ -201,7 +194,7 @@ def test_ppo_trains_from_the_cli(tmp_path, ppo_setup, tiny_llama, capsys):
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
     # the report after the run: PPO's own metrics in its row, its reward and KL curves drawn
-    assert "report not written" not in err and (tmp_path / "out" / "report_curves.png").is_file()
+    assert (tmp_path / "out" / "report_curves.png").is_file()
     row = next(x for x in (tmp_path / "out" / "report.md").read_text().splitlines() if x.startswith("| tiny |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "ppo (default)" and float(cells[6]) > 0, cells          # wall s: train_runtime
@@ -218,13 +211,7 @@ def test_ppo_trains_from_the_cli(tmp_path, ppo_setup, tiny_llama, capsys):
     ({}, {"per_device_train_batch_size": 4}, "fewer than one rollout batch"),
 ])
 def test_bad_ppo_keys_are_one_line_errors(tmp_path, ppo_setup, tiny_llama, capsys, post, training, needle):
-    code = train.main(["--config", str(_config(ppo_setup, tiny_llama, post, training)),
-                       "--output-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
+    train_refused(_config(ppo_setup, tiny_llama, post, training), tmp_path / "out", capsys, [needle])
 
 
 @pytest.mark.slow

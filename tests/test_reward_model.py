@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import make_tokenizer, write_config
-from jaxpref import train
 from jaxpref.data.rewards import load_reward_func
+from online_fixtures import train_ok, train_refused
 
 
 def save_reward_model(path: Path, num_labels: int = 1, pad_is_eos: bool = False, seed: int = 0) -> Path:
@@ -160,12 +160,8 @@ def grpo_config(d: Path, funcs: list, weights=None) -> Path:
 def test_grpo_with_a_reward_model_and_a_function_logs_trls_names(tmp_path, grpo_setup, capsys):
     d = grpo_setup
     cfg = grpo_config(d, ["judge", "rewards.py:length"], [2.0, 0.5])
-    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 0, err
-    run_dir = tmp_path / "out" / "tiny"
-    m = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    _, metrics, samples = train_ok(cfg, tmp_path / "out", capsys)
+    m = metrics[0]
     name, want = trl_rewards(d / "judge", [s["prompt"] for s in samples], [s["completion"] for s in samples])
     assert name == "judge"
     got = np.array([s["rewards"]["judge"] for s in samples])
@@ -186,13 +182,7 @@ def test_grpo_with_a_reward_model_and_a_function_logs_trls_names(tmp_path, grpo_
 ])
 def test_folders_that_are_not_reward_models_are_one_line_errors(tmp_path, grpo_setup, capsys, entry, needles):
     cfg = grpo_config(grpo_setup, [entry])
-    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
+    train_refused(cfg, tmp_path / "out", capsys, needles)
 
 
 def test_a_folder_without_a_score_head_is_refused(tmp_path, tiny_llama):
