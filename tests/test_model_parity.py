@@ -139,14 +139,19 @@ def _from_config(cfg, **kwargs):
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **kwargs)
 
 
-def _hf_model(name: str):
+def _perturbed(cfg):
+    """transformers' fp32 model of `cfg`, seed 0, every weight perturbed: HF zero-inits biases and
+    sets norms to 1, so a weight read wrongly would not show otherwise."""
     torch.manual_seed(0)
-    cfg = CONFIGS[name]()
     model = _from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # HF zero-inits biases and sets norms to 1: perturb all so loading shows
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
+
+
+def _hf_model(name: str):
+    return _perturbed(CONFIGS[name]())
 
 
 def _hf_logits(model) -> np.ndarray:
@@ -547,12 +552,8 @@ def test_qwen3_gguf_matches_transformers(tmp_path):
     """A Qwen3 GGUF (q/k norms included) converted and read by jaxpref: transformers' logits of
     the model it was written from. head_dim is 128: transformers' Qwen3 GGUF config reads no
     head width and takes Qwen3Config's default, which every released Qwen3 uses."""
-    torch.manual_seed(0)
     cfg = transformers.Qwen3Config(**{**TINY, "vocab_size": 259}, num_key_value_heads=2, head_dim=128)
-    model = _from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = _perturbed(cfg)
     _write_gguf(model, tmp_path / "tiny-qwen3.gguf")
     source = resolve(str(tmp_path / "tiny-qwen3.gguf"), cache_root=tmp_path / "cache")
     assert source.model_type == "qwen3"
@@ -569,13 +570,9 @@ def test_qwen3_moe_gguf_matches_transformers(width, tmp_path):
     reading the same file (and at width 32 where transformers reads it: 5.17 does; 5.23's config
     keeps Qwen3MoeConfig's expert width, 768, whatever the file says). jaxpref reads the width from
     `expert_feed_forward_length`."""
-    torch.manual_seed(0)
     cfg = transformers.Qwen3MoeConfig(**{**MOE, "vocab_size": 259}, head_dim=32, moe_intermediate_size=width,
                                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = _perturbed(cfg)
     _write_gguf(model, tmp_path / "tiny-qwen3moe.gguf", "qwen3moe")
     source = resolve(str(tmp_path / "tiny-qwen3moe.gguf"), cache_root=tmp_path / "cache")
     assert source.model_type == "qwen3_moe"
@@ -600,7 +597,6 @@ def test_mixtral_gguf_is_refused_in_one_line(tmp_path):
     a dense Llama (no experts in its config, the MLP weights missing), so there is nothing to pin
     jaxpref's reading to: the conversion and the dry-run's metadata refuse it in one line naming
     the file and an expert tensor."""
-    torch.manual_seed(0)
     cfg = transformers.MixtralConfig(**{**MOE, "vocab_size": 259}, num_local_experts=4, num_experts_per_tok=2)
     _write_gguf(transformers.AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-mixtral.gguf", "llama")
     theirs = transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file="tiny-mixtral.gguf")
@@ -680,10 +676,7 @@ def test_gemma2_gguf_matches_transformers(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=32, sliding_window=3,
                                     tie_word_embeddings=True)
-    model = _from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = _perturbed(cfg)
     _write_gemma_gguf(model, tmp_path / "tiny-gemma2.gguf", "gemma2")
     source = resolve(str(tmp_path / "tiny-gemma2.gguf"), cache_root=tmp_path / "cache")
     assert source.model_type == "gemma2"
