@@ -610,21 +610,16 @@ def test_mixtral_gguf_is_refused_in_one_line(tmp_path):
     print(msg)
 
 
-_GEMMA_GGUF_NAMES = {
-    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-
-
 def _write_gemma_gguf(model, path, arch: str) -> None:
-    """A tiny Gemma as llama.cpp writes one: F32 tensors under GGUF names, the RMSNorm weights
+    """A tiny Gemma as llama.cpp writes one: F32 tensors under the GGUF names the `gguf` package
+    gives that architecture (llama.cpp's converter's table: Gemma 1's `post_attention_layernorm`
+    is `ffn_norm`, Gemma 2's `post_attention_norm`), the RMSNorm weights
     plus one (llama.cpp's norm multiplies by the weight), q/k not permuted, tied embeddings (no
     `output`), the soft-caps and window in metadata, a SentencePiece-style vocabulary."""
     import gguf
 
     c = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -652,14 +647,9 @@ def _write_gemma_gguf(model, path, arch: str) -> None:
     w.add_bos_token_id(2)
     w.add_unk_token_id(3)
     for key, t in model.state_dict().items():
-        mod = key.removesuffix(".weight")
-        if mod == "lm_head":
+        if key == "lm_head.weight":
             continue   # tied
-        if mod.startswith("model.layers."):
-            i, rest = mod.split(".", 3)[2:]
-            name = f"blk.{i}.{_GEMMA_GGUF_NAMES[rest]}.weight"
-        else:
-            name = f"{_GEMMA_GGUF_NAMES[mod]}.weight"
+        name = names.get_name(key, try_suffixes=(".weight",))
         x = t.detach().numpy().astype(np.float32)
         w.add_tensor(name, x + 1.0 if "norm" in name else x)
     w.write_header_to_file()
@@ -689,19 +679,69 @@ def test_gemma2_gguf_matches_transformers(tmp_path):
     assert diff <= 1e-4 and written <= 1e-4
 
 
-def test_gemma1_gguf_is_refused_in_one_line(tmp_path):
-    """transformers reads no config from a Gemma 1 (`gemma`) GGUF, so neither does jaxpref: one
-    line naming the file and the architecture."""
+def test_gemma1_gguf_matches_transformers(tmp_path):
+    """A Gemma 1 GGUF (`gemma`: two norms a layer stored plus one, q/k not permuted, tied
+    embeddings), whose config transformers does not read: jaxpref makes it from the metadata (for
+    the conversion and for --dry-run's metadata alike), its logits equal those of the model the
+    file was written from, and its tokenizer encodes as transformers' tokenizer of a Gemma 2 GGUF
+    with the same vocabulary."""
     torch.manual_seed(0)
-    cfg = transformers.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=32)
+    cfg = transformers.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 100.0})
     model = _from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     _write_gemma_gguf(model, tmp_path / "tiny-gemma.gguf", "gemma")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):   # were it to read one, the test should compare with it
         transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file="tiny-gemma.gguf")
-    with pytest.raises(ModelSourceError) as e:
-        load_params(build(resolve(str(tmp_path / "tiny-gemma.gguf"), cache_root=tmp_path / "cache")))
-    msg = str(e.value)
-    assert "\n" not in msg and "tiny-gemma.gguf" in msg and "gemma" in msg, msg
+    source = resolve(str(tmp_path / "tiny-gemma.gguf"), cache_root=tmp_path / "cache")
+    meta = resolve(str(tmp_path / "tiny-gemma.gguf"), cache_root=tmp_path / "meta", weights=False)
+    assert source.model_type == "gemma" and meta.hf_config == source.hf_config
+    ours_cfg = transformers.AutoConfig.from_pretrained(str(source.path))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings"):
+        assert getattr(ours_cfg, key) == getattr(cfg, key), key
+    assert ours_cfg.rope_parameters["rope_theta"] == 100.0
+    assert ours_cfg.rms_norm_eps == pytest.approx(1e-5, rel=1e-6)   # stored as float32
+    ours = _our_logits(source.path)
+    diff = _max_diff(ours, _hf_logits(model))
+    print(f"parity gemma gguf: max|diff| = {diff:.2e} (the model)")
+    assert diff <= 1e-4
+
+    gemma2 = _from_config(transformers.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=32, sliding_window=3))
+    _write_gemma_gguf(gemma2, tmp_path / "tiny-gemma2.gguf", "gemma2")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny-gemma2.gguf")
+    tok = transformers.AutoTokenizer.from_pretrained(str(source.path))
+    assert type(tok) is type(theirs)
+    for text in ("hello world", " ab  cd z", "<bos>thequickbrownfox<eos>", "zz top"):
+        assert tok(text)["input_ids"] == theirs(text)["input_ids"], text
+    assert ((tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (theirs.bos_token_id, theirs.eos_token_id,
+            theirs.pad_token_id) == (ours_cfg.bos_token_id, ours_cfg.eos_token_id, ours_cfg.pad_token_id) == (2, 1, 0))
+    assert "<start_of_turn>" in tok.chat_template   # Gemma's, the file having none
+
+
+def test_gemma1_gguf_with_two_head_widths_is_refused_in_one_line(tmp_path):
+    """Gemma's config has one head width: a file whose key and value widths differ is refused in
+    one line naming the file and both keys."""
+    import gguf
+
+    path = tmp_path / "two-widths.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma")
+    w.add_key_length(32)
+    w.add_value_length(16)
+    w.add_token_list(["<pad>", "<eos>"])
+    w.add_tensor("token_embd.weight", np.zeros((2, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for weights in (False, True):
+        with pytest.raises(ModelSourceError) as e:
+            resolve(str(path), cache_root=tmp_path / "cache", weights=weights)
+        msg = str(e.value)
+        assert "\n" not in msg and "two-widths.gguf" in msg and "value_length" in msg and "head_dim" in msg, msg
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
     print(msg)
 
 

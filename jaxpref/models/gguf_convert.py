@@ -8,7 +8,9 @@ converted from Google's base checkpoints) gets Gemma's (`chat_templates/gemma.ji
 Gemma 3 template: `<start_of_turn>user ... <end_of_turn>`). Qwen3-MoE's stacked expert tensors
 are split into the per-expert tensors of its checkpoints; a mixture of experts under any other
 architecture (Mixtral's files say `llama`) is refused. The config and tokenizer are read by
-transformers' own GGUF support, which imports torch: in a process that hides torch (the jaxpref
+transformers' own GGUF support (for an architecture of `OWN_CONFIGS`, whose config transformers
+does not read, the config comes from that table and the tokenizer from transformers' tokenizer of
+its model type), which imports torch: in a process that hides torch (the jaxpref
 command lines, jaxpref/runtime/no_torch.py) the conversion runs in a child Python. Conversion happens once;
 later runs read the cache.
 """
@@ -56,23 +58,37 @@ _GGUF_NAMES = [
 # Expert tensors: stacked (`_exps`) or one per expert (`ffn_gate.3`, older Mixtral files), and routers.
 _EXPERT_TENSOR = re.compile(r"blk\.\d+\.ffn_(gate_inp|(gate|up|down)(_exps|\.\d+))\.weight")
 # Gemma 2/3: a norm before and after each sublayer; llama.cpp's `ffn_norm` is the one before the MLP.
-_GEMMA_NAMES = [
+_PRE_POST_NORMS = [
     (r"blk\.(\d+)\.post_attention_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
     (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.pre_feedforward_layernorm.weight"),
     (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{}.post_feedforward_layernorm.weight"),
 ]
-# Gemma 1 is not here: transformers reads no config from its GGUF files. Mixtral (llama.cpp's
-# `llama` with experts) neither: transformers reads it as a dense Llama without its MLP weights.
-GEMMA = ("gemma2", "gemma3")
+_ARCH_NAMES = {"gemma2": _PRE_POST_NORMS, "gemma3": _PRE_POST_NORMS}  # tried before _GGUF_NAMES
+# Architectures whose GGUF config transformers does not read: the model type, and the config's
+# attributes from the file's `{arch}.` keys (keys of one attribute must agree); the vocabulary size
+# and the special token ids (`_TOKEN_IDS`) come from the tokenizer's keys. A key not in the file
+# keeps the config class's default.
+OWN_CONFIGS = {
+    "gemma": ("gemma", {
+        "block_count": "num_hidden_layers", "context_length": "max_position_embeddings",
+        "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+        "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+        "attention.key_length": "head_dim", "attention.value_length": "head_dim",
+        "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta"}),
+}
+_TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+# Mixtral (llama.cpp's `llama` with experts) is not here: transformers reads it as a dense Llama
+# without its MLP weights.
+GEMMA = ("gemma", "gemma2", "gemma3")  # RMSNorm weights stored plus one; Gemma's chat template
 MOE = ("qwen3moe",)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3") + GEMMA + MOE
 GEMMA_TEMPLATE = Path(__file__).with_name("chat_templates") / "gemma.jinja"
 PROGRESS_FD = "JAXPREF_PROGRESS_FD"  # the child's descriptor for its bar (the parent's terminal)
-CONVERTER_VERSION = 2  # part of the cache key: a fixed converter never reuses an old conversion
+CONVERTER_VERSION = 3  # part of the cache key: a fixed converter never reuses an old conversion
 
 
 def _hf_name(name: str, arch: str) -> str | None:
-    for pat, out in (_GEMMA_NAMES if arch in GEMMA else []) + _GGUF_NAMES:
+    for pat, out in _ARCH_NAMES.get(arch, []) + _GGUF_NAMES:
         m = re.fullmatch(pat, name)
         if m:
             return out.format(*m.groups())
@@ -103,8 +119,6 @@ def gguf_metadata(path: Path, cache_root: Path) -> Path:
     if torch_hidden():
         _in_child("metadata", path, cache_root)
         return out
-    from transformers import AutoConfig, AutoTokenizer
-
     import gguf
     try:
         reader = gguf.GGUFReader(str(path))
@@ -112,8 +126,10 @@ def gguf_metadata(path: Path, cache_root: Path) -> Path:
         raise ModelSourceError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".splitlines()[0])
     _check_architecture(reader, path)
     try:
-        cfg = _config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), reader)
-        tok = _tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), reader)
+        cfg = _config(_base_config(path, reader), reader)
+        tok = _tokenizer(path, reader, cfg)
+    except ModelSourceError:
+        raise
     except Exception as e:
         raise ModelSourceError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".splitlines()[0])
     names = {t.name for t in reader.tensors}
@@ -161,17 +177,16 @@ def _convert(path: Path, cache_root: Path) -> Path:
     out = _cache_dir(path, cache_root)
     import gguf
     from safetensors.numpy import save_file
-    from transformers import AutoConfig, AutoTokenizer
 
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
         raise ModelSourceError(f"cannot read GGUF file {path}: {e}")
     arch = _check_architecture(reader, path)
+    cfg = _config(_base_config(path, reader), reader)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = _config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), reader)
     tensors = {}
     for t in _bar(list(reader.tensors), path.name):
         name = _hf_name(t.name, arch)
@@ -193,8 +208,7 @@ def _convert(path: Path, cache_root: Path) -> Path:
     cfg.save_pretrained(tmp)
     save_file(tensors, str(tmp / "model.safetensors"))
     del tensors
-    tok = _tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), reader)
-    tok.save_pretrained(tmp)
+    _tokenizer(path, reader, cfg).save_pretrained(tmp)
     (tmp / "jaxpref_source.json").write_text(json.dumps({"gguf": path.name}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -213,6 +227,30 @@ def _check_architecture(reader, path: Path) -> str:
                                f"`{arch}` (Mixtral) is not supported: transformers reads it as a dense model; "
                                "give the safetensors checkpoint instead")
     return arch
+
+
+def _base_config(path: Path, reader):
+    """transformers' config of a GGUF, or for an architecture of `OWN_CONFIGS` the one its table
+    makes of the file's metadata."""
+    from transformers import AutoConfig
+
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in OWN_CONFIGS:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    model_type, keys = OWN_CONFIGS[arch]
+    settings = {}
+    for key, attr in keys.items():
+        if f"{arch}.{key}" in reader.fields:
+            value = reader.fields[f"{arch}.{key}"].contents()
+            if settings.setdefault(attr, value) != value:
+                raise ModelSourceError(f"GGUF {path.name}: `{arch}.{key}` ({value}) differs from another key "
+                                       f"read as `{attr}` ({settings[attr]})")
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise ModelSourceError(f"GGUF {path.name}: no vocabulary (`tokenizer.ggml.tokens`)")
+    settings["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    settings.update({attr: int(reader.fields[f"tokenizer.ggml.{key}"].contents())
+                     for key, attr in _TOKEN_IDS.items() if f"tokenizer.ggml.{key}" in reader.fields})
+    return AutoConfig.for_model(model_type, **settings)
 
 
 def _config(cfg, reader):
@@ -238,9 +276,15 @@ def _config(cfg, reader):
     return cfg
 
 
-def _tokenizer(tok, reader):
-    """transformers' tokenizer of a GGUF, with Gemma's chat template where a Gemma GGUF has none."""
+def _tokenizer(path: Path, reader, cfg):
+    """transformers' tokenizer of a GGUF (for an architecture of `OWN_CONFIGS`, the tokenizer of
+    its model type, which transformers' AutoTokenizer would otherwise look up in the config it
+    cannot read), with Gemma's chat template where a Gemma GGUF has none."""
+    from transformers import AutoTokenizer
+
     arch = str(reader.fields["general.architecture"].contents())
+    own = {"tokenizer_type": cfg.model_type} if arch in OWN_CONFIGS else {}
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **own)
     if arch in GEMMA and "tokenizer.chat_template" not in reader.fields and not tok.chat_template:
         tok.chat_template = GEMMA_TEMPLATE.read_text(encoding="utf-8")
     return tok
