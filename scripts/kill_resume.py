@@ -7,7 +7,7 @@ and during the final export (once the final checkpoint or the adapter's temporar
 appeared). Each killed run is continued with `--resume` (again if that is killed too).
 Prints how many kills were tried, where they landed, and how many resumed runs gave losses
 identical to the uninterrupted run (metrics.jsonl, every logged step) and an identical final
-adapter."""
+adapter (and value head, for PPO)."""
 from __future__ import annotations
 
 import argparse
@@ -38,12 +38,20 @@ def _train(cfg: Path, out: Path, *extra: str, wait: bool = True):
 
 def _losses(run: Path):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [(r["step"], *(r.get(k) for k in LOSSES)) for r in rows if any(k in r for k in LOSSES)]
 
 
 def _adapter(run: Path):
+    """The adapter's tensors, and PPO's value head where the run has one."""
     from safetensors.numpy import load_file
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    out = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    if (run / "value_head.safetensors").is_file():
+        out.update({f"value_head.{k}": v for k, v in load_file(str(run / "value_head.safetensors")).items()})
+    return out
+
+
+# What a logged step is compared by: the loss, or PPO's (which logs no `loss`).
+LOSSES = ("loss", "loss/policy_avg", "loss/value_avg")
 
 
 MODES = ("random", "after_checkpoint", "final_export")

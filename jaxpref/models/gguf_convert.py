@@ -280,11 +280,16 @@ def _tokenizer(path: Path, reader, cfg):
     """transformers' tokenizer of a GGUF (for an architecture of `OWN_CONFIGS`, the tokenizer of
     its model type, which transformers' AutoTokenizer would otherwise look up in the config it
     cannot read), with Gemma's chat template where a Gemma GGUF has none."""
+    import transformers
     from transformers import AutoTokenizer
 
     arch = str(reader.fields["general.architecture"].contents())
     own = {"tokenizer_type": cfg.model_type} if arch in OWN_CONFIGS else {}
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **own)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **own)
+    except ValueError as e:   # e.g. transformers 5.17 builds no `gemma` GGUF tokenizer
+        raise ModelSourceError(f"GGUF {path.name}: transformers {transformers.__version__} cannot build the "
+                               f"tokenizer of a `{arch}` file ({e}); a newer transformers (5.23) can") from None
     if arch in GEMMA and "tokenizer.chat_template" not in reader.fields and not tok.chat_template:
         tok.chat_template = GEMMA_TEMPLATE.read_text(encoding="utf-8")
     return tok
