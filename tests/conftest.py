@@ -193,6 +193,9 @@ SWEEPS = {
     "test_evaluate_logps_match_transformers_and_peft": ("gemma2-", "qwen3_moe-standard"),
     "test_qwen3_moe_gguf_matches_transformers": ("32",),
     "test_token_budget_trains_like_the_same_config_without_it": ("dpo_rpo-shared_prompt",),
+    "test_sliding_window_in_every_layout": ("None-keep_start-mistral", "14-keep_end-qwen2_some_layers"),
+    "test_orpo_first_step_equals_trl_orpo_trainer": ("plain-64", "conversational-56"),
+    "test_batched_prompts_give_the_tokens_of_one_at_a_time": ("llama", "mistral_window"),
 }
 
 
