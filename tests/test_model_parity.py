@@ -488,8 +488,7 @@ _GGUF_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
-    "mlp.experts.down_proj": "ffn_down_exps"}
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp"}
 
 
 def _gguf_llama_permute(x: np.ndarray, n_head: int) -> np.ndarray:
@@ -497,12 +496,30 @@ def _gguf_llama_permute(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def _write_gguf(model, path, arch: str = "qwen3") -> None:
+def _add_spm_vocab(w, size: int, specials: list[str]) -> None:
+    """A SentencePiece-style vocabulary of `size` tokens: `specials` (pad/unk/bos/eos), `\u2581`, the
+    letters, `\u2581` + letter, letter pairs."""
+    letters = [chr(x) for x in range(ord("a"), ord("z") + 1)]
+    tokens = specials + ["\u2581"] + letters + ["\u2581" + x for x in letters]
+    tokens += [x + y for x in letters for y in letters][: size - len(tokens)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([3 if x != "<unk>" else 2 for x in specials] + [1] * (len(tokens) - len(specials)))
+    for i, x in enumerate(specials):
+        {"<pad>": w.add_pad_token_id, "<eos>": w.add_eos_token_id, "</s>": w.add_eos_token_id,
+         "<bos>": w.add_bos_token_id, "<s>": w.add_bos_token_id, "<unk>": w.add_unk_token_id}[x](i)
+
+
+def _write_gguf(model, path, arch: str = "qwen3", vocab: str = "bpe", experts: str = "stacked",
+                window: bool = False) -> None:
     """A tiny model as llama.cpp writes one: F32 tensors under GGUF names (q/k rows permuted for
     `llama` only), a mixture's experts stacked [E, out, in] (`ffn_gate_exps`, `ffn_up_exps`,
-    `ffn_down_exps`) with its router `ffn_gate_inp`, the shape in metadata, a byte-level
-    vocabulary: the 256 byte symbols, two merges, EOS (two: transformers before 5.2x reads a
-    one-element GGUF array as its element, a string)."""
+    `ffn_down_exps`; with `experts="split"` one tensor per expert, `ffn_gate.3`, as older Mixtral
+    files) with its router `ffn_gate_inp`, the shape in metadata (the sliding window with
+    `window`), a vocabulary: byte-level ("bpe": the 256 byte symbols, two merges, EOS, two:
+    transformers before 5.2x reads a one-element GGUF array as its element, a string), or
+    Llama's SentencePiece-style ("spm", `<unk> <s> </s>` first)."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -522,22 +539,29 @@ def _write_gguf(model, path, arch: str = "qwen3") -> None:
         w.add_expert_count(getattr(c, "num_experts", None) or c.num_local_experts)
         w.add_expert_used_count(c.num_experts_per_tok)
         w.add_expert_feed_forward_length(getattr(c, "moe_intermediate_size", c.intermediate_size))
-    tokens = list(bytes_to_unicode().values()) + ["\u0120t", "th", "<|endoftext|>"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * 258 + [3])
-    w.add_token_merges(["\u0120 t", "t h"])
-    w.add_eos_token_id(258)
+    if window:
+        w.add_sliding_window(c.sliding_window)
+    if vocab == "spm":
+        _add_spm_vocab(w, c.vocab_size, ["<unk>", "<s>", "</s>"])
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(list(bytes_to_unicode().values()) + ["\u0120t", "th", "<|endoftext|>"])
+        w.add_token_types([1] * 258 + [3])
+        w.add_token_merges(["\u0120 t", "t h"])
+        w.add_eos_token_id(258)
     for key, t in model.state_dict().items():
         x, mod = t.detach().numpy().astype(np.float32), key.removesuffix(".weight")
         if not mod.startswith("model.layers."):
             w.add_tensor(f"{_GGUF_NAMES[mod]}.weight", x)
             continue
         i, rest = mod.split(".", 3)[2:]
-        if rest == "mlp.experts.gate_up_proj":  # [E, 2I, D]: gate rows first
-            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(x[:, : x.shape[1] // 2]))
-            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(x[:, x.shape[1] // 2:]))
+        if rest.startswith("mlp.experts."):  # gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I]
+            parts = ("gate", "up") if rest.endswith("gate_up_proj") else ("down",)
+            for part, y in zip(parts, np.split(x, len(parts), axis=1)):
+                each = [("_exps", y)] if experts == "stacked" else [(f".{e}", y[e]) for e in range(len(y))]
+                for suffix, ys in each:
+                    w.add_tensor(f"blk.{i}.ffn_{part}{suffix}.weight", np.ascontiguousarray(ys))
             continue
         if arch == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):
             x = _gguf_llama_permute(x, c.num_attention_heads if "q_proj" in rest else c.num_key_value_heads)
@@ -592,20 +616,73 @@ def test_qwen3_moe_gguf_matches_transformers(width, tmp_path):
     assert written <= 1e-4
 
 
-def test_mixtral_gguf_is_refused_in_one_line(tmp_path):
-    """llama.cpp writes Mixtral as `llama` with stacked experts; transformers reads such a file as
-    a dense Llama (no experts in its config, the MLP weights missing), so there is nothing to pin
-    jaxpref's reading to: the conversion and the dry-run's metadata refuse it in one line naming
-    the file and an expert tensor."""
-    cfg = transformers.MixtralConfig(**{**MOE, "vocab_size": 259}, num_local_experts=4, num_experts_per_tok=2)
-    _write_gguf(transformers.AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-mixtral.gguf", "llama")
+@pytest.mark.parametrize("experts,window,top_k", [("stacked", True, 2), ("split", False, 3)])
+def test_mixtral_gguf_matches_the_model_written(experts, window, top_k, tmp_path):
+    """A Mixtral GGUF as llama.cpp writes it (`llama`: q/k rows permuted, the router
+    `ffn_gate_inp`, the experts stacked [E, out, in] or, as older files, one tensor each, a
+    SentencePiece vocabulary), whose config transformers reads as a dense Llama: jaxpref makes a
+    Mixtral config of the metadata (for the conversion and for --dry-run's metadata alike), equal
+    to the model's; the logits equal those of the model the file was written from (top 2 or 3
+    of 4, untied, head_dim 32 apart from hidden / heads, a window of 3 where the file has one),
+    and the tokenizer encodes as transformers' tokenizer of the file."""
+    cfg = transformers.MixtralConfig(**MOE, head_dim=32, num_local_experts=4, num_experts_per_tok=top_k,
+                                     tie_word_embeddings=False, sliding_window=3 if window else None, rms_norm_eps=1e-5,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 100.0})
+    model = _perturbed(cfg)
+    _write_gguf(model, tmp_path / "tiny-mixtral.gguf", "llama", vocab="spm", experts=experts, window=window)
     theirs = transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file="tiny-mixtral.gguf")
-    assert theirs.model_type == "llama" and not hasattr(theirs, "num_local_experts")
+    assert theirs.model_type == "llama" and not hasattr(theirs, "num_local_experts")  # were it to, compare with it
+    source = resolve(str(tmp_path / "tiny-mixtral.gguf"), cache_root=tmp_path / "cache")
+    meta = resolve(str(tmp_path / "tiny-mixtral.gguf"), cache_root=tmp_path / "meta", weights=False)
+    assert source.model_type == "mixtral" and meta.hf_config == source.hf_config
+    ours_cfg = transformers.AutoConfig.from_pretrained(str(source.path))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
+                "num_local_experts", "num_experts_per_tok", "sliding_window", "bos_token_id", "eos_token_id"):
+        assert getattr(ours_cfg, key) == getattr(cfg, key), key
+    assert ours_cfg.rope_parameters["rope_theta"] == 100.0
+    assert ours_cfg.rms_norm_eps == pytest.approx(1e-5, rel=1e-6)   # stored as float32
+    diff = _max_diff(_our_logits(source.path), _hf_logits(model))
+    print(f"parity mixtral gguf ({experts} experts, window {window}): max|diff| = {diff:.2e} (the model)")
+    assert diff <= 1e-4
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(source.path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny-mixtral.gguf")
+    assert type(tok) is type(theirs)
+    for text in ("hello world", " ab  cd z", "<s>thequickbrownfox</s>", "zz top"):
+        assert tok(text)["input_ids"] == theirs(text)["input_ids"], text
+    assert tok.convert_ids_to_tokens(tok("ab cd", add_special_tokens=False)["input_ids"]) == ["\u2581a", "b", "\u2581c", "d"]
+    # The file's ids (transformers 5.17's own tokenizer of a `llama` file takes its BOS as EOS too).
+    assert (tok.bos_token_id, tok.eos_token_id) == (ours_cfg.bos_token_id, ours_cfg.eos_token_id) == (1, 2)
+
+
+@pytest.mark.parametrize("arch,missing", [("llama", "expert_count"), ("llama", "expert_used_count"), ("qwen2", "")])
+def test_mixtral_gguf_without_its_expert_counts_is_refused_in_one_line(arch, missing, tmp_path):
+    """A `llama` file with expert tensors but no `llama.expert_count` (or `expert_used_count`) is
+    refused in one line naming the file and the key, and expert tensors under another dense
+    architecture in one line naming it, by the conversion and by --dry-run's metadata, leaving
+    nothing in the cache."""
+    import gguf
+
+    path = tmp_path / "no-counts.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    if missing != "expert_count":
+        w.add_expert_count(4)
+    if missing != "expert_used_count":
+        w.add_expert_used_count(2)
+    w.add_token_list(["<unk>", "<s>", "</s>"])
+    w.add_tensor("token_embd.weight", np.zeros((3, 4), np.float32))
+    w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     for weights in (False, True):
         with pytest.raises(ModelSourceError) as e:
-            resolve(str(tmp_path / "tiny-mixtral.gguf"), cache_root=tmp_path / "cache", weights=weights)
+            resolve(str(path), cache_root=tmp_path / "cache", weights=weights)
         msg = str(e.value)
-        assert "\n" not in msg and "tiny-mixtral.gguf" in msg and "blk.0.ffn_" in msg and "`llama`" in msg, msg
+        named = f"`llama.{missing}`" if missing else "blk.0.ffn_gate_exps.weight`) under architecture `qwen2`"
+        assert "\n" not in msg and "no-counts.gguf" in msg and named in msg, msg
     assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
     print(msg)
 
@@ -635,17 +712,7 @@ def _write_gemma_gguf(model, path, arch: str) -> None:
         w.add_sliding_window(c.sliding_window)
         w.add_attn_logit_softcapping(c.attn_logit_softcapping)
         w.add_final_logit_softcapping(c.final_logit_softcapping)
-    letters = [chr(x) for x in range(ord("a"), ord("z") + 1)]
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581"] + letters + ["\u2581" + x for x in letters]
-    tokens += [x + y for x in letters for y in letters][: c.vocab_size - len(tokens)]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * len(tokens))
-    w.add_token_types([3, 3, 3, 2] + [1] * (len(tokens) - 4))
-    w.add_pad_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_bos_token_id(2)
-    w.add_unk_token_id(3)
+    _add_spm_vocab(w, c.vocab_size, ["<pad>", "<eos>", "<bos>", "<unk>"])
     for key, t in model.state_dict().items():
         if key == "lm_head.weight":
             continue   # tied

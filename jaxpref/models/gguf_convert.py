@@ -5,12 +5,13 @@ Q8_0, the K-quants Q2_K to Q6_K, ...). llama.cpp permutes the rows of Llama's q_
 its rotary layout, and stores Gemma's RMSNorm weights plus one (its norm multiplies by the weight,
 Gemma's by 1 + weight); both are undone here. A Gemma GGUF without a chat template (those
 converted from Google's base checkpoints) gets Gemma's (`chat_templates/gemma.jinja`, Google's
-Gemma 3 template: `<start_of_turn>user ... <end_of_turn>`). Qwen3-MoE's stacked expert tensors
-are split into the per-expert tensors of its checkpoints; a mixture of experts under any other
-architecture (Mixtral's files say `llama`) is refused. The config and tokenizer are read by
-transformers' own GGUF support (for an architecture of `OWN_CONFIGS`, whose config transformers
-does not read, the config comes from that table and the tokenizer from transformers' tokenizer of
-its model type), which imports torch: in a process that hides torch (the jaxpref
+Gemma 3 template: `<start_of_turn>user ... <end_of_turn>`). Qwen3-MoE's and Mixtral's stacked
+expert tensors are split into the per-expert tensors of their checkpoints (Mixtral's files say
+`llama`: a `llama` file with expert tensors is read as `mixtral`); a mixture of experts under any
+other architecture is refused. The config and tokenizer are read by transformers' own GGUF support
+(for a kind of `OWN_CONFIGS`, whose config transformers does not read, the config comes from that
+table, and the tokenizer from transformers' tokenizer of its model type where transformers reads
+no config of the file's architecture at all), which imports torch: in a process that hides torch (the jaxpref
 command lines, jaxpref/runtime/no_torch.py) the conversion runs in a child Python. Conversion happens once;
 later runs read the cache.
 """
@@ -63,32 +64,43 @@ _PRE_POST_NORMS = [
     (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.pre_feedforward_layernorm.weight"),
     (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{}.post_feedforward_layernorm.weight"),
 ]
-_ARCH_NAMES = {"gemma2": _PRE_POST_NORMS, "gemma3": _PRE_POST_NORMS}  # tried before _GGUF_NAMES
-# Architectures whose GGUF config transformers does not read: the model type, and the config's
+# Mixtral: the router and the experts, stacked [E, out, in] (`_exps`) or one tensor per expert (older files).
+_MIXTRAL_NAMES = [(r"blk\.(\d+)\.ffn_gate_inp\.weight", "model.layers.{}.block_sparse_moe.gate.weight")] + [
+    (rf"blk\.(\d+)\.ffn_{ours}_exps\.weight", f"model.layers.{{}}.block_sparse_moe.experts.{{{{e}}}}.{hf}.weight")
+    for ours, hf in (("gate", "w1"), ("up", "w3"), ("down", "w2"))] + [
+    (rf"blk\.(\d+)\.ffn_{ours}\.(\d+)\.weight", f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{hf}.weight")
+    for ours, hf in (("gate", "w1"), ("up", "w3"), ("down", "w2"))]
+_ARCH_NAMES = {"gemma2": _PRE_POST_NORMS, "gemma3": _PRE_POST_NORMS, "mixtral": _MIXTRAL_NAMES}  # before _GGUF_NAMES
+# Kinds (`_kind`) whose GGUF config transformers does not read: the model type, and the config's
 # attributes from the file's `{arch}.` keys (keys of one attribute must agree); the vocabulary size
 # and the special token ids (`_TOKEN_IDS`) come from the tokenizer's keys. A key not in the file
-# keeps the config class's default.
+# keeps the config class's default; a key of `_REQUIRED` missing is refused.
+_LLAMA_KEYS = {
+    "block_count": "num_hidden_layers", "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim", "attention.value_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta"}
 OWN_CONFIGS = {
-    "gemma": ("gemma", {
-        "block_count": "num_hidden_layers", "context_length": "max_position_embeddings",
-        "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
-        "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
-        "attention.key_length": "head_dim", "attention.value_length": "head_dim",
-        "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta"}),
+    "gemma": ("gemma", _LLAMA_KEYS),
+    # Mixtral's `feed_forward_length` is its expert width (llama.cpp writes no other, or the same).
+    "mixtral": ("mixtral", {**_LLAMA_KEYS, "expert_feed_forward_length": "intermediate_size",
+                            "expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok",
+                            "attention.sliding_window": "sliding_window"}),
 }
+_REQUIRED = {"mixtral": ("expert_count", "expert_used_count")}
 _TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
-# Mixtral (llama.cpp's `llama` with experts) is not here: transformers reads it as a dense Llama
-# without its MLP weights.
 GEMMA = ("gemma", "gemma2", "gemma3")  # RMSNorm weights stored plus one; Gemma's chat template
 MOE = ("qwen3moe",)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3") + GEMMA + MOE
+PERMUTED = ("llama", "mixtral")  # kinds whose q/k rows llama.cpp permutes
 GEMMA_TEMPLATE = Path(__file__).with_name("chat_templates") / "gemma.jinja"
 PROGRESS_FD = "JAXPREF_PROGRESS_FD"  # the child's descriptor for its bar (the parent's terminal)
-CONVERTER_VERSION = 3  # part of the cache key: a fixed converter never reuses an old conversion
+CONVERTER_VERSION = 4  # part of the cache key: a fixed converter never reuses an old conversion
 
 
-def _hf_name(name: str, arch: str) -> str | None:
-    for pat, out in _ARCH_NAMES.get(arch, []) + _GGUF_NAMES:
+def _hf_name(name: str, kind: str) -> str | None:
+    for pat, out in _ARCH_NAMES.get(kind, []) + _GGUF_NAMES:
         m = re.fullmatch(pat, name)
         if m:
             return out.format(*m.groups())
@@ -182,14 +194,14 @@ def _convert(path: Path, cache_root: Path) -> Path:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
         raise ModelSourceError(f"cannot read GGUF file {path}: {e}")
-    arch = _check_architecture(reader, path)
+    kind = _check_architecture(reader, path)
     cfg = _config(_base_config(path, reader), reader)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {}
     for t in _bar(list(reader.tensors), path.name):
-        name = _hf_name(t.name, arch)
+        name = _hf_name(t.name, kind)
         if name is None:
             continue
         w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
@@ -197,11 +209,11 @@ def _convert(path: Path, cache_root: Path) -> Path:
         if "{e}" in name:
             tensors.update({name.format(e=e): np.ascontiguousarray(x) for e, x in enumerate(w)})
             continue
-        if arch in GEMMA and name.endswith("norm.weight"):
+        if kind in GEMMA and name.endswith("norm.weight"):
             w = w - np.float32(1.0)
-        elif arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        elif kind in PERMUTED and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rows(w, cfg.num_attention_heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif kind in PERMUTED and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rows(w, cfg.num_key_value_heads)
         tensors[name] = np.ascontiguousarray(w)
     cfg.tie_word_embeddings = "lm_head.weight" not in tensors
@@ -215,29 +227,42 @@ def _convert(path: Path, cache_root: Path) -> Path:
     return out
 
 
+def _kind(reader) -> str:
+    """What jaxpref reads a GGUF as: its `general.architecture`, except `mixtral` for a `llama`
+    file with expert tensors (llama.cpp writes Mixtral so)."""
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch == "llama" and any(_EXPERT_TENSOR.fullmatch(t.name) for t in reader.tensors):
+        return "mixtral"
+    return arch
+
+
 def _check_architecture(reader, path: Path) -> str:
-    """The GGUF's architecture, if jaxpref reads it (one line naming the file otherwise)."""
+    """The GGUF's kind (`_kind`), if jaxpref reads it (one line naming the file otherwise)."""
     arch = str(reader.fields["general.architecture"].contents())
     if arch not in SUPPORTED:
         raise ModelSourceError(f"GGUF {path.name}: architecture `{arch}` is not supported "
                                f"(supported: {', '.join(SUPPORTED)})")
+    kind = _kind(reader)
     experts = next((t.name for t in reader.tensors if _EXPERT_TENSOR.fullmatch(t.name)), None)
-    if experts and arch not in MOE:
+    if experts and kind not in MOE + ("mixtral",):
         raise ModelSourceError(f"GGUF {path.name}: a mixture of experts (`{experts}`) under architecture "
-                               f"`{arch}` (Mixtral) is not supported: transformers reads it as a dense model; "
-                               "give the safetensors checkpoint instead")
-    return arch
+                               f"`{arch}` is not supported (only under `llama`, as Mixtral, and `qwen3moe`)")
+    missing = [f"{arch}.{key}" for key in _REQUIRED.get(kind, ()) if f"{arch}.{key}" not in reader.fields]
+    if missing:
+        raise ModelSourceError(f"GGUF {path.name}: a `{arch}` file with expert tensors ({kind}) lacks "
+                               f"`{missing[0]}`")
+    return kind
 
 
 def _base_config(path: Path, reader):
-    """transformers' config of a GGUF, or for an architecture of `OWN_CONFIGS` the one its table
-    makes of the file's metadata."""
+    """transformers' config of a GGUF, or for a kind of `OWN_CONFIGS` the one its table makes of
+    the file's metadata."""
     from transformers import AutoConfig
 
-    arch = str(reader.fields["general.architecture"].contents())
-    if arch not in OWN_CONFIGS:
+    arch, kind = str(reader.fields["general.architecture"].contents()), _kind(reader)
+    if kind not in OWN_CONFIGS:
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    model_type, keys = OWN_CONFIGS[arch]
+    model_type, keys = OWN_CONFIGS[kind]
     settings = {}
     for key, attr in keys.items():
         if f"{arch}.{key}" in reader.fields:
@@ -279,7 +304,8 @@ def _config(cfg, reader):
 def _tokenizer(path: Path, reader, cfg):
     """transformers' tokenizer of a GGUF (for an architecture of `OWN_CONFIGS`, the tokenizer of
     its model type, which transformers' AutoTokenizer would otherwise look up in the config it
-    cannot read), with Gemma's chat template where a Gemma GGUF has none."""
+    cannot read; a Mixtral file's is that of its architecture, `llama`), with Gemma's chat
+    template where a Gemma GGUF has none."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -290,6 +316,10 @@ def _tokenizer(path: Path, reader, cfg):
     except ValueError as e:   # e.g. transformers 5.17 builds no `gemma` GGUF tokenizer
         raise ModelSourceError(f"GGUF {path.name}: transformers {transformers.__version__} cannot build the "
                                f"tokenizer of a `{arch}` file ({e}); a newer transformers (5.23) can") from None
+    for key in ("bos_token_id", "eos_token_id"):   # transformers 5.17 makes a `llama` file's BOS its EOS too
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and getattr(tok, key) != int(field.contents()):
+            setattr(tok, key.removesuffix("_id"), tok.convert_ids_to_tokens(int(field.contents())))
     if arch in GEMMA and "tokenizer.chat_template" not in reader.fields and not tok.chat_template:
         tok.chat_template = GEMMA_TEMPLATE.read_text(encoding="utf-8")
     return tok
