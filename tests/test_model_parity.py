@@ -662,17 +662,27 @@ def test_mixtral_gguf_without_its_expert_counts_is_refused_in_one_line(arch, mis
     refused in one line naming the file and the key, and expert tensors under another dense
     architecture in one line naming it, by the conversion and by --dry-run's metadata, leaving
     nothing in the cache."""
+    def fill(w):
+        if missing != "expert_count":
+            w.add_expert_count(4)
+        if missing != "expert_used_count":
+            w.add_expert_used_count(2)
+        w.add_token_list(["<unk>", "<s>", "</s>"])
+        w.add_tensor("token_embd.weight", np.zeros((3, 4), np.float32))
+        w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 8, 4), np.float32))
+
+    named = f"`llama.{missing}`" if missing else "blk.0.ffn_gate_exps.weight`) under architecture `qwen2`"
+    _refused_gguf(tmp_path, "no-counts.gguf", arch, fill, [named])
+
+
+def _refused_gguf(tmp_path, name: str, arch: str, fill, needles) -> None:
+    """A GGUF `name` of `arch` with what `fill(writer)` adds: refused in one line naming the file and
+    each of `needles`, by the conversion and by --dry-run's metadata, leaving nothing in the cache."""
     import gguf
 
-    path = tmp_path / "no-counts.gguf"
+    path = tmp_path / name
     w = gguf.GGUFWriter(str(path), arch)
-    if missing != "expert_count":
-        w.add_expert_count(4)
-    if missing != "expert_used_count":
-        w.add_expert_used_count(2)
-    w.add_token_list(["<unk>", "<s>", "</s>"])
-    w.add_tensor("token_embd.weight", np.zeros((3, 4), np.float32))
-    w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 8, 4), np.float32))
+    fill(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -681,8 +691,7 @@ def test_mixtral_gguf_without_its_expert_counts_is_refused_in_one_line(arch, mis
         with pytest.raises(ModelSourceError) as e:
             resolve(str(path), cache_root=tmp_path / "cache", weights=weights)
         msg = str(e.value)
-        named = f"`llama.{missing}`" if missing else "blk.0.ffn_gate_exps.weight`) under architecture `qwen2`"
-        assert "\n" not in msg and "no-counts.gguf" in msg and named in msg, msg
+        assert "\n" not in msg and name in msg and all(n in msg for n in needles), msg
     assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
     print(msg)
 
@@ -793,25 +802,13 @@ def test_gemma1_gguf_matches_transformers(tmp_path):
 def test_gemma1_gguf_with_two_head_widths_is_refused_in_one_line(tmp_path):
     """Gemma's config has one head width: a file whose key and value widths differ is refused in
     one line naming the file and both keys."""
-    import gguf
+    def fill(w):
+        w.add_key_length(32)
+        w.add_value_length(16)
+        w.add_token_list(["<pad>", "<eos>"])
+        w.add_tensor("token_embd.weight", np.zeros((2, 4), np.float32))
 
-    path = tmp_path / "two-widths.gguf"
-    w = gguf.GGUFWriter(str(path), "gemma")
-    w.add_key_length(32)
-    w.add_value_length(16)
-    w.add_token_list(["<pad>", "<eos>"])
-    w.add_tensor("token_embd.weight", np.zeros((2, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    for weights in (False, True):
-        with pytest.raises(ModelSourceError) as e:
-            resolve(str(path), cache_root=tmp_path / "cache", weights=weights)
-        msg = str(e.value)
-        assert "\n" not in msg and "two-widths.gguf" in msg and "value_length" in msg and "head_dim" in msg, msg
-    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
-    print(msg)
+    _refused_gguf(tmp_path, "two-widths.gguf", "gemma", fill, ["value_length", "head_dim"])
 
 
 def _tie_routing(model, layer_rows: dict[int, list[int]]) -> None:
