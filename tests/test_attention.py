@@ -29,7 +29,7 @@ from jaxpref.data.padfree import to_stream
 from jaxpref.data.tokenize import Tokenized
 from jaxpref.models.layers import upcast_on_cpu
 from jaxpref.models.attention import (NO_WINDOW, MaskInfo, attention, block_rows, choose_backend,
-                                      dense_mask, gather_keys, key_intervals, _preset)
+                                      dense_mask, causal_runs, _permute_rows, _preset)
 
 tokamax = pytest.importorskip("tokamax")
 
@@ -153,7 +153,10 @@ def test_xla_backend_is_todays_attention_bit_for_bit(layout, window):
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_key_intervals_rebuild_the_dense_mask(layout, window):
+def test_causal_runs_rebuild_the_dense_mask(layout, window):
+    """The flash path's causal calls give each query exactly the keys of the dense mask, each once:
+    call 1 keys [start, i] of the row; call 2 (shared prompts) key slots [start2, s] of the row
+    permuted by `order`, for the queries marked `second`, read at their slot back[i]."""
     _, mb = layout
     info = _info(mb, window)
     if "blk_idx" in mb:
@@ -162,13 +165,21 @@ def test_key_intervals_rebuild_the_dense_mask(layout, window):
         want = want if window is None else want & _near(info.positions, window)
     else:
         want = _oracle_dense_mask(mb, window)
-    kv_src, start, end = key_intervals(info)
-    slots = jnp.arange(kv_src.shape[1])
-    inside = (slots >= start[:, :, None]) & (slots < end[:, :, None])  # [B, T, S]
+    runs = causal_runs(info)
     t = want.shape[-1]
-    seen = jax.vmap(lambda ins, src: jnp.zeros((t, t), jnp.int32).at[:, src].add(ins))(
-        inside.astype(jnp.int32), kv_src)
-    np.testing.assert_array_equal(seen, want.astype(jnp.int32))  # each allowed key exactly once
+    slots = jnp.arange(t)
+    first = (slots[None, None, :] >= runs.start[:, :, None]) & (slots[None, None, :] <= slots[None, :, None])
+    seen = first.astype(jnp.int32)
+    if info.shared_prompt:
+        inside = (slots[None, None, :] >= runs.start2[:, :, None]) & (slots[None, None, :] <= slots[None, :, None])
+        by_slot = jax.vmap(lambda ins, order: jnp.zeros((t, t), jnp.int32).at[:, order].add(ins))(
+            inside.astype(jnp.int32), runs.order)                          # [B, slot, token]
+        by_query = jnp.take_along_axis(by_slot, runs.back[:, :, None], axis=1)
+        seen = jnp.where(runs.second[:, :, None], by_query, seen)
+        assert bool(runs.second.any()) == bool(((info.branch == 2) & (info.segment_ids > 0)).any())
+    else:
+        assert runs.order is None
+    np.testing.assert_array_equal(seen, want.astype(jnp.int32))
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -312,19 +323,21 @@ def test_fp32_is_fp32_unless_tf32_is_asked():
     assert _preset(jnp.bfloat16, None) == p.BF16_BF16_F32
 
 
-def test_gathered_keys_backward_is_the_scatter_it_replaces():
-    """gather_keys' backward (a gather by the inverse permutation) equals the gradient of the plain
-    take_along_axis over key_intervals' real kv_src (a scatter-add), on a shared-prompt stream."""
+def test_permuted_rows_backward_is_the_scatter_it_replaces():
+    """_permute_rows' backward (a gather by the inverse permutation) equals the gradient of the plain
+    take_along_axis (a scatter-add), over causal_runs' real permutation of a shared-prompt stream."""
     rng = np.random.default_rng(3)
     seg = jnp.asarray([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], jnp.int32)
     br = jnp.asarray([[0, 0, 1, 1, 2, 2, 0, 1, 1, 2, 0, 0]], jnp.int32)
     pos = jnp.asarray([[0, 1, 2, 3, 2, 3, 0, 1, 2, 1, 0, 0]], jnp.int32)
-    kv_src, _, _ = key_intervals(MaskInfo(seg, br, pos, None, None, None, True))
-    assert kv_src is not None and sorted(np.asarray(kv_src[0, 12:]).tolist()) == list(range(12))
+    runs = causal_runs(MaskInfo(seg, br, pos, None, None, None, True))
+    assert np.asarray(runs.order[0]).tolist() == [0, 1, 4, 5, 6, 9, 10, 11, 2, 3, 7, 8]
     x = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(1, 24, 2, 4)), jnp.float32)
-    ours = jax.grad(lambda x: (gather_keys(x, kv_src) * w).sum())(x)
-    plain = jax.grad(lambda x: (jnp.take_along_axis(x, kv_src[:, :, None, None], axis=1) * w).sum())(x)
-    np.testing.assert_array_equal(np.asarray(gather_keys(x, kv_src)),
-                                  np.asarray(jnp.take_along_axis(x, kv_src[:, :, None, None], axis=1)))
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=0, atol=1e-6)
+    w = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
+    plain = lambda x, perm: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
+    for perm in (runs.order, runs.back):
+        np.testing.assert_array_equal(np.asarray(_permute_rows(x, perm)), np.asarray(plain(x, perm)))
+        ours = jax.grad(lambda x: (_permute_rows(x, perm) * w).sum())(x)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(jax.grad(lambda x: (plain(x, perm) * w).sum())(x)),
+                                   rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(_permute_rows(_permute_rows(x, runs.order), runs.back)), np.asarray(x))

@@ -40,8 +40,13 @@ MESHES = {
     "2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, None, 2),
     # Padding-free shared-prompt rows: one stream per data shard (4 streams of 2 pairs).
     "2x2x2 padding-free": ({"data": 2, "fsdp": 2, "tensor": 2}, None, 2),
+    # The same with the flash path (two causal calls per shared-prompt block, inside shard_map):
+    # tokamax's XLA reference kernel on the CPU.
+    "2x2x2 padding-free flash": ({"data": 2, "fsdp": 2, "tensor": 2}, None, 2),
 }
-TRAINING = {"2x2x2 padding-free": {"padding_free": True, "pair_layout": "shared_prompt"}}
+TRAINING = {"2x2x2 padding-free": {"padding_free": True, "pair_layout": "shared_prompt"},
+            "2x2x2 padding-free flash": {"padding_free": True, "pair_layout": "shared_prompt",
+                                         "attention": "flash"}}
 
 
 def test_meshes_give_single_device_numbers(tmp_path, tiny_llama):

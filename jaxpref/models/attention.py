@@ -25,16 +25,20 @@ Backends:
 - "xla_chunked": the same math over blocks of `chunk` queries (`lax.map`, each block
   rematerialised), so neither the forward nor the backward holds more than one block's scores.
 - "flash": tokamax's flash kernels (Mosaic GPU on Hopper for bf16, Pallas-Triton otherwise and
-  for exact fp32, which is slow: `auto` keeps fp32 on XLA). They take one key interval
-  [k_start, k_end) per query, nothing else dense.
-  Every layout here is one interval per query except the rejected branch of a shared prompt
-  (prompt, then a gap where the chosen branch sits, then itself). The keys are therefore read
-  through a gather `kv_src` of 2T slots: the row as it is, then the row without its branch-1
-  tokens, where [prompt | rejected] is contiguous; rejected queries take their interval there.
-  This costs a K/V gather of 2T slots (K/V heads only, cheap under GQA) and its scatter-add in
-  the backward; queries and outputs stay in place, and the window still maps to an interval
-  because positions increase along every interval. (Reordering the row as [reversed chosen |
-  prompt | rejected] would need no gather but breaks windows; two calls merged by their
+  for exact fp32, which is slow: `auto` keeps fp32 on XLA). They take causal masks (key j <= query
+  i) with a first key per query, k_start, nothing else dense; causal matters beyond the mask:
+  tokamax's Mosaic GPU backward skips the key tiles past the diagonal only for a causal mask
+  (with k_start/k_end intervals alone it visits every key tile of every query tile).
+  Every layout is causal from one k_start per query except the rejected branch of a shared
+  prompt (prompt, then a gap where the chosen branch sits, then itself). `causal_runs` therefore
+  makes two causal calls: the row as it is (its rejected queries see only themselves and are
+  dropped), and the row permuted to [shared and branch-2 tokens | branch-1 tokens] (`order`),
+  where [prompt | rejected] is contiguous: its rejected queries' outputs are kept. Queries,
+  keys and outputs travel through permutations whose backward is a gather by the inverse. The
+  backward visits T^2/2 query x key slots per call, T^2 in all (one call over the 2T key slots
+  of a gathered second K/V copy, the layout before this one, visited 2T^2), and the window
+  still maps to k_start because positions increase along every query's keys. (Reordering the
+  row as [reversed chosen | prompt | rejected] is not causal; two calls merged by their
   log-sum-exp need the kernel's residuals to be differentiable, which tokamax's VJP refuses.)
 """
 from __future__ import annotations
@@ -67,7 +71,7 @@ class MaskInfo:
     blk_idx's static shape is [B, blocks, Tb]. window: None (no window), an int, or an int32
     scalar array (a per-layer window read under `nn.scan`; NO_WINDOW: none). `shared_prompt`
     False promises that no segment holds branch-2 tokens after branch-1 tokens (it saves flash
-    its second K/V copy)."""
+    its second call)."""
     segment_ids: jax.Array
     branch: jax.Array
     positions: jax.Array
@@ -254,44 +258,53 @@ def block_rows(info: MaskInfo):
     return blocks, MaskInfo(seg, br, blocks(info.positions), None, None, info.window, info.shared_prompt)
 
 
-def key_intervals(info: MaskInfo) -> tuple[jax.Array | None, jax.Array, jax.Array]:
-    """Rows without blocks -> (kv_src [B, S] int32 or None, start [B, T], end [B, T] int32):
-    query i of row b attends to key slots [start, end) of the keys gathered by kv_src (slot j
-    holds token kv_src[b, j] of the row; None: the row itself, S = T). Exactly `dense_mask`,
-    given that each segment is one run of tokens ordered [shared | branch 1 | branch 2] and
-    positions increase along each query's keys (what `jaxpref.data.layouts` builds)."""
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["start", "order", "back", "start2", "second"], meta_fields=[])
+@dataclasses.dataclass
+class CausalRuns:
+    """The flash path's causal calls for rows without blocks (`causal_runs`). Call 1: the row,
+    query i sees keys [start[i], i]. Call 2 (shared prompts only, else all None): the row
+    permuted by `order` (slot s holds token order[s]; `back` is its inverse), query slot s sees
+    key slots [start2[s], s]; `second` [B, T] marks the tokens whose output comes from call 2."""
+    start: jax.Array
+    order: jax.Array | None = None
+    back: jax.Array | None = None
+    start2: jax.Array | None = None
+    second: jax.Array | None = None
+
+
+def causal_runs(info: MaskInfo) -> CausalRuns:
+    """Rows without blocks -> their causal calls, exactly `dense_mask` (each allowed key once,
+    in the call that gives the query its output), given that each segment is one run of tokens
+    ordered [shared | branch 1 | branch 2] and positions increase along each query's keys (what
+    `jaxpref.data.layouts` builds)."""
     seg, br, pos = info.segment_ids, info.branch, info.positions
-    rows, t = seg.shape
-    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (rows, t))
-    start = jnp.where(seg > 0, _run_start(seg), idx)
-    end = idx + 1
-    kv_src, kv_pos = None, pos
-    if info.shared_prompt:
-        keep = br != 1
-        order = jnp.argsort(~keep, axis=1, stable=True).astype(jnp.int32)  # kept tokens first
-        rank = jnp.cumsum(keep, axis=1, dtype=jnp.int32) - 1                # slot in the copy
-        seg2 = jnp.where(jnp.arange(t) < keep.sum(1, keepdims=True),
-                         jnp.take_along_axis(seg, order, axis=1), -1)
-        start2 = jnp.take_along_axis(_run_start(seg2), jnp.maximum(rank, 0), axis=1)
-        rejected = (br == 2) & (seg > 0)
-        start = jnp.where(rejected, t + start2, start)
-        end = jnp.where(rejected, t + rank + 1, end)
-        kv_src = jnp.concatenate([idx, order], axis=1)
-        kv_pos = jnp.take_along_axis(pos, kv_src, axis=1)
-    if info.window is not None:
-        start = _window_start(kv_pos, start, end, pos, info.window)
-    return kv_src, start, end
+    idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+    second = (br == 2) & (seg > 0) if info.shared_prompt else jnp.zeros_like(seg, bool)
+    start = _windowed(jnp.where((seg > 0) & ~second, _run_start(seg), idx), pos, info.window)
+    if not info.shared_prompt:
+        return CausalRuns(start)
+    keep = br != 1
+    order = jnp.argsort(~keep, axis=1, stable=True).astype(jnp.int32)  # kept tokens first, in order
+    back = jnp.argsort(order, axis=1).astype(jnp.int32)
+    at = lambda x: jnp.take_along_axis(x, order, axis=1)
+    seg2 = jnp.where(idx < keep.sum(1, keepdims=True), at(seg), -1)
+    start2 = _windowed(jnp.where(at(second), _run_start(seg2), idx), at(pos), info.window)
+    return CausalRuns(start, order, back, start2, second)
 
 
-def gather_keys(x: jax.Array, kv_src: jax.Array) -> jax.Array:
-    """x [B, T, H, D] -> the 2T key slots of `key_intervals`' kv_src ([arange(T) | a permutation
-    of each row]). Its backward gathers by the inverse permutation instead of scattering."""
-    t = x.shape[1]
-    return jnp.concatenate([x, _permute_rows(x, kv_src[:, t:])], axis=1)
+def _windowed(start: jax.Array, pos: jax.Array, window) -> jax.Array:
+    """Causal rows whose query i sees slots [start[i], i]: the first slot inside the window."""
+    if window is None:
+        return start
+    ends = jnp.broadcast_to(jnp.arange(1, pos.shape[1] + 1, dtype=jnp.int32), pos.shape)
+    return _window_start(pos, start, ends, pos, window)
 
 
 @jax.custom_vjp
 def _permute_rows(x: jax.Array, perm: jax.Array) -> jax.Array:
+    """x [B, T, ...] -> x[b, perm[b, t]], perm a permutation of each row; the backward gathers
+    by the inverse permutation instead of XLA's scatter-add."""
     return jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
 
 
@@ -348,11 +361,8 @@ def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl, softcap=N
     preset = _preset(q.dtype, precision)
     capped = {} if softcap is None else {"logits_soft_cap": softcap}   # after tokamax's 1/sqrt(H)
 
-    def call(q, k, v, seg, br, pos, window=None):
-        kv_src, start, end = key_intervals(MaskInfo(seg, br, pos, None, None, window, info.shared_prompt))
-        if kv_src is not None:
-            k, v = gather_keys(k, kv_src), gather_keys(v, kv_src)
-        mask = tk[1].Mask(k_start=start[:, None, :], k_end=end[:, None, :])
+    def run(q, k, v, start):
+        mask = tk[1].Mask(k_start=start[:, None, :], is_causal=True)
         errors = []
         for name in impl:
             op = tk[0].IMPLEMENTATIONS[name] if isinstance(name, str) else name
@@ -362,10 +372,21 @@ def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl, softcap=N
                 errors.append(f"{name}: {e}")
         raise ValueError("training.attention: no flash kernel takes this call (" + "; ".join(errors) + ")")
 
+    def call(q, k, v, seg, br, pos, window=None):
+        runs = causal_runs(MaskInfo(seg, br, pos, None, None, window, info.shared_prompt))
+        out = run(q, k, v, runs.start)
+        if runs.order is None:
+            return out
+        permuted = run(*(_permute_rows(x, runs.order) for x in (q, k, v)), runs.start2)
+        return jnp.where(runs.second[:, :, None, None], _permute_rows(permuted, runs.back), out)
+
     args = (q, k, v, info.segment_ids, info.branch, info.positions)
     if mesh is None:
         return call(*args, info.window)
-    spec = jax.sharding.PartitionSpec(tuple(a for a in batch_axes if a in mesh.axis_names))
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if q.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()  # rows that do not split over the batch shards (a model's 1-row init): every device all
+    spec = jax.sharding.PartitionSpec(axes)
     # A traced (per-layer) window enters the per-shard function as an argument, replicated.
     window = () if info.window is None else (jnp.asarray(info.window, jnp.int32),)
     specs = (spec,) * 6 + (jax.sharding.PartitionSpec(),) * len(window)

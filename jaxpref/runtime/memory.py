@@ -33,7 +33,8 @@ def memory_plan(cfg: Config, args, base_params: int, lora_params: int, shapes, m
     What the backward keeps, per layer and token, with `recompute_activations` (the default): the
     layer input and the two normed inputs, q, k, v and the attention output, the MLP input and its
     gate and up projections (4 D + (2 N + 2 K) H + 2 I values); without it also the MLP activation
-    (I) and, on the dense XLA attention, every head's softmax [T, S] in fp32. Gradient checkpointing
+    (I), on the dense XLA attention every head's softmax [T, S] in fp32, and on the flash kernels with a
+    shared prompt the second causal call's q, k, v and output. Gradient checkpointing
     keeps only the layer input. One layer's recomputed temporaries come on top: its attention
     scores (dense: all heads' [T, S]; chunked: one block of queries; flash kernels: none) and MLP.
     The LM head holds fp32 logits of the target slots (a vocabulary chunk with `vocab_chunk`).
@@ -47,7 +48,9 @@ def memory_plan(cfg: Config, args, base_params: int, lora_params: int, shapes, m
 
 
 def _plan_for(cfg: Config, args, base_params: int, lora_params: int, key: tuple, mesh) -> dict:
+    from jaxpref.data.prepare import resolve_layout
     from jaxpref.models.attention import CHUNK, choose_backend
+    from jaxpref.objectives.methods import get_method
 
     shard = dp = 1
     if mesh is not None:
@@ -66,6 +69,9 @@ def _plan_for(cfg: Config, args, base_params: int, lora_params: int, key: tuple,
     scores = {"xla": calls * N * t * t * 4, "xla_chunked": calls * N * min(CHUNK, t) * t * 4}.get(backend, 0)
     recompute = args.recompute_activations
     kept = 4 * D + (2 * N + 2 * KV) * H + 2 * I + (0 if recompute else I)
+    if backend == "flash" and not recompute and get_method(cfg.post_training.method).data == "paired" \
+            and resolve_layout(cfg)[0].shares_prompt:
+        kept += (2 * N + 2 * KV) * H   # the second causal call's own q, k, v and output (attention.causal_runs)
     if args.gradient_checkpointing:
         stored = L * tokens * D * cbytes
     else:
