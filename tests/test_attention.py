@@ -320,6 +320,7 @@ def test_fp32_is_fp32_unless_tf32_is_asked():
     p = jax.lax.DotAlgorithmPreset
     assert _preset(jnp.float32, None) == _preset(jnp.float32, "highest") == p.F32_F32_F32
     assert _preset(jnp.float32, "tf32") == p.TF32_TF32_F32
+    assert _preset(jnp.float32, "tf32", gpu=False) == p.F32_F32_F32  # no TF32 products off GPUs
     assert _preset(jnp.bfloat16, None) == p.BF16_BF16_F32
 
 

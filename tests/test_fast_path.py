@@ -18,8 +18,10 @@
 """
 from __future__ import annotations
 
+import collections
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -218,6 +220,38 @@ def test_vocab_chunked_head_trains_like_the_whole_head(model_dir, fp32_runs):
     plain, _, params = bundles(model_dir)
     m1, lora1 = _train(plain.with_args(vocab_chunk=40), params, lora, data)
     assert_same_run(m0, lora0, m1, lora1)
+
+
+def _f32_products(bundle, params, lora, mb, opts) -> collections.Counter:
+    """(precision, algorithm) of every fp32 dot_general in the lowered step's StableHLO: what XLA
+    is asked for, whatever the backend it then compiles for."""
+    f = lambda lo, mb: micro_loss(lo, params, mb, None, bundle, None, None, opts)
+    text = jax.jit(jax.value_and_grad(f, has_aux=True)).lower(lora, mb).as_text()
+    found = collections.Counter()
+    for line in text.splitlines():
+        if "stablehlo.dot_general" in line and re.search(r"-> tensor<[^>]*xf32>", line):
+            prec = re.search(r"precision = \[([A-Z]+), ([A-Z]+)\]", line)
+            algo = re.search(r"algorithm = <lhs_precision_type = (\w+), rhs_precision_type = (\w+)", line)
+            found[(prec.groups() if prec else None, algo.groups() if algo else None)] += 1
+    return found
+
+
+@pytest.mark.parametrize("attention", ["xla", "xla_chunked", "flash"])
+def test_fp32_step_asks_for_fp32_products_everywhere(model_dir, pairs, attention):
+    """`compute_dtype: float32` is fp32 on every backend: each fp32 product of the step (policy and
+    reference forward, backward, LM head, loss; shared-prompt rows, every attention backend) asks
+    for HIGHEST precision or the F32_F32_F32 algorithm. XLA's DEFAULT is TF32 on a GPU (the model
+    parity tests failed there with 9.5e-4). `training.matmul_precision: tf32` asks for TF32 (HIGH)."""
+    _, fast, params = bundles(model_dir)
+    lora = nonzero_lora(fast)
+    opts = StepOptions(LossSpec(loss_types=("sigmoid",)), 2 * B, ref_mode="lora_off")
+    mb = batches(pairs, "shared_prompt", 1)[0].micro(0)
+    exact = _f32_products(fast.with_args(attention=attention), params, lora, mb, opts)
+    fp32 = {(("HIGHEST", "HIGHEST"), None), (("DEFAULT", "DEFAULT"), ("f32", "f32"))}
+    assert sum(exact.values()) >= 40 and set(exact) <= fp32, exact
+    tf32 = _f32_products(fast.with_args(attention=attention, matmul_precision="tf32"), params, lora, mb, opts)
+    assert sum(tf32.values()) == sum(exact.values())
+    assert tf32[(("HIGH", "HIGH"), None)] == exact[(("HIGHEST", "HIGHEST"), None)], tf32
 
 
 def test_bf16_matmul_on_cpu_is_fp32_accumulation_of_bf16_products():

@@ -358,7 +358,7 @@ def _flash(q, k, v, info: MaskInfo, precision, mesh, batch_axes, impl, softcap=N
     if tk is None:
         raise ValueError("training.attention: flash needs tokamax (uv sync --extra flash)")
     impl = impl or _flash_impl(jax.default_backend(), q.dtype)
-    preset = _preset(q.dtype, precision)
+    preset = _preset(q.dtype, precision, jax.default_backend() in ("gpu", "cuda", "rocm"))
     capped = {} if softcap is None else {"logits_soft_cap": softcap}   # after tokamax's 1/sqrt(H)
 
     def run(q, k, v, start):
@@ -401,8 +401,10 @@ def _flash_impl(platform: str, dtype) -> tuple[str, ...]:
     return ("xla",)
 
 
-def _preset(dtype, precision):
+def _preset(dtype, precision, gpu: bool = True):
+    """The kernels' product algorithm: fp32 is IEEE fp32 unless tf32 is asked on a GPU (other
+    backends have no TF32 products: fp32 there, as XLA's HIGH precision gives on a CPU)."""
     p = jax.lax.DotAlgorithmPreset
     if jnp.dtype(dtype) == jnp.float32:
-        return p.TF32_TF32_F32 if precision == "tf32" else p.F32_F32_F32
+        return p.TF32_TF32_F32 if precision == "tf32" and gpu else p.F32_F32_F32
     return p.BF16_BF16_F32 if jnp.dtype(dtype) == jnp.bfloat16 else p.F16_F16_F32
