@@ -85,6 +85,21 @@ def small_bf16():
     return res
 section("small_bf16 [vs fp32 dense; head_dim 64]", small_bf16)
 
+def intervals_2t(q, k, v, t):
+    """Before 7cd422c: one Mosaic GPU call, keys [row | row without the chosen branch], one key
+    interval per query, no causal flag (its backward visits every key tile). Rows of big()."""
+    from tokamax._src.ops.attention import api, base
+    p, c = t // 4, t * 3 // 8                       # prompt, chosen (rejected: the rest)
+    i = jnp.arange(t)
+    rej = i >= p + c
+    start = jnp.where(rej, t, 0)
+    end = jnp.where(rej, t + i - c + 1, i + 1)      # rejected j: the copy's prompt + rejected up to j
+    order = jnp.concatenate([jnp.arange(p), jnp.arange(p + c, t), jnp.arange(p, p + c)])
+    kk, vv = (jnp.concatenate([x, x[:, order]], axis=1) for x in (k, v))
+    mask = base.Mask(k_start=start[None, None], k_end=end[None, None])
+    return api.IMPLEMENTATIONS["mosaic_gpu"](q, kk, vv, mask=mask, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32)
+
+
 def big():
     t, rows, n, kh, h = int(os.environ.get("BIG_T", 4096)), 2, 9, 3, 64
     seg = jnp.ones((rows, t), jnp.int32)
@@ -95,10 +110,13 @@ def big():
     ref = None
     for label, be, dtype, impl in (("xla fp32 highest", "xla", jnp.float32, None), ("xla_chunked fp32 highest", "xla_chunked", jnp.float32, None),
                                     ("flash fp32 (triton, F32)", "flash", jnp.float32, None), ("xla bf16", "xla", jnp.bfloat16, None),
-                                    ("flash bf16 (mosaic_gpu)", "flash", jnp.bfloat16, ("mosaic_gpu",)), ("flash bf16 (triton)", "flash", jnp.bfloat16, ("triton",))):
+                                    ("flash bf16 (mosaic_gpu)", "flash", jnp.bfloat16, ("mosaic_gpu",)), ("flash bf16 (triton)", "flash", jnp.bfloat16, ("triton",)),
+                                    ("flash bf16 (mosaic_gpu), one call over 2T gathered keys (before 7cd422c)", "intervals", jnp.bfloat16, None)):
         try:
             q, k, v = qkv(rows, t, n, kh, h, dtype)
             fn = lambda q, k, v: A.attention(q, k, v, info, be, "highest", flash_impl=impl)
+            if be == "intervals":   # the layout before 7cd422c, for an A/B in one run
+                fn = lambda q, k, v: intervals_2t(q, k, v, t)
             w = jnp.ones(q.shape, jnp.float32)
             g = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w), argnums=(0, 1, 2)))
             c = g.lower(q, k, v).compile()

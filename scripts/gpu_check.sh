@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine (needs .whl/: scripts/fetch_gpu_wheels.sh)
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh  # the same stages with a tiny model (a CPU test run)
+#   bash scripts/gpu_check.sh extra           # the second command of a GPU session (below)
 #
 # Writes everything under $OUT (default ./gpu_check_out): one log per stage, bench_<wp>_<side>.json,
 # pytest.xml/.log, failures.txt (each failing test's traceback end, also printed), build.json, and gpu_check.md + gpu_check.json, rewritten after every stage so
@@ -18,6 +19,14 @@
 #               GPU_CHECK_PROFILE=1: jaxpref's side also traces 2 steps (bench.py --profile) and
 #               writes profile_<wp>.txt, device time per kernel (scripts/profile_summary.py)
 #   tests       fp32: tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
+# `extra` (GPU_CHECK_BUDGET_S default 280 s; reuses $GPU_CHECK_WORK's model and configs when the main
+# check left them there, else builds them):
+#   bench_450ga8_jax / bench_450ga8budget_jax
+#               the ~450-token work point as 8 micro-batches of one pair (per_device_train_batch_size 1,
+#               gradient_accumulation_steps 8), then the same filled to training.max_tokens_per_batch 16384
+#   attention   scripts/attention_gpu_check.py: every layout's flash kernels (Mosaic GPU, Triton)
+#               against the dense path, fp32 and bf16, and one layer's fwd+bwd at 4,096 tokens
+#   tests       fp32: tests/test_fast_path.py and the GGUF parity tests
 # Each stage's limit is its cap (below), cut to what is left of GPU_CHECK_BUDGET_S (470 s) less the
 # time kept for the later stages (the tests' floor, 120 s, and 10 s for the report), so the whole
 # check ends within 8 minutes. Environment: OUT, PYTHON (python3), GPU_CHECK_WORK (/tmp/gpu_check),
@@ -73,8 +82,10 @@ if [ "${1:-}" = _setup ]; then
     setup_stage
     exit $?
 fi
+MODE=${1:-main}
+case "$MODE" in main|extra) ;; *) echo "gpu_check: unknown mode \`$MODE\` (main, extra)"; exit 2 ;; esac
 
-OUT=${OUT:-$REPO/gpu_check_out}
+OUT=${OUT:-$REPO/gpu_check_out$([ "$MODE" = extra ] && echo _extra)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
@@ -85,10 +96,12 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     # take far longer), so the run also shows the counts of a test stage cut by its limit.
     SIZE=--tiny WARMUP=2 STEPS=3 BUDGET=${GPU_CHECK_BUDGET_S:-2400}
     CAP_SETUP=120 CAP_BUILD=180 CAP_JAX=300 CAP_TRL=400 CAP_TESTS=240 TESTS_FLOOR=240 DEFAULT_WORKERS=2
+    export BIG_T=512   # attention_gpu_check's one-layer timing at 512 tokens, not 4,096
 else
     SIZE= WARMUP=3 STEPS=5 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-    CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=200 TESTS_FLOOR=120 DEFAULT_WORKERS=8
+    CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=200 TESTS_FLOOR=120 DEFAULT_WORKERS=12
 fi
+[ "$MODE" = extra ] && BUDGET=${GPU_CHECK_BUDGET_S:-280}
 REPORT_RESERVE=10
 START=$(date +%s)
 : > "$OUT/stages.jsonl"
@@ -124,6 +137,39 @@ run_stage() {
 }
 
 BEFORE_TESTS=$((TESTS_FLOOR + REPORT_RESERVE))
+WORKERS=${GPU_CHECK_TEST_WORKERS:-$DEFAULT_WORKERS}
+
+if [ "$MODE" = extra ]; then
+    run_stage setup "$CAP_SETUP" "$BEFORE_TESTS" bash "$REPO/scripts/gpu_check.sh" _setup
+    export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    [ -s "$WORK/build.json" ] || run_stage build "$CAP_BUILD" "$BEFORE_TESTS" "$PY" scripts/gpu_check.py build \
+        "$WORK" $SIZE --dtype "$DTYPE" --warmup "$WARMUP" --steps "$STEPS"
+    cp "$WORK/build.json" "$OUT/build.json" 2>/dev/null
+    wp=$("$PY" scripts/gpu_check.py points $SIZE | cut -d' ' -f1)
+    GA8=(--set training.per_device_train_batch_size=1 --set training.gradient_accumulation_steps=8)
+    for variant in ga8 ga8budget; do
+        extra=()
+        [ "$variant" = ga8budget ] && extra=(--set training.max_tokens_per_batch=16384)
+        run_stage "bench_${wp}${variant}_jax" "$CAP_JAX" "$BEFORE_TESTS" "$PY" scripts/bench.py \
+            --config "$WORK/$wp.yaml" --only jax --warmup "$WARMUP" --steps "$STEPS" "${GA8[@]}" "${extra[@]}" \
+            --json "$OUT/bench_${wp}${variant}_jax.json"
+    done
+    mkdir -p "$OUT/attention"
+    run_stage attention "$CAP_JAX" "$BEFORE_TESTS" env OUT="$OUT/attention" bash -c \
+        'py=$1; "$py" scripts/attention_gpu_check.py save "$2" && "$py" scripts/attention_gpu_check.py run "$2"' \
+        _ "$PY" "$OUT/attention"
+    XDIST=()
+    "$PY" -c "import xdist" 2>/dev/null && [ "$WORKERS" -gt 0 ] && XDIST=(-n "$WORKERS")
+    export JAXPREF_FAILURE_LOG="$OUT/failures.txt"
+    : > "$JAXPREF_FAILURE_LOG"
+    run_stage tests "$CAP_TESTS" "$REPORT_RESERVE" env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest \
+        -o addopts= -v -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml" \
+        tests/test_fast_path.py tests/test_model_parity.py -k "not test_model_parity or gguf"
+    [ -s "$JAXPREF_FAILURE_LOG" ] && { echo "== failures"; head -c 8000 "$JAXPREF_FAILURE_LOG"; echo; }
+    "$PY" scripts/gpu_check.py report "$OUT"
+    echo "gpu_check extra: $(($(date +%s) - START)) s in all; results in $OUT"
+    exit 0
+fi
 
 run_stage setup "$CAP_SETUP" "$BEFORE_TESTS" bash "$REPO/scripts/gpu_check.sh" _setup
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -156,8 +202,7 @@ else
 fi
 # -v: one line per finished test, so a run cut by its limit still counts; no -x: one failure
 # does not hide the rest. With pytest-xdist (in the GPU image) GPU_CHECK_TEST_WORKERS processes
-# (default 8, tiny 2; 0: one process) share the device, allocating on demand instead of 75% each.
-WORKERS=${GPU_CHECK_TEST_WORKERS:-$DEFAULT_WORKERS}
+# (default 12, tiny 2; 0: one process) share the device, allocating on demand instead of 75% each.
 XDIST=()
 if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
     XDIST=(-n "$WORKERS")

@@ -100,3 +100,11 @@ def test_report_counts_tests_of_a_run_cut_short(tmp_path):
         f.write("\n=========== FAILURES ===========\nE   tests/test_a.py::test_two[x] FAILED\n")
     gpu_check.report(type("A", (), {"out": str(tmp_path)}))
     assert json.loads((tmp_path / "gpu_check.json").read_text())["tests"]["failed"] == 1
+
+
+def test_unknown_mode_is_one_line(tmp_path):
+    import subprocess
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "extras"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 2 and proc.stdout.strip() == "gpu_check: unknown mode `extras` (main, extra)"
+    assert not list(tmp_path.iterdir())   # nothing written, nothing removed
