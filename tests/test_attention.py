@@ -28,8 +28,8 @@ from jaxpref.data.layouts import Layout, compact_targets, make_pair_batch, pack_
 from jaxpref.data.padfree import to_stream
 from jaxpref.data.tokenize import Tokenized
 from jaxpref.models.layers import upcast_on_cpu
-from jaxpref.models.attention import (NO_WINDOW, MaskInfo, attention, block_rows, choose_backend,
-                                      dense_mask, causal_runs, _permute_rows, _preset)
+from jaxpref.models.attention import NO_WINDOW, MaskInfo, attention, block_rows, choose_backend, dense_mask
+from jaxpref.models.flash import causal_runs, _permute_rows, _preset
 
 tokamax = pytest.importorskip("tokamax")
 
@@ -165,7 +165,7 @@ def test_causal_runs_rebuild_the_dense_mask(layout, window):
         want = want if window is None else want & _near(info.positions, window)
     else:
         want = _oracle_dense_mask(mb, window)
-    runs = causal_runs(info)
+    runs = causal_runs(info.segment_ids, info.branch, info.positions, info.window, info.shared_prompt)
     t = want.shape[-1]
     slots = jnp.arange(t)
     first = (slots[None, None, :] >= runs.start[:, :, None]) & (slots[None, None, :] <= slots[None, :, None])
@@ -331,7 +331,7 @@ def test_permuted_rows_backward_is_the_scatter_it_replaces():
     seg = jnp.asarray([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], jnp.int32)
     br = jnp.asarray([[0, 0, 1, 1, 2, 2, 0, 1, 1, 2, 0, 0]], jnp.int32)
     pos = jnp.asarray([[0, 1, 2, 3, 2, 3, 0, 1, 2, 1, 0, 0]], jnp.int32)
-    runs = causal_runs(MaskInfo(seg, br, pos, None, None, None, True))
+    runs = causal_runs(seg, br, pos)
     assert np.asarray(runs.order[0]).tolist() == [0, 1, 4, 5, 6, 9, 10, 11, 2, 3, 7, 8]
     x = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
