@@ -5,10 +5,10 @@ The oracle is the dense path the model ran before the backends existed, written 
 blocks, and `jax.nn.dot_product_attention`), on micro-batches built by the real batching code (concatenated, shared_prompt with one and with two segments per pair, packed,
 packed_shared_prompt, padding-free streams with empty block slots). Against it:
 - "xla" gives the same outputs bit for bit;
-- "xla_chunked" and "flash" (tokamax's reference implementation on a CPU: the same per-query key
-  intervals a GPU kernel receives) give the same outputs and q/k/v gradients within 1e-5 in fp32,
+- "xla_chunked" and "flash" (tokamax's reference implementation on a CPU: the same causal masks
+  with a first key per query that a GPU kernel receives) give the same outputs and q/k/v gradients within 1e-5 in fp32,
   with grouped-query heads and with and without a sliding window;
-- the key intervals alone rebuild the dense mask exactly, each key at most once;
+- the causal calls' key ranges alone rebuild the dense mask exactly, each key once;
 - the Pallas-Triton kernel's own forward, run by Pallas' interpreter, agrees too (its backward
   cannot be interpreted on a CPU: Pallas' HLO interpreter does not lower `program_id` inside
   `pl.when`; the GPU check covers it);
@@ -255,7 +255,7 @@ def test_one_token_rows_and_padding(backend, kv_heads):
 
 def test_triton_kernel_forward_interpreted(monkeypatch):
     """The Pallas-Triton flash kernel itself (forward), run by Pallas' interpreter on the CPU,
-    on shared-prompt rows with a window: the intervals mean to the kernel what they mean here."""
+    on shared-prompt rows with a window: the causal masks mean to the kernel what they mean here."""
     from jax.experimental import pallas as pl
     from tokamax._src.ops.attention import pallas_triton
 
