@@ -19,7 +19,7 @@
 #               GPU_CHECK_PROFILE=1: jaxpref's side also traces 2 steps (bench.py --profile) and
 #               writes profile_<wp>.txt, device time per kernel (scripts/profile_summary.py)
 #   tests       fp32: tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
-# `extra` (GPU_CHECK_BUDGET_S default 280 s; reuses $GPU_CHECK_WORK's model and configs when the main
+# `extra` (GPU_CHECK_BUDGET_S default 220 s; reuses $GPU_CHECK_WORK's model and configs when the main
 # check left them there, else builds them):
 #   bench_450ga8_jax / bench_450ga8budget_jax
 #               the ~450-token work point as 8 micro-batches of one pair (per_device_train_batch_size 1,
@@ -101,7 +101,7 @@ else
     SIZE= WARMUP=3 STEPS=5 BUDGET=${GPU_CHECK_BUDGET_S:-470}
     CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=200 TESTS_FLOOR=120 DEFAULT_WORKERS=12
 fi
-[ "$MODE" = extra ] && BUDGET=${GPU_CHECK_BUDGET_S:-280}
+[ "$MODE" = extra ] && BUDGET=${GPU_CHECK_BUDGET_S:-220}
 REPORT_RESERVE=10
 START=$(date +%s)
 : > "$OUT/stages.jsonl"
