@@ -285,3 +285,25 @@ def test_resume_refuses_a_run_folder_of_another_method(tmp_path, capsys, flag):
     assert f"{run} holds a grpo run, not ppo (`post_training.method`)" in err and "--overwrite-output-dir" in err
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
     assert after == before
+
+
+def test_bad_prompt_rows_are_counted_skips_and_no_usable_prompt_is_one_line(tmp_path):
+    from datasets import Dataset
+
+    from conftest import make_tokenizer
+    from jaxpref.config.schema import DatasetConfig
+    from jaxpref.data.prompts import prepare_prompts
+    from jaxpref.errors import DataError
+
+    tok = make_tokenizer(tmp_path / "tok")
+    ds_cfg = DatasetConfig(name="p.jsonl")
+    rows = ["is the sun hot ?", "", "  ", None, "what is one and one ? " * 4]
+    out = prepare_prompts(Dataset.from_dict({"prompt": rows, "answer": list("abcde")}), ds_cfg, tok, 8)
+    assert len(out) == 2 and out.columns["answer"] == ["a", "e"] and out.truncated == 1
+    assert out.skipped == {"empty prompt": 2, "prompt is null": 1} and len(out.prompt_ids[1]) == 8
+    bad = Dataset.from_dict({"prompt": [[{"role": "user"}], [{"role": "assistant"}]]})
+    with pytest.raises(DataError, match=r"^dataset `p.jsonl`: no usable prompt \(prompt is not a list of "
+                                        r"\{role, content\} messages: 2\)$"):
+        prepare_prompts(bad, ds_cfg, tok)
+    with pytest.raises(DataError, match="missing column `prompt` .*columns present: question"):
+        prepare_prompts(Dataset.from_dict({"question": ["q"]}), ds_cfg, tok)
