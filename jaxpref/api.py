@@ -101,7 +101,8 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
         check_online(cfg)
     run_dir = Path(out_root) / cfg.models[index].name
     # One writer per run folder; a previous run is continued or replaced only when asked.
-    with claim_run_dir(run_dir, resume, overwrite, lock=jax.process_index() == 0):
+    with claim_run_dir(run_dir, resume, overwrite, lock=jax.process_index() == 0,
+                       method=cfg.post_training.method):
         if online:
             run_cls = None
             if cfg.post_training.method == "ppo":

@@ -184,3 +184,126 @@ def test_sampling_keys_reach_the_generator(online_setup, method):
     opts = build(cfg.post_training, tok, [tok.eos_token_id])
     assert opts.sampling == Sampling(0.8, top_p=0.9, top_k=7, min_p=0.05, repetition_penalty=1.2)
     assert opts.max_new_tokens == 5 and opts.eos_ids == (tok.eos_token_id,)
+
+
+def _online_config(tmp_path, post=None, **sections):
+    """A grpo config beside a reward function file (validation only: no model is read)."""
+    (tmp_path / "rewards.py").write_text("def f(completions, **kw):\n    return [1.0] * len(completions)\n")
+    pt = {"method": "grpo", "reward_funcs": ["rewards.py:f"], "num_generations": 2, **(post or {})}
+    return write_config(tmp_path / "online.yaml", tmp_path / "model", tmp_path / "prompts.jsonl", post_training=pt,
+                        **sections)
+
+
+@pytest.mark.parametrize("post, sections, needle", [
+    ({"use_ref_model": True}, {}, "`post_training.use_ref_model`"),
+    ({}, {"models": [{"name": "tiny", "huggingface_id": "m", "ref_model_id": "r"}]}, "`models[0].ref_model_id`"),
+    ({}, {"dataset": {"name": "p.jsonl", "eval_fraction": 0.25}}, "`dataset.eval_fraction`: evaluation"),
+    ({}, {"dataset": {"name": "p.jsonl", "eval_split": "test"}}, "`dataset.eval_split`: evaluation"),
+    ({}, {"training": {"eval_strategy": "steps", "eval_steps": 2}}, "`training.eval_steps`: evaluation"),
+    ({}, {"finetuning": {"load_best_model_at_end": True}}, "`finetuning.load_best_model_at_end`: evaluation"),
+    ({}, {"finetuning": {"early_stopping": {"patience": 2}}}, "`finetuning.early_stopping`: evaluation"),
+    ({}, {"logging": {"report_to": [], "sample_prompts": 2}}, "`logging.sample_prompts` does not apply to grpo"),
+])
+def test_offline_keys_an_online_run_would_ignore_are_refused(tmp_path, post, sections, needle):
+    """The online loop evaluates nothing, has no separate reference model and writes every rollout to
+    samples.jsonl: these keys would be parsed and ignored."""
+    from jaxpref.config import load_config
+    from jaxpref.errors import ConfigError
+
+    cfg = _online_config(tmp_path, post, **sections)
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert needle in str(e.value) and str(cfg) in str(e.value) and "\n" not in str(e.value)
+    load_config(_online_config(tmp_path))   # the same config without the key loads
+
+
+@pytest.mark.parametrize("returned, needle", [
+    ("[float('inf'), 1.0]", "returned inf for completion 0; rewards must be finite"),
+    ("[1.0, -float('inf')]", "returned -inf for completion 1"),
+    ("[1.0]", "returned 1 rewards for 2 completions"),
+    ("['a', 1.0]", "returned 'a' (a str) for completion 0"),
+    ("1.0", "returned a float"),
+    ("__import__('sys').exit(3)", "called sys.exit(3)"),
+    ("1 / 0", "raised ZeroDivisionError"),
+])
+def test_bad_reward_returns_are_one_line_errors(returned, needle):
+    from jaxpref.data.rewards import RewardError, RewardFunc, score
+
+    fn = eval(f"lambda completions, **kw: {returned}")
+    with pytest.raises(RewardError) as e:
+        score([RewardFunc("f", "rewards.py:f", fn)], ["p", "p"], ["a", "b"], [[1], [2]])
+    assert needle in str(e.value) and "`rewards.py:f`" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_completions_no_function_scored_are_counted(capsys):
+    """TRL warns when every reward function returned None for a completion; so do we, with the count."""
+    import numpy as np
+
+    from jaxpref.data.rewards import RewardFunc, TrainerState, score
+
+    funcs = [RewardFunc("a", "r.py:a", lambda completions, **kw: [None, 1.0, float("nan")]),
+             RewardFunc("b", "r.py:b", lambda completions, **kw: [None, None, float("nan")])]
+    out = score(funcs, ["p"] * 3, ["x", "y", "z"], [[1]] * 3, trainer_state=TrainerState(global_step=4))
+    assert np.isnan(out.per_func[[0, 2]]).all() and out.per_func[1, 0] == 1.0
+    err = capsys.readouterr().err
+    assert "2 of the 3 completions sampled for step 5 got no reward" in err
+    ok = RewardFunc("c", "r.py:c", lambda completions, **kw: [0.0] * len(completions))
+    score([ok, funcs[1]], ["p"] * 3, ["x", "y", "z"], [[1]] * 3)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_start_line_counts_skipped_and_truncated_prompts():
+    from types import SimpleNamespace
+
+    from jaxpref.data.prompts import Prompts
+    from jaxpref.training.online_loop import OnlineRun
+
+    data = Prompts([[1]], ["p"], {}, skipped={"empty prompt": 2, "prompt is null": 1}, truncated=1)
+    run = SimpleNamespace(data=data, cfg=SimpleNamespace(training=SimpleNamespace(max_prompt_length=8)))
+    assert OnlineRun._rows_note(run) == (" (3 rows skipped: empty prompt 2, prompt is null 1; 1 prompts truncated "
+                                         "to max_prompt_length 8)")
+    assert OnlineRun._rows_note(SimpleNamespace(data=Prompts([[1]], ["p"], {}), cfg=run.cfg)) == ""
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--resume-force"])
+def test_resume_refuses_a_run_folder_of_another_method(tmp_path, capsys, flag):
+    """A grpo run's folder continued as ppo (or any other method) is refused in one line, before
+    anything is loaded or written; the folder is left as it was."""
+    import yaml
+
+    from jaxpref import train
+
+    cfg = _online_config(tmp_path, {"method": "ppo", "num_generations": None, "beta": None})
+    run = tmp_path / "out" / "tiny"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"post_training": {"method": "grpo"}}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out"), flag])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("jaxpref: error") == 1 and "Traceback" not in err, err
+    assert f"{run} holds a grpo run, not ppo (`post_training.method`)" in err and "--overwrite-output-dir" in err
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+
+def test_bad_prompt_rows_are_counted_skips_and_no_usable_prompt_is_one_line(tmp_path):
+    from datasets import Dataset
+
+    from conftest import make_tokenizer
+    from jaxpref.config.schema import DatasetConfig
+    from jaxpref.data.prompts import prepare_prompts
+    from jaxpref.errors import DataError
+
+    tok = make_tokenizer(tmp_path / "tok")
+    ds_cfg = DatasetConfig(name="p.jsonl")
+    rows = ["is the sun hot ?", "", "  ", None, "what is one and one ? " * 4]
+    out = prepare_prompts(Dataset.from_dict({"prompt": rows, "answer": list("abcde")}), ds_cfg, tok, 8)
+    assert len(out) == 2 and out.columns["answer"] == ["a", "e"] and out.truncated == 1
+    assert out.skipped == {"empty prompt": 2, "prompt is null": 1} and len(out.prompt_ids[1]) == 8
+    bad = Dataset.from_dict({"prompt": [[{"role": "user"}], [{"role": "assistant"}]]})
+    with pytest.raises(DataError, match=r"^dataset `p.jsonl`: no usable prompt \(prompt is not a list of "
+                                        r"\{role, content\} messages: 2\)$"):
+        prepare_prompts(bad, ds_cfg, tok)
+    with pytest.raises(DataError, match="missing column `prompt` .*columns present: question"):
+        prepare_prompts(Dataset.from_dict({"question": ["q"]}), ds_cfg, tok)

@@ -206,6 +206,8 @@ def test_ppo_trains_from_the_cli(tmp_path, ppo_setup, tiny_llama, capsys):
     ({"kl_estimator": "k2"}, {}, "kl_estimator"),
     ({"num_ppo_epochs": 0}, {}, "num_ppo_epochs` must be >= 1"),
     ({"stop_token_id": 2}, {}, "not both"),
+    ({"stop_token": None, "stop_token_id": 100000}, {}, "`post_training.stop_token_id` 100000 is not a token id"),
+    ({"stop_token": None, "stop_token_id": -1}, {}, "`post_training.stop_token_id` -1 is not a token id"),
     ({"whiten_rewards": True}, {}, "whiten_rewards` needs mini-batches of at least 8"),
     ({"beta": 0.1}, {}, "kl_coef"),
     ({}, {"per_device_train_batch_size": 4}, "fewer than one rollout batch"),

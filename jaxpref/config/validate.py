@@ -21,6 +21,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.dataset.eval_fraction < 1:
         raise ConfigError(f"{cfg.source}: `dataset.eval_fraction` must be in [0, 1)")
     _post_training(cfg)
+    if METHODS[cfg.post_training.method].online:
+        _online(cfg)
     _lora(cfg)
     _training(cfg)
     _training_layout(cfg)
@@ -73,6 +75,29 @@ def _post_training(cfg: Config) -> None:
         raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
     if method.check is not None:
         method.check(pt, tuple(cfg.loss_types), src)
+
+
+def _online(cfg: Config) -> None:
+    """Keys of the offline loop that an online run would silently ignore: one line naming each."""
+    src, pt, ds, tr, ft, method = cfg.source, cfg.post_training, cfg.dataset, cfg.training, cfg.finetuning, \
+        cfg.post_training.method
+    ref = [f"models[{i}].ref_model_id" for i, m in enumerate(cfg.models) if m.ref_model_id]
+    if pt.use_ref_model or ref:
+        key = ref[0] if ref else "post_training.use_ref_model"
+        raise ConfigError(f"{src}: `{key}`: {method} takes its reference from the base model with the adapter off "
+                          "(a separate reference model is not available for online methods yet)")
+    evals = [("dataset.eval_split", ds.eval_split), ("dataset.eval_fraction", ds.eval_fraction or None),
+             ("training.eval_steps", tr.eval_steps),
+             ("training.eval_strategy", tr.eval_strategy if tr.eval_strategy not in (None, "no") else None),
+             ("finetuning.early_stopping", ft.early_stopping),
+             ("finetuning.load_best_model_at_end", ft.load_best_model_at_end or None),
+             ("finetuning.metric_for_best_model", ft.metric_for_best_model)]
+    for key, value in evals:
+        if value is not None:
+            raise ConfigError(f"{src}: `{key}`: evaluation of an online method ({method}) is not available yet")
+    if cfg.logging.sample_prompts is not None:
+        raise ConfigError(f"{src}: `logging.sample_prompts` does not apply to {method}: its samples.jsonl holds "
+                          "every sampled completion with its rewards")
 
 
 def _lora(cfg: Config) -> None:

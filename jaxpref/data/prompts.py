@@ -100,7 +100,10 @@ def _problem(prompt: Any, fmt: str) -> str | None:
             return "prompt is not a message list" if prompt != [] else "prompt is an empty conversation"
         return None
     if not isinstance(prompt, str):
-        return "mixed formats" if is_messages(prompt) else "prompt is not a string"
+        if is_messages(prompt):
+            return "mixed formats"
+        return ("prompt is not a list of {role, content} messages" if isinstance(prompt, list)
+                else "prompt is not a string")
     return "empty prompt" if not prompt.strip() else None
 
 

@@ -191,8 +191,9 @@ def _as_rewards(out: Any, rf: RewardFunc, n: int) -> np.ndarray:
         except (TypeError, ValueError):
             raise RewardError(f"{where} returned {v!r} (a {type(v).__name__}) for completion {i}; "
                               "rewards must be numbers or None") from None
-        if math.isnan(res[i]):
-            res[i] = np.nan
+        if math.isinf(res[i]):
+            raise RewardError(f"{where} returned {v!r} for completion {i}; rewards must be finite (None or NaN: "
+                              "not scored), an infinite one would make every advantage of its group NaN")
     return res
 
 
@@ -218,9 +219,16 @@ def score(funcs: list[RewardFunc], prompts: list, completions: list, completion_
                 got = asyncio.run(_awaited(got))
         except JaxprefError:
             raise
+        except SystemExit as e:
+            raise RewardError(f"reward function `{rf.entry}` called sys.exit({e.code!r})") from None
         except Exception as e:
             raise RewardError(f"reward function `{rf.entry}` raised {type(e).__name__}: {_first_line(e)}") from e
         out.per_func[:, j] = _as_rewards(got, rf, n)
+    unscored = int(np.sum(np.all(np.isnan(out.per_func), axis=1))) if funcs else 0
+    if unscored:   # TRL warns too (GRPOTrainer._calculate_rewards)
+        print(f"jaxpref: warning: {unscored} of the {n} completions sampled for step "
+              f"{kwargs['trainer_state'].global_step + 1} got no reward (every reward function returned None or NaN "
+              "for them)", file=sys.stderr)
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -255,13 +256,22 @@ class OnlineRun:
         generation under way, with a checkpoint."""
         from jaxpref.training.interrupt import StopRequest
 
-        print(f"[{self.entry.name}] {self.cfg.post_training.method}: {len(self.data)} prompts, {self._intro()}",
-              file=sys.stderr)
+        print(f"[{self.entry.name}] {self.cfg.post_training.method}: {len(self.data)} prompts{self._rows_note()}, "
+              f"{self._intro()}", file=sys.stderr)
         with StopRequest(self.entry.name, unit=self.UNIT) as ctrl_c:
             self._loop(ctrl_c)
 
     def _intro(self) -> str:
         return f"{self.per_gen} prompts x {self.K} completions per generation, {self.total} steps"
+
+    def _rows_note(self) -> str:
+        """' (N rows skipped: reason n, ...; M prompts truncated to max_prompt_length L)', or ''."""
+        d, parts = self.data, []
+        if d.skipped:
+            parts.append(f"{sum(d.skipped.values())} rows skipped: " + ", ".join(f"{k} {v}" for k, v in d.skipped.items()))
+        if d.truncated:
+            parts.append(f"{d.truncated} prompts truncated to max_prompt_length {self.cfg.training.max_prompt_length}")
+        return f" ({'; '.join(parts)})" if parts else ""
 
     def _loop(self, ctrl_c) -> None:
         pt = self.cfg.post_training
@@ -308,7 +318,9 @@ class OnlineRun:
         row = {"step": step, "epoch": round(epoch, 4)}
         for k in keys:
             vals = [w[k] for w in self.window if k in w]
-            row[k] = float(vals[-1] if k in LATEST else np.nanmean(vals))
+            with warnings.catch_warnings():   # NaN throughout (no completion scored): NaN, as TRL logs it
+                warnings.simplefilter("ignore", RuntimeWarning)
+                row[k] = float(vals[-1] if k in LATEST else np.nanmean(vals))
         self.window = []
         self.last = row
         self.sinks.log(row)
@@ -323,6 +335,7 @@ class OnlineRun:
         self.store.close()
         summary = {"model": self.entry.name, "method": self.cfg.post_training.method, "steps": self.total,
                    "train_runtime": round(time.time() - t_start, 2), "resumed_from_step": self.start or None,
+                   "skipped_rows": self.data.skipped, "truncated_rows": self.data.truncated,
                    "final_metrics": self.last}
         if self.is_main:
             self._save_trained(jax.device_get(self.state.lora))

@@ -60,6 +60,9 @@ def stop_token(cfg: Config, tok) -> int | None:
         if tok.eos_token_id is None:
             raise ConfigError(f"{cfg.source}: `post_training.stop_token: eos`, but the tokenizer has no EOS token")
         return tok.eos_token_id
+    if pt.stop_token_id is not None and not 0 <= pt.stop_token_id < len(tok):
+        raise ConfigError(f"{cfg.source}: `post_training.stop_token_id` {pt.stop_token_id} is not a token id of the "
+                          f"tokenizer (0 .. {len(tok) - 1}): no completion could end at it")
     return pt.stop_token_id
 
 

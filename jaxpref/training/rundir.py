@@ -78,11 +78,14 @@ def previous_outputs(run_dir: Path) -> list[str]:
     return found
 
 
-def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = True) -> RunLock:
+def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = True,
+                  method: str | None = None) -> RunLock:
     """Make `run_dir` this run's: lock it (`lock`: the process that writes, process 0), and check
     what is there. Without `resume`, a folder holding a previous run is refused unless `overwrite`,
-    which deletes those outputs; an `adapter/` or `model/` that is not ours is refused up front
-    (the run would fail at its very end otherwise). -> the lock, to release when the run ends."""
+    which deletes those outputs; with it, a run of another `method` is refused (--resume-force
+    included: its checkpoints, metrics and samples are another method's); an `adapter/` or
+    `model/` that is not ours is refused up front (the run would fail at its very end otherwise).
+    -> the lock, to release when the run ends."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} is a file; remove it or choose another --output-dir")
@@ -100,6 +103,8 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = Tru
                     "--overwrite-output-dir deletes it and starts again")
             if lock:
                 clear_outputs(run_dir)
+        if previous and resume and method is not None:
+            _same_method(run_dir, method)
         for name in ("adapter", "model"):
             p = run_dir / name
             if p.is_dir() and any(p.iterdir()) and not is_our_export(p) and not (overwrite and not resume):
@@ -109,6 +114,20 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = Tru
         held.release()
         raise
     return held
+
+
+def _same_method(run_dir: Path, method: str) -> None:
+    """Refuse to continue a run of another `post_training.method` (its config.yaml says which)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["post_training"]["method"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        return   # no record to compare: the checkpoint's fingerprint decides
+    if saved != method:
+        raise ConfigError(f"{run_dir} holds a {saved} run, not {method} (`post_training.method`), so --resume cannot "
+                          "continue it; --overwrite-output-dir deletes it and starts again, or train into another "
+                          "--output-dir")
 
 
 def clear_outputs(run_dir: Path) -> None:
