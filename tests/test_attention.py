@@ -325,8 +325,8 @@ def test_fp32_is_fp32_unless_tf32_is_asked():
 
 
 def test_permuted_rows_backward_is_the_scatter_it_replaces():
-    """_permute_rows' backward (a gather by the inverse permutation) equals the gradient of the plain
-    take_along_axis (a scatter-add), over causal_runs' real permutation of a shared-prompt stream."""
+    """_permute_rows' backward (a gather by causal_runs' inverse permutation) equals the gradient of the
+    plain take_along_axis (a scatter-add), over causal_runs' real permutation of a shared-prompt stream."""
     rng = np.random.default_rng(3)
     seg = jnp.asarray([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], jnp.int32)
     br = jnp.asarray([[0, 0, 1, 1, 2, 2, 0, 1, 1, 2, 0, 0]], jnp.int32)
@@ -336,9 +336,10 @@ def test_permuted_rows_backward_is_the_scatter_it_replaces():
     x = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
     plain = lambda x, perm: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
-    for perm in (runs.order, runs.back):
-        np.testing.assert_array_equal(np.asarray(_permute_rows(x, perm)), np.asarray(plain(x, perm)))
-        ours = jax.grad(lambda x: (_permute_rows(x, perm) * w).sum())(x)
+    for perm, inverse in ((runs.order, runs.back), (runs.back, runs.order)):
+        np.testing.assert_array_equal(np.asarray(_permute_rows(x, perm, inverse)), np.asarray(plain(x, perm)))
+        ours = jax.grad(lambda x: (_permute_rows(x, perm, inverse) * w).sum())(x)
         np.testing.assert_allclose(np.asarray(ours), np.asarray(jax.grad(lambda x: (plain(x, perm) * w).sum())(x)),
                                    rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(_permute_rows(_permute_rows(x, runs.order), runs.back)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(_permute_rows(_permute_rows(x, runs.order, runs.back), runs.back,
+                                                           runs.order)), np.asarray(x))

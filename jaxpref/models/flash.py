@@ -63,29 +63,36 @@ def causal_runs(seg, br, pos, window=None, shared_prompt: bool = True) -> Causal
 
 
 def _windowed(start: jax.Array, pos: jax.Array, window) -> jax.Array:
-    """Causal rows whose query i sees slots [start[i], i]: the first slot inside the window."""
+    """Causal rows whose query i sees slots [start[i], i] -> the first of them inside the window,
+    pos[i] - pos[j] < window (positions increase along every query's keys; i itself always
+    qualifies). Binary search, all queries at once."""
     if window is None:
         return start
-    ends = jnp.broadcast_to(jnp.arange(1, pos.shape[1] + 1, dtype=jnp.int32), pos.shape)
-    return _window_start(pos, start, ends, pos, window)
+    steps = max(1, math.ceil(math.log2(pos.shape[1] + 1)))
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        far = (pos - jnp.take_along_axis(pos, mid, axis=1)) >= window
+        return jnp.where(far, mid + 1, lo), jnp.where(far, hi, mid)
+
+    last = jnp.broadcast_to(jnp.arange(pos.shape[1], dtype=jnp.int32), pos.shape)
+    return jax.lax.fori_loop(0, steps, step, (start, last))[0]
 
 
 @jax.custom_vjp
-def _permute_rows(x: jax.Array, perm: jax.Array) -> jax.Array:
-    """x [B, T, ...] -> x[b, perm[b, t]], perm a permutation of each row; the backward gathers
-    by the inverse permutation instead of XLA's scatter-add."""
+def _permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x [B, T, ...] -> x[b, perm[b, t]], perm a permutation of each row and `inverse` its inverse;
+    the backward gathers by the inverse instead of XLA's scatter-add."""
     return jnp.take_along_axis(x, perm[:, :, None, None], axis=1)
 
 
-def _permute_rows_fwd(x, perm):
-    return _permute_rows(x, perm), perm
+def _permute_rows_fwd(x, perm, inverse):
+    return _permute_rows(x, perm, inverse), inverse
 
 
-def _permute_rows_bwd(perm, g):
-    rows, t = perm.shape
-    inverse = jnp.zeros_like(perm).at[jnp.arange(rows)[:, None], perm].set(
-        jnp.broadcast_to(jnp.arange(t, dtype=perm.dtype), perm.shape))
-    return jnp.take_along_axis(g, inverse[:, :, None, None], axis=1), None
+def _permute_rows_bwd(inverse, g):
+    return jnp.take_along_axis(g, inverse[:, :, None, None], axis=1), None, None
 
 
 _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
@@ -97,20 +104,6 @@ def _run_start(seg: jax.Array) -> jax.Array:
     idx = jnp.arange(t, dtype=jnp.int32)
     new = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
     return jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
-
-
-def _window_start(kv_pos, lo, hi, q_pos, window) -> jax.Array:
-    """First key slot j in [lo, hi) with q_pos - kv_pos[j] < window (kv_pos increasing there;
-    hi - 1, the query itself, always qualifies). Binary search, all queries at once."""
-    steps = max(1, math.ceil(math.log2(kv_pos.shape[1] + 1)))
-
-    def step(_, bounds):
-        a, b = bounds
-        mid = (a + b) // 2
-        far = (q_pos - jnp.take_along_axis(kv_pos, mid, axis=1)) >= window
-        return jnp.where(far, mid + 1, a), jnp.where(far, b, mid)
-
-    return jax.lax.fori_loop(0, steps, step, (lo, hi - 1))[0]
 
 
 def tokamax():
@@ -147,8 +140,8 @@ def flash(q, k, v, info, precision, mesh, batch_axes, impl, softcap=None) -> jax
         out = run(q, k, v, runs.start)
         if runs.order is None:
             return out
-        permuted = run(*(_permute_rows(x, runs.order) for x in (q, k, v)), runs.start2)
-        return jnp.where(runs.second[:, :, None, None], _permute_rows(permuted, runs.back), out)
+        permuted = run(*(_permute_rows(x, runs.order, runs.back) for x in (q, k, v)), runs.start2)
+        return jnp.where(runs.second[:, :, None, None], _permute_rows(permuted, runs.back, runs.order), out)
 
     args = (q, k, v, info.segment_ids, info.branch, info.positions)
     if mesh is None:
