@@ -188,14 +188,14 @@ SWEEPS = {
     "test_traced_window_is_the_static_one": ("shared_prompt+pf-",),
     "test_cpo_simpo_first_step_equals_trl_cpo_trainer": ("cpo-sigmoid-alpha1.0-plain", "simpo-simpo-alpha0.0-plain"),
     "test_greedy_batch_matches_transformers_generate": ("llama", "mistral_window", "phi3_longrope_long"),
-    "test_greedy_with_peft_adapter_matches_transformers": ("llama", "mistral_window"),
+    "test_greedy_with_peft_adapter_matches_transformers": ("llama",),
     "test_expert_adapter_loads_in_peft_with_our_logits": ("mixtral-", "qwen3_moe-attention+experts"),
     "test_evaluate_logps_match_transformers_and_peft": ("gemma2-", "qwen3_moe-standard"),
     "test_qwen3_moe_gguf_matches_transformers": ("32",),
     "test_token_budget_trains_like_the_same_config_without_it": ("dpo_rpo-shared_prompt",),
-    "test_sliding_window_in_every_layout": ("None-keep_start-mistral", "14-keep_end-qwen2_some_layers"),
-    "test_orpo_first_step_equals_trl_orpo_trainer": ("plain-64", "conversational-56"),
-    "test_batched_prompts_give_the_tokens_of_one_at_a_time": ("llama", "mistral_window"),
+    "test_sliding_window_in_every_layout": ("None-keep_start-mistral",),
+    "test_orpo_first_step_equals_trl_orpo_trainer": ("plain-64",),
+    "test_batched_prompts_give_the_tokens_of_one_at_a_time": ("llama",),
 }
 
 
