@@ -102,9 +102,42 @@ def test_report_counts_tests_of_a_run_cut_short(tmp_path):
     assert json.loads((tmp_path / "gpu_check.json").read_text())["tests"]["failed"] == 1
 
 
-def test_unknown_mode_is_one_line(tmp_path):
+def _gpu_check_sh(*args, **env):
     import subprocess
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "extras"], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and proc.stdout.strip() == "gpu_check: unknown mode `extras` (main, extra)"
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": "false", **env}, timeout=60)
+
+
+def test_unknown_mode_is_one_line(tmp_path):
+    proc = _gpu_check_sh("extras", OUT=str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip() == "gpu_check: unknown mode `extras` (main, extra)"
     assert not list(tmp_path.iterdir())   # nothing written, nothing removed
+
+
+@pytest.mark.parametrize("case, message", [
+    ("out_is_a_file", "OUT={out}/notes.log: is a file, expected a folder for the check's outputs"),
+    ("out_holds_other_files", "OUT={out}: holds files that are not a gpu_check's outputs; name a new or empty folder"),
+    ("budget_abc", "GPU_CHECK_BUDGET_S=abc: expected a whole number"),
+    ("workers_abc", "GPU_CHECK_TEST_WORKERS=-1: expected a whole number"),
+    ("tiny_yes", "GPU_CHECK_TINY=yes: expected 0 or 1"),
+    ("dtype_bf16", "GPU_CHECK_DTYPE=bf16: expected bfloat16 or float32"),
+])
+def test_bad_environment_is_one_line_and_touches_no_file(tmp_path, case, message):
+    """OUT at a file (it used to become the empty path: the outputs' `rm -f` then ran on /), OUT at
+    a folder of the user's own *.log files (they used to be removed), and malformed settings: one
+    line, exit 2, every file as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.log").write_text("mine")
+    (out / "bench_mine.json").write_text("{}")
+    env = {"GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_SITE": str(tmp_path / "site"), "OUT": str(out)}
+    env.update({"out_is_a_file": {"OUT": str(out / "notes.log")}, "out_holds_other_files": {},
+                "budget_abc": {"GPU_CHECK_BUDGET_S": "abc"}, "workers_abc": {"GPU_CHECK_TEST_WORKERS": "-1"},
+                "tiny_yes": {"GPU_CHECK_TINY": "yes"}, "dtype_bf16": {"GPU_CHECK_DTYPE": "bf16"}}[case])
+    if case not in ("out_is_a_file", "out_holds_other_files"):   # an earlier check's folder: its outputs go
+        (out / "stages.jsonl").write_text("")
+    proc = _gpu_check_sh(**env)
+    assert proc.returncode == 2 and proc.stderr.strip() == "gpu_check: " + message.format(out=out), proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["notes.log", "bench_mine.json"] + (["stages.jsonl"] if (out / "stages.jsonl").exists() else []))
+    assert (out / "notes.log").read_text() == "mine" and not (tmp_path / "work").exists()
