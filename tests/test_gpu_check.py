@@ -141,3 +141,49 @@ def test_bad_environment_is_one_line_and_touches_no_file(tmp_path, case, message
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["notes.log", "bench_mine.json"] + (["stages.jsonl"] if (out / "stages.jsonl").exists() else []))
     assert (out / "notes.log").read_text() == "mine" and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config", "{d}/nope.yaml"], "config file not found: {d}/nope.yaml"),
+    (["--set", "training.attention=flsh"], "`training.attention` is `flsh`, expected one of"),
+    (["--steps", "0"], "--steps 0: must be >= 1"),
+    (["--steps", "-3"], "--steps -3: must be >= 1"),
+    (["--warmup", "-1"], "--warmup -1: must be >= 0"),
+    (["--profile-steps", "0"], "--profile-steps 0: must be >= 1"),
+    (["--peak-tflops", "0"], "--peak-tflops 0.0: must be > 0"),
+    (["--only", "jax", "--vs-trl"], "--vs-trl times TRL's side, which --only jax leaves out"),
+    (["--only", "trl", "--profile", "{d}/prof"], "--profile traces the jaxpref side, which --only trl leaves out"),
+    (["--trl-device", "cuda"], "--trl-device cuda: no TRL side runs"),
+    (["--vs-trl", "--set", "post_training.method=ipo"], "--vs-trl compares DPO only (`post_training.method` is ipo)"),
+    (["--json", "{d}"], "--json {d}: is a directory, expected a file"),
+    (["--json", "{d}/c.yaml/x.json"], "--json {d}/c.yaml/x.json: cannot write there"),
+    (["--profile", "{d}/c.yaml"], "--profile {d}/c.yaml: is a file, expected a directory"),
+    (["--profile", "{d}"], "--profile {d}: holds summary.txt, which is not an earlier profile's"),
+])
+def test_bench_refuses_bad_flags_in_one_line_before_any_work(tmp_path, capsys, flags, message):
+    """Each used to run a whole benchmark first (or a side that failed with a traceback); the
+    --json ones lost the results at the end."""
+    (tmp_path / "c.yaml").write_text(json.dumps({"models": [{"name": "m", "huggingface_id": "some/model"}],
+                                                 "dataset": {"name": "d.jsonl"}}))
+    (tmp_path / "summary.txt").write_text("mine")
+    flags = [f.format(d=tmp_path) for f in flags]
+    argv = ([] if "--config" in flags else ["--config", str(tmp_path / "c.yaml")]) + flags
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench: error: ") and "\n" not in err and message.format(d=tmp_path) in err, err
+    assert (tmp_path / "summary.txt").read_text() == "mine"
+
+
+def test_a_sides_input_error_is_one_line_exit_2(tmp_path):
+    """An error found by a side (here the model source) is the side's one line, exit 2, not its
+    traceback and a second line."""
+    import subprocess
+    import sys
+    (tmp_path / "c.yaml").write_text(json.dumps({"models": [{"name": "m", "huggingface_id": str(tmp_path / "none")}],
+                                                 "dataset": {"name": "d.jsonl"}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", str(tmp_path / "c.yaml"),
+                           "--json", str(tmp_path / "new" / "bench.json")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("bench: error: "), err
+    assert str(tmp_path / "none") in err and not (tmp_path / "new").exists()
