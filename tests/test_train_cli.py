@@ -87,6 +87,23 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
         assert needle in out, needle
 
 
+@pytest.mark.parametrize("limit, recompute", [(80 << 30, False), (1 << 10, True)])
+def test_dry_run_says_what_recompute_auto_chooses_on_an_accelerator(tmp_path, tiny_llama, tiny_pairs, capsys,
+                                                                     monkeypatch, limit, recompute):
+    """On an accelerator `recompute_activations: auto` stores the activations when the memory plan
+    fits the device (`setup.resolve_recompute`); the dry run says what the run will do (it said
+    True whatever the plan)."""
+    import jax
+
+    device = type("Device", (), {"memory_stats": lambda self: {"bytes_limit": limit}})()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [device])
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)
+    code, out, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.strip().startswith("attention"))
+    assert f"recompute_activations {recompute};" in line, line
+
 @pytest.mark.parametrize("change,needles", [
     ({"post_training": {"method": "dpo", "beta": -0.1}}, ["post_training.beta", "> 0"]),
     ({"training": {"learnin_rate": 1e-5}}, ["unknown key", "training.learnin_rate", "learning_rate"]),
