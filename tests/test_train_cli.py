@@ -104,6 +104,24 @@ def test_dry_run_says_what_recompute_auto_chooses_on_an_accelerator(tmp_path, ti
     line = next(x for x in out.splitlines() if x.strip().startswith("attention"))
     assert f"recompute_activations {recompute};" in line, line
 
+
+@pytest.mark.parametrize("precision, said", [("highest", "fp32 matmuls highest"),
+                                             ("tf32", "fp32 matmuls fp32 (matmul_precision tf32: a CPU has no TF32")])
+def test_dry_run_says_tf32_is_fp32_on_a_cpu(precision, said):
+    """XLA's CPU computes fp32 products whatever the precision: the dry run says so rather than tf32."""
+    import types
+
+    import jax.numpy as jnp
+
+    from jaxpref.config import config_from_dict
+    from jaxpref.training.dryrun import attention_line
+
+    cfg = config_from_dict({"models": [{"name": "m", "huggingface_id": "some/model"}], "dataset": {"name": "d.jsonl"},
+                            "training": {"matmul_precision": precision}}, "c.yaml")
+    args = types.SimpleNamespace(dtype=jnp.float32, num_heads=4, recompute_activations=True)
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1})
+    assert said in attention_line(cfg, args, [(1, 4, 64, 16)], mesh)
+
 @pytest.mark.parametrize("change,needles", [
     ({"post_training": {"method": "dpo", "beta": -0.1}}, ["post_training.beta", "> 0"]),
     ({"training": {"learnin_rate": 1e-5}}, ["unknown key", "training.learnin_rate", "learning_rate"]),

@@ -155,7 +155,10 @@ def attention_line(cfg: Config, args, shapes: list, mesh) -> str:
     key = max(shapes, key=lambda k: k[1] * k[2])
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     calls, t = (max(key[1] // dp, 1) * key[4], key[5]) if len(key) > 4 else (max(key[1] // dp, 1), key[2])
-    backend = choose_backend(cfg.training.attention, jax.devices()[0].platform, args.dtype, calls, t, t,
-                             args.num_heads)
+    platform = jax.devices()[0].platform
+    backend = choose_backend(cfg.training.attention, platform, args.dtype, calls, t, t, args.num_heads)
+    precision = cfg.training.matmul_precision
+    if precision == "tf32" and platform == "cpu":
+        precision = "fp32 (matmul_precision tf32: a CPU has no TF32 products)"
     return (f"{backend} (training.attention {cfg.training.attention}); recompute_activations "
-            f"{args.recompute_activations}; fp32 matmuls {cfg.training.matmul_precision}")
+            f"{args.recompute_activations}; fp32 matmuls {precision}")
