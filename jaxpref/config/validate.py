@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from jaxpref.config.schema import Config, PostTrainingBase
+from jaxpref.config.schema import Config, PostTrainingBase, TrainingConfig
 from jaxpref.errors import ConfigError
 from jaxpref.errors import check_choice as _choice
 from jaxpref.objectives.methods import METHODS
@@ -98,6 +98,11 @@ def _online(cfg: Config) -> None:
     if cfg.logging.sample_prompts is not None:
         raise ConfigError(f"{src}: `logging.sample_prompts` does not apply to {method}: its samples.jsonl holds "
                           "every sampled completion with its rewards")
+    defaults = TrainingConfig.__dataclass_fields__
+    for key in ("pair_layout", "padding_free", "pack_length", "length_buckets", "max_shapes"):
+        if getattr(tr, key) != defaults[key].default:
+            raise ConfigError(f"{src}: `training.{key}` lays out the offline methods' pairs; {method} lays out "
+                              "its own prompts and completions (leave the key out)")
 
 
 def _lora(cfg: Config) -> None:
