@@ -187,3 +187,14 @@ def test_a_sides_input_error_is_one_line_exit_2(tmp_path):
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("bench: error: "), err
     assert str(tmp_path / "none") in err and not (tmp_path / "new").exists()
+
+
+def test_build_never_replaces_a_model_folder_it_did_not_write(tmp_path, capsys):
+    """GPU_CHECK_WORK is the user's to choose: a `model` folder there that no build wrote is not
+    removed (it used to be, with shutil.rmtree), one line and exit 2 instead."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_text("mine")
+    assert gpu_check.main(["build", str(tmp_path), "--tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a model this check built" in err, err
+    assert (tmp_path / "model" / "weights.bin").read_text() == "mine"
