@@ -168,9 +168,11 @@ def train_iterator(cfg: Config, data, B: int, G: int, layout, shuffle: bool = Tr
     it = BudgetIterator(data, B, G, cfg.training.seed, layout, shuffle=shuffle)
     longest = it.longest_pair()
     if longest > layout.max_tokens:
-        raise ConfigError(f"{key} {layout.max_tokens} is smaller than the longest pair ({longest} tokens after "
-                          f"truncation to max_length {cfg.training.max_length}); raise it to at least {longest} "
-                          "or lower `training.max_length`")
+        cut = cfg.training.max_length
+        raise ConfigError(f"{key} {layout.max_tokens} is smaller than the longest pair ({longest} tokens "
+                          + (f"after truncation to max_length {cut}); raise it to at least {longest} or lower "
+                             "`training.max_length`" if cut is not None else
+                             f"with no max_length); raise it to at least {longest} or set `training.max_length`"))
     return it
 
 
