@@ -122,6 +122,25 @@ def test_dry_run_says_tf32_is_fp32_on_a_cpu(precision, said):
     mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1})
     assert said in attention_line(cfg, args, [(1, 4, 64, 16)], mesh)
 
+
+@pytest.mark.parametrize("where", ["no_tokamax", "tpu"])
+@pytest.mark.parametrize("dry", [True, False])
+def test_flash_where_no_kernel_runs_is_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, monkeypatch, where, dry):
+    """`training.attention: flash` without tokamax (an optional extra) or on a TPU: one line, exit 2,
+    in the dry run and the run (both used to end in a ValueError traceback from inside the model)."""
+    import jax
+
+    from jaxpref.models import attention, flash
+
+    if where == "no_tokamax":
+        monkeypatch.setattr(flash, "tokamax", lambda: None)
+        monkeypatch.setattr(attention, "tokamax", lambda: None)
+    else:
+        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, training={"attention": "flash", "max_steps": 1})
+    code, _, err = run_cli(["--config", cfg, "--output-dir", tmp_path / "o"] + (["--dry-run"] if dry else []), capsys)
+    one_line_error(code, err, "`training.attention: flash`", "tokamax" if where == "no_tokamax" else "TPU")
+
 @pytest.mark.parametrize("change,needles", [
     ({"post_training": {"method": "dpo", "beta": -0.1}}, ["post_training.beta", "> 0"]),
     ({"training": {"learnin_rate": 1e-5}}, ["unknown key", "training.learnin_rate", "learning_rate"]),
