@@ -58,7 +58,8 @@ def check_choice(value: str, allowed, key: str, src: str) -> None:
 
     allowed = list(allowed)
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+        close = [a for a in map(str, allowed) if a.lower() == str(value).lower()] or \
+            difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
         hint = f" (did you mean `{close[0]}`?)" if close else ""
         raise ConfigError(f"{src}: `{key}` is `{value}`, expected one of {', '.join(map(str, allowed))}{hint}")
 

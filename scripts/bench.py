@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxpref.errors import ConfigError, JaxprefError, check_writable
 from jaxpref.runtime.host_memory import tune_malloc
 
 tune_malloc()  # first: its allocator settings must precede the XLA runtime
@@ -225,7 +226,7 @@ def run_jax(args) -> dict:
     spec = setup.loss_spec(cfg)
     mode = setup.ref_mode(cfg, spec, lspec is not None)
     if mode not in ("lora_off", "none", "separate"):
-        raise SystemExit(f"bench: reference mode `{mode}` is not benchmarked")
+        raise ConfigError(f"{args.config}: reference mode `{mode}` is not benchmarked")
     B, G = tcfg.per_device_train_batch_size, tcfg.gradient_accumulation_steps
     # With `--set training.max_tokens_per_batch=N` the token budget's micro-batches (`data.budget`).
     it = setup.train_iterator(cfg, prepared.train, B, G, prepared.layout)
@@ -293,7 +294,7 @@ def run_jax(args) -> dict:
             work.append(work_flops(fp, lens))
             work_tokens.append(sum(lens))
     if not times:
-        raise SystemExit("bench: every timed step compiled a new batch shape; raise --steps")
+        raise ConfigError(f"--steps {args.steps}: every timed step compiled a new batch shape; raise --steps")
     if args.profile:
         profile_steps(args, it, step_fn, state, params, ref_params, shapes)
     peak = max(peak_before, matmul_peak_gflops())
@@ -400,7 +401,7 @@ def run_trl(args) -> dict:
     cfg = load_config(args.config, list(args.set))
     tcfg, pt, lo = cfg.training, cfg.post_training, cfg.lora
     if pt.method != "dpo":
-        raise SystemExit(f"bench: --vs-trl compares DPO only (config has `{pt.method}`)")
+        raise ConfigError(f"{args.config}: --vs-trl compares DPO only (`post_training.method` is {pt.method})")
     entry = cfg.models[0]
     path = str(resolve(entry.huggingface_id, entry.revision).path)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[tcfg.compute_dtype]
@@ -408,7 +409,7 @@ def run_trl(args) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --trl-device cuda, but torch sees no CUDA device")
+        raise ConfigError("--trl-device cuda: torch sees no CUDA device")
     cuda = device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     tok = AutoTokenizer.from_pretrained(entry.tokenizer_id or path)
@@ -521,6 +522,11 @@ def run_side(args, side: str) -> dict:
         proc = subprocess.run(cmd, check=False, env=env, text=True,
                               stdout=subprocess.PIPE if quiet else None,
                               stderr=subprocess.STDOUT if quiet else None)
+        if proc.returncode == 2:   # the side's one-line error about the flags or the config
+            if quiet:
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("bench: error:")]
+                sys.stderr.write((lines[-1] if lines else proc.stdout[-4000:]) + "\n")
+            raise SystemExit(2)
         if proc.returncode != 0 or not res.exists():
             if quiet:
                 sys.stderr.write(proc.stdout[-4000:])
@@ -546,16 +552,53 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_args(args) -> None:
+    """The flags and the config, before any side runs: a JaxprefError naming the flag or key."""
+    from jaxpref.config import load_config
+
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--profile-steps", args.profile_steps, 1)):
+        if value < least:
+            raise ConfigError(f"{flag} {value}: must be >= {least}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ConfigError(f"--peak-tflops {args.peak_tflops}: must be > 0")
+    trl = args.vs_trl or args.only == "trl"
+    if args.only == "jax" and args.vs_trl:
+        raise ConfigError("--vs-trl times TRL's side, which --only jax leaves out; give one of them")
+    if args.only == "trl" and args.profile:
+        raise ConfigError("--profile traces the jaxpref side, which --only trl leaves out")
+    if args.trl_device != "auto" and not trl:
+        raise ConfigError(f"--trl-device {args.trl_device}: no TRL side runs (add --vs-trl, or --only trl)")
+    cfg = load_config(args.config, list(args.set))
+    if trl and cfg.post_training.method != "dpo":
+        raise ConfigError(f"{args.config}: --vs-trl compares DPO only (`post_training.method` is "
+                          f"{cfg.post_training.method})")
+    if args.json:
+        check_writable(args.json, "--json", directory=False)
+    if args.profile:
+        check_writable(args.profile, "--profile", directory=True)
+        prof = Path(args.profile)
+        theirs = [n for n in ("summary.txt", "summary.json") if (prof / n).exists()]
+        if theirs and not (prof / "plugins" / "profile").is_dir():   # not an earlier trace's folder
+            raise ConfigError(f"--profile {prof}: holds {theirs[0]}, which is not an earlier profile's "
+                              "(it would be overwritten); name another folder")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.side is not None:
-        if args.side == "jax":
-            from jaxpref.runtime.no_torch import hide_torch
+    try:
+        if args.side is not None:
+            if args.side == "jax":
+                from jaxpref.runtime.no_torch import hide_torch
 
-            hide_torch()  # as jaxpref's command lines do: torch is not part of the measured RSS
-        out = run_jax(args) if args.side == "jax" else run_trl(args)
-        Path(args.result).write_text(json.dumps(out))
-        return 0
+                hide_torch()  # as jaxpref's command lines do: torch is not part of the measured RSS
+            out = run_jax(args) if args.side == "jax" else run_trl(args)
+            Path(args.result).write_text(json.dumps(out))
+            return 0
+        check_args(args)
+    except JaxprefError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
     if args.only is not None:
         rows = [run_side(args, args.only)]
     else:
@@ -585,6 +628,7 @@ def main(argv=None) -> int:
               + (f"; jaxpref is {t['step_s_median'] / j['step_s_median']:.2f}x TRL's speed" if j else ""))
     print(table(rows))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 

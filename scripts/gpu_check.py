@@ -87,9 +87,10 @@ def build_model(out: Path, size: str, dtype: str) -> dict:
         torch.cuda.synchronize()
     init_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)   # only a model of an earlier build (`build` checks MARK)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
+    (out / MARK).write_text("")
     save_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())  # tied: the embedding counted once
     return {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "dtype": dtype,
@@ -151,8 +152,15 @@ def write_config(path: Path, model: Path, data: Path, wp: dict, steps: int, dtyp
     return {"optional_keys": optional, "skipped_keys": sorted({"attention", "matmul_precision"} - fields)}
 
 
+MARK = ".gpu_check_model"   # in the model folder a build wrote: the next build may replace it
+
+
 def build(args) -> int:
     work = Path(args.work)
+    if (work / "model").exists() and not (work / "model" / MARK).exists():
+        print(f"gpu_check: {work / 'model'} is not a model this check built, and the build would replace it; "
+              "give the check a new or empty work folder (GPU_CHECK_WORK)", file=sys.stderr)
+        return 2
     work.mkdir(parents=True, exist_ok=True)
     size = "tiny" if args.tiny else "full"
     t0 = time.perf_counter()

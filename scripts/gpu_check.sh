@@ -5,7 +5,8 @@
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh  # the same stages with a tiny model (a CPU test run)
 #   bash scripts/gpu_check.sh extra           # the second command of a GPU session (below)
 #
-# Writes everything under $OUT (default ./gpu_check_out): one log per stage, bench_<wp>_<side>.json,
+# Writes everything under $OUT (default ./gpu_check_out; a new or empty folder, or an earlier check's,
+# whose outputs are replaced): one log per stage, bench_<wp>_<side>.json,
 # pytest.xml/.log, failures.txt (each failing test's traceback end, also printed), build.json, and gpu_check.md + gpu_check.json, rewritten after every stage so
 # that partial results survive. Stages, each under its own `timeout`:
 #   setup       install .whl/*.whl (pip --no-index --no-deps --target $SITE), a stub for xprof
@@ -82,15 +83,26 @@ if [ "${1:-}" = _setup ]; then
     setup_stage
     exit $?
 fi
+die() { echo "gpu_check: $*" >&2; exit 2; }
 MODE=${1:-main}
-case "$MODE" in main|extra) ;; *) echo "gpu_check: unknown mode \`$MODE\` (main, extra)"; exit 2 ;; esac
+case "$MODE" in main|extra) ;; *) die "unknown mode \`$MODE\` (main, extra)" ;; esac
+for var in GPU_CHECK_BUDGET_S GPU_CHECK_TEST_WORKERS; do
+    [ -z "${!var:-}" ] || [[ ${!var} =~ ^[0-9]+$ ]] || die "$var=${!var}: expected a whole number"
+done
+for var in GPU_CHECK_TINY GPU_CHECK_PROFILE; do
+    case ${!var:-0} in 0|1) ;; *) die "$var=${!var}: expected 0 or 1" ;; esac
+done
+case ${GPU_CHECK_DTYPE:-bfloat16} in bfloat16|float32) ;; *) die "GPU_CHECK_DTYPE=$GPU_CHECK_DTYPE: expected bfloat16 or float32" ;; esac
 
 OUT=${OUT:-$REPO/gpu_check_out$([ "$MODE" = extra ] && echo _extra)}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+[ ! -e "$OUT" ] || [ -d "$OUT" ] || die "OUT=$OUT: is a file, expected a folder for the check's outputs"
+{ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) && [ -w "$OUT" ]; } 2>/dev/null || die "OUT=$OUT: cannot create or write this folder"
+# The outputs of an earlier check (stages.jsonl) are cleared below; a folder of other files is not ours to clear.
+[ -e "$OUT/stages.jsonl" ] || [ -z "$(ls -A "$OUT")" ] || \
+    die "OUT=$OUT: holds files that are not a gpu_check's outputs; name a new or empty folder"
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
 DTYPE=${GPU_CHECK_DTYPE:-bfloat16}
-mkdir -p "$WORK"
+mkdir -p "$WORK" 2>/dev/null || die "GPU_CHECK_WORK=$WORK: cannot create this folder"
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     # A CPU run of every stage: 2 + 3 steps; the tests' cap is short on purpose (on a 2-core CPU they
     # take far longer), so the run also shows the counts of a test stage cut by its limit.

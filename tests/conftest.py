@@ -176,6 +176,7 @@ SLOW_TESTS = {
     "test_dpo_on_a_mixture_of_experts_adds_the_router_loss_as_trl",
     "test_trained_expert_adapter_and_merged_export_match_peft_and_transformers",
     "test_the_cli_run_and_its_dry_run_with_a_token_budget",
+    "test_dry_run_on_two_devices_plans_what_the_run_does",
 }
 # test -> the parameter ids (prefixes) that stay in the default set; the rest are slow.
 SWEEPS = {

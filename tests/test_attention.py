@@ -316,6 +316,25 @@ def test_auto_keeps_short_rows_on_today_path():
         choose_backend("cudnn", "gpu", f32, 1, 8, 8, 1)
 
 
+
+def test_auto_decides_by_one_devices_rows_on_a_mesh(monkeypatch):
+    """Under a mesh the model sees every device's rows; auto decides by one device's, as the dry
+    run's attention line and the memory plan do (it used to chunk where the dry run said xla)."""
+    import types
+
+    from jaxpref.models import attention as att
+
+    seen = []
+    monkeypatch.setattr(att, "_dense", lambda q, *a: seen.append("xla") or q)
+    monkeypatch.setattr(att, "_chunked", lambda q, *a: seen.append("xla_chunked") or q)
+    q = jax.ShapeDtypeStruct((8, 640, 16, 8), jnp.float32)   # 8 rows: 210 MB of fp32 scores, 26 MB per row of 8 devices
+    info = MaskInfo.rows(np.ones((8, 640), np.int32))
+    mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1}, axis_names=("data", "fsdp", "tensor"))
+    for m in (None, mesh):
+        jax.eval_shape(lambda q: att.attention(q, q, q, info, mesh=m), q)
+    assert seen == ["xla_chunked", "xla"]
+    assert choose_backend("auto", "cpu", jnp.float32, 8 // 8, 640, 640, 16) == "xla"   # the dry run's count
+
 def test_fp32_is_fp32_unless_tf32_is_asked():
     p = jax.lax.DotAlgorithmPreset
     assert _preset(jnp.float32, None) == _preset(jnp.float32, "highest") == p.F32_F32_F32

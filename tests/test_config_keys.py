@@ -108,3 +108,19 @@ def test_each_method_logs_the_metrics_it_declares():
         spec = LossSpec(method=name, loss_types=(m.default_loss_type,))
         _, metrics = m.loss(LossInputs(stats, jnp.zeros((2 * b,)), jnp.zeros((2 * b, 3)), batch, 2 * b), spec)
         assert {k for k in metrics if not k.startswith("_")} == set(m.metrics), name
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("gpu", {"device_ids": []}, "`gpu.device_ids` is empty (null: every device)"),
+    ("gpu", {"device_ids": [0, 1, 0]}, "`gpu.device_ids` names device 0 twice"),
+    ("training", {"length_buckets": [64, 0]}, "`training.length_buckets` are padded lengths in tokens (>= 1), got 0"),
+    ("training", {"length_buckets": [-4]}, "got -4"),
+    ("training", {"pair_layout": "SHARED_PROMPT"}, "(did you mean `shared_prompt`?)"),
+    ("training", {"attention": "XLA_Chunked"}, "(did you mean `xla_chunked`?)"),
+])
+def test_bad_layout_and_device_values_are_one_line_errors(section, values, message):
+    """An empty `device_ids` used to fail deep in the mesh (ZeroDivisionError); duplicates and
+    non-positive bucket lengths passed; a near miss in other letter case had no hint."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**BASE, section: values}, "c.yaml")
+    assert str(e.value).startswith("c.yaml: ") and "\n" not in str(e.value) and message in str(e.value), str(e.value)

@@ -183,3 +183,23 @@ def test_expert_kernels_split_like_their_dense_namesakes(tmp_path):
     assert experts["gate_up_proj"]["kernel"] == P(None, None, "fsdp", "tensor")
     assert experts["down_proj"]["kernel"] == P(None, None, "tensor", "fsdp")
     assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
+
+
+def test_dry_run_on_two_devices_plans_what_the_run_does(tmp_path, tiny_llama, tiny_pairs):
+    """On 2 data-parallel devices the dry run counts the global batch (16 pairs, 2 per device: 4
+    steps an epoch, as the run) and refuses a token budget as the run does (it said OK)."""
+    from conftest import write_config
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = {}
+    for name, training in (("plain", {"num_epochs": 1, "max_steps": -1}), ("budget", {"max_tokens_per_batch": 256})):
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_llama, tiny_pairs,
+                           training={"per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_length": 64,
+                                     **training})
+        out[name] = subprocess.run([sys.executable, "-m", "jaxpref.train", "--config", str(cfg), "--dry-run"],
+                                   capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    plain, budget = out["plain"], out["budget"]
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert "schedule         4 steps/epoch, 4 steps" in plain.stdout, plain.stdout
+    lines = [l for l in budget.stderr.strip().splitlines() if l.startswith("jaxpref")]
+    assert budget.returncode == 2 and len(lines) == 1, budget.stderr[-2000:]
+    assert "`training.max_tokens_per_batch` is not available yet on 2 data-parallel devices" in lines[0]

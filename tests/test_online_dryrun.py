@@ -36,6 +36,10 @@ def test_online_dry_run_prints_the_plan(tmp_path, online_setup, capsys):  # noqa
 @pytest.mark.parametrize("training, needle", [
     ({"gradient_accumulation_steps": 8}, "prompts are fewer than one generation's 16"),
     ({"per_device_train_batch_size": 3, "gradient_accumulation_steps": 1}, "not a multiple"),
+    # Keys of the offline pairs' layout, which the online loop never read: refused, not ignored.
+    ({"pair_layout": "packed"}, "`training.pair_layout` lays out the offline methods' pairs; rloo lays out"),
+    ({"padding_free": False}, "`training.padding_free` lays out"),
+    ({"length_buckets": [64]}, "`training.length_buckets` lays out"),
 ])
 def test_online_dry_run_bad_input_is_one_line(tmp_path, online_setup, capsys, training, needle):  # noqa: F811
     code, out, err = dry(tmp_path, online_setup, capsys, **training)

@@ -199,6 +199,10 @@ def test_a_budget_below_the_longest_pair_is_a_one_line_error(pairs):
     with pytest.raises(ConfigError, match=r"max_tokens_per_batch` 8 is smaller than the longest pair \(\d+ tokens"):
         train_iterator(cfg, pairs, B, G, layout("shared_prompt", False, max_tokens=8))
     assert train_iterator(cfg, pairs, B, G, layout("shared_prompt", False, max_tokens=200)).budget == 200
+    cfg.training.max_length = None
+    with pytest.raises(ConfigError, match=r"longest pair \(\d+ tokens with no max_length\); raise it to at least \d+ or "
+                                          r"set `training.max_length`$"):
+        train_iterator(cfg, pairs, B, G, layout("shared_prompt", False, max_tokens=8))
 
 
 def test_the_cli_run_and_its_dry_run_with_a_token_budget(tmp_path, tiny_llama, tiny_pairs, capsys):

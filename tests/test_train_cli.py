@@ -87,6 +87,60 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
         assert needle in out, needle
 
 
+@pytest.mark.parametrize("limit, recompute", [(80 << 30, False), (1 << 10, True)])
+def test_dry_run_says_what_recompute_auto_chooses_on_an_accelerator(tmp_path, tiny_llama, tiny_pairs, capsys,
+                                                                     monkeypatch, limit, recompute):
+    """On an accelerator `recompute_activations: auto` stores the activations when the memory plan
+    fits the device (`setup.resolve_recompute`); the dry run says what the run will do (it said
+    True whatever the plan)."""
+    import jax
+
+    device = type("Device", (), {"memory_stats": lambda self: {"bytes_limit": limit}})()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [device])
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)
+    code, out, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.strip().startswith("attention"))
+    assert f"recompute_activations {recompute};" in line, line
+
+
+@pytest.mark.parametrize("precision, said", [("highest", "fp32 matmuls highest"),
+                                             ("tf32", "fp32 matmuls fp32 (matmul_precision tf32: a CPU has no TF32")])
+def test_dry_run_says_tf32_is_fp32_on_a_cpu(precision, said):
+    """XLA's CPU computes fp32 products whatever the precision: the dry run says so rather than tf32."""
+    import types
+
+    import jax.numpy as jnp
+
+    from jaxpref.config import config_from_dict
+    from jaxpref.training.dryrun import attention_line
+
+    cfg = config_from_dict({"models": [{"name": "m", "huggingface_id": "some/model"}], "dataset": {"name": "d.jsonl"},
+                            "training": {"matmul_precision": precision}}, "c.yaml")
+    args = types.SimpleNamespace(dtype=jnp.float32, num_heads=4, recompute_activations=True)
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1})
+    assert said in attention_line(cfg, args, [(1, 4, 64, 16)], mesh)
+
+
+@pytest.mark.parametrize("where", ["no_tokamax", "tpu"])
+@pytest.mark.parametrize("dry", [True, False])
+def test_flash_where_no_kernel_runs_is_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, monkeypatch, where, dry):
+    """`training.attention: flash` without tokamax (an optional extra) or on a TPU: one line, exit 2,
+    in the dry run and the run (both used to end in a ValueError traceback from inside the model)."""
+    import jax
+
+    from jaxpref.models import attention, flash
+
+    if where == "no_tokamax":
+        monkeypatch.setattr(flash, "tokamax", lambda: None)
+        monkeypatch.setattr(attention, "tokamax", lambda: None)
+    else:
+        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, training={"attention": "flash", "max_steps": 1})
+    code, _, err = run_cli(["--config", cfg, "--output-dir", tmp_path / "o"] + (["--dry-run"] if dry else []), capsys)
+    one_line_error(code, err, "`training.attention: flash`", "tokamax" if where == "no_tokamax" else "TPU")
+
 @pytest.mark.parametrize("change,needles", [
     ({"post_training": {"method": "dpo", "beta": -0.1}}, ["post_training.beta", "> 0"]),
     ({"training": {"learnin_rate": 1e-5}}, ["unknown key", "training.learnin_rate", "learning_rate"]),

@@ -214,3 +214,16 @@ def test_kto_on_a_mixture_of_experts_with_a_router_loss_is_refused(tmp_path, cap
     assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "kto on a mixture of experts: TRL adds router_aux_loss_coef (0.001)" in err and "Traceback" not in err
+
+
+def test_padding_free_on_a_mixture_of_experts_is_refused_in_the_dry_run_too(tmp_path, capsys):
+    """The run refuses an explicit padding-free layout on a mixture of experts with a router loss;
+    the dry run says so as well (it said OK)."""
+    model_dir = _tiny_mixtral(tmp_path / "tiny_mixtral", 0.001)
+    rows = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS[:B]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(tmp_path / "pf.yaml", model_dir, tmp_path / "pairs.jsonl", training={"padding_free": True})
+    capsys.readouterr()   # the model's saving
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`training.padding_free: true` leaves each sequence's last token" in err, err

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from jaxpref.config.schema import Config, PostTrainingBase
+from jaxpref.config.schema import Config, PostTrainingBase, TrainingConfig
 from jaxpref.errors import ConfigError
 from jaxpref.errors import check_choice as _choice
 from jaxpref.objectives.methods import METHODS
@@ -98,6 +98,11 @@ def _online(cfg: Config) -> None:
     if cfg.logging.sample_prompts is not None:
         raise ConfigError(f"{src}: `logging.sample_prompts` does not apply to {method}: its samples.jsonl holds "
                           "every sampled completion with its rewards")
+    defaults = TrainingConfig.__dataclass_fields__
+    for key in ("pair_layout", "padding_free", "pack_length", "length_buckets", "max_shapes"):
+        if getattr(tr, key) != defaults[key].default:
+            raise ConfigError(f"{src}: `training.{key}` lays out the offline methods' pairs; {method} lays out "
+                              "its own prompts and completions (leave the key out)")
 
 
 def _lora(cfg: Config) -> None:
@@ -166,6 +171,9 @@ def _training_layout(cfg: Config) -> None:
         raise ConfigError(f"{src}: `training.vocab_chunk` must be >= 0 (0: the whole vocabulary), got {tr.vocab_chunk}")
     if tr.max_shapes < 1:
         raise ConfigError(f"{src}: `training.max_shapes` must be >= 1, got {tr.max_shapes}")
+    bad = [b for b in tr.length_buckets or [] if b < 1]
+    if bad:
+        raise ConfigError(f"{src}: `training.length_buckets` are padded lengths in tokens (>= 1), got {bad[0]}")
     _choice(tr.attention, ATTENTION, "training.attention", src)
     if tr.recompute_activations not in (True, False, "auto"):
         raise ConfigError(f"{src}: `training.recompute_activations` must be true, false or auto, "
@@ -213,6 +221,10 @@ def pt_is_kto(cfg: Config) -> bool:
 
 def _rest(cfg: Config) -> None:
     src = cfg.source
+    ids = cfg.gpu.device_ids
+    if ids is not None and (not ids or len(set(ids)) < len(ids)):
+        what = "is empty" if not ids else f"names device {next(i for i in ids if ids.count(i) > 1)} twice"
+        raise ConfigError(f"{src}: `gpu.device_ids` {what} (null: every device)")
     for r in cfg.report_to:
         _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)
     _choice(cfg.finetuning.remat_policy, ("nothing_saveable", "dots_saveable",

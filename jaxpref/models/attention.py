@@ -98,8 +98,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, backend:
     if info.blk_idx is not None:
         return _in_blocks(q, k, v, info, backend, precision, chunk, mesh, batch_axes, flash_impl, softcap)
     rows, t, n, _ = q.shape
-    if backend == "auto":
-        backend = choose_backend("auto", jax.default_backend(), q.dtype, rows, t, t, n)
+    if backend == "auto":   # by one device's rows: what its memory holds (and the dry run and memory plan count)
+        shards = math.prod(mesh.shape[a] for a in batch_axes if a in mesh.axis_names) if mesh is not None else 1
+        backend = choose_backend("auto", jax.default_backend(), q.dtype, max(rows // shards, 1), t, t, n)
     if backend == "xla":
         return _with_precision(precision, q.dtype, _dense, q, k, v, info, softcap)
     if backend == "xla_chunked":

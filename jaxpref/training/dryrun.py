@@ -6,6 +6,7 @@ counts, token lengths, batch shapes, steps per epoch, and a memory plan. Exit 0 
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -84,12 +85,15 @@ def check_model(cfg: Config, index: int) -> list[str]:
     print(f"  token lengths    p50 {int(np.percentile(lens, 50))}, p95 {int(np.percentile(lens, 95))}, max {int(lens.max())} "
           f"(max_length {cfg.training.max_length})")
     t = cfg.training
-    B, G = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    # As the run builds it (`assemble`): the global batch, one padding-free stream per data-parallel shard.
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    B, G = t.per_device_train_batch_size * dp, t.gradient_accumulation_steps
     if not tr.paired and cfg.post_training.method != "kto":
         problems.append(f"model `{name}`: unpaired data needs method kto")
         return problems
     try:
-        it = setup.train_iterator(cfg, tr, B, G, prepared.layout)
+        layout = dataclasses.replace(setup.router_aux_layout(cfg, bundle, prepared.layout), streams=dp)
+        it = setup.train_iterator(cfg, tr, B, G, layout)
     except JaxprefError as e:
         problems.append(f"model `{name}`: {e}")
         return problems
@@ -98,7 +102,8 @@ def check_model(cfg: Config, index: int) -> list[str]:
         return problems
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
-    shapes = _batch_lines(it, steps, prepared.layout)
+    args = setup.resolve_recompute(cfg, bundle, abstract, spec, it, mesh).args   # what `auto` will choose
+    shapes = _batch_lines(it, steps, layout)
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
     plan = memory_plan(cfg, args, total, trainable if spec else 0, list(shapes), mesh=mesh)
@@ -154,7 +159,10 @@ def attention_line(cfg: Config, args, shapes: list, mesh) -> str:
     key = max(shapes, key=lambda k: k[1] * k[2])
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     calls, t = (max(key[1] // dp, 1) * key[4], key[5]) if len(key) > 4 else (max(key[1] // dp, 1), key[2])
-    backend = choose_backend(cfg.training.attention, jax.devices()[0].platform, args.dtype, calls, t, t,
-                             args.num_heads)
+    platform = jax.devices()[0].platform
+    backend = choose_backend(cfg.training.attention, platform, args.dtype, calls, t, t, args.num_heads)
+    precision = cfg.training.matmul_precision
+    if precision == "tf32" and platform == "cpu":
+        precision = "fp32 (matmul_precision tf32: a CPU has no TF32 products)"
     return (f"{backend} (training.attention {cfg.training.attention}); recompute_activations "
-            f"{args.recompute_activations}; fp32 matmuls {cfg.training.matmul_precision}")
+            f"{args.recompute_activations}; fp32 matmuls {precision}")

@@ -52,8 +52,25 @@ def reference_bundle(cfg: Config, src):
     return weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype, **run_options(cfg))
 
 
+def check_attention(cfg: Config) -> None:
+    """`training.attention: flash` where no flash kernel can run: one line, before any tracing."""
+    import jax
+
+    from jaxpref.models.flash import tokamax
+
+    if cfg.training.attention != "flash":
+        return
+    if tokamax() is None:
+        raise ConfigError(f"{cfg.source}: `training.attention: flash` needs tokamax, which is not installed "
+                          "(uv sync --extra flash), or use auto")
+    if jax.default_backend() == "tpu":
+        raise ConfigError(f"{cfg.source}: `training.attention: flash` is not available on TPU (its kernel takes no "
+                          "per-query key intervals); use auto, xla or xla_chunked")
+
+
 def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bool = True):
     """-> (bundle with LoRA options set, tokenizer, lora spec or None, abstract params)."""
+    check_attention(cfg)
     entry = cfg.models[index]
     src = resolve(entry.huggingface_id, entry.revision, weights=weights_needed)
     bundle = weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype,
@@ -168,9 +185,11 @@ def train_iterator(cfg: Config, data, B: int, G: int, layout, shuffle: bool = Tr
     it = BudgetIterator(data, B, G, cfg.training.seed, layout, shuffle=shuffle)
     longest = it.longest_pair()
     if longest > layout.max_tokens:
-        raise ConfigError(f"{key} {layout.max_tokens} is smaller than the longest pair ({longest} tokens after "
-                          f"truncation to max_length {cfg.training.max_length}); raise it to at least {longest} "
-                          "or lower `training.max_length`")
+        cut = cfg.training.max_length
+        raise ConfigError(f"{key} {layout.max_tokens} is smaller than the longest pair ({longest} tokens "
+                          + (f"after truncation to max_length {cut}); raise it to at least {longest} or lower "
+                             "`training.max_length`" if cut is not None else
+                             f"with no max_length); raise it to at least {longest} or set `training.max_length`"))
     return it
 
 
