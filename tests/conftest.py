@@ -135,6 +135,9 @@ def write_config(path: Path, model_dir: Path, data: Path, **sections) -> Path:
             cfg[k] = {**cfg[k], **v}
         else:
             cfg[k] = v
+    if cfg["post_training"].get("method") in ("grpo", "rloo", "online_dpo", "ppo") and \
+            "max_length" not in sections.get("training", {}):
+        del cfg["training"]["max_length"]   # an offline key: online runs refuse it
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 

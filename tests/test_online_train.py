@@ -140,6 +140,11 @@ def test_grpo_reuses_a_rollout_and_masks_truncated_completions(tmp_path, online_
     ({"repetition_penalty": 0.0}, {}, ["post_training.repetition_penalty", "> 0"]),
     ({"min_p": 1.5}, {}, ["post_training.min_p", "[0, 1]"]),
     ({}, {"max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 8}, ["prompts are fewer"]),
+    # offline keys an online run does not read: refused, not ignored
+    ({}, {"max_length": 64}, ["training.max_length", "post_training.max_completion_length"]),
+    ({}, {"truncation_mode": "keep_end"}, ["training.truncation_mode", "last tokens"]),
+    ({}, {"train_sampling_strategy": "sequential"}, ["training.train_sampling_strategy", "shuffled"]),
+    ({}, {"per_device_eval_batch_size": 2}, ["training.per_device_eval_batch_size", "evaluation"]),
 ])
 def test_bad_online_inputs_are_one_line_errors(tmp_path, online_setup, capsys, post, training, needles):
     d = online_setup

@@ -103,6 +103,14 @@ def _online(cfg: Config) -> None:
         if getattr(tr, key) != defaults[key].default:
             raise ConfigError(f"{src}: `training.{key}` lays out the offline methods' pairs; {method} lays out "
                               "its own prompts and completions (leave the key out)")
+    cut = {"ppo": "response_length", "online_dpo": "max_new_tokens"}.get(method, "max_completion_length")
+    unread = {"max_length": f"prompts are cut by `training.max_prompt_length`, completions by `post_training.{cut}`",
+              "truncation_mode": "a prompt over `training.max_prompt_length` keeps its last tokens, as TRL's did",
+              "train_sampling_strategy": "prompts are shuffled each epoch (seeded), as TRL's sampler does",
+              "per_device_eval_batch_size": "evaluation of an online method is not available yet"}
+    for key, why in unread.items():
+        if getattr(tr, key) != defaults[key].default:
+            raise ConfigError(f"{src}: `training.{key}` does not apply to {method}: {why}")
 
 
 def _lora(cfg: Config) -> None:
