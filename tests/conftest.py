@@ -180,6 +180,7 @@ SLOW_TESTS = {
     "test_trained_expert_adapter_and_merged_export_match_peft_and_transformers",
     "test_the_cli_run_and_its_dry_run_with_a_token_budget",
     "test_dry_run_on_two_devices_plans_what_the_run_does",
+    "test_resume_with_the_speed_settings_changed_continues_the_run",
 }
 # test -> the parameter ids (prefixes) that stay in the default set; the rest are slow.
 SWEEPS = {

@@ -105,6 +105,45 @@ def test_resume_with_changed_config_names_the_difference(tmp_path, tiny_llama, t
                        "--set", "post_training.beta=0.3"]) == 0
 
 
+def test_resume_refuses_a_change_of_the_dropout_masks_or_tf32(tmp_path, tiny_llama, tiny_pairs, capsys):
+    # With LoRA dropout, the batch's shapes and the layer loop draw the dropout masks: changing the
+    # padding, the token budget's cuts or scan_layers changes the numbers; so do TF32 products
+    # (fp32 compute) and the dropout rate itself. Each is one line naming the key.
+    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    forget_after(tmp_path / "a" / "tiny", 3)
+    capsys.readouterr()
+    for change, key in [("training.scan_layers=false", "scan_layers"), ("training.padding_free=false", "padding_free"),
+                        ("training.max_tokens_per_batch=400", "max_tokens_per_batch"),
+                        ("training.matmul_precision=tf32", "matmul_precision"),
+                        ("lora.lora_dropout=0.2", "lora.lora_dropout")]:
+        code = train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--resume", "--set", change])
+        err = capsys.readouterr().err
+        line = next(l for l in err.splitlines() if "changed" in l)
+        assert code == 2 and f"`{key}` changed" in line and "--resume-force" in line and "Traceback" not in err, err
+
+
+def test_resume_with_the_speed_settings_changed_continues_the_run(tmp_path, tiny_llama, tiny_pairs, capsys):
+    # Without dropout, the attention backend, recompute, vocab_chunk and scan_layers change no
+    # number beyond float rounding: a resume with all of them changed continues the same run.
+    cfg = write_config(tmp_path / "c0.yaml", tiny_llama, tiny_pairs,
+                       training={"max_steps": 6, "logging_steps": 1, "learning_rate": 5e-3,
+                                 "warmup_steps": 2, "per_device_train_batch_size": 2},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                       finetuning={"save_steps": 3})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "s")]) == 0
+    shutil.copytree(tmp_path / "s" / "tiny", tmp_path / "r" / "tiny")
+    forget_after(tmp_path / "r" / "tiny", 3)
+    capsys.readouterr()
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "r"), "--resume",
+                       "--set", "training.attention=xla_chunked", "--set", "training.recompute_activations=false",
+                       "--set", "training.vocab_chunk=16", "--set", "training.scan_layers=false"]) == 0
+    assert "resuming from step 3" in capsys.readouterr().err
+    straight, resumed = losses(tmp_path / "s" / "tiny"), losses(tmp_path / "r" / "tiny")
+    assert [r[0] for r in resumed] == [r[0] for r in straight]
+    np.testing.assert_allclose([r[1:] for r in resumed], [r[1:] for r in straight], rtol=1e-5, atol=1e-6)
+
+
 def test_multi_model_resume_skips_finished_and_finishes_the_rest(tmp_path, tiny_llama, tiny_pairs, capsys):
     cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs,
                   models=[{"name": "first", "huggingface_id": str(tiny_llama)},

@@ -200,9 +200,15 @@ def model_config(cfg: Config, index: int) -> Config:
     return one
 
 
-def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str) -> dict:
-    """What must not change between a run and its resumption."""
+def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, padding_free: bool = False) -> dict:
+    """What must not change between a run and its resumption: what changes the numbers beyond
+    float rounding. The attention backend, activation recompute and `vocab_chunk` do not, and
+    may change. With LoRA dropout, what changes the batch's shapes or the layer loop changes the
+    dropout masks: `padding_free` (resolved), `max_tokens_per_batch` (its micro-batch cuts) and
+    `scan_layers` are kept then. `matmul_precision` counts where it applies (fp32 compute)."""
     t, pt, lo, ds = cfg.training, cfg.post_training, cfg.lora, cfg.dataset
+    dropout = {"padding_free": bool(padding_free), "max_tokens_per_batch": t.max_tokens_per_batch,
+               "scan_layers": t.scan_layers} if lo.enabled and lo.lora_dropout > 0 else {}
     return {
         "base model": f"{entry.huggingface_id}@{model_fp}", "dataset": ds.name, "method": pt.method,
         "loss_type": list(cfg.loss_types), "beta": pt.beta, "lora.r": lo.r, "lora.lora_alpha": lo.lora_alpha,
@@ -214,6 +220,9 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str) ->
         "optimizer": t.optimizer, "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler_type,
         "warmup_steps": t.warmup_steps, "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm, "lora.enabled": lo.enabled,
+        "lora.lora_dropout": lo.lora_dropout if lo.enabled else 0.0,
+        "matmul_precision": t.matmul_precision if t.compute_dtype == "float32" else "n/a (bfloat16 compute)",
+        **dropout,
     }
 
 
