@@ -66,6 +66,41 @@ def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, n
     return logp, total / V, wpo
 
 
+def completion_stats(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, temperature: float, chunk: int = 0,
+                     precision: str | None = "highest", softcap: float | None = None):
+    """The online methods' token statistics: -> (log-prob, entropy), each [N, K] float32, of
+    softmax(capped logits / `temperature`). `chunk` < V visits the vocabulary `chunk` columns at a
+    time as `head_logps` does (the entropy as log-sum-exp minus the softmax-weighted mean logit)."""
+    V = w.shape[1]
+    logits_of = lambda w_: capped_logits(matmul("nkd,dv->nkv", h, w_, h.dtype, f32, precision), softcap) / temperature
+    if chunk <= 0 or chunk >= V:
+        logz = jax.nn.log_softmax(logits_of(w), axis=-1)
+        logp = jnp.take_along_axis(logz, tgt_ids[..., None], axis=-1)[..., 0]
+        return logp, -jnp.sum(jnp.exp(logz) * logz, axis=-1)
+    neg = jnp.asarray(-jnp.inf, f32)
+
+    @jax.checkpoint
+    def body(carry, i):
+        m, s, u, tgt = carry   # running max, sum of exp(z - m), sum of exp(z - m) z, target logit
+        start = jnp.minimum(i * chunk, V - chunk)
+        cols = start + jnp.arange(chunk)
+        valid = cols >= i * chunk
+        z = logits_of(jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1))
+        x = jnp.where(valid, z, neg)
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(x, axis=-1)))
+        scale, e = jnp.exp(m - m_new), jnp.exp(x - m_new[..., None])
+        s = s * scale + jnp.sum(e, axis=-1)
+        u = u * scale + jnp.sum(e * jnp.where(valid, z, 0.0), axis=-1)
+        tgt = tgt + jnp.sum(jnp.where(valid & (cols == tgt_ids[..., None]), z, 0.0), axis=-1)
+        return (m_new, s, u, tgt), None
+
+    shape = tgt_ids.shape
+    init = (jnp.full(shape, neg), jnp.zeros(shape, f32), jnp.zeros(shape, f32), jnp.zeros(shape, f32))
+    (m, s, u, tgt), _ = jax.lax.scan(body, init, jnp.arange(-(-V // chunk)))
+    lse = m + jnp.log(s)
+    return tgt - lse, lse - u / s
+
+
 def capped_logits(logits: jax.Array, softcap: float | None) -> jax.Array:
     """tanh(logits / softcap) * softcap (Gemma 2's final-logit soft-cap); the logits themselves when
     `softcap` is None."""

@@ -22,6 +22,7 @@ import optax
 
 from jaxpref.models.attention import MaskInfo
 from jaxpref.models.layers import matmul
+from jaxpref.objectives.head import completion_stats
 from jaxpref.objectives.methods.base import RolloutInputs
 from jaxpref.training.step import TrainState
 
@@ -45,10 +46,8 @@ def logps_values(bundle, params, lora, head, ids, valid, P: int, temperature: fl
     hidden = bundle.hidden(params, lora, ids, pos, MaskInfo.rows(valid, pos))
     a = bundle.args
     h = hidden[:, P - 1:-1]
-    logits = matmul("btd,dv->btv", h, bundle.head(params), a.dtype, jnp.float32, a.matmul_precision)
-    logz = jax.nn.log_softmax(logits / (temperature + TEMPERATURE_EPS), axis=-1)
-    logp = jnp.take_along_axis(logz, ids[:, P:, None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logz) * logz, axis=-1)
+    logp, entropy = completion_stats(h, bundle.head(params), ids[:, P:], temperature + TEMPERATURE_EPS,
+                                     a.vocab_chunk, a.matmul_precision, a.spec().final_logit_softcap)
     values = matmul("btd,d->bt", h, head, a.dtype, jnp.float32, a.matmul_precision)
     return logp, entropy, values
 

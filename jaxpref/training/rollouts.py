@@ -20,7 +20,7 @@ from jaxpref.data import rewards as rw
 from jaxpref.data.prompts import Prompts, decode_completions, truncated_mask
 from jaxpref.generation.engine import DecodeOptions, bucket
 from jaxpref.models.attention import MaskInfo
-from jaxpref.models.layers import matmul
+from jaxpref.objectives.head import completion_stats
 
 
 @dataclass
@@ -91,12 +91,8 @@ def completion_logps(bundle, params, lora, ids, valid, P: int, temperature: floa
     pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     hidden = bundle.hidden(params, lora, ids, pos, MaskInfo.rows(valid, pos), rngs=rngs)
     a = bundle.args
-    h = hidden[:, P - 1:-1]
-    logits = matmul("btd,dv->btv", h, bundle.head(params), a.dtype, jnp.float32, a.matmul_precision)
-    logz = jax.nn.log_softmax(logits / temperature, axis=-1)
-    logp = jnp.take_along_axis(logz, ids[:, P:, None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logz) * logz, axis=-1)
-    return logp, entropy
+    return completion_stats(hidden[:, P - 1:-1], bundle.head(params), ids[:, P:], temperature, a.vocab_chunk,
+                            a.matmul_precision, a.spec().final_logit_softcap)
 
 
 def make_logps_fn(bundle, P_temperature: float):
