@@ -151,8 +151,9 @@ def test_eos_ends_each_row_as_transformers_does(tiny):
     assert len(stopped[1].ids) == 7
 
 
-def test_logprobs_are_the_models_log_softmax(tiny):
-    model, _, gen, _ = tiny("llama")
+@pytest.mark.parametrize("name", ["llama", "gemma2"])   # gemma2: the final-logit soft-cap applies
+def test_logprobs_are_the_models_log_softmax(tiny, name):
+    model, _, gen, _ = tiny(name)
     (out,) = gen.generate([PROMPTS[1]], DecodeOptions(8))
     with torch.no_grad():
         logits = model(torch.tensor([PROMPTS[1] + out.ids])).logits[0, len(PROMPTS[1]) - 1:-1]

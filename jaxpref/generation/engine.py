@@ -26,6 +26,7 @@ from jaxpref.generation.sampling import Sampling, next_token, seen_tokens
 from jaxpref.models.attention import MaskInfo
 from jaxpref.models.kv_cache import KVCache
 from jaxpref.models.layers import matmul
+from jaxpref.objectives.head import capped_logits
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ def decode(bundle, params, lora, prompt_ids: jax.Array, lengths: jax.Array, key:
         pos = jax.lax.dynamic_slice_in_dim(info.positions, cache.index, ids.shape[1], axis=1)
         hidden, cache = bundle.hidden(params, lora, ids, pos, info, cache=cache)
         a = bundle.args
-        return matmul("bd,dv->bv", hidden[:, -1], head, a.dtype, jnp.float32, a.matmul_precision), cache
+        logits = matmul("bd,dv->bv", hidden[:, -1], head, a.dtype, jnp.float32, a.matmul_precision)
+        return capped_logits(logits, a.spec().final_logit_softcap), cache
 
     eos = jnp.asarray(opts.eos_ids or (-1,), jnp.int32)
     logits, cache = forward(prompt_ids, cache)
