@@ -31,6 +31,17 @@ def test_online_dry_run_prints_the_plan(tmp_path, online_setup, capsys):  # noqa
     assert "1 generations/epoch, 3 generations, 5 steps, 2 prompts/epoch left over" in out
     assert "after every 2 steps and at the end, newest 3 kept" in out
     assert "training step [accum, rows, tokens, completion slots] [2, 4, " in out and "memory plan" in out
+    # What the training step's attention, recompute and fp32 products will be, as the offline dry run says.
+    assert "attention        training step xla (training.attention auto); recompute_activations True; fp32 " \
+           "matmuls highest; the generation attends through its KV cache" in out
+
+
+def test_online_dry_run_says_the_attention_recompute_and_precision_set(tmp_path, online_setup, capsys):  # noqa: F811
+    code, out, err = dry(tmp_path, online_setup, capsys, attention="xla_chunked", recompute_activations=False,
+                         matmul_precision="tf32")
+    assert code == 0, err
+    assert "training step xla_chunked (training.attention xla_chunked); recompute_activations False; fp32 " \
+           "matmuls fp32 (matmul_precision tf32: a CPU has no TF32 products)" in out
 
 
 @pytest.mark.parametrize("training, needle", [

@@ -95,6 +95,9 @@ def _memory(cfg: Config, bundle, mesh, total: int, trainable: int, longest: int,
     accum = sizes.G // pt.num_mini_batches if pt.method == "ppo" else sizes.G
     key = (accum, sizes.B, bucket(longest) + C, C)
     mem = memory_plan(cfg, bundle.args, total, trainable, [key], mesh=mesh)
+    from jaxpref.training.dryrun import attention_line
+    print(f"  attention        training step {attention_line(cfg, bundle.args, [key], mesh)}; the generation "
+          "attends through its KV cache")
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
     print(f"  memory plan      training step [accum, rows, tokens, completion slots] {list(key)}: "
           + ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if v)
