@@ -164,6 +164,11 @@ def test_grpo_on_8_virtual_devices_gives_the_single_device_numbers(tmp_path, onl
     pt = {"method": "grpo", "reward_funcs": ["rewards.py:digit_share"], "num_generations": 4,
           "max_completion_length": 8, "beta": 0.04}
     runs = one_device_and_mesh(tmp_path, d, d / "model", pt, (8, 1), {"data": 4, "fsdp": 2, "tensor": 1})
+    # The flash path on the mesh: the kernel (tokamax's reference on a CPU) inside shard_map.
+    flash = one_device_and_mesh(tmp_path / "flash", d, d / "model", pt, (8, 1), {"data": 4, "fsdp": 2, "tensor": 1},
+                                attention="flash")["mesh"]
+    for a, b, c in zip(runs["one"], runs["mesh"], flash):
+        assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7) and c["reward"] == a["reward"]
     for a, b in zip(runs["one"], runs["mesh"]):
         for k in ("loss", "reward", "reward_std", "kl", "entropy", "grad_norm", "completions/mean_length"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k

@@ -137,6 +137,8 @@ class OnlineRun:
         self.funcs = [load_reward_func(e, Path(cfg.source).parent) for e in reward_entries(pt)]
         self.weights = np.asarray(pt.reward_weights or [1.0] * len(self.funcs), np.float32)
         self.bundle, self.tok, self.lspec, abstract = setup.model_for(cfg, index, training=True)
+        if self.mesh.devices.size > 1:   # custom attention kernels run per shard (`models.attention`)
+            self.bundle = self.bundle.with_args(mesh=self.mesh)
         self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
                                     rule=self.method.tokenization)
         self.sizes = plan(cfg, self.dp, len(self.data))
