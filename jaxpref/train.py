@@ -129,10 +129,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
             init_distributed(cfg.gpu, cfg.source)
         if args.dry_run:
             from jaxpref.training.dryrun import dry_run
+            from jaxpref.training.dryrun_resume import ResumeAsk
+            ask = ResumeAsk(out_root, args.resume_force, args.resume_from) \
+                if args.resume or args.resume_force or args.resume_from is not None else None
             if online:
                 from jaxpref.training.online_dryrun import check_online_model
-                return dry_run(cfg, indices, check_online_model)
-            return dry_run(cfg, indices)
+                return dry_run(cfg, indices, check_online_model, ask)
+            return dry_run(cfg, indices, resume=ask)
     except JaxprefError as e:
         print(f"jaxpref: error: {e}", file=sys.stderr)
         return 2

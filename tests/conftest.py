@@ -181,6 +181,7 @@ SLOW_TESTS = {
     "test_the_cli_run_and_its_dry_run_with_a_token_budget",
     "test_dry_run_on_two_devices_plans_what_the_run_does",
     "test_resume_with_the_speed_settings_changed_continues_the_run",
+    "test_resume_refuses_a_change_of_the_dropout_masks_or_tf32",
 }
 # test -> the parameter ids (prefixes) that stay in the default set; the rest are slow.
 SWEEPS = {

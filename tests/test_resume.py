@@ -121,6 +121,21 @@ def test_resume_refuses_a_change_of_the_dropout_masks_or_tf32(tmp_path, tiny_lla
         err = capsys.readouterr().err
         line = next(l for l in err.splitlines() if "changed" in l)
         assert code == 2 and f"`{key}` changed" in line and "--resume-force" in line and "Traceback" not in err, err
+    # The dry run says what --resume would do: the same refusal, the checkpoint it continues from.
+    listing = lambda: sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "a").rglob("*"))
+    before = listing()
+    dry = lambda *a: (train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--dry-run", *a]),
+                      capsys.readouterr())
+    code, (out, err) = dry("--resume", "--set", "training.scan_layers=false")
+    lines = [l for l in err.splitlines() if l.startswith("jaxpref: error")]
+    assert code == 2 and len(lines) == 1 and "`scan_layers` changed" in lines[0] and "dry run OK" not in out, err
+    code, (out, err) = dry("--resume-force", "--set", "training.scan_layers=false")
+    assert code == 0 and "resume           from step 3 of " in out and "(--resume-force: `scan_layers` changed)" in out
+    code, (out, err) = dry("--resume", "--set", "training.attention=xla_chunked")
+    assert code == 0 and "from step 3 of " in out and "(its critical settings unchanged)" in out, err
+    code, (out, err) = dry("--resume-from", "6")
+    assert code == 2 and "--resume-from 6: no checkpoint of step 6" in err and "(kept: 3)" in err
+    assert listing() == before   # the dry run wrote nothing
 
 
 def test_resume_with_the_speed_settings_changed_continues_the_run(tmp_path, tiny_llama, tiny_pairs, capsys):

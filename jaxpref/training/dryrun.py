@@ -51,7 +51,8 @@ def check_weights_and_lora(cfg: Config, index: int):
     return bundle, tok, spec, abstract, mesh, total, trainable
 
 
-def check_model(cfg: Config, index: int) -> list[str]:
+def check_model(cfg: Config, index: int, resume=None) -> list[str]:
+    """The dry run of an offline model (`resume`: a `dryrun_resume.ResumeAsk` or None)."""
     entry = cfg.models[index]
     name = entry.name
     problems: list[str] = []
@@ -110,6 +111,12 @@ def check_model(cfg: Config, index: int) -> list[str]:
     print(f"  attention        {attention_line(cfg, args, list(shapes), mesh)}")
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
     print("  memory plan      " + ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.items() if v))
+    if resume is not None:
+        from jaxpref.models.source import fingerprint
+        from jaxpref.training.dryrun_resume import resume_problems
+        fp = setup.critical_fingerprint(cfg, cfg.models[index], fingerprint(bundle.source), layout.kind,
+                                        layout.padding_free)
+        problems += resume_problems(cfg, index, fp, resume)
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
 
@@ -133,16 +140,17 @@ def _batch_lines(it, steps: int, layout) -> dict:
     return shapes
 
 
-def dry_run(cfg: Config, indices: list[int], check=None) -> int:
-    """Check the models `indices` with `check(cfg, index) -> problems` (default `check_model`;
-    an online method's is `online_dryrun.check_online_model`). -> the exit code."""
+def dry_run(cfg: Config, indices: list[int], check=None, resume=None) -> int:
+    """Check the models `indices` with `check(cfg, index, resume) -> problems` (default
+    `check_model`; an online method's is `online_dryrun.check_online_model`; `resume`: a
+    `dryrun_resume.ResumeAsk` when --resume asks to continue). -> the exit code."""
     check = check or check_model
     problems: list[str] = []
     print(f"jaxpref dry run of {cfg.source}: method {cfg.post_training.method}, "
           f"loss {'+'.join(cfg.loss_types)}, beta {cfg.post_training.beta}, devices {len(jax.devices())} "
           f"({jax.devices()[0].platform})")
     for i in indices:
-        problems += check(cfg, i)
+        problems += check(cfg, i, resume)
     if problems:
         for p in problems:
             print(f"jaxpref: error: {p}", file=sys.stderr)

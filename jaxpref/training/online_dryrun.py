@@ -14,7 +14,7 @@ from jaxpref.config import Config
 from jaxpref.errors import JaxprefError
 
 
-def check_online_model(cfg: Config, index: int) -> list[str]:
+def check_online_model(cfg: Config, index: int, resume=None) -> list[str]:
     from jaxpref.data.load import load_rows
     from jaxpref.data.prompts import prepare_prompts
     from jaxpref.data.rewards import load_reward_func
@@ -52,8 +52,14 @@ def check_online_model(cfg: Config, index: int) -> list[str]:
     _plan_lines(cfg, sizes, len(data), bundle.args.hidden_size)
     extra = bundle.args.hidden_size if pt.method == "ppo" else 0   # the value head
     _memory(cfg, bundle, mesh, total + extra, (trainable if spec else 0) + extra, int(lens.max()), sizes)
+    problems = []
+    if resume is not None:
+        from jaxpref.models.source import fingerprint
+        from jaxpref.training.dryrun_resume import resume_problems
+        from jaxpref.training.online_resume import fingerprint as run_fingerprint
+        problems = resume_problems(cfg, index, run_fingerprint(cfg, entry, fingerprint(bundle.source)), resume)
     print(f"  checked in {time.time() - t0:.1f} s")
-    return []
+    return problems
 
 
 def _plan_lines(cfg: Config, s, prompts: int, hidden: int) -> None:
