@@ -152,13 +152,14 @@ TRL_METRICS = {"objective/kl", "objective/entropy", "objective/non_score_reward"
                "val/num_eos_tokens", "lr", "episode", "eps"}
 
 
-def _config(d, model, post=None, training=None):
+def _config(d, model, post=None, training=None, lora=None):
     pt = {"method": "ppo", "beta": None, "reward_funcs": ["rewards.py:digit_share", "rewards.py:wants_answer"],
           "reward_weights": [1.0, 0.5], "response_length": 6, "stop_token": "eos", "num_ppo_epochs": 2,
           "num_mini_batches": 2, "missing_eos_penalty": 1.0, "temperature": 1.0, **(post or {})}
     tr = {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
           "learning_rate": 1.0e-2, "logging_steps": 1, "seed": 0, "max_prompt_length": 32, **(training or {})}
-    return write_config(d / "ppo.yaml", model, d / "prompts.jsonl", post_training=pt, training=tr)
+    return write_config(d / "ppo.yaml", model, d / "prompts.jsonl", post_training=pt, training=tr,
+                        **({"lora": lora} if lora else {}))
 
 
 @pytest.mark.slow
@@ -211,9 +212,12 @@ def test_ppo_trains_from_the_cli(tmp_path, ppo_setup, tiny_llama, capsys):
     ({"whiten_rewards": True}, {}, "whiten_rewards` needs mini-batches of at least 8"),
     ({"beta": 0.1}, {}, "kl_coef"),
     ({}, {"per_device_train_batch_size": 4}, "fewer than one rollout batch"),
+    # read and never applied otherwise: PPO's passes run without dropout, as TRL's
+    ({"lora": {"lora_dropout": 0.1}}, {}, "`lora.lora_dropout` 0.1: ppo trains without dropout"),
 ])
 def test_bad_ppo_keys_are_one_line_errors(tmp_path, ppo_setup, tiny_llama, capsys, post, training, needle):
-    train_refused(_config(ppo_setup, tiny_llama, post, training), tmp_path / "out", capsys, [needle])
+    lora = post.pop("lora", None)
+    train_refused(_config(ppo_setup, tiny_llama, post, training, lora), tmp_path / "out", capsys, [needle])
 
 
 @pytest.mark.slow

@@ -48,9 +48,10 @@ def check_online(cfg: Config) -> None:
                           f"{', '.join(ONLINE_LOOP)}; {pt.method}'s loss exists but its loop does not yet")
     if not cfg.lora.enabled:
         raise ConfigError(f"{cfg.source}: {pt.method} trains a LoRA adapter (`lora.enabled: false` is not available yet)")
-    if pt.method == PAIRS and cfg.lora.lora_dropout > 0:
-        raise ConfigError(f"{cfg.source}: `lora.lora_dropout` {cfg.lora.lora_dropout}: online_dpo trains without "
-                          "dropout (TRL's OnlineDPOConfig disable_dropout); set it to 0")
+    if pt.method in (PAIRS, "ppo") and cfg.lora.lora_dropout > 0:
+        why = "TRL's OnlineDPOConfig disable_dropout" if pt.method == PAIRS else "TRL's PPOTrainer turns it off"
+        raise ConfigError(f"{cfg.source}: `lora.lora_dropout` {cfg.lora.lora_dropout}: {pt.method} trains without "
+                          f"dropout ({why}); set it to 0")
 
 
 def train_online(cfg: Config, index: int, run_dir: Path, resume: bool = False, resume_from: int | None = None,
