@@ -44,6 +44,28 @@ def test_online_dry_run_says_the_attention_recompute_and_precision_set(tmp_path,
            "matmuls fp32 (matmul_precision tf32: a CPU has no TF32 products)" in out
 
 
+@pytest.mark.parametrize("limit, recompute", [(80 << 30, False), (1 << 10, True)])
+def test_online_recompute_auto_follows_the_memory_plan_on_an_accelerator(tmp_path, online_setup, capsys,  # noqa: F811
+                                                                         monkeypatch, limit, recompute):
+    """`recompute_activations: auto` on an accelerator: activations stored when the training step's
+    memory plan fits the device, as the offline loop decides (the online loop always recomputed);
+    the dry run and the run's model agree."""
+    import jax
+
+    from jaxpref.config import load_config
+    from jaxpref.training.online_loop import OnlineRun
+
+    device = type("Device", (), {"memory_stats": lambda self: {"bytes_limit": limit}})()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [device])
+    code, out, err = dry(tmp_path, online_setup, capsys)
+    assert code == 0, err
+    assert f"recompute_activations {recompute};" in next(l for l in out.splitlines() if "attention   " in l)
+    run = OnlineRun.__new__(OnlineRun)
+    run._open(load_config(online_setup / "dry.yaml"), 0, tmp_path / "run")   # settings and model, no weights
+    assert run.bundle.args.recompute_activations is recompute
+
+
 @pytest.mark.parametrize("training, needle", [
     ({"gradient_accumulation_steps": 8}, "prompts are fewer than one generation's 16"),
     ({"per_device_train_batch_size": 3, "gradient_accumulation_steps": 1}, "not a multiple"),

@@ -130,7 +130,7 @@ def _batches(cfg: Config, index: int, run_dir: Path) -> Run:
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
     total = tcfg.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, total)
-    bundle = setup.resolve_recompute(cfg, bundle, abstract, lspec, it, mesh)
+    bundle = setup.resolve_recompute(cfg, bundle, abstract, lspec, setup.planned_keys(cfg, it), mesh)
     run = Run(cfg, index, run_dir, mesh, bundle, tok, lspec, prepared, it, iter_cls, B, G,
               tcfg.per_device_eval_batch_size * dp, total)
     run.params = abstract  # replaced by the weights in `_weights`

@@ -103,7 +103,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         return problems
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
-    args = setup.resolve_recompute(cfg, bundle, abstract, spec, it, mesh).args   # what `auto` will choose
+    args = setup.resolve_recompute(cfg, bundle, abstract, spec, setup.planned_keys(cfg, it), mesh).args   # what `auto` will choose
     shapes = _batch_lines(it, steps, layout)
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")

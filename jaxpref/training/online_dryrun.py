@@ -21,9 +21,10 @@ def check_online_model(cfg: Config, index: int, resume=None) -> list[str]:
     from jaxpref.objectives.methods import get_method
     from jaxpref.objectives.methods.rollout import reward_entries
     from jaxpref.runtime import mesh as mesh_mod
+    from jaxpref.training import setup
     from jaxpref.training.dryrun import check_weights_and_lora
     from jaxpref.training.online_loop import check_online
-    from jaxpref.training.online_plan import plan
+    from jaxpref.training.online_plan import plan, step_key
     from jaxpref.training.ppo_loop import stop_token
 
     entry = cfg.models[index]
@@ -51,6 +52,7 @@ def check_online_model(cfg: Config, index: int, resume=None) -> list[str]:
     print(f"  prompt tokens    p50 {int(np.percentile(lens, 50))}, p95 {int(np.percentile(lens, 95))}, max {int(lens.max())}")
     _plan_lines(cfg, sizes, len(data), bundle.args.hidden_size)
     extra = bundle.args.hidden_size if pt.method == "ppo" else 0   # the value head
+    bundle = setup.resolve_recompute(cfg, bundle, abstract, spec, [step_key(cfg, sizes, int(lens.max()))], mesh)
     _memory(cfg, bundle, mesh, total + extra, (trainable if spec else 0) + extra, int(lens.max()), sizes)
     problems = []
     if resume is not None:
@@ -94,12 +96,10 @@ def _memory(cfg: Config, bundle, mesh, total: int, trainable: int, longest: int,
     """The training step's memory plan for its largest micro-batch: B rows of the longest prompt
     (bucketed as the rollout pads it) and the completion limit's slots; an optimizer step runs G
     micro-batches (PPO: a mini-batch's G / num_mini_batches)."""
-    from jaxpref.generation.engine import bucket
     from jaxpref.runtime.memory import format_bytes, memory_plan
+    from jaxpref.training.online_plan import step_key
 
-    pt, C = cfg.post_training, sizes.completion_limit
-    accum = sizes.G // pt.num_mini_batches if pt.method == "ppo" else sizes.G
-    key = (accum, sizes.B, bucket(longest) + C, C)
+    key = step_key(cfg, sizes, longest)
     mem = memory_plan(cfg, bundle.args, total, trainable, [key], mesh=mesh)
     from jaxpref.training.dryrun import attention_line
     print(f"  attention        training step {attention_line(cfg, bundle.args, [key], mesh)}; the generation "

@@ -126,7 +126,7 @@ class OnlineRun:
         from jaxpref.data.rewards import load_reward_func
         from jaxpref.models.source import fingerprint
         from jaxpref.runtime import mesh as mesh_mod
-        from jaxpref.training.online_plan import per_generation, plan
+        from jaxpref.training.online_plan import per_generation, plan, step_key
         from jaxpref.training.online_resume import fingerprint as run_fingerprint
 
         self.cfg, self.run_dir, self.entry = cfg, run_dir, cfg.models[index]
@@ -143,6 +143,9 @@ class OnlineRun:
         self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
                                     rule=self.method.tokenization)
         self.sizes = plan(cfg, self.dp, len(self.data))
+        longest = max(len(p) for p in self.data.prompt_ids)   # `recompute_activations: auto` by the memory plan
+        self.bundle = setup.resolve_recompute(cfg, self.bundle, abstract, self.lspec,
+                                              [step_key(cfg, self.sizes, longest)], self.mesh)
         self.B, self.G, self.K, self.per_gen = self.sizes.B, self.sizes.G, self.sizes.K, self.sizes.per_gen
         self.steps_per_epoch, self.total = self.sizes.gens_per_epoch, self.sizes.total
         self.sinks, self.samples = None, None   # `open_outputs`

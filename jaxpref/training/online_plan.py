@@ -83,3 +83,13 @@ def check_ppo_sizes(cfg: Config, B: int, G: int) -> None:
         raise ConfigError(f"{cfg.source}: `post_training.whiten_rewards` needs mini-batches of at least 8 "
                           f"completions, got {B * G // pt.num_mini_batches} (per_device_train_batch_size x "
                           "devices x gradient_accumulation_steps / num_mini_batches)")
+
+
+def step_key(cfg: Config, sizes, longest: int) -> tuple:
+    """The training step's largest micro-batch shape [accum, rows, tokens, completion slots]: B
+    rows of the longest prompt (bucketed as the rollout pads it) and the completion limit's slots."""
+    from jaxpref.generation.engine import bucket
+
+    pt, C = cfg.post_training, sizes.completion_limit
+    accum = sizes.G // pt.num_mini_batches if pt.method == "ppo" else sizes.G
+    return accum, sizes.B, bucket(longest) + C, C

@@ -226,6 +226,11 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
     }
 
 
+def planned_keys(cfg: Config, it) -> list:
+    """The offline iterator's planned step shapes (none with fixed `length_buckets`)."""
+    return it.shape_keys(cfg.training.gradient_accumulation_steps) if it.shapes else []
+
+
 def rows_note(cfg: Config, prepared) -> str:
     """' (N rows skipped: reason n, ...; M truncated)' for the start-of-run line, or ''."""
     parts = []
@@ -240,16 +245,17 @@ def rows_note(cfg: Config, prepared) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def resolve_recompute(cfg: Config, bundle, abstract, lspec, it, mesh):
+def resolve_recompute(cfg: Config, bundle, abstract, lspec, keys: list, mesh):
     """`training.recompute_activations: auto`: recompute on a CPU (measured faster there:
     docs/performance.md); on an accelerator store the activations when the memory plan of the
-    run's planned shapes without recompute fits in 80% of the device's memory."""
+    run's step shapes `keys` (the offline iterator's planned `shape_keys`, an online run's
+    largest micro-batch) without recompute fits in 80% of the device's memory."""
     import jax
 
     from jaxpref.lora.tree import count, target_shapes
     from jaxpref.runtime.memory import memory_plan
 
-    if cfg.training.recompute_activations != "auto" or jax.default_backend() == "cpu" or not it.shapes:
+    if cfg.training.recompute_activations != "auto" or jax.default_backend() == "cpu" or not keys:
         return bundle
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
@@ -257,7 +263,6 @@ def resolve_recompute(cfg: Config, bundle, abstract, lspec, it, mesh):
     trainable = 0 if lspec is None else sum(
         s[0] * (s[1] + s[2]) * lspec.r if len(s) == 3 else (s[0] + s[1]) * lspec.r
         for s in target_shapes(abstract, lspec).values())
-    keys = it.shape_keys(cfg.training.gradient_accumulation_steps)
     args = dataclasses.replace(bundle.args, recompute_activations=False)
     plan = memory_plan(cfg, args, count(abstract), trainable, keys, mesh=mesh)
     return bundle.with_args(recompute_activations=plan["total"] > 0.8 * limit)
