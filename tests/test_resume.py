@@ -139,8 +139,9 @@ def test_resume_refuses_a_change_of_the_dropout_masks_or_tf32(tmp_path, tiny_lla
 
 
 def test_resume_with_the_speed_settings_changed_continues_the_run(tmp_path, tiny_llama, tiny_pairs, capsys):
-    # Without dropout, the attention backend, recompute, vocab_chunk and scan_layers change no
-    # number beyond float rounding: a resume with all of them changed continues the same run.
+    # Without dropout, the attention backend, recompute, vocab_chunk, scan_layers and the token
+    # budget's cuts change no number beyond float rounding: a resume with all of them changed
+    # continues the same run.
     cfg = write_config(tmp_path / "c0.yaml", tiny_llama, tiny_pairs,
                        training={"max_steps": 6, "logging_steps": 1, "learning_rate": 5e-3,
                                  "warmup_steps": 2, "per_device_train_batch_size": 2},
@@ -152,7 +153,8 @@ def test_resume_with_the_speed_settings_changed_continues_the_run(tmp_path, tiny
     capsys.readouterr()
     assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "r"), "--resume",
                        "--set", "training.attention=xla_chunked", "--set", "training.recompute_activations=false",
-                       "--set", "training.vocab_chunk=16", "--set", "training.scan_layers=false"]) == 0
+                       "--set", "training.vocab_chunk=16", "--set", "training.scan_layers=false",
+                       "--set", "training.max_tokens_per_batch=400"]) == 0
     assert "resuming from step 3" in capsys.readouterr().err
     straight, resumed = losses(tmp_path / "s" / "tiny"), losses(tmp_path / "r" / "tiny")
     assert [r[0] for r in resumed] == [r[0] for r in straight]
