@@ -90,7 +90,8 @@ def generate(cfg, args) -> list[dict]:
     from jaxpref.training import setup
 
     rows_in = text.read_prompts(args.prompts, "--prompts") if args.prompts else None
-    bundle, tok, _, abstract = setup.model_for(cfg, args.model_index, training=False)
+    # Decoding attends through its KV cache: `training.attention` (a flash kernel) is not used.
+    bundle, tok, _, abstract = setup.model_for(cfg, args.model_index, training=False, full_rows=False)
     shown = rows_in or list(args.prompt)   # each output line's `prompt`: as given
     given = rows_in or [text.user_prompt(tok, t) for t in args.prompt]
     where = (lambda i: f"--prompts {args.prompts}: line {i + 1}") if args.prompts else (lambda i: f"--prompt {i + 1}")

@@ -106,6 +106,25 @@ def test_cli_prompt_text_is_one_user_message(setup):
     assert [r["completion_ids"] for r in rows] == want
 
 
+def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path, capsys, monkeypatch):
+    """Decoding attends through its KV cache, never `training.attention`'s kernel: a run's config
+    that names flash decodes where tokamax is missing (it was refused), to the same tokens."""
+    from jaxpref.models import attention, flash
+
+    root, cfg, *_ = setup
+    outs = []
+    for name, sets in (("plain", []), ("flash", ["--set", "training.attention=flash"])):
+        if name == "flash":
+            monkeypatch.setattr(flash, "tokamax", lambda: None)
+            monkeypatch.setattr(attention, "tokamax", lambda: None)
+        out = tmp_path / f"{name}.jsonl"
+        code = generate.main(["--config", str(cfg), "--prompt", "the sky is", "--max-new-tokens", "6",
+                              "--output", str(out), *sets])
+        assert code == 0, capsys.readouterr().err
+        outs.append([r["completion_ids"] for r in _lines(out)])
+    assert outs[0] == outs[1]
+
+
 @pytest.mark.parametrize("row,flags,needle", [
     ("{not json", [], "line 2 is not JSON"),
     ('{"text": "hi"}', [], "line 2 has no `prompt`"),

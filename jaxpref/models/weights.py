@@ -83,7 +83,8 @@ class ModelBundle:
 
         ids = jnp.zeros((1, 2), jnp.int32)
         mask = MaskInfo.rows(jnp.ones((1, 2), jnp.int32))
-        module = self.arch.model_cls(replace(self.args, scan_layers=True))  # the stacked tree
+        # The stacked tree; traced for shapes only, so through XLA attention whatever the backend.
+        module = self.arch.model_cls(replace(self.args, scan_layers=True, attention="xla"))
         return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, mask))["params"]
 
 

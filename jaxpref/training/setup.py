@@ -68,9 +68,13 @@ def check_attention(cfg: Config) -> None:
                           "per-query key intervals); use auto, xla or xla_chunked")
 
 
-def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bool = True):
-    """-> (bundle with LoRA options set, tokenizer, lora spec or None, abstract params)."""
-    check_attention(cfg)
+def model_for(cfg: Config, index: int, training: bool = True, weights_needed: bool = True,
+              full_rows: bool = True):
+    """-> (bundle with LoRA options set, tokenizer, lora spec or None, abstract params).
+    `full_rows` False: only KV-cached decoding will run (its own attention), so that
+    `training.attention: flash` needs no kernel."""
+    if full_rows:
+        check_attention(cfg)
     entry = cfg.models[index]
     src = resolve(entry.huggingface_id, entry.revision, weights=weights_needed)
     bundle = weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype,
