@@ -101,6 +101,17 @@ PAIRS = [
 ]
 
 
+def head_inputs(vocab: int, rows: int = 3, k: int = 5, d: int = 16):
+    """Random LM-head inputs: hidden [rows, k, d], head weight [d, vocab], target ids [rows, k]."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return (jnp.asarray(rng.standard_normal((rows, k, d)), jnp.float32),
+            jnp.asarray(rng.standard_normal((d, vocab)), jnp.float32),
+            jnp.asarray(rng.integers(0, vocab, (rows, k)), jnp.int32))
+
+
 def write_pairs(path: Path, n: int = 16) -> Path:
     rows = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS]
     rows = (rows * (n // len(rows) + 1))[:n]

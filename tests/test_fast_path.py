@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import perturbed_llama
+from conftest import head_inputs, perturbed_llama
 from jaxpref.data.iterator import BatchIterator
 from jaxpref.data.layouts import Layout
 from jaxpref.config import TrainingConfig
@@ -196,10 +196,7 @@ def test_padding_free_trains_like_the_plain_path(model_dir, pairs, fp32_runs, ki
 @pytest.mark.parametrize("chunk", [7, 32, 95])   # 95 = V - 1: a last chunk of one column
 def test_vocab_chunks_give_the_whole_head(chunk, softcap):
     from jaxpref.objectives.head import head_logps
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((16, VOCAB)), jnp.float32)
-    t = jnp.asarray(rng.integers(0, VOCAB, (3, 5)), jnp.int32)
+    h, w, t = head_inputs(VOCAB)
     whole, chunked = (head_logps(h, w, t, c, need_wpo=True, softcap=softcap) for c in (0, chunk))
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from jaxpref.models.weights import build, load_params
 from jaxpref.objectives.head import completion_stats
 from jaxpref.training.ppo_step import TEMPERATURE_EPS, init_value_head, logps_values
 from jaxpref.training.rollouts import completion_logps
+from conftest import head_inputs
 from test_model_parity import _hf_model
 
 V = 95
@@ -25,10 +26,7 @@ V = 95
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("chunk", [7, 32, 94])   # 94 = V - 1: a last chunk of one column
 def test_vocab_chunks_give_the_whole_vocabulary(chunk, softcap):
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((16, V)), jnp.float32)
-    t = jnp.asarray(rng.integers(0, V, (3, 5)), jnp.int32)
+    h, w, t = head_inputs(V)
     whole, chunked = (completion_stats(h, w, t, 0.7, c, softcap=softcap) for c in (0, chunk))
     z = np.asarray(jnp.einsum("nkd,dv->nkv", h, w, precision="highest"), np.float64)
     z = (np.tanh(z / softcap) * softcap if softcap else z) / 0.7
