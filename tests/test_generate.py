@@ -36,9 +36,10 @@ PROMPTS = [[5, 17, 33], [71, 12, 3, 64, 9, 8, 99, 42, 7], [int(x) for x in np.ar
 NEW = 40
 ARCHS = ["llama", "llama3_rope", "mistral_window", "qwen2", "qwen2_window", "qwen2_window_some_layers",
          "qwen3", "qwen3_window_some_layers", "olmo2", "phi3", "phi3_longrope_short", "phi3_longrope_long",
-         "gpt_neox_parallel", "gpt_neox_sequential", "gpt2", "gpt2_inverse_layer_scale"]
+         "gpt_neox_parallel", "gpt_neox_sequential", "gpt2", "gpt2_inverse_layer_scale",
+         "gemma", "gemma2", "gemma3", "gemma3_softcap", "mixtral", "mixtral_window_tied", "qwen3_moe"]
 LORA_TARGETS = {"gpt_neox": ["query_key_value", "dense_4h_to_h"], "gpt2": ["c_attn", "c_fc"],
-                "phi3": ["qkv_proj", "gate_up_proj"]}
+                "phi3": ["qkv_proj", "gate_up_proj"], "mixtral": ["q_proj", "v_proj"], "qwen3_moe": ["q_proj", "v_proj"]}
 
 
 def _hf_model(name: str):
