@@ -213,6 +213,7 @@ SWEEPS = {
     "test_sliding_window_in_every_layout": ("None-keep_start-mistral",),
     "test_orpo_first_step_equals_trl_orpo_trainer": ("plain-64",),
     "test_batched_prompts_give_the_tokens_of_one_at_a_time": ("llama",),
+    "test_other_bodies_score_as_trl": ("gpt2", "gpt_neox"),
 }
 
 

@@ -91,10 +91,11 @@ def test_scores_equal_trls_reward_model(tmp_path, data, pad_is_eos):
         assert rf_std.fn(prompts=prompts[-1:], completions=completions[-1:])[0] != pytest.approx(got[-1], abs=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "gemma2", "qwen3_moe"])
 def test_other_bodies_score_as_trl(tmp_path, kind):
     """Checkpoints whose body is not under `model.` (GPT-2's `transformer.`, GPT-NeoX's `gpt_neox.`)."""
     import torch
+    import transformers
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification
 
     path = tmp_path / kind
@@ -104,6 +105,14 @@ def test_other_bodies_score_as_trl(tmp_path, kind):
     torch.manual_seed(0)
     if kind == "gpt2":
         model = GPT2ForSequenceClassification(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common))
+    elif kind == "gemma2":   # embedding scale, attention and final soft-caps, sliding window
+        model = transformers.Gemma2ForSequenceClassification(transformers.Gemma2Config(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, sliding_window=4, attn_logit_softcapping=5.0, **common))
+    elif kind == "qwen3_moe":   # routed experts in the body
+        model = transformers.Qwen3MoeForSequenceClassification(transformers.Qwen3MoeConfig(
+            hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, **common))
     else:
         model = GPTNeoXForSequenceClassification(GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                                num_attention_heads=4, **common))
