@@ -108,7 +108,7 @@ def test_greedy_batch_matches_transformers_generate(name, tiny):
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral_window", "qwen2", "qwen3", "olmo2", "phi3",
-                                  "gpt_neox_parallel", "gpt2"])
+                                  "gpt_neox_parallel", "gpt2", "gemma", "gemma2", "mixtral", "qwen3_moe"])
 def test_greedy_with_peft_adapter_matches_transformers(name, tiny):
     model, pm, gen, lora = tiny(name)
     tuned = _ids(gen.generate(PROMPTS, DecodeOptions(NEW), lora=lora))
