@@ -226,3 +226,18 @@ def test_flop_model_counts_the_experts_a_token_runs(base):
     attention, router, expert = 2 * 64 * 64 + 2 * 64 * 32, 64 * 4, 64 * 96 + 48 * 64
     assert fm.base == 2 * (attention + router + 2 * expert)
     assert fm.lora == 2 * (4 * (64 + 64) + 2 * 4 * (48 + 64))
+
+
+def test_peft_adapter_naming_expert_kernels_only_in_target_modules_loads_as_peft_reads_it(base, tmp_path):
+    """PEFT matches `target_modules` against modules: on fused experts (parameters, not modules)
+    `down_proj` there matches nothing and the adapter holds attention factors only; jaxpref reads
+    it the same way (it used to refuse it: "lacks tensor ...experts...")."""
+    path, bundle, params, ref = base("mixtral")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                    init_lora_weights=False)).eval()
+    theirs = _torch_logits(model)
+    model.save_pretrained(tmp_path / "peft")
+    lora, spec = load_adapter(tmp_path / "peft", bundle, bundle.abstract_params())
+    assert set(spec.targets) == {"q_proj", "v_proj"}
+    assert _diff(_our_logits(bundle, params, lora, spec), theirs) <= TOL

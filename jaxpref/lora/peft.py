@@ -3,6 +3,7 @@ named as PEFT names the modules, so that `peft.PeftModel.from_pretrained` loads 
 transformers model and jaxpref reads PEFT's own adapters back."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -232,13 +233,29 @@ def _key(bundle, spec: LoraSpec, mod: tuple, i: int | None, w: str) -> str:
     return f"base_model.model.{tmpl.format(i=i) if stacked else tmpl}.lora_{w.upper()}.weight"
 
 
+def module_targets_only(path: Path, arch, spec: LoraSpec) -> LoraSpec:
+    """PEFT matches `target_modules` against modules: a fused expert kernel (a parameter) named
+    there, and not in `target_parameters`, gets no factors from PEFT, so none here either."""
+    c = read_adapter_config(path)
+    fused = {name for name, _ in arch.target_parameters}
+    listed, _ = experts_mod.names_from_config(c.get("target_parameters"))
+    unmatched = ({t.split(".")[-1] for t in c.get("target_modules") or []} & fused) - set(listed)
+    if not unmatched:
+        return spec
+    targets = tuple(t for t in spec.targets if t not in unmatched)
+    if not targets:
+        raise ConfigError(f"adapter `{path}`: its target_modules match no module of this model "
+                          f"({', '.join(sorted(unmatched))} are expert parameters: PEFT's target_parameters)")
+    return dataclasses.replace(spec, targets=targets)
+
+
 def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraSpec]:
     """A PEFT adapter folder -> (our LoRA tree float32, its spec).
 
     The tree has the structure `init_lora` gives for the spec. Every tensor must belong to a
     targeted linear (or expert kernel) of this model with the right shape; errors name the tensor."""
     path = Path(path)
-    spec = spec_from_adapter(path)
+    spec = module_targets_only(path, bundle.arch, spec_from_adapter(path))
     _, partial = _targets_of(path, read_adapter_config(path))
     router = [t for t in spec.targets if t in bundle.arch.no_lora]
     if router:
