@@ -113,8 +113,7 @@ def _batches(cfg: Config, index: int, run_dir: Path) -> Run:
     mesh = mesh_mod.make_mesh(cfg.gpu, cfg.source)
     dp = mesh_mod.data_parallel_size(mesh)
     bundle, tok, lspec, abstract = setup.model_for(cfg, index, training=True)
-    if mesh.devices.size > 1:  # custom attention kernels run per shard (`models.attention`)
-        bundle = bundle.with_args(mesh=mesh)
+    bundle = setup.on_mesh(bundle, mesh)
     prepared = prepare.data_for(cfg, tok)
     # Padding-free: one stream of rows per data-parallel shard.
     prepared.layout = replace(setup.router_aux_layout(cfg, bundle, prepared.layout), streams=dp)
@@ -156,9 +155,7 @@ def _reference_model(run: Run) -> None:
     rsrc = resolve(rid)
     if load_tokenizer(rsrc).get_vocab() != run.tok.get_vocab():
         raise ConfigError(f"{run.cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
-    run.ref_bundle = setup.reference_bundle(run.cfg, rsrc)
-    if run.mesh.devices.size > 1:
-        run.ref_bundle = run.ref_bundle.with_args(mesh=run.mesh)
+    run.ref_bundle = setup.on_mesh(setup.reference_bundle(run.cfg, rsrc), run.mesh)
     if rid == run.entry.huggingface_id:
         run.ref_params = run.params
         return

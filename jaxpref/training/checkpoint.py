@@ -184,14 +184,16 @@ def abstract_of(tree: Any) -> Any:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
-def check_fingerprint(saved: dict, current: dict, run_dir: Path, force: bool) -> None:
-    # Keys a checkpoint from an older version lacks are not compared.
+def check_fingerprint(saved: dict, current: dict, run_dir: Path, force: bool) -> list[str]:
+    """-> the critical settings that changed (allowed with `force`, else one line naming them).
+    Keys a checkpoint from an older version lacks are not compared."""
     diffs = [k for k in sorted(saved) if saved.get(k) != current.get(k)]
     if diffs and not force:
         k = diffs[0]
         raise JaxprefError(
             f"cannot resume {run_dir}: `{k}` changed (checkpoint: {saved.get(k)!r}, now: {current.get(k)!r})"
             + (f" and {len(diffs) - 1} more" if len(diffs) > 1 else "") + "; use --resume-force to override")
+    return diffs
 
 
 def resume_point(run, force: bool, step: int | None, finished: bool, refuse=None):

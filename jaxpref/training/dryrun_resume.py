@@ -42,13 +42,12 @@ def resume_problems(cfg, index: int, fingerprint: dict, ask: ResumeAsk | None) -
     try:
         saved = json.loads((ckpts / str(step) / "meta" / "metadata").read_text(encoding="utf-8"))["fingerprint"]
         current = json.loads(json.dumps(fingerprint, default=str))   # as the record reads back
-        check_fingerprint(saved, current, run_dir, ask.force)
+        changed = check_fingerprint(saved, current, run_dir, ask.force)
     except JaxprefError as e:
         return [f"model `{name}`: {e}"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         print(f"  resume           checkpoint {step} has no readable record: the run reads it (or sets it aside)")
         return []
-    changed = [k for k in sorted(saved) if saved.get(k) != current.get(k)]
     print(f"  resume           from step {step} of {ckpts}"
           + (f" (--resume-force: {', '.join(f'`{k}`' for k in changed)} changed)" if changed else
              " (its critical settings unchanged)"))

@@ -138,8 +138,7 @@ class OnlineRun:
         self.funcs = [load_reward_func(e, Path(cfg.source).parent) for e in reward_entries(pt)]
         self.weights = np.asarray(pt.reward_weights or [1.0] * len(self.funcs), np.float32)
         self.bundle, self.tok, self.lspec, abstract = setup.model_for(cfg, index, training=True)
-        if self.mesh.devices.size > 1:   # custom attention kernels run per shard (`models.attention`)
-            self.bundle = self.bundle.with_args(mesh=self.mesh)
+        self.bundle = setup.on_mesh(self.bundle, self.mesh)
         self.data = prepare_prompts(load_rows(cfg.dataset), cfg.dataset, self.tok, tcfg.max_prompt_length,
                                     rule=self.method.tokenization)
         self.sizes = plan(cfg, self.dp, len(self.data))
@@ -272,12 +271,11 @@ class OnlineRun:
 
     def _rows_note(self) -> str:
         """' (N rows skipped: reason n, ...; M prompts truncated to max_prompt_length L)', or ''."""
-        d, parts = self.data, []
-        if d.skipped:
-            parts.append(f"{sum(d.skipped.values())} rows skipped: " + ", ".join(f"{k} {v}" for k, v in d.skipped.items()))
+        d = self.data
+        parts = setup.skipped_part(d.skipped)
         if d.truncated:
             parts.append(f"{d.truncated} prompts truncated to max_prompt_length {self.cfg.training.max_prompt_length}")
-        return f" ({'; '.join(parts)})" if parts else ""
+        return setup.note(parts)
 
     def _loop(self, ctrl_c) -> None:
         pt = self.cfg.post_training

@@ -230,23 +230,36 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
     }
 
 
+def on_mesh(bundle, mesh):
+    """The bundle for a run on `mesh`: with several devices, custom attention kernels run per shard
+    (`models.attention`), so the model carries the mesh."""
+    return bundle.with_args(mesh=mesh) if mesh.devices.size > 1 else bundle
+
+
 def planned_keys(cfg: Config, it) -> list:
     """The offline iterator's planned step shapes (none with fixed `length_buckets`)."""
     return it.shape_keys(cfg.training.gradient_accumulation_steps) if it.shapes else []
 
 
+def skipped_part(skipped: dict, what: str = "rows") -> list[str]:
+    """['N <what> skipped: reason n, ...'] for a note, or []."""
+    return [f"{sum(skipped.values())} {what} skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items())] \
+        if skipped else []
+
+
+def note(parts: list[str]) -> str:
+    """' (a; b)' for the start-of-run line, or ''."""
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def rows_note(cfg: Config, prepared) -> str:
     """' (N rows skipped: reason n, ...; M truncated)' for the start-of-run line, or ''."""
-    parts = []
-    skipped = prepared.train.skipped
-    if skipped:
-        parts.append(f"{sum(skipped.values())} rows skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
-    if prepared.eval is not None and cfg.dataset.eval_split and prepared.eval.skipped:
-        ev = prepared.eval.skipped
-        parts.append(f"{sum(ev.values())} eval rows skipped: " + ", ".join(f"{k} {v}" for k, v in ev.items()))
+    parts = skipped_part(prepared.train.skipped)
+    if prepared.eval is not None and cfg.dataset.eval_split:
+        parts += skipped_part(prepared.eval.skipped, "eval rows")
     if prepared.report.truncated:
         parts.append(f"{prepared.report.truncated} truncated")
-    return f" ({'; '.join(parts)})" if parts else ""
+    return note(parts)
 
 
 def resolve_recompute(cfg: Config, bundle, abstract, lspec, keys: list, mesh):
