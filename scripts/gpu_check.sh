@@ -19,7 +19,8 @@
 #               jaxpref ran on): 8 pairs of ~450 tokens, 2 pairs of ~4,000 tokens per step;
 #               GPU_CHECK_PROFILE=1: jaxpref's side also traces 2 steps (bench.py --profile) and
 #               writes profile_<wp>.txt, device time per kernel (scripts/profile_summary.py)
-#   tests       fp32: tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
+#   tests       fp32: tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py (XLA
+#               autotuning off: each small program compiles faster); its limit is whatever the budget left
 # `extra` (GPU_CHECK_BUDGET_S default 220 s; reuses $GPU_CHECK_WORK's model and configs when the main
 # check left them there, else builds them):
 #   bench_450ga8_jax / bench_450ga8budget_jax
@@ -111,7 +112,7 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     export BIG_T=512   # attention_gpu_check's one-layer timing at 512 tokens, not 4,096
 else
     SIZE= WARMUP=3 STEPS=5 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-    CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=200 TESTS_FLOOR=120 DEFAULT_WORKERS=12
+    CAP_SETUP=90 CAP_BUILD=90 CAP_JAX=120 CAP_TRL=90 CAP_TESTS=400 TESTS_FLOOR=120 DEFAULT_WORKERS=12
 fi
 [ "$MODE" = extra ] && BUDGET=${GPU_CHECK_BUDGET_S:-$([ "${GPU_CHECK_TINY:-0}" = 1 ] && echo 900 || echo 220)}
 REPORT_RESERVE=10
@@ -149,6 +150,9 @@ run_stage() {
 }
 
 BEFORE_TESTS=$((TESTS_FLOOR + REPORT_RESERVE))
+# The tests compile one small program after another: without autotuning XLA compiles each faster and
+# picks its kernels by heuristics (numbers unchanged at fp32's HIGHEST precision, which the tests use).
+TEST_XLA_FLAGS=("XLA_FLAGS=--xla_gpu_autotune_level=0${XLA_FLAGS:+ $XLA_FLAGS}")
 WORKERS=${GPU_CHECK_TEST_WORKERS:-$DEFAULT_WORKERS}
 
 if [ "$MODE" = extra ]; then
@@ -174,7 +178,7 @@ if [ "$MODE" = extra ]; then
     "$PY" -c "import xdist" 2>/dev/null && [ "$WORKERS" -gt 0 ] && XDIST=(-n "$WORKERS")
     export JAXPREF_FAILURE_LOG="$OUT/failures.txt"
     : > "$JAXPREF_FAILURE_LOG"
-    run_stage tests "$CAP_TESTS" "$REPORT_RESERVE" env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest \
+    run_stage tests "$CAP_TESTS" "$REPORT_RESERVE" env XLA_PYTHON_CLIENT_PREALLOCATE=false "${TEST_XLA_FLAGS[@]}" "$PY" -m pytest \
         -o addopts= -v -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml" \
         tests/test_fast_path.py tests/test_model_parity.py -k "not test_model_parity or gguf"
     [ -s "$JAXPREF_FAILURE_LOG" ] && { echo "== failures"; head -c 8000 "$JAXPREF_FAILURE_LOG"; echo; }
@@ -220,10 +224,10 @@ if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
     XDIST=(-n "$WORKERS")
     PREC_ENV+=(XLA_PYTHON_CLIENT_PREALLOCATE=false)
 fi
-echo "{\"tests_env\": \"${PREC_ENV[*]:-}${XDIST[*]:+ pytest ${XDIST[*]}}\"}" > "$OUT/tests_env.json"
+echo "{\"tests_env\": \"${PREC_ENV[*]:-} ${TEST_XLA_FLAGS[*]}${XDIST[*]:+ pytest ${XDIST[*]}}\"}" > "$OUT/tests_env.json"
 export JAXPREF_FAILURE_LOG="$OUT/failures.txt"
 : > "$JAXPREF_FAILURE_LOG"
-run_stage tests "$CAP_TESTS" "$REPORT_RESERVE" env "${PREC_ENV[@]}" bash -c \
+run_stage tests "$CAP_TESTS" "$REPORT_RESERVE" env "${PREC_ENV[@]}" "${TEST_XLA_FLAGS[@]}" bash -c \
     'py=$1; shift; "$py" -c "import jax; print(\"jax devices:\", jax.devices(), flush=True)"; exec "$py" -m pytest "$@"' \
     _ "$PY" -o addopts= -v -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/pytest.xml" \
     tests/test_model_parity.py tests/test_layouts.py tests/test_fast_path.py
