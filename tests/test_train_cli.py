@@ -85,6 +85,12 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
     for needle in ("architecture", "llama", "trainable", "steps/epoch", "p50", "p95", "memory plan",
                    "batches", "truncated"):
         assert needle in out, needle
+    # No layout named: the dry run says what `auto` chose on this backend.
+    assert "(layout shared_prompt, padding-free (training.pair_layout auto, padding_free auto)" in out, out
+    cfg = write_config(tmp_path / "c2.yaml", tiny_llama, tiny_pairs,
+                       training={"pair_layout": "concatenated", "padding_free": False})
+    code, out, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    assert "(layout concatenated (training.pair_layout concatenated, padding_free false)" in out, out
 
 
 @pytest.mark.parametrize("limit, recompute", [(80 << 30, False), (1 << 10, True)])

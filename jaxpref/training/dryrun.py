@@ -104,7 +104,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
     args = setup.resolve_recompute(cfg, bundle, abstract, spec, setup.planned_keys(cfg, it), mesh).args   # what `auto` will choose
-    shapes = _batch_lines(it, steps, layout)
+    shapes = _batch_lines(it, steps, layout, cfg.training)
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
     plan = memory_plan(cfg, args, total, trainable if spec else 0, list(shapes), mesh=mesh)
@@ -121,9 +121,9 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     return problems
 
 
-def _batch_lines(it, steps: int, layout) -> dict:
-    """Print the batch shapes of the first 200 steps (and a token budget's micro-batch plan);
-    -> {shape key: steps}."""
+def _batch_lines(it, steps: int, layout, training) -> dict:
+    """Print the batch shapes of the first 200 steps, the layout they have and the settings that
+    chose it (and a token budget's micro-batch plan); -> {shape key: steps}."""
     shapes, seen = {}, []
     for _ in range(min(steps, 200)):
         b, _ = next(it)
@@ -132,7 +132,9 @@ def _batch_lines(it, steps: int, layout) -> dict:
     shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
     blocks = ", blocks, block slots" if layout.padding_free else ""
     blocks += ", pair slots" if layout.max_tokens else ""
-    print(f"  batches          [accum, rows, tokens, target slots{blocks}]: {shape_txt} (layout {layout.kind}"
+    chosen = f"layout {layout.kind}{', padding-free' if layout.padding_free else ''} (training.pair_layout " \
+             f"{training.pair_layout}, padding_free {str(training.padding_free).lower()})"
+    print(f"  batches          [accum, rows, tokens, target slots{blocks}]: {shape_txt} ({chosen}"
           f"{'; planned' if it.shapes else ''}{'' if steps <= 200 else ', first 200 steps'})")
     if layout.max_tokens:
         from jaxpref.data.budget import plan_line
