@@ -148,6 +148,14 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_prompts_file_that_is_not_utf8_is_one_line(tmp_path):
+    """--prompts (and logging.sample_prompts, the same reader) naming a file that is not UTF-8."""
+    bad = tmp_path / "p.jsonl"
+    bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(text.ConfigError, match=r"^--prompts \S+p\.jsonl: line 2 is not UTF-8 text \(byte 0xe9\)"):
+        text.read_prompts(str(bad), "--prompts")
+
+
 def test_prompt_past_a_learned_position_table_is_refused(tmp_path):
     """GPT-2's position table has n_positions rows: prompt + new tokens must fit in it."""
     import torch

@@ -251,3 +251,18 @@ def test_python_api_takes_a_path_or_a_config(tmp_path):
     assert load_rows(got.dataset) is rows and len(load_rows(got.dataset, "eval")) == 1
     with pytest.raises(TypeError, match="overrides apply to a path or a dict"):
         api.load(mine, overrides=["training.seed=1"])
+
+
+def test_plot_of_a_metrics_file_without_step_rows_is_one_line(tmp_path, capsys):
+    """Bytes that are not UTF-8, or JSON lines that are no step rows, are one line (exit 2), never
+    a traceback; step rows among them still plot."""
+    from jaxpref import plot
+
+    for content in (b"\xff\xfe\x00garbage\n", b'3\n["a"]\n{"loss": 1.0}\n', b""):
+        (tmp_path / "metrics.jsonl").write_bytes(content)
+        assert plot.main([str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "has no metrics rows" in err[0], err
+    (tmp_path / "metrics.jsonl").write_bytes(b'\xff\n3\n{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.5}\n')
+    assert plot.main([str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
