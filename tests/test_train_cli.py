@@ -87,6 +87,25 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
         assert needle in out, needle
 
 
+@pytest.mark.parametrize("finetuning, eval_fraction", [
+    ({"early_stopping": {"patience": 2}}, 0.0),
+    ({"load_best_model_at_end": True}, 0.0),
+    ({"early_stopping": {"patience": 2}}, 0.05),   # 1 eval pair, fewer than an eval batch of 4
+])
+def test_evaluation_keys_without_eval_data_fail_the_dry_run_as_the_run(tmp_path, tiny_llama, tiny_pairs, capsys,
+                                                                       finetuning, eval_fraction):
+    """`--dry-run` checks what the run checks: early stopping / the best model with no eval split
+    (or one smaller than an eval batch) is the same one-line error, before any weight is read."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, finetuning=finetuning,
+                       dataset={"name": str(tiny_pairs), "eval_fraction": eval_fraction})
+    key = next(iter(finetuning))
+    for flags in (["--dry-run"], ["--output-dir", tmp_path / "out"]):
+        code, _, err = run_cli(["--config", cfg, *flags], capsys)
+        err = "\n".join(l for l in err.splitlines() if not l.startswith("[tiny]"))
+        one_line_error(code, err, f"`finetuning.{key}` needs an eval split", "per_device_eval_batch_size")
+    assert not (tmp_path / "out" / "tiny" / "adapter").exists()
+
+
 @pytest.mark.parametrize("limit, recompute", [(80 << 30, False), (1 << 10, True)])
 def test_dry_run_says_what_recompute_auto_chooses_on_an_accelerator(tmp_path, tiny_llama, tiny_pairs, capsys,
                                                                      monkeypatch, limit, recompute):

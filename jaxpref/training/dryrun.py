@@ -101,6 +101,10 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
+    try:
+        setup.check_eval_needs(cfg, prepared.eval, t.per_device_eval_batch_size * dp)
+    except JaxprefError as e:
+        problems.append(f"model `{name}`: {e}")
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
     args = setup.resolve_recompute(cfg, bundle, abstract, spec, setup.planned_keys(cfg, it), mesh).args   # what `auto` will choose
