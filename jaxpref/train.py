@@ -14,7 +14,7 @@ import traceback
 import types
 from pathlib import Path
 
-from jaxpref.api import output_root, select_models, train_one
+from jaxpref.api import output_root, select_models, train_one, write_report
 from jaxpref.api import train as api_train
 from jaxpref.config import load_config
 from jaxpref.errors import JaxprefError, check_writable, read_utf8
@@ -165,19 +165,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
     if all(c == 0 for c in codes):
         return 0
     return 2 if 2 in codes else 1
-
-
-def write_report(out_root: Path, names: list[str], errors: dict[str, str], quiet: bool) -> None:
-    """report.md / report.html over the config's models (`quiet`: written without a line, after
-    the failures' one-line errors); a report must never fail the run."""
-    from jaxpref.report import write_report as write
-
-    try:
-        page = write(out_root, names, errors)
-        if page is not None and not quiet:
-            print(f"jaxpref: report: {page}", file=sys.stderr)
-    except Exception as e:
-        print(f"jaxpref: warning: report not written ({type(e).__name__}: {e})".splitlines()[0], file=sys.stderr)
 
 
 class _CallableModule(types.ModuleType):

@@ -141,6 +141,7 @@ def test_python_api_takes_a_dict_and_datasets(tmp_path, tiny_llama):
     assert list(out) == ["api"] and out["api"]["steps"] == 2 and out["api"]["train_pairs"] == 16
     assert out["api"]["final_eval"]["eval_loss"] > 0
     assert json.loads((tmp_path / "runs" / "api" / "summary.json").read_text())["steps"] == 2
+    assert "| api |" in (tmp_path / "runs" / "report.md").read_text()   # the report, as the command writes it
     from jaxpref.errors import JaxprefError
     with pytest.raises(JaxprefError, match="--model-index 3 is out of range"):
         jaxpref.train(config, output_dir=tmp_path / "runs", model_index=3,
