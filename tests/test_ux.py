@@ -267,3 +267,16 @@ def test_plot_of_a_metrics_file_without_step_rows_is_one_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_bytes(b'\xff\n3\n{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.5}\n')
     assert plot.main([str(tmp_path)]) == 0
     assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_command_module_is_an_attribute_of_the_package():
+    """`jaxpref.<command>` loads on first use for every command of `jaxpref COMMAND`."""
+    import subprocess
+    import sys
+
+    from jaxpref.cli import COMMANDS
+
+    code = ("import jaxpref, sys; names = sys.argv[1:]; "
+            "assert all(getattr(jaxpref, n).__name__ == 'jaxpref.' + n for n in names)")
+    p = subprocess.run([sys.executable, "-c", code, *COMMANDS], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-500:]
