@@ -45,8 +45,14 @@ def test_each_method_declares_its_loss_types_and_data():
     assert [m for m, x in METHODS.items() if x.online] == ["grpo", "rloo", "online_dpo", "ppo"]
     assert cfg(post_training={"method": "ipo"}).loss_types == ["ipo"]
     assert cfg(post_training={"method": "cpo", "loss_type": "hinge"}).loss_types == ["hinge"]
-    with pytest.raises(ConfigError, match="`post_training.loss_type` is `orpo`"):
+    with pytest.raises(ConfigError, match=r"`post_training.loss_type` `orpo` is a loss of method orpo, not of cpo "
+                                          r"\(its losses: sigmoid, hinge, ipo, simpo\)"):
         cfg(post_training={"method": "cpo", "loss_type": "orpo"})
+    # The seed README's KTO loss: the older paired KTO is a DPO loss, named as such.
+    with pytest.raises(ConfigError, match="`kto_pair` is a loss of method dpo / ipo, not of kto"):
+        cfg(post_training={"method": "kto", "loss_type": "kto_pair"})
+    with pytest.raises(ConfigError, match="`post_training.loss_type` is `nope`, expected one of kto"):
+        cfg(post_training={"method": "kto", "loss_type": "nope"})
     assert [m for m, x in METHODS.items() if x.data == "unpaired"] == ["kto"]
     assert [m for m, x in METHODS.items() if x.tokenization == "row"] == ["orpo", "simpo", "cpo"]
 

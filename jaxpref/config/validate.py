@@ -53,6 +53,10 @@ def _post_training(cfg: Config) -> None:
     _choice(pt.method, METHODS, "post_training.method", src)
     method = METHODS[pt.method]
     for lt in cfg.loss_types:
+        owners = [m for m, x in METHODS.items() if lt in x.loss_types]
+        if lt not in method.loss_types and owners:   # kto_pair: the older paired KTO is a DPO loss
+            raise ConfigError(f"{src}: `post_training.loss_type` `{lt}` is a loss of method {' / '.join(owners)}, "
+                              f"not of {pt.method} (its losses: {', '.join(method.loss_types)})")
         _choice(lt, method.loss_types, "post_training.loss_type", src)
     if pt.loss_weights is not None and len(pt.loss_weights) != len(cfg.loss_types):
         raise ConfigError(
