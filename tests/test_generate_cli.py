@@ -135,6 +135,7 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ('{"prompt": "ok"}', ["--top-p", "0"], "--top-p must be in (0, 1]"),
     ('{"prompt": "ok"}', ["--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
     ('{"prompt": "ok"}', ["--base-too"], "--base-too compares against an adapter"),
+    ('{"prompt": "ok"}', ["--stop", "</s>", "--stop", ""], "--stop is an empty string"),
     ('{"prompt": "ok"}', ["--run", "nowhere"], "--run nowhere: no adapter/adapter_config.json"),
 ])
 def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
