@@ -120,7 +120,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         from jaxpref.training.dryrun_resume import resume_problems
         fp = setup.critical_fingerprint(cfg, cfg.models[index], fingerprint(bundle.source), layout.kind,
                                         layout.padding_free)
-        problems += resume_problems(cfg, index, fp, resume)
+        problems += resume_problems(cfg, index, fp, resume, steps)
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
 

@@ -20,10 +20,12 @@ class ResumeAsk:
     step: int | None = None
 
 
-def resume_problems(cfg, index: int, fingerprint: dict, ask: ResumeAsk | None) -> list[str]:
-    """Print the resume line of model `index` (its run's critical settings: `fingerprint`);
-    -> a one-line problem where the run would refuse to continue."""
-    from jaxpref.training.checkpoint import check_fingerprint, incomplete
+def resume_problems(cfg, index: int, fingerprint: dict, ask: ResumeAsk | None, total: int) -> list[str]:
+    """Print the resume line of model `index` (its run's critical settings: `fingerprint`; `total`:
+    the run's steps); -> a one-line problem where the run would refuse to continue."""
+    from jaxpref.training.checkpoint import (NO_CHECKPOINT, cannot_continue, check_fingerprint, incomplete,
+                                             is_finished, past_total)
+    from jaxpref.training.online_resume import same_length
 
     if ask is None:
         return []
@@ -32,13 +34,21 @@ def resume_problems(cfg, index: int, fingerprint: dict, ask: ResumeAsk | None) -
     ckpts = run_dir / "checkpoints"
     whole = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit() and incomplete(d) is None) \
         if ckpts.is_dir() else []
+    finished = is_finished(run_dir)
+    if finished and ask.step is None and same_length(cfg, run_dir):
+        print(f"  resume           {run_dir} already finished: the run is skipped")
+        return []
     if ask.step is not None and ask.step not in whole:
         return [f"model `{name}`: --resume-from {ask.step}: no checkpoint of step {ask.step} in {ckpts} (kept: "
                 f"{', '.join(map(str, whole)) or 'none'})"]
     step = ask.step if ask.step is not None else (whole[-1] if whole else None)
+    if step is None and finished:   # as checkpoint.resume_point refuses it
+        return [f"model `{name}`: {cannot_continue(run_dir, NO_CHECKPOINT, total)}"]
     if step is None:
         print(f"  resume           no checkpoint in {ckpts}: the run starts fresh")
         return []
+    if step > total:
+        return [f"model `{name}`: {past_total(run_dir, step, total)}"]
     try:
         saved = json.loads((ckpts / str(step) / "meta" / "metadata").read_text(encoding="utf-8"))["fingerprint"]
         current = json.loads(json.dumps(fingerprint, default=str))   # as the record reads back
