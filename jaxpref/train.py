@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         if args.dry_run:
             from jaxpref.training.dryrun import dry_run
             from jaxpref.training.dryrun_resume import ResumeAsk
-            ask = ResumeAsk(out_root, args.resume_force, args.resume_from) \
-                if args.resume or args.resume_force or args.resume_from is not None else None
+            ask = ResumeAsk(out_root, args.resume_force, args.resume_from, overwrite=args.overwrite_output_dir,
+                            resume=args.resume or args.resume_force or args.resume_from is not None)
             if online:
                 from jaxpref.training.online_dryrun import check_online_model
                 return dry_run(cfg, indices, check_online_model, ask)
