@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from jaxpref.errors import ConfigError, JaxprefError, check_writable
+from jaxpref.runtime.env import load_dotenv
 
 
 def parse_args(argv, prog: str = "python -m jaxpref.generate"):
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.generate"
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        load_dotenv()   # HF_TOKEN for a gated hub model
         check_options(args)
         cfg = load_config(args.config, args.set)
         if not 0 <= args.model_index < len(cfg.models):

@@ -17,7 +17,8 @@ from pathlib import Path
 from jaxpref.api import output_root, select_models, train_one, write_report
 from jaxpref.api import train as api_train
 from jaxpref.config import load_config
-from jaxpref.errors import JaxprefError, check_writable, read_utf8
+from jaxpref.errors import JaxprefError, check_writable
+from jaxpref.runtime.env import load_dotenv
 
 
 def parse_args(argv, prog: str = "python -m jaxpref.train"):
@@ -43,16 +44,6 @@ def parse_args(argv, prog: str = "python -m jaxpref.train"):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value by dotted path, e.g. training.learning_rate=1e-5")
     return ap.parse_args(argv)
-
-
-def load_dotenv(path: Path = Path(".env")) -> None:
-    """KEY=VALUE lines of .env into the environment (python-dotenv; existing variables win)."""
-    if not path.is_file():
-        return
-    import dotenv
-
-    read_utf8(path, JaxprefError, "it", "save it as UTF-8 or remove it")
-    dotenv.load_dotenv(path, override=False, encoding="utf-8")
 
 
 def quiet_background_writes() -> None:

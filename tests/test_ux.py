@@ -280,3 +280,20 @@ def test_every_command_module_is_an_attribute_of_the_package():
             "assert all(getattr(jaxpref, n).__name__ == 'jaxpref.' + n for n in names)")
     p = subprocess.run([sys.executable, "-c", code, *COMMANDS], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-500:]
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("evaluate", ["--run", "nope", "--output", "o.jsonl"]),
+    ("generate", ["--config", "nope.yaml", "--prompt", "hi", "--output", "o.jsonl"]),
+    ("export", ["--run", "nope", "--adapter-out", "x"]),
+])
+def test_every_command_reads_dotenv(tmp_path, monkeypatch, capsys, command, argv):
+    """HF_TOKEN in .env reaches a gated hub model (evaluate, generate) and --push-to-hub (export)."""
+    import importlib
+
+    monkeypatch.delenv("JAXPREF_TEST_DOTENV", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("JAXPREF_TEST_DOTENV=from-dotenv\n")
+    assert importlib.import_module(f"jaxpref.{command}").main(argv) == 2   # then a one-line error
+    assert os.environ.get("JAXPREF_TEST_DOTENV") == "from-dotenv"
+    monkeypatch.delenv("JAXPREF_TEST_DOTENV")
