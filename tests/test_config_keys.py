@@ -130,3 +130,19 @@ def test_bad_layout_and_device_values_are_one_line_errors(section, values, messa
     with pytest.raises(ConfigError) as e:
         config_from_dict({**BASE, section: values}, "c.yaml")
     assert str(e.value).startswith("c.yaml: ") and "\n" not in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_keys_that_would_be_ignored_are_refused():
+    """`ref_model_id` without a separate reference, and warmup_ratio beside warmup_steps (which
+    wins), would be read and then ignored: one line each."""
+    with_ref = [{"name": "m", "huggingface_id": "some/model", "ref_model_id": "other/model"}]
+    with pytest.raises(ConfigError, match=r"`models\[0\].ref_model_id` names a separate reference model, which is "
+                                          r"read only with `post_training.use_ref_model: true`"):
+        cfg(models=with_ref)
+    assert cfg(models=with_ref, post_training={"use_ref_model": True}).models[0].ref_model_id == "other/model"
+    assert cfg(models=with_ref, lora={"enabled": False}).models[0].ref_model_id == "other/model"
+    with pytest.raises(ConfigError, match=r"`training.warmup_steps` \(10\) and `training.warmup_ratio` \(0.1\) "
+                                          r"are both set; give one"):
+        cfg(training={"warmup_steps": 10, "warmup_ratio": 0.1})
+    assert cfg(training={"warmup_ratio": 0.1}).training.warmup_ratio == 0.1
+    assert cfg(training={"warmup_steps": 0.1}).training.warmup_steps == 0.1

@@ -129,6 +129,11 @@ def _lora(cfg: Config) -> None:
     _choice(lo.bias, ("none",), "lora.bias", src)
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError(f"{src}: `lora.target_modules` is empty")
+    unread = [i for i, m in enumerate(cfg.models) if m.ref_model_id]
+    if unread and lo.enabled and not cfg.post_training.use_ref_model:   # the reference is the adapter off
+        raise ConfigError(f"{src}: `models[{unread[0]}].ref_model_id` names a separate reference model, which is "
+                          "read only with `post_training.use_ref_model: true` (or `lora.enabled: false`); "
+                          "set it, or leave the key out")
 
 
 def _training(cfg: Config) -> None:
@@ -153,6 +158,9 @@ def _training(cfg: Config) -> None:
                           f"fraction of the run, got {tr.warmup_steps}")
     if not 0 <= tr.warmup_ratio <= 1:
         raise ConfigError(f"{src}: `training.warmup_ratio` must be in [0, 1], got {tr.warmup_ratio}")
+    if tr.warmup_ratio > 0 and tr.warmup_steps > 0:   # warmup_steps would win and warmup_ratio be ignored
+        raise ConfigError(f"{src}: `training.warmup_steps` ({tr.warmup_steps:g}) and `training.warmup_ratio` "
+                          f"({tr.warmup_ratio:g}) are both set; give one (warmup_steps below 1 is a fraction)")
     if tr.eval_strategy is not None:
         _choice(tr.eval_strategy, ("no", "steps", "epoch"), "training.eval_strategy", src)
     if tr.weight_decay < 0 or tr.max_grad_norm < 0:
