@@ -3,6 +3,7 @@ seed's `gpu.ddp` and `logging.log_level` do what they say, and auto layouts reso
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -146,3 +147,12 @@ def test_keys_that_would_be_ignored_are_refused():
         cfg(training={"warmup_steps": 10, "warmup_ratio": 0.1})
     assert cfg(training={"warmup_ratio": 0.1}).training.warmup_ratio == 0.1
     assert cfg(training={"warmup_steps": 0.1}).training.warmup_steps == 0.1
+    # A separate or precomputed reference for a method or loss that reads none.
+    for pt, key, why in [({"method": "orpo", "use_ref_model": True}, "use_ref_model", "orpo uses no reference model"),
+                         ({"method": "simpo", "precompute_ref_logps": True}, "precompute_ref_logps",
+                          "simpo uses no reference model"),
+                         ({"method": "dpo", "reference_free": True, "use_ref_model": True}, "use_ref_model",
+                          "with `post_training.reference_free: true` no reference is computed")]:
+        with pytest.raises(ConfigError, match=f"`post_training.{key}` would be ignored: {re.escape(why)}"):
+            cfg(post_training=pt)
+    assert cfg(post_training={"method": "dpo", "use_ref_model": True, "precompute_ref_logps": True})

@@ -79,6 +79,13 @@ def _post_training(cfg: Config) -> None:
         raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
     if method.check is not None:
         method.check(pt, tuple(cfg.loss_types), src)
+    if not method.online and not (method.reference and not pt.reference_free):   # no reference is read
+        why = ("with `post_training.reference_free: true` no reference is computed" if method.reference
+               else f"{pt.method} uses no reference model")
+        for key, on in (("post_training.use_ref_model", pt.use_ref_model),
+                        ("post_training.precompute_ref_logps", pt.precompute_ref_logps)):
+            if on:
+                raise ConfigError(f"{src}: `{key}` would be ignored: {why}; leave it out")
 
 
 def _online(cfg: Config) -> None:
