@@ -313,3 +313,11 @@ def test_broken_inputs_are_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
     assert plot_main([str(run)]) == 0 and (run / "metrics.png").is_file()
+
+
+def test_revision_of_a_local_model_is_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """`models[].revision` checks out a hub revision; for a local folder it would be ignored."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       models=[{"name": "tiny", "huggingface_id": str(tiny_llama), "revision": "v1"}])
+    code, _, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    one_line_error(code, err, "is a local folder", "`revision: v1` applies only to a hub id")
