@@ -321,3 +321,10 @@ def test_revision_of_a_local_model_is_one_line(tmp_path, tiny_llama, tiny_pairs,
                        models=[{"name": "tiny", "huggingface_id": str(tiny_llama), "revision": "v1"}])
     code, _, err = run_cli(["--config", cfg, "--dry-run"], capsys)
     one_line_error(code, err, "is a local folder", "`revision: v1` applies only to a hub id")
+
+
+@pytest.mark.parametrize("key", ["config_name", "revision"])
+def test_hub_keys_of_a_local_dataset_are_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, key):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, dataset={"name": str(tiny_pairs), key: "x"})
+    code, _, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    one_line_error(code, err, "is local", f"`dataset.{key}` (x) applies only to a hub dataset")
