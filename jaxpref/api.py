@@ -65,15 +65,21 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
       the eval split (rows as the config's columns name them);
     overrides: ["training.learning_rate=1e-5", ...], as `--set`;
     resume / resume_from / overwrite_output_dir: as the command line's flags.
-    -> {model name: its summary}. The first model that fails raises its error."""
+    -> {model name: its summary}. The first model that fails raises its error. As the command
+    line, it then (re)writes `<output_dir>/report.md` and `report.html` over the config's models."""
+    import jax
+
     from jaxpref.runtime.mesh import init_distributed
 
     cfg = load(config, overrides, train_dataset, eval_dataset)
     out_root = output_root(cfg, str(output_dir) if output_dir is not None else None)
     init_distributed(cfg.gpu, cfg.source)
     resume = resume or resume_from is not None
-    return {cfg.models[i].name: train_one(cfg, i, out_root, resume, resume_from, overwrite=overwrite_output_dir)
-            for i in select_models(cfg, model_index)}
+    out = {cfg.models[i].name: train_one(cfg, i, out_root, resume, resume_from, overwrite=overwrite_output_dir)
+           for i in select_models(cfg, model_index)}
+    if jax.process_index() == 0:
+        write_report(out_root, [m.name for m in cfg.models], {}, quiet=True)
+    return out
 
 
 def select_models(cfg: Config, index: int | None) -> list[int]:
@@ -118,3 +124,18 @@ def output_root(cfg: Config, flag: str | None) -> Path:
     return Path(flag or cfg.training.output_dir or "checkpoints")
 
 
+
+
+def write_report(out_root: Path, names: list[str], errors: dict[str, str], quiet: bool) -> None:
+    """report.md / report.html over the config's models (`quiet`: written without a line, after
+    the failures' one-line errors); a report must never fail the run."""
+    import sys
+
+    from jaxpref.report import write_report as write
+
+    try:
+        page = write(out_root, names, errors)
+        if page is not None and not quiet:
+            print(f"jaxpref: report: {page}", file=sys.stderr)
+    except Exception as e:
+        print(f"jaxpref: warning: report not written ({type(e).__name__}: {e})".splitlines()[0], file=sys.stderr)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpref.errors import ConfigError, JaxprefError, check_writable
+from jaxpref.runtime.env import load_dotenv
 
 
 def parse_args(argv, prog: str = "python -m jaxpref.evaluate"):
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.evaluate"
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        load_dotenv()   # HF_TOKEN for a gated hub model
         if args.run:
             run = Path(args.run)
             if not (run / "config.yaml").is_file():

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from jaxpref.errors import ConfigError, JaxprefError, check_writable
+from jaxpref.runtime.env import load_dotenv
 from jaxpref.lora.merged import DTYPES, save_merged
 from jaxpref.lora.peft import ADAPTER_CONFIG, load_adapter, save_adapter
 from jaxpref.runtime.outdir import MANIFEST, check_replaceable
@@ -37,6 +38,7 @@ def parse_args(argv, prog: str):
 def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.export") -> int:
     args = parse_args(argv, prog)
     try:
+        load_dotenv()   # HF_TOKEN for --push-to-hub
         return _export(args)
     except JaxprefError as e:
         print(f"jaxpref.export: error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from jaxpref.errors import ConfigError, JaxprefError, check_writable
+from jaxpref.runtime.env import load_dotenv
 
 
 def parse_args(argv, prog: str = "python -m jaxpref.generate"):
@@ -59,6 +60,8 @@ def check_options(args) -> None:
         if value <= 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
     Sampling(args.temperature, args.top_p, args.top_k, args.min_p).check()
+    if any(stop == "" for stop in args.stop):
+        raise ConfigError("--stop is an empty string, which every completion contains at once; give the text to stop at")
     if args.base_too and not (args.run or args.adapter):
         raise ConfigError("--base-too compares against an adapter: give --run or --adapter")
     out = Path(args.output)
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.generate"
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        load_dotenv()   # HF_TOKEN for a gated hub model
         check_options(args)
         cfg = load_config(args.config, args.set)
         if not 0 <= args.model_index < len(cfg.models):

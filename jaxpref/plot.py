@@ -5,7 +5,6 @@ leaves the panel out."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,13 +15,12 @@ TITLES = {"loss": "loss", "rewards/accuracies": "reward accuracy", "kl": "KL est
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    rows = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a row cut short by a killed run; the others still plot
-    return rows
+    """The rows of RUN_DIR/metrics.jsonl that carry a step (a row cut short by a killed run, or
+    bytes that are not UTF-8 JSON, are skipped; the others still plot)."""
+    from jaxpref.training.sinks import read_rows as jsonl_rows
+
+    return [r for r in jsonl_rows(Path(run_dir) / "metrics.jsonl")
+            if isinstance(r.get("step"), (int, float)) and not isinstance(r["step"], bool)]
 
 
 def panels_for(rows: list[dict]) -> list[str]:
@@ -40,8 +38,12 @@ def plot_run(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from jaxpref.errors import JaxprefError
+
     run_dir = Path(run_dir)
     rows = read_rows(run_dir)
+    if not rows:
+        raise JaxprefError(f"{run_dir / 'metrics.jsonl'} has no metrics rows (JSON lines with a `step`)")
     keys = panels_for(rows) or ["loss"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -71,7 +73,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.plot") ->
     if not (run / "metrics.jsonl").is_file():
         print(f"jaxpref.plot: error: {run} has no metrics.jsonl", file=sys.stderr)
         return 2
-    print(plot_run(run))
+    from jaxpref.errors import JaxprefError
+
+    try:
+        print(plot_run(run))
+    except JaxprefError as e:
+        print(f"jaxpref.plot: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

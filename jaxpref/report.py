@@ -288,10 +288,15 @@ def write_report(out_dir: Path, names: list[str] | None = None, errors: dict[str
         return None
     errors = errors or {}
     folders = find_runs(out_dir, names)
-    runs = [read_run(f, errors.get(f.name)) for f in folders]
+    # A model refused or failed before it touched its folder (a rerun without --resume) keeps the
+    # finished run there: that run is shown, and the failure is listed beside it.
+    kept = {n for n in errors if (out_dir / n / "FINISHED").is_file()}
+    runs = [read_run(f, None if f.name in kept else errors.get(f.name)) for f in folders]
     runs += [RunInfo(n, out_dir / n, e) for n, e in errors.items() if not (out_dir / n).is_dir()]
     ok = [r for r in runs if r.error is None]
     failed = [r for r in runs if r.error is not None]
+    failed += [RunInfo(n, out_dir / n, f"{errors[n]} (its folder still holds the finished run above)")
+               for n in sorted(kept)]
     png = plot_curves(ok, out_dir / "report_curves.png")
     (out_dir / "report.md").write_text(render_md(out_dir, runs, ok, failed, png))
     (out_dir / "report.html").write_text(render_html(out_dir, runs, ok, failed, png))

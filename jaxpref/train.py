@@ -14,10 +14,11 @@ import traceback
 import types
 from pathlib import Path
 
-from jaxpref.api import output_root, select_models, train_one
+from jaxpref.api import output_root, select_models, train_one, write_report
 from jaxpref.api import train as api_train
 from jaxpref.config import load_config
-from jaxpref.errors import JaxprefError, check_writable, read_utf8
+from jaxpref.errors import JaxprefError, check_writable
+from jaxpref.runtime.env import load_dotenv
 
 
 def parse_args(argv, prog: str = "python -m jaxpref.train"):
@@ -43,16 +44,6 @@ def parse_args(argv, prog: str = "python -m jaxpref.train"):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value by dotted path, e.g. training.learning_rate=1e-5")
     return ap.parse_args(argv)
-
-
-def load_dotenv(path: Path = Path(".env")) -> None:
-    """KEY=VALUE lines of .env into the environment (python-dotenv; existing variables win)."""
-    if not path.is_file():
-        return
-    import dotenv
-
-    read_utf8(path, JaxprefError, "it", "save it as UTF-8 or remove it")
-    dotenv.load_dotenv(path, override=False, encoding="utf-8")
 
 
 def quiet_background_writes() -> None:
@@ -130,8 +121,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         if args.dry_run:
             from jaxpref.training.dryrun import dry_run
             from jaxpref.training.dryrun_resume import ResumeAsk
-            ask = ResumeAsk(out_root, args.resume_force, args.resume_from) \
-                if args.resume or args.resume_force or args.resume_from is not None else None
+            ask = ResumeAsk(out_root, args.resume_force, args.resume_from, overwrite=args.overwrite_output_dir,
+                            resume=args.resume or args.resume_force or args.resume_from is not None)
             if online:
                 from jaxpref.training.online_dryrun import check_online_model
                 return dry_run(cfg, indices, check_online_model, ask)
@@ -165,19 +156,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
     if all(c == 0 for c in codes):
         return 0
     return 2 if 2 in codes else 1
-
-
-def write_report(out_root: Path, names: list[str], errors: dict[str, str], quiet: bool) -> None:
-    """report.md / report.html over the config's models (`quiet`: written without a line, after
-    the failures' one-line errors); a report must never fail the run."""
-    from jaxpref.report import write_report as write
-
-    try:
-        page = write(out_root, names, errors)
-        if page is not None and not quiet:
-            print(f"jaxpref: report: {page}", file=sys.stderr)
-    except Exception as e:
-        print(f"jaxpref: warning: report not written ({type(e).__name__}: {e})".splitlines()[0], file=sys.stderr)
 
 
 class _CallableModule(types.ModuleType):

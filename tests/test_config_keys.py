@@ -3,6 +3,7 @@ seed's `gpu.ddp` and `logging.log_level` do what they say, and auto layouts reso
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -45,8 +46,14 @@ def test_each_method_declares_its_loss_types_and_data():
     assert [m for m, x in METHODS.items() if x.online] == ["grpo", "rloo", "online_dpo", "ppo"]
     assert cfg(post_training={"method": "ipo"}).loss_types == ["ipo"]
     assert cfg(post_training={"method": "cpo", "loss_type": "hinge"}).loss_types == ["hinge"]
-    with pytest.raises(ConfigError, match="`post_training.loss_type` is `orpo`"):
+    with pytest.raises(ConfigError, match=r"`post_training.loss_type` `orpo` is a loss of method orpo, not of cpo "
+                                          r"\(its losses: sigmoid, hinge, ipo, simpo\)"):
         cfg(post_training={"method": "cpo", "loss_type": "orpo"})
+    # The seed README's KTO loss: the older paired KTO is a DPO loss, named as such.
+    with pytest.raises(ConfigError, match="`kto_pair` is a loss of method dpo / ipo, not of kto"):
+        cfg(post_training={"method": "kto", "loss_type": "kto_pair"})
+    with pytest.raises(ConfigError, match="`post_training.loss_type` is `nope`, expected one of kto"):
+        cfg(post_training={"method": "kto", "loss_type": "nope"})
     assert [m for m, x in METHODS.items() if x.data == "unpaired"] == ["kto"]
     assert [m for m, x in METHODS.items() if x.tokenization == "row"] == ["orpo", "simpo", "cpo"]
 
@@ -124,3 +131,28 @@ def test_bad_layout_and_device_values_are_one_line_errors(section, values, messa
     with pytest.raises(ConfigError) as e:
         config_from_dict({**BASE, section: values}, "c.yaml")
     assert str(e.value).startswith("c.yaml: ") and "\n" not in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_keys_that_would_be_ignored_are_refused():
+    """`ref_model_id` without a separate reference, and warmup_ratio beside warmup_steps (which
+    wins), would be read and then ignored: one line each."""
+    with_ref = [{"name": "m", "huggingface_id": "some/model", "ref_model_id": "other/model"}]
+    with pytest.raises(ConfigError, match=r"`models\[0\].ref_model_id` names a separate reference model, which is "
+                                          r"read only with `post_training.use_ref_model: true`"):
+        cfg(models=with_ref)
+    assert cfg(models=with_ref, post_training={"use_ref_model": True}).models[0].ref_model_id == "other/model"
+    assert cfg(models=with_ref, lora={"enabled": False}).models[0].ref_model_id == "other/model"
+    with pytest.raises(ConfigError, match=r"`training.warmup_steps` \(10\) and `training.warmup_ratio` \(0.1\) "
+                                          r"are both set; give one"):
+        cfg(training={"warmup_steps": 10, "warmup_ratio": 0.1})
+    assert cfg(training={"warmup_ratio": 0.1}).training.warmup_ratio == 0.1
+    assert cfg(training={"warmup_steps": 0.1}).training.warmup_steps == 0.1
+    # A separate or precomputed reference for a method or loss that reads none.
+    for pt, key, why in [({"method": "orpo", "use_ref_model": True}, "use_ref_model", "orpo uses no reference model"),
+                         ({"method": "simpo", "precompute_ref_logps": True}, "precompute_ref_logps",
+                          "simpo uses no reference model"),
+                         ({"method": "dpo", "reference_free": True, "use_ref_model": True}, "use_ref_model",
+                          "with `post_training.reference_free: true` no reference is computed")]:
+        with pytest.raises(ConfigError, match=f"`post_training.{key}` would be ignored: {re.escape(why)}"):
+            cfg(post_training=pt)
+    assert cfg(post_training={"method": "dpo", "use_ref_model": True, "precompute_ref_logps": True})

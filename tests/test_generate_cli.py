@@ -135,6 +135,7 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ('{"prompt": "ok"}', ["--top-p", "0"], "--top-p must be in (0, 1]"),
     ('{"prompt": "ok"}', ["--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
     ('{"prompt": "ok"}', ["--base-too"], "--base-too compares against an adapter"),
+    ('{"prompt": "ok"}', ["--stop", "</s>", "--stop", ""], "--stop is an empty string"),
     ('{"prompt": "ok"}', ["--run", "nowhere"], "--run nowhere: no adapter/adapter_config.json"),
 ])
 def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
@@ -146,6 +147,14 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_prompts_file_that_is_not_utf8_is_one_line(tmp_path):
+    """--prompts (and logging.sample_prompts, the same reader) naming a file that is not UTF-8."""
+    bad = tmp_path / "p.jsonl"
+    bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(text.ConfigError, match=r"^--prompts \S+p\.jsonl: line 2 is not UTF-8 text \(byte 0xe9\)"):
+        text.read_prompts(str(bad), "--prompts")
 
 
 def test_prompt_past_a_learned_position_table_is_refused(tmp_path):

@@ -91,6 +91,23 @@ def test_failed_model_listed_with_its_error(two_models):
     assert "broken" in (two_models / "report.html").read_text()
 
 
+def test_a_refused_rerun_keeps_the_finished_run_in_the_report(two_models, tmp_path):
+    """Training the same config again without --resume is refused and changes nothing: the report
+    still shows the finished runs, and lists the refusal beside them."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(two_models, out)
+    refusal = "out/a already holds a run (adapter/); --resume continues it"
+    report.write_report(out, ["a", "broken", "b"], {"a": refusal, "broken": "model not found"})
+    md = (out / "report.md").read_text()
+    assert "2/3 model(s) trained." in md
+    assert [r[0] for r in md_table(md, "Models")[1:]] == ["a", "b"]
+    failed = md.split("## Failed\n", 1)[1].strip().splitlines()
+    assert failed == ["- `broken`: model not found",
+                      f"- `a`: {refusal} (its folder still holds the finished run above)"]
+
+
 def test_report_cli_rewrites_the_same_report(two_models, capsys):
     before = (two_models / "report.md").read_text()
     assert report.main([str(two_models)]) == 0

@@ -385,3 +385,40 @@ def test_eval_strategy_picks_the_evaluation_steps():
     assert eval_every(cfg(eval_strategy="steps"), 7) == 5                # TRL: eval_steps defaults to logging_steps
     assert eval_every(cfg(eval_strategy="epoch", eval_steps=3), 7) == 7  # once per epoch
     assert eval_every(cfg(eval_strategy="no", eval_steps=3), 7) is None
+
+
+def test_dry_run_resume_of_a_finished_run_says_what_the_run_does(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """A finished run: --dry-run refuses its folder as the run does (without --resume or
+    --overwrite-output-dir); with --resume it says the run is skipped; asked for more steps without
+    a checkpoint, or for fewer than its checkpoint's step, it refuses as the run does."""
+    def both(out, *flags):
+        args = ["--config", str(cfg), "--output-dir", str(tmp_path / out), "--resume", *flags]
+        dry = train.main([*args, "--dry-run"]), capsys.readouterr()
+        real = train.main(args), capsys.readouterr()
+        return dry, real
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)   # 2 steps, no save_steps
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    # Started afresh, the folder is refused as the run refuses it, unless --overwrite-output-dir.
+    fresh = ["--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--dry-run"]
+    code, (out, err) = train.main(fresh), capsys.readouterr()
+    assert code == 2 and "already holds a run (adapter/" in err and "--resume continues it" in err, out + err
+    code, (out, err) = train.main([*fresh, "--overwrite-output-dir"]), capsys.readouterr()
+    assert code == 0 and "holds a previous run (adapter/" in out and "--overwrite-output-dir deletes it" in out
+    assert (tmp_path / "a" / "tiny" / "adapter").is_dir()   # the dry run deleted nothing
+    (code, (out, err)), (real_code, (_, real_err)) = both("a")
+    assert code == 0 and "already finished: the run is skipped" in out, out + err
+    assert real_code == 0 and "already finished" in real_err
+    (code, (out, err)), (real_code, (_, real_err)) = both("a", "--max-steps", "4")
+    line = "the run finished without a checkpoint (finetuning.save_steps unset), so it cannot be continued to 4 steps"
+    assert code == 2 and line in err and "dry run OK" not in out, out + err
+    assert real_code == 2 and line in real_err
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, finetuning={"save_steps": 2})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    (code, (out, err)), (real_code, (_, real_err)) = both("b", "--max-steps", "1")
+    line = "its checkpoint is at step 2, past this run's 1 steps"
+    assert code == 2 and line in err and "dry run OK" not in out, out + err
+    assert real_code == 2 and line in real_err

@@ -93,6 +93,25 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
     assert "(layout concatenated (training.pair_layout concatenated, padding_free false)" in out, out
 
 
+@pytest.mark.parametrize("finetuning, eval_fraction", [
+    ({"early_stopping": {"patience": 2}}, 0.0),
+    ({"load_best_model_at_end": True}, 0.0),
+    ({"early_stopping": {"patience": 2}}, 0.05),   # 1 eval pair, fewer than an eval batch of 4
+])
+def test_evaluation_keys_without_eval_data_fail_the_dry_run_as_the_run(tmp_path, tiny_llama, tiny_pairs, capsys,
+                                                                       finetuning, eval_fraction):
+    """`--dry-run` checks what the run checks: early stopping / the best model with no eval split
+    (or one smaller than an eval batch) is the same one-line error, before any weight is read."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, finetuning=finetuning,
+                       dataset={"name": str(tiny_pairs), "eval_fraction": eval_fraction})
+    key = next(iter(finetuning))
+    for flags in (["--dry-run"], ["--output-dir", tmp_path / "out"]):
+        code, _, err = run_cli(["--config", cfg, *flags], capsys)
+        err = "\n".join(l for l in err.splitlines() if not l.startswith("[tiny]"))
+        one_line_error(code, err, f"`finetuning.{key}` needs an eval split", "per_device_eval_batch_size")
+    assert not (tmp_path / "out" / "tiny" / "adapter").exists()
+
+
 @pytest.mark.parametrize("limit, recompute", [(80 << 30, False), (1 << 10, True)])
 def test_dry_run_says_what_recompute_auto_chooses_on_an_accelerator(tmp_path, tiny_llama, tiny_pairs, capsys,
                                                                      monkeypatch, limit, recompute):
@@ -300,3 +319,18 @@ def test_broken_inputs_are_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
     assert plot_main([str(run)]) == 0 and (run / "metrics.png").is_file()
+
+
+def test_revision_of_a_local_model_is_one_line(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """`models[].revision` checks out a hub revision; for a local folder it would be ignored."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       models=[{"name": "tiny", "huggingface_id": str(tiny_llama), "revision": "v1"}])
+    code, _, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    one_line_error(code, err, "is a local folder", "`revision: v1` applies only to a hub id")
+
+
+@pytest.mark.parametrize("key", ["config_name", "revision"])
+def test_hub_keys_of_a_local_dataset_are_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, key):
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, dataset={"name": str(tiny_pairs), key: "x"})
+    code, _, err = run_cli(["--config", cfg, "--dry-run"], capsys)
+    one_line_error(code, err, "is local", f"`dataset.{key}` (x) applies only to a hub dataset")

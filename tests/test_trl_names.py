@@ -115,6 +115,10 @@ def test_every_key_has_help_and_print_config_loads_back(tmp_path, capsys):
         assert any(line.strip().startswith(f"{key}:") and "# " in line and "Default: " in line
                    for line in out.splitlines()), key
     assert "  compute_dtype: \"bfloat16\"" in out and "Default: \"float32\"" in out
+    assert not [line for line in out.splitlines() if line.count("Default:") > 1]   # one default per key
+    from jaxpref.objectives.methods import METHODS
+    method_help = next(line for line in out.splitlines() if line.strip().startswith("method:"))
+    assert all(f" {m}" in method_help for m in METHODS), method_help   # every method is named
     back = config_from_dict(yaml.safe_load(out), "printed")
     back.source = c.source
     assert back == c   # the printout is the resolved config itself

@@ -141,6 +141,7 @@ def test_python_api_takes_a_dict_and_datasets(tmp_path, tiny_llama):
     assert list(out) == ["api"] and out["api"]["steps"] == 2 and out["api"]["train_pairs"] == 16
     assert out["api"]["final_eval"]["eval_loss"] > 0
     assert json.loads((tmp_path / "runs" / "api" / "summary.json").read_text())["steps"] == 2
+    assert "| api |" in (tmp_path / "runs" / "report.md").read_text()   # the report, as the command writes it
     from jaxpref.errors import JaxprefError
     with pytest.raises(JaxprefError, match="--model-index 3 is out of range"):
         jaxpref.train(config, output_dir=tmp_path / "runs", model_index=3,
@@ -251,3 +252,48 @@ def test_python_api_takes_a_path_or_a_config(tmp_path):
     assert load_rows(got.dataset) is rows and len(load_rows(got.dataset, "eval")) == 1
     with pytest.raises(TypeError, match="overrides apply to a path or a dict"):
         api.load(mine, overrides=["training.seed=1"])
+
+
+def test_plot_of_a_metrics_file_without_step_rows_is_one_line(tmp_path, capsys):
+    """Bytes that are not UTF-8, or JSON lines that are no step rows, are one line (exit 2), never
+    a traceback; step rows among them still plot."""
+    from jaxpref import plot
+
+    for content in (b"\xff\xfe\x00garbage\n", b'3\n["a"]\n{"loss": 1.0}\n', b""):
+        (tmp_path / "metrics.jsonl").write_bytes(content)
+        assert plot.main([str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "has no metrics rows" in err[0], err
+    (tmp_path / "metrics.jsonl").write_bytes(b'\xff\n3\n{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.5}\n')
+    assert plot.main([str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_command_module_is_an_attribute_of_the_package():
+    """`jaxpref.<command>` loads on first use for every command of `jaxpref COMMAND`."""
+    import subprocess
+    import sys
+
+    from jaxpref.cli import COMMANDS
+
+    code = ("import jaxpref, sys; names = sys.argv[1:]; "
+            "assert all(getattr(jaxpref, n).__name__ == 'jaxpref.' + n for n in names)")
+    p = subprocess.run([sys.executable, "-c", code, *COMMANDS], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-500:]
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("evaluate", ["--run", "nope", "--output", "o.jsonl"]),
+    ("generate", ["--config", "nope.yaml", "--prompt", "hi", "--output", "o.jsonl"]),
+    ("export", ["--run", "nope", "--adapter-out", "x"]),
+])
+def test_every_command_reads_dotenv(tmp_path, monkeypatch, capsys, command, argv):
+    """HF_TOKEN in .env reaches a gated hub model (evaluate, generate) and --push-to-hub (export)."""
+    import importlib
+
+    monkeypatch.delenv("JAXPREF_TEST_DOTENV", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("JAXPREF_TEST_DOTENV=from-dotenv\n")
+    assert importlib.import_module(f"jaxpref.{command}").main(argv) == 2   # then a one-line error
+    assert os.environ.get("JAXPREF_TEST_DOTENV") == "from-dotenv"
+    monkeypatch.delenv("JAXPREF_TEST_DOTENV")

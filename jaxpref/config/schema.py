@@ -55,7 +55,7 @@ class DatasetConfig:
 @dataclass
 class PostTrainingBase:
     """The keys every method reads; each method adds its own (`jaxpref.objectives.methods`)."""
-    method: str = "dpo"                  # dpo | ipo | kto | orpo | simpo | cpo; online: grpo | rloo | online_dpo
+    method: str = "dpo"                  # dpo | ipo | kto | orpo | simpo | cpo; online: grpo | rloo | online_dpo | ppo
     beta: float | None = None            # strength of the preference term (the KL penalty's inverse for DPO); None: the method's TRL default (0.1; grpo 0.0, rloo 0.05)
     loss_type: str | list[str] | None = None   # a loss of the method, or a list combined by loss_weights (default: the method's)
     loss_weights: list[float] | None = None    # one weight per loss_type (default: 1 each)
@@ -110,7 +110,7 @@ class TrainingConfig:
     seed: int = 42                       # data order, LoRA init and dropout
     logging_steps: int = 1               # log every N steps (step 1 and the last always)
     eval_steps: int | None = None        # evaluate every N steps (null: with eval_strategy steps, logging_steps)
-    # no: never evaluate; steps: every eval_steps; epoch: after each epoch. Default: every eval_steps
+    # no: never evaluate; steps: every eval_steps; epoch: after each epoch; null: every eval_steps
     # when set, and once at the end whenever there is an eval split.
     eval_strategy: str | None = None
     # auto: shared_prompt (each prompt computed once; KTO: concatenated) and padding-free rows,

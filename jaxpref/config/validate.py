@@ -53,6 +53,10 @@ def _post_training(cfg: Config) -> None:
     _choice(pt.method, METHODS, "post_training.method", src)
     method = METHODS[pt.method]
     for lt in cfg.loss_types:
+        owners = [m for m, x in METHODS.items() if lt in x.loss_types]
+        if lt not in method.loss_types and owners:   # kto_pair: the older paired KTO is a DPO loss
+            raise ConfigError(f"{src}: `post_training.loss_type` `{lt}` is a loss of method {' / '.join(owners)}, "
+                              f"not of {pt.method} (its losses: {', '.join(method.loss_types)})")
         _choice(lt, method.loss_types, "post_training.loss_type", src)
     if pt.loss_weights is not None and len(pt.loss_weights) != len(cfg.loss_types):
         raise ConfigError(
@@ -75,6 +79,13 @@ def _post_training(cfg: Config) -> None:
         raise ConfigError(f"{src}: `post_training.beta` must be > 0, got {pt.beta}")
     if method.check is not None:
         method.check(pt, tuple(cfg.loss_types), src)
+    if not method.online and not (method.reference and not pt.reference_free):   # no reference is read
+        why = ("with `post_training.reference_free: true` no reference is computed" if method.reference
+               else f"{pt.method} uses no reference model")
+        for key, on in (("post_training.use_ref_model", pt.use_ref_model),
+                        ("post_training.precompute_ref_logps", pt.precompute_ref_logps)):
+            if on:
+                raise ConfigError(f"{src}: `{key}` would be ignored: {why}; leave it out")
 
 
 def _online(cfg: Config) -> None:
@@ -125,6 +136,11 @@ def _lora(cfg: Config) -> None:
     _choice(lo.bias, ("none",), "lora.bias", src)
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError(f"{src}: `lora.target_modules` is empty")
+    unread = [i for i, m in enumerate(cfg.models) if m.ref_model_id]
+    if unread and lo.enabled and not cfg.post_training.use_ref_model:   # the reference is the adapter off
+        raise ConfigError(f"{src}: `models[{unread[0]}].ref_model_id` names a separate reference model, which is "
+                          "read only with `post_training.use_ref_model: true` (or `lora.enabled: false`); "
+                          "set it, or leave the key out")
 
 
 def _training(cfg: Config) -> None:
@@ -149,6 +165,9 @@ def _training(cfg: Config) -> None:
                           f"fraction of the run, got {tr.warmup_steps}")
     if not 0 <= tr.warmup_ratio <= 1:
         raise ConfigError(f"{src}: `training.warmup_ratio` must be in [0, 1], got {tr.warmup_ratio}")
+    if tr.warmup_ratio > 0 and tr.warmup_steps > 0:   # warmup_steps would win and warmup_ratio be ignored
+        raise ConfigError(f"{src}: `training.warmup_steps` ({tr.warmup_steps:g}) and `training.warmup_ratio` "
+                          f"({tr.warmup_ratio:g}) are both set; give one (warmup_steps below 1 is a fraction)")
     if tr.eval_strategy is not None:
         _choice(tr.eval_strategy, ("no", "steps", "epoch"), "training.eval_strategy", src)
     if tr.weight_decay < 0 or tr.max_grad_norm < 0:

@@ -38,6 +38,11 @@ def load_rows(ds_cfg, split: str | None = None):
 
 
 def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
+    local = ds_cfg.data_files or (path is not None and path.exists())
+    for key in ("config_name", "revision"):   # read by the hub loader only
+        if local and getattr(ds_cfg, key):
+            raise DataError(f"dataset `{name}` is local: `dataset.{key}` ({getattr(ds_cfg, key)}) applies only "
+                            "to a hub dataset, leave it out")
     if ds_cfg.data_files:
         builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
         return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)

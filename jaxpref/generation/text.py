@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxpref.errors import ConfigError
+from jaxpref.errors import ConfigError, read_utf8
 
 
 def prompt_ids(tok, prompt, where: str = "prompt") -> list[int]:
@@ -33,8 +33,12 @@ def read_prompts(path: str, flag: str) -> list:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        lines = read_utf8(p, ConfigError, "the prompts file", "save it as UTF-8").splitlines()
+    except ConfigError as e:
+        raise ConfigError(f"{flag} {e}") from None
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -105,6 +105,9 @@ def resolve(spec: str, revision: str | None = None, cache_root: Path | None = No
         path = _package_file(spec, cache_root)
     else:
         path = Path(spec).expanduser()
+    if revision and path.exists():   # nothing to check out: the revision would be ignored
+        raise ModelSourceError(f"model source `{spec}` is a local {'file' if path.is_file() else 'folder'}; "
+                               f"`revision: {revision}` applies only to a hub id, leave it out")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelSourceError(

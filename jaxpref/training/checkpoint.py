@@ -196,6 +196,20 @@ def check_fingerprint(saved: dict, current: dict, run_dir: Path, force: bool) ->
     return diffs
 
 
+NO_CHECKPOINT = "the run finished without a checkpoint (finetuning.save_steps unset)"
+
+
+def cannot_continue(run_dir, why: str, total: int) -> str:
+    """The one line for a finished run that has no checkpoint to continue from."""
+    return f"{run_dir}: {why}, so it cannot be continued to {total} steps; --overwrite-output-dir trains it again from the start"
+
+
+def past_total(run_dir, step: int, total: int) -> str:
+    """The one line for a checkpoint past the run's steps."""
+    return (f"{run_dir}: its checkpoint is at step {step}, past this run's {total} steps (training.max_steps / "
+            "num_epochs); raise --max-steps, or --resume-from an earlier step")
+
+
 def resume_point(run, force: bool, step: int | None, finished: bool, refuse=None):
     """(step, state, meta) of the newest whole checkpoint of `run` (or `step`'s), or None to start
     fresh. One line (JaxprefError, the store closed) for what cannot be continued: a missing
@@ -206,14 +220,10 @@ def resume_point(run, force: bool, step: int | None, finished: bool, refuse=None
     try:
         found = run.store.restore_latest(abstract_of(run.state), check, force=force, step=step)
         if found is None and (finished or step is not None):
-            why = (f"checkpoint {step} cannot be read" if step is not None
-                   else "the run finished without a checkpoint (finetuning.save_steps unset)")
-            raise JaxprefError(f"{run.run_dir}: {why}, so it cannot be continued to {run.total} steps; "
-                               "--overwrite-output-dir trains it again from the start")
+            why = f"checkpoint {step} cannot be read" if step is not None else NO_CHECKPOINT
+            raise JaxprefError(cannot_continue(run.run_dir, why, run.total))
         if found is not None and found[0] > run.total:
-            raise JaxprefError(f"{run.run_dir}: its checkpoint is at step {found[0]}, past this run's {run.total} "
-                               "steps (training.max_steps / num_epochs); raise --max-steps, or --resume-from an "
-                               "earlier step")
+            raise JaxprefError(past_total(run.run_dir, found[0], run.total))
         why = refuse(found) if refuse is not None and found is not None else None
         if why:
             raise JaxprefError(f"{run.run_dir}: {why}")

@@ -101,6 +101,10 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
+    try:
+        setup.check_eval_needs(cfg, prepared.eval, t.per_device_eval_batch_size * dp)
+    except JaxprefError as e:
+        problems.append(f"model `{name}`: {e}")
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
     args = setup.resolve_recompute(cfg, bundle, abstract, spec, setup.planned_keys(cfg, it), mesh).args   # what `auto` will choose
@@ -114,9 +118,9 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     if resume is not None:
         from jaxpref.models.source import fingerprint
         from jaxpref.training.dryrun_resume import resume_problems
-        fp = setup.critical_fingerprint(cfg, cfg.models[index], fingerprint(bundle.source), layout.kind,
-                                        layout.padding_free)
-        problems += resume_problems(cfg, index, fp, resume)
+        fp = lambda: setup.critical_fingerprint(cfg, cfg.models[index], fingerprint(bundle.source), layout.kind,
+                                                layout.padding_free)
+        problems += resume_problems(cfg, index, fp, resume, steps)
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
 
@@ -145,7 +149,7 @@ def _batch_lines(it, steps: int, layout, training) -> dict:
 def dry_run(cfg: Config, indices: list[int], check=None, resume=None) -> int:
     """Check the models `indices` with `check(cfg, index, resume) -> problems` (default
     `check_model`; an online method's is `online_dryrun.check_online_model`; `resume`: a
-    `dryrun_resume.ResumeAsk` when --resume asks to continue). -> the exit code."""
+    `dryrun_resume.ResumeAsk`: the run folder to start or continue). -> the exit code."""
     check = check or check_model
     problems: list[str] = []
     print(f"jaxpref dry run of {cfg.source}: method {cfg.post_training.method}, "

@@ -59,7 +59,8 @@ def check_online_model(cfg: Config, index: int, resume=None) -> list[str]:
         from jaxpref.models.source import fingerprint
         from jaxpref.training.dryrun_resume import resume_problems
         from jaxpref.training.online_resume import fingerprint as run_fingerprint
-        problems = resume_problems(cfg, index, run_fingerprint(cfg, entry, fingerprint(bundle.source)), resume)
+        problems = resume_problems(cfg, index, lambda: run_fingerprint(cfg, entry, fingerprint(bundle.source)),
+                                   resume, sizes.total)
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
 

@@ -78,6 +78,12 @@ def previous_outputs(run_dir: Path) -> list[str]:
     return found
 
 
+def holds_a_run(run_dir: Path, previous: list[str]) -> str:
+    """The one line refusing to start afresh in a folder that holds a previous run's `previous` outputs."""
+    return (f"{run_dir} already holds a run ({', '.join(previous)}); --resume continues it, "
+            "--overwrite-output-dir deletes it and starts again")
+
+
 def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = True,
                   method: str | None = None) -> RunLock:
     """Make `run_dir` this run's: lock it (`lock`: the process that writes, process 0), and check
@@ -98,9 +104,7 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = Tru
         previous = previous_outputs(run_dir)
         if previous and not resume:
             if not overwrite:
-                raise ConfigError(
-                    f"{run_dir} already holds a run ({', '.join(previous)}); --resume continues it, "
-                    "--overwrite-output-dir deletes it and starts again")
+                raise ConfigError(holds_a_run(run_dir, previous))
             if lock:
                 clear_outputs(run_dir)
         if previous and resume and method is not None:
