@@ -79,7 +79,7 @@ def _export(args) -> int:
     protect = {"the base model's folder": src.path, "the run folder": run}
     for flag, out in (("--adapter-out", args.adapter_out), ("--merged-out", args.merged_out)):
         if out:
-            check_replaceable(Path(out), flag, args.overwrite, "--overwrite", protect)
+            check_replaceable(Path(out), flag, args.overwrite, "--overwrite", protect, within={"the run folder": run})
     summary = _summary(run)
     bundle = weights.build(src)
     tok = load_tokenizer(src, entry.tokenizer_id)

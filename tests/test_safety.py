@@ -385,6 +385,19 @@ def test_merged_export_never_writes_into_the_base_model(finished_run, tmp_path, 
     one_line(code, err, "the run folder")
 
 
+@pytest.mark.parametrize("flag,inside,extra", [("--merged-out", "adapter", []),
+                                               ("--adapter-out", "checkpoints", ["--overwrite"]),
+                                               ("--adapter-out", "adapter", [])])
+def test_export_never_writes_inside_the_run_folder(finished_run, flag, inside, extra):
+    """--merged-out <run>/adapter replaced the run's trained adapter (an export of ours) with a
+    merged model; --overwrite into <run>/checkpoints deleted the checkpoints."""
+    _, run = finished_run
+    before = snapshot(run)
+    code, err = export("--run", run, flag, run / inside, *extra)
+    one_line(code, err, flag, "inside the run folder")
+    assert snapshot(run) == before
+
+
 def test_a_crash_while_exporting_leaves_the_previous_export(finished_run, tmp_path, monkeypatch):
     _, run = finished_run
     out = tmp_path / "adapter"
