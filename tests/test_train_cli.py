@@ -189,6 +189,13 @@ def test_config_file_errors(tmp_path, capsys):
     bad.write_text("models:\n  - name: x\n    huggingface_id: [unclosed\n")
     code, _, err = run_cli(["--config", bad], capsys)
     one_line_error(code, err, "bad.yaml", "line", "YAML")
+    # PyYAML keeps the last of two equal keys: a second `training:` dropped the first's keys silently.
+    bad.write_text("models: []\ntraining:\n  learning_rate: 1.0e-3\nlora:\n  r: 4\ntraining:\n  max_steps: 3\n")
+    code, _, err = run_cli(["--config", bad], capsys)
+    one_line_error(code, err, "bad.yaml", "line 6, column 1", "`training` is given twice")
+    from jaxpref.config.parse import read_config_data
+    bad.write_text("x: &base {beta: 0.1, method: dpo}\npost_training:\n  <<: *base\n  beta: 0.2\n")
+    assert read_config_data(bad)["post_training"] == {"beta": 0.2, "method": "dpo"}   # merge keys still work
 
 
 def test_module_entry_point_runs_as_subprocess(tmp_path, tiny_llama, tiny_pairs):
