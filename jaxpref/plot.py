@@ -5,7 +5,6 @@ leaves the panel out."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,13 +15,14 @@ TITLES = {"loss": "loss", "rewards/accuracies": "reward accuracy", "kl": "KL est
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    rows = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a row cut short by a killed run; the others still plot
-    return rows
+    """metrics.jsonl's rows (a row cut short by a killed run, or that is not an object, is left out)."""
+    from jaxpref.training.sinks import read_rows as jsonl_rows
+
+    return jsonl_rows(Path(run_dir) / "metrics.jsonl")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def panels_for(rows: list[dict]) -> list[str]:
@@ -46,7 +46,7 @@ def plot_run(run_dir: Path) -> Path:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for prefix, style in (("", "-"), ("eval_", "o--")):
-            pts = [(r["step"], r[prefix + key]) for r in rows if prefix + key in r]
+            pts = [(r["step"], r[prefix + key]) for r in rows if _number(r.get("step")) and _number(r.get(prefix + key))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, label="eval" if prefix else "train")
@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.plot") ->
     if not (run / "metrics.jsonl").is_file():
         print(f"jaxpref.plot: error: {run} has no metrics.jsonl", file=sys.stderr)
         return 2
-    print(plot_run(run))
+    try:
+        print(plot_run(run))
+    except OSError as e:
+        print(f"jaxpref.plot: error: cannot write {run / 'metrics.png'} ({e.strerror or e})", file=sys.stderr)
+        return 2
     return 0
 
 
