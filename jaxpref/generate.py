@@ -62,9 +62,9 @@ def check_options(args) -> None:
     if args.base_too and not (args.run or args.adapter):
         raise ConfigError("--base-too compares against an adapter: give --run or --adapter")
     out = Path(args.output)
+    check_writable(out, "--output", directory=False)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--output {out} exists; pass --overwrite to replace it")
-    check_writable(out, "--output", directory=False)
 
 
 def adapter_path(args) -> Path | None:

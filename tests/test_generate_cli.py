@@ -136,11 +136,15 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ('{"prompt": "ok"}', ["--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
     ('{"prompt": "ok"}', ["--base-too"], "--base-too compares against an adapter"),
     ('{"prompt": "ok"}', ["--run", "nowhere"], "--run nowhere: no adapter/adapter_config.json"),
+    ('{"prompt": "\udcff"}', [], "line 2 is not UTF-8 text (byte 0xff); save the --prompts file as UTF-8"),
+    ('{"prompt": "ok"}', ["--prompts", "."], "--prompts .: is a directory"),
+    # a folder: not "pass --overwrite", which would not help
+    ('{"prompt": "ok"}', ["--output", "."], "--output .: is a directory, expected a file"),
 ])
 def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     root, cfg, *_ = setup
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "fine"}\n' + row + "\n")
+    prompts.write_bytes(('{"prompt": "fine"}\n' + row + "\n").encode("utf-8", "surrogateescape"))
     code = generate.main(["--config", str(cfg), "--prompts", str(prompts), "--output",
                           str(tmp_path / "o.jsonl"), *flags])
     err = capsys.readouterr().err.strip().splitlines()
