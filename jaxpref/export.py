@@ -100,10 +100,12 @@ def _export(args) -> int:
 
 
 def _summary(run: Path) -> dict:
+    """The run's summary.json for the model card; {} when absent, unreadable or not an object."""
     try:
-        return json.loads((run / "summary.json").read_text())
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def _check_hub(repo_id: str) -> None:

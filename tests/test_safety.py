@@ -385,6 +385,18 @@ def test_merged_export_never_writes_into_the_base_model(finished_run, tmp_path, 
     one_line(code, err, "the run folder")
 
 
+@pytest.mark.parametrize("summary", ["[1, 2]", '{"steps": 3, "final_metrics": ["loss"], "final_eval": 5}'])
+def test_export_of_a_run_with_a_hand_edited_summary(finished_run, tmp_path, summary):
+    """summary.json (read for the model card) of another shape was an AttributeError/TypeError."""
+    _, done = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    (run / "summary.json").write_text(summary)
+    code, err = export("--run", run, "--adapter-out", tmp_path / "a")
+    assert code == 0 and "Traceback" not in err, err
+    assert (tmp_path / "a" / "README.md").is_file()
+
+
 @pytest.mark.parametrize("flag,inside,extra", [("--merged-out", "adapter", []),
                                                ("--adapter-out", "checkpoints", ["--overwrite"]),
                                                ("--adapter-out", "adapter", [])])
