@@ -68,12 +68,20 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
     -> {model name: its summary}. The first model that fails raises its error."""
     from jaxpref.runtime.mesh import init_distributed
 
+    check_overwrite(overwrite_output_dir, "resume" if resume else "resume_from" if resume_from is not None else None)
     cfg = load(config, overrides, train_dataset, eval_dataset)
     out_root = output_root(cfg, str(output_dir) if output_dir is not None else None)
     init_distributed(cfg.gpu, cfg.source)
     resume = resume or resume_from is not None
     return {cfg.models[i].name: train_one(cfg, i, out_root, resume, resume_from, overwrite=overwrite_output_dir)
             for i in select_models(cfg, model_index)}
+
+
+def check_overwrite(overwrite: bool, resume: str | None, flag: str = "overwrite_output_dir") -> None:
+    """Overwriting a run folder and continuing it (`resume`: the flag that asks, or None) cannot both
+    be done: refused rather than one of them silently dropped."""
+    if overwrite and resume:
+        raise JaxprefError(f"{flag} deletes a run folder's previous run and {resume} continues it; give one of them")
 
 
 def select_models(cfg: Config, index: int | None) -> list[int]:

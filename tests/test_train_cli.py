@@ -10,6 +10,7 @@ import pytest
 
 from conftest import PAIRS, REPO, write_config
 from jaxpref import train
+from jaxpref.errors import JaxprefError
 
 
 def run_cli(args, capsys):
@@ -196,6 +197,28 @@ def test_config_file_errors(tmp_path, capsys):
     from jaxpref.config.parse import read_config_data
     bad.write_text("x: &base {beta: 0.1, method: dpo}\npost_training:\n  <<: *base\n  beta: 0.2\n")
     assert read_config_data(bad)["post_training"] == {"beta": 0.2, "method": "dpo"}   # merge keys still work
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--resume", "--overwrite-output-dir"], "--overwrite-output-dir deletes a run folder's previous run and --resume"),
+    (["--resume-from", "2", "--overwrite-output-dir"], "and --resume-from continues it"),
+    (["--print-config", "--dry-run"], "--dry-run does not apply to --print-config"),
+    (["--print-config", "--resume"], "--resume does not apply to --print-config"),
+    (["--print-config", "--model-index", "3"], "--model-index does not apply to --print-config"),
+])
+def test_flags_that_cannot_all_be_obeyed_are_refused(tmp_path, capsys, flags, needle):
+    """Each pair used to run with one of its flags silently dropped (--resume won over
+    --overwrite-output-dir; --print-config ignored the rest)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("models: []\n")
+    which = ["--print-config", cfg] if flags[0] == "--print-config" else ["--config", cfg]
+    code, out, err = run_cli(which + [f for f in flags if f != "--print-config"], capsys)
+    one_line_error(code, err, needle)
+    assert out == ""
+    if "--overwrite-output-dir" in flags:   # the Python API's same flags
+        with pytest.raises(JaxprefError, match="overwrite_output_dir deletes .* and resume(_from)? continues"):
+            train(str(cfg), overwrite_output_dir=True, resume="--resume" in flags,
+                  resume_from=2 if "--resume-from" in flags else None)
 
 
 def test_module_entry_point_runs_as_subprocess(tmp_path, tiny_llama, tiny_pairs):
