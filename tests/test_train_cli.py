@@ -221,6 +221,19 @@ def test_flags_that_cannot_all_be_obeyed_are_refused(tmp_path, capsys, flags, ne
                   resume_from=2 if "--resume-from" in flags else None)
 
 
+@pytest.mark.parametrize("change", [{"training": {"eval_steps": 1}},
+                                    {"dataset": {"eval_fraction": 0.15}, "training": {"eval_steps": 1}}])
+def test_a_run_that_would_never_evaluate_is_refused(tmp_path, tiny_llama, tiny_pairs, capsys, change):
+    """`eval_steps` without an eval split, or an eval split smaller than one eval batch, trained
+    to the end without a single evaluation and said nothing."""
+    if "dataset" in change:
+        change = {**change, "dataset": {"name": str(tiny_pairs), **change["dataset"]}}
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, **change)
+    code, _, err = run_cli(["--config", cfg, "--output-dir", tmp_path / "o"], capsys)
+    one_line_error(code, err, "model `tiny`", "eval")
+    assert not (tmp_path / "o" / "tiny" / "metrics.jsonl").exists()
+
+
 def test_module_entry_point_runs_as_subprocess(tmp_path, tiny_llama, tiny_pairs):
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, post_training={"beta": 0})
     proc = subprocess.run([sys.executable, "-m", "jaxpref.train", "--config", str(cfg), "--dry-run"],

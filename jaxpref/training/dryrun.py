@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxpref.data import prepare
 from jaxpref.training import setup
+from jaxpref.training.evaluation import check_eval
 from jaxpref.config import Config
 from jaxpref.errors import JaxprefError
 from jaxpref.lora.tree import count, target_shapes
@@ -100,6 +101,11 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         return problems
     if it.steps_per_epoch == 0:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
+        return problems
+    try:
+        check_eval(cfg, prepared.eval, t.per_device_eval_batch_size * dp)
+    except JaxprefError as e:
+        problems.append(f"model `{name}`: {e}")
         return problems
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
