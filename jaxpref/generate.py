@@ -59,6 +59,8 @@ def check_options(args) -> None:
         if value <= 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
     Sampling(args.temperature, args.top_p, args.top_k, args.min_p).check()
+    if any(stop == "" for stop in args.stop):
+        raise ConfigError("--stop is an empty string, which every completion contains at once; give the text to stop at")
     if args.base_too and not (args.run or args.adapter):
         raise ConfigError("--base-too compares against an adapter: give --run or --adapter")
     out = Path(args.output)

@@ -140,6 +140,7 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ('{"prompt": "ok"}', ["--prompts", "."], "--prompts .: is a directory"),
     # a folder: not "pass --overwrite", which would not help
     ('{"prompt": "ok"}', ["--output", "."], "--output .: is a directory, expected a file"),
+    ('{"prompt": "ok"}', ["--stop", ""], "--stop is an empty string"),   # cut every completion to one token
 ])
 def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     root, cfg, *_ = setup
