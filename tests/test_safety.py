@@ -110,6 +110,9 @@ def _cases():
         "eval split smaller than an eval batch": (cfg(dataset={"eval_fraction": 0.15}),
                                                   ["eval split has 2 usable rows", "eval batch of 4",
                                                    "per_device_eval_batch_size"]),
+        "ref_model_id without use_ref_model": (  # silently ignored before (TRL refuses ref_model with LoRA)
+            lambda tmp, m, d: (m, d, {"models": [{"name": "tiny", "huggingface_id": str(m), "ref_model_id": str(m)}]}),
+            ["`models[0].ref_model_id` is not read", "use_ref_model: true"]),
         "only pickle weights": (model(only_bin), ["pytorch_model.bin", "never unpickles"]),
         "safetensors cut short": (model(cut), ["model.safetensors", "truncated"]),
         "num_attention_heads 0": (model(lambda p: edit_config_json(p, num_attention_heads=0)),

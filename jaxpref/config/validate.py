@@ -24,6 +24,7 @@ def validate(cfg: Config) -> None:
     if METHODS[cfg.post_training.method].online:
         _online(cfg)
     _lora(cfg)
+    _reference(cfg)
     _training(cfg)
     _training_layout(cfg)
     _rest(cfg)
@@ -125,6 +126,15 @@ def _lora(cfg: Config) -> None:
     _choice(lo.bias, ("none",), "lora.bias", src)
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError(f"{src}: `lora.target_modules` is empty")
+
+
+def _reference(cfg: Config) -> None:
+    """A `ref_model_id` is read by a full fine-tune or with `use_ref_model`; with LoRA alone the
+    reference is the base with the adapter off, and TRL refuses a ref_model with a peft_config."""
+    ref = [i for i, m in enumerate(cfg.models) if m.ref_model_id]
+    if ref and cfg.lora.enabled and not cfg.post_training.use_ref_model:
+        raise ConfigError(f"{cfg.source}: `models[{ref[0]}].ref_model_id` is not read: with LoRA the reference is the "
+                          "base model with the adapter off; set `post_training.use_ref_model: true` to use it")
 
 
 def _training(cfg: Config) -> None:
