@@ -48,7 +48,8 @@ def adapter_dir(path: str) -> Path:
     if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
         return p / "adapter"
     if not p.is_dir():
-        raise ConfigError(f"--adapter {path}: no such directory")
+        raise ConfigError(f"--adapter {path}: " + ("is a file, expected an adapter folder" if p.exists()
+                                                   else "no such directory"))
     return p
 
 

@@ -141,6 +141,7 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     # a folder: not "pass --overwrite", which would not help
     ('{"prompt": "ok"}', ["--output", "."], "--output .: is a directory, expected a file"),
     ('{"prompt": "ok"}', ["--stop", ""], "--stop is an empty string"),   # cut every completion to one token
+    ('{"prompt": "ok"}', ["--adapter", "README.md"], "--adapter README.md: is a file, expected an adapter folder"),
     # An OverflowError and an XLA out-of-memory traceback before.
     ('{"prompt": "ok"}', ["--max-new-tokens", "3000000000"], "must stay below 2**31 tokens"),
     ('{"prompt": "ok"}', ["--max-new-tokens", "1000000000"], "out of memory decoding prompts of up to"),
