@@ -99,7 +99,7 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
     import jax
 
     from jaxpref.training.loop import train_model
-    from jaxpref.training.rundir import claim_run_dir
+    from jaxpref.training.rundir import check_not_an_input, claim_run_dir
 
     from jaxpref.objectives.methods import get_method
 
@@ -108,6 +108,7 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
         from jaxpref.training.online_loop import check_online, train_online
         check_online(cfg)
     run_dir = Path(out_root) / cfg.models[index].name
+    check_not_an_input(run_dir, cfg, index)
     # One writer per run folder; a previous run is continued or replaced only when asked.
     with claim_run_dir(run_dir, resume, overwrite, lock=jax.process_index() == 0,
                        method=cfg.post_training.method):

@@ -235,6 +235,29 @@ def test_fresh_run_over_a_finished_run_is_refused_by_the_cli(tmp_path, tiny_llam
     assert (run / "checkpoints" / "2").is_dir() and (run / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("layout", ["run is the model", "run holds the model", "run holds the data"])
+def test_a_run_folder_that_is_or_holds_an_input_is_refused(tmp_path, tiny_llama, tiny_pairs, capsys, layout):
+    """`--output-dir` the model's parent and no `name` (derived from the folder) trained into the
+    base model's own folder; a run folder holding it, with --overwrite-output-dir, deleted a `model/`
+    there: the base model."""
+    model = model_copy(tmp_path / "proj", tiny_llama, "model") if layout != "run is the model" else \
+        model_copy(tmp_path, tiny_llama, "model")
+    data = tiny_pairs
+    if layout == "run holds the data":
+        model = tiny_llama
+        (tmp_path / "proj" / "data").mkdir(parents=True)
+        data = tmp_path / "proj" / "data"
+        shutil.copy(tiny_pairs, data / "pairs.jsonl")
+    models = [{"huggingface_id": str(model)}] if layout == "run is the model" else \
+        [{"name": "proj", "huggingface_id": str(model)}]
+    cfg = write_config(tmp_path / "c.yaml", model, data, models=models)
+    before = snapshot(tmp_path / "proj" if layout != "run is the model" else model)
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path, "--overwrite-output-dir")
+    what = "the dataset's folder" if layout == "run holds the data" else "the base model's folder"
+    one_line(code, err, "run folder", what, "never replaced, even with --overwrite-output-dir")
+    assert snapshot(tmp_path / "proj" if layout != "run is the model" else model) == before
+
+
 def test_second_writer_is_refused(tmp_path, tiny_llama, tiny_pairs, capsys):
     from jaxpref.errors import ConfigError
     from jaxpref.training.rundir import claim_run_dir

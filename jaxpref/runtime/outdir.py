@@ -46,6 +46,17 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def refuse_protected(out_dir: Path, flag: str, protect: dict[str, Path], overwrite_flag: str) -> None:
+    """Refuse, in one line, an output `out_dir` (given by `flag`) that is, or holds, one of the
+    folders of `protect` (what -> folder: the base model's, the run's), whatever the flags."""
+    out = Path(os.path.abspath(Path(out_dir).expanduser())).resolve()
+    for what, folder in protect.items():
+        folder = Path(os.path.abspath(Path(folder).expanduser())).resolve()
+        if _inside(folder, out):
+            raise ConfigError(f"{flag} {out_dir}: that is {'' if folder == out else 'a folder holding '}"
+                              f"{what} ({folder}); write somewhere else (never replaced, even with {overwrite_flag})")
+
+
 def check_replaceable(out_dir: Path, flag: str, overwrite: bool, overwrite_flag: str,
                       protect: dict[str, Path] | None = None, within: dict[str, Path] | None = None) -> None:
     """Refuse, in one line, to write `out_dir` (given by `flag`) where that would lose a user's files.
@@ -55,11 +66,7 @@ def check_replaceable(out_dir: Path, flag: str, overwrite: bool, overwrite_flag:
     must not lie inside either (the run folder, whose adapter/ and checkpoints/ are the export's
     source)."""
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
-    for what, folder in (protect or {}).items():
-        folder = Path(os.path.abspath(Path(folder).expanduser())).resolve()
-        if _inside(folder, out.resolve()):
-            raise ConfigError(f"{flag} {out_dir}: that is {'' if folder == out.resolve() else 'a folder holding '}"
-                              f"{what} ({folder}); write somewhere else (never replaced, even with {overwrite_flag})")
+    refuse_protected(out_dir, flag, protect or {}, overwrite_flag)
     for what, folder in (within or {}).items():
         folder = Path(os.path.abspath(Path(folder).expanduser())).resolve()
         if _inside(out.resolve(), folder):
