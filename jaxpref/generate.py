@@ -73,6 +73,10 @@ def adapter_path(args) -> Path | None:
     if args.run:
         p = Path(args.run) / "adapter"
         if not (p / "adapter_config.json").is_file():
+            if (Path(args.run) / "model" / "config.json").is_file():
+                raise ConfigError(f"--run {args.run}: a full fine-tune, whose model/ is a whole model: generate "
+                                  f"with it as the config's model (--set models.{args.model_index}.huggingface_id="
+                                  f"{Path(args.run) / 'model'}) and no --run")
             raise ConfigError(f"--run {args.run}: no adapter/adapter_config.json (a finished run has one)")
         return p
     if args.adapter:

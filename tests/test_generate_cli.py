@@ -157,6 +157,18 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_run_of_a_full_finetune_names_its_model(setup, tmp_path, capsys):
+    """--run of a full fine-tune (model/, no adapter/) said a finished run has an adapter."""
+    root, cfg, *_ = setup
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    code = generate.main(["--config", str(cfg), "--run", str(tmp_path / "run"), "--prompt", "hi",
+                          "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "a full fine-tune" in err[0], err
+    assert f"--set models.0.huggingface_id={tmp_path / 'run' / 'model'}" in err[0]
+
+
 def test_prompt_past_a_learned_position_table_is_refused(tmp_path):
     """GPT-2's position table has n_positions rows: prompt + new tokens must fit in it."""
     import torch
