@@ -123,7 +123,8 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
 
 
 def output_root(cfg: Config, flag: str | None) -> Path:
-    """--output-dir, else the config's `training.output_dir`, else checkpoints/."""
-    return Path(flag or cfg.training.output_dir or "checkpoints")
+    """--output-dir, else the config's `training.output_dir`, else checkpoints/ (`~` expanded, as
+    for the model and data paths: some writers expanded it and others did not)."""
+    return Path(flag or cfg.training.output_dir or "checkpoints").expanduser()
 
 

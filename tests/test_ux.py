@@ -262,6 +262,10 @@ def test_python_api_takes_a_path_or_a_config(tmp_path):
     cfg = api.load(path, overrides=["training.learning_rate=0.5"])
     assert cfg.training.learning_rate == 0.5 and cfg.dataset.name == str(tmp_path / "d.jsonl")
     assert api.output_root(cfg, None) == Path("runs_here") and api.output_root(cfg, "x") == Path("x")
+    # `~` (YAML, or `--output-dir=~/x`, which the shell leaves alone) split a run between ./~/ and
+    # the home folder: the adapter went to one, the rest to the other.
+    cfg.training.output_dir = "~/runs"
+    assert api.output_root(cfg, None) == Path.home() / "runs" and api.output_root(cfg, "~/x") == Path.home() / "x"
     mine = load_config(path)
     rows = datasets.Dataset.from_list([{"prompt": "p", "chosen": " a", "rejected": " b"}] * 3)
     got = api.load(mine, train_dataset=rows, eval_dataset=rows.select([0]))
