@@ -71,6 +71,7 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
 
     from jaxpref.runtime.mesh import init_distributed
 
+    check_overwrite(overwrite_output_dir, "resume" if resume else "resume_from" if resume_from is not None else None)
     cfg = load(config, overrides, train_dataset, eval_dataset)
     out_root = output_root(cfg, str(output_dir) if output_dir is not None else None)
     init_distributed(cfg.gpu, cfg.source)
@@ -80,6 +81,13 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
     if jax.process_index() == 0:
         write_report(out_root, [m.name for m in cfg.models], {}, quiet=True)
     return out
+
+
+def check_overwrite(overwrite: bool, resume: str | None, flag: str = "overwrite_output_dir") -> None:
+    """Overwriting a run folder and continuing it (`resume`: the flag that asks, or None) cannot both
+    be done: refused rather than one of them silently dropped."""
+    if overwrite and resume:
+        raise JaxprefError(f"{flag} deletes a run folder's previous run and {resume} continues it; give one of them")
 
 
 def select_models(cfg: Config, index: int | None) -> list[int]:
@@ -97,7 +105,7 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
     import jax
 
     from jaxpref.training.loop import train_model
-    from jaxpref.training.rundir import claim_run_dir
+    from jaxpref.training.rundir import check_not_an_input, claim_run_dir
 
     from jaxpref.objectives.methods import get_method
 
@@ -106,6 +114,7 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
         from jaxpref.training.online_loop import check_online, train_online
         check_online(cfg)
     run_dir = Path(out_root) / cfg.models[index].name
+    check_not_an_input(run_dir, cfg, index)
     # One writer per run folder; a previous run is continued or replaced only when asked.
     with claim_run_dir(run_dir, resume, overwrite, lock=jax.process_index() == 0,
                        method=cfg.post_training.method):
@@ -120,8 +129,9 @@ def train_one(cfg: Config, index: int, out_root: Path, resume: bool = False, res
 
 
 def output_root(cfg: Config, flag: str | None) -> Path:
-    """--output-dir, else the config's `training.output_dir`, else checkpoints/."""
-    return Path(flag or cfg.training.output_dir or "checkpoints")
+    """--output-dir, else the config's `training.output_dir`, else checkpoints/ (`~` expanded, as
+    for the model and data paths: some writers expanded it and others did not)."""
+    return Path(flag or cfg.training.output_dir or "checkpoints").expanduser()
 
 
 

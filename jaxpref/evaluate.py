@@ -43,13 +43,26 @@ def parse_args(argv, prog: str = "python -m jaxpref.evaluate"):
     return ap.parse_args(argv)
 
 
+def full_finetune_policy(cfg, run: Path, index: int) -> None:
+    """A run folder without adapter/: a full fine-tune's model/ is the policy and the config's
+    model (or its `ref_model_id`) the reference, as in its training; a run that wrote neither is
+    refused (its base model is not the run's result)."""
+    if not (run / "model" / "config.json").is_file():
+        raise ConfigError(f"--run {run}: no adapter/ nor model/ (the run has not finished); evaluate the base "
+                          "model with --config, or give --adapter")
+    entry = cfg.models[index]
+    entry.ref_model_id, entry.huggingface_id = entry.ref_model_id or entry.huggingface_id, str(run / "model")
+    cfg.post_training.use_ref_model = True
+
+
 def adapter_dir(path: str) -> Path:
     """A PEFT adapter folder; a run folder is accepted for its `adapter/`."""
     p = Path(path)
     if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
         return p / "adapter"
     if not p.is_dir():
-        raise ConfigError(f"--adapter {path}: no such directory")
+        raise ConfigError(f"--adapter {path}: " + ("is a file, expected an adapter folder" if p.exists()
+                                                   else "no such directory"))
     return p
 
 
@@ -210,6 +223,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.evaluate"
         if not 0 <= args.model_index < len(cfg.models):
             raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
                               f"{len(cfg.models)} model(s)")
+        if args.run and args.adapter is None:
+            full_finetune_policy(cfg, Path(args.run), args.model_index)
         check_writable(args.output, "--output", directory=False)
         if Path(args.output).exists() and not args.overwrite:
             raise ConfigError(f"--output {args.output} exists; pass --overwrite to replace it")

@@ -81,7 +81,7 @@ def _export(args) -> int:
     protect = {"the base model's folder": src.path, "the run folder": run}
     for flag, out in (("--adapter-out", args.adapter_out), ("--merged-out", args.merged_out)):
         if out:
-            check_replaceable(Path(out), flag, args.overwrite, "--overwrite", protect)
+            check_replaceable(Path(out), flag, args.overwrite, "--overwrite", protect, within={"the run folder": run})
     summary = _summary(run)
     bundle = weights.build(src)
     tok = load_tokenizer(src, entry.tokenizer_id)
@@ -102,10 +102,12 @@ def _export(args) -> int:
 
 
 def _summary(run: Path) -> dict:
+    """The run's summary.json for the model card; {} when absent, unreadable or not an object."""
     try:
-        return json.loads((run / "summary.json").read_text())
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def _check_hub(repo_id: str) -> None:

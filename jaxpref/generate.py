@@ -65,15 +65,19 @@ def check_options(args) -> None:
     if args.base_too and not (args.run or args.adapter):
         raise ConfigError("--base-too compares against an adapter: give --run or --adapter")
     out = Path(args.output)
+    check_writable(out, "--output", directory=False)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--output {out} exists; pass --overwrite to replace it")
-    check_writable(out, "--output", directory=False)
 
 
 def adapter_path(args) -> Path | None:
     if args.run:
         p = Path(args.run) / "adapter"
         if not (p / "adapter_config.json").is_file():
+            if (Path(args.run) / "model" / "config.json").is_file():
+                raise ConfigError(f"--run {args.run}: a full fine-tune, whose model/ is a whole model: generate "
+                                  f"with it as the config's model (--set models.{args.model_index}.huggingface_id="
+                                  f"{Path(args.run) / 'model'}) and no --run")
             raise ConfigError(f"--run {args.run}: no adapter/adapter_config.json (a finished run has one)")
         return p
     if args.adapter:
@@ -84,6 +88,8 @@ def adapter_path(args) -> Path | None:
 
 def generate(cfg, args) -> list[dict]:
     """The output rows, prompt by prompt (tuned, then base with --base-too)."""
+    import jax
+
     from jaxpref.generation import text
     from jaxpref.generation.engine import DecodeOptions, Generator
     from jaxpref.generation.sampling import Sampling
@@ -112,7 +118,14 @@ def generate(cfg, args) -> list[dict]:
                          text.eos_ids(bundle.source.path, tok), pad)
     runs = [("tuned" if lora is not None else "base", lora)] + ([("base", None)] if args.base_too else [])
     t0 = time.perf_counter()
-    results = {name: gen.generate(ids, opts, lo, args.seed) for name, lo in runs}
+    try:
+        results = {name: gen.generate(ids, opts, lo, args.seed) for name, lo in runs}
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise ConfigError(f"out of memory decoding prompts of up to {max(map(len, ids))} tokens + --max-new-tokens "
+                          f"{args.max_new_tokens} in batches of {args.batch_size} (the KV cache holds every slot); "
+                          "lower --max-new-tokens or --batch-size") from None
     seconds = time.perf_counter() - t0
     rows = []
     for i, prompt in enumerate(shown):
@@ -127,9 +140,12 @@ def generate(cfg, args) -> list[dict]:
 
 
 def check_lengths(bundle, ids: list[list[int]], max_new: int) -> None:
-    """Learned position tables (GPT-2) end: prompt + completion must fit in them."""
+    """Learned position tables (GPT-2) end: prompt + completion must fit in them; positions are
+    int32 everywhere."""
     limit = bundle.args.spec().max_positions
     longest = max(map(len, ids))
+    if longest + max_new >= 2**31:
+        raise ConfigError(f"--max-new-tokens {max_new}: prompt + completion must stay below 2**31 tokens")
     if limit and longest + max_new > limit:
         raise ConfigError(f"a prompt of {longest} tokens + --max-new-tokens {max_new} exceeds the "
                           f"model's {limit} positions")

@@ -15,12 +15,15 @@ TITLES = {"loss": "loss", "rewards/accuracies": "reward accuracy", "kl": "KL est
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    """The rows of RUN_DIR/metrics.jsonl that carry a step (a row cut short by a killed run, or
-    bytes that are not UTF-8 JSON, are skipped; the others still plot)."""
+    """The rows of RUN_DIR/metrics.jsonl that carry a numeric step (a row cut short by a killed run,
+    not an object, or bytes that are not UTF-8 JSON, are left out; the others still plot)."""
     from jaxpref.training.sinks import read_rows as jsonl_rows
 
-    return [r for r in jsonl_rows(Path(run_dir) / "metrics.jsonl")
-            if isinstance(r.get("step"), (int, float)) and not isinstance(r["step"], bool)]
+    return [r for r in jsonl_rows(Path(run_dir) / "metrics.jsonl") if _number(r.get("step"))]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def panels_for(rows: list[dict]) -> list[str]:
@@ -48,7 +51,7 @@ def plot_run(run_dir: Path) -> Path:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for prefix, style in (("", "-"), ("eval_", "o--")):
-            pts = [(r["step"], r[prefix + key]) for r in rows if prefix + key in r]
+            pts = [(r["step"], r[prefix + key]) for r in rows if _number(r.get(prefix + key))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, label="eval" if prefix else "train")
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.plot") ->
         print(plot_run(run))
     except JaxprefError as e:
         print(f"jaxpref.plot: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"jaxpref.plot: error: cannot write {run / 'metrics.png'} ({e.strerror or e})", file=sys.stderr)
         return 2
     return 0
 

@@ -12,7 +12,8 @@ plots as PNG files (report_curves.png). It holds:
 - for a few prompts of `samples.jsonl` (`logging.sample_prompts`), the base model's completion and
   each tuned model's final one side by side;
 - failed models with their one-line error.
-The report files are regenerated each time (they are the report's own; nothing else is touched).
+The report files are regenerated each time (they are the report's own; nothing else is touched, and a
+file of their names that is not a report of ours is refused).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxpref.errors import JaxprefError
 from jaxpref.training.sinks import read_rows
 
 SAMPLE_PROMPTS = 4
@@ -47,18 +49,39 @@ class RunInfo:
     name: str
     folder: Path
     error: str | None = None
-    config: dict = field(default_factory=dict)
+    config: dict = field(default_factory=lambda: _config(None))   # `_config`'s shape
     summary: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     adapter: dict | None = None
 
 
-def _json(path: Path):
+def _json(path: Path) -> dict:
+    """A JSON object file's contents; {} when absent, unreadable or not an object."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
+        return _dict(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+
+
+def _dict(x) -> dict:
+    """`x` if it is a mapping, else {}: a record edited by hand or cut short reads as absent."""
+    return x if isinstance(x, dict) else {}
+
+
+def _config(data) -> dict:
+    """The parts of a run's config.yaml the report reads, each of the shape it expects."""
+    data = _dict(data)
+    models = data.get("models") if isinstance(data.get("models"), list) else []
+    return {"post_training": _dict(data.get("post_training")), "lora": _dict(data.get("lora")),
+            "models": [_dict(m) for m in models]}
+
+
+def _sample_ok(x: dict) -> bool:
+    """A greedy sample row (it names its `model`) with what the sample table reads."""
+    prompt = x.get("prompt")
+    return "model" not in x or (isinstance(x.get("completion"), str) and isinstance(x.get("step"), int) and (
+        isinstance(prompt, str) or isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)))
 
 
 def read_run(folder: Path, error: str | None = None) -> RunInfo:
@@ -67,16 +90,17 @@ def read_run(folder: Path, error: str | None = None) -> RunInfo:
 
     info = RunInfo(folder.name, folder, error)
     try:
-        info.config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        info.config = {}
-    info.summary = _json(folder / "summary.json") or {}
+        info.config = _config(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        info.config = _config(None)
+    info.summary = _json(folder / "summary.json")
     info.metrics = read_rows(folder / "metrics.jsonl")
-    info.samples = read_rows(folder / "samples.jsonl")
-    info.adapter = _json(folder / "adapter" / "adapter_config.json")
+    info.samples = [x for x in read_rows(folder / "samples.jsonl") if _sample_ok(x)]
+    info.adapter = _json(folder / "adapter" / "adapter_config.json") or None
     if info.error is None and not (folder / "FINISHED").is_file():
         log = folder / "error.log"
-        last = [l for l in log.read_text().splitlines() if l.strip()][-1:] if log.is_file() else []
+        text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+        last = [l for l in text.splitlines() if l.strip()][-1:]
         info.error = last[0].strip() if last else "not finished"
     return info
 
@@ -106,14 +130,19 @@ def _last(rows: list[dict], key: str):
     return vals[-1] if vals else None
 
 
+def _base_model(r: RunInfo, default: str) -> str:
+    return next(iter(r.config["models"]), {}).get("huggingface_id", default)
+
+
 def row_of(r: RunInfo) -> list[str]:
     cfg, s, m = r.config, r.summary, r.metrics
-    pt, lo = cfg.get("post_training") or {}, cfg.get("lora") or {}
+    pt, lo = cfg["post_training"], cfg["lora"]
     method = pt.get("method", "dpo")
     loss = pt.get("loss_type")
     loss = ", ".join(loss) if isinstance(loss, list) else loss
     if r.adapter:
-        targets = ", ".join(sorted(r.adapter.get("target_modules") or []))
+        tm = r.adapter.get("target_modules") or []
+        targets = ", ".join(sorted(map(str, tm))) if isinstance(tm, list) else str(tm)
         lora = f"{_fmt(r.adapter.get('r'))} / {_fmt(r.adapter.get('lora_alpha'))} / {targets}"
     elif lo.get("enabled", True) is False:
         lora = "full fine-tune"
@@ -121,10 +150,9 @@ def row_of(r: RunInfo) -> list[str]:
         lora = f"{_fmt(lo.get('r'))} / {_fmt(lo.get('lora_alpha'))} / {lo.get('target_modules')}"
     train = [x for x in m if "loss" in x or "objective/kl" in x]   # PPO logs no `loss`
     tps = [x["tokens_per_second"] for x in train[1:] if "tokens_per_second" in x]   # step 1 compiles
-    fe = s.get("final_eval") or {}
-    peak = s.get("peak_memory") or {}
+    fe, peak = _dict(s.get("final_eval")), _dict(s.get("peak_memory"))
     own = [f"{k} {_fmt(_last(train, k))}" for k in OWN.get(method, ()) if _last(train, k) is not None]
-    base = ((cfg.get("models") or [{}])[0]).get("huggingface_id", "-")
+    base = _base_model(r, "-")
     pair = lambda key: f"{_fmt(_last(train, key), 3)} / {_fmt(fe.get('eval_' + key), 3)}"
     return [r.name, base, f"{method} ({loss or 'default'})", lora, _fmt(s.get("steps")),
             _fmt(_last(train, "epoch")), _fmt(s.get("wall_time_s", s.get("train_runtime"))),
@@ -205,7 +233,7 @@ def sample_table(runs: list[RunInfo]) -> tuple[list[str], list[list[str]]]:
     columns: list[tuple[str, dict]] = []
     bases = {}
     for r in with_samples:
-        base = ((r.config.get("models") or [{}])[0]).get("huggingface_id", r.name)
+        base = _base_model(r, r.name)
         got = {_key(x["prompt"]): x["completion"] for x in r.samples if x.get("model") == "base"}
         if got and base not in bases:
             bases[base] = got
@@ -278,6 +306,20 @@ def render_html(out_dir: Path, runs: list[RunInfo], ok: list[RunInfo], failed: l
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
+# How each report file begins: one that begins otherwise is the user's and is never replaced.
+OURS = {"report.md": b"# jaxpref report: ", "report.html": b"<!doctype html><html><head><meta charset='utf-8'>"
+        b"<title>jaxpref report: ", "report_curves.png": b"\x89PNG\r\n\x1a\n"}
+
+
+def check_ours(out_dir: Path) -> None:
+    """Refuse, in one line, to replace a file of the report's names that another hand wrote."""
+    for name, head in OURS.items():
+        p = out_dir / name
+        if p.is_dir() or p.is_file() and not p.read_bytes()[:len(head)] == head:
+            raise JaxprefError(f"{p} is not a report of jaxpref's, and the report would replace it; move it "
+                               "away, or train into another output folder")
+
+
 def write_report(out_dir: Path, names: list[str] | None = None, errors: dict[str, str] | None = None
                  ) -> Path | None:
     """report.md, report.html and report_curves.png in `out_dir` for the runs `names` (all run
@@ -297,6 +339,7 @@ def write_report(out_dir: Path, names: list[str] | None = None, errors: dict[str
     failed = [r for r in runs if r.error is not None]
     failed += [RunInfo(n, out_dir / n, f"{errors[n]} (its folder still holds the finished run above)")
                for n in sorted(kept)]
+    check_ours(out_dir)
     png = plot_curves(ok, out_dir / "report_curves.png")
     (out_dir / "report.md").write_text(render_md(out_dir, runs, ok, failed, png))
     (out_dir / "report.html").write_text(render_html(out_dir, runs, ok, failed, png))
@@ -316,6 +359,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.report") 
         return 2
     try:
         page = write_report(out)
+    except JaxprefError as e:
+        print(f"jaxpref.report: error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"jaxpref.report: error: cannot write the report in {out} ({e.strerror or e})", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import traceback
 import types
 from pathlib import Path
 
-from jaxpref.api import output_root, select_models, train_one, write_report
+from jaxpref.api import check_overwrite, output_root, select_models, train_one, write_report
 from jaxpref.api import train as api_train
 from jaxpref.config import load_config
 from jaxpref.errors import JaxprefError, check_writable
@@ -44,6 +44,20 @@ def parse_args(argv, prog: str = "python -m jaxpref.train"):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value by dotted path, e.g. training.learning_rate=1e-5")
     return ap.parse_args(argv)
+
+
+def check_flags(args) -> None:
+    """Flags that cannot all be obeyed are refused rather than one of them silently dropped."""
+    resume = [f for f, on in (("--resume", args.resume), ("--resume-from", args.resume_from is not None),
+                              ("--resume-force", args.resume_force)) if on]
+    check_overwrite(args.overwrite_output_dir, resume[0] if resume else None, "--overwrite-output-dir")
+    if args.print_config:
+        unused = [f for f, on in (("--model-index", args.model_index is not None), ("--output-dir", args.output_dir),
+                                  ("--overwrite-output-dir", args.overwrite_output_dir), ("--dry-run", args.dry_run))
+                  if on] + resume
+        if unused:
+            raise JaxprefError(f"{unused[0]} does not apply to --print-config, which only prints the config "
+                               "(--set and --max-steps apply); use --config FILE for a run")
 
 
 def quiet_background_writes() -> None:
@@ -98,6 +112,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
     if args.max_steps is not None:
         overrides.append(f"training.max_steps={args.max_steps}")
     try:
+        check_flags(args)
         if args.print_config:
             from jaxpref.config.describe import describe
             print(describe(load_config(args.print_config, overrides)), end="")

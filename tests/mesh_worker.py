@@ -36,8 +36,9 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     if spec.get("distributed"):
         from jaxpref.config import GpuConfig
+        from jaxpref.config.schema import DistributedConfig
         from jaxpref.runtime.mesh import init_distributed
-        init_distributed(GpuConfig(distributed=spec["distributed"]))
+        init_distributed(GpuConfig(distributed=DistributedConfig(**spec["distributed"])))
     for job in spec["jobs"]:
         run(spec["model"], spec["data"], job["out"], job.get("mesh"), job.get("device_ids"), job["per_device"],
             distributed=spec.get("distributed"), name=job.get("name", "tiny"), training=job.get("training"),

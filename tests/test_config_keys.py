@@ -124,6 +124,15 @@ def test_each_method_logs_the_metrics_it_declares():
     ("training", {"length_buckets": [-4]}, "got -4"),
     ("training", {"pair_layout": "SHARED_PROMPT"}, "(did you mean `shared_prompt`?)"),
     ("training", {"attention": "XLA_Chunked"}, "(did you mean `xla_chunked`?)"),
+    # gpu.distributed was an untyped mapping: int("two") was a traceback, a misspelt key was ignored.
+    ("gpu", {"distributed": {"coordinator_address": "h:1", "num_processes": "two", "process_id": 0}},
+     "`gpu.distributed.num_processes` must be an integer"),
+    ("gpu", {"distributed": {"auto": True, "timout_s": 5}}, "unknown key `gpu.distributed.timout_s` (did you mean `timeout_s`?)"),
+    ("gpu", {"distributed": {"auto": "yes"}}, "`gpu.distributed.auto` must be true or false"),
+    ("gpu", {"distributed": {"num_processes": 2, "process_id": 0}}, "`gpu.distributed.coordinator_address` is missing"),
+    ("gpu", {"distributed": {"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}},
+     "`gpu.distributed.process_id` must be in [0, num_processes - 1]"),
+    ("gpu", {"distributed": {"auto": True, "timeout_s": 0}}, "`gpu.distributed.timeout_s` must be >= 1"),
 ])
 def test_bad_layout_and_device_values_are_one_line_errors(section, values, message):
     """An empty `device_ids` used to fail deep in the mesh (ZeroDivisionError); duplicates and

@@ -197,6 +197,35 @@ def test_run_folder_train_split_note_and_adapter_checks(setup, monkeypatch, caps
     assert code == 0 and lines == by_flags and "was made for org/another" in err, err
 
 
+def test_run_folder_of_a_full_finetune_evaluates_its_model(setup, monkeypatch, capsys, tmp_path):
+    """--run of a full fine-tune (model/, no adapter/) evaluated the base model as the run's result
+    (every reward 0); its model/ is the policy and the base the reference, as in its training. A
+    run folder with neither is refused."""
+    config, model, _, _, tok, root = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    data = yaml.safe_load(config.read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**data, "lora": {"enabled": False}}))
+    out = tmp_path / "o.jsonl"
+    assert evaluate.main(["--run", str(run), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no adapter/ nor model/" in err[0] and not out.exists(), err
+    tuned = perturbed_llama(len(tok), seed=5)
+    tuned.save_pretrained(run / "model")
+    tok.save_pretrained(run / "model")
+    monkeypatch.chdir(root)
+    assert evaluate.main(["--run", str(run), "--output", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    worst = 0.0
+    for line in lines:
+        pc, pr = _torch_logps(tuned, tok, ROWS[line["index"]])
+        rc, rr = _torch_logps(model, tok, ROWS[line["index"]])
+        worst = max(worst, abs(line["logps/chosen"] - pc), abs(line["logps/rejected"] - pr),
+                    abs(line["ref_logps/chosen"] - rc), abs(line["ref_logps/rejected"] - rr))
+        assert abs(line["rewards/chosen"] - BETA * (pc - rc)) <= 1e-4
+    assert worst <= 1e-4 and abs(lines[0]["rewards/chosen"]) > 1e-3
+
+
 def test_existing_output_is_refused_unless_overwrite(setup, monkeypatch, capsys):
     """An existing --output file is the user's: refused in one line (naming --overwrite) and left
     as it was; --overwrite replaces it."""

@@ -137,11 +137,19 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ('{"prompt": "ok"}', ["--base-too"], "--base-too compares against an adapter"),
     ('{"prompt": "ok"}', ["--stop", "</s>", "--stop", ""], "--stop is an empty string"),
     ('{"prompt": "ok"}', ["--run", "nowhere"], "--run nowhere: no adapter/adapter_config.json"),
+    ('{"prompt": "\udcff"}', [], "line 2 is not UTF-8 text (byte 0xff); save the --prompts file as UTF-8"),
+    ('{"prompt": "ok"}', ["--prompts", "."], "--prompts .: is a directory"),
+    # a folder: not "pass --overwrite", which would not help
+    ('{"prompt": "ok"}', ["--output", "."], "--output .: is a directory, expected a file"),
+    ('{"prompt": "ok"}', ["--adapter", "README.md"], "--adapter README.md: is a file, expected an adapter folder"),
+    # An OverflowError and an XLA out-of-memory traceback before.
+    ('{"prompt": "ok"}', ["--max-new-tokens", "3000000000"], "must stay below 2**31 tokens"),
+    ('{"prompt": "ok"}', ["--max-new-tokens", "1000000000"], "out of memory decoding prompts of up to"),
 ])
 def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     root, cfg, *_ = setup
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "fine"}\n' + row + "\n")
+    prompts.write_bytes(('{"prompt": "fine"}\n' + row + "\n").encode("utf-8", "surrogateescape"))
     code = generate.main(["--config", str(cfg), "--prompts", str(prompts), "--output",
                           str(tmp_path / "o.jsonl"), *flags])
     err = capsys.readouterr().err.strip().splitlines()
@@ -149,12 +157,16 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_prompts_file_that_is_not_utf8_is_one_line(tmp_path):
-    """--prompts (and logging.sample_prompts, the same reader) naming a file that is not UTF-8."""
-    bad = tmp_path / "p.jsonl"
-    bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
-    with pytest.raises(text.ConfigError, match=r"^--prompts \S+p\.jsonl: line 2 is not UTF-8 text \(byte 0xe9\)"):
-        text.read_prompts(str(bad), "--prompts")
+def test_run_of_a_full_finetune_names_its_model(setup, tmp_path, capsys):
+    """--run of a full fine-tune (model/, no adapter/) said a finished run has an adapter."""
+    root, cfg, *_ = setup
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    code = generate.main(["--config", str(cfg), "--run", str(tmp_path / "run"), "--prompt", "hi",
+                          "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "a full fine-tune" in err[0], err
+    assert f"--set models.0.huggingface_id={tmp_path / 'run' / 'model'}" in err[0]
 
 
 def test_prompt_past_a_learned_position_table_is_refused(tmp_path):

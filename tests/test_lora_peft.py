@@ -382,6 +382,23 @@ def test_adapter_missing_a_tensor_names_it(base, tmp_path):
         load_adapter(out, b.bundle, b.bundle.abstract_params())
 
 
+@pytest.mark.parametrize("text,needle", [
+    ("[1]", "holds a JSON list"),
+    ('"adapter"', "holds a JSON str"),
+    ('{"r": 4, "lora_alpha": 8, "target_modules": 5}', "`target_modules` must be a list of names, got 5"),
+    ('{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", 2]}', "`target_modules` must be a list"),
+    ('{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "target_parameters": 3}', "`target_parameters`"),
+])
+def test_adapter_config_of_the_wrong_shape_is_one_error(text, needle, tmp_path):
+    """An adapter_config.json that is not an object, or whose target lists are not lists of names,
+    raised AttributeError / TypeError."""
+    from jaxpref.lora.peft import spec_from_adapter
+
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        spec_from_adapter(tmp_path)
+
+
 @pytest.mark.parametrize("key,value", [("r", 8), ("lora_alpha", 16.0), ("use_rslora", True),
                                        ("target_modules", ["q_proj", "v_proj"])])
 def test_init_from_conflicting_lora_settings_are_refused(key, value, base, tmp_path):

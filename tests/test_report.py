@@ -126,3 +126,57 @@ def test_report_cli_bad_folder_is_one_line(tmp_path, capsys, make, message):
     assert report.main([str(make(tmp_path))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("files", [
+    {"config.yaml": "- 1\n"},
+    {"config.yaml": "models: 5\npost_training: [1]\nlora: x\n"},
+    {"config.yaml": "models: [x]\n"},
+    {"summary.json": "[1]"},
+    {"summary.json": '{"final_eval": 3, "peak_memory": [1]}'},
+    {"adapter/adapter_config.json": "[1]"},
+    {"adapter/adapter_config.json": '{"r": 4, "target_modules": 7}'},
+    {"samples.jsonl": '{"model": "base", "step": 0}\n{"model": "tuned", "prompt": 5, "completion": "x", "step": 1}\n'},
+    {"error.log": b"\xff\xfe oops\n", "FINISHED": None},
+])
+def test_report_reads_a_hand_edited_run_record(tmp_path, capsys, files):
+    """A run folder's records of another shape than the run wrote (edited by hand, another
+    tool's) were AttributeError / KeyError / UnicodeDecodeError tracebacks; the row is written
+    with what can be read."""
+    run = tmp_path / "m"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("models: [{huggingface_id: some/base}]\npost_training: {method: dpo}\n")
+    (run / "FINISHED").write_text("")
+    for name, content in files.items():
+        if content is None:
+            (run / name).unlink()
+        else:
+            (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert report.main([str(tmp_path)]) == 0, capsys.readouterr().err
+    text = (tmp_path / "report.md").read_text()
+    if (run / "FINISHED").is_file():
+        assert [r[0] for r in md_table(text, "Models")[1:]] == ["m"]
+    else:   # listed with the last line of its error.log
+        assert "- `m`: " in text and "oops" in text
+
+
+@pytest.mark.parametrize("name", ["report.md", "report.html", "report_curves.png"])
+def test_a_users_file_of_a_report_name_is_never_replaced(tmp_path, capsys, name):
+    """`train --output-dir` into a folder holding the user's own report.md (or .html, or a
+    folder of that name) replaced it with the report."""
+    run = tmp_path / "m"
+    run.mkdir()
+    (run / "config.yaml").write_text("models: [{huggingface_id: some/base}]\n")
+    (run / "FINISHED").write_text("")
+    (tmp_path / name).write_text("my own notes\n")
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0] and "not a report of jaxpref's" in err[0], err
+    train.write_report(tmp_path, ["m"], {}, quiet=False)   # the end of a run: a warning, never a failure
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxpref: warning: report not written") and name in err[0], err
+    assert (tmp_path / name).read_text() == "my own notes\n"
+    assert not {"report.md", "report.html", "report_curves.png"} - {name} & {p.name for p in tmp_path.iterdir()}
+    (tmp_path / name).unlink()
+    assert report.main([str(tmp_path)]) == 0   # our own report is rewritten each time
+    assert report.main([str(tmp_path)]) == 0

@@ -335,6 +335,17 @@ def test_resume_from_a_kept_step_and_continue_a_finished_run(tmp_path, tiny_llam
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "finished without a checkpoint (finetuning.save_steps unset)" in err and "--overwrite-output-dir" in err
+    # Unfinished without checkpoints (killed): --resume started afresh over its metrics and adapter.
+    (tmp_path / "c" / "tiny" / "FINISHED").unlink()
+    before = (tmp_path / "c" / "tiny" / "metrics.jsonl").read_bytes()
+    code = train.main(["--config", str(plain), "--output-dir", str(tmp_path / "c"), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "holds a run (adapter/, summary.json, metrics.jsonl, metrics.png) but no checkpoint" in err, err
+    assert "--overwrite-output-dir" in err and (tmp_path / "c" / "tiny" / "metrics.jsonl").read_bytes() == before
+    # Nothing of a previous run there: --resume starts afresh, as it says.
+    code = train.main(["--config", str(plain), "--output-dir", str(tmp_path / "d"), "--resume"])
+    assert code == 0 and "no checkpoint to resume from; starting fresh" in capsys.readouterr().err
 
 
 @pytest.mark.slow

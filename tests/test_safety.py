@@ -100,6 +100,19 @@ def _cases():
             cfg(dataset={"eval_fraction": 0.25}, training={"eval_steps": 1},
                 finetuning={"early_stopping": {"metric": "eval_rewards/accuracy"}}),
             ["finetuning.early_stopping.metric", "eval_rewards/accuracies"]),
+        # Evaluations asked for that would silently never run (the dry run passed early stopping too).
+        "eval_steps without an eval split": (cfg(training={"eval_steps": 1}),
+                                             ["`training.eval_steps` asks for evaluations", "no eval split"]),
+        "eval_strategy epoch without an eval split": (cfg(training={"eval_strategy": "epoch"}),
+                                                      ["`training.eval_strategy`", "no eval split"]),
+        "early stopping without an eval split": (cfg(finetuning={"early_stopping": {"patience": 2}}),
+                                                 ["`finetuning.early_stopping`", "no eval split"]),
+        "eval split smaller than an eval batch": (cfg(dataset={"eval_fraction": 0.15}),
+                                                  ["eval split has 2 usable rows", "eval batch of 4",
+                                                   "per_device_eval_batch_size"]),
+        "ref_model_id without use_ref_model": (  # silently ignored before (TRL refuses ref_model with LoRA)
+            lambda tmp, m, d: (m, d, {"models": [{"name": "tiny", "huggingface_id": str(m), "ref_model_id": str(m)}]}),
+            ["`models[0].ref_model_id` names a separate reference model", "use_ref_model: true"]),
         "only pickle weights": (model(only_bin), ["pytorch_model.bin", "never unpickles"]),
         "safetensors cut short": (model(cut), ["model.safetensors", "truncated"]),
         "num_attention_heads 0": (model(lambda p: edit_config_json(p, num_attention_heads=0)),
@@ -220,6 +233,29 @@ def test_fresh_run_over_a_finished_run_is_refused_by_the_cli(tmp_path, tiny_llam
     code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o")
     one_line(code, err, "already holds a run", "--resume", "--overwrite-output-dir")
     assert (run / "checkpoints" / "2").is_dir() and (run / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("layout", ["run is the model", "run holds the model", "run holds the data"])
+def test_a_run_folder_that_is_or_holds_an_input_is_refused(tmp_path, tiny_llama, tiny_pairs, capsys, layout):
+    """`--output-dir` the model's parent and no `name` (derived from the folder) trained into the
+    base model's own folder; a run folder holding it, with --overwrite-output-dir, deleted a `model/`
+    there: the base model."""
+    model = model_copy(tmp_path / "proj", tiny_llama, "model") if layout != "run is the model" else \
+        model_copy(tmp_path, tiny_llama, "model")
+    data = tiny_pairs
+    if layout == "run holds the data":
+        model = tiny_llama
+        (tmp_path / "proj" / "data").mkdir(parents=True)
+        data = tmp_path / "proj" / "data"
+        shutil.copy(tiny_pairs, data / "pairs.jsonl")
+    models = [{"huggingface_id": str(model)}] if layout == "run is the model" else \
+        [{"name": "proj", "huggingface_id": str(model)}]
+    cfg = write_config(tmp_path / "c.yaml", model, data, models=models)
+    before = snapshot(tmp_path / "proj" if layout != "run is the model" else model)
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path, "--overwrite-output-dir")
+    what = "the dataset's folder" if layout == "run holds the data" else "the base model's folder"
+    one_line(code, err, "run folder", what, "never replaced, even with --overwrite-output-dir")
+    assert snapshot(tmp_path / "proj" if layout != "run is the model" else model) == before
 
 
 def test_second_writer_is_refused(tmp_path, tiny_llama, tiny_pairs, capsys):
@@ -383,6 +419,31 @@ def test_merged_export_never_writes_into_the_base_model(finished_run, tmp_path, 
     assert snapshot(tiny_llama) == before and snapshot(other) == before
     code, err = export("--run", run, "--adapter-out", run)
     one_line(code, err, "the run folder")
+
+
+@pytest.mark.parametrize("summary", ["[1, 2]", '{"steps": 3, "final_metrics": ["loss"], "final_eval": 5}'])
+def test_export_of_a_run_with_a_hand_edited_summary(finished_run, tmp_path, summary):
+    """summary.json (read for the model card) of another shape was an AttributeError/TypeError."""
+    _, done = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    (run / "summary.json").write_text(summary)
+    code, err = export("--run", run, "--adapter-out", tmp_path / "a")
+    assert code == 0 and "Traceback" not in err, err
+    assert (tmp_path / "a" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("flag,inside,extra", [("--merged-out", "adapter", []),
+                                               ("--adapter-out", "checkpoints", ["--overwrite"]),
+                                               ("--adapter-out", "adapter", [])])
+def test_export_never_writes_inside_the_run_folder(finished_run, flag, inside, extra):
+    """--merged-out <run>/adapter replaced the run's trained adapter (an export of ours) with a
+    merged model; --overwrite into <run>/checkpoints deleted the checkpoints."""
+    _, run = finished_run
+    before = snapshot(run)
+    code, err = export("--run", run, flag, run / inside, *extra)
+    one_line(code, err, flag, "inside the run folder")
+    assert snapshot(run) == before
 
 
 def test_a_crash_while_exporting_leaves_the_previous_export(finished_run, tmp_path, monkeypatch):

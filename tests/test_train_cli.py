@@ -10,6 +10,7 @@ import pytest
 
 from conftest import PAIRS, REPO, write_config
 from jaxpref import train
+from jaxpref.errors import JaxprefError
 
 
 def run_cli(args, capsys):
@@ -93,22 +94,22 @@ def test_dry_run_ok_prints_figures(tmp_path, tiny_llama, tiny_pairs, capsys):
     assert "(layout concatenated (training.pair_layout concatenated, padding_free false)" in out, out
 
 
-@pytest.mark.parametrize("finetuning, eval_fraction", [
-    ({"early_stopping": {"patience": 2}}, 0.0),
-    ({"load_best_model_at_end": True}, 0.0),
-    ({"early_stopping": {"patience": 2}}, 0.05),   # 1 eval pair, fewer than an eval batch of 4
+@pytest.mark.parametrize("finetuning, eval_fraction, needles", [
+    ({"early_stopping": {"patience": 2}}, 0.0, ("`finetuning.early_stopping` asks for evaluations", "no eval split")),
+    ({"load_best_model_at_end": True}, 0.0, ("`finetuning.load_best_model_at_end` asks for evaluations",)),
+    ({"early_stopping": {"patience": 2}}, 0.05,   # 1 eval pair, fewer than an eval batch of 4
+     ("the eval split has 1 usable rows, fewer than one eval batch of 4", "per_device_eval_batch_size")),
 ])
 def test_evaluation_keys_without_eval_data_fail_the_dry_run_as_the_run(tmp_path, tiny_llama, tiny_pairs, capsys,
-                                                                       finetuning, eval_fraction):
+                                                                       finetuning, eval_fraction, needles):
     """`--dry-run` checks what the run checks: early stopping / the best model with no eval split
     (or one smaller than an eval batch) is the same one-line error, before any weight is read."""
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, finetuning=finetuning,
                        dataset={"name": str(tiny_pairs), "eval_fraction": eval_fraction})
-    key = next(iter(finetuning))
     for flags in (["--dry-run"], ["--output-dir", tmp_path / "out"]):
         code, _, err = run_cli(["--config", cfg, *flags], capsys)
         err = "\n".join(l for l in err.splitlines() if not l.startswith("[tiny]"))
-        one_line_error(code, err, f"`finetuning.{key}` needs an eval split", "per_device_eval_batch_size")
+        one_line_error(code, err, *needles)
     assert not (tmp_path / "out" / "tiny" / "adapter").exists()
 
 
@@ -214,6 +215,48 @@ def test_config_file_errors(tmp_path, capsys):
     bad.write_text("models:\n  - name: x\n    huggingface_id: [unclosed\n")
     code, _, err = run_cli(["--config", bad], capsys)
     one_line_error(code, err, "bad.yaml", "line", "YAML")
+    # PyYAML keeps the last of two equal keys: a second `training:` dropped the first's keys silently.
+    bad.write_text("models: []\ntraining:\n  learning_rate: 1.0e-3\nlora:\n  r: 4\ntraining:\n  max_steps: 3\n")
+    code, _, err = run_cli(["--config", bad], capsys)
+    one_line_error(code, err, "bad.yaml", "line 6, column 1", "`training` is given twice")
+    from jaxpref.config.parse import read_config_data
+    bad.write_text("x: &base {beta: 0.1, method: dpo}\npost_training:\n  <<: *base\n  beta: 0.2\n")
+    assert read_config_data(bad)["post_training"] == {"beta": 0.2, "method": "dpo"}   # merge keys still work
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--resume", "--overwrite-output-dir"], "--overwrite-output-dir deletes a run folder's previous run and --resume"),
+    (["--resume-from", "2", "--overwrite-output-dir"], "and --resume-from continues it"),
+    (["--print-config", "--dry-run"], "--dry-run does not apply to --print-config"),
+    (["--print-config", "--resume"], "--resume does not apply to --print-config"),
+    (["--print-config", "--model-index", "3"], "--model-index does not apply to --print-config"),
+])
+def test_flags_that_cannot_all_be_obeyed_are_refused(tmp_path, capsys, flags, needle):
+    """Each pair used to run with one of its flags silently dropped (--resume won over
+    --overwrite-output-dir; --print-config ignored the rest)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("models: []\n")
+    which = ["--print-config", cfg] if flags[0] == "--print-config" else ["--config", cfg]
+    code, out, err = run_cli(which + [f for f in flags if f != "--print-config"], capsys)
+    one_line_error(code, err, needle)
+    assert out == ""
+    if "--overwrite-output-dir" in flags:   # the Python API's same flags
+        with pytest.raises(JaxprefError, match="overwrite_output_dir deletes .* and resume(_from)? continues"):
+            train(str(cfg), overwrite_output_dir=True, resume="--resume" in flags,
+                  resume_from=2 if "--resume-from" in flags else None)
+
+
+@pytest.mark.parametrize("change", [{"training": {"eval_steps": 1}},
+                                    {"dataset": {"eval_fraction": 0.15}, "training": {"eval_steps": 1}}])
+def test_a_run_that_would_never_evaluate_is_refused(tmp_path, tiny_llama, tiny_pairs, capsys, change):
+    """`eval_steps` without an eval split, or an eval split smaller than one eval batch, trained
+    to the end without a single evaluation and said nothing."""
+    if "dataset" in change:
+        change = {**change, "dataset": {"name": str(tiny_pairs), **change["dataset"]}}
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, **change)
+    code, _, err = run_cli(["--config", cfg, "--output-dir", tmp_path / "o"], capsys)
+    one_line_error(code, err, "model `tiny`", "eval")
+    assert not (tmp_path / "o" / "tiny" / "metrics.jsonl").exists()
 
 
 def test_module_entry_point_runs_as_subprocess(tmp_path, tiny_llama, tiny_pairs):

@@ -148,6 +148,27 @@ def test_python_api_takes_a_dict_and_datasets(tmp_path, tiny_llama):
                       train_dataset=datasets.Dataset.from_list(rows))
 
 
+@pytest.mark.parametrize("rows,png_dir,code,needle", [
+    (b'{"loss": 0.5}\n{"step": 2, "loss": 0.4}\n', False, 0, None),            # a row without `step`
+    (b'{"step": 1, "loss": 0.5}\n\xff\xfe\n[1, 2]\n7\n', False, 0, None),    # not UTF-8, not objects
+    (b'{"step": 1, "loss": "n/a"}\n{"step": 2, "loss": null}\n', False, 0, None),
+    (b'{"step": 1, "loss": 0.5}\n', True, 2, "metrics.png"),               # metrics.png is a folder
+])
+def test_plot_of_a_hand_edited_metrics_file(tmp_path, capsys, rows, png_dir, code, needle):
+    """KeyError, UnicodeDecodeError and IsADirectoryError tracebacks before."""
+    from jaxpref.plot import main as plot_main
+
+    (tmp_path / "metrics.jsonl").write_bytes(rows)
+    if png_dir:
+        (tmp_path / "metrics.png").mkdir()
+    assert plot_main([str(tmp_path)]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    if needle:
+        assert len(err) == 1 and needle in err[0] and err[0].startswith("jaxpref.plot: error: "), err
+    else:
+        assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_kto_plot_shows_kl_instead_of_an_empty_accuracy_panel(tmp_path):
     from jaxpref.plot import panels_for, plot_run
 
@@ -242,6 +263,10 @@ def test_python_api_takes_a_path_or_a_config(tmp_path):
     cfg = api.load(path, overrides=["training.learning_rate=0.5"])
     assert cfg.training.learning_rate == 0.5 and cfg.dataset.name == str(tmp_path / "d.jsonl")
     assert api.output_root(cfg, None) == Path("runs_here") and api.output_root(cfg, "x") == Path("x")
+    # `~` (YAML, or `--output-dir=~/x`, which the shell leaves alone) split a run between ./~/ and
+    # the home folder: the adapter went to one, the rest to the other.
+    cfg.training.output_dir = "~/runs"
+    assert api.output_root(cfg, None) == Path.home() / "runs" and api.output_root(cfg, "~/x") == Path.home() / "x"
     mine = load_config(path)
     rows = datasets.Dataset.from_list([{"prompt": "p", "chosen": " a", "rejected": " b"}] * 3)
     got = api.load(mine, train_dataset=rows, eval_dataset=rows.select([0]))

@@ -294,6 +294,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return _from_data(read_config_data(path, overrides), str(path))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last silently, so a second `training:` section would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue   # `<<: *anchor`: the merged keys may be overridden here
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"`{key}` is given twice in the same mapping (keep one)", key_node.start_mark)
+            seen.add(key) if isinstance(key, typing.Hashable) else None
+        return super().construct_mapping(node, deep)
+
+
 def read_config_data(path: str | Path, overrides: list[str] | None = None) -> dict:
     """A config file's YAML with `--set` overrides applied, not yet typed or checked."""
     path = Path(path)
@@ -302,7 +319,7 @@ def read_config_data(path: str | Path, overrides: list[str] | None = None) -> di
         raise ConfigError(f"config file not found: {src}")
     text = read_utf8(path, ConfigError, "the config file", "save the file as UTF-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

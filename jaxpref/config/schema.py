@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from jaxpref.objectives.methods import METHODS, method_keys
 
@@ -162,13 +161,22 @@ class FinetuningConfig:
 
 
 @dataclass
+class DistributedConfig:
+    auto: bool = False                   # JAX's cluster detection (SLURM, TPU pods) instead of the three keys below
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None     # processes in the run (one per host)
+    process_id: int | None = None        # this process's index, 0 .. num_processes - 1
+    timeout_s: int = 60                  # seconds to wait for the coordinator
+
+
+@dataclass
 class GpuConfig:
     device_ids: list[int] | None = None  # the devices to use (default: all)
     mesh: dict[str, int] | None = None   # {data, fsdp, tensor} axis sizes; one may be -1 (the rest)
     # The seed's DDP switch: true (or unset) is data parallel over every device (`mesh` {data: -1});
     # false trains on one device (the first of `device_ids`).
     ddp: bool | None = None
-    distributed: dict[str, Any] | None = None  # several hosts: coordinator_address, num_processes, process_id, timeout_s, or auto: true
+    distributed: DistributedConfig | None = None  # several hosts: coordinator_address, num_processes, process_id, or auto: true
 
 
 @dataclass

@@ -252,6 +252,7 @@ def _rest(cfg: Config) -> None:
     if ids is not None and (not ids or len(set(ids)) < len(ids)):
         what = "is empty" if not ids else f"names device {next(i for i in ids if ids.count(i) > 1)} twice"
         raise ConfigError(f"{src}: `gpu.device_ids` {what} (null: every device)")
+    _distributed(cfg.gpu.distributed, src)
     for r in cfg.report_to:
         _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)
     _choice(cfg.finetuning.remat_policy, ("nothing_saveable", "dots_saveable",
@@ -260,6 +261,21 @@ def _rest(cfg: Config) -> None:
     if cfg.finetuning.early_stopping is not None:
         _choice(cfg.finetuning.early_stopping.mode, ("min", "max"), "finetuning.early_stopping.mode", src)
     validate_safety(cfg)
+
+
+def _distributed(d, src: str) -> None:
+    """`gpu.distributed`: auto, or all three of coordinator_address, num_processes, process_id."""
+    if d is None:
+        return
+    if not d.auto:
+        for key in ("coordinator_address", "num_processes", "process_id"):
+            if getattr(d, key) is None:
+                raise ConfigError(f"{src}: `gpu.distributed.{key}` is missing (or set `gpu.distributed.auto: true`)")
+        if d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
+            raise ConfigError(f"{src}: `gpu.distributed.process_id` must be in [0, num_processes - 1] and "
+                              f"`num_processes` >= 1, got process_id {d.process_id} of {d.num_processes}")
+    if d.timeout_s < 1:
+        raise ConfigError(f"{src}: `gpu.distributed.timeout_s` must be >= 1, got {d.timeout_s}")
 
 
 def derived_name(huggingface_id: str) -> str:

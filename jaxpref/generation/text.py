@@ -32,13 +32,10 @@ def read_prompts(path: str, flag: str) -> list:
     """The `prompt` of every row of a JSON lines file (blank lines skipped); errors name `flag`."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{flag} {path}: no such file")
-    try:
-        lines = read_utf8(p, ConfigError, "the prompts file", "save it as UTF-8").splitlines()
-    except ConfigError as e:
-        raise ConfigError(f"{flag} {e}") from None
+        raise ConfigError(f"{flag} {path}: " + ("is a directory, expected a JSON lines file" if p.is_dir() else "no such file"))
     out = []
-    for n, line in enumerate(lines, 1):
+    text = read_utf8(p, ConfigError, "it", f"save the {flag} file as UTF-8")
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -82,8 +82,7 @@ def model_card(cfg: Config, index: int, summary: dict, kind: str) -> str:
 
 
 def _metrics(summary: dict) -> list[str]:
-    train = summary.get("final_metrics") or {}
-    ev = summary.get("final_eval") or {}
+    train, ev = (x if isinstance(x, dict) else {} for x in (summary.get("final_metrics"), summary.get("final_eval")))
     names = [k for k in train if k.startswith(("loss", "rewards/", "kl", "nll_loss"))]
     names += [k[5:] for k in ev if k.startswith("eval_") and k[5:] not in names]
     if not names:

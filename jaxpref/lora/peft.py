@@ -121,9 +121,13 @@ def _write_adapter(tmp: Path, bundle, lora, spec, base_model, tokenizer, save_fi
 
 def read_adapter_config(path: Path) -> dict:
     try:
-        return json.loads((Path(path) / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        c = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"adapter `{path}`: cannot read {ADAPTER_CONFIG} ({e})")
+    if not isinstance(c, dict):
+        raise ConfigError(f"adapter `{path}`: {ADAPTER_CONFIG} holds a JSON {type(c).__name__}, not an object "
+                          "of PEFT settings")
+    return c
 
 
 # PEFT options that change the adapter's math or contents in ways our LoRA tree cannot express:
@@ -151,6 +155,10 @@ def _targets_of(path: Path, c: dict) -> tuple[tuple[str, ...], bool]:
     if isinstance(targets, str):
         raise ConfigError(f"adapter `{path}`: target_modules is the regex `{targets}`; "
                           "jaxpref reads adapters whose target_modules list module names")
+    for key, names in (("target_modules", targets), ("target_parameters", c.get("target_parameters") or [])):
+        if not isinstance(names, list) or not all(isinstance(t, str) for t in names):
+            raise ConfigError(f"adapter `{path}`: {ADAPTER_CONFIG}: `{key}` must be a list of names, got "
+                              f"{json.dumps(names)}")
     params, params_partial = experts_mod.names_from_config(c.get("target_parameters"))
     names = tuple(sorted({t.split(".")[-1] for t in targets} | set(params)))
     if not names:

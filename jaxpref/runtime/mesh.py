@@ -24,19 +24,16 @@ AXES = ("data", "fsdp", "tensor")
 def init_distributed(gpu_cfg, src: str = "") -> None:
     """Join a multi-process run: `gpu.distributed` settings, or JAX's cluster detection (SLURM,
     TPU pods) when `gpu.distributed: {auto: true}`."""
-    d = gpu_cfg.distributed
-    if not d:
+    d = gpu_cfg.distributed   # a `DistributedConfig`, checked by `config.validate`
+    if d is None:
         return
     if jax.distributed.is_initialized():
         return
     kwargs = {}
-    if not d.get("auto"):
-        for key in ("coordinator_address", "num_processes", "process_id"):
-            if key not in d:
-                raise ConfigError(f"{src}: `gpu.distributed.{key}` is missing (or set `gpu.distributed.auto: true`)")
-        kwargs = dict(coordinator_address=str(d["coordinator_address"]), num_processes=int(d["num_processes"]),
-                      process_id=int(d["process_id"]))
-    timeout = int(d.get("timeout_s", 60))
+    if not d.auto:
+        kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                      process_id=d.process_id)
+    timeout = d.timeout_s
     if kwargs and kwargs["process_id"] != 0:
         # XLA aborts the whole process when it cannot reach the coordinator: check first.
         _wait_for_coordinator(kwargs["coordinator_address"], timeout, src)

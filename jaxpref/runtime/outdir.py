@@ -46,18 +46,32 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def refuse_protected(out_dir: Path, flag: str, protect: dict[str, Path], overwrite_flag: str) -> None:
+    """Refuse, in one line, an output `out_dir` (given by `flag`) that is, or holds, one of the
+    folders of `protect` (what -> folder: the base model's, the run's), whatever the flags."""
+    out = Path(os.path.abspath(Path(out_dir).expanduser())).resolve()
+    for what, folder in protect.items():
+        folder = Path(os.path.abspath(Path(folder).expanduser())).resolve()
+        if _inside(folder, out):
+            raise ConfigError(f"{flag} {out_dir}: that is {'' if folder == out else 'a folder holding '}"
+                              f"{what} ({folder}); write somewhere else (never replaced, even with {overwrite_flag})")
+
+
 def check_replaceable(out_dir: Path, flag: str, overwrite: bool, overwrite_flag: str,
-                      protect: dict[str, Path] | None = None) -> None:
+                      protect: dict[str, Path] | None = None, within: dict[str, Path] | None = None) -> None:
     """Refuse, in one line, to write `out_dir` (given by `flag`) where that would lose a user's files.
 
     `protect`: what -> folder that must never be replaced nor lie inside the output (the base
-    model's folder, the run folder), whatever the flags."""
+    model's folder, the run folder), whatever the flags; `within`: what -> folder that the output
+    must not lie inside either (the run folder, whose adapter/ and checkpoints/ are the export's
+    source)."""
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
-    for what, folder in (protect or {}).items():
+    refuse_protected(out_dir, flag, protect or {}, overwrite_flag)
+    for what, folder in (within or {}).items():
         folder = Path(os.path.abspath(Path(folder).expanduser())).resolve()
-        if _inside(folder, out.resolve()):
-            raise ConfigError(f"{flag} {out_dir}: that is {'' if folder == out.resolve() else 'a folder holding '}"
-                              f"{what} ({folder}); write somewhere else (never replaced, even with {overwrite_flag})")
+        if _inside(out.resolve(), folder):
+            raise ConfigError(f"{flag} {out_dir}: that is inside {what} ({folder}); write somewhere else "
+                              f"(never written, even with {overwrite_flag})")
     if out.is_file():
         raise ConfigError(f"{flag} {out_dir}: is a file, expected a directory")
     if not out.is_dir() or not any(out.iterdir()) or overwrite or is_our_export(out):

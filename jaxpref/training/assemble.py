@@ -22,7 +22,7 @@ from jaxpref.runtime import mesh as mesh_mod
 from jaxpref.runtime.memory import runtime_rss
 from jaxpref.training import checkpoint as ckpt
 from jaxpref.training import setup
-from jaxpref.training.evaluation import EarlyStopping
+from jaxpref.training.evaluation import EarlyStopping, check_eval
 from jaxpref.training.optim import make_optimizer
 from jaxpref.training.step import StepOptions, TrainState, make_eval_step, make_train_step
 
@@ -127,7 +127,7 @@ def _batches(cfg: Config, index: int, run_dir: Path) -> Run:
     if it.steps_per_epoch == 0:
         raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
-    setup.check_eval_needs(cfg, prepared.eval, tcfg.per_device_eval_batch_size * dp)
+    check_eval(cfg, prepared.eval, tcfg.per_device_eval_batch_size * dp)
     total = tcfg.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, total)
     bundle = setup.resolve_recompute(cfg, bundle, abstract, lspec, setup.planned_keys(cfg, it), mesh)
@@ -248,6 +248,6 @@ def _step_functions(run: Run) -> None:
     run.step_fn = make_train_step(run.bundle, opts, run.optimizer, run.schedule, run.ref_bundle,
                                   dropout=dropout, full_finetune=run.full_finetune)
     ev = run.prepared.eval
-    if ev is not None and len(ev) >= run.EB:
+    if ev is not None and len(ev) >= run.EB:   # a smaller eval split: refused by `evaluation.check_eval`
         run.eval_fn = make_eval_step(run.bundle.with_args(deterministic=True),
                                      replace(opts, num_seqs=2 * run.EB, ref_mode=eval_mode), run.ref_bundle)

@@ -212,15 +212,20 @@ def past_total(run_dir, step: int, total: int) -> str:
 
 def resume_point(run, force: bool, step: int | None, finished: bool, refuse=None):
     """(step, state, meta) of the newest whole checkpoint of `run` (or `step`'s), or None to start
-    fresh. One line (JaxprefError, the store closed) for what cannot be continued: a missing
-    checkpoint a finished run or `--resume-from` needs, one past `run.total` steps, or what
+    fresh (nothing of a previous run there). One line (JaxprefError, the store closed) for what
+    cannot be continued: a missing checkpoint a finished run, a previous run's outputs or
+    `--resume-from` need, one past `run.total` steps, or what
     `refuse(found)` (a method's own rule) returns. `run`: the offline or online loop's Run
     (store, state, fingerprint, run_dir, total)."""
+    from jaxpref.training.rundir import previous_outputs
+
     check = lambda meta: check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
     try:
         found = run.store.restore_latest(abstract_of(run.state), check, force=force, step=step)
-        if found is None and (finished or step is not None):
-            why = f"checkpoint {step} cannot be read" if step is not None else NO_CHECKPOINT
+        earlier = previous_outputs(run.run_dir) if found is None else []   # a fresh start would replace them
+        if found is None and (finished or step is not None or earlier):
+            why = (f"checkpoint {step} cannot be read" if step is not None else NO_CHECKPOINT if finished
+                   else f"it holds a run ({', '.join(earlier)}) but no checkpoint to continue from")
             raise JaxprefError(cannot_continue(run.run_dir, why, run.total))
         if found is not None and found[0] > run.total:
             raise JaxprefError(past_total(run.run_dir, found[0], run.total))

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxpref.data import prepare
 from jaxpref.training import setup
+from jaxpref.training.evaluation import check_eval
 from jaxpref.config import Config
 from jaxpref.errors import JaxprefError
 from jaxpref.lora.tree import count, target_shapes
@@ -102,9 +103,10 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
     try:
-        setup.check_eval_needs(cfg, prepared.eval, t.per_device_eval_batch_size * dp)
+        check_eval(cfg, prepared.eval, t.per_device_eval_batch_size * dp)
     except JaxprefError as e:
         problems.append(f"model `{name}`: {e}")
+        return problems
     steps = t.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, steps)
     args = setup.resolve_recompute(cfg, bundle, abstract, spec, setup.planned_keys(cfg, it), mesh).args   # what `auto` will choose

@@ -24,6 +24,28 @@ def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, lay
     return {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
 
 
+def check_eval(cfg, eval_data, batch: int) -> None:
+    """The evaluations a config asks for can run: `eval_steps`, `eval_strategy` steps or epoch, early
+    stopping and the best model need an eval split, and an eval split (evaluated at the end unless
+    `eval_strategy: no`) needs one eval batch of `batch` rows (evaluation runs over whole batches).
+    Otherwise a ConfigError naming the key: the run would silently never evaluate."""
+    tr, ft = cfg.training, cfg.finetuning
+    if tr.eval_strategy == "no":
+        return
+    if eval_data is None:
+        asks = [key for key, on in (("training.eval_steps", tr.eval_steps is not None),
+                                    ("training.eval_strategy", tr.eval_strategy in ("steps", "epoch")),
+                                    ("finetuning.early_stopping", ft.early_stopping is not None),
+                                    ("finetuning.load_best_model_at_end", ft.load_best_model_at_end)) if on]
+        if asks:
+            raise ConfigError(f"{cfg.source}: `{asks[0]}` asks for evaluations, but there is no eval split "
+                              "(set `dataset.eval_split` or `dataset.eval_fraction`)")
+    elif len(eval_data) < batch:
+        raise ConfigError(f"{cfg.source}: the eval split has {len(eval_data)} usable rows, fewer than one eval batch "
+                          f"of {batch} (`training.per_device_eval_batch_size` x data-parallel devices), so it would "
+                          "never be evaluated; lower `per_device_eval_batch_size` or enlarge the eval split")
+
+
 class EarlyStopping:
     """`finetuning.early_stopping`: stop when `metric` has not improved by `min_delta` for
     `patience` evaluations; the best step's adapter is the one exported."""

@@ -84,6 +84,19 @@ def holds_a_run(run_dir: Path, previous: list[str]) -> str:
             "--overwrite-output-dir deletes it and starts again")
 
 
+def check_not_an_input(run_dir: Path, cfg, index: int) -> None:
+    """The run folder must not be, nor hold, a local folder the run reads (the model's, the
+    reference's, the dataset's): its outputs would land among them, and --overwrite-output-dir
+    would delete a `model/` there."""
+    from jaxpref.runtime.outdir import refuse_protected
+
+    entry = cfg.models[index]
+    inputs = {"the base model's folder": entry.huggingface_id, "the reference model's folder": entry.ref_model_id,
+              "the dataset's folder": cfg.dataset.name}
+    protect = {what: Path(p).expanduser() for what, p in inputs.items() if p and Path(p).expanduser().is_dir()}
+    refuse_protected(run_dir, "run folder", protect, "--overwrite-output-dir")
+
+
 def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = True,
                   method: str | None = None) -> RunLock:
     """Make `run_dir` this run's: lock it (`lock`: the process that writes, process 0), and check

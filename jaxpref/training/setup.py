@@ -252,18 +252,6 @@ def note(parts: list[str]) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def check_eval_needs(cfg: Config, eval_data, eval_batch: int) -> None:
-    """Early stopping and the best model read evaluations: an eval split that fills one eval batch
-    of `eval_batch` pairs (per_device_eval_batch_size x the data-parallel size) must exist."""
-    ft = cfg.finetuning
-    for key, wanted in (("early_stopping", ft.early_stopping), ("load_best_model_at_end", ft.load_best_model_at_end)):
-        if wanted and (eval_data is None or len(eval_data) < eval_batch):
-            have = "none" if eval_data is None else f"{len(eval_data)} usable pairs"
-            raise ConfigError(f"{cfg.source}: `finetuning.{key}` needs an eval split (`dataset.eval_split` or "
-                              f"`dataset.eval_fraction`) with at least `per_device_eval_batch_size` rows "
-                              f"({eval_batch}); this config has {have}")
-
-
 def rows_note(cfg: Config, prepared) -> str:
     """' (N rows skipped: reason n, ...; M truncated)' for the start-of-run line, or ''."""
     parts = skipped_part(prepared.train.skipped)
