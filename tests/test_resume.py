@@ -343,6 +343,10 @@ def test_resume_from_a_kept_step_and_continue_a_finished_run(tmp_path, tiny_llam
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "holds a run (adapter/, summary.json, metrics.jsonl, metrics.png) but no checkpoint" in err, err
     assert "--overwrite-output-dir" in err and (tmp_path / "c" / "tiny" / "metrics.jsonl").read_bytes() == before
+    # The dry run says the same (it said "no checkpoint: the run starts fresh").
+    code = train.main(["--config", str(plain), "--output-dir", str(tmp_path / "c"), "--resume", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds a run (adapter/, summary.json, metrics.jsonl, metrics.png) but no checkpoint" in err, err
     # Nothing of a previous run there: --resume starts afresh, as it says.
     code = train.main(["--config", str(plain), "--output-dir", str(tmp_path / "d"), "--resume"])
     assert code == 0 and "no checkpoint to resume from; starting fresh" in capsys.readouterr().err

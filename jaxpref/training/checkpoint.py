@@ -204,6 +204,17 @@ def cannot_continue(run_dir, why: str, total: int) -> str:
     return f"{run_dir}: {why}, so it cannot be continued to {total} steps; --overwrite-output-dir trains it again from the start"
 
 
+def no_checkpoint_why(run_dir, finished: bool) -> str | None:
+    """Why a resumed run without a checkpoint cannot start afresh: it finished (nothing to continue
+    from), or it holds a previous run's outputs that a fresh start would replace; None: it may."""
+    from jaxpref.training.rundir import previous_outputs
+
+    if finished:
+        return NO_CHECKPOINT
+    earlier = previous_outputs(run_dir)
+    return f"it holds a run ({', '.join(earlier)}) but no checkpoint to continue from" if earlier else None
+
+
 def past_total(run_dir, step: int, total: int) -> str:
     """The one line for a checkpoint past the run's steps."""
     return (f"{run_dir}: its checkpoint is at step {step}, past this run's {total} steps (training.max_steps / "
@@ -217,15 +228,12 @@ def resume_point(run, force: bool, step: int | None, finished: bool, refuse=None
     `--resume-from` need, one past `run.total` steps, or what
     `refuse(found)` (a method's own rule) returns. `run`: the offline or online loop's Run
     (store, state, fingerprint, run_dir, total)."""
-    from jaxpref.training.rundir import previous_outputs
-
     check = lambda meta: check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
     try:
         found = run.store.restore_latest(abstract_of(run.state), check, force=force, step=step)
-        earlier = previous_outputs(run.run_dir) if found is None else []   # a fresh start would replace them
-        if found is None and (finished or step is not None or earlier):
-            why = (f"checkpoint {step} cannot be read" if step is not None else NO_CHECKPOINT if finished
-                   else f"it holds a run ({', '.join(earlier)}) but no checkpoint to continue from")
+        why = None if found is not None else f"checkpoint {step} cannot be read" if step is not None \
+            else no_checkpoint_why(run.run_dir, finished)
+        if why:
             raise JaxprefError(cannot_continue(run.run_dir, why, run.total))
         if found is not None and found[0] > run.total:
             raise JaxprefError(past_total(run.run_dir, found[0], run.total))

@@ -41,8 +41,8 @@ def fresh_run_problems(name: str, run_dir: Path, overwrite: bool) -> list[str]:
 def resume_problems(cfg, index: int, fingerprint, ask: ResumeAsk | None, total: int) -> list[str]:
     """Print the resume line of model `index` (`fingerprint()`: its run's critical settings;
     `total`: the run's steps); -> a one-line problem where the run would refuse to start or continue."""
-    from jaxpref.training.checkpoint import (NO_CHECKPOINT, cannot_continue, check_fingerprint, incomplete,
-                                             is_finished, past_total)
+    from jaxpref.training.checkpoint import (cannot_continue, check_fingerprint, incomplete, is_finished,
+                                             no_checkpoint_why, past_total)
     from jaxpref.training.online_resume import same_length
 
     if ask is None:
@@ -62,8 +62,9 @@ def resume_problems(cfg, index: int, fingerprint, ask: ResumeAsk | None, total: 
         return [f"model `{name}`: --resume-from {ask.step}: no checkpoint of step {ask.step} in {ckpts} (kept: "
                 f"{', '.join(map(str, whole)) or 'none'})"]
     step = ask.step if ask.step is not None else (whole[-1] if whole else None)
-    if step is None and finished:   # as checkpoint.resume_point refuses it
-        return [f"model `{name}`: {cannot_continue(run_dir, NO_CHECKPOINT, total)}"]
+    why = no_checkpoint_why(run_dir, finished) if step is None else None
+    if why:   # as checkpoint.resume_point refuses it
+        return [f"model `{name}`: {cannot_continue(run_dir, why, total)}"]
     if step is None:
         print(f"  resume           no checkpoint in {ckpts}: the run starts fresh")
         return []
