@@ -134,8 +134,6 @@ def output_root(cfg: Config, flag: str | None) -> Path:
     return Path(flag or cfg.training.output_dir or "checkpoints").expanduser()
 
 
-
-
 def write_report(out_root: Path, names: list[str], errors: dict[str, str], quiet: bool) -> None:
     """report.md / report.html over the config's models (`quiet`: written without a line, after
     the failures' one-line errors); a report must never fail the run."""
