@@ -20,6 +20,20 @@ class DataError(JaxprefError):
     pass
 
 
+def write_or_exit_2(prog: str, write, target: str):
+    """(`write()`'s result, 0), or (None, 2) after one line on stderr: a JaxprefError's message, or
+    why `target` (what `write` writes) could not be written."""
+    import sys
+
+    try:
+        return write(), 0
+    except JaxprefError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"{prog}: error: cannot write {target} ({e.strerror or e})", file=sys.stderr)
+    return None, 2
+
+
 def read_utf8(path, error: type[JaxprefError], what: str, hint: str) -> str:
     """A text file's contents, or `error` in one line: the first line that is not UTF-8 (and `hint`),
     or why `what` cannot be read."""

@@ -76,17 +76,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.plot") ->
     if not (run / "metrics.jsonl").is_file():
         print(f"jaxpref.plot: error: {run} has no metrics.jsonl", file=sys.stderr)
         return 2
-    from jaxpref.errors import JaxprefError
+    from jaxpref.errors import write_or_exit_2
 
-    try:
-        print(plot_run(run))
-    except JaxprefError as e:
-        print(f"jaxpref.plot: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"jaxpref.plot: error: cannot write {run / 'metrics.png'} ({e.strerror or e})", file=sys.stderr)
-        return 2
-    return 0
+    png, code = write_or_exit_2("jaxpref.plot", lambda: plot_run(run), str(run / "metrics.png"))
+    if code == 0:
+        print(png)
+    return code
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jaxpref.errors import JaxprefError
+from jaxpref.errors import JaxprefError, write_or_exit_2
 from jaxpref.training.sinks import read_rows
 
 SAMPLE_PROMPTS = 4
@@ -357,16 +357,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.report") 
     if not find_runs(out):
         print(f"jaxpref.report: error: {out} holds no run folder (one with a config.yaml)", file=sys.stderr)
         return 2
-    try:
-        page = write_report(out)
-    except JaxprefError as e:
-        print(f"jaxpref.report: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"jaxpref.report: error: cannot write the report in {out} ({e.strerror or e})", file=sys.stderr)
-        return 2
-    print(page)
-    return 0
+    page, code = write_or_exit_2("jaxpref.report", lambda: write_report(out), f"the report in {out}")
+    if code == 0:
+        print(page)
+    return code
 
 
 if __name__ == "__main__":
