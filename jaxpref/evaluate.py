@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def parse_args(argv, prog: str = "python -m jaxpref.evaluate"):
                     help="which split of the config's data: eval (dataset.eval_split or eval_fraction) "
                          "or train (default: eval when the config has one, else train)")
     ap.add_argument("--max-examples", type=int, default=None, help="only the first N pairs of the split")
-    ap.add_argument("--output", required=True, help="JSON lines file to write, one line per pair")
+    ap.add_argument("--output", required=True, type=os.path.expanduser, help="JSON lines file to write, one line per pair")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value by dotted path, e.g. training.max_length=512")

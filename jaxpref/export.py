@@ -24,8 +24,8 @@ def parse_args(argv, prog: str):
     ap = argparse.ArgumentParser(prog=prog, description="Export a finished run's LoRA as a PEFT adapter and/or "
                                                         "a merged model, and upload one to the Hugging Face Hub.")
     ap.add_argument("--run", required=True, help="run directory (holds config.yaml and adapter/)")
-    ap.add_argument("--adapter-out", help="write the PEFT adapter folder here")
-    ap.add_argument("--merged-out", help="write a merged Hugging Face model here")
+    ap.add_argument("--adapter-out", type=os.path.expanduser, help="write the PEFT adapter folder here")
+    ap.add_argument("--merged-out", type=os.path.expanduser, help="write a merged Hugging Face model here")
     ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="the merged model's weights (default: the source's dtype; float32 for a GGUF)")
     ap.add_argument("--push-to-hub", metavar="REPO_ID",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def parse_args(argv, prog: str = "python -m jaxpref.generate"):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     ap.add_argument("--base-too", action="store_true", help="also decode with the adapter off")
-    ap.add_argument("--output", required=True, help="JSON lines file to write")
+    ap.add_argument("--output", required=True, type=os.path.expanduser, help="JSON lines file to write")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value by dotted path, e.g. training.compute_dtype=bfloat16")

@@ -322,3 +322,20 @@ def test_every_command_reads_dotenv(tmp_path, monkeypatch, capsys, command, argv
     assert importlib.import_module(f"jaxpref.{command}").main(argv) == 2   # then a one-line error
     assert os.environ.get("JAXPREF_TEST_DOTENV") == "from-dotenv"
     monkeypatch.delenv("JAXPREF_TEST_DOTENV")
+
+
+def test_output_flags_expand_the_home_folder(tmp_path, monkeypatch):
+    """`--output=~/x` reaches the command unexpanded by the shell: it wrote a literal ./~/ folder."""
+    from jaxpref import evaluate, export, generate
+    from jaxpref.config import load_config
+    from jaxpref.errors import ConfigError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = str(tmp_path)
+    assert evaluate.parse_args(["--config", "c.yaml", "--output=~/o.jsonl"]).output == f"{home}/o.jsonl"
+    assert generate.parse_args(["--config", "c.yaml", "--prompt", "hi", "--output=~/o.jsonl"]).output == \
+        f"{home}/o.jsonl"
+    args = export.parse_args(["--run", "r", "--adapter-out=~/a", "--merged-out=~/m"], "jaxpref export")
+    assert (args.adapter_out, args.merged_out) == (f"{home}/a", f"{home}/m")
+    with pytest.raises(ConfigError, match=r"config file .*: is a folder, expected a YAML file"):
+        load_config(tmp_path)

@@ -315,6 +315,8 @@ def read_config_data(path: str | Path, overrides: list[str] | None = None) -> di
     """A config file's YAML with `--set` overrides applied, not yet typed or checked."""
     path = Path(path)
     src = str(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {src}: is a folder, expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {src}")
     text = read_utf8(path, ConfigError, "the config file", "save the file as UTF-8")
