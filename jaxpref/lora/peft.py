@@ -3,7 +3,6 @@ named as PEFT names the modules, so that `peft.PeftModel.from_pretrained` loads 
 transformers model and jaxpref reads PEFT's own adapters back."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -168,7 +167,9 @@ def _targets_of(path: Path, c: dict) -> tuple[tuple[str, ...], bool]:
     return names, partial
 
 
-def spec_from_adapter(path: Path, dropout: float = 0.0) -> LoraSpec:
+def spec_from_adapter(path: Path, dropout: float = 0.0, arch=None) -> LoraSpec:
+    """The LoraSpec of a PEFT adapter folder; with the model's `arch`, its targets as PEFT matches
+    them on that model (`_module_matched`)."""
     c = read_adapter_config(path)
     if c.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"adapter `{path}`: peft_type {c.get('peft_type')} is not LORA")
@@ -180,6 +181,8 @@ def spec_from_adapter(path: Path, dropout: float = 0.0) -> LoraSpec:
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"adapter `{path}`: {ADAPTER_CONFIG} lacks a valid `r` / `lora_alpha` ({e})")
     targets, _ = _targets_of(path, c)
+    if arch is not None:
+        targets = _module_matched(path, c, arch, targets)
     return LoraSpec(r=r, alpha=alpha, targets=targets,
                     use_rslora=bool(c.get("use_rslora", False)), dropout=dropout)
 
@@ -241,20 +244,17 @@ def _key(bundle, spec: LoraSpec, mod: tuple, i: int | None, w: str) -> str:
     return f"base_model.model.{tmpl.format(i=i) if stacked else tmpl}.lora_{w.upper()}.weight"
 
 
-def module_targets_only(path: Path, arch, spec: LoraSpec) -> LoraSpec:
+def _module_matched(path: Path, c: dict, arch, targets: tuple[str, ...]) -> tuple[str, ...]:
     """PEFT matches `target_modules` against modules: a fused expert kernel (a parameter) named
     there, and not in `target_parameters`, gets no factors from PEFT, so none here either."""
-    c = read_adapter_config(path)
     fused = {name for name, _ in arch.target_parameters}
     listed, _ = experts_mod.names_from_config(c.get("target_parameters"))
     unmatched = ({t.split(".")[-1] for t in c.get("target_modules") or []} & fused) - set(listed)
-    if not unmatched:
-        return spec
-    targets = tuple(t for t in spec.targets if t not in unmatched)
-    if not targets:
+    kept = tuple(t for t in targets if t not in unmatched)
+    if not kept:
         raise ConfigError(f"adapter `{path}`: its target_modules match no module of this model "
                           f"({', '.join(sorted(unmatched))} are expert parameters: PEFT's target_parameters)")
-    return dataclasses.replace(spec, targets=targets)
+    return kept
 
 
 def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraSpec]:
@@ -263,7 +263,7 @@ def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraS
     The tree has the structure `init_lora` gives for the spec. Every tensor must belong to a
     targeted linear (or expert kernel) of this model with the right shape; errors name the tensor."""
     path = Path(path)
-    spec = module_targets_only(path, bundle.arch, spec_from_adapter(path))
+    spec = spec_from_adapter(path, arch=bundle.arch)
     _, partial = _targets_of(path, read_adapter_config(path))
     router = [t for t in spec.targets if t in bundle.arch.no_lora]
     if router:

@@ -22,8 +22,8 @@ def lora_spec_for(cfg: Config, bundle_arch, abstract_params) -> LoraSpec | None:
     if not lo.enabled:
         return None
     if lo.init_from:
-        from jaxpref.lora.peft import module_targets_only, spec_from_adapter
-        spec = module_targets_only(Path(lo.init_from), bundle_arch, spec_from_adapter(Path(lo.init_from), lo.lora_dropout))
+        from jaxpref.lora.peft import spec_from_adapter
+        spec = spec_from_adapter(Path(lo.init_from), lo.lora_dropout, arch=bundle_arch)
         mine = resolve_targets(lo.target_modules, bundle_arch, abstract_params, cfg.source)
         for key, theirs, ours in (("r", spec.r, lo.r), ("lora_alpha", spec.alpha, lo.lora_alpha),
                                   ("use_rslora", spec.use_rslora, lo.use_rslora),
