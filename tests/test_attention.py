@@ -11,7 +11,8 @@ packed_shared_prompt, padding-free streams with empty block slots). Against it:
 - the causal calls' key ranges alone rebuild the dense mask exactly, each key once;
 - the Pallas-Triton kernel's own forward, run by Pallas' interpreter, agrees too (its backward
   cannot be interpreted on a CPU: Pallas' HLO interpreter does not lower `program_id` inside
-  `pl.when`; the GPU check covers it);
+  `pl.when`; the GPU check covers it), and every fp32 product of its forward and backward,
+  traced, asks for fp32;
 - the chunked path's compiled backward needs far less temporary memory than the dense one for a
   4,096-token row of SmolLM2's attention, and `auto` keeps short rows on the dense path.
 """
@@ -268,6 +269,37 @@ def test_triton_kernel_forward_interpreted(monkeypatch):
     got = attention(q, k, v, info, backend="flash", flash_impl=(kernel,))
     want = _oracle_attention(q, k, v, mb, 3)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _f32_dot_precisions(jaxpr) -> list:
+    """The `precision` of every fp32 dot_general in a jaxpr, kernels' and sub-jaxprs' included."""
+    from jax.extend import core
+    found = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general" and e.outvars[0].aval.dtype == jnp.float32:
+            found.append(e.params["precision"])
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
+                    found += _f32_dot_precisions(getattr(sub, "jaxpr", sub))
+    return found
+
+
+def test_triton_kernel_backward_asks_for_fp32_products():
+    """fp32 flash on a GPU runs the Pallas-Triton kernel, whose backward takes one product outside
+    its kernels (delta = sum(out * dout) per query) at XLA's default precision: TF32 on a GPU (the
+    GPU check's fp32 step test found it). Traced here (not run: see the module docstring), every
+    fp32 product of its forward and backward asks for fp32."""
+    from tokamax._src.ops.attention import pallas_triton, pallas_triton_vjp
+    kernel = pallas_triton.PallasTritonFlashAttention(
+        bypass_device_check=True, vjp=pallas_triton_vjp.PallasTritonFlashAttentionVjp(bypass_device_check=True))
+    mb = _batch("shared_prompt")
+    q, k, v = _qkv(*mb["segment_ids"].shape)
+    f = lambda q, k, v: attention(q, k, v, _info(mb), backend="flash", precision="highest",
+                                  flash_impl=(kernel,)).sum()
+    found = _f32_dot_precisions(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v).jaxpr)
+    exact = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert len(found) >= 8 and all(p in (exact, jax.lax.DotAlgorithmPreset.F32_F32_F32) for p in found), found
 
 
 def test_flash_inside_shard_map_over_batch_rows():

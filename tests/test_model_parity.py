@@ -7,6 +7,7 @@ left-padded row.
 from __future__ import annotations
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -825,9 +826,11 @@ def _tie_routing(model, layer_rows: dict[int, list[int]]) -> None:
 def test_routing_ties_broken_as_transformers(name, tied, tmp_path):
     """Experts with equal router rows tie for every token (layer 0: all of them). torch.topk on a
     CPU picks the tied experts libstdc++'s nth_element leaves in front (top-2 of 4 equal: experts
-    2 and 3), which `moe_ties: torch_cpu` (the CPU default) replays: transformers' logits. The
-    lower index first (`lowest`, CUDA's topk and jax.lax.top_k) routes to other experts there and
-    gives other logits, so the test can fail."""
+    2 and 3), which `moe_ties: torch_cpu` (the default on a CPU) replays: transformers' logits on
+    the CPU, whatever device jaxpref runs on. The lower index first (`lowest`, CUDA's topk and
+    jax.lax.top_k; the default on a GPU) routes to other experts there and gives other logits, so
+    the test can fail; on a GPU the default is checked against transformers on CUDA."""
+    from jaxpref.models.moe import _ties
     model = _hf_model(name)
     _tie_routing(model, tied)
     model.save_pretrained(tmp_path)
@@ -836,10 +839,17 @@ def test_routing_ties_broken_as_transformers(name, tied, tmp_path):
     with torch.no_grad():
         chosen = layer0(torch.randn(3, model.config.hidden_size))[2]
     assert chosen.tolist() != [[0, 1]] * 3 and len({tuple(sorted(c)) for c in chosen.tolist()}) == 1, chosen
-    diff = _max_diff(_our_logits(tmp_path), ref)
+    diff = _max_diff(_our_logits(tmp_path, moe_ties="torch_cpu"), ref)
     print(f"parity {name} with routing ties: max|diff| = {diff:.2e}")
     assert diff <= 1e-4
     assert _max_diff(_our_logits(tmp_path, moe_ties="lowest"), ref) > 1e-3
+    default = _ties(types.SimpleNamespace(moe_ties="auto"))
+    assert default == ("torch_cpu" if jax.default_backend() == "cpu" else "lowest")
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():   # transformers on CUDA: lowest first
+        with torch.no_grad():
+            on_cuda = model.to("cuda")(**{k: torch.tensor(a, device="cuda") for k, a in
+                                          (("input_ids", IDS), ("attention_mask", VALID), ("position_ids", POS))})
+        assert _max_diff(_our_logits(tmp_path), on_cuda.logits.cpu().numpy()) <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe_norm_topk_bias"])

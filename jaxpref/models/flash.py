@@ -121,10 +121,11 @@ def flash(q, k, v, info, precision, mesh, batch_axes, impl, softcap=None) -> jax
     if tk is None:
         raise ValueError("training.attention: flash needs tokamax (uv sync --extra flash)")
     impl = impl or _flash_impl(jax.default_backend(), q.dtype)
-    preset = _preset(q.dtype, precision, jax.default_backend() in ("gpu", "cuda", "rocm"))
+    gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+    preset = _preset(q.dtype, precision, gpu)
     capped = {} if softcap is None else {"logits_soft_cap": softcap}   # after tokamax's 1/sqrt(H)
 
-    def run(q, k, v, start):
+    def kernel(q, k, v, start):
         mask = tk[1].Mask(k_start=start[:, None, :], is_causal=True)
         errors = []
         for name in impl:
@@ -134,6 +135,10 @@ def flash(q, k, v, info, precision, mesh, batch_axes, impl, softcap=None) -> jax
             except NotImplementedError as e:  # this kernel refuses the shape/dtype: the next one
                 errors.append(f"{name}: {e}")
         raise ValueError("training.attention: no flash kernel takes this call (" + "; ".join(errors) + ")")
+
+    # fp32: the products a kernel's backward takes outside its kernels ask for fp32 too.
+    run = kernel if jnp.dtype(q.dtype) != jnp.float32 or precision is None else \
+        _backward_under(kernel, "tensorfloat32" if precision == "tf32" and gpu else "highest")
 
     def call(q, k, v, seg, br, pos, window=None):
         runs = causal_runs(seg, br, pos, window, info.shared_prompt)
@@ -154,6 +159,27 @@ def flash(q, k, v, info, precision, mesh, batch_axes, impl, softcap=None) -> jax
     window = () if info.window is None else (jnp.asarray(info.window, jnp.int32),)
     specs = (spec,) * 6 + (jax.sharding.PartitionSpec(),) * len(window)
     return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args, *window)
+
+
+def _backward_under(kernel, precision: str):
+    """kernel(q, k, v, start) whose backward is traced under `jax.default_matmul_precision(precision)`.
+    The kernels' own products carry their algorithm (`_preset`), but a kernel's VJP may take
+    products around them at XLA's default precision, TF32 on a GPU (tokamax's Triton backward:
+    delta = sum(out * dout) per query), and a backward is traced after the forward's context has ended."""
+
+    @jax.custom_vjp
+    def run(q, k, v, start):
+        return kernel(q, k, v, start)
+
+    def fwd(q, k, v, start):
+        return jax.vjp(lambda q, k, v: kernel(q, k, v, start), q, k, v)
+
+    def bwd(back, dout):
+        with jax.default_matmul_precision(precision):
+            return (*back(dout), None)
+
+    run.defvjp(fwd, bwd)
+    return run
 
 
 def _flash_impl(platform: str, dtype) -> tuple[str, ...]:
