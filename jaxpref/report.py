@@ -311,11 +311,16 @@ OURS = {"report.md": b"# jaxpref report: ", "report.html": b"<!doctype html><htm
         b"<title>jaxpref report: ", "report_curves.png": b"\x89PNG\r\n\x1a\n"}
 
 
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def check_ours(out_dir: Path) -> None:
     """Refuse, in one line, to replace a file of the report's names that another hand wrote."""
     for name, head in OURS.items():
         p = out_dir / name
-        if p.is_dir() or p.is_file() and not p.read_bytes()[:len(head)] == head:
+        if p.is_dir() or p.is_file() and _head(p, len(head)) != head:
             raise JaxprefError(f"{p} is not a report of jaxpref's, and the report would replace it; move it "
                                "away, or train into another output folder")
 

@@ -46,12 +46,18 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def _absolute(p, resolve: bool = False) -> Path:
+    """`p` with `~` expanded, made absolute (links resolved with `resolve`)."""
+    p = Path(os.path.abspath(Path(p).expanduser()))
+    return p.resolve() if resolve else p
+
+
 def refuse_protected(out_dir: Path, flag: str, protect: dict[str, Path], overwrite_flag: str) -> None:
     """Refuse, in one line, an output `out_dir` (given by `flag`) that is, or holds, one of the
     folders of `protect` (what -> folder: the base model's, the run's), whatever the flags."""
-    out = Path(os.path.abspath(Path(out_dir).expanduser())).resolve()
+    out = _absolute(out_dir, resolve=True)
     for what, folder in protect.items():
-        folder = Path(os.path.abspath(Path(folder).expanduser())).resolve()
+        folder = _absolute(folder, resolve=True)
         if _inside(folder, out):
             raise ConfigError(f"{flag} {out_dir}: that is {'' if folder == out else 'a folder holding '}"
                               f"{what} ({folder}); write somewhere else (never replaced, even with {overwrite_flag})")
@@ -65,10 +71,10 @@ def check_replaceable(out_dir: Path, flag: str, overwrite: bool, overwrite_flag:
     model's folder, the run folder), whatever the flags; `within`: what -> folder that the output
     must not lie inside either (the run folder, whose adapter/ and checkpoints/ are the export's
     source)."""
-    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    out = _absolute(out_dir)
     refuse_protected(out_dir, flag, protect or {}, overwrite_flag)
     for what, folder in (within or {}).items():
-        folder = Path(os.path.abspath(Path(folder).expanduser())).resolve()
+        folder = _absolute(folder, resolve=True)
         if _inside(out.resolve(), folder):
             raise ConfigError(f"{flag} {out_dir}: that is inside {what} ({folder}); write somewhere else "
                               f"(never written, even with {overwrite_flag})")
@@ -114,7 +120,7 @@ def write_dir(out_dir: Path, kind: str) -> Iterator[Path]:
     our manifest and rename it into place (a previous folder there is replaced: the caller checked
     with `check_replaceable` first). On an error the temporary folder is removed and `out_dir` is
     left as it was."""
-    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    out = _absolute(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     _tidy(out)
     tmp = out.with_name(f".{out.name}{_TMP}{os.getpid()}")

@@ -200,7 +200,7 @@ NO_CHECKPOINT = "the run finished without a checkpoint (finetuning.save_steps un
 
 
 def cannot_continue(run_dir, why: str, total: int) -> str:
-    """The one line for a finished run that has no checkpoint to continue from."""
+    """The one line for a run that cannot be continued (`why`: `no_checkpoint_why`, or an unreadable checkpoint)."""
     return f"{run_dir}: {why}, so it cannot be continued to {total} steps; --overwrite-output-dir trains it again from the start"
 
 
