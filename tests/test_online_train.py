@@ -98,6 +98,28 @@ def base_entropy(model_dir, rows, temperature: float, micro_batches: int) -> flo
     return float(sum(torch.cat(e).mean() for e in per_mb) / micro_batches)
 
 
+def trl_logged_keys(d, **args) -> dict:
+    """GRPOTrainer.train on the tiny model with the run's reward functions and batch sizes, logging
+    every step: {"rollout": the names it logs with a generation, "per_step": the sorted ones of
+    those each step logged}."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from jaxpref.data.rewards import load_reward_func
+    from online_fixtures import ANSWERS, PROMPTS
+
+    funcs = [load_reward_func(f"rewards.py:{f}", d).fn for f in ("digit_share", "wants_answer")]
+    cfg = GRPOConfig(output_dir=str(d / "trl_keys"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     num_generations=4, max_completion_length=2, logging_steps=1, report_to=[], use_cpu=True,
+                     save_strategy="no", **args)
+    tr = GRPOTrainer(model=str(d / "model"), reward_funcs=funcs, args=cfg,
+                     train_dataset=Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS}))
+    tr.train()
+    rows = [h for h in tr.state.log_history if "loss" in h]
+    rollout = {k for k in rows[0] if k.startswith(("reward", "completions/", "frac_reward", "num_tokens"))}
+    return {"rollout": rollout, "per_step": [sorted(rollout & set(h)) for h in rows]}
+
+
 @pytest.mark.slow
 def test_rloo_trains_from_the_cli_with_leave_one_out_advantages(tmp_path, online_setup, capsys):
     import torch
@@ -120,7 +142,10 @@ def test_grpo_reuses_a_rollout_and_masks_truncated_completions(tmp_path, online_
     metrics, samples = run(tmp_path, online_setup, capsys, loss_type="bnpo", num_iterations=2,
                            mask_truncated_completions=True, max_completion_length=2)
     assert {s["step"] for s in samples} == {0}                  # one generation for both steps
-    assert metrics[1]["reward"] == metrics[0]["reward"] and metrics[1]["time/generate"] == 0.0
+    # TRL logs a generation's metrics with the step that sampled it only: step 2 has none of them.
+    trl = trl_logged_keys(online_setup, num_iterations=2, max_steps=2)
+    assert [sorted(set(m) & trl["rollout"]) for m in metrics] == trl["per_step"]
+    assert "reward" in metrics[0] and "reward" not in metrics[1] and metrics[1]["time/generate"] == 0.0
     rows, per_func, rewards, lengths, adv = first(samples)
     kept = torch.tensor([0.0 if s["truncated"] else 1.0 for s in rows])
     assert 0 < kept.sum() < len(rows)

@@ -284,15 +284,18 @@ class OnlineRun:
             epoch, idx = next(batches)
             batch, num_items, P, rollout_metrics, t_gen = self._rollout(step, idx, epoch)
             self.generation, before = self.generation + 1, step
-            for _ in range(pt.num_iterations):
+            for it in range(pt.num_iterations):
                 if step >= self.total:
                     break
                 t0 = time.time()
                 self.state, m = self.step_fn(self.state, self.params, batch, num_items, P=P)
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 step += 1
-                self.window.append(dict(m, **rollout_metrics, **{"time/generate": t_gen,
-                                                                 "time/update": time.time() - t0}))
+                # A generation's own metrics (reward, completions/*, num_tokens, ...) go with the step
+                # that sampled it only: TRL logs them once per generation, so a logged row averages
+                # the generations of its window, and a step reusing a rollout logs none of them.
+                row = dict(m, **(rollout_metrics if it == 0 else {}))
+                self.window.append(dict(row, **{"time/generate": t_gen, "time/update": time.time() - t0}))
                 t_gen = 0.0
                 if self._log_due(step):
                     self._log(step, epoch)
