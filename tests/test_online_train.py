@@ -342,3 +342,41 @@ def test_bad_prompt_rows_are_counted_skips_and_no_usable_prompt_is_one_line(tmp_
         prepare_prompts(bad, ds_cfg, tok)
     with pytest.raises(DataError, match="missing column `prompt` .*columns present: question"):
         prepare_prompts(Dataset.from_dict({"question": ["q"]}), ds_cfg, tok)
+
+
+def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, tiny_llama):
+    """GRPOTrainer.train logging every step, then every third (num_iterations 2: step 2 reuses
+    step 1's rollout): jaxpref's window of steps 2 and 3 (each step's own metrics, the rollout's
+    with the step that sampled it) logs TRL's row 3: losses and rollout metrics averaged over
+    what the window holds, grad_norm and learning_rate of its last step, num_tokens the latest."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from jaxpref.training.online_loop import OnlineRun
+    from online_fixtures import PROMPTS
+
+    def share(completions, **kw):
+        return [float(len(c) % 3) for c in completions]
+
+    logged = {}
+    for every in (1, 3):
+        args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=4, learning_rate=1e-2, num_iterations=2, logging_steps=every,
+                          logging_first_step=True, max_steps=3, report_to=[], use_cpu=True, save_strategy="no")
+        tr = GRPOTrainer(model=str(tiny_llama), reward_funcs=[share], args=args,
+                         train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+        tr.train()
+        logged[every] = [h for h in tr.state.log_history if "loss" in h]
+    steps, theirs = logged[1], logged[3][-1]
+    assert [h["step"] for h in steps] == [1, 2, 3] and theirs["step"] == 3 and "reward" not in steps[1]
+    drop = ("step", "epoch", "step_time")
+    rows = []
+    run = SimpleNamespace(window=[{k: v for k, v in h.items() if k not in drop} for h in steps[1:]], SHOWN=(),
+                          entry=SimpleNamespace(name="tiny"), total=3, sinks=SimpleNamespace(log=rows.append))
+    OnlineRun._log(run, 3, 0.5)
+    ours = rows[0]
+    assert set(ours) - {"step", "epoch"} == set(theirs) - set(drop)
+    for k in set(ours) - {"step", "epoch"}:
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-6, abs=1e-9), k

@@ -37,7 +37,9 @@ from jaxpref.training.online_plan import PAIRS
 from jaxpref.training.online_step import make_online_step, micro_batches
 
 ONLINE_LOOP = ("grpo", "rloo", "online_dpo", "ppo")   # the online methods this loop trains (ppo: `ppo_loop`)
-LATEST = ("num_tokens",)   # logged as their last value in the window, not the mean (TRL's)
+# Logged as their last value in the window, not the mean: TRL's running token count, and the
+# Trainer's grad_norm and learning_rate (those of the logged step).
+LATEST = ("num_tokens", "grad_norm", "learning_rate")
 
 
 def check_online(cfg: Config) -> None:
