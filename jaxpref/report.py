@@ -182,7 +182,7 @@ def plot_curves(runs: list[RunInfo], out: Path) -> Path | None:
     for ax, (title, keys) in zip(axes, panels):
         for i, r in enumerate(runs):
             for j, key in enumerate(keys):
-                pts = [(x["step"], x[key]) for x in r.metrics if key in x and "step" in x]
+                pts = [(x["step"], x[key]) for x in r.metrics if x.get(key) is not None and "step" in x]
                 if not pts:
                     continue
                 ev = key.startswith("eval_")

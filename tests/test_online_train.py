@@ -373,10 +373,22 @@ def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, ti
     assert [h["step"] for h in steps] == [1, 2, 3] and theirs["step"] == 3 and "reward" not in steps[1]
     drop = ("step", "epoch", "step_time")
     rows = []
-    run = SimpleNamespace(window=[{k: v for k, v in h.items() if k not in drop} for h in steps[1:]], SHOWN=(),
-                          entry=SimpleNamespace(name="tiny"), total=3, sinks=SimpleNamespace(log=rows.append))
+    run = SimpleNamespace(window=[{k: v for k, v in h.items() if k not in drop} for h in steps[1:]],
+                          SHOWN=("loss", "reward"), entry=SimpleNamespace(name="tiny"), total=3,
+                          sinks=SimpleNamespace(log=rows.append),
+                          cfg=SimpleNamespace(post_training=SimpleNamespace(method="grpo")))
     OnlineRun._log(run, 3, 0.5)
     ours = rows[0]
     assert set(ours) - {"step", "epoch"} == set(theirs) - set(drop)
     for k in set(ours) - {"step", "epoch"}:
         assert ours[k] == pytest.approx(theirs[k], rel=1e-6, abs=1e-9), k
+    # NaN (a reward function that scored nothing, ...) is left out of the mean; NaN throughout logs null.
+    nan = float("nan")
+    tr._metrics["train"] = {"reward": [nan, 0.5, 1.5], "rewards/share/mean": [nan, nan, nan]}
+    tr.log({})
+    run.window = [{"reward": nan, "rewards/share/mean": nan}, {"reward": 0.5, "rewards/share/mean": nan},
+                  {"reward": 1.5, "rewards/share/mean": nan}]
+    OnlineRun._log(run, 3, 0.5)
+    theirs = tr.state.log_history[-1]
+    assert theirs["rewards/share/mean"] is None and theirs["reward"] == 1.0
+    assert {k: rows[1][k] for k in ("reward", "rewards/share/mean")} == {"reward": 1.0, "rewards/share/mean": None}

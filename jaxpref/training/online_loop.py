@@ -322,18 +322,23 @@ class OnlineRun:
             raise KeyboardInterrupt
 
     def _log(self, step: int, epoch: float) -> None:
-        """The window's metrics averaged (TRL averages what it gathered since the last log)."""
+        """The window's metrics averaged, NaN left out (TRL averages what it gathered since the
+        last log). A metric NaN throughout (no completion scored, ...) is null for GRPO and RLOO,
+        as their trainers log it, NaN for the others."""
         keys = dict.fromkeys(k for w in self.window for k in w)
         row = {"step": step, "epoch": round(epoch, 4)}
+        empty = None if self.cfg.post_training.method in ("grpo", "rloo") else float("nan")
         for k in keys:
             vals = [w[k] for w in self.window if k in w]
-            with warnings.catch_warnings():   # NaN throughout (no completion scored): NaN, as TRL logs it
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 row[k] = float(vals[-1] if k in LATEST else np.nanmean(vals))
+            if k not in LATEST and np.isnan(row[k]):
+                row[k] = empty
         self.window = []
         self.last = row
         self.sinks.log(row)
-        shown = " ".join(f"{k} {row[k]:.4g}" for k in self.SHOWN if k in row)
+        shown = " ".join(f"{k} {'-' if row[k] is None else format(row[k], '.4g')}" for k in self.SHOWN if k in row)
         print(f"[{self.entry.name}] step {step}/{self.total} {shown}", file=sys.stderr)
 
     def finish(self, t_start: float) -> dict:
