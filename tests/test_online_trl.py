@@ -449,3 +449,71 @@ def test_ppo_rewards_gae_losses_and_metrics_equal_trl_formulas(kl_estimator, whi
     expect["objective/rlhf_reward"] = expect["objective/non_score_reward"] + expect["objective/scores"]
     for k, v in expect.items():
         _close(objective[k], v.item(), k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversational prompts: what reward functions get, and the prompt tokens, as GRPOTrainer's
+
+
+CONV = [[{"role": "user", "content": "what is two and two ?"}],
+        [{"role": "system", "content": "answer with one word ."},
+         {"role": "user", "content": "what is three and four ?"}]]
+
+
+def _spy(calls):
+    def spy(prompts, completions, completion_ids, answer, trainer_state, **kwargs):
+        calls.append(dict(prompts=prompts, completions=completions, answer=list(answer),
+                          completion_ids=[list(c) for c in completion_ids], step=trainer_state.global_step))
+        return [float(a in c[0]["content"]) + 0.1 * len(ids)
+                for c, a, ids in zip(completions, answer, completion_ids)]
+    return spy
+
+
+def test_conversational_prompts_tokens_and_reward_arguments_equal_trl(tiny, tmp_path):
+    """A conversational dataset (message-list prompts, an `answer` column): the prompt token ids
+    (chat template with the generation prompt), the keyword arguments every reward function gets
+    (prompts as message lists, completions as one assistant message each, completion_ids, answer)
+    and the advantages equal GRPOTrainer's on the same completions."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from jaxpref.config.schema import DatasetConfig
+    from jaxpref.data.prompts import prepare_prompts
+    from jaxpref.data.rewards import TrainerState
+    from jaxpref.generation.engine import DecodeOptions
+    from jaxpref.training import rollouts
+
+    path, tok, comp = tiny
+    theirs_calls, ours_calls = [], []
+    ds = Dataset.from_dict({"prompt": CONV, "answer": ANSWERS})
+    spy = _spy(theirs_calls)
+    tr = GRPOTrainer(model=str(path), reward_funcs=[spy], train_dataset=ds,
+                     args=GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=P * G, num_generations=G,
+                                     max_completion_length=C, report_to=[], use_cpu=True, save_strategy="no"))
+    tr.model.train()
+    fixed = _Fixed(tr, comp, *_arrays(6, 0.0))
+    seen = {}
+
+    def generate(ids, *a, **kw):   # records the prompt ids TRL tokenized
+        seen["ids"] = [list(x) for x in ids]
+        return fixed.generate(ids, *a, **kw)
+
+    tr._generate_single_turn = generate
+    tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    tr._logs["rewards"] = defaultdict(list)
+    out = tr._generate_and_score_completions([{"prompt": CONV[p], "answer": ANSWERS[p]}
+                                              for p in range(P) for _ in range(G)])
+
+    data = prepare_prompts(ds, DatasetConfig(name="conv"), tok)
+    assert data.conversational
+    rows = [p for p in range(P) for _ in range(G)]
+    prompts = [data.prompt_ids[i] for i in rows]
+    assert prompts == seen["ids"]
+    opts = DecodeOptions(max_new_tokens=C, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+    funcs = [RewardFunc("spy", "r.py:spy", _spy(ours_calls))]
+    r = rollouts.assemble(tok, data, rows, prompts, comp, opts, funcs, TrainerState(0, 0.0, 1))
+    assert len(ours_calls) == len(theirs_calls) == 1
+    assert ours_calls[0] == theirs_calls[0]
+    _close(r.per_func[:, 0], tr._logs["rewards"]["spy"], "rewards")
+    adv, _ = online.grpo_advantages(online.combine_rewards(r.per_func, jnp.ones(1)), G, "group")
+    _close(adv, out["advantages"], "advantages")
