@@ -101,7 +101,7 @@ def base_entropy(model_dir, rows, temperature: float, micro_batches: int) -> flo
 def trl_logged_keys(d, **args) -> dict:
     """GRPOTrainer.train on the tiny model with the run's reward functions and batch sizes, logging
     every step: {"rollout": the names it logs with a generation, "per_step": the sorted ones of
-    those each step logged}."""
+    those each step logged, "epoch": each step's epoch}."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -117,7 +117,8 @@ def trl_logged_keys(d, **args) -> dict:
     tr.train()
     rows = [h for h in tr.state.log_history if "loss" in h]
     rollout = {k for k in rows[0] if k.startswith(("reward", "completions/", "frac_reward", "num_tokens"))}
-    return {"rollout": rollout, "per_step": [sorted(rollout & set(h)) for h in rows]}
+    return {"rollout": rollout, "per_step": [sorted(rollout & set(h)) for h in rows],
+            "epoch": [h["epoch"] for h in rows]}
 
 
 @pytest.mark.slow
@@ -145,6 +146,7 @@ def test_grpo_reuses_a_rollout_and_masks_truncated_completions(tmp_path, online_
     # TRL logs a generation's metrics with the step that sampled it only: step 2 has none of them.
     trl = trl_logged_keys(online_setup, num_iterations=2, max_steps=2)
     assert [sorted(set(m) & trl["rollout"]) for m in metrics] == trl["per_step"]
+    assert [m["epoch"] for m in metrics] == pytest.approx(trl["epoch"], abs=1e-4)   # 6 steps an epoch
     assert "reward" in metrics[0] and "reward" not in metrics[1] and metrics[1]["time/generate"] == 0.0
     rows, per_func, rewards, lengths, adv = first(samples)
     kept = torch.tensor([0.0 if s["truncated"] else 1.0 for s in rows])

@@ -299,8 +299,8 @@ class OnlineRun:
                 row = dict(m, **(rollout_metrics if it == 0 else {}))
                 self.window.append(dict(row, **{"time/generate": t_gen, "time/update": time.time() - t0}))
                 t_gen = 0.0
-                if self._log_due(step):
-                    self._log(step, epoch)
+                if self._log_due(step):   # the epochs done after this step (TRL's, HF's Trainer's `epoch`)
+                    self._log(step, step / (self.steps_per_epoch * self.sizes.steps_per_gen))
             self._generation_done(before, step, ctrl_c.requested)
 
     def _log_due(self, step: int) -> bool:
