@@ -18,7 +18,9 @@ def digit_share(prompts, completions, completion_ids, **kwargs):
         out.append(sum(w.isdigit() for w in words) / len(words) if words else None)
     return out
 
-def wants_answer(prompts, completions, answer, **kwargs):
+def wants_answer(prompts, completions, answer, log_extra=None, **kwargs):
+    if log_extra is not None:   # a column of samples.jsonl (GRPO's and RLOO's completions table in TRL)
+        log_extra("wanted", list(answer))
     return [float(a in c) for c, a in zip(completions, answer)]
 '''
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import write_config
-from online_fixtures import (one_device_and_mesh, online_setup, train_ok,  # noqa: F401  (the module fixture)
-                             train_refused)
+from online_fixtures import (ANSWERS, PROMPTS, one_device_and_mesh, online_setup,  # noqa: F401  (the fixture)
+                             train_ok, train_refused)
 
 def run(tmp_path, d, capsys, **post):
     pt = {"method": "grpo", "reward_funcs": [str(d / "rewards.py") + ":digit_share", "rewards.py:wants_answer"],
@@ -43,6 +43,8 @@ def test_grpo_trains_from_the_cli_and_its_first_step_is_trls(tmp_path, online_se
     assert [m["step"] for m in metrics] == [1, 2]
     rows, per_func, rewards, lengths, adv = first(samples)
     assert rows[0]["prompt"] == rows[3]["prompt"] != rows[4]["prompt"]       # G = 4 completions per prompt
+    answers = dict(zip(PROMPTS, ANSWERS))
+    assert [s["extra"] for s in rows] == [{"wanted": answers[s["prompt"]]} for s in rows]   # log_extra's column
     # GRPOTrainer: group mean and std (scale_rewards "group"), advantages / (std + 1e-4).
     g = rewards.view(-1, 4)
     want = (rewards - g.mean(1).repeat_interleave(4)) / (g.std(1).repeat_interleave(4) + 1e-4)
@@ -261,6 +263,7 @@ def test_offline_keys_an_online_run_would_ignore_are_refused(tmp_path, post, sec
     ("['a', 1.0]", "returned 'a' (a str) for completion 0"),
     ("1.0", "returned a float"),
     ("__import__('sys').exit(3)", "called sys.exit(3)"),
+    ("(kw['log_extra']('c', [1]), [1.0, 1.0])[1]", "logged 1 values for column `c` (log_extra) for 2 completions"),
     ("1 / 0", "raised ZeroDivisionError"),
 ])
 def test_bad_reward_returns_are_one_line_errors(returned, needle):

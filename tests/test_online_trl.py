@@ -461,9 +461,11 @@ CONV = [[{"role": "user", "content": "what is two and two ?"}],
 
 
 def _spy(calls):
-    def spy(prompts, completions, completion_ids, answer, trainer_state, **kwargs):
+    def spy(prompts, completions, completion_ids, answer, trainer_state, log_extra, log_metric, **kwargs):
         calls.append(dict(prompts=prompts, completions=completions, answer=list(answer),
                           completion_ids=[list(c) for c in completion_ids], step=trainer_state.global_step))
+        log_extra("length", [len(ids) for ids in completion_ids])
+        log_metric("spy/calls", float(len(calls)))
         return [float(a in c[0]["content"]) + 0.1 * len(ids)
                 for c, a, ids in zip(completions, answer, completion_ids)]
     return spy
@@ -472,8 +474,9 @@ def _spy(calls):
 def test_conversational_prompts_tokens_and_reward_arguments_equal_trl(tiny, tmp_path):
     """A conversational dataset (message-list prompts, an `answer` column): the prompt token ids
     (chat template with the generation prompt), the keyword arguments every reward function gets
-    (prompts as message lists, completions as one assistant message each, completion_ids, answer)
-    and the advantages equal GRPOTrainer's on the same completions."""
+    (prompts as message lists, completions as one assistant message each, completion_ids, answer),
+    what it logs (`log_extra`, `log_metric`) and the advantages equal GRPOTrainer's on the same
+    completions."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -514,6 +517,9 @@ def test_conversational_prompts_tokens_and_reward_arguments_equal_trl(tiny, tmp_
     r = rollouts.assemble(tok, data, rows, prompts, comp, opts, funcs, TrainerState(0, 0.0, 1))
     assert len(ours_calls) == len(theirs_calls) == 1
     assert ours_calls[0] == theirs_calls[0]
+    # What the function logged: a column of the completions table (samples.jsonl) and a metric.
+    assert [r.extra(i)["extra"] for i in range(P * G)] == [{"length": n} for n in tr._logs["extra"]["length"]]
+    assert {k: np.mean(v) for k, v in r.extra_metrics.items()} == {"spy/calls": _metrics(tr)["spy/calls"]}
     _close(r.per_func[:, 0], tr._logs["rewards"]["spy"], "rewards")
     adv, _ = online.grpo_advantages(online.combine_rewards(r.per_func, jnp.ones(1)), G, "group")
     _close(adv, out["advantages"], "advantages")

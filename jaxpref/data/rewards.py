@@ -206,13 +206,18 @@ def score(funcs: list[RewardFunc], prompts: list, completions: list, completion_
 
     def log_extra(column: str, values: list) -> None:
         out.extra_columns[column] = list(values)
+        if len(out.extra_columns[column]) != n:
+            raise RewardError(f"reward function `{calling[0]}` logged {len(out.extra_columns[column])} values for "
+                              f"column `{column}` (log_extra) for {n} completions; it takes one per completion")
 
     def log_metric(name: str, value: float) -> None:
         out.extra_metrics.setdefault(name, []).append(float(value))
 
     kwargs = {k: v for k, v in (columns or {}).items() if k not in ("prompt", "completion", "completion_ids")}
     kwargs.update(trainer_state=trainer_state or TrainerState(), log_extra=log_extra, log_metric=log_metric)
+    calling = [""]   # the entry whose call is under way (log_extra's errors name it)
     for j, rf in enumerate(funcs):
+        calling[0] = rf.entry
         try:
             got = rf.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
             if inspect.isawaitable(got):

@@ -243,7 +243,7 @@ class OnlineRun:
             rew = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, r.per_func[i])}
             self.samples.write(json.dumps({"step": step, "prompt": r.prompts[i], "completion": r.completions[i],
                                            "completion_length": int(r.lengths[i]), "truncated": bool(r.truncated[i]), "reward": float(total[i]), "rewards": rew,
-                                           "advantage": float(adv[i])}) + "\n")
+                                           "advantage": float(adv[i]), **r.extra(i)}) + "\n")
         self.samples.flush()
 
     # --- the loop ------------------------------------------------------------------------------

@@ -111,5 +111,5 @@ def _write_samples(run, step: int, r, eos: np.ndarray, order: np.ndarray) -> Non
             "step": step, "prompt": r.prompts[i], "completion": r.completions[i],
             "completion_length": int(r.lengths[i]), "truncated": bool(r.truncated[i]),
             "contains_eos": bool(eos[i]), "reward": float(total[i]), "rewards": rew,
-            "chosen": bool(chosen[i])}) + "\n")
+            "chosen": bool(chosen[i]), **r.extra(i)}) + "\n")
     run.samples.flush()

@@ -136,7 +136,7 @@ class PpoRun(OnlineRun):
             self.samples.write(json.dumps({"step": step, "prompt": r.prompts[i], "completion": r.completions[i],
                                            "completion_length": int(r.lengths[i]), "truncated": bool(r.truncated[i]),
                                            "reward": float(total[i]), "rewards": rew, "score": float(scores[i]),
-                                           "kl": float(kl[i])}) + "\n")
+                                           "kl": float(kl[i]), **r.extra(i)}) + "\n")
         self.samples.flush()
 
     def _update(self, step: int, arrays: dict, P: int) -> dict:

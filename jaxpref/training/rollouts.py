@@ -10,6 +10,8 @@ tokens are those of logits / temperature, as GRPOTrainer's `_get_per_token_logps
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import jax
@@ -29,7 +31,7 @@ class Rollout:
     (real tokens), P, mask [N, C] float32, lengths [N] int32 (completion tokens, EOS included),
     truncated [N] bool (no EOS within C), the raw prompts and decoded completions (what the reward
     functions got), completion token lists, per_func [N, F] rewards (NaN: None), `rows` the prompts'
-    indices in the split."""
+    indices in the split, the metrics and columns the functions logged (`log_metric`, `log_extra`)."""
     ids: np.ndarray
     valid: np.ndarray
     P: int
@@ -42,6 +44,22 @@ class Rollout:
     per_func: np.ndarray
     rows: list
     extra_metrics: dict
+    extra_columns: dict = dataclasses.field(default_factory=dict)
+
+    def extra(self, i: int) -> dict:
+        """{"extra": {column: completion i's value}} of the columns the reward functions logged with
+        `log_extra` (TRL's completions table has them), or {}; a value JSON cannot hold as its text."""
+        if not self.extra_columns:
+            return {}
+        return {"extra": {c: _json_value(v[i]) for c, v in self.extra_columns.items()}}
+
+
+def _json_value(v):
+    try:
+        json.dumps(v)
+        return v
+    except (TypeError, ValueError):
+        return str(v)
 
 
 def decode_options(pt, tok, eos_ids: list[int]) -> DecodeOptions:
@@ -82,7 +100,7 @@ def assemble(tok, data: Prompts, rows: list[int], prompts: list[list[int]], comp
     texts = decode_completions(tok, comps, data.conversational)
     scored = rw.score(funcs, raw, texts, comps, columns, state)
     return Rollout(ids, valid, P, mask, lengths, truncated, raw, texts, comps, scored.per_func, rows,
-                   scored.extra_metrics)
+                   scored.extra_metrics, scored.extra_columns)
 
 
 def completion_logps(bundle, params, lora, ids, valid, P: int, temperature: float, rngs=None):
