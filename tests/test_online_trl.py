@@ -523,3 +523,32 @@ def test_conversational_prompts_tokens_and_reward_arguments_equal_trl(tiny, tmp_
     _close(r.per_func[:, 0], tr._logs["rewards"]["spy"], "rewards")
     adv, _ = online.grpo_advantages(online.combine_rewards(r.per_func, jnp.ones(1)), G, "group")
     _close(adv, out["advantages"], "advantages")
+
+
+def test_a_full_length_completion_ending_in_the_pad_id_is_not_truncated_as_in_trl(grpo, tiny):
+    """GRPOTrainer counts a completion as truncated when its last token is neither an EOS nor the
+    pad id: the run's rollouts do too (`completions/clipped_ratio`, mask_truncated_completions)."""
+    from datasets import Dataset
+
+    from jaxpref.config.schema import DatasetConfig
+    from jaxpref.data.prompts import prepare_prompts
+    from jaxpref.data.rewards import TrainerState
+    from jaxpref.generation.engine import DecodeOptions
+    from jaxpref.training import rollouts
+
+    _, tok, comp = tiny
+    comp = [list(c) for c in comp]
+    comp[1] = comp[1][:C - 1] + [tok.pad_token_id]          # C tokens, the last one the pad id
+    assert len(comp[1]) == C and tok.pad_token_id != tok.eos_token_id
+    grpo.scale_rewards, grpo.mask_truncated_completions, grpo.beta = "group", True, 0.0
+    out = _rollout(grpo, _Fixed(grpo, comp, *_arrays(7, 0.0)))
+    data = prepare_prompts(Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS}), DatasetConfig(name="p"), tok)
+    rows = [p for p in range(P) for _ in range(G)]
+    opts = DecodeOptions(max_new_tokens=C, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+    r = rollouts.assemble(tok, data, rows, [data.prompt_ids[i] for i in rows], comp, opts, FUNCS, TrainerState())
+    assert not r.truncated[1]
+    ours = online.completion_metrics(r.lengths, r.truncated)
+    for k, v in ours.items():
+        _close(v[0], _metrics(grpo)[k], k)
+    _close(online.loss_mask(jnp.asarray(r.mask[:, :out["completion_mask"].shape[1]]), r.truncated, True),
+           out["completion_mask"], "mask")

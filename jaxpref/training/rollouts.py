@@ -29,9 +29,10 @@ from jaxpref.objectives.head import completion_stats
 class Rollout:
     """ids [N, P + C] int32 (prompt left-padded, completion right-padded), valid [N, P + C] int32
     (real tokens), P, mask [N, C] float32, lengths [N] int32 (completion tokens, EOS included),
-    truncated [N] bool (no EOS within C), the raw prompts and decoded completions (what the reward
-    functions got), completion token lists, per_func [N, F] rewards (NaN: None), `rows` the prompts'
-    indices in the split, the metrics and columns the functions logged (`log_metric`, `log_extra`)."""
+    truncated [N] bool (cut at C: the last token neither an EOS nor the pad id, as TRL), the raw
+    prompts and decoded completions (what the reward functions got), completion token lists,
+    per_func [N, F] rewards (NaN: None), `rows` the prompts' indices in the split, the metrics and
+    columns the functions logged (`log_metric`, `log_extra`)."""
     ids: np.ndarray
     valid: np.ndarray
     P: int
@@ -95,7 +96,7 @@ def assemble(tok, data: Prompts, rows: list[int], prompts: list[list[int]], comp
         valid[r, P - len(p):P + len(c)] = 1
         mask[r, :len(c)] = 1.0
     lengths = np.array([len(c) for c in comps], np.int32)
-    truncated = truncated_mask(comps, list(opts.eos_ids), None)
+    truncated = truncated_mask(comps, list(opts.eos_ids), opts.pad_id)   # TRL's: the pad id ends one too
     raw, columns = data.rows(rows)
     texts = decode_completions(tok, comps, data.conversational)
     scored = rw.score(funcs, raw, texts, comps, columns, state)
