@@ -527,7 +527,8 @@ def test_conversational_prompts_tokens_and_reward_arguments_equal_trl(tiny, tmp_
 
 def test_a_full_length_completion_ending_in_the_pad_id_is_not_truncated_as_in_trl(grpo, tiny):
     """GRPOTrainer counts a completion as truncated when its last token is neither an EOS nor the
-    pad id: the run's rollouts do too (`completions/clipped_ratio`, mask_truncated_completions)."""
+    pad id: GRPO's and RLOO's rollouts do too (`completions/clipped_ratio`,
+    mask_truncated_completions; `OnlineRun._rollout` assembles them with `pad_ends`)."""
     from datasets import Dataset
 
     from jaxpref.config.schema import DatasetConfig
@@ -545,7 +546,8 @@ def test_a_full_length_completion_ending_in_the_pad_id_is_not_truncated_as_in_tr
     data = prepare_prompts(Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS}), DatasetConfig(name="p"), tok)
     rows = [p for p in range(P) for _ in range(G)]
     opts = DecodeOptions(max_new_tokens=C, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
-    r = rollouts.assemble(tok, data, rows, [data.prompt_ids[i] for i in rows], comp, opts, FUNCS, TrainerState())
+    r = rollouts.assemble(tok, data, rows, [data.prompt_ids[i] for i in rows], comp, opts, FUNCS, TrainerState(),
+                          pad_ends=True)
     assert not r.truncated[1]
     ours = online.completion_metrics(r.lengths, r.truncated)
     for k, v in ours.items():

@@ -209,7 +209,7 @@ class OnlineRun:
                                                self.state.lora, seed=self.cfg.training.seed * 1_000_003 + step)
         t_gen = time.time() - t0
         r = rollouts.assemble(self.tok, self.data, rows, prompts, comps, self.opts, self.funcs,
-                              TrainerState(step, epoch, self.total))
+                              TrainerState(step, epoch, self.total), pad_ends=True)
         ids, valid = jnp.asarray(r.ids), jnp.asarray(r.valid)
         # No-gradient passes (TRL's): the rollout policy's log-probs when the method reads them
         # (RLOO always; GRPO when a rollout is reused), the base's when the KL weight is not 0.

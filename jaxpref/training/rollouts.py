@@ -29,7 +29,7 @@ from jaxpref.objectives.head import completion_stats
 class Rollout:
     """ids [N, P + C] int32 (prompt left-padded, completion right-padded), valid [N, P + C] int32
     (real tokens), P, mask [N, C] float32, lengths [N] int32 (completion tokens, EOS included),
-    truncated [N] bool (cut at C: the last token neither an EOS nor the pad id, as TRL), the raw
+    truncated [N] bool (cut at C: the last token not an EOS, nor the pad id with `pad_ends`), the raw
     prompts and decoded completions (what the reward functions got), completion token lists,
     per_func [N, F] rewards (NaN: None), `rows` the prompts' indices in the split, the metrics and
     columns the functions logged (`log_metric`, `log_extra`)."""
@@ -83,8 +83,10 @@ def sample(generator, data: Prompts, idx: list[int], G: int, opts: DecodeOptions
 
 
 def assemble(tok, data: Prompts, rows: list[int], prompts: list[list[int]], comps: list[list[int]],
-             opts: DecodeOptions, funcs: list, state: rw.TrainerState) -> Rollout:
-    """Token lists -> padded arrays, decoded completions and their rewards."""
+             opts: DecodeOptions, funcs: list, state: rw.TrainerState, pad_ends: bool = False) -> Rollout:
+    """Token lists -> padded arrays, decoded completions and their rewards. `pad_ends`: a
+    completion whose last token is the pad id is not truncated (GRPOTrainer's and RLOOTrainer's
+    rule; otherwise only an EOS ends one)."""
     n, C = len(rows), opts.max_new_tokens
     P = bucket(max(len(p) for p in prompts))
     ids = np.full((n, P + C), opts.pad_id, np.int32)
@@ -96,7 +98,7 @@ def assemble(tok, data: Prompts, rows: list[int], prompts: list[list[int]], comp
         valid[r, P - len(p):P + len(c)] = 1
         mask[r, :len(c)] = 1.0
     lengths = np.array([len(c) for c in comps], np.int32)
-    truncated = truncated_mask(comps, list(opts.eos_ids), opts.pad_id)   # TRL's: the pad id ends one too
+    truncated = truncated_mask(comps, list(opts.eos_ids), opts.pad_id if pad_ends else None)
     raw, columns = data.rows(rows)
     texts = decode_completions(tok, comps, data.conversational)
     scored = rw.score(funcs, raw, texts, comps, columns, state)
