@@ -351,9 +351,10 @@ def test_bad_prompt_rows_are_counted_skips_and_no_usable_prompt_is_one_line(tmp_
 
 def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, tiny_llama):
     """GRPOTrainer.train logging every step, then every third (num_iterations 2: step 2 reuses
-    step 1's rollout): jaxpref's window of steps 2 and 3 (each step's own metrics, the rollout's
-    with the step that sampled it) logs TRL's row 3: losses and rollout metrics averaged over
-    what the window holds, grad_norm and learning_rate of its last step, num_tokens the latest."""
+    step 1's rollout): jaxpref's rows of those steps (each step's own metrics, the rollout's with
+    the step that sampled it; step 1 logged too, as a preview) are TRL's: losses and rollout
+    metrics averaged over the window, grad_norm and learning_rate of its last step, num_tokens
+    the latest."""
     from types import SimpleNamespace
 
     from datasets import Dataset
@@ -369,24 +370,29 @@ def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, ti
     for every in (1, 3):
         args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                           max_completion_length=4, learning_rate=1e-2, num_iterations=2, logging_steps=every,
-                          logging_first_step=True, max_steps=3, report_to=[], use_cpu=True, save_strategy="no")
+                          max_steps=3, report_to=[], use_cpu=True, save_strategy="no")
         tr = GRPOTrainer(model=str(tiny_llama), reward_funcs=[share], args=args,
                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
         tr.train()
         logged[every] = [h for h in tr.state.log_history if "loss" in h]
-    steps, theirs = logged[1], logged[3][-1]
-    assert [h["step"] for h in steps] == [1, 2, 3] and theirs["step"] == 3 and "reward" not in steps[1]
+    steps = logged[1]
+    assert [h["step"] for h in steps] == [1, 2, 3] and [h["step"] for h in logged[3]] == [3]
+    assert "reward" not in steps[1]
     drop = ("step", "epoch", "step_time")
+    window = [{k: v for k, v in h.items() if k not in drop} for h in steps]
     rows = []
-    run = SimpleNamespace(window=[{k: v for k, v in h.items() if k not in drop} for h in steps[1:]],
-                          SHOWN=("loss", "reward"), entry=SimpleNamespace(name="tiny"), total=3,
+    run = SimpleNamespace(window=window[:1], SHOWN=("loss", "reward"), entry=SimpleNamespace(name="tiny"), total=3,
                           sinks=SimpleNamespace(log=rows.append),
-                          cfg=SimpleNamespace(post_training=SimpleNamespace(method="grpo")))
-    OnlineRun._log(run, 3, 0.5)
-    ours = rows[0]
-    assert set(ours) - {"step", "epoch"} == set(theirs) - set(drop)
-    for k in set(ours) - {"step", "epoch"}:
-        assert ours[k] == pytest.approx(theirs[k], rel=1e-6, abs=1e-9), k
+                          cfg=SimpleNamespace(post_training=SimpleNamespace(method="grpo"),
+                                              training=SimpleNamespace(logging_steps=3)))
+    OnlineRun._log(run, 1, 1 / 12)
+    run.window += window[1:]
+    OnlineRun._log(run, 3, 0.25)
+    for ours, theirs in zip(rows, (steps[0], logged[3][0])):
+        assert set(ours) - {"step", "epoch"} == set(theirs) - set(drop)
+        for k in set(ours) - {"step", "epoch"}:
+            assert ours[k] == pytest.approx(theirs[k], rel=1e-6, abs=1e-9), (ours["step"], k)
+    rows.clear()
     # NaN (a reward function that scored nothing, ...) is left out of the mean; NaN throughout logs null.
     nan = float("nan")
     tr._metrics["train"] = {"reward": [nan, 0.5, 1.5], "rewards/share/mean": [nan, nan, nan]}
@@ -396,4 +402,4 @@ def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, ti
     OnlineRun._log(run, 3, 0.5)
     theirs = tr.state.log_history[-1]
     assert theirs["rewards/share/mean"] is None and theirs["reward"] == 1.0
-    assert {k: rows[1][k] for k in ("reward", "rewards/share/mean")} == {"reward": 1.0, "rewards/share/mean": None}
+    assert {k: rows[0][k] for k in ("reward", "rewards/share/mean")} == {"reward": 1.0, "rewards/share/mean": None}

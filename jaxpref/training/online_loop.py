@@ -335,7 +335,10 @@ class OnlineRun:
                 row[k] = float(vals[-1] if k in LATEST else np.nanmean(vals))
             if k not in LATEST and np.isnan(row[k]):
                 row[k] = empty
-        self.window = []
+        if step != 1 or step % self.cfg.training.logging_steps == 0:
+            # Step 1 off the logging_steps grid is a preview: its window goes on, so the first row
+            # on the grid averages the same steps as TRL's (logging_first_step off).
+            self.window = []
         self.last = row
         self.sinks.log(row)
         shown = " ".join(f"{k} {'-' if row[k] is None else format(row[k], '.4g')}" for k in self.SHOWN if k in row)
