@@ -403,3 +403,18 @@ def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, ti
     theirs = tr.state.log_history[-1]
     assert theirs["rewards/share/mean"] is None and theirs["reward"] == 1.0
     assert {k: rows[0][k] for k in ("reward", "rewards/share/mean")} == {"reward": 1.0, "rewards/share/mean": None}
+
+
+@pytest.mark.parametrize("value", [True, False, "batch"])
+def test_scale_rewards_takes_what_grpoconfig_takes(tmp_path, value):
+    """GRPOConfig reads true as `group` and false as `none` (its __post_init__); so does the config."""
+    import warnings
+
+    from trl import GRPOConfig
+
+    from jaxpref.config import load_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = GRPOConfig(output_dir=str(tmp_path), scale_rewards=value, report_to=[], use_cpu=True).scale_rewards
+    assert load_config(_online_config(tmp_path, {"scale_rewards": value})).post_training.scale_rewards == want
