@@ -53,8 +53,13 @@ class Batch:
         return tuple(self.input_ids.shape) + tuple(self.tgt_ids.shape[-1:])
 
     def trl_token_count(self) -> int:
-        """Tokens in TRL's accounting: every real token, a shared prompt once per completion."""
-        return trl_token_count(np.asarray(self.segment_ids), np.asarray(self.branch), self.layout.shares_prompt)
+        """Tokens in TRL's accounting: every real token, a shared prompt once per completion; KTO
+        (`labels`): its completion rows (the first B of each micro-batch), not its KL rows."""
+        seg, br = np.asarray(self.segment_ids), np.asarray(self.branch)
+        if self.labels is not None:
+            b = self.labels.shape[-1]
+            seg, br = seg[..., :b, :], br[..., :b, :]
+        return trl_token_count(seg, br, self.layout.shares_prompt)
 
     def micro(self, g: int) -> "Batch":
         """Micro-batch g, without the leading axis."""
