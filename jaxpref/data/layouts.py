@@ -133,11 +133,13 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
     seq = np.where(comp, slot, b["seq"][row, sl])
     # A completion token needs a predictor: the first token of a sequence without a prompt has
     # none (as in TRL, where the labels are shifted by one), so it is not scored.
+    scored = comp.copy()
     if src_of_first is None and t > 0 and comp[0]:
         seq[0] = b["seq"][row, start]
+        scored[0] = False
     b["seq"][row, sl] = seq
     wt = np.zeros(t, np.float32)
-    wt[comp] = weights[: int(comp.sum())]
+    wt[scored] = weights[: int(scored.sum())]   # `weights`: one per scored completion token
     b["weight"][row, sl] = np.where(seq == slot, wt, 0)
     if full:
         # ORPO's span: the chosen sequence's tokens, marked with their pair's slot + 1 so that
@@ -146,6 +148,12 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
         if src_of_first is None:
             f[0] = 0
         b["full"][row, sl] = f
+
+
+def _scored(ids: list[int], n_prompt: int) -> int:
+    """Completion tokens of a sequence that are scored: all but a first token at position 0 (a
+    sequence without prompt), which nothing predicts."""
+    return len(ids) - n_prompt - int(n_prompt == 0 and len(ids) > 0)
 
 
 def _pair_sequences(data: Tokenized, i: int, layout: Layout):
@@ -182,10 +190,12 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
     if layout.kind.shares_prompt:
         b = _empty(B, T, S, layout.pad_id)
         for k, (pc, npc, pr, npr, same) in enumerate(seqs):
-            shared = min(len(pc) - npc, len(pr) - npr)
+            # LD-DPO's shared length counts scored tokens, as TRL's shifted completion mask
+            shared = min(_scored(pc, npc), _scored(pr, npr))
             _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=1, pos0=0,
-                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=layout.full_span)
-            w_r = _ld_weights(len(pr) - npr, shared, layout.ld_alpha)
+                   src_of_first=None, weights=_ld_weights(_scored(pc, npc), shared, layout.ld_alpha),
+                   full=layout.full_span)
+            w_r = _ld_weights(_scored(pr, npr), shared, layout.ld_alpha)
             if same:
                 # The rejected branch continues from the prompt: its first token is predicted by
                 # the last prompt token, and its positions follow the prompt's.
@@ -201,11 +211,12 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
     else:
         b = _empty(2 * B, T, S, layout.pad_id)
         for k, (pc, npc, pr, npr, _) in enumerate(seqs):
-            shared = min(len(pc) - npc, len(pr) - npr)
+            shared = min(_scored(pc, npc), _scored(pr, npr))
             _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=0, pos0=0,
-                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=layout.full_span)
+                   src_of_first=None, weights=_ld_weights(_scored(pc, npc), shared, layout.ld_alpha),
+                   full=layout.full_span)
             _place(b, B + k, 0, pr, npr, slot=B + k, segment=1, branch_of_completion=0, pos0=0,
-                   src_of_first=None, weights=_ld_weights(len(pr) - npr, shared, layout.ld_alpha), full=False)
+                   src_of_first=None, weights=_ld_weights(_scored(pr, npr), shared, layout.ld_alpha), full=False)
     return b
 
 
