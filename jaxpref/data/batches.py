@@ -85,12 +85,13 @@ class StreamBatch(Batch):
     token count of each stream before dead tokens were left out; host only).
     Micro-batches cut to a token budget (`budget`) also carry per pair slot, [G, Bp] float32:
     `pair_w` (1/B for a pair, 0 for an empty slot) and its group's token totals `ntok_c` (chosen
-    completion tokens) and `ntok_full` (ORPO's span); None otherwise."""
+    completion tokens), `ntok_r` (rejected completion tokens: the `logits/rejected` mean) and `ntok_full` (ORPO's span); None otherwise."""
     blk_idx: Array
     blk_back: Array
     trl_tokens: Array | None = None
     pair_w: Array | None = None
     ntok_c: Array | None = None
+    ntok_r: Array | None = None
     ntok_full: Array | None = None
 
     @property

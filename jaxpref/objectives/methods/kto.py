@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 from jaxpref.errors import ConfigError
 from jaxpref.objectives import losses
@@ -31,6 +32,13 @@ def kto_loss(x: LossInputs, spec: LossSpec):
     m["logits/rejected"] = st.logit_sum_chosen * (1 - labels)
     m["_tokens/chosen"] = st.len_chosen * labels
     m["_tokens/rejected"] = st.len_chosen * (1 - labels)
+    # As TRL: a micro-batch without desirable (undesirable) completions logs no chosen (rejected)
+    # rewards and logps, and no margin (`step.reduce_metrics`).
+    has_c = (jnp.sum(labels) > 0).astype(jnp.float32)[None]
+    has_r = (jnp.sum(1 - labels) > 0).astype(jnp.float32)[None]
+    for k, here in (("rewards/chosen", has_c), ("logps/chosen", has_c), ("rewards/rejected", has_r),
+                    ("logps/rejected", has_r), ("rewards/margins", has_c * has_r)):
+        m["_present/" + k] = here
     return loss, m
 
 
