@@ -1,8 +1,9 @@
 """DPO against TRL's DPOTrainer where a sequence has no prompt left: an empty prompt, or
 `truncation_mode: keep_end` cutting the whole prompt and the completion's start. Its first
-completion token then sits at position 0, where nothing predicts it: TRL does not score it, and
-LD-DPO's shared length counts the scored tokens only. First logged step, tiny Llama, random LoRA,
-full batch."""
+completion token then sits at position 0, where nothing predicts it: TRL does not score it (nor
+count it in the SFT and WPO token means or LD-DPO's shared length) but counts it in the completion
+lengths that `ipo` and `sigmoid_norm` divide by. First logged step, tiny Llama, random LoRA, full
+batch; jaxpref's default layout (shared prompt, padding-free), padded rows and packed rows."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,12 @@ KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/marg
 KEEP_END = {"max_length": 6, "truncation_mode": "keep_end"}
 CASES = {
     "ld_alpha-keep_end": ("pairs", KEEP_END, {"ld_alpha": 0.3}),
+    "ipo-keep_end": ("pairs", KEEP_END, {"loss_type": "ipo"}),
+    "ipo-empty_prompt": ("empty", {}, {"loss_type": "ipo"}),
+    "sigmoid_norm-empty_prompt-sft": ("empty", {}, {"loss_type": ["sigmoid_norm", "sft"], "loss_weights": [1.0, 0.5]}),
+    "ld_alpha-wpo-empty_prompt": ("empty", {}, {"ld_alpha": 0.5, "use_weighting": True}),
+    "ipo-empty_prompt-padded": ("empty", {"pair_layout": "concatenated", "padding_free": False}, {"loss_type": "ipo"}),
+    "ipo-keep_end-packed": ("pairs", {**KEEP_END, "pair_layout": "packed"}, {"loss_type": "ipo"}),
 }
 
 
@@ -34,7 +41,8 @@ def test_sequences_without_prompt_score_as_trl(setup, tiny_llama, case):
     rows = pairs if data == "pairs" else [dict(p, prompt="") for p in pairs[:2]] + pairs[2:]
     path = tmp / f"edge_{data}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = {**trl_common(tmp), **training, **pt}
+    layout = ("pair_layout", "padding_free")
+    args = {**trl_common(tmp), **{k: v for k, v in training.items() if k not in layout}, **pt}
     theirs = first_log(DPOTrainer, DPOConfig(**args), rows, tok, fresh_peft(tiny_llama, adapter),
                        ref_model=base_model(tiny_llama))
     mine = ours(tmp, tiny_llama, path, adapter, "dpo", tag=f"_edge_{case}", training=training,

@@ -33,7 +33,9 @@ class Batch:
     Per target slot, [G, N, K]: `tgt_src` int32 (row position of the hidden state that predicts the
     target), `tgt_ids` int32, `tgt_seq` int32 (its sequence slot, S when the slot is empty),
     `tgt_weight` float32 (LD-DPO weight of a completion token, 0 when not a completion token),
-    `tgt_full` float32 (ORPO's span: the pair's slot + 1 on the chosen sequence's tokens).
+    `tgt_full` float32 (ORPO's span: the pair's slot + 1 on the chosen sequence's tokens; -1 on the
+    first completion token of a sequence without prompt, which nothing predicts: not scored, but
+    counted in TRL's completion lengths).
     `labels` [G, B] float32: KTO's desirability of each completion (None for pairs)."""
     input_ids: Array
     positions: Array

@@ -166,8 +166,9 @@ class BudgetIterator(BatchIterator):
         out["blk_idx"] = blk
         slots = np.arange(Bp)
         out["pair_w"] = np.where(slots < n, np.float32(1.0 / self.B), np.float32(0)).astype(np.float32)
-        out["ntok_c"] = np.array([(out["tgt_seq"] == k).sum() for k in slots], np.float32)
-        out["ntok_r"] = np.array([(out["tgt_seq"] == Bp + k).sum() for k in slots], np.float32)
+        scored = out["tgt_full"] >= 0   # not the unscored first token of a sequence without prompt
+        out["ntok_c"] = np.array([((out["tgt_seq"] == k) & scored).sum() for k in slots], np.float32)
+        out["ntok_r"] = np.array([((out["tgt_seq"] == Bp + k) & scored).sum() for k in slots], np.float32)
         out["ntok_full"] = np.array([(out["tgt_full"] == k + 1).sum() for k in slots], np.float32)
         out["_group"] = np.array([positions[k] // self.B if k < n else -1 for k in slots], np.int64)
         return out

@@ -36,9 +36,12 @@ def pair_stats(logp, mean_logit, wpo, mb: Batch, num_seqs: int) -> PairStats:
     s = num_seqs
     b = s // 2
     seq, w = mb.tgt_seq, mb.tgt_weight
-    is_comp = (seq < s).astype(jnp.float32)
+    # Scored completion tokens; a sequence without prompt also has its unscored first one
+    # (`tgt_full` -1), which only TRL's completion lengths count (`len_all_*`).
+    is_comp = ((seq < s) & (mb.tgt_full >= 0)).astype(jnp.float32)
     sums = _seg_sum(logp * w, seq, s)
     lens = _seg_sum(is_comp, seq, s)
+    lens_all = _seg_sum((seq < s).astype(jnp.float32), seq, s)
     logit_sums = _seg_sum(mean_logit * is_comp, seq, s)
     if wpo is not None:
         wl = _seg_sum(wpo * is_comp, seq, s) / jnp.maximum(lens, 1.0)
@@ -57,6 +60,7 @@ def pair_stats(logp, mean_logit, wpo, mb: Batch, num_seqs: int) -> PairStats:
         nll_full_chosen=chosen_full_nll, len_full_chosen=chosen_full_len,
         wlog_chosen=wl[:b], wlog_rejected=wl[b:],
         logit_sum_chosen=logit_sums[:b], logit_sum_rejected=logit_sums[b:],
+        len_all_chosen=lens_all[:b], len_all_rejected=lens_all[b:],
     )
 
 

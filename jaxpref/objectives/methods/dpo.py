@@ -36,7 +36,7 @@ def dpo_loss(x: LossInputs, spec: LossSpec):
     if "sft" in spec.loss_types:
         # Unweighted token-mean NLL (LD-DPO weights apply to the preference term only).
         seq = x.batch.tgt_seq
-        is_c = (seq < b).astype(jnp.float32)
+        is_c = ((seq < b) & (x.batch.tgt_full >= 0)).astype(jnp.float32)   # scored chosen tokens
         if x.reduce.pair_w is None:
             sft = -jnp.sum(x.logp * is_c) / jnp.maximum(jnp.sum(is_c), 1.0)
         else:   # per chosen slot, then the group's token mean (`losses.Reduce`)
