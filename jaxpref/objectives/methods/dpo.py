@@ -54,6 +54,9 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
         raise ConfigError(f"{src}: `post_training.loss_type` robust needs `label_smoothing` < 0.5")
     if pt.use_weighting and any(lt in ("aot", "aot_unpaired", "aot_pair") for lt in loss_types):
         raise ConfigError(f"{src}: `post_training.use_weighting` does not apply to aot losses")
+    if pt.rpo_alpha is not None and "sft" in loss_types:   # the sft term's weight is then loss_weights'
+        raise ConfigError(f"{src}: `post_training.rpo_alpha` adds an sft term, and `loss_type` already has one "
+                          "(its weight is in `loss_weights`); give one of the two")
     if pt.discopop_tau <= 0:
         raise ConfigError(f"{src}: `post_training.discopop_tau` must be > 0, got {pt.discopop_tau}")
     check_choice(pt.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
