@@ -15,7 +15,8 @@ from test_trl_trainers import assert_close, base_model, first_log, fresh_peft, o
 
 B = 4
 KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-        "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "num_tokens")
+        "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "num_tokens", "entropy",
+        "mean_token_accuracy")
 # keep_end at 6 tokens: "yes , it is hot . </s>" loses its whole prompt and its first word, "no . </s>"
 # keeps part of its prompt (LD-DPO's tail is then 3 tokens of the chosen sequence).
 KEEP_END = {"max_length": 6, "truncation_mode": "keep_end"}

@@ -12,7 +12,7 @@ import pytest
 from conftest import PAIRS
 from test_trl_trainers import KEYS, base_model, fresh_peft, ours, setup, trl_common  # noqa: F401
 
-ROW_KEYS = KEYS + ("grad_norm", "learning_rate", "logits/chosen", "logits/rejected", "num_tokens")
+ROW_KEYS = KEYS + ("grad_norm", "learning_rate", "logits/chosen", "logits/rejected", "num_tokens", "entropy")
 
 
 def trl_rows(trainer_cls, args, rows, tok, model, **kw) -> dict:
@@ -52,7 +52,7 @@ def test_dpo_rows_average_the_window_and_micro_batches_as_trl(setup, tiny_llama)
     mine = our_rows(tmp / "out_dpo_window")
     assert sorted(mine) == [1, 2] and list(theirs) == [2]
     assert abs(theirs[2]["logits/chosen"]) > 0
-    assert_rows(mine, theirs, ROW_KEYS)
+    assert_rows(mine, theirs, ROW_KEYS + ("mean_token_accuracy",))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

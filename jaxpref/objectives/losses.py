@@ -63,6 +63,8 @@ class PairStats:
     logit_sum_rejected: jax.Array
     len_all_chosen: jax.Array | None = None
     len_all_rejected: jax.Array | None = None
+    ent_sum: jax.Array | None = None    # [S] summed entropies of the scored completion tokens
+    top1_sum: jax.Array | None = None   # [S] scored completion tokens that are the most likely one
 
 
 @dataclass(frozen=True)

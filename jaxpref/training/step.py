@@ -62,9 +62,11 @@ def micro_loss(lora, params, mb, ref_logps: jax.Array | None, bundle, ref_bundle
     spec = opts.spec
     method = get_method(spec.method)
     coef = bundle.router_aux_coef
-    out = token_logps(bundle, params, lora, mb, rngs=rngs, need_wpo=spec.use_weighting, router_aux=bool(coef))
+    stats_on = "entropy" in method.metrics   # TRL's entropy (and mean_token_accuracy): DPO's and KTO's
+    out = token_logps(bundle, params, lora, mb, rngs=rngs, need_wpo=spec.use_weighting, router_aux=bool(coef),
+                      need_stats=stats_on)
     logp, mean_logit, wpo = out[:3]
-    stats = pair_stats(logp, mean_logit, wpo, mb, opts.num_seqs)
+    stats = pair_stats(logp, mean_logit, wpo, mb, opts.num_seqs, *(out[3:5] if stats_on else ()))
     ref = None
     if method.needs_reference(spec):
         ref = reference_logps(opts, mb, ref_logps, bundle, params, ref_bundle, ref_params)
@@ -74,8 +76,8 @@ def micro_loss(lora, params, mb, ref_logps: jax.Array | None, bundle, ref_bundle
         metrics = {**metrics, "_real": (red.pair_w > 0).astype(jnp.float32), "_pair_w": red.pair_w,
                    "_group_tokens/chosen": mb.ntok_c, "_group_tokens/rejected": mb.ntok_r}
     if coef:   # as TRL: the policy forward's load-balancing loss, weighted, and logged as aux_loss
-        loss = loss + coef * out[3]
-        metrics = {**metrics, "aux_loss": out[3][None]}
+        loss = loss + coef * out[-1]
+        metrics = {**metrics, "aux_loss": out[-1][None]}
     return loss, metrics
 
 
@@ -88,10 +90,16 @@ class TrainState:
     rng: jax.Array
 
 
+# Metrics that are token means: name -> the `_tokens/` count it divides by (a method's loss gives
+# per-pair sums and counts).
+TOKEN_MEANS = {"logits/chosen": "chosen", "logits/rejected": "rejected", "entropy": "all",
+               "mean_token_accuracy": "chosen"}
+
+
 def reduce_metrics(m: dict) -> dict:
     """Per-pair metric vectors stacked over micro-batches ([G, ...]) -> scalars with TRL's
     semantics: each micro-batch's mean (`logits/*`: its token mean), averaged over the
-    micro-batches, as TRL averages the values its `compute_loss` appends. A metric with
+    micro-batches, as TRL averages the values its `compute_loss` appends (`TOKEN_MEANS`). A metric with
     `_present/<name>` [G, 1] averages the micro-batches where it is present only (KTO: one without
     desirable completions appends no `rewards/chosen`), as do `logits/*` (micro-batches with
     tokens). `_count/<name>`: the micro-batch values the mean holds (`window.MetricWindow` weighs
@@ -99,12 +107,14 @@ def reduce_metrics(m: dict) -> dict:
     (`_real`) are no TRL micro-batches: means over the step's pair slots in use, `logits/*`
     over each pair's group (`_group_tokens/*`, `_pair_w`: 1/B a pair), as TRL's micro-batches."""
     m = dict(m)
-    tok = {"logits/chosen": m.pop("_tokens/chosen"), "logits/rejected": m.pop("_tokens/rejected")}
+    tok = {k: m.pop("_tokens/" + side) for k, side in TOKEN_MEANS.items() if "_tokens/" + side in m and k in m}
+    m = {k: v for k, v in m.items() if not k.startswith("_tokens/")}
     present = {k[len("_present/"):]: m.pop(k) for k in [k for k in m if k.startswith("_present/")]}
     real = m.pop("_real", None)
     if real is not None:   # logits/*: each pair's share of its group's token mean, over the groups
         real, groups = real.reshape(-1), jnp.sum(m.pop("_pair_w"))
-        gtok = {k: m.pop("_group_tokens/" + k[len("logits/"):]).reshape(-1) for k in tok}
+        gc, gr = m.pop("_group_tokens/chosen").reshape(-1), m.pop("_group_tokens/rejected").reshape(-1)
+        gtok = {k: {"chosen": gc, "rejected": gr, "all": gc + gr}[TOKEN_MEANS[k]] for k in tok}
         out = {}
         for k, v in m.items():
             v = v.reshape(-1)

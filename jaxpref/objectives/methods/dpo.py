@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxpref.errors import ConfigError, check_choice
 from jaxpref.objectives import losses
 from jaxpref.objectives.losses import LossSpec
-from jaxpref.objectives.methods.base import PAIR_METRICS, LossInputs, Method, logits_metrics
+from jaxpref.objectives.methods.base import PAIR_METRICS, LossInputs, Method, entropy_metrics, logits_metrics
 
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -44,7 +44,7 @@ def dpo_loss(x: LossInputs, spec: LossSpec):
             sft = x.reduce.token_mean(nll, x.stats.len_chosen)[1]
     ref = x.ref if x.ref is not None else jnp.zeros((x.num_seqs,), jnp.float32)
     loss, m = losses.dpo_loss(x.stats, ref[:b], ref[b:], spec, sft, x.reduce)
-    return loss, {**m, **logits_metrics(x.stats)}
+    return loss, {**m, **logits_metrics(x.stats), **entropy_metrics(x.stats)}
 
 
 def check(pt, loss_types: tuple[str, ...], src: str) -> None:
@@ -65,9 +65,9 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 
 DPO = Method("dpo", DpoKeys, data="paired", loss_types=LOSS_TYPES, default_loss_type="sigmoid",
              reference=True, tokenization="dpo", loss=dpo_loss,
-              metrics=PAIR_METRICS, check=check,
+              metrics=PAIR_METRICS + ("entropy", "mean_token_accuracy"), check=check,
               paper=("Direct Preference Optimization: Your Language Model is Secretly a Reward Model", "2305.18290"))
 IPO = Method("ipo", DpoKeys, data="paired", loss_types=LOSS_TYPES, default_loss_type="ipo",
              reference=True, tokenization="dpo", loss=dpo_loss,
-              metrics=PAIR_METRICS, check=check,
+              metrics=PAIR_METRICS + ("entropy", "mean_token_accuracy"), check=check,
               paper=("A General Theoretical Paradigm to Understand Learning from Human Preferences", "2310.12036"))

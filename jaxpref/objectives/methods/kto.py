@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxpref.errors import ConfigError
 from jaxpref.objectives import losses
 from jaxpref.objectives.losses import LossSpec
-from jaxpref.objectives.methods.base import LossInputs, Method
+from jaxpref.objectives.methods.base import LossInputs, Method, entropy_metrics
 
 
 @dataclass
@@ -39,7 +39,7 @@ def kto_loss(x: LossInputs, spec: LossSpec):
     for k, here in (("rewards/chosen", has_c), ("logps/chosen", has_c), ("rewards/rejected", has_r),
                     ("logps/rejected", has_r), ("rewards/margins", has_c * has_r)):
         m["_present/" + k] = here
-    return loss, m
+    return loss, {**m, **entropy_metrics(st, accuracy=False)}
 
 
 def check(pt, loss_types: tuple[str, ...], src: str) -> None:
@@ -51,5 +51,5 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 KTO = Method("kto", KtoKeys, data="unpaired", loss_types=("kto", "apo_zero_unpaired"), default_loss_type="kto",
              reference=True, tokenization="dpo", loss=kto_loss,
              metrics=("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                      "logps/rejected", "logits/chosen", "logits/rejected"), check=check,
+                      "logps/rejected", "logits/chosen", "logits/rejected", "entropy"), check=check,
               paper=("KTO: Model Alignment as Prospect Theoretic Optimization", "2402.01306"))
