@@ -34,8 +34,8 @@ def head_logps(h: jax.Array, w: jax.Array, tgt_ids: jax.Array, chunk: int = 0, n
             wpo = jax.lax.stop_gradient(logp - (jax.nn.logsumexp(2 * logits, axis=-1) - 2 * lse))
         if not need_stats:
             return logp, jnp.mean(logits, axis=-1), wpo
-        z = jax.lax.stop_gradient(logits)
-        ent = jax.lax.stop_gradient(lse) - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+        z, lz = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
+        ent = lz - jnp.sum(jnp.exp(z - lz[..., None]) * z, axis=-1)
         top1 = (jnp.argmax(z, axis=-1) == tgt_ids).astype(f32)
         return logp, jnp.mean(logits, axis=-1), wpo, ent, top1
 
