@@ -105,7 +105,8 @@ def test_each_method_logs_the_metrics_it_declares():
 
     b = 2
     stats = PairStats(*[jnp.full((b,), v, jnp.float32) for v in (-3.0, -4.0, 2.0, 3.0, 5.0, 4.0, -1.0, -1.5,
-                                                                  0.5, 0.7)])
+                                                                  0.5, 0.7)],
+                      ent_sum=jnp.full((2 * b,), 4.0), top1_sum=jnp.full((2 * b,), 1.0))   # entropy's sums
     z = jnp.zeros((2 * b, 3), jnp.int32)
     batch = Batch(input_ids=z, positions=z, segment_ids=z, branch=z, tgt_src=z, tgt_ids=z, tgt_seq=z,
                   tgt_weight=z.astype(jnp.float32), tgt_full=z.astype(jnp.float32), labels=jnp.array([1.0, 0.0]))

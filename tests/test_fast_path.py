@@ -197,9 +197,16 @@ def test_padding_free_trains_like_the_plain_path(model_dir, pairs, fp32_runs, ki
 def test_vocab_chunks_give_the_whole_head(chunk, softcap):
     from jaxpref.objectives.head import head_logps
     h, w, t = head_inputs(VOCAB)
-    whole, chunked = (head_logps(h, w, t, c, need_wpo=True, softcap=softcap) for c in (0, chunk))
-    for a, b in zip(whole, chunked):
+    whole, chunked = (head_logps(h, w, t, c, need_wpo=True, softcap=softcap, need_stats=True) for c in (0, chunk))
+    assert len(whole) == len(chunked) == 5
+    for a, b in zip(whole, chunked):   # logp, mean logit, WPO's term, entropy, top-1
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    logits = np.asarray(jnp.einsum("nkd,dv->nkv", h, w, precision="highest"))
+    logits = logits if softcap is None else np.tanh(logits / softcap) * softcap
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(whole[3]), -(p * np.log(p)).sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(chunked[4]), (logits.argmax(-1) == np.asarray(t)).astype(np.float32))
     f = lambda hh, ww, c: sum(jnp.sum(x * y) for x, y in zip(head_logps(hh, ww, t, c, softcap=softcap)[:2],
                                                              (1.0, 0.5)))
     for a, b in zip(jax.grad(f, (0, 1))(h, w, 0), jax.grad(f, (0, 1))(h, w, chunk)):

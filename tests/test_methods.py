@@ -150,6 +150,7 @@ def test_gradient_accumulation_equals_large_batch(tmp_path, tiny_llama, tiny_pai
     ({"method": "kto"}, {"per_device_train_batch_size": 1}, "KTO"),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, {}, "loss_weights"),
     ({"loss_type": "aot", "use_weighting": True}, {}, "use_weighting"),
+    ({"loss_type": ["sigmoid", "sft"], "rpo_alpha": 0.5}, {}, "rpo_alpha"),   # was read and ignored
     ({"method": "orpo", "loss_type": "sigmoid"}, {}, "loss_type"),
 ])
 def test_bad_method_settings_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, pt, training, needle):

@@ -33,7 +33,9 @@ class Batch:
     Per target slot, [G, N, K]: `tgt_src` int32 (row position of the hidden state that predicts the
     target), `tgt_ids` int32, `tgt_seq` int32 (its sequence slot, S when the slot is empty),
     `tgt_weight` float32 (LD-DPO weight of a completion token, 0 when not a completion token),
-    `tgt_full` float32 (ORPO's span: the pair's slot + 1 on the chosen sequence's tokens).
+    `tgt_full` float32 (ORPO's span: the pair's slot + 1 on the chosen sequence's tokens; -1 on the
+    first completion token of a sequence without prompt, which nothing predicts: not scored, but
+    counted in TRL's completion lengths).
     `labels` [G, B] float32: KTO's desirability of each completion (None for pairs)."""
     input_ids: Array
     positions: Array
@@ -53,8 +55,13 @@ class Batch:
         return tuple(self.input_ids.shape) + tuple(self.tgt_ids.shape[-1:])
 
     def trl_token_count(self) -> int:
-        """Tokens in TRL's accounting: every real token, a shared prompt once per completion."""
-        return trl_token_count(np.asarray(self.segment_ids), np.asarray(self.branch), self.layout.shares_prompt)
+        """Tokens in TRL's accounting: every real token, a shared prompt once per completion; KTO
+        (`labels`): its completion rows (the first B of each micro-batch), not its KL rows."""
+        seg, br = np.asarray(self.segment_ids), np.asarray(self.branch)
+        if self.labels is not None:
+            b = self.labels.shape[-1]
+            seg, br = seg[..., :b, :], br[..., :b, :]
+        return trl_token_count(seg, br, self.layout.shares_prompt)
 
     def micro(self, g: int) -> "Batch":
         """Micro-batch g, without the leading axis."""
@@ -80,12 +87,13 @@ class StreamBatch(Batch):
     token count of each stream before dead tokens were left out; host only).
     Micro-batches cut to a token budget (`budget`) also carry per pair slot, [G, Bp] float32:
     `pair_w` (1/B for a pair, 0 for an empty slot) and its group's token totals `ntok_c` (chosen
-    completion tokens) and `ntok_full` (ORPO's span); None otherwise."""
+    completion tokens), `ntok_r` (rejected completion tokens: the `logits/rejected` mean) and `ntok_full` (ORPO's span); None otherwise."""
     blk_idx: Array
     blk_back: Array
     trl_tokens: Array | None = None
     pair_w: Array | None = None
     ntok_c: Array | None = None
+    ntok_r: Array | None = None
     ntok_full: Array | None = None
 
     @property

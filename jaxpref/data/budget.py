@@ -166,7 +166,9 @@ class BudgetIterator(BatchIterator):
         out["blk_idx"] = blk
         slots = np.arange(Bp)
         out["pair_w"] = np.where(slots < n, np.float32(1.0 / self.B), np.float32(0)).astype(np.float32)
-        out["ntok_c"] = np.array([(out["tgt_seq"] == k).sum() for k in slots], np.float32)
+        scored = out["tgt_full"] >= 0   # not the unscored first token of a sequence without prompt
+        out["ntok_c"] = np.array([((out["tgt_seq"] == k) & scored).sum() for k in slots], np.float32)
+        out["ntok_r"] = np.array([((out["tgt_seq"] == Bp + k) & scored).sum() for k in slots], np.float32)
         out["ntok_full"] = np.array([(out["tgt_full"] == k + 1).sum() for k in slots], np.float32)
         out["_group"] = np.array([positions[k] // self.B if k < n else -1 for k in slots], np.int64)
         return out
@@ -177,7 +179,7 @@ class BudgetIterator(BatchIterator):
         out = token_rows(1, like["input_ids"].shape[-1], self.layout.pad_id)
         out.update({k: np.zeros_like(like[k]) for k in ("blk_back", "tgt_src", "tgt_ids", "tgt_weight",
                                                          "tgt_full", "trl_tokens", "pair_w", "ntok_c",
-                                                         "ntok_full")})
+                                                         "ntok_r", "ntok_full")})
         out["blk_idx"] = np.full_like(like["blk_idx"], -1)
         out["tgt_seq"] = np.full_like(like["tgt_seq"], 2 * Bp)
         out["_group"] = np.full(Bp, -1, np.int64)
@@ -186,16 +188,17 @@ class BudgetIterator(BatchIterator):
     def _group_totals(self, parts: list[dict], Bp: int) -> None:
         """Each slot's token counts -> its group's totals (what a token mean over the group divides
         by); drops the `_group` bookkeeping."""
-        tot_c, tot_f = np.zeros(self.G, np.float64), np.zeros(self.G, np.float64)
+        keys = ("ntok_c", "ntok_r", "ntok_full")
+        tot = {k: np.zeros(self.G, np.float64) for k in keys}
         for p in parts:
             real = p["_group"] >= 0
-            np.add.at(tot_c, p["_group"][real], p["ntok_c"][real])
-            np.add.at(tot_f, p["_group"][real], p["ntok_full"][real])
+            for k in keys:
+                np.add.at(tot[k], p["_group"][real], p[k][real])
         for p in parts:
             g = p.pop("_group")
             real = g >= 0
-            p["ntok_c"] = np.where(real, tot_c[np.maximum(g, 0)], 0).astype(np.float32)
-            p["ntok_full"] = np.where(real, tot_f[np.maximum(g, 0)], 0).astype(np.float32)
+            for k in keys:
+                p[k] = np.where(real, tot[k][np.maximum(g, 0)], 0).astype(np.float32)
 
 
 def plan_line(it: BudgetIterator, batches: list[StreamBatch]) -> str:

@@ -207,5 +207,6 @@ class BatchIterator:
             L, K, Tb = (max(n[d] for n in need) for d in range(3))
             shape = (bucket_for(L, lay.buckets), bucket_for(K, lay.target_buckets), bucket_for(Tb, lay.buckets))
         L, K, Tb = shape
-        return [_with_extra(u, lambda q: to_stream(q, S, lay.streams, L, K, Tb, lay.pad_id,
-                                                   lay.kind.shares_prompt)) for u in units]
+        # KTO (`kto_label`): TRL counts the completion rows (units 0..B-1), not the KL rows.
+        return [_with_extra(u, lambda q: to_stream(q, S, lay.streams, L, K, Tb, lay.pad_id, lay.kind.shares_prompt,
+                                                   self.B if "kto_label" in u else None)) for u in units]

@@ -9,7 +9,8 @@ Per token (arrays [N, T]): `input_ids`, `positions`, `segment_ids` (0 = padding)
 visible to the whole segment, 1/2 = chosen/rejected branch), `src` (row index of the hidden state
 that predicts this token), `seq` (sequence slot of a completion token, S where none), `weight`
 (LD-DPO weight of a completion token), `full` (1 on the chosen sequence's prompt+completion
-tokens after its first: ORPO's NLL span). Sequence slots: pair i's chosen is i, its rejected B+i.
+tokens after its first: ORPO's NLL span; -1 on the unscored first completion token of a
+sequence without prompt). Sequence slots: pair i's chosen is i, its rejected B+i.
 `compact_targets` then gathers the scored tokens into `tgt_*` arrays [N, K], which is what the
 step reads besides `input_ids`, `positions`, `segment_ids` and `branch`.
 """
@@ -124,20 +125,25 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
     b["segment_ids"][row, sl] = segment
     idx = start + np.arange(t)
     src = idx - 1
+    comp = np.arange(t) >= n_prompt
+    # A completion token needs a predictor: the first token of a sequence without a prompt has
+    # none (as in TRL, where the labels are shifted by one), so it is not scored. It stays a
+    # target of its slot marked `full` -1 (its own hidden state, weight 0): TRL's completion
+    # lengths count it (ipo, sigmoid_norm).
+    lead = src_of_first is None and t > 0 and comp[0]
     if src_of_first is not None and t > 0:
         src[0] = src_of_first
+    elif lead:
+        src[0] = start
     b["src"][row, sl] = np.maximum(src, 0)
-    comp = np.arange(t) >= n_prompt
     br = np.where(comp, branch_of_completion, 0)
     b["branch"][row, sl] = br
     seq = np.where(comp, slot, b["seq"][row, sl])
-    # A completion token needs a predictor: the first token of a sequence without a prompt has
-    # none (as in TRL, where the labels are shifted by one), so it is not scored.
-    if src_of_first is None and t > 0 and comp[0]:
-        seq[0] = b["seq"][row, start]
     b["seq"][row, sl] = seq
+    scored = comp.copy()
+    scored[:1] &= not lead
     wt = np.zeros(t, np.float32)
-    wt[comp] = weights[: int(comp.sum())]
+    wt[scored] = weights[: int(scored.sum())]   # `weights`: one per scored completion token
     b["weight"][row, sl] = np.where(seq == slot, wt, 0)
     if full:
         # ORPO's span: the chosen sequence's tokens, marked with their pair's slot + 1 so that
@@ -146,6 +152,14 @@ def _place(b: dict, row: int, start: int, ids: list[int], n_prompt: int, *, slot
         if src_of_first is None:
             f[0] = 0
         b["full"][row, sl] = f
+    if lead:
+        b["full"][row, start] = -1
+
+
+def _scored(ids: list[int], n_prompt: int) -> int:
+    """Completion tokens of a sequence that are scored: all but a first token at position 0 (a
+    sequence without prompt), which nothing predicts."""
+    return len(ids) - n_prompt - int(n_prompt == 0 and len(ids) > 0)
 
 
 def _pair_sequences(data: Tokenized, i: int, layout: Layout):
@@ -182,10 +196,12 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
     if layout.kind.shares_prompt:
         b = _empty(B, T, S, layout.pad_id)
         for k, (pc, npc, pr, npr, same) in enumerate(seqs):
-            shared = min(len(pc) - npc, len(pr) - npr)
+            # LD-DPO's shared length counts scored tokens, as TRL's shifted completion mask
+            shared = min(_scored(pc, npc), _scored(pr, npr))
             _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=1, pos0=0,
-                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=layout.full_span)
-            w_r = _ld_weights(len(pr) - npr, shared, layout.ld_alpha)
+                   src_of_first=None, weights=_ld_weights(_scored(pc, npc), shared, layout.ld_alpha),
+                   full=layout.full_span)
+            w_r = _ld_weights(_scored(pr, npr), shared, layout.ld_alpha)
             if same:
                 # The rejected branch continues from the prompt: its first token is predicted by
                 # the last prompt token, and its positions follow the prompt's.
@@ -201,11 +217,12 @@ def make_pair_batch(data: Tokenized, idx: np.ndarray, layout: Layout, length: in
     else:
         b = _empty(2 * B, T, S, layout.pad_id)
         for k, (pc, npc, pr, npr, _) in enumerate(seqs):
-            shared = min(len(pc) - npc, len(pr) - npr)
+            shared = min(_scored(pc, npc), _scored(pr, npr))
             _place(b, k, 0, pc, npc, slot=k, segment=1, branch_of_completion=0, pos0=0,
-                   src_of_first=None, weights=_ld_weights(len(pc) - npc, shared, layout.ld_alpha), full=layout.full_span)
+                   src_of_first=None, weights=_ld_weights(_scored(pc, npc), shared, layout.ld_alpha),
+                   full=layout.full_span)
             _place(b, B + k, 0, pr, npr, slot=B + k, segment=1, branch_of_completion=0, pos0=0,
-                   src_of_first=None, weights=_ld_weights(len(pr) - npr, shared, layout.ld_alpha), full=False)
+                   src_of_first=None, weights=_ld_weights(_scored(pr, npr), shared, layout.ld_alpha), full=False)
     return b
 
 

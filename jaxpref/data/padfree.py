@@ -62,11 +62,12 @@ def built_needs(b: dict, num_seqs: int, streams: int) -> tuple[int, int, int]:
 
 
 def to_stream(b: dict, num_seqs: int, streams: int, L: int, K: int, Tb: int, pad_id: int = 0,
-              shared_prompt: bool = False) -> dict:
+              shared_prompt: bool = False, counted: int | None = None) -> dict:
     """A unit micro-batch with compacted targets ([U, T] token arrays, [U, Ku] `tgt_*`) -> the
     same tokens as `streams` rows of L, K target slots per row, and the attention blocks
     (`blk_idx` [R, U/R, Tb], `blk_back` [R, L]). `trl_tokens` [R] keeps TRL's token count
-    (`shared_prompt`: the shared prompt counts once per completion)."""
+    (`shared_prompt`: the shared prompt counts once per completion; `counted`: only the first
+    `counted` units count, as TRL counts KTO's completion rows and not its KL rows)."""
     U, T = b["input_ids"].shape
     R = streams
     per = U // R
@@ -111,6 +112,6 @@ def to_stream(b: dict, num_seqs: int, streams: int, L: int, K: int, Tb: int, pad
             for key in ("tgt_ids", "tgt_seq", "tgt_weight", "tgt_full"):
                 out[key][r, kd] = b[key][u, t]
             koff += len(t)
-        rows = slice(r * per, (r + 1) * per)
+        rows = slice(r * per, min((r + 1) * per, U if counted is None else counted))
         out["trl_tokens"][r] = trl_token_count(b["segment_ids"][rows], b["branch"][rows], shared_prompt)
     return out

@@ -11,12 +11,13 @@ from jaxpref.objectives.head import head_logps
 from jaxpref.objectives.losses import PairStats
 
 
-def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = False, router_aux: bool = False):
+def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = False, router_aux: bool = False,
+                need_stats: bool = False):
     """Log-probs of the target tokens (`tgt_*`, [N, K]) given their predicting hidden states.
 
     The LM head runs on the K gathered positions only (`jaxpref.head`). Returns (logp, mean_logit, wpo_aligned),
-    each [N, K] float32; with `router_aux` (a mixture of experts) a fourth item, the forward's
-    load-balancing loss (`ModelBundle.hidden`)."""
+    each [N, K] float32; with `need_stats` then (entropy, top1) (`head.head_logps`); with
+    `router_aux` (a mixture of experts) last the forward's load-balancing loss (`ModelBundle.hidden`)."""
     mask = MaskInfo.from_batch(mb)
     if router_aux:
         hidden, aux = bundle.hidden(params, lora, mb.input_ids, mb.positions, mask, rngs=rngs, router_aux=True)
@@ -24,7 +25,7 @@ def token_logps(bundle, params, lora, mb: Batch, rngs=None, need_wpo: bool = Fal
         hidden = bundle.hidden(params, lora, mb.input_ids, mb.positions, mask, rngs=rngs)
     h = jnp.take_along_axis(hidden, mb.tgt_src[..., None], axis=1)
     out = head_logps(h, bundle.head(params), mb.tgt_ids, bundle.args.vocab_chunk, need_wpo,
-                     bundle.args.matmul_precision, bundle.args.spec().final_logit_softcap)
+                     bundle.args.matmul_precision, bundle.args.spec().final_logit_softcap, need_stats)
     return (*out, aux) if router_aux else out
 
 
@@ -32,13 +33,18 @@ def _seg_sum(x: jax.Array, seq: jax.Array, s: int) -> jax.Array:
     return jax.ops.segment_sum(x.reshape(-1), seq.reshape(-1), num_segments=s + 1)[:s]
 
 
-def pair_stats(logp, mean_logit, wpo, mb: Batch, num_seqs: int) -> PairStats:
+def pair_stats(logp, mean_logit, wpo, mb: Batch, num_seqs: int, ent=None, top1=None) -> PairStats:
+    """Per-sequence sums of a micro-batch's target slots (`PairStats`); `ent` / `top1` ([N, K],
+    `token_logps`'s `need_stats`): their sums over scored completion tokens too."""
     s = num_seqs
     b = s // 2
     seq, w = mb.tgt_seq, mb.tgt_weight
-    is_comp = (seq < s).astype(jnp.float32)
+    # Scored completion tokens; a sequence without prompt also has its unscored first one
+    # (`tgt_full` -1), which only TRL's completion lengths count (`len_all_*`).
+    is_comp = ((seq < s) & (mb.tgt_full >= 0)).astype(jnp.float32)
     sums = _seg_sum(logp * w, seq, s)
     lens = _seg_sum(is_comp, seq, s)
+    lens_all = _seg_sum((seq < s).astype(jnp.float32), seq, s)
     logit_sums = _seg_sum(mean_logit * is_comp, seq, s)
     if wpo is not None:
         wl = _seg_sum(wpo * is_comp, seq, s) / jnp.maximum(lens, 1.0)
@@ -57,6 +63,9 @@ def pair_stats(logp, mean_logit, wpo, mb: Batch, num_seqs: int) -> PairStats:
         nll_full_chosen=chosen_full_nll, len_full_chosen=chosen_full_len,
         wlog_chosen=wl[:b], wlog_rejected=wl[b:],
         logit_sum_chosen=logit_sums[:b], logit_sum_rejected=logit_sums[b:],
+        len_all_chosen=lens_all[:b], len_all_rejected=lens_all[b:],
+        **({} if ent is None else {"ent_sum": _seg_sum(ent * is_comp, seq, s),
+                                   "top1_sum": _seg_sum(top1 * is_comp, seq, s)}),
     )
 
 

@@ -61,6 +61,10 @@ class PairStats:
     wlog_rejected: jax.Array
     logit_sum_chosen: jax.Array
     logit_sum_rejected: jax.Array
+    len_all_chosen: jax.Array | None = None
+    len_all_rejected: jax.Array | None = None
+    ent_sum: jax.Array | None = None    # [S] summed entropies of the scored completion tokens
+    top1_sum: jax.Array | None = None   # [S] scored completion tokens that are the most likely one
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,8 @@ def dpo_per_pair(loss_type: str, s: PairStats, ref_c: jax.Array, ref_r: jax.Arra
     rho_r = s.logps_rejected - ref_r
     sc, sr = _scores(rho_c, spec), _scores(rho_r, spec)
     d = sc - sr
-    lc = jnp.maximum(s.len_chosen, 1.0)
-    lr = jnp.maximum(s.len_rejected, 1.0)
+    lc = jnp.maximum(s.len_chosen if s.len_all_chosen is None else s.len_all_chosen, 1.0)
+    lr = jnp.maximum(s.len_rejected if s.len_all_rejected is None else s.len_all_rejected, 1.0)
     if loss_type == "sigmoid":
         return _smoothed_sigmoid(beta * d, eps)
     if loss_type == "hinge":

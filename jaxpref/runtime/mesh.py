@@ -154,7 +154,7 @@ def put_batch(batch, mesh: Mesh):
     nproc = jax.process_count()
 
     def put(path, v):
-        whole = getattr(path[-1], "name", None) in ("labels", "pair_w", "ntok_c", "ntok_full") or v.ndim < 2
+        whole = getattr(path[-1], "name", None) in ("labels", "pair_w", "ntok_c", "ntok_r", "ntok_full") or v.ndim < 2
         sh = replicated(mesh) if whole else batch_sharding(mesh, v.ndim)
         if nproc == 1:
             return jax.device_put(v, sh)

@@ -1,7 +1,6 @@
 """Evaluation during training: the eval split's mean metrics, and early stopping on one of them."""
 from __future__ import annotations
 
-import jax
 
 from jaxpref.errors import ConfigError
 
@@ -11,17 +10,15 @@ def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, lay
     """Mean of eval metrics over all full batches of the eval split, `eval_` prefixed."""
     from jaxpref.runtime.mesh import put_batch
 
+    from jaxpref.training.window import MetricWindow
+
     it = iter_cls(data, batch_size, 1, seed, layout, shuffle=False)
-    sums: dict[str, float] = {}
-    n = 0
+    window = MetricWindow()   # TRL's mean over the eval batches (a metric a batch lacks: over the others)
     for _ in range(it.steps_per_epoch):
         batch, _ = next(it)
         batch = put_batch(batch, mesh) if mesh is not None else batch
-        m = jax.device_get(eval_fn(lora, params, ref_params, batch, None))
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-    return {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
+        window.add(eval_fn(lora, params, ref_params, batch, None))
+    return {f"eval_{k}": v for k, v in window.row().items()}
 
 
 def check_eval(cfg, eval_data, batch: int) -> None:

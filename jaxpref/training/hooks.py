@@ -25,7 +25,9 @@ class StepInfo:
         if self._host is None:
             import jax
 
-            self._host = {k: float(v) for k, v in jax.device_get(self.metrics).items()}
+            from jaxpref.training.window import without_counts
+
+            self._host = {k: float(v) for k, v in jax.device_get(without_counts(self.metrics)).items()}
         return self._host
 
 

@@ -27,6 +27,7 @@ from jaxpref.training.interrupt import StopRequest
 from jaxpref.training.progress import clock, make_progress, metric_fields
 from jaxpref.training.sinks import MetricSinks
 from jaxpref.training.step import compile_ahead
+from jaxpref.training.window import MetricWindow
 
 
 def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False, resume_from: int | None = None,
@@ -105,6 +106,7 @@ class Trainer:
         self.final_eval = None
         self.last_eval: dict | None = None
         self._window = (0, time.time())  # tokens and start time since the last log
+        self._metrics = MetricWindow()   # the steps' metrics since the last log, as TRL averages them
         self._tokens = 0                 # tokens of the last step
         self.hooks = Hooks()
         self.hooks.add_hook(self._log, every=cfg.training.logging_steps, at_end=True)
@@ -170,6 +172,7 @@ class Trainer:
             compile_ahead(run.step_fn, *args)
             self.progress.compiled()
         run.state, metrics = run.step_fn(*args)
+        self._metrics.add(metrics)
         if self.compile_s is None:
             jax.block_until_ready(metrics["loss"])
             self.compile_s = time.time() - t0
@@ -188,7 +191,15 @@ class Trainer:
     def _log(self, info: StepInfo) -> None:
         if self.last.get("step") == info.step:
             return  # step 1 logged already (it is also a multiple of logging_steps)
-        m = dict(info.host_metrics())
+        # Step 1's row (logged always; TRL logs it only as a multiple of logging_steps) leaves the
+        # window open, so that the rows at multiples of logging_steps average what TRL's do.
+        extra = info.step == 1 and self.run.cfg.training.logging_steps > 1 and info.step != info.total
+        m = MetricWindow() if extra else self._metrics
+        if extra:
+            m.add(info.metrics)
+        m = m.row()
+        if not extra:
+            self._metrics.reset()
         if not math.isfinite(m["loss"]):
             raise JaxprefError(f"loss is {m['loss']} at step {info.step}; stopping (the last good "
                                f"checkpoint is kept in {self.run.store.dir})")

@@ -62,19 +62,22 @@ def micro_loss(lora, params, mb, ref_logps: jax.Array | None, bundle, ref_bundle
     spec = opts.spec
     method = get_method(spec.method)
     coef = bundle.router_aux_coef
-    out = token_logps(bundle, params, lora, mb, rngs=rngs, need_wpo=spec.use_weighting, router_aux=bool(coef))
+    stats_on = "entropy" in method.metrics   # TRL's entropy (and mean_token_accuracy): DPO's and KTO's
+    out = token_logps(bundle, params, lora, mb, rngs=rngs, need_wpo=spec.use_weighting, router_aux=bool(coef),
+                      need_stats=stats_on)
     logp, mean_logit, wpo = out[:3]
-    stats = pair_stats(logp, mean_logit, wpo, mb, opts.num_seqs)
+    stats = pair_stats(logp, mean_logit, wpo, mb, opts.num_seqs, *(out[3:5] if stats_on else ()))
     ref = None
     if method.needs_reference(spec):
         ref = reference_logps(opts, mb, ref_logps, bundle, params, ref_bundle, ref_params)
     red = reduce_of(mb)
     loss, metrics = method.loss(LossInputs(stats, ref, logp, mb, opts.num_seqs, red), spec)
-    if red.pair_w is not None:
-        metrics = {**metrics, "_real": (red.pair_w > 0).astype(jnp.float32)}
+    if red.pair_w is not None:   # a token budget's micro-batch: its pairs' groups' token totals
+        metrics = {**metrics, "_real": (red.pair_w > 0).astype(jnp.float32), "_pair_w": red.pair_w,
+                   "_group_tokens/chosen": mb.ntok_c, "_group_tokens/rejected": mb.ntok_r}
     if coef:   # as TRL: the policy forward's load-balancing loss, weighted, and logged as aux_loss
-        loss = loss + coef * out[3]
-        metrics = {**metrics, "aux_loss": out[3][None]}
+        loss = loss + coef * out[-1]
+        metrics = {**metrics, "aux_loss": out[-1][None]}
     return loss, metrics
 
 
@@ -87,21 +90,51 @@ class TrainState:
     rng: jax.Array
 
 
+# Metrics that are token means: name -> the `_tokens/` count it divides by (a method's loss gives
+# per-pair sums and counts).
+TOKEN_MEANS = {"logits/chosen": "chosen", "logits/rejected": "rejected", "entropy": "all",
+               "mean_token_accuracy": "chosen"}
+
+
 def reduce_metrics(m: dict) -> dict:
-    """Per-pair metric vectors (stacked over micro-batches) -> scalars with TRL's semantics
-    (means over the pair slots in use when `_real` marks them)."""
-    out = {}
-    tc = jnp.sum(m.pop("_tokens/chosen"))
-    tr = jnp.sum(m.pop("_tokens/rejected"))
+    """Per-pair metric vectors stacked over micro-batches ([G, ...]) -> scalars with TRL's
+    semantics: each micro-batch's mean (`logits/*`: its token mean), averaged over the
+    micro-batches, as TRL averages the values its `compute_loss` appends (`TOKEN_MEANS`). A metric with
+    `_present/<name>` [G, 1] averages the micro-batches where it is present only (KTO: one without
+    desirable completions appends no `rewards/chosen`), as do `logits/*` (micro-batches with
+    tokens). `_count/<name>`: the micro-batch values the mean holds (`window.MetricWindow` weighs
+    by it; 0: none, the metric is left out of the logged row). A token budget's micro-batches
+    (`_real`) are no TRL micro-batches: means over the step's pair slots in use, `logits/*`
+    over each pair's group (`_group_tokens/*`, `_pair_w`: 1/B a pair), as TRL's micro-batches."""
+    m = dict(m)
+    tok = {k: m.pop("_tokens/" + side) for k, side in TOKEN_MEANS.items() if "_tokens/" + side in m and k in m}
+    m = {k: v for k, v in m.items() if not k.startswith("_tokens/")}
+    present = {k[len("_present/"):]: m.pop(k) for k in [k for k in m if k.startswith("_present/")]}
     real = m.pop("_real", None)
-    mean = jnp.mean if real is None else (lambda v: jnp.sum(v * real) / jnp.maximum(jnp.sum(real), 1.0))
+    if real is not None:   # logits/*: each pair's share of its group's token mean, over the groups
+        real, groups = real.reshape(-1), jnp.sum(m.pop("_pair_w"))
+        gc, gr = m.pop("_group_tokens/chosen").reshape(-1), m.pop("_group_tokens/rejected").reshape(-1)
+        gtok = {k: {"chosen": gc, "rejected": gr, "all": gc + gr}[TOKEN_MEANS[k]] for k in tok}
+        out = {}
+        for k, v in m.items():
+            v = v.reshape(-1)
+            out[k] = (jnp.sum(v * real / jnp.maximum(gtok[k], 1.0)) / jnp.maximum(groups, 1e-9) if k in tok
+                      else jnp.sum(v * real) / jnp.maximum(jnp.sum(real), 1.0))
+            out["_count/" + k] = groups   # one value per group, as TRL's micro-batches
+        return out
+    out = {}
     for k, v in m.items():
-        if k == "logits/chosen":
-            out[k] = jnp.sum(v) / jnp.maximum(tc, 1.0)
-        elif k == "logits/rejected":
-            out[k] = jnp.sum(v) / jnp.maximum(tr, 1.0)
+        G = v.shape[0]
+        v = v.reshape(G, -1)
+        if k in tok:
+            t = jnp.sum(tok[k].reshape(G, -1), axis=1)
+            per, here = jnp.sum(v, axis=1) / jnp.maximum(t, 1.0), (t > 0).astype(jnp.float32)
         else:
-            out[k] = mean(v)
+            per = jnp.mean(v, axis=1)
+            here = present[k].reshape(G) if k in present else jnp.ones((G,), jnp.float32)
+        n = jnp.sum(here)
+        out[k] = jnp.sum(per * here) / jnp.maximum(n, 1.0)
+        out["_count/" + k] = n
     return out
 
 
@@ -145,7 +178,7 @@ def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransfor
         refs = ref_logps if ref_logps is not None else jnp.zeros((n_mb, opts.for_batch(batch).num_seqs), jnp.float32)
         (gsum, lsum), ms = jax.lax.scan(body, (zeros, 0.0), (batch, refs, jnp.arange(n_mb)))
         grads = jax.tree_util.tree_map(lambda g: g / G, gsum)
-        metrics = reduce_metrics({k: v.reshape(-1) if v.ndim > 1 else v for k, v in ms.items()})
+        metrics = reduce_metrics(ms)
         metrics["loss"] = lsum / G
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["learning_rate"] = schedule(state.step)
@@ -181,7 +214,7 @@ def make_eval_step(bundle, opts: StepOptions, ref_bundle=None):
 
         _, ms = jax.lax.scan(body, None, (batch, refs))
         loss = jnp.mean(ms.pop("loss"))
-        out = reduce_metrics({k: v.reshape(-1) for k, v in ms.items()})
+        out = reduce_metrics(ms)
         out["loss"] = loss
         return out
 

@@ -140,3 +140,14 @@ def logits_metrics(stats: PairStats) -> dict:
     """`logits/*` as per-pair sums with their token counts (the step divides them)."""
     return {"logits/chosen": stats.logit_sum_chosen, "logits/rejected": stats.logit_sum_rejected,
             "_tokens/chosen": stats.len_chosen, "_tokens/rejected": stats.len_rejected}
+
+
+def entropy_metrics(stats: PairStats, accuracy: bool = True) -> dict:
+    """TRL's `entropy` (over every scored completion token) and `mean_token_accuracy` (over the
+    chosen ones) as per-pair sums with their token counts (the step divides them). KTO: its
+    completion rows (the 'chosen' half) only, no accuracy."""
+    b = stats.len_chosen.shape[0]
+    if not accuracy:
+        return {"entropy": stats.ent_sum[:b], "_tokens/all": stats.len_chosen}
+    return {"entropy": stats.ent_sum[:b] + stats.ent_sum[b:], "_tokens/all": stats.len_chosen + stats.len_rejected,
+            "mean_token_accuracy": stats.top1_sum[:b]}

@@ -7,11 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 from jaxpref.errors import ConfigError
 from jaxpref.objectives import losses
 from jaxpref.objectives.losses import LossSpec
-from jaxpref.objectives.methods.base import LossInputs, Method
+from jaxpref.objectives.methods.base import LossInputs, Method, entropy_metrics
 
 
 @dataclass
@@ -31,7 +32,14 @@ def kto_loss(x: LossInputs, spec: LossSpec):
     m["logits/rejected"] = st.logit_sum_chosen * (1 - labels)
     m["_tokens/chosen"] = st.len_chosen * labels
     m["_tokens/rejected"] = st.len_chosen * (1 - labels)
-    return loss, m
+    # As TRL: a micro-batch without desirable (undesirable) completions logs no chosen (rejected)
+    # rewards and logps, and no margin (`step.reduce_metrics`).
+    has_c = (jnp.sum(labels) > 0).astype(jnp.float32)[None]
+    has_r = (jnp.sum(1 - labels) > 0).astype(jnp.float32)[None]
+    for k, here in (("rewards/chosen", has_c), ("logps/chosen", has_c), ("rewards/rejected", has_r),
+                    ("logps/rejected", has_r), ("rewards/margins", has_c * has_r)):
+        m["_present/" + k] = here
+    return loss, {**m, **entropy_metrics(st, accuracy=False)}
 
 
 def check(pt, loss_types: tuple[str, ...], src: str) -> None:
@@ -43,5 +51,5 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 KTO = Method("kto", KtoKeys, data="unpaired", loss_types=("kto", "apo_zero_unpaired"), default_loss_type="kto",
              reference=True, tokenization="dpo", loss=kto_loss,
              metrics=("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                      "logps/rejected", "logits/chosen", "logits/rejected"), check=check,
+                      "logps/rejected", "logits/chosen", "logits/rejected", "entropy"), check=check,
               paper=("KTO: Model Alignment as Prospect Theoretic Optimization", "2402.01306"))

@@ -1,0 +1,80 @@
+"""Logged rows over several steps and micro-batches equal TRL's, as its trainers average them:
+each metric over the micro-batches of the logging window (`logits/*` per micro-batch token mean,
+KTO's chosen / rejected metrics over the micro-batches that hold such completions, left out of a
+row whose window holds none), the loss over the window's steps, `grad_norm` and `learning_rate`
+the logging step's own. Sequential batches on both sides; tiny Llama, random LoRA."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import PAIRS
+from test_trl_trainers import KEYS, base_model, fresh_peft, ours, setup, trl_common  # noqa: F401
+
+ROW_KEYS = KEYS + ("grad_norm", "learning_rate", "logits/chosen", "logits/rejected", "num_tokens", "entropy")
+
+
+def trl_rows(trainer_cls, args, rows, tok, model, **kw) -> dict:
+    from datasets import Dataset
+
+    tr = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, **kw)
+    tr.train()
+    return {h["step"]: h for h in tr.state.log_history if "loss" in h}
+
+
+def our_rows(out) -> dict:
+    return {r["step"]: r for r in map(json.loads, (out / "tiny" / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_rows(mine: dict, theirs: dict, keys) -> None:
+    assert set(theirs) <= set(mine)
+    for step, t in theirs.items():
+        m = mine[step]
+        assert {k for k in keys if k in t} == {k for k in keys if k in m}, (step, sorted(t), sorted(m))
+        for k in keys:
+            if k in t:
+                assert m[k] == pytest.approx(t[k], rel=1e-4, abs=5e-6), (step, k, m[k], t[k])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_dpo_rows_average_the_window_and_micro_batches_as_trl(setup, tiny_llama):
+    from trl import DPOConfig, DPOTrainer
+
+    tmp, tok, adapter, pairs, _ = setup
+    training = {"max_steps": 2, "logging_steps": 2, "gradient_accumulation_steps": 2,
+                "train_sampling_strategy": "sequential"}
+    args = {**trl_common(tmp), "per_device_train_batch_size": 1, **training}
+    theirs = trl_rows(DPOTrainer, DPOConfig(**args), pairs, tok, fresh_peft(tiny_llama, adapter),
+                      ref_model=base_model(tiny_llama))
+    ours(tmp, tiny_llama, tmp / "pairs.jsonl", adapter, "dpo", batch=1, tag="_window", training=training,
+         use_ref_model=True)
+    mine = our_rows(tmp / "out_dpo_window")
+    assert sorted(mine) == [1, 2] and list(theirs) == [2]
+    assert abs(theirs[2]["logits/chosen"]) > 0
+    assert_rows(mine, theirs, ROW_KEYS + ("mean_token_accuracy",))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_kto_rows_leave_out_what_a_window_lacks_as_trl(setup, tiny_llama):
+    """KTO, 2 completions per step (desirable: both, one, both, none): a metric that no
+    micro-batch of the window has is left out of the row (the margin needs both kinds in one
+    micro-batch; step 1's own row has no undesirable completion), the others are averaged over the
+    micro-batches that have them."""
+    from trl import KTOConfig, KTOTrainer
+
+    tmp, tok, adapter, _, _ = setup
+    labels = [True, True, False, True, True, True, False, False]
+    rows = [{"prompt": p, "completion": " " + (c if ok else r), "label": ok}
+            for (p, c, r), ok in zip(PAIRS, labels)]
+    path = tmp / "kto_window.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    training = {"max_steps": 4, "logging_steps": 2}
+    args = {**trl_common(tmp), "per_device_train_batch_size": 2, **training}
+    theirs = trl_rows(KTOTrainer, KTOConfig(**args), rows, tok, fresh_peft(tiny_llama, adapter),
+                      ref_model=base_model(tiny_llama))
+    ours(tmp, tiny_llama, path, adapter, "kto", batch=2, tag="_window", training=training, use_ref_model=True)
+    mine = our_rows(tmp / "out_kto_window")
+    assert "rewards/rejected" not in mine[1] and "rewards/margins" not in mine[1]
+    assert "rewards/margins" not in theirs[4] and "rewards/chosen" in theirs[4]   # steps 3-4: no pair of both
+    assert_rows(mine, theirs, ROW_KEYS + ("kl",))
