@@ -282,3 +282,33 @@ def test_greedy_with_repetition_penalty_matches_transformers_generate(tiny):
                                   pad_token_id=0)[0, len(p):].tolist()
         assert o.ids == want
     assert [o.ids for o in outs] != [o.ids for o in plain]   # the penalty changed what was generated
+
+
+@pytest.mark.parametrize("case", ["config_json_list", "config_json_one", "generation_config_list",
+                                  "generation_config_without_eos"])
+def test_eos_ids_are_the_ones_transformers_generate_stops_at(case, tmp_path):
+    """A model folder without generation_config.json: transformers' `generate` stops at
+    config.json's eos ids (`GenerationConfig.from_model_config`), not only at the tokenizer's."""
+    from conftest import save_tiny_llama
+
+    save_tiny_llama(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    gen_file = tmp_path / "generation_config.json"
+    gen_file.unlink()
+    if case == "config_json_list":
+        cfg["eos_token_id"] = [5, tok.eos_token_id, 5]
+    elif case == "config_json_one":
+        cfg["eos_token_id"] = 7
+    elif case == "generation_config_list":
+        gen_file.write_text(json.dumps({"eos_token_id": [9, 8]}))
+        cfg["eos_token_id"] = 7
+    else:
+        gen_file.write_text(json.dumps({"bos_token_id": 1}))
+        cfg["eos_token_id"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generation_config.eos_token_id
+    want = tok.eos_token_id if hf is None else hf   # none named: the tokenizer's
+    want = list(dict.fromkeys(want if isinstance(want, list) else [want]))
+    assert list(text.eos_ids(tmp_path, tok)) == want
+    assert case == "generation_config_without_eos" or want != [tok.eos_token_id]

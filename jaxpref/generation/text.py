@@ -68,20 +68,27 @@ def user_prompt(tok, text: str):
 
 
 def eos_ids(model_dir: Path, tok) -> tuple[int, ...]:
-    """The ids that end a completion: `eos_token_id` of the model's generation_config.json (an id
-    or a list) when the file is there and names one, else the tokenizer's eos id."""
-    file = Path(model_dir) / "generation_config.json"
-    ids = None
-    if file.is_file():
-        try:
-            ids = json.loads(file.read_text()).get("eos_token_id")
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{file}: unreadable ({e})")
+    """The ids that end a completion, those of transformers' `model.generation_config`: the
+    `eos_token_id` (an id or a list) of the model's generation_config.json when the file is there,
+    else of its config.json (as `GenerationConfig.from_model_config` reads it); the tokenizer's
+    eos id when that names none."""
+    gen, cfg = Path(model_dir) / "generation_config.json", Path(model_dir) / "config.json"
+    ids = _read_json(gen if gen.is_file() else cfg).get("eos_token_id") if gen.is_file() or cfg.is_file() else None
     if ids is None:
         ids = tok.eos_token_id
     if ids is None:
         return ()
     return tuple(dict.fromkeys(int(i) for i in (ids if isinstance(ids, list) else [ids])))
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        out = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: unreadable ({e})")
+    if not isinstance(out, dict):
+        raise ConfigError(f"{file}: a JSON {type(out).__name__}, expected an object")
+    return out
 
 
 def cut_at_stop(tok, ids: list[int], stops: list[str]) -> list[int]:
