@@ -131,7 +131,7 @@ def generate(cfg, args) -> list[dict]:
     rows = []
     for i, prompt in enumerate(shown):
         for name, _ in runs:
-            out = text.cut_at_stop(tok, results[name][i].ids, args.stop)
+            out = text.cut_at_stop(tok, results[name][i].ids, args.stop, ids[i])
             rows.append({"prompt": prompt, "completion": text.completion_text(tok, out),
                          "completion_ids": out, "model": name})
     tokens = sum(len(r["completion_ids"]) for r in rows)

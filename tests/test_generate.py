@@ -312,3 +312,37 @@ def test_eos_ids_are_the_ones_transformers_generate_stops_at(case, tmp_path):
     want = list(dict.fromkeys(want if isinstance(want, list) else [want]))
     assert list(text.eos_ids(tmp_path, tok)) == want
     assert case == "generation_config_without_eos" or want != [tok.eos_token_id]
+
+
+STOP_CASES = [  # (prompt, completion, stop strings): inside the completion, or begun in the prompt
+    ("Question: what colour is the sky?\nAnswer:", " The sky is blue.\n\nQuestion: and the grass?\nAnswer: green.",
+     [["\n\n"], ["blue"], [" blue."], ["ue.\n"], ["Answer:"], ["Question:", "grass"], ["nope"], ["e"]]),
+    ("Answer: the sky", " is blue. It is", [[" sky is"], ["sky"], ["is"]]),
+    ("Q: hi\n", "\nA: hello\n\nB", [["\n\n"], ["hi\n\nA"]]),
+]
+
+
+def test_stop_strings_cut_where_transformers_stops():
+    """`--stop`: the completion ends with the token at which transformers' `StopStringCriteria`
+    (run on prompt + completion, token by token) stops generating, a stop string begun in the
+    prompt included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [p + c for p, c, _ in STOP_CASES] * 8
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    spanning = 0
+    for prompt, completion, stop_lists in STOP_CASES:
+        p, c = tok(prompt)["input_ids"], tok(completion)["input_ids"]
+        for stops in stop_lists:
+            crit = StopStringCriteria(tok, stops)
+            n = next((i for i in range(1, len(c) + 1) if crit(torch.tensor([p + c[:i]]), None)[0]), len(c))
+            assert text.cut_at_stop(tok, c, stops, p) == c[:n], (prompt, stops)
+            spanning += text.cut_at_stop(tok, c, stops) != c[:n]   # the completion's text alone
+    assert spanning >= 3

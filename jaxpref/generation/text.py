@@ -91,15 +91,22 @@ def _read_json(file: Path) -> dict:
     return out
 
 
-def cut_at_stop(tok, ids: list[int], stops: list[str]) -> list[int]:
-    """`ids` up to and including the token that completes the first stop string in the decoded
-    text (as transformers' `stop_strings` stops), or `ids` unchanged."""
-    if not stops or not any(s in tok.decode(ids) for s in stops):
+def cut_at_stop(tok, ids: list[int], stops: list[str], prompt_ids: list[int] = ()) -> list[int]:
+    """`ids` up to and including the token that completes the first stop string, or `ids`
+    unchanged: as transformers' `stop_strings` stop, a stop string counts when it ends in the
+    completion, and it may begin in the prompt (`prompt_ids`) it follows."""
+    head = len(tok.decode(list(prompt_ids))) if prompt_ids else 0
+
+    def stopped(n: int) -> bool:
+        seen = tok.decode([*prompt_ids, *ids[:n]])
+        return any(seen.find(s, max(0, head - len(s) + 1)) >= 0 for s in stops)
+
+    if not stops or not stopped(len(ids)):
         return ids
     lo, hi = 1, len(ids)   # the shortest prefix whose text holds a stop string
     while lo < hi:
         mid = (lo + hi) // 2
-        if any(s in tok.decode(ids[:mid]) for s in stops):
+        if stopped(mid):
             hi = mid
         else:
             lo = mid + 1
