@@ -134,6 +134,10 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ('{"prompt": "ok"}', ["--temperature", "-1"], "--temperature must be >= 0"),
     ('{"prompt": "ok"}', ["--top-p", "0"], "--top-p must be in (0, 1]"),
     ('{"prompt": "ok"}', ["--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+    # parsed and ignored before: greedy decoding draws nothing (transformers only warns)
+    ('{"prompt": "ok"}', ["--top-p", "0.5", "--min-p", "0.1"],
+     "--top-p 0.5, --min-p 0.1: sampling options, but --temperature 0 decodes greedily"),
+    ('{"prompt": "ok"}', ["--temperature", "0", "--top-k", "5"], "--top-k 5: sampling options"),
     ('{"prompt": "ok"}', ["--base-too"], "--base-too compares against an adapter"),
     ('{"prompt": "ok"}', ["--stop", "</s>", "--stop", ""], "--stop is an empty string"),
     ('{"prompt": "ok"}', ["--run", "nowhere"], "--run nowhere: no adapter/adapter_config.json"),
