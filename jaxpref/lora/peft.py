@@ -139,6 +139,10 @@ _UNSUPPORTED = {
     "modules_to_save": (None, []),
     "layer_replication": (None,),
     "trainable_token_indices": (None,),
+    "bias": ("none", None),                      # PEFT trains (and saves) the base model's biases
+    # LoRA variants with their own forward (PEFT's lora/variants.py):
+    "alora_invocation_tokens": (None, []), "use_qalora": (False, None), "use_bdlora": (None,),
+    "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,), "monteclora_config": (None,),
 }
 
 
