@@ -183,9 +183,9 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
 
 def reference(cfg, index: int, bundle, params, abstract, tok):
     """(bundle, params, LoRA tree or None) of the reference, as in training: the separate
-    `ref_model_id` with `use_ref_model`; else, for a config that continues `lora.init_from`'s
-    adapter, the base with that initial adapter (TRL's reference for an adapter it is given);
-    else the base model (the adapter off)."""
+    `ref_model_id` with `use_ref_model` (the base model when it names none); else, for a config
+    that continues `lora.init_from`'s adapter, the base with that initial adapter (TRL's reference
+    for an adapter it is given); else the base model (the adapter off)."""
     from jaxpref.lora.peft import load_adapter
     from jaxpref.models import weights
     from jaxpref.models.source import load_tokenizer, resolve
@@ -198,7 +198,7 @@ def reference(cfg, index: int, bundle, params, abstract, tok):
             raise ConfigError(f"{cfg.source}: reference model `{entry.ref_model_id}` has a different tokenizer from the policy")
         ref_bundle = setup.reference_bundle(cfg, rsrc)
         return ref_bundle, ref_bundle.runtime_params(weights.load_params(ref_bundle)), None
-    if cfg.lora.init_from and not pt.reference_free:
+    if cfg.lora.init_from and not pt.reference_free and not pt.use_ref_model:   # training's `initial_adapter`
         lora, spec = load_adapter(Path(cfg.lora.init_from), bundle, abstract)
         return bundle.with_args(lora_scale=spec.scale, lora_dropout=0.0, deterministic=True), params, lora
     return bundle, params, None

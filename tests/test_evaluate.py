@@ -270,6 +270,13 @@ def test_config_continuing_an_adapter_is_evaluated_against_it_as_trl_does(setup,
                               "--output", str(out)]) == 0
         summaries.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert summaries[0]["rewards/chosen"] == summaries[0]["rewards/rejected"] == 0.0   # policy = reference
+    # `use_ref_model` (no ref_model_id): training's reference is a copy of the base, and so is evaluate's.
+    for conf, sets in ((config, []), (tmp_path / "c.yaml", ["--set", "post_training.use_ref_model=true"])):
+        out.unlink(missing_ok=True)
+        assert evaluate.main(["--config", str(conf), "--adapter", str(initial), "--split", "train",
+                              "--output", str(out), *sets]) == 0
+        summaries.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert summaries[2]["rewards/margins"] == pytest.approx(summaries[3]["rewards/margins"], abs=1e-6) != 0.0
 
     rows = [r for r in ROWS if r["chosen"] != r["rejected"]]   # the pair jaxpref counts as skipped
     base = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
