@@ -637,3 +637,22 @@ def test_peft_lora_variants_with_their_own_forward_are_refused(kw, needle, tmp_p
     bundle = build(resolve(str(tmp_path / "base")))
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_adapter(tmp_path / "variant", bundle, bundle.abstract_params())
+
+
+def test_adapter_names_the_base_revision_peft_loads(tmp_path):
+    """A hub model pinned at `models[i].revision`: the adapter's `revision` is it, which
+    `AutoPeftModelForCausalLM` passes to the base's from_pretrained (it was always null: PEFT
+    would load the base's main branch)."""
+    from conftest import save_tiny_llama
+    from jaxpref.models.source import resolve
+    from jaxpref.models.weights import build
+
+    save_tiny_llama(tmp_path / "base")
+    bundle = build(resolve(str(tmp_path / "base")))
+    spec = LoraSpec(r=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    lora = init_lora(bundle.abstract_params(), spec, jax.random.PRNGKey(0), "test")
+    for revision in (None, "0123abc"):
+        bundle.source.revision = revision
+        out = save_adapter(tmp_path / f"adapter_{revision}", bundle, lora, spec, "org/tiny-llama")
+        config = peft.PeftConfig.from_pretrained(out)
+        assert (config.base_model_name_or_path, config.revision) == ("org/tiny-llama", revision)

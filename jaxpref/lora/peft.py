@@ -111,7 +111,7 @@ def _write_adapter(tmp: Path, bundle, lora, spec, base_model, tokenizer, save_fi
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_dora": False,
-        "revision": None,
+        "revision": bundle.source.revision,   # the base's hub revision: AutoPeftModel loads that one
     }
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
