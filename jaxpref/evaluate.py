@@ -8,7 +8,9 @@ summed over completion tokens), `ref_logps/chosen`, `ref_logps/rejected`, `rewar
 
 The policy is the base model, or base + `--adapter` (a PEFT LoRA folder, e.g. a run's
 `adapter/`). The reference is the base model with the adapter off, or the separate reference
-model when `post_training.use_ref_model` is set; `reference_free` makes it 0.
+model when `post_training.use_ref_model` is set, or for a config continuing `lora.init_from`'s
+adapter the base with that adapter (its training's reference, as TRL's); `reference_free`
+makes it 0.
 """
 from __future__ import annotations
 
@@ -114,7 +116,6 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
     from jaxpref.data import prepare
     from jaxpref.training import setup
     from jaxpref.models import weights
-    from jaxpref.models.source import load_tokenizer, resolve
     from jaxpref.objectives.logps import sequence_logps
 
     entry = cfg.models[index]
@@ -147,18 +148,12 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
     if by_default:
         print(f"jaxpref.evaluate: note: {cfg.source} has no eval split (`dataset.eval_split` or "
               "`dataset.eval_fraction`); evaluating on the train split", file=sys.stderr)
-    ref_bundle, ref_params = bundle, params
-    if pt.use_ref_model and entry.ref_model_id and entry.ref_model_id != entry.huggingface_id:
-        rsrc = resolve(entry.ref_model_id)
-        if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
-            raise ConfigError(f"{cfg.source}: reference model `{entry.ref_model_id}` has a different tokenizer from the policy")
-        ref_bundle = setup.reference_bundle(cfg, rsrc)
-        ref_params = ref_bundle.runtime_params(weights.load_params(ref_bundle))
+    ref_bundle, ref_params, ref_lora = reference(cfg, index, bundle, params, abstract, tok)
 
     B = cfg.training.per_device_eval_batch_size
     S = 2 * B
     policy_fn = jax.jit(lambda p, lo, mb: sequence_logps(bundle, p, lo, mb, S))
-    ref_fn = jax.jit(lambda p, mb: sequence_logps(ref_bundle, p, None, mb, S))
+    ref_fn = jax.jit(lambda p, lo, mb: sequence_logps(ref_bundle, p, lo, mb, S))
     beta = pt.beta
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -168,10 +163,10 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
             pol = np.asarray(policy_fn(params, lora, mb), np.float64)
             if pt.reference_free:
                 ref = np.zeros_like(pol)
-            elif lora is None and ref_bundle is bundle:
+            elif lora is None and ref_lora is None and ref_bundle is bundle:
                 ref = pol  # no adapter: the policy is the reference
             else:
-                ref = np.asarray(ref_fn(ref_params, mb), np.float64)
+                ref = np.asarray(ref_fn(ref_params, ref_lora, mb), np.float64)
             for k, i in enumerate(real):
                 row = {
                     "index": int(data.source[i]) if data.source else int(i),
@@ -184,6 +179,29 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
                 f.write(json.dumps(row) + "\n")
     tmp.replace(output)
     return summarize(rows, split, rows_in, skipped, output)
+
+
+def reference(cfg, index: int, bundle, params, abstract, tok):
+    """(bundle, params, LoRA tree or None) of the reference, as in training: the separate
+    `ref_model_id` with `use_ref_model` (the base model when it names none); else, for a config
+    that continues `lora.init_from`'s adapter, the base with that initial adapter (TRL's reference
+    for an adapter it is given); else the base model (the adapter off)."""
+    from jaxpref.lora.peft import load_adapter
+    from jaxpref.models import weights
+    from jaxpref.models.source import load_tokenizer, resolve
+    from jaxpref.training import setup
+
+    entry, pt = cfg.models[index], cfg.post_training
+    if pt.use_ref_model and entry.ref_model_id and entry.ref_model_id != entry.huggingface_id:
+        rsrc = resolve(entry.ref_model_id)
+        if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
+            raise ConfigError(f"{cfg.source}: reference model `{entry.ref_model_id}` has a different tokenizer from the policy")
+        ref_bundle = setup.reference_bundle(cfg, rsrc)
+        return ref_bundle, ref_bundle.runtime_params(weights.load_params(ref_bundle)), None
+    if cfg.lora.init_from and not pt.reference_free and not pt.use_ref_model:   # training's `initial_adapter`
+        lora, spec = load_adapter(Path(cfg.lora.init_from), bundle, abstract)
+        return bundle.with_args(lora_scale=spec.scale, lora_dropout=0.0, deterministic=True), params, lora
+    return bundle, params, None
 
 
 def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output: Path) -> dict:

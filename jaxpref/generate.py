@@ -60,7 +60,12 @@ def check_options(args) -> None:
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value <= 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
-    Sampling(args.temperature, args.top_p, args.top_k, args.min_p).check()
+    s = Sampling(args.temperature, args.top_p, args.top_k, args.min_p).check()
+    unused = [f"--{k.replace('_', '-')} {v}" for k, v, off in (("top_p", s.top_p, 1.0), ("top_k", s.top_k, 0),
+                                                               ("min_p", s.min_p, 0.0)) if v != off]
+    if s.greedy and unused:
+        raise ConfigError(f"{', '.join(unused)}: sampling options, but --temperature 0 decodes greedily; "
+                          "give --temperature > 0 to sample, or leave them out")
     if any(stop == "" for stop in args.stop):
         raise ConfigError("--stop is an empty string, which every completion contains at once; give the text to stop at")
     if args.base_too and not (args.run or args.adapter):
@@ -131,7 +136,7 @@ def generate(cfg, args) -> list[dict]:
     rows = []
     for i, prompt in enumerate(shown):
         for name, _ in runs:
-            out = text.cut_at_stop(tok, results[name][i].ids, args.stop)
+            out = text.cut_at_stop(tok, results[name][i].ids, args.stop, ids[i])
             rows.append({"prompt": prompt, "completion": text.completion_text(tok, out),
                          "completion_ids": out, "model": name})
     tokens = sum(len(r["completion_ids"]) for r in rows)

@@ -240,3 +240,53 @@ def test_existing_output_is_refused_unless_overwrite(setup, monkeypatch, capsys)
     assert evaluate.main(["--config", str(config), "--output", str(out), "--max-examples", "2",
                           "--overwrite"]) == 0
     assert len(out.read_text().splitlines()) == 2
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_config_continuing_an_adapter_is_evaluated_against_it_as_trl_does(setup, monkeypatch, capsys, tmp_path):
+    """`lora.init_from`: training's reference is the initial adapter (TRL's, for a PEFT model it
+    is given); `evaluate` used the base model. Oracle: DPOTrainer.evaluate() with the initial
+    adapter as its reference and the evaluated adapter's weights as the policy."""
+    import peft
+    from datasets import Dataset
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    config, model, _, initial, tok, root = setup
+    torch.manual_seed(7)
+    moved = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    moved.save_pretrained(tmp_path / "moved")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["lora"]["init_from"] = str(initial)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(root)
+    out = tmp_path / "o.jsonl"
+    summaries = []
+    for policy in (initial, tmp_path / "moved"):
+        out.unlink(missing_ok=True)
+        assert evaluate.main(["--config", str(tmp_path / "c.yaml"), "--adapter", str(policy), "--split", "train",
+                              "--output", str(out)]) == 0
+        summaries.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert summaries[0]["rewards/chosen"] == summaries[0]["rewards/rejected"] == 0.0   # policy = reference
+    # `use_ref_model` (no ref_model_id): training's reference is a copy of the base, and so is evaluate's.
+    for conf, sets in ((config, []), (tmp_path / "c.yaml", ["--set", "post_training.use_ref_model=true"])):
+        out.unlink(missing_ok=True)
+        assert evaluate.main(["--config", str(conf), "--adapter", str(initial), "--split", "train",
+                              "--output", str(out), *sets]) == 0
+        summaries.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert summaries[2]["rewards/margins"] == pytest.approx(summaries[3]["rewards/margins"], abs=1e-6) != 0.0
+
+    rows = [r for r in ROWS if r["chosen"] != r["rejected"]]   # the pair jaxpref counts as skipped
+    base = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
+    trainer = DPOTrainer(model=peft.PeftModel.from_pretrained(base, initial, is_trainable=True),
+                         args=DPOConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=1, report_to=[],
+                                        use_cpu=True, max_length=64, beta=BETA, bf16=False),
+                         train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
+    peft.set_peft_model_state_dict(trainer.model, load_file(tmp_path / "moved" / "adapter_model.safetensors"))
+    theirs = trainer.evaluate()
+    assert abs(theirs["eval_rewards/margins"]) > 1e-3
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert summaries[1][key] == pytest.approx(theirs[f"eval_{key}"], rel=1e-4, abs=1e-6), key

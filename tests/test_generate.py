@@ -282,3 +282,67 @@ def test_greedy_with_repetition_penalty_matches_transformers_generate(tiny):
                                   pad_token_id=0)[0, len(p):].tolist()
         assert o.ids == want
     assert [o.ids for o in outs] != [o.ids for o in plain]   # the penalty changed what was generated
+
+
+@pytest.mark.parametrize("case", ["config_json_list", "config_json_one", "generation_config_list",
+                                  "generation_config_without_eos"])
+def test_eos_ids_are_the_ones_transformers_generate_stops_at(case, tmp_path):
+    """A model folder without generation_config.json: transformers' `generate` stops at
+    config.json's eos ids (`GenerationConfig.from_model_config`), not only at the tokenizer's."""
+    from conftest import save_tiny_llama
+
+    save_tiny_llama(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    gen_file = tmp_path / "generation_config.json"
+    gen_file.unlink()
+    if case == "config_json_list":
+        cfg["eos_token_id"] = [5, tok.eos_token_id, 5]
+    elif case == "config_json_one":
+        cfg["eos_token_id"] = 7
+    elif case == "generation_config_list":
+        gen_file.write_text(json.dumps({"eos_token_id": [9, 8]}))
+        cfg["eos_token_id"] = 7
+    else:
+        gen_file.write_text(json.dumps({"bos_token_id": 1}))
+        cfg["eos_token_id"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generation_config.eos_token_id
+    want = tok.eos_token_id if hf is None else hf   # none named: the tokenizer's
+    want = list(dict.fromkeys(want if isinstance(want, list) else [want]))
+    assert list(text.eos_ids(tmp_path, tok)) == want
+    assert case == "generation_config_without_eos" or want != [tok.eos_token_id]
+
+
+STOP_CASES = [  # (prompt, completion, stop strings): inside the completion, or begun in the prompt
+    ("Question: what colour is the sky?\nAnswer:", " The sky is blue.\n\nQuestion: and the grass?\nAnswer: green.",
+     [["\n\n"], ["blue"], [" blue."], ["ue.\n"], ["Answer:"], ["Question:", "grass"], ["nope"], ["e"]]),
+    ("Answer: the sky", " is blue. It is", [[" sky is"], ["sky"], ["is"]]),
+    ("Q: hi\n", "\nA: hello\n\nB", [["\n\n"], ["hi\n\nA"]]),
+]
+
+
+def test_stop_strings_cut_where_transformers_stops():
+    """`--stop`: the completion ends with the token at which transformers' `StopStringCriteria`
+    (run on prompt + completion, token by token) stops generating, a stop string begun in the
+    prompt included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [p + c for p, c, _ in STOP_CASES] * 8
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    spanning = 0
+    for prompt, completion, stop_lists in STOP_CASES:
+        p, c = tok(prompt)["input_ids"], tok(completion)["input_ids"]
+        for stops in stop_lists:
+            crit = StopStringCriteria(tok, stops)
+            n = next((i for i in range(1, len(c) + 1) if crit(torch.tensor([p + c[:i]]), None)[0]), len(c))
+            assert text.cut_at_stop(tok, c, stops, p) == c[:n], (prompt, stops)
+            spanning += text.cut_at_stop(tok, c, stops) != c[:n]   # the completion's text alone
+    assert spanning >= 3

@@ -134,6 +134,10 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ('{"prompt": "ok"}', ["--temperature", "-1"], "--temperature must be >= 0"),
     ('{"prompt": "ok"}', ["--top-p", "0"], "--top-p must be in (0, 1]"),
     ('{"prompt": "ok"}', ["--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+    # parsed and ignored before: greedy decoding draws nothing (transformers only warns)
+    ('{"prompt": "ok"}', ["--top-p", "0.5", "--min-p", "0.1"],
+     "--top-p 0.5, --min-p 0.1: sampling options, but --temperature 0 decodes greedily"),
+    ('{"prompt": "ok"}', ["--temperature", "0", "--top-k", "5"], "--top-k 5: sampling options"),
     ('{"prompt": "ok"}', ["--base-too"], "--base-too compares against an adapter"),
     ('{"prompt": "ok"}', ["--stop", "</s>", "--stop", ""], "--stop is an empty string"),
     ('{"prompt": "ok"}', ["--run", "nowhere"], "--run nowhere: no adapter/adapter_config.json"),
@@ -184,3 +188,21 @@ def test_prompt_past_a_learned_position_table_is_refused(tmp_path):
     generate.check_lengths(bundle, [[5] * 40], 24)   # 64 positions: fits
     with pytest.raises(ConfigError, match=r"40 tokens \+ --max-new-tokens 25 exceeds the model's 64 positions"):
         generate.check_lengths(bundle, [[5] * 40], 25)
+
+
+def test_cli_stop_string_ends_the_completion_at_its_token(setup, tmp_path):
+    """`--stop WORD`: each completion is transformers' greedy one up to its first token whose text
+    holds the word (transformers' `StopStringCriteria` cannot read this word-level vocabulary:
+    its byte-level BPE counterpart is `test_stop_strings_cut_where_transformers_stops`)."""
+    root, cfg, _, model, _, tok = setup
+    ids = [text.prompt_ids(tok, q) for q in PROMPTS]
+    eos = text.eos_ids(root / "model", tok)
+    free = [_until_eos(x, eos) for x in hf_greedy(model, ids, 16, eos=list(eos))]
+    word = tok.decode([free[0][3]])   # a word the first completion reaches after a few tokens
+    out = tmp_path / "stop.jsonl"
+    p = _cli("--config", cfg, "--prompts", root / "prompts.jsonl", "--stop", word, "--max-new-tokens", 16,
+             "--output", out, cwd=root)
+    assert p.returncode == 0, p.stderr
+    ends = [next((i + 1 for i, t in enumerate(x) if word in tok.decode([t])), len(x)) for x in free]
+    got = [r["completion_ids"] for r in _lines(out)]
+    assert got == [x[:n] for x, n in zip(free, ends)] and len(got[0]) <= 4

@@ -607,3 +607,52 @@ def test_cli_train_export_and_continue(tmp_path, tiny_llama, tiny_pairs):
     p = _cli("jaxpref.export", "--run", tmp_path / "cut", "--adapter-out", tmp_path / "again", cwd=tmp_path)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "not a readable safetensors file" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"alora_invocation_tokens": [5, 6]}, "`alora_invocation_tokens: [5, 6]` is not supported"),
+    ({"bias": "lora_only"}, '`bias: "lora_only"` is not supported'),
+])
+def test_peft_lora_variants_with_their_own_forward_are_refused(kw, needle, tmp_path):
+    """An aLoRA adapter (PEFT applies it only after its invocation tokens) was loaded as a plain
+    LoRA, and PEFT's `bias` training too: another model than PEFT's, silently."""
+    import copy
+
+    from conftest import save_tiny_llama
+    from jaxpref.models.source import resolve
+    from jaxpref.models.weights import build
+
+    save_tiny_llama(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config, **kw)).eval()
+    pm.save_pretrained(tmp_path / "variant")
+    if "alora_invocation_tokens" in kw:   # PEFT's model is not the plain LoRA of the same tensors
+        ids = torch.tensor([[1, 10, 11, 12, 5, 6, 13, 14]])
+        torch.manual_seed(0)
+        plain = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config)).eval()
+        with torch.no_grad():
+            assert (pm(ids).logits - plain(ids).logits).abs().max() > 1e-2
+    bundle = build(resolve(str(tmp_path / "base")))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_adapter(tmp_path / "variant", bundle, bundle.abstract_params())
+
+
+def test_adapter_names_the_base_revision_peft_loads(tmp_path):
+    """A hub model pinned at `models[i].revision`: the adapter's `revision` is it, which
+    `AutoPeftModelForCausalLM` passes to the base's from_pretrained (it was always null: PEFT
+    would load the base's main branch)."""
+    from conftest import save_tiny_llama
+    from jaxpref.models.source import resolve
+    from jaxpref.models.weights import build
+
+    save_tiny_llama(tmp_path / "base")
+    bundle = build(resolve(str(tmp_path / "base")))
+    spec = LoraSpec(r=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    lora = init_lora(bundle.abstract_params(), spec, jax.random.PRNGKey(0), "test")
+    for revision in (None, "0123abc"):
+        bundle.source.revision = revision
+        out = save_adapter(tmp_path / f"adapter_{revision}", bundle, lora, spec, "org/tiny-llama")
+        config = peft.PeftConfig.from_pretrained(out)
+        assert (config.base_model_name_or_path, config.revision) == ("org/tiny-llama", revision)

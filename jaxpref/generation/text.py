@@ -68,15 +68,12 @@ def user_prompt(tok, text: str):
 
 
 def eos_ids(model_dir: Path, tok) -> tuple[int, ...]:
-    """The ids that end a completion: `eos_token_id` of the model's generation_config.json (an id
-    or a list) when the file is there and names one, else the tokenizer's eos id."""
-    file = Path(model_dir) / "generation_config.json"
-    ids = None
-    if file.is_file():
-        try:
-            ids = json.loads(file.read_text()).get("eos_token_id")
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{file}: unreadable ({e})")
+    """The ids that end a completion, those of transformers' `model.generation_config`: the
+    `eos_token_id` (an id or a list) of the model's generation_config.json when the file is there,
+    else of its config.json (as `GenerationConfig.from_model_config` reads it); the tokenizer's
+    eos id when that names none."""
+    gen, cfg = Path(model_dir) / "generation_config.json", Path(model_dir) / "config.json"
+    ids = _read_json(gen if gen.is_file() else cfg).get("eos_token_id") if gen.is_file() or cfg.is_file() else None
     if ids is None:
         ids = tok.eos_token_id
     if ids is None:
@@ -84,15 +81,32 @@ def eos_ids(model_dir: Path, tok) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in (ids if isinstance(ids, list) else [ids])))
 
 
-def cut_at_stop(tok, ids: list[int], stops: list[str]) -> list[int]:
-    """`ids` up to and including the token that completes the first stop string in the decoded
-    text (as transformers' `stop_strings` stops), or `ids` unchanged."""
-    if not stops or not any(s in tok.decode(ids) for s in stops):
+def _read_json(file: Path) -> dict:
+    try:
+        out = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: unreadable ({e})")
+    if not isinstance(out, dict):
+        raise ConfigError(f"{file}: a JSON {type(out).__name__}, expected an object")
+    return out
+
+
+def cut_at_stop(tok, ids: list[int], stops: list[str], prompt_ids: list[int] = ()) -> list[int]:
+    """`ids` up to and including the token that completes the first stop string, or `ids`
+    unchanged: as transformers' `stop_strings` stop, a stop string counts when it ends in the
+    completion, and it may begin in the prompt (`prompt_ids`) it follows."""
+    head = len(tok.decode(list(prompt_ids))) if prompt_ids else 0
+
+    def stopped(n: int) -> bool:
+        seen = tok.decode([*prompt_ids, *ids[:n]])
+        return any(seen.find(s, max(0, head - len(s) + 1)) >= 0 for s in stops)
+
+    if not stops or not stopped(len(ids)):
         return ids
     lo, hi = 1, len(ids)   # the shortest prefix whose text holds a stop string
     while lo < hi:
         mid = (lo + hi) // 2
-        if any(s in tok.decode(ids[:mid]) for s in stops):
+        if stopped(mid):
             hi = mid
         else:
             lo = mid + 1

@@ -111,7 +111,7 @@ def _write_adapter(tmp: Path, bundle, lora, spec, base_model, tokenizer, save_fi
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_dora": False,
-        "revision": None,
+        "revision": bundle.source.revision,   # the base's hub revision: AutoPeftModel loads that one
     }
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
@@ -139,6 +139,10 @@ _UNSUPPORTED = {
     "modules_to_save": (None, []),
     "layer_replication": (None,),
     "trainable_token_indices": (None,),
+    "bias": ("none", None),                      # PEFT trains (and saves) the base model's biases
+    # LoRA variants with their own forward (PEFT's lora/variants.py):
+    "alora_invocation_tokens": (None, []), "use_qalora": (False, None), "use_bdlora": (None,),
+    "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,), "monteclora_config": (None,),
 }
 
 
