@@ -23,9 +23,9 @@ def adapter(run: Path) -> dict:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-def cfg_for(tmp_path, tiny_llama, tiny_pairs, **extra):
+def cfg_for(tmp_path, tiny_llama, tiny_pairs, logging_steps: int = 1, **extra):
     return write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
-                        training={"max_steps": 6, "logging_steps": 1, "learning_rate": 5e-3,
+                        training={"max_steps": 6, "logging_steps": logging_steps, "learning_rate": 5e-3,
                                   "warmup_steps": 2, "per_device_train_batch_size": 2},
                         lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
                               "lora_dropout": 0.1},
@@ -42,7 +42,9 @@ def forget_after(run: Path, step: int) -> None:
 
 
 def test_resume_is_exact(tmp_path, tiny_llama, tiny_pairs, capsys):
-    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs)
+    """Stopped after step 3 and resumed = the straight run. Rows every 2 steps: the checkpoint at
+    step 3 is inside the window that the row at step 4 averages (steps 3 and 4)."""
+    cfg = cfg_for(tmp_path, tiny_llama, tiny_pairs, logging_steps=2)
     assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
     straight = tmp_path / "a" / "tiny"
     assert sorted(int(d.name) for d in (straight / "checkpoints").iterdir() if d.name.isdigit()) == [3, 6]
@@ -51,6 +53,7 @@ def test_resume_is_exact(tmp_path, tiny_llama, tiny_pairs, capsys):
     forget_after(resumed, 3)
     assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--resume"]) == 0
     assert "resuming from step 3" in capsys.readouterr().err
+    assert [r[0] for r in losses(straight)] == [1, 2, 4, 6]
     assert losses(resumed) == losses(straight)  # bit for bit, dropout RNG and data order included
     a, b = adapter(straight), adapter(resumed)
     assert a.keys() == b.keys()

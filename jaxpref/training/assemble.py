@@ -4,7 +4,7 @@ newest checkpoint when resuming. No training happens here."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class Run:
     best_lora: Any = None      # the best evaluation's adapter, restored with the state (resumed)
     stopped_early: bool = False  # resumed from a run that early stopping had ended
     num_tokens: int = 0        # TRL's token count so far
+    metric_window: list = field(default_factory=list)  # the logging window's steps at the checkpoint
     rss_before_weights: int = 0
 
     @property
@@ -212,6 +213,7 @@ def _restore(run: Run, force: bool, step: int | None = None, finished: bool = Fa
     if meta.get("best_saved"):
         run.best_lora = run.store.restore_best(run.start, ckpt.abstract_of(run.state.lora))
     run.stopped_early = bool(meta.get("stopped_early"))
+    run.metric_window = list(meta.get("metric_window", []))
     ckpt.set_aside_later(run, step)
     more = f" to {run.total} steps" if finished and run.start < run.total and not run.stopped_early else ""
     print(f"[{run.entry.name}] resuming from step {run.start}{more}", file=sys.stderr)

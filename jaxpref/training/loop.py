@@ -107,6 +107,7 @@ class Trainer:
         self.last_eval: dict | None = None
         self._window = (0, time.time())  # tokens and start time since the last log
         self._metrics = MetricWindow()   # the steps' metrics since the last log, as TRL averages them
+        self._metrics.restore(run.metric_window)   # resumed inside a logging window: its steps so far
         self._tokens = 0                 # tokens of the last step
         self.hooks = Hooks()
         self.hooks.add_hook(self._log, every=cfg.training.logging_steps, at_end=True)
@@ -247,7 +248,8 @@ class Trainer:
         self.saved.add(step)
         meta = {"fingerprint": run.fingerprint, "iterator": run.it.state(), "num_tokens": run.num_tokens,
                 "step": step, "early_stopping": run.early.state() if run.early else {},
-                "best_model": run.best.state() if run.best else {}, "stopped_early": self.stopped_early}
+                "best_model": run.best.state() if run.best else {}, "stopped_early": self.stopped_early,
+                "metric_window": self._metrics.state()}
         run.store.save(step, run.state, meta, best=self.best_lora)
 
     def _interrupted(self) -> None:

@@ -9,6 +9,8 @@ of the row. The step reports, next to each metric, how many micro-batch values i
 (`_count/<name>`, `step.reduce_metrics`)."""
 from __future__ import annotations
 
+import math
+
 import jax
 
 COUNT = "_count/"
@@ -31,6 +33,16 @@ class MetricWindow:
 
     def reset(self) -> None:
         self.steps = []
+
+    def state(self) -> list[dict]:
+        """The window as JSON (a checkpoint's record): its steps' metrics as floats, NaN as None."""
+        return [{k: (None if math.isnan(v) else v) for k, v in ((k, float(v)) for k, v in m.items())}
+                for m in jax.device_get(self.steps)]
+
+    def restore(self, steps: list[dict]) -> None:
+        """The window a checkpoint saved (`state`): a resumed run's next row averages the same
+        steps as the uninterrupted run's."""
+        self.steps = [{k: (math.nan if v is None else v) for k, v in m.items()} for m in steps]
 
     def row(self) -> dict:
         """The window's metrics as Python floats; empty when no step was added."""
