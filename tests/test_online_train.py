@@ -360,8 +360,15 @@ def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, ti
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from jaxpref.training.online_loop import OnlineRun
+    from jaxpref.training.online_loop import LATEST, OnlineRun
+    from jaxpref.training.window import MetricWindow
     from online_fixtures import PROMPTS
+
+    def window_of(steps):
+        w = MetricWindow(latest=LATEST, skip_nan=True)
+        for m in steps:
+            w.add(m)
+        return w
 
     def share(completions, **kw):
         return [float(len(c) % 3) for c in completions]
@@ -381,12 +388,13 @@ def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, ti
     drop = ("step", "epoch", "step_time")
     window = [{k: v for k, v in h.items() if k not in drop} for h in steps]
     rows = []
-    run = SimpleNamespace(window=window[:1], SHOWN=("loss", "reward"), entry=SimpleNamespace(name="tiny"), total=3,
+    run = SimpleNamespace(window=window_of(window[:1]), SHOWN=("loss", "reward"), entry=SimpleNamespace(name="tiny"), total=3,
                           sinks=SimpleNamespace(log=rows.append),
                           cfg=SimpleNamespace(post_training=SimpleNamespace(method="grpo"),
                                               training=SimpleNamespace(logging_steps=3)))
     OnlineRun._log(run, 1, 1 / 12)
-    run.window += window[1:]
+    for m in window[1:]:
+        run.window.add(m)
     OnlineRun._log(run, 3, 0.25)
     for ours, theirs in zip(rows, (steps[0], logged[3][0])):
         assert set(ours) - {"step", "epoch"} == set(theirs) - set(drop)
@@ -397,8 +405,8 @@ def test_a_logged_row_aggregates_its_steps_as_grpotrainer_logs_them(tmp_path, ti
     nan = float("nan")
     tr._metrics["train"] = {"reward": [nan, 0.5, 1.5], "rewards/share/mean": [nan, nan, nan]}
     tr.log({})
-    run.window = [{"reward": nan, "rewards/share/mean": nan}, {"reward": 0.5, "rewards/share/mean": nan},
-                  {"reward": 1.5, "rewards/share/mean": nan}]
+    run.window = window_of([{"reward": nan, "rewards/share/mean": nan}, {"reward": 0.5, "rewards/share/mean": nan},
+                            {"reward": 1.5, "rewards/share/mean": nan}])
     OnlineRun._log(run, 3, 0.5)
     theirs = tr.state.log_history[-1]
     assert theirs["rewards/share/mean"] is None and theirs["reward"] == 1.0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
+import math
 from pathlib import Path
 
 import jax
@@ -35,6 +35,7 @@ from jaxpref.objectives.methods.rollout import reward_entries
 from jaxpref.training import online_pairs, rollouts, setup
 from jaxpref.training.online_plan import PAIRS
 from jaxpref.training.online_step import make_online_step, micro_batches
+from jaxpref.training.window import MetricWindow
 
 ONLINE_LOOP = ("grpo", "rloo", "online_dpo", "ppo")   # the online methods this loop trains (ppo: `ppo_loop`)
 # Logged as their last value in the window, not the mean: TRL's running token count, and the
@@ -151,7 +152,7 @@ class OnlineRun:
         self.steps_per_epoch, self.total = self.sizes.gens_per_epoch, self.sizes.total
         self.sinks, self.samples = None, None   # `open_outputs`
         self.last: dict = {}
-        self.window: list[dict] = []
+        self.window = MetricWindow(latest=LATEST, skip_nan=True)   # the steps' metrics since the last log
         self.start, self.generation, self.store = 0, 0, None
         self.fingerprint = run_fingerprint(cfg, self.entry, fingerprint(self.bundle.source))
         return abstract
@@ -297,7 +298,7 @@ class OnlineRun:
                 # that sampled it only: TRL logs them once per generation, so a logged row averages
                 # the generations of its window, and a step reusing a rollout logs none of them.
                 row = dict(m, **(rollout_metrics if it == 0 else {}))
-                self.window.append(dict(row, **{"time/generate": t_gen, "time/update": time.time() - t0}))
+                self.window.add(dict(row, **{"time/generate": t_gen, "time/update": time.time() - t0}))
                 t_gen = 0.0
                 if self._log_due(step):   # the epochs done after this step (TRL's, HF's Trainer's `epoch`)
                     self._log(step, step / (self.steps_per_epoch * self.sizes.steps_per_gen))
@@ -325,20 +326,13 @@ class OnlineRun:
         """The window's metrics averaged, NaN left out (TRL averages what it gathered since the
         last log). A metric NaN throughout (no completion scored, ...) is null for GRPO and RLOO,
         as their trainers log it, NaN for the others."""
-        keys = dict.fromkeys(k for w in self.window for k in w)
-        row = {"step": step, "epoch": round(epoch, 4)}
         empty = None if self.cfg.post_training.method in ("grpo", "rloo") else float("nan")
-        for k in keys:
-            vals = [w[k] for w in self.window if k in w]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                row[k] = float(vals[-1] if k in LATEST else np.nanmean(vals))
-            if k not in LATEST and np.isnan(row[k]):
-                row[k] = empty
+        row = {"step": step, "epoch": round(epoch, 4)}
+        row.update({k: (empty if k not in LATEST and math.isnan(v) else v) for k, v in self.window.row().items()})
         if step != 1 or step % self.cfg.training.logging_steps == 0:
             # Step 1 off the logging_steps grid is a preview: its window goes on, so the first row
             # on the grid averages the same steps as TRL's (logging_first_step off).
-            self.window = []
+            self.window.reset()
         self.last = row
         self.sinks.log(row)
         shown = " ".join(f"{k} {'-' if row[k] is None else format(row[k], '.4g')}" for k in self.SHOWN if k in row)

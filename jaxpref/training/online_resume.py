@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -66,15 +65,10 @@ def due(save_steps: int | None, before: int, after: int) -> bool:
     return bool(save_steps) and after // save_steps > before // save_steps
 
 
-def _plain(window: list[dict]) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in w.items()}
-            for w in window]
-
-
 def save(run, step: int, boundary: bool = True) -> None:
     """Checkpoint `run` (an OnlineRun) at `step`."""
     meta = {"fingerprint": run.fingerprint, "step": step, "generation": run.generation,
-            "boundary": boundary, "window": _plain(run.window),
+            "boundary": boundary, "window": run.window.state(),
             **{k: getattr(run, k) for k in run.COUNTERS}}
     run.store.save(step, run.state, meta)
 
@@ -96,7 +90,7 @@ def restore(run, force: bool, step: int | None, finished: bool) -> None:
     run.generation = int(meta["generation"])
     for k in run.COUNTERS:
         setattr(run, k, int(meta.get(k, 0)))
-    run.window = [{k: (math.nan if v is None else v) for k, v in w.items()} for w in meta.get("window", [])]
+    run.window.restore(meta.get("window", []))
     ckpt.set_aside_later(run, step)
     more = f" to {run.total} steps" if finished and run.start < run.total else ""
     print(f"[{run.entry.name}] resuming from step {run.start}{more}", file=sys.stderr)

@@ -182,7 +182,7 @@ class PpoRun(OnlineRun):
             metrics.update({"lr": float(self.schedule(step - 1)), "episode": self.episode,
                             "eps": int((self.episode - first_episode) / (time.time() - t_start)),
                             "time/generate": t_gen, "time/update": t_update})
-            self.window.append(metrics)
+            self.window.add(metrics)
             if self._log_due(step):
                 self._log(step, self.episode / len(self.data))   # TRL's epoch: episodes / prompts
             self._generation_done(step - 1, step, ctrl_c.requested)

@@ -23,10 +23,19 @@ def without_counts(m: dict) -> dict:
 
 
 class MetricWindow:
-    """The steps' metrics since the last log (device arrays, fetched when the row is written)."""
+    """The steps' metrics since the last log (device arrays or floats, fetched when the row is
+    written). `latest`: the metrics logged as the last step's value that has them, not as a mean
+    (the offline Trainer's grad_norm and learning_rate; the online loops add TRL's running
+    `num_tokens`). `skip_nan`: a NaN value is left out of its mean, and a metric NaN throughout
+    the window is NaN in the row (the online trainers' nanmean); offline a NaN stays in its mean,
+    so that a NaN loss stops the run."""
 
-    def __init__(self):
+    def __init__(self, latest: tuple[str, ...] = OWN, skip_nan: bool = False):
+        self.latest, self.skip_nan = latest, skip_nan
         self.steps: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
     def add(self, metrics: dict) -> None:
         self.steps.append(metrics)
@@ -47,17 +56,22 @@ class MetricWindow:
     def row(self) -> dict:
         """The window's metrics as Python floats; empty when no step was added."""
         steps = jax.device_get(self.steps)
-        if not steps:
-            return {}
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
+        last: dict[str, float] = {}
         for m in steps:
             for k, v in m.items():
-                if k.startswith(COUNT) or k in OWN:
+                if k.startswith(COUNT):
+                    continue
+                if k in self.latest:
+                    last[k] = float(v)
                     continue
                 c = 1.0 if k == "loss" else float(m.get(COUNT + k, 1.0))
-                sums[k] = sums.get(k, 0.0) + float(v) * c
+                if self.skip_nan and math.isnan(float(v)):
+                    c = 0.0
+                sums[k] = sums.get(k, 0.0) + (float(v) * c if c else 0.0)
                 counts[k] = counts.get(k, 0.0) + c
-        out = {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
-        out.update({k: float(steps[-1][k]) for k in OWN if k in steps[-1]})
+        out = {k: sums[k] / counts[k] if counts[k] > 0 else math.nan for k in sums
+               if counts[k] > 0 or self.skip_nan}
+        out.update(last)
         return out
