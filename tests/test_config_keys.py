@@ -166,3 +166,35 @@ def test_keys_that_would_be_ignored_are_refused():
         with pytest.raises(ConfigError, match=f"`post_training.{key}` would be ignored: {re.escape(why)}"):
             cfg(post_training=pt)
     assert cfg(post_training={"method": "dpo", "use_ref_model": True, "precompute_ref_logps": True})
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "kto", "orpo", "cpo", "simpo", "grpo", "rloo", "online_dpo"])
+def test_disable_dropout_defaults_to_trls_and_lora_dropout_under_it_is_refused(method, tmp_path):
+    """TRL's trainers switch LoRA dropout off under `disable_dropout` (their config's default:
+    true for DPO, KTO, ORPO, CPO and online DPO, false for GRPO and RLOO): the same default here,
+    and a `lora.lora_dropout` it would switch off is one line naming the key that allows it."""
+    import warnings
+
+    from trl import DPOConfig, GRPOConfig, KTOConfig, RLOOConfig
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.online_dpo import OnlineDPOConfig
+    from trl.experimental.orpo import ORPOConfig
+
+    trl_cls = {"dpo": DPOConfig, "ipo": DPOConfig, "kto": KTOConfig, "orpo": ORPOConfig, "cpo": CPOConfig,
+               "simpo": CPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "online_dpo": OnlineDPOConfig}[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = trl_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True).disable_dropout
+    online = method in ("grpo", "rloo", "online_dpo")
+    (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [0.0] * len(completions)\n")
+    pt = {"method": method, **({"reward_funcs": [f"{tmp_path / 'r.py'}:f"]} if online else {})}
+    assert cfg(post_training=pt).post_training.disable_dropout is want
+    dropout = {"lora": {"lora_dropout": 0.1}}
+    if want and method != "online_dpo":
+        with pytest.raises(ConfigError, match=rf"^c\.yaml: `lora\.lora_dropout` 0\.1 would be ignored: "
+                                              rf"`post_training\.disable_dropout` is true \(TRL's default for {method}\); "
+                                              r"set `post_training\.disable_dropout: false` to train with LoRA dropout"):
+            cfg(post_training=pt, **dropout)
+    if method != "online_dpo":   # online DPO trains without dropout whatever the key says (check_online)
+        got = cfg(post_training={**pt, "disable_dropout": False}, **dropout)
+        assert got.lora.lora_dropout == 0.1 and got.post_training.disable_dropout is False

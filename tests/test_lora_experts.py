@@ -205,7 +205,8 @@ def test_expert_lora_with_dropout_is_refused(base, tmp_path):
     from jaxpref.training.setup import lora_spec_for
 
     path, bundle, params, _ = base("mixtral")
-    data = {"models": [{"name": "m", "huggingface_id": str(path)}], "dataset": {"name": "x.jsonl"}}
+    data = {"models": [{"name": "m", "huggingface_id": str(path)}], "dataset": {"name": "x.jsonl"},
+            "post_training": {"disable_dropout": False}}
     lora = {"target_modules": ["q_proj", "down_proj"], "lora_dropout": 0.1}
     with pytest.raises(ConfigError, match=r"^bad\.yaml: `lora\.lora_dropout` = 0\.1 with the experts targeted "
                                           r"\(down_proj\).*set it to 0$"):

@@ -29,6 +29,7 @@ def cfg_for(tmp_path, tiny_llama, tiny_pairs, logging_steps: int = 1, **extra):
                                   "warmup_steps": 2, "per_device_train_batch_size": 2},
                         lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
                               "lora_dropout": 0.1},
+                        post_training={"method": "dpo", "beta": 0.1, "disable_dropout": False},
                         finetuning={"save_steps": 3}, **extra)
 
 

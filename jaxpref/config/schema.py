@@ -62,6 +62,7 @@ class PostTrainingBase:
     use_ref_model: bool = False          # a separate frozen reference model instead of the base with the adapter off
     reference_free: bool = False         # no reference model: its log-probs are 0
     precompute_ref_logps: bool = False   # one reference pass before training, cached (TRL's precompute_ref_log_probs)
+    disable_dropout: bool | None = None  # LoRA dropout off (TRL's key); None: the method's TRL default (true; grpo, rloo false)
 
 
 # The `post_training` section: the common keys plus every method's own (one home per key).

@@ -24,6 +24,7 @@ def validate(cfg: Config) -> None:
     if METHODS[cfg.post_training.method].online:
         _online(cfg)
     _lora(cfg)
+    _dropout(cfg)
     _training(cfg)
     _training_layout(cfg)
     _rest(cfg)
@@ -122,6 +123,19 @@ def _online(cfg: Config) -> None:
     for key, why in unread.items():
         if getattr(tr, key) != defaults[key].default:
             raise ConfigError(f"{src}: `training.{key}` does not apply to {method}: {why}")
+
+
+def _dropout(cfg: Config) -> None:
+    """TRL's trainers turn LoRA dropout off under `disable_dropout` (true by default for DPO, KTO,
+    ORPO, CPO; false for GRPO and RLOO): a `lora.lora_dropout` it would switch off is refused
+    rather than trained with (TRL's numbers) or without a word (the user's key ignored)."""
+    pt, lo = cfg.post_training, cfg.lora
+    if pt.method in ("online_dpo", "ppo"):
+        return   # their loops train without dropout: `online_loop.check_online` refuses lora_dropout
+    if lo.enabled and lo.lora_dropout > 0 and pt.disable_dropout:
+        raise ConfigError(f"{cfg.source}: `lora.lora_dropout` {lo.lora_dropout} would be ignored: "
+                          f"`post_training.disable_dropout` is true (TRL's default for {pt.method}); set "
+                          "`post_training.disable_dropout: false` to train with LoRA dropout, or leave lora_dropout out")
 
 
 def _lora(cfg: Config) -> None:

@@ -101,7 +101,8 @@ class Method:
     check: extra config checks (post_training section, loss types, config file) raising ConfigError;
     paper: (title, arXiv id) of the paper that introduced it, for the model card.
     defaults: TRL's defaults of the keys this method shares with others under another default
-      (`beta`; online: `temperature`, `num_generations`), given where the config leaves them unset;
+      (`beta`, `disable_dropout`; online: `temperature`, `num_generations`), given where the config
+      leaves them unset;
     score: online only: (ScoringInputs, LossSpec) -> (per-completion arrays for the loss, rollout
       metrics: name -> scalar);
     kl_key: online only: the key whose value 0 skips the reference pass (`beta`, PPO's `kl_coef`).
@@ -117,7 +118,7 @@ class Method:
     metrics: tuple[str, ...] = ()
     check: Callable[[Any, tuple[str, ...], str], None] | None = None
     paper: tuple[str, str] = ("", "")
-    defaults: tuple[tuple[str, Any], ...] = (("beta", 0.1),)
+    defaults: tuple[tuple[str, Any], ...] = (("beta", 0.1), ("disable_dropout", True))
     score: Callable[[ScoringInputs, LossSpec], tuple[dict, dict]] | None = None
     kl_key: str = "beta"
 

@@ -88,8 +88,8 @@ def check_rloo(pt, loss_types: tuple[str, ...], src: str) -> None:
 GRPO = Method("grpo", GrpoKeys, data="prompts", loss_types=online.LOSS_TYPES, default_loss_type="dapo",
               reference=True, tokenization="prompt", loss=grpo_loss, score=grpo_score, check=check_grpo,
               metrics=("kl", "entropy") + CLIP_METRICS + ROLLOUT_METRICS,
-              defaults=(("beta", 0.0), ("num_generations", 8), ("temperature", 1.0)))
+              defaults=(("beta", 0.0), ("num_generations", 8), ("temperature", 1.0), ("disable_dropout", False)))
 RLOO = Method("rloo", RlooKeys, data="prompts", loss_types=("rloo",), default_loss_type="rloo",
               reference=True, tokenization="prompt", loss=rloo_loss, score=rloo_score, check=check_rloo,
               metrics=("kl", "entropy") + CLIP_METRICS + ROLLOUT_METRICS,
-              defaults=(("beta", 0.05), ("num_generations", 2), ("temperature", 1.0)))
+              defaults=(("beta", 0.05), ("num_generations", 2), ("temperature", 1.0), ("disable_dropout", False)))

@@ -47,7 +47,7 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 ONLINE_DPO = Method(
     "online_dpo", OnlineDpoKeys, data="prompts", loss_types=("sigmoid", "ipo"), default_loss_type="sigmoid",
     reference=True, tokenization="prompt_text", loss=loss, score=score, check=check,
-    defaults=(("beta", 0.1), ("temperature", 0.9)),
+    defaults=(("beta", 0.1), ("temperature", 0.9), ("disable_dropout", True)),
     metrics=("objective/scores_margin", "objective/scores", "val/contain_eos_token", "logps/chosen",
              "logps/rejected", "objective/kl", "objective/non_score_reward", "objective/rlhf_reward",
              "objective/entropy", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",

@@ -80,7 +80,7 @@ def check(pt, loss_types: tuple[str, ...], src: str) -> None:
 
 PPO = Method("ppo", PpoKeys, data="prompts", loss_types=("ppo",), default_loss_type="ppo", reference=True,
              tokenization="prompt", loss=loss, score=score, check=check, kl_key="kl_coef",
-             defaults=(("temperature", 0.7),),
+             defaults=(("temperature", 0.7), ("disable_dropout", True)),
              metrics=("policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
                       "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "objective/kl",
                       "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
