@@ -239,3 +239,23 @@ def test_ppo_on_8_virtual_devices_gives_the_single_device_numbers(tmp_path, ppo_
         for k in TRL_METRICS - {"eps", "episode", "val/num_eos_tokens"}:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
         assert b["val/num_eos_tokens"] == a["val/num_eos_tokens"]
+
+
+@pytest.mark.parametrize("prompts, batch, accum, epochs", [(6, 2, 2, 1.0), (10, 4, 1, 2.5), (16, 2, 4, 1.0),
+                                                            (9, 1, 2, 0.5)])
+def test_ppo_rollout_batches_from_num_epochs_are_trls(ppo_setup, tiny_llama, prompts, batch, accum, epochs):  # noqa: F811
+    """TRL's PPOTrainer counts its updates in episodes: total_episodes = int(num_train_epochs x
+    dataset rows), num_total_batches = ceil(total_episodes / batch_size), its dataloader cycling
+    (epochs drop their last partial batch). jaxpref's rollout batches from `training.num_epochs`
+    (no max_steps) are that count, whatever the remainder of an epoch."""
+    import math
+
+    from jaxpref.config import load_config
+    from jaxpref.training.online_plan import plan
+
+    cfg = load_config(_config(ppo_setup, tiny_llama, {"num_mini_batches": 1}, {
+        "max_steps": -1, "num_epochs": epochs, "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accum}))
+    trl_batch_size = batch * accum                          # per_device x world_size (1) x accumulation
+    want = math.ceil(int(epochs * prompts) / trl_batch_size)
+    assert plan(cfg, 1, prompts).total == want

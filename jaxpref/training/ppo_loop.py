@@ -10,8 +10,9 @@ off), the scores (the weighted sum of the reward functions on the completion, mi
 KL, GAE advantages and returns (`objectives.ppo`). Then `num_ppo_epochs` passes, each over a fresh
 seeded shuffle of the batch cut into `num_mini_batches` mini-batches: one optimizer step per
 mini-batch, over its micro-batches of per_device_train_batch_size x devices rows. The learning rate
-moves once per rollout batch (TRL's scheduler), so `training.max_steps` / `num_epochs` count
-rollout batches.
+moves once per rollout batch (TRL's scheduler), so `training.max_steps` counts rollout batches;
+`num_epochs` (without max_steps) gives TRL's count: ceil(int(num_epochs x prompts) / rollout batch),
+epoch after epoch, each pass dropping its last partial batch.
 
 Where this differs from TRL's code: TRL's `accelerator.accumulate` steps the optimizer every
 gradient_accumulation_steps micro-batches whatever the mini-batches are, and its stats tensors
