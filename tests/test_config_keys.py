@@ -198,3 +198,39 @@ def test_disable_dropout_defaults_to_trls_and_lora_dropout_under_it_is_refused(m
     if method != "online_dpo":   # online DPO trains without dropout whatever the key says (check_online)
         got = cfg(post_training={**pt, "disable_dropout": False}, **dropout)
         assert got.lora.lora_dropout == 0.1 and got.post_training.disable_dropout is False
+
+
+@pytest.mark.parametrize("pt, needle", [
+    # TRL's ORPOConfig / CPOConfig / KTOConfig take one loss_type; jaxpref's losses for these
+    # methods read the first one only and no loss_weights.
+    ({"method": "cpo", "loss_type": ["sigmoid", "hinge"]}, "`post_training.loss_type` takes one value for cpo"),
+    ({"method": "kto", "loss_type": ["kto", "apo_zero_unpaired"]}, "takes one value for kto"),
+    ({"method": "orpo", "loss_weights": [2.0]}, "`post_training.loss_weights` would be ignored: orpo"),
+    ({"method": "simpo", "loss_weights": [0.5]}, "`post_training.loss_weights` would be ignored: simpo"),
+    # CPOTrainer smooths the sigmoid and simpo losses only; ORPO and KTO have no label smoothing.
+    ({"method": "cpo", "loss_type": "hinge", "label_smoothing": 0.1},
+     "`post_training.label_smoothing` would be ignored: cpo's loss_type hinge does not read it (sigmoid, simpo do)"),
+    ({"method": "cpo", "loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing` would be ignored: cpo's loss_type ipo"),
+    ({"method": "orpo", "label_smoothing": 0.1}, "`post_training.label_smoothing` would be ignored: orpo has none"),
+    ({"method": "kto", "label_smoothing": 0.1}, "`post_training.label_smoothing` would be ignored: kto has none"),
+    # simpo_gamma is the simpo loss's margin; method simpo is pure SimPO, without cpo_alpha's NLL.
+    ({"method": "cpo", "loss_type": "sigmoid", "simpo_gamma": 0.7},
+     "`post_training.simpo_gamma` would be ignored: cpo's loss_type sigmoid has no margin"),
+    ({"method": "simpo", "cpo_alpha": 0.5}, "`post_training.cpo_alpha` would be ignored: method simpo has no NLL term"),
+    ({"method": "orpo", "reference_free": True}, "`post_training.reference_free` would be ignored: orpo uses no "
+                                                 "reference model"),
+])
+def test_keys_the_orpo_cpo_simpo_kto_losses_would_not_read_are_refused(pt, needle):
+    with pytest.raises(ConfigError) as e:
+        cfg(post_training=pt)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_keys_these_losses_read_stay_accepted():
+    for pt in ({"method": "cpo", "loss_type": "sigmoid", "label_smoothing": 0.1},
+               {"method": "cpo", "loss_type": "simpo", "simpo_gamma": 0.7, "label_smoothing": 0.1, "cpo_alpha": 0.5},
+               {"method": "simpo", "simpo_gamma": 0.3, "label_smoothing": 0.1},
+               {"method": "cpo", "loss_type": ["hinge"], "cpo_alpha": 0.0},
+               {"method": "kto", "loss_type": "apo_zero_unpaired"},
+               {"method": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "label_smoothing": 0.1}):
+        assert cfg(post_training=pt).post_training.method == pt["method"]

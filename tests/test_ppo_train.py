@@ -239,3 +239,70 @@ def test_ppo_on_8_virtual_devices_gives_the_single_device_numbers(tmp_path, ppo_
         for k in TRL_METRICS - {"eps", "episode", "val/num_eos_tokens"}:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
         assert b["val/num_eos_tokens"] == a["val/num_eos_tokens"]
+
+
+@pytest.mark.parametrize("prompts, batch, accum, epochs", [(6, 2, 2, 1.0), (10, 4, 1, 2.5), (16, 2, 4, 1.0),
+                                                            (9, 1, 2, 0.5)])
+def test_ppo_rollout_batches_from_num_epochs_are_trls(ppo_setup, tiny_llama, prompts, batch, accum, epochs):  # noqa: F811
+    """TRL's PPOTrainer counts its updates in episodes: total_episodes = int(num_train_epochs x
+    dataset rows), num_total_batches = ceil(total_episodes / batch_size), its dataloader cycling
+    (epochs drop their last partial batch). jaxpref's rollout batches from `training.num_epochs`
+    (no max_steps) are that count, whatever the remainder of an epoch."""
+    import math
+
+    from jaxpref.config import load_config
+    from jaxpref.training.online_plan import plan
+
+    cfg = load_config(_config(ppo_setup, tiny_llama, {"num_mini_batches": 1}, {
+        "max_steps": -1, "num_epochs": epochs, "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accum}))
+    trl_batch_size = batch * accum                          # per_device x world_size (1) x accumulation
+    want = math.ceil(int(epochs * prompts) / trl_batch_size)
+    assert plan(cfg, 1, prompts).total == want
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True], ids=["pad_0", "pad_is_eos"])
+def test_a_reward_model_scores_the_policys_ids_as_trls_ppo_get_reward(tmp_path, pad_is_eos):
+    """TRL's PPOTrainer scores `query + postprocessed_response` (the policy's own ids) with its
+    reward model through `get_reward`: every pad-id token out of attention (the prompt's left
+    padding, and pad ids inside a prompt), exclusive-cumsum positions, the score read at the
+    response's last token before its first pad. jaxpref's PPO rollout gives a reward model entry
+    the same ids (`reward_model_scores`), a reward function's column kept beside it; a reward model
+    of another vocabulary is refused in one line."""
+    import types
+
+    import torch
+    from test_reward_model import save_reward_model
+    from transformers import AutoModelForSequenceClassification
+    from trl.experimental.utils import get_reward
+
+    from jaxpref.data.rewards import RewardFunc, load_reward_func
+    from jaxpref.errors import ConfigError
+    from jaxpref.objectives import ppo
+    from jaxpref.training.ppo_loop import check_reward_models, reward_model_scores
+
+    path = save_reward_model(tmp_path / "rm", pad_is_eos=pad_is_eos)
+    pad, eos = (2, 2) if pad_is_eos else (0, 2)
+    prompts = [[1, 14, 11, 24, 15, 24], [1, 11, 28, 32], [1, 14, pad, 12, 13, 11, 31], [1, 11, 25, 27]]
+    completions = [[10, 29, 2, 7], [30, 31, 32, 33, 34, 35], [2], [36, 29, 40, 2]]   # EOS mid, none, first, last
+    P = max(map(len, prompts))
+    query = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    responses = torch.tensor([c + [pad] * (C - len(c)) for c in completions])
+    post = ppo.truncate_after_stop(jnp.asarray(responses.numpy()), eos, pad)        # stop_token: eos
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = get_reward(model, torch.cat([query, torch.tensor(np.asarray(post))], 1), pad, P)[1].numpy()
+    rm = load_reward_func("rm", tmp_path)
+    fn = RewardFunc("f", "r.py:f", lambda **kw: None)
+    got = reward_model_scores([fn, rm], [1], np.full((4, 1), 0.5, np.float32), prompts, np.asarray(post), pad)
+    assert np.ptp(want) > 1e-3
+    np.testing.assert_array_equal(got[:, 0], 0.5)
+    np.testing.assert_allclose(got[:, 1], want, rtol=0, atol=1e-5)
+    # GRPO's text path (prompt + decoded completion, retokenised; what PPO used before) scores otherwise
+    dec = lambda ids: rm.fn.tok.decode(ids, skip_special_tokens=True)
+    text = rm.fn(prompts=[dec(p) for p in prompts], completions=[dec(c) for c in np.asarray(post).tolist()])
+    assert np.abs(np.asarray(text) - want).max() > 1e-3
+    cfg = types.SimpleNamespace(source="c.yaml")
+    check_reward_models(cfg, [fn, rm], rm.fn.tok)
+    with pytest.raises(ConfigError, match="reward model `rm`: ppo scores the policy's token ids"):
+        check_reward_models(cfg, [fn, rm], types.SimpleNamespace(get_vocab=lambda: {"a": 0}))

@@ -163,3 +163,45 @@ def test_cpo_simpo_first_step_equals_trl_cpo_trainer(smol, method, loss_type, al
         assert trl["nll_loss"] == mine["nll_loss"] == 0.0
     rel = max_rel(mine, trl, KEYS)
     print(f"{method} {loss_type} cpo_alpha={alpha} {data}: max relative difference {rel[0]:.1e} ({rel[1]})")
+
+
+WINDOW = {"max_steps": 4, "logging_steps": 2, "gradient_accumulation_steps": 2, "train_sampling_strategy": "sequential"}
+WINDOW_CASES = [("orpo", "plain", {}), ("orpo", "conversational", {}),
+                ("cpo", "plain", {"loss_type": "hinge", "cpo_alpha": 0.5}), ("simpo", "conversational", {})]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("method,data,pt", WINDOW_CASES, ids=[f"{m}-{d}" for m, d, _ in WINDOW_CASES])
+def test_logged_rows_over_windows_accumulation_and_epochs_equal_trl(smol, method, data, pt):
+    """Four steps of one pair x 2 micro-batches (two epochs of the four pairs, sequential order),
+    logged every second step: every row TRL's ORPOTrainer / CPOTrainer logs (steps 2 and 4, the
+    window's micro-batches averaged, grad_norm and learning_rate of the logged step, the epoch)
+    equals jaxpref's row of that step."""
+    from datasets import Dataset
+
+    tmp, tok, model_dir, adapter, files = smol
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+    else:
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+    kw = {"loss_type": "simpo", "cpo_alpha": 0.0} if method == "simpo" else pt
+    args = Config(output_dir=str(tmp / "trl_out"), per_device_train_batch_size=1, learning_rate=1e-3, report_to=[],
+                  use_cpu=True, save_strategy="no", max_length=64, beta=0.1, seed=0, bf16=False, **WINDOW, **kw)
+    rows = PLAIN if data == "plain" else CONVERSATIONAL
+    tr = Trainer(model=fresh_peft(model_dir, adapter), args=args, train_dataset=Dataset.from_list(rows),
+                 processing_class=tok)
+    tr.train()
+    theirs = {h["step"]: h for h in tr.state.log_history if "loss" in h}
+    tag = f"window_{method}_{data}"
+    cfg = write_config(tmp / f"{tag}.yaml", model_dir, files[data], post_training={"method": method, "beta": 0.1, **pt},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_from": str(adapter)},
+                       training={"per_device_train_batch_size": 1, "learning_rate": 1e-3, "max_length": 64, **WINDOW})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / f"out_{tag}")]) == 0
+    mine = {r["step"]: r for r in map(json.loads, (tmp / f"out_{tag}" / "tiny" / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(theirs) == [2, 4] and sorted(mine) == [1, 2, 4]
+    keys = (ORPO_KEYS if method == "orpo" else KEYS) + ("learning_rate", "epoch")
+    for step, t in theirs.items():
+        assert set(keys) <= set(t)
+        for k in keys:
+            assert mine[step][k] == pytest.approx(t[k], rel=1e-4, abs=5e-6), (step, k, mine[step][k], t[k])

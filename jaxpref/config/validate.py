@@ -84,7 +84,8 @@ def _post_training(cfg: Config) -> None:
         why = ("with `post_training.reference_free: true` no reference is computed" if method.reference
                else f"{pt.method} uses no reference model")
         for key, on in (("post_training.use_ref_model", pt.use_ref_model),
-                        ("post_training.precompute_ref_logps", pt.precompute_ref_logps)):
+                        ("post_training.precompute_ref_logps", pt.precompute_ref_logps),
+                        ("post_training.reference_free", pt.reference_free and not method.reference)):
             if on:
                 raise ConfigError(f"{src}: `{key}` would be ignored: {why}; leave it out")
 

@@ -7,7 +7,8 @@ GRPO and RLOO (TRL's GRPOTrainer counting): a generation holds per_device_train_
 data-parallel devices x gradient_accumulation_steps completions, `num_generations` per prompt, and
 is used for `num_iterations` optimizer steps. Online DPO: as many prompts, two completions each.
 PPO: as many prompts, one completion each, one step (TRL's update: `num_ppo_epochs` x
-`num_mini_batches` optimizer steps) per rollout batch.
+`num_mini_batches` optimizer steps) per rollout batch; without `max_steps`, TRL's count of
+updates: ceil(int(num_epochs x prompts) / prompts per rollout batch).
 """
 from __future__ import annotations
 
@@ -68,7 +69,16 @@ def plan(cfg: Config, dp: int, prompts: int) -> Sizes:
     gens_per_epoch = prompts // per_gen
     if gens_per_epoch == 0:
         raise ConfigError(f"{cfg.source}: {prompts} usable prompts are fewer than one {unit}'s {per_gen} prompts")
-    total = cfg.training.total_steps(gens_per_epoch * steps_per_gen)
+    tr = cfg.training
+    if ppo and tr.max_steps <= 0:
+        # TRL's PPOTrainer counts episodes: int(num_train_epochs x prompts) of them, in rollout
+        # batches rounded up (its dataloader cycles; each pass drops its last partial batch).
+        total = -(-int(tr.num_epochs * prompts) // per_gen)
+        if total == 0:
+            raise ConfigError(f"{cfg.source}: `training.num_epochs` {tr.num_epochs:g} x {prompts} prompts is not "
+                              f"one episode: ppo would train no rollout batch")
+    else:
+        total = tr.total_steps(gens_per_epoch * steps_per_gen)
     return Sizes(B, G, K, per_gen, gens_per_epoch, steps_per_gen, total, unit, key, getattr(pt, key))
 
 

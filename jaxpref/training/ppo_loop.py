@@ -6,12 +6,14 @@ with the current adapter (at most `response_length` tokens, ending at the stop t
 eos` or `stop_token_id`; without one, every completion runs to `response_length` as in TRL). Then,
 without gradient: the rollout's log-probs and values (adapter on), the reference log-probs (adapter
 off), the scores (the weighted sum of the reward functions on the completion, minus
-`missing_eos_penalty` for a completion without the tokenizer's EOS) -> per-token rewards with the
+`missing_eos_penalty` for a completion without the tokenizer's EOS; a reward model scores the
+policy's token ids as TRL's PPOTrainer does, `reward_model_scores`) -> per-token rewards with the
 KL, GAE advantages and returns (`objectives.ppo`). Then `num_ppo_epochs` passes, each over a fresh
 seeded shuffle of the batch cut into `num_mini_batches` mini-batches: one optimizer step per
 mini-batch, over its micro-batches of per_device_train_batch_size x devices rows. The learning rate
-moves once per rollout batch (TRL's scheduler), so `training.max_steps` / `num_epochs` count
-rollout batches.
+moves once per rollout batch (TRL's scheduler), so `training.max_steps` counts rollout batches;
+`num_epochs` (without max_steps) gives TRL's count: ceil(int(num_epochs x prompts) / rollout batch),
+epoch after epoch, each pass dropping its last partial batch.
 
 Where this differs from TRL's code: TRL's `accelerator.accumulate` steps the optimizer every
 gradient_accumulation_steps micro-batches whatever the mini-batches are, and its stats tensors
@@ -49,6 +51,7 @@ from jaxpref.objectives import ppo as ppo_math
 from jaxpref.objectives.methods.base import ScoringInputs
 from jaxpref.training import rollouts
 from jaxpref.training.online_loop import OnlineRun
+from jaxpref.training.reward_model import RewardModel
 from jaxpref.training.ppo_step import (LOSS_KEYS, VALUE_HEAD_FILE, init_value_head, make_ppo_step,
                                        make_rollout_pass, mini_batch)
 
@@ -66,6 +69,32 @@ def stop_token(cfg: Config, tok) -> int | None:
     return pt.stop_token_id
 
 
+def reward_model_scores(funcs: list, models: list[int], per_func: np.ndarray, prompts: list[list[int]],
+                        post: np.ndarray, pad: int) -> np.ndarray:
+    """The reward functions' scores [N, F - len(models)] with the reward models' (`funcs[j]` for
+    j in `models`) put in their columns -> [N, F]. A reward model scores as TRL's PPOTrainer
+    (`get_reward`): the policy's own token ids, the prompt and the response up to its first pad
+    (after the stop token's truncation), pad ids out of attention, read at the last token."""
+    ends = np.asarray(ppo_math.sequence_lengths(jnp.asarray(post), pad)) + 1
+    seqs = [list(p) + post[i, :ends[i]].tolist() for i, p in enumerate(prompts)]
+    out = np.full((len(prompts), len(funcs)), np.nan, np.float32)
+    out[:, [j for j in range(len(funcs)) if j not in models]] = per_func
+    for j in models:
+        out[:, j] = funcs[j].fn.score_ids(seqs, mask_id=pad)
+    return out
+
+
+def check_reward_models(cfg: Config, funcs: list, tok) -> None:
+    """TRL's PPOTrainer gives its reward model the policy's token ids: a reward model whose
+    tokenizer is not the policy's is a one-line ConfigError."""
+    vocab = tok.get_vocab()
+    for f in funcs:
+        if isinstance(f.fn, RewardModel) and f.fn.tok.get_vocab() != vocab:
+            raise ConfigError(f"{cfg.source}: reward model `{f.entry}`: ppo scores the policy's token ids with it, "
+                              "as TRL's PPOTrainer does, so its tokenizer must be the policy's (their vocabularies "
+                              "differ)")
+
+
 class PpoRun(OnlineRun):
     """Model with its value head, prompts, reward functions, generator and compiled step of a
     PPO run (`online_loop.train_online(..., run_cls=PpoRun)`)."""
@@ -81,6 +110,7 @@ class PpoRun(OnlineRun):
         pt = cfg.post_training
         abstract = self._open(cfg, index, run_dir)
         self.stop = stop_token(cfg, self.tok)
+        check_reward_models(cfg, self.funcs, self.tok)
         lora = self._trainable(abstract)
         # The value head trains with the adapter: one optimizer state covers both.
         self._train_state({"lora": lora, "value_head": init_value_head(self.bundle.args.hidden_size)},
@@ -105,11 +135,15 @@ class PpoRun(OnlineRun):
         rows, comps, prompts = rollouts.sample(self.generator, self.data, idx, 1, self.opts, self.state.lora["lora"],
                                                seed=self.cfg.training.seed * 1_000_003 + step)
         t_gen = time.time() - t0
-        r = rollouts.assemble(self.tok, self.data, rows, prompts, comps, self.opts, self.funcs,
+        models = [j for j, f in enumerate(self.funcs) if isinstance(f.fn, RewardModel)]
+        r = rollouts.assemble(self.tok, self.data, rows, prompts, comps, self.opts,
+                              [f for j, f in enumerate(self.funcs) if j not in models],
                               TrainerState(step, epoch, self.total))
         ids, valid = jnp.asarray(r.ids), jnp.asarray(r.valid)
         responses = ids[:, r.P:]
         post = responses if self.stop is None else ppo_math.truncate_after_stop(responses, self.stop, self.pad)
+        if models:
+            r.per_func = reward_model_scores(self.funcs, models, r.per_func, prompts, np.asarray(post), self.pad)
         eos = -1 if self.tok.eos_token_id is None else self.tok.eos_token_id
         old, ref, values = self.rollout_pass(self.params, self.state.lora, ids, valid, r.P)
         x = ScoringInputs(per_func=jnp.asarray(r.per_func), weights=jnp.asarray(self.weights),

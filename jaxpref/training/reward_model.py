@@ -124,6 +124,7 @@ class RewardModel:
         self.rows = BATCH_ROWS * len(devices)
         self.max_tokens: int | None = None
         self._forward = jax.jit(_make_forward(bundle, self.pad_id))
+        self._forward_at = jax.jit(_make_forward(bundle, self.pad_id, at_last=True))
 
     def texts(self, prompts: list, completions: list) -> list[str]:
         """TRL's reward-model input text: prompt + completion, or the chat template's rendering of
@@ -140,8 +141,10 @@ class RewardModel:
         ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
         return self.score_ids(ids).tolist()
 
-    def score_ids(self, seqs: list[list[int]]) -> np.ndarray:
-        """Token id lists -> [N] float32 scores, in fixed batches of rows."""
+    def score_ids(self, seqs: list[list[int]], mask_id: int | None = None) -> np.ndarray:
+        """Token id lists -> [N] float32 scores, in fixed batches of rows. `mask_id` (TRL's
+        PPOTrainer, `get_reward`): every token of that id is out of attention, the positions count
+        the others, and the score is the sequence's last token's."""
         import jax
 
         from jaxpref.generation.engine import bucket
@@ -158,19 +161,27 @@ class RewardModel:
         rows = min(self.rows, -(-n // ndev) * ndev)
         out = []
         for start in range(0, n, rows):
-            ids = np.full((rows, T), self.pad_id, np.int32)
+            ids = np.full((rows, T), self.pad_id if mask_id is None else mask_id, np.int32)
             valid = np.zeros((rows, T), np.int32)
+            last = np.zeros(rows, np.int32)
             for r, s in enumerate(seqs[start:start + rows]):
                 ids[r, :len(s)] = s
                 valid[r, :len(s)] = 1
-            ids, valid = jax.device_put((ids, valid), self.rows_sharding)
-            out.append(np.asarray(self._forward(self.params, ids, valid)))
+                last[r] = max(len(s) - 1, 0)
+            if mask_id is None:
+                ids, valid = jax.device_put((ids, valid), self.rows_sharding)
+                out.append(np.asarray(self._forward(self.params, ids, valid)))
+            else:
+                valid = valid * (ids != mask_id)
+                ids, valid, last = jax.device_put((ids, valid, last), self.rows_sharding)
+                out.append(np.asarray(self._forward_at(self.params, ids, valid, last)))
         return np.concatenate(out)[:n]
 
 
-def _make_forward(bundle, pad_id: int):
+def _make_forward(bundle, pad_id: int, at_last: bool = False):
     """(params, score), ids [B, T] right-padded, valid [B, T] -> [B] float32: the score of the
-    final hidden state at the last position whose id is not `pad_id` (position 0 when none)."""
+    final hidden state at the last position whose id is not `pad_id` (position 0 when none).
+    `at_last`: the forward takes a fourth argument, last [B], the position to read instead."""
     import jax.numpy as jnp
 
     from jaxpref.models.attention import MaskInfo
@@ -178,13 +189,14 @@ def _make_forward(bundle, pad_id: int):
 
     a = bundle.args
 
-    def forward(weights, ids, valid):
+    def forward(weights, ids, valid, last=None):
         params, score = weights
         pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
         hidden = bundle.hidden(params, None, ids, pos, MaskInfo.rows(valid, pos))
-        index = jnp.arange(ids.shape[1], dtype=jnp.int32)
-        last = jnp.argmax(index * (ids != pad_id), axis=-1)
+        if last is None:
+            index = jnp.arange(ids.shape[1], dtype=jnp.int32)
+            last = jnp.argmax(index * (ids != pad_id), axis=-1)
         h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
         return matmul("bd,ld->bl", h, score, a.dtype, jnp.float32, a.matmul_precision)[:, 0]
 
-    return forward
+    return forward if at_last else (lambda weights, ids, valid: forward(weights, ids, valid))

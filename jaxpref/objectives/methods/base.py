@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 
+from jaxpref.errors import ConfigError
 from jaxpref.objectives.losses import LossSpec, PairStats, Reduce
 
 
@@ -152,3 +153,17 @@ def entropy_metrics(stats: PairStats, accuracy: bool = True) -> dict:
         return {"entropy": stats.ent_sum[:b], "_tokens/all": stats.len_chosen}
     return {"entropy": stats.ent_sum[:b] + stats.ent_sum[b:], "_tokens/all": stats.len_chosen + stats.len_rejected,
             "mean_token_accuracy": stats.top1_sum[:b]}
+
+
+def check_one_loss(pt, loss_types: tuple[str, ...], src: str, method: str, smoothed: tuple[str, ...] = ()) -> None:
+    """Offline methods whose TRL trainer takes one `loss_type` (ORPO, CPO, SimPO, KTO): a list of
+    loss types, `loss_weights`, or `label_smoothing` where the loss type does not read it (only
+    those in `smoothed` do) would be ignored by their losses: one-line ConfigErrors."""
+    if len(loss_types) != 1:
+        raise ConfigError(f"{src}: `post_training.loss_type` takes one value for {method}, got {list(loss_types)}")
+    if pt.loss_weights is not None:
+        raise ConfigError(f"{src}: `post_training.loss_weights` would be ignored: {method} has one loss; leave it out")
+    if pt.label_smoothing and loss_types[0] not in smoothed:
+        why = (f"{method}'s loss_type {loss_types[0]} does not read it ({', '.join(smoothed)} do)" if smoothed
+               else f"{method} has none")
+        raise ConfigError(f"{src}: `post_training.label_smoothing` would be ignored: {why}; leave it out")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxpref.errors import ConfigError
 from jaxpref.objectives import losses
 from jaxpref.objectives.losses import LossSpec
-from jaxpref.objectives.methods.base import LossInputs, Method, entropy_metrics
+from jaxpref.objectives.methods.base import LossInputs, Method, check_one_loss, entropy_metrics
 
 
 @dataclass
@@ -43,6 +43,7 @@ def kto_loss(x: LossInputs, spec: LossSpec):
 
 
 def check(pt, loss_types: tuple[str, ...], src: str) -> None:
+    check_one_loss(pt, loss_types, src, "kto")
     if pt.precompute_ref_logps:
         raise ConfigError(f"{src}: `post_training.precompute_ref_logps` is not available for KTO "
                           "(its KL rows change with every batch)")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from jaxpref.errors import check_choice
 from jaxpref.objectives import losses
 from jaxpref.objectives.losses import LossSpec
-from jaxpref.objectives.methods.base import PAIR_METRICS, LossInputs, Method, logits_metrics
+from jaxpref.objectives.methods.base import PAIR_METRICS, LossInputs, Method, check_one_loss, logits_metrics
 
 
 @dataclass
@@ -21,6 +21,7 @@ def orpo_loss(x: LossInputs, spec: LossSpec):
 
 
 def check(pt, loss_types: tuple[str, ...], src: str) -> None:
+    check_one_loss(pt, loss_types, src, "orpo")
     check_choice(pt.orpo_nll_span, ("prompt_and_completion", "completion"), "post_training.orpo_nll_span", src)
 
 
