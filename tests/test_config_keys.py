@@ -2,6 +2,7 @@
 seed's `gpu.ddp` and `logging.log_level` do what they say, and auto layouts resolve as documented."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -234,3 +235,26 @@ def test_the_keys_these_losses_read_stay_accepted():
                {"method": "kto", "loss_type": "apo_zero_unpaired"},
                {"method": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "label_smoothing": 0.1}):
         assert cfg(post_training=pt).post_training.method == pt["method"]
+
+
+def test_max_grad_norm_defaults_to_the_trainers_clipping_and_none_for_ppo(tmp_path):
+    """transformers' Trainer (TRL's offline, GRPO and RLOO trainers) clips the gradient norm to
+    TrainingArguments' max_grad_norm (1.0); TRL's PPOTrainer steps its optimizer unclipped. Left
+    unset, the config does the same; set, it applies to PPO too."""
+    import jax.numpy as jnp
+    from transformers import TrainingArguments
+
+    from jaxpref.training.optim import make_optimizer
+
+    (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [0.0] * len(completions)\n")
+    ppo = {"method": "ppo", "reward_funcs": [f"{tmp_path / 'r.py'}:f"]}
+    assert cfg().training.max_grad_norm == TrainingArguments(output_dir=str(tmp_path)).max_grad_norm == 1.0
+    assert cfg(post_training={"method": "grpo", "reward_funcs": ppo["reward_funcs"]}).training.max_grad_norm == 1.0
+    assert cfg(post_training=ppo).training.max_grad_norm == 0.0
+    assert cfg(post_training=ppo, training={"max_grad_norm": 0.5}).training.max_grad_norm == 0.5
+    grads = {"w": jnp.full((4,), 5.0)}   # norm 10
+    for tr, want in ((cfg(post_training=ppo).training, 5.0), (cfg().training, 0.5)):
+        opt, _ = make_optimizer(dataclasses.replace(tr, optimizer="sgd", learning_rate=1.0,
+                                                    lr_scheduler_type="constant"), 10)
+        step, _ = opt.update(grads, opt.init(grads), {"w": jnp.zeros(4)})
+        assert float(-step["w"][0]) == pytest.approx(want, rel=1e-6)

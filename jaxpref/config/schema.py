@@ -86,6 +86,9 @@ class LoraConfig:
     bias: str = "none"                   # PEFT's bias option; only none
 
 
+TRAINER_MAX_GRAD_NORM = 1.0   # transformers' TrainingArguments default (TRL's offline, GRPO and RLOO trainers clip to it)
+
+
 @dataclass
 class TrainingConfig:
     num_epochs: float = 1.0              # passes over the train split (TRL: num_train_epochs)
@@ -96,7 +99,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 5.0e-7        # peak learning rate
     weight_decay: float = 0.0            # decoupled weight decay (AdamW)
-    max_grad_norm: float = 1.0           # clip the global gradient norm to this (0: no clipping)
+    max_grad_norm: float | None = None   # clip the global gradient norm to this (0: no clipping); None: TRAINER_MAX_GRAD_NORM, ppo 0 (TRL's PPOTrainer never clips)
     warmup_steps: int | float = 0        # linear warm-up steps; below 1: a fraction of the run (transformers 5's rule)
     warmup_ratio: float = 0.0            # warm-up as a fraction of the run (older transformers' key)
     lr_scheduler_type: str = "linear"    # linear | cosine | constant | constant_with_warmup

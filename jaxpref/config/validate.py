@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from jaxpref.config.schema import Config, PostTrainingBase, TrainingConfig
+from jaxpref.config.schema import TRAINER_MAX_GRAD_NORM, Config, PostTrainingBase, TrainingConfig
 from jaxpref.errors import ConfigError
 from jaxpref.errors import check_choice as _choice
 from jaxpref.objectives.methods import METHODS
@@ -185,6 +185,8 @@ def _training(cfg: Config) -> None:
                           f"({tr.warmup_ratio:g}) are both set; give one (warmup_steps below 1 is a fraction)")
     if tr.eval_strategy is not None:
         _choice(tr.eval_strategy, ("no", "steps", "epoch"), "training.eval_strategy", src)
+    if tr.max_grad_norm is None:   # TRL's default: the Trainer's 1.0; its PPOTrainer steps unclipped
+        tr.max_grad_norm = 0.0 if cfg.post_training.method == "ppo" else TRAINER_MAX_GRAD_NORM
     if tr.weight_decay < 0 or tr.max_grad_norm < 0:
         raise ConfigError(f"{src}: `training.weight_decay` and `max_grad_norm` must be >= 0")
     _choice(tr.lr_scheduler_type, ("constant", "linear", "cosine", "constant_with_warmup"),

@@ -6,6 +6,8 @@ from typing import Callable
 
 import optax
 
+from jaxpref.config.schema import TRAINER_MAX_GRAD_NORM
+
 
 def make_optimizer(tcfg, total_steps: int, every: int = 1) -> tuple[optax.GradientTransformation, Callable]:
     """optax optimizer and schedule from the `training` section (HF semantics for the schedule).
@@ -37,5 +39,6 @@ def make_optimizer(tcfg, total_steps: int, every: int = 1) -> tuple[optax.Gradie
         opt = optax.chain(optax.add_decayed_weights(tcfg.weight_decay), optax.sgd(per_update))
     else:
         opt = optax.adafactor(per_update, weight_decay_rate=tcfg.weight_decay or None)
-    parts = [optax.clip_by_global_norm(tcfg.max_grad_norm)] if tcfg.max_grad_norm > 0 else []
+    clip = TRAINER_MAX_GRAD_NORM if tcfg.max_grad_norm is None else tcfg.max_grad_norm   # unvalidated: the Trainer's
+    parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     return optax.chain(*parts, opt), schedule

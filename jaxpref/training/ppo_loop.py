@@ -20,7 +20,7 @@ gradient_accumulation_steps micro-batches whatever the mini-batches are, and its
 keep zeros for micro-batches a mini-batch does not have; both agree with this loop at
 `num_mini_batches: 1` (TRL's default). TRL masks every pad-id token out of attention (the EOS too
 where the pad is the EOS); here the completion's tokens are attended as generated. TRL never clips
-gradients in PPO; `training.max_grad_norm` applies here (0: no clipping, as TRL).
+gradients in PPO: `training.max_grad_norm` defaults to 0 (no clipping) here, and applies when set.
 
 Metrics per step, TRL's names: objective/kl, objective/entropy, objective/non_score_reward,
 objective/rlhf_reward, objective/scores, policy/approxkl_avg, policy/clipfrac_avg,
