@@ -143,7 +143,7 @@ def test_plot_written(logged_run):
 def test_eval_metrics_prefixed(logged_run):
     rows = [json.loads(l) for l in (logged_run / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in rows if "eval_loss" in r]
-    assert ev and all(k.startswith("eval_") or k == "step" for k in ev[0])
+    assert ev and all(k.startswith("eval_") or k in ("step", "epoch") for k in ev[0])   # as TRL's eval rows
     assert "eval_rewards/accuracies" in ev[0]
 
 

@@ -109,6 +109,8 @@ class Trainer:
         self._metrics = MetricWindow()   # the steps' metrics since the last log, as TRL averages them
         self._metrics.restore(run.metric_window)   # resumed inside a logging window: its steps so far
         self._tokens = 0                 # tokens of the last step
+        # The epoch (fractional) after the last step; the resumed step's before any.
+        self._epoch = run.start / run.it.steps_per_epoch if run.it.steps_per_epoch else 0.0
         self.hooks = Hooks()
         self.hooks.add_hook(self._log, every=cfg.training.logging_steps, at_end=True)
         if run.eval_fn is not None:
@@ -177,6 +179,7 @@ class Trainer:
         if self.compile_s is None:
             jax.block_until_ready(metrics["loss"])
             self.compile_s = time.time() - t0
+        self._epoch = epoch
         return StepInfo(step + 1, epoch, run.total, metrics, run.state)
 
     def _reference_batch(self):
@@ -235,9 +238,14 @@ class Trainer:
         t0 = time.time()
         self.progress.evaluating(step)
         policy = (None, run.state.lora) if run.full_finetune else (run.state.lora, run.params)
-        ev = evaluate_split(run.eval_fn, *policy, run.ref_params, run.prepared.eval, run.EB,
-                            run.prepared.layout, run.cfg.training.seed, run.iter_cls, run.mesh)
-        ev["step"] = step
+        ev, batches = evaluate_split(run.eval_fn, *policy, run.ref_params, run.prepared.eval, run.EB,
+                                     run.prepared.layout, run.cfg.training.seed, run.iter_cls, run.mesh)
+        # The rest of TRL's eval row: speed as transformers' `speed_metrics` rounds it, the train
+        # tokens seen so far (DPOTrainer's eval `num_tokens`), the epoch, the step.
+        seconds = max(time.time() - t0, 1e-9)
+        ev.update(eval_runtime=round(seconds, 4), eval_samples_per_second=round(batches * run.EB / seconds, 3),
+                  eval_steps_per_second=round(batches / seconds, 3), eval_num_tokens=run.num_tokens,
+                  epoch=round(self._epoch, 4), step=step)
         self.last_eval = ev
         self.sinks.log(ev)
         self.progress.evaluated(step, ev, time.time() - t0)
