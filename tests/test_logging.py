@@ -153,3 +153,23 @@ def test_planted_tokens_appear_in_no_file(logged_run):
             data = f.read_bytes()
             assert FAKE.encode() not in data, f
             assert FAKE_WANDB.encode() not in data, f
+
+
+def test_wandb_rows_carry_the_global_step_as_trl(logged_run):
+    """transformers' WandbCallback (TRL's runs) logs `train/global_step` in every row and makes it
+    every metric's x axis (`define_metric("*", step_metric="train/global_step")`), so that
+    jaxpref's and TRL's curves share their x axis in W&B."""
+    runs = list((logged_run / "wandb").glob("offline-run-*"))
+    rows, step_metrics = [], {}
+    for rec in _wandb_records(next(runs[0].glob("*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in rec.history.item})
+        elif kind == "metric":
+            step_metrics[rec.metric.glob_name or rec.metric.name] = rec.metric.step_metric
+    logged = [r for r in rows if "train/loss" in r or "eval/loss" in r]
+    assert [r["train/global_step"] for r in logged if "train/loss" in r] == [1, 2, 3]
+    assert all(r["train/global_step"] == r["_step"] for r in logged)
+    assert step_metrics.get("*") == "train/global_step", step_metrics
+

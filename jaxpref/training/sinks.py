@@ -115,16 +115,19 @@ class WandbSink:
         self.run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name or name,
                               dir=str(run_dir), mode="online" if online else "offline", reinit="finish_previous",
                               config=flat_config(cfg), settings=wandb.Settings(init_timeout=30, silent=True))
+        # As transformers' WandbCallback (TRL's runs): every metric's x axis is train/global_step.
+        self.run.define_metric("train/global_step")
+        self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
 
     def log(self, metrics: dict, step: int, scalars: dict) -> None:
-        self.run.log({tracker_name(k): v for k, v in scalars.items()}, step=step)
+        self.run.log({**{tracker_name(k): v for k, v in scalars.items()}, "train/global_step": step}, step=step)
 
     def log_samples(self, rows: list[dict], step: int) -> None:
         import wandb
 
         data = [[r["step"], r["model"], str(r["prompt"]), r["completion"]] for r in rows]
-        self.run.log({"samples": wandb.Table(columns=["step", "model", "prompt", "completion"], data=data)},
-                     step=step)
+        self.run.log({"samples": wandb.Table(columns=["step", "model", "prompt", "completion"], data=data),
+                      "train/global_step": step}, step=step)
 
     def close(self) -> None:
         self.run.finish()
