@@ -81,7 +81,7 @@ def test_kto_rows_leave_out_what_a_window_lacks_as_trl(setup, tiny_llama):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_eval_rows_carry_trl_eval_keys(setup, tiny_llama):
+def test_eval_rows_carry_trl_eval_keys(request, tiny_llama):
     """An evaluation's metrics.jsonl row has the keys of DPOTrainer's eval row in its log_history
     (`epoch`, `eval_runtime`, `eval_samples_per_second`, `eval_steps_per_second`, `eval_num_tokens`:
     the train tokens seen so far) and its numbers; in order on both sides, evaluated every step."""
@@ -96,7 +96,7 @@ def test_eval_rows_carry_trl_eval_keys(setup, tiny_llama):
         def _get_train_sampler(self, *a, **k):
             return SequentialSampler(self.train_dataset)
 
-    tmp, tok, adapter, pairs, _ = setup
+    tmp, tok, adapter, pairs, _ = request.getfixturevalue("setup")
     args = DPOConfig(**{**trl_common(tmp), "per_device_train_batch_size": 2, "max_steps": 2,
                         "per_device_eval_batch_size": 2, "eval_strategy": "steps", "eval_steps": 1})
     tr = InOrder(model=fresh_peft(tiny_llama, adapter), args=args, train_dataset=Dataset.from_list(pairs),

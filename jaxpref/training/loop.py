@@ -106,6 +106,8 @@ class Trainer:
         self.final_eval = None
         self.last_eval: dict | None = None
         self._window = (0, time.time())  # tokens and start time since the last log
+        self._paused = 0.0               # seconds since the last log spent compiling, evaluating, sampling
+        self._sampled: set[str] = set()  # models (base, tuned) sampled so far: the first compiles
         self._metrics = MetricWindow()   # the steps' metrics since the last log, as TRL averages them
         self._metrics.restore(run.metric_window)   # resumed inside a logging window: its steps so far
         self._tokens = 0                 # tokens of the last step
@@ -120,7 +122,7 @@ class Trainer:
             from jaxpref.training.samples import Sampler
             self.sampler = Sampler(run, self.sinks, append=run.start > 0)
             if run.eval_fn is not None:
-                self.hooks.add_hook(lambda info: self.sampler.sample(info.step, info.state.lora),
+                self.hooks.add_hook(lambda info: self._sample(info.step, info.state.lora),
                                     every=eval_every(cfg, run.it.steps_per_epoch))
         save_every = cfg.save_steps
         self.hooks.add_hook(lambda info: info.step != info.total and self.save(info.step), every=save_every)
@@ -136,7 +138,7 @@ class Trainer:
                                "exporting its best adapter", err=True)
             return
         if self.sampler is not None:
-            self.sampler.sample(0, None, "base")
+            self._sample(0, None, "base")
         ctrl_c = StopRequest(run.entry.name).__enter__()
         try:
             for step in range(run.start, run.total):
@@ -173,7 +175,7 @@ class Trainer:
             self.progress.compiling(f"the train step for batch shape {len(self.shapes)}"
                                     + (f" of {planned}" if planned else ""))
             compile_ahead(run.step_fn, *args)
-            self.progress.compiled()
+            self._paused += self.progress.compiled()
         run.state, metrics = run.step_fn(*args)
         self._metrics.add(metrics)
         if self.compile_s is None:
@@ -211,8 +213,8 @@ class Trainer:
         # XLA compilations so far: grows only when a new length bucket appears.
         m["compilations"] = int(self.run.step_fn._cache_size())
         m.update(step=info.step, epoch=round(info.epoch, 4), num_tokens=self.run.num_tokens,
-                 tokens_per_second=round(tokens / max(time.time() - t0, 1e-9), 1))
-        self._window = (0, time.time())
+                 tokens_per_second=round(tokens / max(time.time() - t0 - self._paused, 1e-9), 1))
+        self._window, self._paused = (0, time.time()), 0.0
         self.sinks.log(m)
         self.last = m
         self.progress.logged(info.step, m)
@@ -248,8 +250,18 @@ class Trainer:
                   epoch=round(self._epoch, 4), step=step)
         self.last_eval = ev
         self.sinks.log(ev)
+        self._paused += time.time() - t0
         self.progress.evaluated(step, ev, time.time() - t0)
         return ev
+
+    def _sample(self, step: int, lora, model: str = "tuned") -> None:
+        """`logging.sample_prompts`' completions; their seconds are left out of the tokens/s and
+        (the first of each model, which compiles the decoder) of the ETA, as an evaluation's."""
+        t0 = time.time()
+        self.sampler.sample(step, lora, model)
+        self._paused += time.time() - t0
+        self.progress.sampled(time.time() - t0, first=model not in self._sampled)
+        self._sampled.add(model)
 
     def save(self, step: int) -> None:
         run = self.run
@@ -296,7 +308,7 @@ class Trainer:
         best = (self.stopped_early or run.best is not None) and self.best_lora is not None
         export = self.best_lora if best else run.state.lora
         if self.sampler is not None:
-            self.sampler.sample((run.best or run.early).best_step if best else final_step, export)
+            self._sample((run.best or run.early).best_step if best else final_step, export)
         summary = self._summary(t_start, final_step, best)
         if run.is_main:
             card = model_card(run.cfg, run.index, summary, kind="merged" if run.full_finetune else "adapter")

@@ -60,6 +60,14 @@ class Clock:
             self.eval_s += seconds
         self.evals += 1
 
+    def sampled(self, seconds: float, first: bool) -> None:
+        """Samples (`logging.sample_prompts`) decoded: the first with a model (base or tuned)
+        compiles the decoder, counted as compiling; later ones recur like evaluations."""
+        if first:
+            self.compile_s += seconds
+        else:
+            self.eval_s += seconds
+
     def eta(self, step: int) -> float | None:
         """Seconds left: the steps' (and later evaluations') own time so far, per step."""
         done = step - self.start
@@ -115,6 +123,9 @@ class Progress:
 
     def evaluating(self, step: int) -> None:
         pass
+
+    def sampled(self, seconds: float, first: bool) -> None:
+        self.clock.sampled(seconds, first)
 
     def logged(self, step: int, m: dict) -> None:
         if self.enabled:
