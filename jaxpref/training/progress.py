@@ -211,6 +211,17 @@ def make_progress(name: str, start: int, total: int, enabled: bool, stream=None)
     """A bar when `stream` (stdout) is a terminal, plain lines otherwise; `enabled` false (the
     config's `logging.progress_bar`, or a process other than the first): neither."""
     stream = stream or sys.stdout
-    if enabled and stream.isatty():
+    if enabled and stream.isatty() and _columns(stream) > 0:
         return Bar(name, start, total, stream)
     return Progress(name, start, total, enabled, stream)
+
+
+def _columns(stream) -> int:
+    """The terminal's width; 0 for a terminal that has none (`script` or a container's pseudo-
+    terminal with no size set), where a bar would draw nothing at all: plain lines there."""
+    import os
+
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
