@@ -81,10 +81,12 @@ def test_kto_rows_leave_out_what_a_window_lacks_as_trl(setup, tiny_llama):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_eval_rows_carry_trl_eval_keys(request, tiny_llama):
+def test_eval_rows_and_summary_carry_trl_keys(request, tiny_llama):
     """An evaluation's metrics.jsonl row has the keys of DPOTrainer's eval row in its log_history
     (`epoch`, `eval_runtime`, `eval_samples_per_second`, `eval_steps_per_second`, `eval_num_tokens`:
-    the train tokens seen so far) and its numbers; in order on both sides, evaluated every step."""
+    the train tokens seen so far) and its numbers; in order on both sides, evaluated every step.
+    summary.json has the numbers of TRL's final row (`train_loss`: the mean step loss, `train_runtime`,
+    `train_samples_per_second`, `train_steps_per_second`)."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from trl import DPOConfig, DPOTrainer
@@ -125,3 +127,9 @@ def test_eval_rows_carry_trl_eval_keys(request, tiny_llama):
         assert m["eval_runtime"] > 0
         assert m["eval_samples_per_second"] == pytest.approx(len(pairs) / m["eval_runtime"], rel=0.02)
         assert m["eval_steps_per_second"] == pytest.approx(len(pairs) / 2 / m["eval_runtime"], rel=0.02)
+    final = next(h for h in tr.state.log_history if "train_runtime" in h)
+    summary = json.loads((tmp / "out_eval_keys" / "tiny" / "summary.json").read_text())
+    assert summary["train_loss"] == pytest.approx(final["train_loss"], rel=1e-5)
+    assert summary["train_runtime"] > 0
+    assert summary["train_samples_per_second"] == pytest.approx(4 / summary["train_runtime"], rel=0.02)
+    assert summary["train_steps_per_second"] == pytest.approx(2 / summary["train_runtime"], rel=0.02)

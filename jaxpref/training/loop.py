@@ -111,6 +111,8 @@ class Trainer:
         self._metrics = MetricWindow()   # the steps' metrics since the last log, as TRL averages them
         self._metrics.restore(run.metric_window)   # resumed inside a logging window: its steps so far
         self._tokens = 0                 # tokens of the last step
+        self._loss_sum = 0.0             # the steps' losses (on the device): TRL's final train_loss
+        self._t_train: float | None = None
         # The epoch (fractional) after the last step; the resumed step's before any.
         self._epoch = run.start / run.it.steps_per_epoch if run.it.steps_per_epoch else 0.0
         self.hooks = Hooks()
@@ -131,6 +133,7 @@ class Trainer:
 
     def train(self) -> None:
         run = self.run
+        self._t_train = time.time()
         if run.is_main:
             self.progress.write(self._start_line())
         if self.stopped_early:   # resumed after early stopping ended the run: export only
@@ -178,6 +181,7 @@ class Trainer:
             self._paused += self.progress.compiled()
         run.state, metrics = run.step_fn(*args)
         self._metrics.add(metrics)
+        self._loss_sum = self._loss_sum + metrics["loss"]
         if self.compile_s is None:
             jax.block_until_ready(metrics["loss"])
             self.compile_s = time.time() - t0
@@ -342,7 +346,18 @@ class Trainer:
             "memory_plan_mib": self._memory_plan() if self.shapes else None,
             "final_metrics": self.last,
             "final_eval": self.final_eval,
+            **self._speed(final_step - run.start),
         }
+
+    def _speed(self, steps: int) -> dict:
+        """TRL's final row (transformers' `speed_metrics`, `train_loss`: the mean step loss) over
+        the steps this call trained."""
+        run = self.run
+        seconds = max(time.time() - (self._t_train or time.time()), 1e-9)
+        return {"train_runtime": round(seconds, 4),
+                "train_samples_per_second": round(steps * run.B * run.G / seconds, 3),
+                "train_steps_per_second": round(steps / seconds, 3),
+                "train_loss": float(self._loss_sum) / steps if steps else None}
 
     def _memory_plan(self) -> dict:
         """The dry run's plan for the batch shapes this run compiled."""
