@@ -314,6 +314,7 @@ class Trainer:
         if self.sampler is not None:
             self._sample((run.best or run.early).best_step if best else final_step, export)
         summary = self._summary(t_start, final_step, best)
+        self.sinks.log_final(summary, final_step)
         if run.is_main:
             card = model_card(run.cfg, run.index, summary, kind="merged" if run.full_finetune else "adapter")
             if run.full_finetune:
