@@ -140,6 +140,9 @@ def row_of(r: RunInfo) -> list[str]:
     method = pt.get("method", "dpo")
     loss = pt.get("loss_type")
     loss = ", ".join(loss) if isinstance(loss, list) else loss
+    if not loss and isinstance(method, str):   # the method's default loss, named
+        from jaxpref.config.schema import default_loss_type
+        loss = default_loss_type(method)
     if r.adapter:
         tm = r.adapter.get("target_modules") or []
         targets = ", ".join(sorted(map(str, tm))) if isinstance(tm, list) else str(tm)

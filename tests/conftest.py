@@ -198,6 +198,7 @@ SLOW_TESTS = {
     "test_token_ids_with_torch_hidden_equal_torch_importable",
     "test_count_takes_eval_prompts",
     "test_cli_prompt_text_is_one_user_message",
+    "test_sampling_time_is_left_out_of_eta_and_tokens_per_second",
     "test_orpo_first_step_equals_trl",      # ORPO against TRL stays in the default set: tests/test_trl_orpo_cpo.py
     "test_kto_on_paired_data_equals_trl",   # KTO against TRL stays: test_kto_first_step_equals_trl
 }

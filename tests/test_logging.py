@@ -143,7 +143,7 @@ def test_plot_written(logged_run):
 def test_eval_metrics_prefixed(logged_run):
     rows = [json.loads(l) for l in (logged_run / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in rows if "eval_loss" in r]
-    assert ev and all(k.startswith("eval_") or k == "step" for k in ev[0])
+    assert ev and all(k.startswith("eval_") or k in ("step", "epoch") for k in ev[0])   # as TRL's eval rows
     assert "eval_rewards/accuracies" in ev[0]
 
 
@@ -153,3 +153,51 @@ def test_planted_tokens_appear_in_no_file(logged_run):
             data = f.read_bytes()
             assert FAKE.encode() not in data, f
             assert FAKE_WANDB.encode() not in data, f
+
+
+def test_wandb_rows_carry_the_global_step_as_trl(logged_run):
+    """transformers' WandbCallback (TRL's runs) logs `train/global_step` in every row and makes it
+    every metric's x axis (`define_metric("*", step_metric="train/global_step")`), so that
+    jaxpref's and TRL's curves share their x axis in W&B."""
+    runs = list((logged_run / "wandb").glob("offline-run-*"))
+    rows, step_metrics = [], {}
+    for rec in _wandb_records(next(runs[0].glob("*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in rec.history.item})
+        elif kind == "metric":
+            step_metrics[rec.metric.glob_name or rec.metric.name] = rec.metric.step_metric
+    logged = [r for r in rows if "train/loss" in r or "eval/loss" in r]
+    assert [r["train/global_step"] for r in logged if "train/loss" in r] == [1, 2, 3]
+    assert all(r["train/global_step"] == r["_step"] for r in logged)
+    assert step_metrics.get("*") == "train/global_step", step_metrics
+
+
+
+def test_trackers_get_trl_final_row(logged_run):
+    """TRL's final log row (transformers' `speed_metrics` and `train_loss`) reaches the trackers as
+    its runs show it: `train/train_loss`, `train/train_runtime`, `train/train_samples_per_second`,
+    `train/train_steps_per_second` at the last step; metrics.jsonl keeps its rows (the numbers are
+    in summary.json)."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = json.loads((logged_run / "summary.json").read_text())
+    keys = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+    acc = EventAccumulator(str(logged_run / "tensorboard"))
+    acc.Reload()
+    for k in keys:
+        (event,) = acc.Scalars(f"train/{k}")
+        assert event.step == 3 and event.value == pytest.approx(summary[k], rel=1e-6), k
+    client = mlflow.tracking.MlflowClient((logged_run / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("jaxpref").experiment_id])
+    assert run.data.metrics["train/train_loss"] == pytest.approx(summary["train_loss"], rel=1e-6)
+    wandb_summary = {}   # W&B: run summary values, as transformers' WandbCallback sets them
+    for rec in _wandb_records(next(next((logged_run / "wandb").glob("offline-run-*")).glob("*.wandb"))):
+        if rec.WhichOneof("record_type") == "summary":
+            wandb_summary.update({i.key: json.loads(i.value_json) for i in rec.summary.update})
+    for k in keys:
+        assert wandb_summary[k] == pytest.approx(summary[k], rel=1e-6), k
+    rows = [json.loads(l) for l in (logged_run / "metrics.jsonl").read_text().splitlines()]
+    assert not any("train_loss" in r for r in rows)

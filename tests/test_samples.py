@@ -117,3 +117,39 @@ def test_a_count_needs_an_eval_split(tmp_path, tiny_llama, tiny_pairs, capsys):
                        logging={"report_to": [], "progress_bar": False, "sample_prompts": 2})
     assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")]) == 2
     assert "takes prompts from the eval split, and there is none" in capsys.readouterr().err
+
+
+def test_sampling_time_is_left_out_of_eta_and_tokens_per_second(tmp_path, tiny_llama, tiny_pairs, monkeypatch,
+                                                                 capsys):
+    """Decoding the samples (here slowed by 1.5 s a call) is neither training time in the ETA (the
+    step-1 line said "ETA 2:55" for a 40-step run whose steps took ~1 s, after the base samples'
+    ~4 s) nor in metrics.jsonl's `tokens_per_second` (the window's tokens over its step time)."""
+    import time
+
+    from jaxpref.training.samples import Sampler
+
+    slow = Sampler.sample
+
+    def sample(self, *a, **k):
+        time.sleep(1.5)
+        return slow(self, *a, **k)
+
+    monkeypatch.setattr(Sampler, "sample", sample)
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       dataset={"name": str(tiny_pairs), "eval_fraction": 0.25},
+                       training={"max_steps": 4, "eval_steps": 2, "per_device_eval_batch_size": 2},
+                       logging={"report_to": [], "progress_bar": True, "sample_prompts": 1,
+                                "sample_max_new_tokens": 2})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "step 1/4" in l)
+    eta = line.rsplit("ETA ", 1)[1].split(":")
+    # Before: the base samples' 1.5 s counted as step 1's time, so ETA >= 3 x 1.5 s.
+    assert int(eta[0]) * 60 + int(eta[1]) < 3, line
+    rows = [json.loads(l) for l in (tmp_path / "out" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    # Windows 1 and 3 held a 1.5 s sampling (the base samples; the evaluation at step 2's).
+    before = 0
+    for r in train_rows:
+        assert (r["num_tokens"] - before) / r["tokens_per_second"] < 1.0, r   # one step of 2 pairs: < 1 s
+        before = r["num_tokens"]

@@ -78,3 +78,58 @@ def test_kto_rows_leave_out_what_a_window_lacks_as_trl(setup, tiny_llama):
     assert "rewards/rejected" not in mine[1] and "rewards/margins" not in mine[1]
     assert "rewards/margins" not in theirs[4] and "rewards/chosen" in theirs[4]   # steps 3-4: no pair of both
     assert_rows(mine, theirs, ROW_KEYS + ("kl",))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_eval_rows_and_summary_carry_trl_keys(request, tiny_llama):
+    """An evaluation's metrics.jsonl row has the keys of DPOTrainer's eval row in its log_history
+    (`epoch`, `eval_runtime`, `eval_samples_per_second`, `eval_steps_per_second`, `eval_num_tokens`:
+    the train tokens seen so far) and its numbers; in order on both sides, evaluated every step.
+    summary.json has the numbers of TRL's final row (`train_loss`: the mean step loss, `train_runtime`,
+    `train_samples_per_second`, `train_steps_per_second`)."""
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from trl import DPOConfig, DPOTrainer
+
+    from conftest import write_config
+    from jaxpref import train
+
+    class InOrder(DPOTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    tmp, tok, adapter, pairs, _ = request.getfixturevalue("setup")
+    args = DPOConfig(**{**trl_common(tmp), "per_device_train_batch_size": 2, "max_steps": 2,
+                        "per_device_eval_batch_size": 2, "eval_strategy": "steps", "eval_steps": 1})
+    tr = InOrder(model=fresh_peft(tiny_llama, adapter), args=args, train_dataset=Dataset.from_list(pairs),
+                 eval_dataset=Dataset.from_list(pairs), processing_class=tok, ref_model=base_model(tiny_llama))
+    tr.train()
+    theirs = {h["step"]: h for h in tr.state.log_history if "eval_loss" in h}
+    data = tmp / "pairs.jsonl"
+    cfg = write_config(tmp / "eval_keys.yaml", tiny_llama, data,
+                       dataset={"name": str(data), "data_files": {"train": str(data), "test": str(data)},
+                                "eval_split": "test"},
+                       post_training={"method": "dpo", "beta": 0.1, "use_ref_model": True},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                             "init_from": str(adapter)},
+                       training={"max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+                                 "learning_rate": 1e-3, "max_length": 64, "logging_steps": 1, "eval_steps": 1,
+                                 "train_sampling_strategy": "sequential"})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / "out_eval_keys")]) == 0
+    rows = [json.loads(l) for l in (tmp / "out_eval_keys" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    mine = {r["step"]: r for r in rows if "eval_loss" in r}
+    assert sorted(mine) == sorted(theirs) == [1, 2]
+    for step, t in theirs.items():
+        m = mine[step]
+        assert set(m) == set(t), (sorted(set(t) - set(m)), sorted(set(m) - set(t)))
+        for k in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen", "eval_num_tokens", "epoch"):
+            assert m[k] == pytest.approx(t[k], rel=1e-4, abs=5e-6), (step, k, m[k], t[k])
+        assert m["eval_runtime"] > 0
+        assert m["eval_samples_per_second"] == pytest.approx(len(pairs) / m["eval_runtime"], rel=0.02)
+        assert m["eval_steps_per_second"] == pytest.approx(len(pairs) / 2 / m["eval_runtime"], rel=0.02)
+    final = next(h for h in tr.state.log_history if "train_runtime" in h)
+    summary = json.loads((tmp / "out_eval_keys" / "tiny" / "summary.json").read_text())
+    assert summary["train_loss"] == pytest.approx(final["train_loss"], rel=1e-5)
+    assert summary["train_runtime"] > 0
+    assert summary["train_samples_per_second"] == pytest.approx(4 / summary["train_runtime"], rel=0.02)
+    assert summary["train_steps_per_second"] == pytest.approx(2 / summary["train_runtime"], rel=0.02)

@@ -339,3 +339,29 @@ def test_output_flags_expand_the_home_folder(tmp_path, monkeypatch):
     assert (args.adapter_out, args.merged_out) == (f"{home}/a", f"{home}/m")
     with pytest.raises(ConfigError, match=r"config file .*: is a folder, expected a YAML file"):
         load_config(tmp_path)
+
+
+def test_a_terminal_without_a_size_gets_plain_lines():
+    """`script` without a terminal, or a container's pseudo-terminal before its size is set, is a
+    terminal of 0 columns: tqdm draws nothing there (no step, no "compiling"), so such a run
+    showed only its first and last lines; it gets the plain lines, a sized terminal the bar."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from jaxpref.training.progress import Bar, make_progress
+
+    master, slave = pty.openpty()
+    stream = os.fdopen(slave, "w")
+    try:
+        for rows, cols, kind in ((0, 0, "Progress"), (24, 80, "Bar")):
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            p = make_progress("tiny", 0, 4, True, stream)
+            assert type(p).__name__ == kind, (rows, cols, type(p))
+            if isinstance(p, Bar):
+                p.bar.close()
+    finally:
+        stream.close()
+        os.close(master)

@@ -84,7 +84,8 @@ def model_card(cfg: Config, index: int, summary: dict, kind: str) -> str:
 def _metrics(summary: dict) -> list[str]:
     train, ev = (x if isinstance(x, dict) else {} for x in (summary.get("final_metrics"), summary.get("final_eval")))
     names = [k for k in train if k.startswith(("loss", "rewards/", "kl", "nll_loss"))]
-    names += [k[5:] for k in ev if k.startswith("eval_") and k[5:] not in names]
+    speed = ("runtime", "samples_per_second", "steps_per_second", "num_tokens")   # not a model's metric
+    names += [k[5:] for k in ev if k.startswith("eval_") and k[5:] not in names and k[5:] not in speed]
     if not names:
         return []
     out = ["### Final metrics", "", f"At step {summary.get('steps')}.", "", "| metric | train | eval |", "|---|---|---|"]

@@ -6,8 +6,9 @@ from jaxpref.errors import ConfigError
 
 
 def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, layout, seed: int,
-                   iter_cls, mesh=None) -> dict:
-    """Mean of eval metrics over all full batches of the eval split, `eval_` prefixed."""
+                   iter_cls, mesh=None) -> tuple[dict, int]:
+    """Mean of eval metrics over all full batches of the eval split, `eval_` prefixed, and the
+    number of batches evaluated."""
     from jaxpref.runtime.mesh import put_batch
 
     from jaxpref.training.window import MetricWindow
@@ -18,7 +19,7 @@ def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, lay
         batch, _ = next(it)
         batch = put_batch(batch, mesh) if mesh is not None else batch
         window.add(eval_fn(lora, params, ref_params, batch, None))
-    return {f"eval_{k}": v for k, v in window.row().items()}
+    return {f"eval_{k}": v for k, v in window.row().items()}, it.steps_per_epoch
 
 
 def check_eval(cfg, eval_data, batch: int) -> None:

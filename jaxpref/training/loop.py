@@ -106,9 +106,15 @@ class Trainer:
         self.final_eval = None
         self.last_eval: dict | None = None
         self._window = (0, time.time())  # tokens and start time since the last log
+        self._paused = 0.0               # seconds since the last log spent compiling, evaluating, sampling
+        self._sampled: set[str] = set()  # models (base, tuned) sampled so far: the first compiles
         self._metrics = MetricWindow()   # the steps' metrics since the last log, as TRL averages them
         self._metrics.restore(run.metric_window)   # resumed inside a logging window: its steps so far
         self._tokens = 0                 # tokens of the last step
+        self._loss_sum = 0.0             # the steps' losses (on the device): TRL's final train_loss
+        self._t_train: float | None = None
+        # The epoch (fractional) after the last step; the resumed step's before any.
+        self._epoch = run.start / run.it.steps_per_epoch if run.it.steps_per_epoch else 0.0
         self.hooks = Hooks()
         self.hooks.add_hook(self._log, every=cfg.training.logging_steps, at_end=True)
         if run.eval_fn is not None:
@@ -118,7 +124,7 @@ class Trainer:
             from jaxpref.training.samples import Sampler
             self.sampler = Sampler(run, self.sinks, append=run.start > 0)
             if run.eval_fn is not None:
-                self.hooks.add_hook(lambda info: self.sampler.sample(info.step, info.state.lora),
+                self.hooks.add_hook(lambda info: self._sample(info.step, info.state.lora),
                                     every=eval_every(cfg, run.it.steps_per_epoch))
         save_every = cfg.save_steps
         self.hooks.add_hook(lambda info: info.step != info.total and self.save(info.step), every=save_every)
@@ -127,6 +133,7 @@ class Trainer:
 
     def train(self) -> None:
         run = self.run
+        self._t_train = time.time()
         if run.is_main:
             self.progress.write(self._start_line())
         if self.stopped_early:   # resumed after early stopping ended the run: export only
@@ -134,7 +141,7 @@ class Trainer:
                                "exporting its best adapter", err=True)
             return
         if self.sampler is not None:
-            self.sampler.sample(0, None, "base")
+            self._sample(0, None, "base")
         ctrl_c = StopRequest(run.entry.name).__enter__()
         try:
             for step in range(run.start, run.total):
@@ -171,12 +178,14 @@ class Trainer:
             self.progress.compiling(f"the train step for batch shape {len(self.shapes)}"
                                     + (f" of {planned}" if planned else ""))
             compile_ahead(run.step_fn, *args)
-            self.progress.compiled()
+            self._paused += self.progress.compiled()
         run.state, metrics = run.step_fn(*args)
         self._metrics.add(metrics)
+        self._loss_sum = self._loss_sum + metrics["loss"]
         if self.compile_s is None:
             jax.block_until_ready(metrics["loss"])
             self.compile_s = time.time() - t0
+        self._epoch = epoch
         return StepInfo(step + 1, epoch, run.total, metrics, run.state)
 
     def _reference_batch(self):
@@ -208,8 +217,8 @@ class Trainer:
         # XLA compilations so far: grows only when a new length bucket appears.
         m["compilations"] = int(self.run.step_fn._cache_size())
         m.update(step=info.step, epoch=round(info.epoch, 4), num_tokens=self.run.num_tokens,
-                 tokens_per_second=round(tokens / max(time.time() - t0, 1e-9), 1))
-        self._window = (0, time.time())
+                 tokens_per_second=round(tokens / max(time.time() - t0 - self._paused, 1e-9), 1))
+        self._window, self._paused = (0, time.time()), 0.0
         self.sinks.log(m)
         self.last = m
         self.progress.logged(info.step, m)
@@ -235,13 +244,28 @@ class Trainer:
         t0 = time.time()
         self.progress.evaluating(step)
         policy = (None, run.state.lora) if run.full_finetune else (run.state.lora, run.params)
-        ev = evaluate_split(run.eval_fn, *policy, run.ref_params, run.prepared.eval, run.EB,
-                            run.prepared.layout, run.cfg.training.seed, run.iter_cls, run.mesh)
-        ev["step"] = step
+        ev, batches = evaluate_split(run.eval_fn, *policy, run.ref_params, run.prepared.eval, run.EB,
+                                     run.prepared.layout, run.cfg.training.seed, run.iter_cls, run.mesh)
+        # The rest of TRL's eval row: speed as transformers' `speed_metrics` rounds it, the train
+        # tokens seen so far (DPOTrainer's eval `num_tokens`), the epoch, the step.
+        seconds = max(time.time() - t0, 1e-9)
+        ev.update(eval_runtime=round(seconds, 4), eval_samples_per_second=round(batches * run.EB / seconds, 3),
+                  eval_steps_per_second=round(batches / seconds, 3), eval_num_tokens=run.num_tokens,
+                  epoch=round(self._epoch, 4), step=step)
         self.last_eval = ev
         self.sinks.log(ev)
+        self._paused += time.time() - t0
         self.progress.evaluated(step, ev, time.time() - t0)
         return ev
+
+    def _sample(self, step: int, lora, model: str = "tuned") -> None:
+        """`logging.sample_prompts`' completions; their seconds are left out of the tokens/s and
+        (the first of each model, which compiles the decoder) of the ETA, as an evaluation's."""
+        t0 = time.time()
+        self.sampler.sample(step, lora, model)
+        self._paused += time.time() - t0
+        self.progress.sampled(time.time() - t0, first=model not in self._sampled)
+        self._sampled.add(model)
 
     def save(self, step: int) -> None:
         run = self.run
@@ -288,8 +312,9 @@ class Trainer:
         best = (self.stopped_early or run.best is not None) and self.best_lora is not None
         export = self.best_lora if best else run.state.lora
         if self.sampler is not None:
-            self.sampler.sample((run.best or run.early).best_step if best else final_step, export)
+            self._sample((run.best or run.early).best_step if best else final_step, export)
         summary = self._summary(t_start, final_step, best)
+        self.sinks.log_final(summary, final_step)
         if run.is_main:
             card = model_card(run.cfg, run.index, summary, kind="merged" if run.full_finetune else "adapter")
             if run.full_finetune:
@@ -322,7 +347,18 @@ class Trainer:
             "memory_plan_mib": self._memory_plan() if self.shapes else None,
             "final_metrics": self.last,
             "final_eval": self.final_eval,
+            **self._speed(final_step - run.start),
         }
+
+    def _speed(self, steps: int) -> dict:
+        """TRL's final row (transformers' `speed_metrics`, `train_loss`: the mean step loss) over
+        the steps this call trained."""
+        run = self.run
+        seconds = max(time.time() - (self._t_train or time.time()), 1e-9)
+        return {"train_runtime": round(seconds, 4),
+                "train_samples_per_second": round(steps * run.B * run.G / seconds, 3),
+                "train_steps_per_second": round(steps / seconds, 3),
+                "train_loss": float(self._loss_sum) / steps if steps else None}
 
     def _memory_plan(self) -> dict:
         """The dry run's plan for the batch shapes this run compiled."""

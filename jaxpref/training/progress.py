@@ -60,6 +60,14 @@ class Clock:
             self.eval_s += seconds
         self.evals += 1
 
+    def sampled(self, seconds: float, first: bool) -> None:
+        """Samples (`logging.sample_prompts`) decoded: the first with a model (base or tuned)
+        compiles the decoder, counted as compiling; later ones recur like evaluations."""
+        if first:
+            self.compile_s += seconds
+        else:
+            self.eval_s += seconds
+
     def eta(self, step: int) -> float | None:
         """Seconds left: the steps' (and later evaluations') own time so far, per step."""
         done = step - self.start
@@ -115,6 +123,9 @@ class Progress:
 
     def evaluating(self, step: int) -> None:
         pass
+
+    def sampled(self, seconds: float, first: bool) -> None:
+        self.clock.sampled(seconds, first)
 
     def logged(self, step: int, m: dict) -> None:
         if self.enabled:
@@ -200,6 +211,17 @@ def make_progress(name: str, start: int, total: int, enabled: bool, stream=None)
     """A bar when `stream` (stdout) is a terminal, plain lines otherwise; `enabled` false (the
     config's `logging.progress_bar`, or a process other than the first): neither."""
     stream = stream or sys.stdout
-    if enabled and stream.isatty():
+    if enabled and stream.isatty() and _columns(stream) > 0:
         return Bar(name, start, total, stream)
     return Progress(name, start, total, enabled, stream)
+
+
+def _columns(stream) -> int:
+    """The terminal's width; 0 for a terminal that has none (`script` or a container's pseudo-
+    terminal with no size set), where a bar would draw nothing at all: plain lines there."""
+    import os
+
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0

@@ -41,6 +41,9 @@ class JsonlSink:
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
 
+    def log_final(self, row: dict, step: int, scalars: dict) -> None:
+        pass   # metrics.jsonl holds the logged rows; summary.json has these numbers
+
     def close(self) -> None:
         self.file.close()
 
@@ -92,6 +95,8 @@ class TensorBoardSink:
         for k, v in scalars.items():
             self.writer.add_scalar(tracker_name(k), v, step)
 
+    log_final = log   # train/train_loss, ... as transformers' TensorBoardCallback writes TRL's
+
     def log_samples(self, rows: list[dict], step: int) -> None:
         """A markdown table (TensorBoard's text tab renders it): model, prompt, completion."""
         cell = lambda s: " ".join(str(s).split()).replace("|", "\\|")
@@ -115,16 +120,22 @@ class WandbSink:
         self.run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name or name,
                               dir=str(run_dir), mode="online" if online else "offline", reinit="finish_previous",
                               config=flat_config(cfg), settings=wandb.Settings(init_timeout=30, silent=True))
+        # As transformers' WandbCallback (TRL's runs): every metric's x axis is train/global_step.
+        self.run.define_metric("train/global_step")
+        self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
 
     def log(self, metrics: dict, step: int, scalars: dict) -> None:
-        self.run.log({tracker_name(k): v for k, v in scalars.items()}, step=step)
+        self.run.log({**{tracker_name(k): v for k, v in scalars.items()}, "train/global_step": step}, step=step)
+
+    def log_final(self, row: dict, step: int, scalars: dict) -> None:
+        self.run.summary.update(scalars)   # as transformers' WandbCallback: single values, not curves
 
     def log_samples(self, rows: list[dict], step: int) -> None:
         import wandb
 
         data = [[r["step"], r["model"], str(r["prompt"]), r["completion"]] for r in rows]
-        self.run.log({"samples": wandb.Table(columns=["step", "model", "prompt", "completion"], data=data)},
-                     step=step)
+        self.run.log({"samples": wandb.Table(columns=["step", "model", "prompt", "completion"], data=data),
+                      "train/global_step": step}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -149,10 +160,13 @@ class MlflowSink:
     def log(self, metrics: dict, step: int, scalars: dict) -> None:
         self.mlflow.log_metrics({tracker_name(k): v for k, v in scalars.items()}, step=step)
 
+    log_final = log
+
     def close(self) -> None:
         self.mlflow.end_run()
 
 
+FINAL = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")
 SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MlflowSink}
 MISSING = {"mlflow": "mlflow is not installed (uv sync --extra mlflow)"}
 
@@ -179,6 +193,14 @@ class MetricSinks:
         scalars = {k: float(v) for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         for sink in self.sinks:
             sink.log(metrics, step, scalars)
+
+    def log_final(self, summary: dict, step: int) -> None:
+        """TRL's final log row (`train_runtime`, `train_samples_per_second`, `train_steps_per_second`,
+        `train_loss`: summary.json's numbers) to the trackers, as transformers' callbacks pass it on."""
+        row = {k: summary[k] for k in FINAL if isinstance(summary.get(k), (int, float))}
+        scalars = {k: float(v) for k, v in row.items()}
+        for sink in self.sinks:
+            sink.log_final(row, step, scalars)
 
     def log_samples(self, rows: list[dict], step: int) -> None:
         for sink in self.sinks:
