@@ -119,6 +119,17 @@ def _cases():
                                   ["config.json", "num_attention_heads"]),
         "hidden_size abc": (model(lambda p: edit_config_json(p, hidden_size="abc")), ["config.json", "hidden_size"]),
         "config.json a list": (model(lambda p: (p / "config.json").write_text("[1, 2]")), ["config.json", "list"]),
+        # Tracebacks from deep in the forward before (a ValueError escaped the dry run), or blamed on
+        # the tokenizer (transformers checks config.json's values while loading it).
+        "num_key_value_heads not dividing the heads": (model(lambda p: edit_config_json(p, num_key_value_heads=3)),
+                                                      ["config.json", "num_attention_heads", "num_key_value_heads"]),
+        "rope scaling of an unsupported kind": (
+            model(lambda p: edit_config_json(p, rope_scaling={"rope_type": "yarn", "factor": 2.0})),
+            ["config.json", "rope scaling `yarn`"]),
+        "hidden_act unknown": (model(lambda p: edit_config_json(p, hidden_act="relu7")),
+                               ["config.json", "`hidden_act: relu7`"]),
+        "rms_norm_eps a string": (model(lambda p: edit_config_json(p, rms_norm_eps="x")),
+                                  ["config.json:", "rms_norm_eps"]),
         "config.json not UTF-8": (model(lambda p: (p / "config.json").write_bytes(b'{"model_type": "\xff"}')),
                                   ["config.json", "UTF-8"]),
         "index invalid": (model(lambda p: (p / "model.safetensors.index.json").write_text("{oops")),
@@ -171,6 +182,20 @@ def test_empty_model_name_is_derived_or_refused(tmp_path, tiny_llama, tiny_pairs
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, models=[{"huggingface_id": "/"}])
     code, _, err = run_cli(capsys, "--config", cfg, "--dry-run")
     one_line(code, err, "models[0].name")
+
+
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_file_where_the_run_keeps_a_folder_is_named(dry, tmp_path, tiny_llama, tiny_pairs, capsys):
+    """`<run>/checkpoints` a file: the run failed with NotADirectoryError (exit 1, a traceback in
+    error.log), the dry run with a traceback."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)
+    run = tmp_path / "o" / "tiny"
+    run.mkdir(parents=True)
+    (run / "checkpoints").write_text("mine")
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume",
+                           *(["--dry-run"] if dry else []))
+    one_line(code, err, "checkpoints is a file", "--output-dir")
+    assert (run / "checkpoints").read_text() == "mine" and not (run / "error.log").exists()
 
 
 def test_output_dir_that_cannot_be_written(tmp_path, tiny_llama, tiny_pairs, capsys):
