@@ -169,6 +169,21 @@ def test_plot_of_a_hand_edited_metrics_file(tmp_path, capsys, rows, png_dir, cod
         assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_never_replaces_a_users_metrics_png(tmp_path, capsys):
+    """A metrics.png that is not a PNG is the user's: it was overwritten without a word; a plot
+    of ours (a PNG) is replaced."""
+    from jaxpref.plot import main as plot_main
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (tmp_path / "metrics.png").write_text("my notes")
+    assert plot_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.png is not a plot" in err[0], err
+    assert (tmp_path / "metrics.png").read_text() == "my notes"
+    (tmp_path / "metrics.png").unlink()
+    assert plot_main([str(tmp_path)]) == 0 and plot_main([str(tmp_path)]) == 0   # ours: replaced
+
+
 def test_kto_plot_shows_kl_instead_of_an_empty_accuracy_panel(tmp_path):
     from jaxpref.plot import panels_for, plot_run
 
