@@ -66,6 +66,12 @@ def _cases():
             return m, f, {}
         return build
 
+    def file(name: str, text: str):
+        def build(tmp, m, d):
+            (tmp / name).write_text(text)
+            return m, tmp / name, {}
+        return build
+
     def cut(p):
         b = (p / "model.safetensors").read_bytes()
         (p / "model.safetensors").write_bytes(b[: len(b) - 100])
@@ -143,6 +149,15 @@ def _cases():
         "data not UTF-8": (data(b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n'),
                            ["data.jsonl", "line 17", "UTF-8"]),
         "folder without data files": (empty_dir, ["nodata", "no json/jsonl/parquet/csv files"]),
+        # Lines Python's json reads and Arrow refuses: named by Arrow without the line (a 0-based "row
+        # 16" inside "An error occurred while generating the dataset", or "Value is too big!").
+        "key given twice on a line": (data(b'{"prompt": "a", "chosen": " b", "chosen": " c", "rejected": " d"}\n'),
+                                      ["data.jsonl", "line 17", "key `chosen` is given twice"]),
+        "integer beyond 64 bits": (data(b'{"prompt": 1' + b"0" * 30 + b', "chosen": "a", "rejected": "b"}\n'),
+                                   ["data.jsonl", "line 17", "does not fit in 64 bits"]),
+        # datasets' 'Instruction "train" corresponds to no data!' before.
+        "csv with a header only": (file("d.csv", "prompt,chosen,rejected\n"), ["d.csv", "has no rows"]),
+        "jsonl of blank lines": (file("d.jsonl", "\n\n\n"), ["d.jsonl", "has no rows"]),
     }
 
 

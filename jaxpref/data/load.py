@@ -82,6 +82,8 @@ def _load_error(e: Exception, name: str, split: str, local: bool) -> DataError:
     kind = type(e).__name__
     if isinstance(e, ValueError):
         msg = first(e)
+        if "corresponds to no data" in msg:   # datasets' words for a file with a header or blank lines only
+            return DataError(f"dataset `{name}` has no rows (split `{split}`)")
         if "split" in msg.lower():
             return DataError(f"dataset `{name}`: no split `{split}` ({msg})")
         return DataError(f"dataset `{name}`: {msg}")
@@ -165,17 +167,48 @@ def _check_json(f: Path) -> None:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = _strict_loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"dataset file {f}: line {n} is not valid JSON ({e.msg} at column {e.colno})")
+            except _ArrowCannot as e:
+                raise DataError(f"dataset file {f}: line {n}: {e}")
             if not isinstance(row, dict) and row is not None:
                 raise DataError(f"dataset file {f}: line {n} is {kind(row)}, not a JSON object (one row per line)")
         return
+    try:
+        _strict_loads(text)
+    except _ArrowCannot as e:
+        raise DataError(f"dataset file {f}: {e}")
     rows = doc if isinstance(doc, list) else [doc]
     for n, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"dataset file {f}: {'item ' + str(n) + ' of the top-level array' if isinstance(doc, list) else 'the document'} "
                             f"is {kind(row)}, not a JSON object")
+
+
+class _ArrowCannot(ValueError):
+    """JSON that Python reads but Arrow's JSON reader refuses (its message names no line)."""
+
+
+def _strict_loads(text: str):
+    """json.loads, refusing what Arrow refuses: a key given twice in one object (Python keeps the
+    last) and an integer beyond 64 bits."""
+    import json
+
+    def pairs(items):
+        seen = set()
+        for k, _ in items:
+            if k in seen:
+                raise _ArrowCannot(f"key `{k}` is given twice in one object")
+            seen.add(k)
+        return dict(items)
+
+    def integer(s: str):
+        v = int(s)
+        if not -2**63 <= v < 2**64:
+            raise _ArrowCannot(f"the integer {s[:20]}{'...' if len(s) > 20 else ''} does not fit in 64 bits")
+        return v
+    return json.loads(text, object_pairs_hook=pairs, parse_int=integer)
 
 
 def _only_train(name: str, split: str, what: str) -> None:
