@@ -100,6 +100,9 @@ def _cases():
         "adam_epsilon 0": (cfg(training={"adam_epsilon": 0.0}), ["training.adam_epsilon"]),
         "negative loss_weights": (cfg(post_training={"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, -1.0]}),
                                   ["post_training.loss_weights[1]"]),
+        "loss_type an empty list": (cfg(post_training={"loss_type": []}), ["post_training.loss_type", "empty list"]),
+        "loss_weights all 0": (cfg(post_training={"loss_type": ["sigmoid", "sft"], "loss_weights": [0.0, 0.0]}),
+                               ["post_training.loss_weights", "all 0"]),
         "log_level nonsense": (cfg(logging={"log_level": "loud"}), ["logging.log_level", "debug"]),
         "label_smoothing 0.6": (cfg(post_training={"label_smoothing": 0.6}), ["post_training.label_smoothing"]),
         "early stopping metric never logged": (

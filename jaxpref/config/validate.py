@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from jaxpref.config.schema import Config, PostTrainingBase, TrainingConfig
+from jaxpref.config.schema import Config, PostTrainingBase, TrainingConfig, default_loss_type
 from jaxpref.errors import ConfigError
 from jaxpref.errors import check_choice as _choice
 from jaxpref.objectives.methods import METHODS
@@ -52,6 +52,9 @@ def _post_training(cfg: Config) -> None:
     src, pt = cfg.source, cfg.post_training
     _choice(pt.method, METHODS, "post_training.method", src)
     method = METHODS[pt.method]
+    if pt.loss_type == []:   # no loss at all: a run would train nothing
+        raise ConfigError(f"{src}: `post_training.loss_type` is an empty list; name at least one loss, or leave "
+                          f"the key out for the method's ({default_loss_type(pt.method)})")
     for lt in cfg.loss_types:
         owners = [m for m, x in METHODS.items() if lt in x.loss_types]
         if lt not in method.loss_types and owners:   # kto_pair: the older paired KTO is a DPO loss
@@ -330,6 +333,9 @@ def validate_safety(cfg: Config) -> None:
     for j, w in enumerate(pt.loss_weights or []):
         if w < 0:
             raise ConfigError(f"{src}: `post_training.loss_weights[{j}]` must be >= 0, got {w}")
+    if pt.loss_weights and not any(pt.loss_weights):
+        raise ConfigError(f"{src}: `post_training.loss_weights` are all 0, so the loss is 0 and nothing would be "
+                          "trained; give at least one loss a positive weight")
     if pt.label_smoothing > 0.5:
         raise ConfigError(f"{src}: `post_training.label_smoothing` must be in [0, 0.5] (above 0.5 it "
                           f"prefers the rejected answers), got {pt.label_smoothing}")
