@@ -122,6 +122,10 @@ def _cases():
         "ref_model_id without use_ref_model": (  # silently ignored before (TRL refuses ref_model with LoRA)
             lambda tmp, m, d: (m, d, {"models": [{"name": "tiny", "huggingface_id": str(m), "ref_model_id": str(m)}]}),
             ["`models[0].ref_model_id` names a separate reference model", "use_ref_model: true"]),
+        "ref_model_id not found, with use_ref_model": (  # the dry run said OK; training failed
+            lambda tmp, m, d: (m, d, {"models": [{"name": "tiny", "huggingface_id": str(m), "ref_model_id": str(tmp / "nope")}],
+                                      "post_training": {"use_ref_model": True}}),
+            ["nope", "not found"]),
         "only pickle weights": (model(only_bin), ["pytorch_model.bin", "never unpickles"]),
         "safetensors cut short": (model(cut), ["model.safetensors", "truncated"]),
         "num_attention_heads 0": (model(lambda p: edit_config_json(p, num_attention_heads=0)),
