@@ -129,6 +129,8 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ("{not json", [], "line 2 is not JSON"),
     ('{"text": "hi"}', [], "line 2 has no `prompt`"),
     ('{"prompt": 3}', [], "line 2: `prompt` must be a string or a list of messages"),
+    ('[{"prompt": "hi"}]', [], "line 2 is an array, not an object with a `prompt`"),   # "has no `prompt`" before
+    ('{"prompt": "ok"}', ["--temperature", "1", "--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),   # ran before
     ('{"prompt": [{"content": "hi"}]}', [], "line 2: message 0 must be an object with `role`"),
     ('{"prompt": ""}', [], "line 2 is an empty string"),
     ('{"prompt": "ok"}', ["--temperature", "-1"], "--temperature must be >= 0"),
