@@ -126,6 +126,10 @@ def _cases():
             lambda tmp, m, d: (m, d, {"models": [{"name": "tiny", "huggingface_id": str(m), "ref_model_id": str(tmp / "nope")}],
                                       "post_training": {"use_ref_model": True}}),
             ["nope", "not found"]),
+        "sample_prompts file with a prompt that is a number": (  # the dry run said OK; the run failed at its start
+            lambda tmp, m, d: ((tmp / "sp.jsonl").write_text('{"prompt": "hi"}\n{"prompt": 5}\n'),
+                               (m, d, {"logging": {"sample_prompts": str(tmp / "sp.jsonl")}}))[1],
+            ["logging.sample_prompts", "sp.jsonl", "line 2", "`prompt` must be a string"]),
         "only pickle weights": (model(only_bin), ["pytorch_model.bin", "never unpickles"]),
         "safetensors cut short": (model(cut), ["model.safetensors", "truncated"]),
         "num_attention_heads 0": (model(lambda p: edit_config_json(p, num_attention_heads=0)),

@@ -71,6 +71,16 @@ def check_reference(cfg: Config, index: int, tok, lora_enabled: bool) -> None:
     print(f"  reference        {rid} ({ref.source.model_type}, separate, frozen)")
 
 
+def check_sample_prompts(cfg: Config, tok) -> None:
+    """A `logging.sample_prompts` file, read and tokenized as the run does at its start
+    (`training.samples.prompts`)."""
+    source = cfg.logging.sample_prompts
+    if isinstance(source, str):
+        from jaxpref.generation import text
+        for i, p in enumerate(text.read_prompts(source, "logging.sample_prompts")):
+            text.prompt_ids(tok, p, f"logging.sample_prompts {source}: prompt {i + 1}")
+
+
 def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     """The dry run of an offline model (`resume`: a `dryrun_resume.ResumeAsk` or None)."""
     entry = cfg.models[index]
@@ -123,6 +133,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         return problems
     try:
         check_eval(cfg, prepared.eval, t.per_device_eval_batch_size * dp)
+        check_sample_prompts(cfg, tok)
     except JaxprefError as e:
         problems.append(f"model `{name}`: {e}")
         return problems
