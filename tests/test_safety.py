@@ -166,6 +166,10 @@ def _cases():
                                       ["data.jsonl", "line 17", "key `chosen` is given twice"]),
         "integer beyond 64 bits": (data(b'{"prompt": 1' + b"0" * 30 + b', "chosen": "a", "rejected": "b"}\n'),
                                    ["data.jsonl", "line 17", "does not fit in 64 bits"]),
+        "data_files of two types": (  # the CSV was read as JSON: "Invalid value. in row 0", no file named
+            lambda tmp, m, d: ((tmp / "b.csv").write_text("prompt,chosen,rejected\na,b,c\n"),
+                               (m, d, {"dataset": {"name": "json", "data_files": [str(d), str(tmp / "b.csv")]}}))[1],
+            ["dataset.data_files", "b.csv is a .csv file", "read as json"]),
         # datasets' 'Instruction "train" corresponds to no data!' before.
         "csv with a header only": (file("d.csv", "prompt,chosen,rejected\n"), ["d.csv", "has no rows"]),
         "jsonl of blank lines": (file("d.jsonl", "\n\n\n"), ["d.jsonl", "has no rows"]),

@@ -45,6 +45,7 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
                             "to a hub dataset, leave it out")
     if ds_cfg.data_files:
         builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
+        _one_kind(builder, ds_cfg.data_files)
         return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)
     if path is not None and path.is_file():
         # `.gz`: datasets decompresses it; the type is the suffix before it.
@@ -105,14 +106,8 @@ def _data_files_in(folder: Path) -> list[Path]:
 
 def _local_text_files(ds_cfg, path: Path | None) -> list[Path]:
     """The local json/jsonl/csv files (gzipped or not) the source reads: checked before loading."""
-    import glob
-
     if ds_cfg.data_files:
-        files = ds_cfg.data_files
-        files = [x for v in files.values() for x in ([v] if isinstance(v, str) else v)] \
-            if isinstance(files, dict) else ([files] if isinstance(files, str) else list(files))
-        found = [Path(f) for pat in files for f in (glob.glob(str(Path(pat).expanduser()), recursive=True)
-                                                    if "\0" not in pat else [])]
+        found = _globbed(ds_cfg.data_files)
     elif path is not None and "\0" not in str(path) and path.is_file():
         found = [path]
     elif path is not None and "\0" not in str(path) and path.is_dir():
@@ -120,6 +115,26 @@ def _local_text_files(ds_cfg, path: Path | None) -> list[Path]:
     else:
         found = []
     return [f for f in found if f.is_file() and f.name.removesuffix(".gz").endswith((".json", ".jsonl", ".csv"))]
+
+
+def _globbed(files) -> list[Path]:
+    """The paths `dataset.data_files` (a file, glob, list, or mapping split -> those) matches."""
+    import glob
+
+    files = [x for v in files.values() for x in ([v] if isinstance(v, str) else v)] \
+        if isinstance(files, dict) else ([files] if isinstance(files, str) else list(files))
+    return [Path(f) for pat in files for f in (glob.glob(str(Path(pat).expanduser()), recursive=True)
+                                               if "\0" not in pat else [])]
+
+
+def _one_kind(builder: str, files) -> None:
+    """One loader reads every data file: a file of another type would be parsed as this one (a CSV
+    read as JSON: "Invalid value. in row 0", naming no file)."""
+    for f in _globbed(files):
+        ext = Path(f.name.removesuffix(".gz")).suffix
+        if f.is_file() and LOCAL_BUILDERS.get(ext, builder) != builder:
+            raise DataError(f"dataset.data_files: {f} is a {ext} file, but the files are read as {builder} "
+                            "(one file type per dataset: give files of one type)")
 
 
 def _open_binary(f: Path):
