@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.generate"
         load_dotenv()   # HF_TOKEN for a gated hub model
         check_options(args)
         cfg = load_config(args.config, args.set)
+        from jaxpref.runtime.outdir import refuse_protected
+        refuse_protected(args.output, "--output", {"the config file": Path(args.config), **(
+            {"the --prompts file": Path(args.prompts)} if args.prompts else {})}, "--overwrite")
         if not 0 <= args.model_index < len(cfg.models):
             raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
                               f"{len(cfg.models)} model(s)")

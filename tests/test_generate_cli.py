@@ -163,6 +163,18 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_output_over_the_prompts_file_is_refused_even_with_overwrite(setup, tmp_path, capsys):
+    """--output naming the --prompts file, with --overwrite, replaced the user's prompts."""
+    root, cfg, *_ = setup
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the sky is"}\n')
+    for out, what in ((prompts, "the --prompts file"), (cfg, "the config file")):
+        code = generate.main(["--config", str(cfg), "--prompts", str(prompts), "--output", str(out), "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"that is {what}" in err[0], err
+    assert prompts.read_text() == '{"prompt": "the sky is"}\n'
+
+
 def test_run_of_a_full_finetune_names_its_model(setup, tmp_path, capsys):
     """--run of a full fine-tune (model/, no adapter/) said a finished run has an adapter."""
     root, cfg, *_ = setup
