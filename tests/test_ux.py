@@ -264,6 +264,31 @@ def test_gguf_conversion_says_so_and_counts_tensors_in_a_terminal(tmp_path, monk
     assert len(list((tmp_path / "child").rglob("model.safetensors"))) == 1
 
 
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"config": 5}, "`config` must be a YAML path, a dict of sections or a jaxpref.config.Config, got int"),
+    ({"train_dataset": [{"prompt": "a"}]}, "`train_dataset` must be a datasets.Dataset, got list"),   # AttributeError
+    ({"eval_dataset": "eval.jsonl"}, "`eval_dataset` must be a datasets.Dataset, got str"),
+    ({"train_dataset": "DICT"}, "(a DatasetDict: pass one of its splits"),   # "missing columns ...; present: train"
+    ({"overrides": "training.max_steps=2"}, "`overrides` must be a list"),   # read letter by letter: "--set t"
+    ({"model_index": "0"}, "`model_index` must be an integer, got str"),     # TypeError
+    ({"output_dir": 5}, "`output_dir` must be a path, got int"),             # trained into ./5
+])
+def test_python_api_arguments_of_a_wrong_type_are_one_line(tmp_path, monkeypatch, kwargs, needle):
+    import datasets
+
+    import jaxpref
+    from jaxpref.errors import JaxprefError
+
+    monkeypatch.chdir(tmp_path)
+    args = {"config": {"models": [{"name": "m", "huggingface_id": str(tmp_path)}]}, **kwargs}
+    if args.get("train_dataset") == "DICT":
+        args["train_dataset"] = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a"}])})
+    with pytest.raises(JaxprefError) as e:
+        jaxpref.train(**args)
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+    assert list(tmp_path.iterdir()) == []   # nothing written
+
+
 def test_python_api_takes_a_path_or_a_config(tmp_path):
     """`config` as a YAML path (with overrides) or a Config (copied: the caller's is not changed);
     datasets take the place of `dataset.name`; the output root is the argument, else
