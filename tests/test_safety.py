@@ -72,6 +72,12 @@ def _cases():
             return m, tmp / name, {}
         return build
 
+    def no_eos(p):
+        c = json.loads((p / "tokenizer_config.json").read_text())
+        c.pop("eos_token", None), c.pop("pad_token", None)
+        (p / "tokenizer_config.json").write_text(json.dumps(c))
+        edit_config_json(p, eos_token_id=None, pad_token_id=None)
+
     def cut(p):
         b = (p / "model.safetensors").read_bytes()
         (p / "model.safetensors").write_bytes(b[: len(b) - 100])
@@ -100,6 +106,8 @@ def _cases():
         "adam_epsilon 0": (cfg(training={"adam_epsilon": 0.0}), ["training.adam_epsilon"]),
         "negative loss_weights": (cfg(post_training={"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, -1.0]}),
                                   ["post_training.loss_weights[1]"]),
+        "lora.init_from with lora.enabled false": (  # the adapter was never read: the base was fully fine-tuned
+            cfg(lora={"enabled": False, "init_from": "/some/adapter"}), ["lora.init_from", "lora.enabled: false"]),
         "loss_type an empty list": (cfg(post_training={"loss_type": []}), ["post_training.loss_type", "empty list"]),
         "loss_weights all 0": (cfg(post_training={"loss_type": ["sigmoid", "sft"], "loss_weights": [0.0, 0.0]}),
                                ["post_training.loss_weights", "all 0"]),
@@ -130,6 +138,7 @@ def _cases():
             lambda tmp, m, d: ((tmp / "sp.jsonl").write_text('{"prompt": "hi"}\n{"prompt": 5}\n'),
                                (m, d, {"logging": {"sample_prompts": str(tmp / "sp.jsonl")}}))[1],
             ["logging.sample_prompts", "sp.jsonl", "line 2", "`prompt` must be a string"]),
+        "tokenizer without eos and pad tokens": (model(no_eos), ["tokenizer", "has no eos_token"]),   # trained without
         "only pickle weights": (model(only_bin), ["pytorch_model.bin", "never unpickles"]),
         "safetensors cut short": (model(cut), ["model.safetensors", "truncated"]),
         "num_attention_heads 0": (model(lambda p: edit_config_json(p, num_attention_heads=0)),

@@ -139,6 +139,9 @@ def _lora(cfg: Config) -> None:
     _choice(lo.bias, ("none",), "lora.bias", src)
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError(f"{src}: `lora.target_modules` is empty")
+    if lo.init_from and not lo.enabled:   # full fine-tuning trained the base, the adapter never read
+        raise ConfigError(f"{src}: `lora.init_from` continues a LoRA adapter, but `lora.enabled: false` trains "
+                          "every weight of the base model instead; set `lora.enabled: true`, or leave init_from out")
     unread = [i for i, m in enumerate(cfg.models) if m.ref_model_id]
     if unread and lo.enabled and not cfg.post_training.use_ref_model:   # the reference is the adapter off
         raise ConfigError(f"{src}: `models[{unread[0]}].ref_model_id` names a separate reference model, which is "
