@@ -108,6 +108,9 @@ def _cases():
                                   ["post_training.loss_weights[1]"]),
         "lora.init_from with lora.enabled false": (  # the adapter was never read: the base was fully fine-tuned
             cfg(lora={"enabled": False, "init_from": "/some/adapter"}), ["lora.init_from", "lora.enabled: false"]),
+        "model named as a report file": (  # trained, then the report was not written (a folder in its place)
+            lambda tmp, m, d: (m, d, {"models": [{"name": "report.md", "huggingface_id": str(m)}]}),
+            ["`models[0].name` `report.md` is a file the report writes"]),
         "loss_type an empty list": (cfg(post_training={"loss_type": []}), ["post_training.loss_type", "empty list"]),
         "loss_weights all 0": (cfg(post_training={"loss_type": ["sigmoid", "sft"], "loss_weights": [0.0, 0.0]}),
                                ["post_training.loss_weights", "all 0"]),

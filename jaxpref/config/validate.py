@@ -43,6 +43,9 @@ def _models(cfg: Config) -> None:
             raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` is used twice")
         if "/" in m.name or m.name in (".", ".."):
             raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` must be usable as a folder name")
+        if m.name in ("report.md", "report.html", "report_curves.png"):   # beside the run folders
+            raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` is a file the report writes in the output "
+                              "folder; choose another name")
         names.add(m.name)
 
 
