@@ -71,6 +71,7 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
 
     from jaxpref.runtime.mesh import init_distributed
 
+    check_arguments(config, output_dir, model_index, train_dataset, eval_dataset, overrides, resume_from)
     check_overwrite(overwrite_output_dir, "resume" if resume else "resume_from" if resume_from is not None else None)
     cfg = load(config, overrides, train_dataset, eval_dataset)
     out_root = output_root(cfg, str(output_dir) if output_dir is not None else None)
@@ -81,6 +82,33 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
     if jax.process_index() == 0:
         write_report(out_root, [m.name for m in cfg.models], {}, quiet=True)
     return out
+
+
+def check_arguments(config, output_dir, model_index, train_dataset, eval_dataset, overrides, resume_from) -> None:
+    """`train`'s arguments of a wrong type, in one line naming the argument (a TypeError or an
+    AttributeError from deep inside before; a string of overrides was read letter by letter, an
+    int output_dir made a folder `5`)."""
+    import datasets
+
+    def bad(name: str, want: str, value) -> JaxprefError:
+        return JaxprefError(f"jaxpref.train: `{name}` must be {want}, got {type(value).__name__} "
+                            f"{' '.join(repr(value).split())[:80]}")
+
+    if not isinstance(config, (str, Path, dict, Config)):
+        raise bad("config", "a YAML path, a dict of sections or a jaxpref.config.Config", config)
+    if output_dir is not None and not isinstance(output_dir, (str, Path)):
+        raise bad("output_dir", "a path", output_dir)
+    for name, value in (("model_index", model_index), ("resume_from", resume_from)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad(name, "an integer", value)
+    for name, value in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        if value is not None and not isinstance(value, datasets.Dataset):
+            split = " (a DatasetDict: pass one of its splits, e.g. d['train'])" \
+                if isinstance(value, datasets.DatasetDict) else ""
+            raise bad(name, "a datasets.Dataset" + split, value)
+    if overrides is not None and (isinstance(overrides, str) or not isinstance(overrides, (list, tuple))
+                                  or not all(isinstance(o, str) for o in overrides)):
+        raise bad("overrides", 'a list of "KEY=VALUE" strings', overrides)
 
 
 def check_overwrite(overwrite: bool, resume: str | None, flag: str = "overwrite_output_dir") -> None:

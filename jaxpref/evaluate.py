@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxpref.errors import ConfigError, JaxprefError, check_writable
 from jaxpref.runtime.env import load_dotenv
+from jaxpref.runtime.outdir import refuse_protected
 
 
 def parse_args(argv, prog: str = "python -m jaxpref.evaluate"):
@@ -223,6 +224,14 @@ def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output:
     }
 
 
+def read_files(cfg, config: Path) -> dict[str, Path]:
+    """The files this command reads (what -> path): an --output there would replace them."""
+    files = {"the config file": Path(config)}
+    if cfg.dataset.name and Path(cfg.dataset.name).expanduser().is_file():
+        files["the dataset file"] = Path(cfg.dataset.name)
+    return files
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.evaluate") -> int:
     from jaxpref.config import load_config
 
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.evaluate"
         if args.run and args.adapter is None:
             full_finetune_policy(cfg, Path(args.run), args.model_index)
         check_writable(args.output, "--output", directory=False)
+        refuse_protected(args.output, "--output", read_files(cfg, args.config or Path(args.run) / "config.yaml"),
+                         "--overwrite")
         if Path(args.output).exists() and not args.overwrite:
             raise ConfigError(f"--output {args.output} exists; pass --overwrite to replace it")
         adapter = adapter_dir(args.adapter) if args.adapter else None

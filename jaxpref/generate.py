@@ -60,6 +60,8 @@ def check_options(args) -> None:
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value <= 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
+    if not 0 <= args.seed <= 2**32 - 1:   # as training.seed (and transformers' set_seed)
+        raise ConfigError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     s = Sampling(args.temperature, args.top_p, args.top_k, args.min_p).check()
     unused = [f"--{k.replace('_', '-')} {v}" for k, v, off in (("top_p", s.top_p, 1.0), ("top_k", s.top_k, 0),
                                                                ("min_p", s.min_p, 0.0)) if v != off]
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.generate"
         load_dotenv()   # HF_TOKEN for a gated hub model
         check_options(args)
         cfg = load_config(args.config, args.set)
+        from jaxpref.runtime.outdir import refuse_protected
+        refuse_protected(args.output, "--output", {"the config file": Path(args.config), **(
+            {"the --prompts file": Path(args.prompts)} if args.prompts else {})}, "--overwrite")
         if not 0 <= args.model_index < len(cfg.models):
             raise ConfigError(f"--model-index {args.model_index} is out of range: the config has "
                               f"{len(cfg.models)} model(s)")

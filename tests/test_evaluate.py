@@ -242,6 +242,18 @@ def test_existing_output_is_refused_unless_overwrite(setup, monkeypatch, capsys)
     assert len(out.read_text().splitlines()) == 2
 
 
+def test_output_over_a_file_it_reads_is_refused_even_with_overwrite(setup, capsys):
+    """--output naming the dataset or the config file, with --overwrite, replaced the user's data."""
+    config, _, _, _, _, root = setup
+    data = root / "pairs.jsonl"
+    before = {f: f.read_bytes() for f in (config, data)}
+    for out, what in ((data, "the dataset file"), (config, "the config file")):
+        assert evaluate.main(["--config", str(config), "--output", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"that is {what}" in err[0], err
+    assert {f: f.read_bytes() for f in before} == before
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_config_continuing_an_adapter_is_evaluated_against_it_as_trl_does(setup, monkeypatch, capsys, tmp_path):
     """`lora.init_from`: training's reference is the initial adapter (TRL's, for a PEFT model it

@@ -129,6 +129,8 @@ def test_flash_attention_in_the_config_needs_no_kernel_to_decode(setup, tmp_path
     ("{not json", [], "line 2 is not JSON"),
     ('{"text": "hi"}', [], "line 2 has no `prompt`"),
     ('{"prompt": 3}', [], "line 2: `prompt` must be a string or a list of messages"),
+    ('[{"prompt": "hi"}]', [], "line 2 is an array, not an object with a `prompt`"),   # "has no `prompt`" before
+    ('{"prompt": "ok"}', ["--temperature", "1", "--seed", "-1"], "--seed must be in [0, 2**32 - 1]"),   # ran before
     ('{"prompt": [{"content": "hi"}]}', [], "line 2: message 0 must be an object with `role`"),
     ('{"prompt": ""}', [], "line 2 is an empty string"),
     ('{"prompt": "ok"}', ["--temperature", "-1"], "--temperature must be >= 0"),
@@ -159,6 +161,18 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, row, flags, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_output_over_the_prompts_file_is_refused_even_with_overwrite(setup, tmp_path, capsys):
+    """--output naming the --prompts file, with --overwrite, replaced the user's prompts."""
+    root, cfg, *_ = setup
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the sky is"}\n')
+    for out, what in ((prompts, "the --prompts file"), (cfg, "the config file")):
+        code = generate.main(["--config", str(cfg), "--prompts", str(prompts), "--output", str(out), "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"that is {what}" in err[0], err
+    assert prompts.read_text() == '{"prompt": "the sky is"}\n'
 
 
 def test_run_of_a_full_finetune_names_its_model(setup, tmp_path, capsys):

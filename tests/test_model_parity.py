@@ -442,6 +442,17 @@ def test_rmsnorm_rounding_matches_transformers_in_bf16(family, fp32_scale):
     assert (ours[not fp32_scale] != ref).any()
 
 
+def test_llama_hidden_act_matches_transformers(tmp_path):
+    """Llama-family MLPs use config.json's `hidden_act` (transformers' ACT2FN); it was always SiLU."""
+    model = _perturbed(transformers.LlamaConfig(**TINY, num_key_value_heads=2, hidden_act="gelu_pytorch_tanh"))
+    model.save_pretrained(tmp_path)
+    ref = _hf_logits(model)
+    diff = _max_diff(_our_logits(tmp_path), ref)
+    assert diff <= 1e-4, diff
+    silu = _perturbed(transformers.LlamaConfig(**TINY, num_key_value_heads=2))   # same weights (seed 0)
+    assert _max_diff(_hf_logits(silu), ref) > 1e-2   # the activation shows in the logits
+
+
 def test_layer_types_of_another_length_is_named(tmp_path):
     cfg = json.loads(transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=3).to_json_string())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "layer_types": ["sliding_attention"] * 3}))

@@ -66,6 +66,18 @@ def _cases():
             return m, f, {}
         return build
 
+    def file(name: str, text: str):
+        def build(tmp, m, d):
+            (tmp / name).write_text(text)
+            return m, tmp / name, {}
+        return build
+
+    def no_eos(p):
+        c = json.loads((p / "tokenizer_config.json").read_text())
+        c.pop("eos_token", None), c.pop("pad_token", None)
+        (p / "tokenizer_config.json").write_text(json.dumps(c))
+        edit_config_json(p, eos_token_id=None, pad_token_id=None)
+
     def cut(p):
         b = (p / "model.safetensors").read_bytes()
         (p / "model.safetensors").write_bytes(b[: len(b) - 100])
@@ -94,6 +106,14 @@ def _cases():
         "adam_epsilon 0": (cfg(training={"adam_epsilon": 0.0}), ["training.adam_epsilon"]),
         "negative loss_weights": (cfg(post_training={"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, -1.0]}),
                                   ["post_training.loss_weights[1]"]),
+        "lora.init_from with lora.enabled false": (  # the adapter was never read: the base was fully fine-tuned
+            cfg(lora={"enabled": False, "init_from": "/some/adapter"}), ["lora.init_from", "lora.enabled: false"]),
+        "model named as a report file": (  # trained, then the report was not written (a folder in its place)
+            lambda tmp, m, d: (m, d, {"models": [{"name": "report.md", "huggingface_id": str(m)}]}),
+            ["`models[0].name` `report.md` is a file the report writes"]),
+        "loss_type an empty list": (cfg(post_training={"loss_type": []}), ["post_training.loss_type", "empty list"]),
+        "loss_weights all 0": (cfg(post_training={"loss_type": ["sigmoid", "sft"], "loss_weights": [0.0, 0.0]}),
+                               ["post_training.loss_weights", "all 0"]),
         "log_level nonsense": (cfg(logging={"log_level": "loud"}), ["logging.log_level", "debug"]),
         "label_smoothing 0.6": (cfg(post_training={"label_smoothing": 0.6}), ["post_training.label_smoothing"]),
         "early stopping metric never logged": (
@@ -113,12 +133,32 @@ def _cases():
         "ref_model_id without use_ref_model": (  # silently ignored before (TRL refuses ref_model with LoRA)
             lambda tmp, m, d: (m, d, {"models": [{"name": "tiny", "huggingface_id": str(m), "ref_model_id": str(m)}]}),
             ["`models[0].ref_model_id` names a separate reference model", "use_ref_model: true"]),
+        "ref_model_id not found, with use_ref_model": (  # the dry run said OK; training failed
+            lambda tmp, m, d: (m, d, {"models": [{"name": "tiny", "huggingface_id": str(m), "ref_model_id": str(tmp / "nope")}],
+                                      "post_training": {"use_ref_model": True}}),
+            ["nope", "not found"]),
+        "sample_prompts file with a prompt that is a number": (  # the dry run said OK; the run failed at its start
+            lambda tmp, m, d: ((tmp / "sp.jsonl").write_text('{"prompt": "hi"}\n{"prompt": 5}\n'),
+                               (m, d, {"logging": {"sample_prompts": str(tmp / "sp.jsonl")}}))[1],
+            ["logging.sample_prompts", "sp.jsonl", "line 2", "`prompt` must be a string"]),
+        "tokenizer without eos and pad tokens": (model(no_eos), ["tokenizer", "has no eos_token"]),   # trained without
         "only pickle weights": (model(only_bin), ["pytorch_model.bin", "never unpickles"]),
         "safetensors cut short": (model(cut), ["model.safetensors", "truncated"]),
         "num_attention_heads 0": (model(lambda p: edit_config_json(p, num_attention_heads=0)),
                                   ["config.json", "num_attention_heads"]),
         "hidden_size abc": (model(lambda p: edit_config_json(p, hidden_size="abc")), ["config.json", "hidden_size"]),
         "config.json a list": (model(lambda p: (p / "config.json").write_text("[1, 2]")), ["config.json", "list"]),
+        # Tracebacks from deep in the forward before (a ValueError escaped the dry run), or blamed on
+        # the tokenizer (transformers checks config.json's values while loading it).
+        "num_key_value_heads not dividing the heads": (model(lambda p: edit_config_json(p, num_key_value_heads=3)),
+                                                      ["config.json", "num_attention_heads", "num_key_value_heads"]),
+        "rope scaling of an unsupported kind": (
+            model(lambda p: edit_config_json(p, rope_scaling={"rope_type": "yarn", "factor": 2.0})),
+            ["config.json", "rope scaling `yarn`"]),
+        "hidden_act unknown": (model(lambda p: edit_config_json(p, hidden_act="relu7")),
+                               ["config.json", "`hidden_act: relu7`"]),
+        "rms_norm_eps a string": (model(lambda p: edit_config_json(p, rms_norm_eps="x")),
+                                  ["config.json:", "rms_norm_eps"]),
         "config.json not UTF-8": (model(lambda p: (p / "config.json").write_bytes(b'{"model_type": "\xff"}')),
                                   ["config.json", "UTF-8"]),
         "index invalid": (model(lambda p: (p / "model.safetensors.index.json").write_text("{oops")),
@@ -132,6 +172,19 @@ def _cases():
         "data not UTF-8": (data(b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n'),
                            ["data.jsonl", "line 17", "UTF-8"]),
         "folder without data files": (empty_dir, ["nodata", "no json/jsonl/parquet/csv files"]),
+        # Lines Python's json reads and Arrow refuses: named by Arrow without the line (a 0-based "row
+        # 16" inside "An error occurred while generating the dataset", or "Value is too big!").
+        "key given twice on a line": (data(b'{"prompt": "a", "chosen": " b", "chosen": " c", "rejected": " d"}\n'),
+                                      ["data.jsonl", "line 17", "key `chosen` is given twice"]),
+        "integer beyond 64 bits": (data(b'{"prompt": 1' + b"0" * 30 + b', "chosen": "a", "rejected": "b"}\n'),
+                                   ["data.jsonl", "line 17", "does not fit in 64 bits"]),
+        "data_files of two types": (  # the CSV was read as JSON: "Invalid value. in row 0", no file named
+            lambda tmp, m, d: ((tmp / "b.csv").write_text("prompt,chosen,rejected\na,b,c\n"),
+                               (m, d, {"dataset": {"name": "json", "data_files": [str(d), str(tmp / "b.csv")]}}))[1],
+            ["dataset.data_files", "b.csv is a .csv file", "read as json"]),
+        # datasets' 'Instruction "train" corresponds to no data!' before.
+        "csv with a header only": (file("d.csv", "prompt,chosen,rejected\n"), ["d.csv", "has no rows"]),
+        "jsonl of blank lines": (file("d.jsonl", "\n\n\n"), ["d.jsonl", "has no rows"]),
     }
 
 
@@ -171,6 +224,20 @@ def test_empty_model_name_is_derived_or_refused(tmp_path, tiny_llama, tiny_pairs
     cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs, models=[{"huggingface_id": "/"}])
     code, _, err = run_cli(capsys, "--config", cfg, "--dry-run")
     one_line(code, err, "models[0].name")
+
+
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_file_where_the_run_keeps_a_folder_is_named(dry, tmp_path, tiny_llama, tiny_pairs, capsys):
+    """`<run>/checkpoints` a file: the run failed with NotADirectoryError (exit 1, a traceback in
+    error.log), the dry run with a traceback."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs)
+    run = tmp_path / "o" / "tiny"
+    run.mkdir(parents=True)
+    (run / "checkpoints").write_text("mine")
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume",
+                           *(["--dry-run"] if dry else []))
+    one_line(code, err, "checkpoints is a file", "--output-dir")
+    assert (run / "checkpoints").read_text() == "mine" and not (run / "error.log").exists()
 
 
 def test_output_dir_that_cannot_be_written(tmp_path, tiny_llama, tiny_pairs, capsys):

@@ -169,6 +169,21 @@ def test_plot_of_a_hand_edited_metrics_file(tmp_path, capsys, rows, png_dir, cod
         assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_never_replaces_a_users_metrics_png(tmp_path, capsys):
+    """A metrics.png that is not a PNG is the user's: it was overwritten without a word; a plot
+    of ours (a PNG) is replaced."""
+    from jaxpref.plot import main as plot_main
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (tmp_path / "metrics.png").write_text("my notes")
+    assert plot_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.png is not a plot" in err[0], err
+    assert (tmp_path / "metrics.png").read_text() == "my notes"
+    (tmp_path / "metrics.png").unlink()
+    assert plot_main([str(tmp_path)]) == 0 and plot_main([str(tmp_path)]) == 0   # ours: replaced
+
+
 def test_kto_plot_shows_kl_instead_of_an_empty_accuracy_panel(tmp_path):
     from jaxpref.plot import panels_for, plot_run
 
@@ -247,6 +262,31 @@ def test_gguf_conversion_says_so_and_counts_tensors_in_a_terminal(tmp_path, monk
     os.close(read)
     assert f"{n}/{n}" in drawn and "converting tiny-qwen3.gguf" in drawn, drawn
     assert len(list((tmp_path / "child").rglob("model.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"config": 5}, "`config` must be a YAML path, a dict of sections or a jaxpref.config.Config, got int"),
+    ({"train_dataset": [{"prompt": "a"}]}, "`train_dataset` must be a datasets.Dataset, got list"),   # AttributeError
+    ({"eval_dataset": "eval.jsonl"}, "`eval_dataset` must be a datasets.Dataset, got str"),
+    ({"train_dataset": "DICT"}, "(a DatasetDict: pass one of its splits"),   # "missing columns ...; present: train"
+    ({"overrides": "training.max_steps=2"}, "`overrides` must be a list"),   # read letter by letter: "--set t"
+    ({"model_index": "0"}, "`model_index` must be an integer, got str"),     # TypeError
+    ({"output_dir": 5}, "`output_dir` must be a path, got int"),             # trained into ./5
+])
+def test_python_api_arguments_of_a_wrong_type_are_one_line(tmp_path, monkeypatch, kwargs, needle):
+    import datasets
+
+    import jaxpref
+    from jaxpref.errors import JaxprefError
+
+    monkeypatch.chdir(tmp_path)
+    args = {"config": {"models": [{"name": "m", "huggingface_id": str(tmp_path)}]}, **kwargs}
+    if args.get("train_dataset") == "DICT":
+        args["train_dataset"] = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a"}])})
+    with pytest.raises(JaxprefError) as e:
+        jaxpref.train(**args)
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+    assert list(tmp_path.iterdir()) == []   # nothing written
 
 
 def test_python_api_takes_a_path_or_a_config(tmp_path):

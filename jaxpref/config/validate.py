@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from jaxpref.config.schema import TRAINER_MAX_GRAD_NORM, Config, PostTrainingBase, TrainingConfig
+from jaxpref.config.schema import TRAINER_MAX_GRAD_NORM, Config, PostTrainingBase, TrainingConfig, default_loss_type
 from jaxpref.errors import ConfigError
 from jaxpref.errors import check_choice as _choice
 from jaxpref.objectives.methods import METHODS
@@ -44,6 +44,9 @@ def _models(cfg: Config) -> None:
             raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` is used twice")
         if "/" in m.name or m.name in (".", ".."):
             raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` must be usable as a folder name")
+        if m.name in ("report.md", "report.html", "report_curves.png"):   # beside the run folders
+            raise ConfigError(f"{src}: `models[{i}].name` `{m.name}` is a file the report writes in the output "
+                              "folder; choose another name")
         names.add(m.name)
 
 
@@ -53,6 +56,9 @@ def _post_training(cfg: Config) -> None:
     src, pt = cfg.source, cfg.post_training
     _choice(pt.method, METHODS, "post_training.method", src)
     method = METHODS[pt.method]
+    if pt.loss_type == []:   # no loss at all: a run would train nothing
+        raise ConfigError(f"{src}: `post_training.loss_type` is an empty list; name at least one loss, or leave "
+                          f"the key out for the method's ({default_loss_type(pt.method)})")
     for lt in cfg.loss_types:
         owners = [m for m, x in METHODS.items() if lt in x.loss_types]
         if lt not in method.loss_types and owners:   # kto_pair: the older paired KTO is a DPO loss
@@ -151,6 +157,9 @@ def _lora(cfg: Config) -> None:
     _choice(lo.bias, ("none",), "lora.bias", src)
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError(f"{src}: `lora.target_modules` is empty")
+    if lo.init_from and not lo.enabled:   # full fine-tuning trained the base, the adapter never read
+        raise ConfigError(f"{src}: `lora.init_from` continues a LoRA adapter, but `lora.enabled: false` trains "
+                          "every weight of the base model instead; set `lora.enabled: true`, or leave init_from out")
     unread = [i for i, m in enumerate(cfg.models) if m.ref_model_id]
     if unread and lo.enabled and not cfg.post_training.use_ref_model:   # the reference is the adapter off
         raise ConfigError(f"{src}: `models[{unread[0]}].ref_model_id` names a separate reference model, which is "
@@ -347,6 +356,9 @@ def validate_safety(cfg: Config) -> None:
     for j, w in enumerate(pt.loss_weights or []):
         if w < 0:
             raise ConfigError(f"{src}: `post_training.loss_weights[{j}]` must be >= 0, got {w}")
+    if pt.loss_weights and not any(pt.loss_weights):
+        raise ConfigError(f"{src}: `post_training.loss_weights` are all 0, so the loss is 0 and nothing would be "
+                          "trained; give at least one loss a positive weight")
     if pt.label_smoothing > 0.5:
         raise ConfigError(f"{src}: `post_training.label_smoothing` must be in [0, 0.5] (above 0.5 it "
                           f"prefers the rejected answers), got {pt.label_smoothing}")

@@ -45,6 +45,7 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
                             "to a hub dataset, leave it out")
     if ds_cfg.data_files:
         builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
+        _one_kind(builder, ds_cfg.data_files)
         return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)
     if path is not None and path.is_file():
         # `.gz`: datasets decompresses it; the type is the suffix before it.
@@ -82,6 +83,8 @@ def _load_error(e: Exception, name: str, split: str, local: bool) -> DataError:
     kind = type(e).__name__
     if isinstance(e, ValueError):
         msg = first(e)
+        if "corresponds to no data" in msg:   # datasets' words for a file with a header or blank lines only
+            return DataError(f"dataset `{name}` has no rows (split `{split}`)")
         if "split" in msg.lower():
             return DataError(f"dataset `{name}`: no split `{split}` ({msg})")
         return DataError(f"dataset `{name}`: {msg}")
@@ -103,14 +106,8 @@ def _data_files_in(folder: Path) -> list[Path]:
 
 def _local_text_files(ds_cfg, path: Path | None) -> list[Path]:
     """The local json/jsonl/csv files (gzipped or not) the source reads: checked before loading."""
-    import glob
-
     if ds_cfg.data_files:
-        files = ds_cfg.data_files
-        files = [x for v in files.values() for x in ([v] if isinstance(v, str) else v)] \
-            if isinstance(files, dict) else ([files] if isinstance(files, str) else list(files))
-        found = [Path(f) for pat in files for f in (glob.glob(str(Path(pat).expanduser()), recursive=True)
-                                                    if "\0" not in pat else [])]
+        found = _globbed(ds_cfg.data_files)
     elif path is not None and "\0" not in str(path) and path.is_file():
         found = [path]
     elif path is not None and "\0" not in str(path) and path.is_dir():
@@ -118,6 +115,26 @@ def _local_text_files(ds_cfg, path: Path | None) -> list[Path]:
     else:
         found = []
     return [f for f in found if f.is_file() and f.name.removesuffix(".gz").endswith((".json", ".jsonl", ".csv"))]
+
+
+def _globbed(files) -> list[Path]:
+    """The paths `dataset.data_files` (a file, glob, list, or mapping split -> those) matches."""
+    import glob
+
+    files = [x for v in files.values() for x in ([v] if isinstance(v, str) else v)] \
+        if isinstance(files, dict) else ([files] if isinstance(files, str) else list(files))
+    return [Path(f) for pat in files for f in (glob.glob(str(Path(pat).expanduser()), recursive=True)
+                                               if "\0" not in pat else [])]
+
+
+def _one_kind(builder: str, files) -> None:
+    """One loader reads every data file: a file of another type would be parsed as this one (a CSV
+    read as JSON: "Invalid value. in row 0", naming no file)."""
+    for f in _globbed(files):
+        ext = Path(f.name.removesuffix(".gz")).suffix
+        if f.is_file() and LOCAL_BUILDERS.get(ext, builder) != builder:
+            raise DataError(f"dataset.data_files: {f} is a {ext} file, but the files are read as {builder} "
+                            "(one file type per dataset: give files of one type)")
 
 
 def _open_binary(f: Path):
@@ -165,17 +182,48 @@ def _check_json(f: Path) -> None:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = _strict_loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"dataset file {f}: line {n} is not valid JSON ({e.msg} at column {e.colno})")
+            except _ArrowCannot as e:
+                raise DataError(f"dataset file {f}: line {n}: {e}")
             if not isinstance(row, dict) and row is not None:
                 raise DataError(f"dataset file {f}: line {n} is {kind(row)}, not a JSON object (one row per line)")
         return
+    try:
+        _strict_loads(text)
+    except _ArrowCannot as e:
+        raise DataError(f"dataset file {f}: {e}")
     rows = doc if isinstance(doc, list) else [doc]
     for n, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"dataset file {f}: {'item ' + str(n) + ' of the top-level array' if isinstance(doc, list) else 'the document'} "
                             f"is {kind(row)}, not a JSON object")
+
+
+class _ArrowCannot(ValueError):
+    """JSON that Python reads but Arrow's JSON reader refuses (its message names no line)."""
+
+
+def _strict_loads(text: str):
+    """json.loads, refusing what Arrow refuses: a key given twice in one object (Python keeps the
+    last) and an integer beyond 64 bits."""
+    import json
+
+    def pairs(items):
+        seen = set()
+        for k, _ in items:
+            if k in seen:
+                raise _ArrowCannot(f"key `{k}` is given twice in one object")
+            seen.add(k)
+        return dict(items)
+
+    def integer(s: str):
+        v = int(s)
+        if not -2**63 <= v < 2**64:
+            raise _ArrowCannot(f"the integer {s[:20]}{'...' if len(s) > 20 else ''} does not fit in 64 bits")
+        return v
+    return json.loads(text, object_pairs_hook=pairs, parse_int=integer)
 
 
 def _only_train(name: str, split: str, what: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpref.data.rows import detect_format, extract_prompt, map_columns, row_problem, template_kwargs
-from jaxpref.errors import DataError
+from jaxpref.errors import DataError, ModelSourceError
 
 log = logging.getLogger("jaxpref")
 
@@ -184,6 +184,12 @@ def _tokenize_rows(rows: list[dict], tok, kind: str, fmt: str, rule: str, unpair
     `unpair`: paired rows become two unpaired examples (KTO), as TRL unpairs them."""
     from jaxpref.data.trl_rules import row_template_kwargs, tokenize_pair_row
 
+    if tok.eos_token is None and (fmt != "conversational" or tok.pad_token is None):
+        # TRL appends it to every plain-text completion and pads with it without a pad_token: both
+        # fail there; here completions would silently end without one.
+        raise ModelSourceError(f"the tokenizer ({tok.name_or_path}) has no eos_token, which ends every completion (TRL appends it, "
+                               "and pads with it when there is no pad_token); set `eos_token` in its "
+                               "tokenizer_config.json, or another tokenizer with `models[].tokenizer_id`")
     out = Tokenized(prompt=[], format=fmt if kind != "implicit" else f"implicit-{fmt}", rows_in=len(rows))
     skipped: Counter = Counter()
     pending: list = []

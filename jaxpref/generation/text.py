@@ -42,7 +42,11 @@ def read_prompts(path: str, flag: str) -> list:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{flag} {path}: line {n} is not JSON ({e.msg})")
-        if not isinstance(row, dict) or "prompt" not in row:
+        if not isinstance(row, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(row), "a number")
+            raise ConfigError(f"{flag} {path}: line {n} is {kind}, not an object with a `prompt` "
+                              "(JSON lines: one object per line)")
+        if "prompt" not in row:
             raise ConfigError(f"{flag} {path}: line {n} has no `prompt`")
         if not isinstance(row["prompt"], (str, list)):
             raise ConfigError(f"{flag} {path}: line {n}: `prompt` must be a string or a list of "

@@ -24,6 +24,7 @@ class LlamaArgs(ArchArgs):
     mlp_bias: bool = False
     sliding_window: int | None = None   # each token sees the last `sliding_window` positions
     sliding_layers: tuple[bool, ...] = ()   # the layers that have the window (() : all)
+    hidden_act: str = "silu"              # the gated MLP's activation (transformers' ACT2FN[hidden_act])
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "LlamaArgs":
@@ -51,6 +52,7 @@ class LlamaArgs(ArchArgs):
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=window,
             sliding_layers=sliding,
+            hidden_act=hf.get("hidden_act") or "silu",
             **common,
         )
 
@@ -60,7 +62,7 @@ class LlamaArgs(ArchArgs):
             norms=("input_layernorm", "post_attention_layernorm"), norm_eps=self.rms_norm_eps,
             attn=AttnSpec("self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj", self.num_key_value_heads,
                           qkv_bias=self.attention_bias, out_bias=self.o_proj_bias),
-            mlp=MLPSpec("mlp", ("gate_proj", "up_proj"), "down_proj", self.intermediate_size, "silu",
+            mlp=MLPSpec("mlp", ("gate_proj", "up_proj"), "down_proj", self.intermediate_size, self.hidden_act,
                         bias=self.mlp_bias),
             rope=RopeSpec(self.head_dim, self.rope_theta, self.rope_scaling),
             **windows(self.sliding_window, self.sliding_layers))

@@ -212,6 +212,8 @@ def load_tokenizer(source: ModelSource, tokenizer_id: str | None = None):
         tok = AutoTokenizer.from_pretrained(where)
     except Exception as e:
         msg = " ".join(str(e).split())  # transformers' messages span lines; keep them whole, on one
+        if "StrictDataclass" in type(e).__name__:  # transformers' check of config.json's values, read here
+            raise ModelSourceError(f"model source `{source.spec}`: {Path(where) / 'config.json'}: {msg[:400]}")
         raise ModelSourceError(f"model source `{source.spec}`: cannot load its tokenizer "
                                f"({type(e).__name__}: {msg[:400]})")
     if tok.pad_token is None:

@@ -98,7 +98,37 @@ def build(source: ModelSource, param_dtype: str = "float32", compute_dtype: str 
         raise ModelSourceError(f"model `{source.spec}`: config.json lacks {e}")
     except ModelSourceError as e:
         raise ModelSourceError(f"model `{source.spec}`: {e}")
+    check_spec(args, source)
     return ModelBundle(source, arch, args, arch.model_cls(args))
+
+
+ROPE_KINDS = ("default", "linear", "llama3", "longrope")   # what `layers.rope_inv_freq` computes
+
+
+def check_spec(args, source: ModelSource) -> None:
+    """config.json values the decoder cannot run, named by key before any tracing (they would
+    fail deep inside the forward, or in transformers' config check blamed on the tokenizer)."""
+    from jaxpref.models.layers import ACTIVATIONS
+
+    where = f"model `{source.spec}`: {source.path / 'config.json'}"
+    hf, spec = source.hf_config, args.spec()
+    if args.num_heads % spec.attn.kv_heads:
+        raise ModelSourceError(f"{where}: `num_attention_heads` ({args.num_heads}) is not a multiple of "
+                               f"`num_key_value_heads` ({spec.attn.kv_heads})")
+    if not hf.get("head_dim") and isinstance(hf.get("hidden_size"), int) and hf["hidden_size"] % args.num_heads:
+        raise ModelSourceError(f"{where}: `hidden_size` ({hf['hidden_size']}) is not a multiple of "
+                               f"`num_attention_heads` ({args.num_heads}), and no `head_dim` is given")
+    act = spec.mlp.activation
+    if act not in ACTIVATIONS:
+        key = next((k for k in ("hidden_act", "hidden_activation", "activation_function") if hf.get(k) == act),
+                   "hidden_act")
+        raise ModelSourceError(f"{where}: `{key}: {act}` is not supported; supported: {', '.join(ACTIVATIONS)}")
+    for rope in (spec.rope, getattr(spec, "local_rope", None)):
+        scaling = dict(rope.scaling) if rope is not None and rope.scaling else {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_KINDS:
+            raise ModelSourceError(f"{where}: rope scaling `{kind}` (`rope_scaling.rope_type`) is not "
+                                   f"supported; supported: {', '.join(ROPE_KINDS)}")
 
 
 def weight_files(path: Path, spec: str) -> tuple[str, list[Path]]:

@@ -17,7 +17,7 @@ from jaxpref.data import prepare
 from jaxpref.training import setup
 from jaxpref.training.evaluation import check_eval
 from jaxpref.config import Config
-from jaxpref.errors import JaxprefError
+from jaxpref.errors import ConfigError, JaxprefError
 from jaxpref.lora.tree import count, target_shapes
 from jaxpref.models import weights
 from jaxpref.runtime.memory import format_bytes, memory_plan
@@ -49,7 +49,36 @@ def check_weights_and_lora(cfg: Config, index: int):
           f"{args.num_heads} heads, vocab {args.vocab_size}, tied embeddings {args.tie_word_embeddings}")
     print(f"  parameters       {total:,} total, {trainable:,} trainable "
           + (f"(LoRA r={spec.r}, alpha={spec.alpha:g}, targets {', '.join(spec.targets)})" if spec else "(full fine-tune)"))
+    check_reference(cfg, index, tok, spec is not None)
     return bundle, tok, spec, abstract, mesh, total, trainable
+
+
+def check_reference(cfg: Config, index: int, tok, lora_enabled: bool) -> None:
+    """A separate reference model named by `ref_model_id`, checked as the run loads it
+    (`assemble._reference_model`): found, the policy's tokenizer, its weight names and shapes."""
+    from jaxpref.models.source import load_tokenizer, resolve
+
+    rid = cfg.models[index].ref_model_id
+    if not rid or rid == cfg.models[index].huggingface_id or \
+            setup.ref_mode(cfg, setup.loss_spec(cfg), lora_enabled) != "separate":
+        return
+    rsrc = resolve(rid)
+    if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
+        raise ConfigError(f"{cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
+    ref = setup.reference_bundle(cfg, rsrc)
+    if _weights_kind(ref) == "safetensors":
+        weights.check_weights(ref)
+    print(f"  reference        {rid} ({ref.source.model_type}, separate, frozen)")
+
+
+def check_sample_prompts(cfg: Config, tok) -> None:
+    """A `logging.sample_prompts` file, read and tokenized as the run does at its start
+    (`training.samples.prompts`)."""
+    source = cfg.logging.sample_prompts
+    if isinstance(source, str):
+        from jaxpref.generation import text
+        for i, p in enumerate(text.read_prompts(source, "logging.sample_prompts")):
+            text.prompt_ids(tok, p, f"logging.sample_prompts {source}: prompt {i + 1}")
 
 
 def check_model(cfg: Config, index: int, resume=None) -> list[str]:
@@ -104,6 +133,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         return problems
     try:
         check_eval(cfg, prepared.eval, t.per_device_eval_batch_size * dp)
+        check_sample_prompts(cfg, tok)
     except JaxprefError as e:
         problems.append(f"model `{name}`: {e}")
         return problems

@@ -45,10 +45,16 @@ def resume_problems(cfg, index: int, fingerprint, ask: ResumeAsk | None, total: 
                                              no_checkpoint_why, past_total)
     from jaxpref.training.online_resume import same_length
 
+    from jaxpref.training.rundir import check_output_kinds
+
     if ask is None:
         return []
     name = cfg.models[index].name
     run_dir = Path(ask.out_root) / name
+    try:
+        check_output_kinds(run_dir)   # as `rundir.claim_run_dir` refuses it
+    except JaxprefError as e:
+        return [f"model `{name}`: {e}"]
     if not ask.resume:
         return fresh_run_problems(name, run_dir, ask.overwrite)
     ckpts = run_dir / "checkpoints"

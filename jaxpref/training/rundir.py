@@ -60,6 +60,20 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     return RunLock(path, fd)
 
 
+FOLDERS = ("checkpoints", "adapter", "model")   # the OUTPUTS that are folders; the others are files
+
+
+def check_output_kinds(run_dir: Path) -> None:
+    """A file where the run keeps a folder of its outputs (or a folder where it writes a file) would
+    fail the run at that write, or be taken for a previous run's output: name it up front."""
+    for name in OUTPUTS + ("config.yaml",):
+        p = Path(run_dir) / name
+        if p.exists() and p.is_dir() != (name in FOLDERS):
+            want, got = ("folder", "file") if name in FOLDERS else ("file", "folder")
+            raise ConfigError(f"{p} is a {got}, where the run writes its `{name}` {want}; move it away "
+                              "or train into another --output-dir")
+
+
 def previous_outputs(run_dir: Path) -> list[str]:
     """The outputs of an earlier run in `run_dir` (empty metrics and checkpoint folders do not count)."""
     run_dir = Path(run_dir)
@@ -114,6 +128,7 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = Tru
         raise ConfigError(f"cannot create the run folder {run_dir} ({e.strerror or e})")
     held = lock_run_dir(run_dir) if lock else RunLock(run_dir / LOCK, None)
     try:
+        check_output_kinds(run_dir)
         previous = previous_outputs(run_dir)
         if previous and not resume:
             if not overwrite:
