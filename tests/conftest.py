@@ -223,6 +223,10 @@ SWEEPS = {
     "test_orpo_first_step_equals_trl_orpo_trainer": ("plain-64",),
     "test_batched_prompts_give_the_tokens_of_one_at_a_time": ("llama",),
     "test_other_bodies_score_as_trl": ("gpt2", "gpt_neox"),
+    "test_sequences_without_prompt_score_as_trl": ("ld_alpha-keep_end", "ipo-empty_prompt-padded",
+                                                   "sigmoid_norm-empty_prompt-sft"),
+    "test_gradient_checkpointing_keeps_gradients": ("llama",),
+    "test_recompute_activations_keeps_gradients_in_less_memory": ("llama",),
     # Gemma 3's 262k-token tokenizer makes each case ~7 s: its chat template stays in the default set.
     "test_token_ids_equal_trl_preprocessing": ("standard-smollm2", "standard-gpt2_style", "conversational-",
                                                "implicit-smollm2", "implicit-gpt2_style",

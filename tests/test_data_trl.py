@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import converter_cache
+
 from jaxpref.data import load, tokenize
 from jaxpref.config import DatasetConfig
 from jaxpref.errors import DataError, ModelSourceError
@@ -90,7 +92,8 @@ def tokenizers():
 
     out = {"gpt2_style": _gpt2_style_tokenizer()}
     try:
-        out["smollm2"] = load_tokenizer(resolve(SMOLLM2, cache_root=CACHE))
+        # The conversion tests/test_smollm2.py uses: one conversion of the GGUF per test run.
+        out["smollm2"] = load_tokenizer(resolve(SMOLLM2, cache_root=converter_cache("test-smollm2")))
     except Exception as e:  # the package is a test dependency; say so rather than fail obscurely
         pytest.skip(f"SmolLM2 tokenizer unavailable ({e})")
     try:
