@@ -160,14 +160,18 @@ def _check_utf8(f: Path) -> None:
         raise DataError(f"dataset file {f}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
+def json_kind(v) -> str:
+    """What a parsed JSON value is, for a message: "an array", "a string", "null", ..."""
+    return {list: "an array", dict: "an object", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(v), "a number")
+
+
 def _check_json(f: Path) -> None:
     """The first thing wrong in a JSON or JSON Lines file, as `file: line N ...` (or nothing)."""
     import json
 
     with _open_binary(f) as fh:
         text = fh.read().decode("utf-8")
-    kind = lambda v: {list: "an array", dict: "an object", str: "a string", bool: "a boolean",
-                      type(None): "null"}.get(type(v), "a number")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as whole:
@@ -188,7 +192,7 @@ def _check_json(f: Path) -> None:
             except _ArrowCannot as e:
                 raise DataError(f"dataset file {f}: line {n}: {e}")
             if not isinstance(row, dict) and row is not None:
-                raise DataError(f"dataset file {f}: line {n} is {kind(row)}, not a JSON object (one row per line)")
+                raise DataError(f"dataset file {f}: line {n} is {json_kind(row)}, not a JSON object (one row per line)")
         return
     try:
         _strict_loads(text)
@@ -198,7 +202,7 @@ def _check_json(f: Path) -> None:
     for n, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"dataset file {f}: {'item ' + str(n) + ' of the top-level array' if isinstance(doc, list) else 'the document'} "
-                            f"is {kind(row)}, not a JSON object")
+                            f"is {json_kind(row)}, not a JSON object")
 
 
 class _ArrowCannot(ValueError):

@@ -43,8 +43,8 @@ def read_prompts(path: str, flag: str) -> list:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{flag} {path}: line {n} is not JSON ({e.msg})")
         if not isinstance(row, dict):
-            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(row), "a number")
-            raise ConfigError(f"{flag} {path}: line {n} is {kind}, not an object with a `prompt` "
+            from jaxpref.data.load import json_kind
+            raise ConfigError(f"{flag} {path}: line {n} is {json_kind(row)}, not an object with a `prompt` "
                               "(JSON lines: one object per line)")
         if "prompt" not in row:
             raise ConfigError(f"{flag} {path}: line {n} has no `prompt`")

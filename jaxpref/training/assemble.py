@@ -151,12 +151,7 @@ def _reference_model(run: Run) -> None:
     run.mode = setup.ref_mode(run.cfg, spec, run.lspec is not None)
     if run.mode != "separate":
         return
-    from jaxpref.models.source import load_tokenizer, resolve
-
-    rid = run.entry.ref_model_id or run.entry.huggingface_id
-    rsrc = resolve(rid)
-    if load_tokenizer(rsrc).get_vocab() != run.tok.get_vocab():
-        raise ConfigError(f"{run.cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
+    rid, rsrc = setup.reference_source(run.cfg, run.entry, run.tok)
     run.ref_bundle = setup.on_mesh(setup.reference_bundle(run.cfg, rsrc), run.mesh)
     if rid == run.entry.huggingface_id:
         run.ref_params = run.params

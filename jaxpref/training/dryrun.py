@@ -17,7 +17,7 @@ from jaxpref.data import prepare
 from jaxpref.training import setup
 from jaxpref.training.evaluation import check_eval
 from jaxpref.config import Config
-from jaxpref.errors import ConfigError, JaxprefError
+from jaxpref.errors import JaxprefError
 from jaxpref.lora.tree import count, target_shapes
 from jaxpref.models import weights
 from jaxpref.runtime.memory import format_bytes, memory_plan
@@ -56,15 +56,11 @@ def check_weights_and_lora(cfg: Config, index: int):
 def check_reference(cfg: Config, index: int, tok, lora_enabled: bool) -> None:
     """A separate reference model named by `ref_model_id`, checked as the run loads it
     (`assemble._reference_model`): found, the policy's tokenizer, its weight names and shapes."""
-    from jaxpref.models.source import load_tokenizer, resolve
-
-    rid = cfg.models[index].ref_model_id
-    if not rid or rid == cfg.models[index].huggingface_id or \
+    entry = cfg.models[index]
+    if not entry.ref_model_id or entry.ref_model_id == entry.huggingface_id or \
             setup.ref_mode(cfg, setup.loss_spec(cfg), lora_enabled) != "separate":
         return
-    rsrc = resolve(rid)
-    if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
-        raise ConfigError(f"{cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
+    rid, rsrc = setup.reference_source(cfg, entry, tok)
     ref = setup.reference_bundle(cfg, rsrc)
     if _weights_kind(ref) == "safetensors":
         weights.check_weights(ref)

@@ -47,6 +47,18 @@ def run_options(cfg: Config) -> dict:
             "matmul_precision": tr.matmul_precision}
 
 
+def reference_source(cfg: Config, entry, tok):
+    """(id, source) of the separate reference model of `entry` (`ref_model_id`, else its own base),
+    refused when its tokenizer is not the policy's `tok`: the run and its dry run check it alike."""
+    from jaxpref.models.source import load_tokenizer, resolve
+
+    rid = entry.ref_model_id or entry.huggingface_id
+    rsrc = resolve(rid)
+    if load_tokenizer(rsrc).get_vocab() != tok.get_vocab():
+        raise ConfigError(f"{cfg.source}: reference model `{rid}` has a different tokenizer from the policy")
+    return rid, rsrc
+
+
 def reference_bundle(cfg: Config, src):
     """A separate, frozen reference model: the run's dtypes and forward options, no remat."""
     return weights.build(src, cfg.training.param_dtype, cfg.training.compute_dtype, **run_options(cfg))
