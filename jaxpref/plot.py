@@ -12,7 +12,6 @@ from pathlib import Path
 PANELS = (("loss",), ("rewards/accuracies", "kl"), ("rewards/margins",))
 TITLES = {"loss": "loss", "rewards/accuracies": "reward accuracy", "kl": "KL estimate",
           "rewards/margins": "reward margin"}
-PNG = b"\x89PNG\r\n\x1a\n"   # how a PNG file begins: another file named metrics.png is the user's
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -21,11 +20,6 @@ def read_rows(run_dir: Path) -> list[dict]:
     from jaxpref.training.sinks import read_rows as jsonl_rows
 
     return [r for r in jsonl_rows(Path(run_dir) / "metrics.jsonl") if _number(r.get("step"))]
-
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(len(PNG))
 
 
 def _number(v) -> bool:
@@ -48,10 +42,11 @@ def plot_run(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from jaxpref.errors import JaxprefError
+    from jaxpref.report import PNG, foreign
 
     run_dir = Path(run_dir)
     out = run_dir / "metrics.png"
-    if out.is_dir() or out.is_file() and _head(out) != PNG:
+    if foreign(out, PNG):   # a metrics.png that is not a PNG is the user's
         raise JaxprefError(f"{out} is not a plot (not a PNG file), and the plot would replace it; move it away")
     rows = read_rows(run_dir)
     if not rows:

@@ -309,21 +309,28 @@ def render_html(out_dir: Path, runs: list[RunInfo], ok: list[RunInfo], failed: l
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
+PNG = b"\x89PNG\r\n\x1a\n"   # how every PNG file begins
 # How each report file begins: one that begins otherwise is the user's and is never replaced.
 OURS = {"report.md": b"# jaxpref report: ", "report.html": b"<!doctype html><html><head><meta charset='utf-8'>"
-        b"<title>jaxpref report: ", "report_curves.png": b"\x89PNG\r\n\x1a\n"}
+        b"<title>jaxpref report: ", "report_curves.png": PNG}
 
 
-def _head(path: Path, n: int) -> bytes:
+def foreign(path: Path, head: bytes) -> bool:
+    """Whether `path` is a folder, or a file that does not begin with `head`: not one of our
+    outputs, so another hand made it and it is never replaced."""
+    if path.is_dir():
+        return True
+    if not path.is_file():
+        return False
     with open(path, "rb") as f:
-        return f.read(n)
+        return f.read(len(head)) != head
 
 
 def check_ours(out_dir: Path) -> None:
     """Refuse, in one line, to replace a file of the report's names that another hand wrote."""
     for name, head in OURS.items():
         p = out_dir / name
-        if p.is_dir() or p.is_file() and _head(p, len(head)) != head:
+        if foreign(p, head):
             raise JaxprefError(f"{p} is not a report of jaxpref's, and the report would replace it; move it "
                                "away, or train into another output folder")
 
