@@ -88,6 +88,21 @@ def _blank(v: Any) -> bool:
     return not v or (isinstance(v, str) and not v.strip())
 
 
+def _blank_message(m: dict) -> bool:
+    """A message that renders nothing of its own: blank content and no other field (an assistant's
+    `tool_calls` or `reasoning_content` is a completion even with empty content, as TRL trains it)."""
+    return _blank(m["content"]) and all(v is None or v == "" or v == [] or v == {}
+                                        for k, v in m.items() if k not in ("role", "content"))
+
+
+def _comparable(v: Any) -> Any:
+    """A completion without the null fields Arrow adds to messages: chosen and rejected columns
+    may carry different message keys (`tool_calls` only in one), so equal messages differ as dicts."""
+    if isinstance(v, list):
+        return [{k: x for k, x in m.items() if x is not None} for m in v]
+    return v
+
+
 def row_problem(row: dict, kind: str, fmt: str) -> str | None:
     fields = ("prompt", "completion") if kind == "unpaired" else ("prompt", "chosen", "rejected")
     for f in fields:
@@ -104,10 +119,10 @@ def row_problem(row: dict, kind: str, fmt: str) -> str | None:
     comps = ("completion",) if kind == "unpaired" else ("chosen", "rejected")
     for f in comps:
         v = row[f]
-        if _blank(v) or (isinstance(v, list) and all(_blank(m["content"]) for m in v)):
+        if _blank(v) or (isinstance(v, list) and all(_blank_message(m) for m in v)):
             return f"empty {f}"
     if kind != "unpaired":
-        if row["chosen"] == row["rejected"]:
+        if _comparable(row["chosen"]) == _comparable(row["rejected"]):
             return "chosen equals rejected"
     else:
         if not isinstance(row["label"], (bool, np.bool_)):

@@ -1,0 +1,66 @@
+"""Data edges against TRL 1.16's own preprocessing (DPOTrainer's train_dataset), with the
+GPT-2-style tokenizer of tests/test_data_trl.py: assistant messages with extra keys, row counts."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from test_data_trl import _gpt2_style_tokenizer, _trl_tokenized, datasets_from
+
+from jaxpref.config import DatasetConfig
+from jaxpref.data import tokenize
+
+USER = lambda s: {"role": "user", "content": s}
+ASSISTANT = lambda s: {"role": "assistant", "content": s}
+
+# Renders an assistant's `reasoning_content` and `tool_calls` (as Qwen3's and Llama 3's templates do).
+TOOL_CALLS_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% if m.get('reasoning_content') %}<think>{{ m['reasoning_content'] }}</think>{% endif %}"
+    "{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}CALL {{ c['function']['name'] }}"
+    "({{ c['function']['arguments'] }}){% endfor %}{% endif %}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def _call(name: str) -> list[dict]:
+    return [{"type": "function", "function": {"name": name, "arguments": '{"a": 1}'}}]
+
+
+@pytest.fixture(scope="module")
+def tool_tok():
+    tok = _gpt2_style_tokenizer()
+    tok.chat_template = TOOL_CALLS_TEMPLATE
+    return tok
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_tool_call_completions_are_kept_and_tokenized_as_trl(tool_tok, tmp_path):
+    """A completion that is a tool call (empty content, `tool_calls` set) or carries reasoning is
+    trained on by TRL, so it is not an "empty" completion; the token ids are TRL's."""
+    rows = [
+        {"prompt": [USER("Think?")], "chosen": [{"role": "assistant", "content": "yes", "reasoning_content": "hmm"}],
+         "rejected": [{"role": "assistant", "content": "no", "reasoning_content": None}]},
+        {"prompt": [USER("Add")], "chosen": [{"role": "assistant", "content": "", "tool_calls": _call("add")}],
+         "rejected": [ASSISTANT("I can't")]},
+        {"prompt": [USER("Add"), {"role": "assistant", "content": None, "tool_calls": _call("add")},
+                    {"role": "tool", "content": "2"}], "chosen": [ASSISTANT("It is 2")], "rejected": [ASSISTANT("3")]},
+    ]
+    theirs = _trl_tokenized(tool_tok, rows, tmp_path)
+    ours = tokenize.prepare(datasets_from(rows), DatasetConfig(name="rows"), tool_tok, "dpo")
+    assert ours.skipped == {} and len(ours) == len(theirs) == 3
+    for i, t in enumerate(theirs):
+        assert (ours.prompt[i], ours.chosen[i], ours.rejected[i]) == (t["prompt_ids"], t["chosen_ids"],
+                                                                      t["rejected_ids"]), i
+    assert "CALL add" in tool_tok.decode(ours.chosen[1])
+
+
+def test_equal_completions_are_skipped_whatever_null_keys_arrow_adds(tool_tok):
+    """Arrow gives every message of a column the keys of all its messages (null where absent), so
+    chosen and rejected columns may differ by null keys: equal completions are still equal."""
+    rows = [{"prompt": [USER("x")], "chosen": [ASSISTANT("same")], "rejected": [ASSISTANT("same")]},
+            {"prompt": [USER("Add")], "chosen": [{"role": "assistant", "content": "", "tool_calls": _call("add")}],
+             "rejected": [ASSISTANT("no")]}]
+    ours = tokenize.prepare(datasets_from(rows), DatasetConfig(name="rows"), copy.deepcopy(tool_tok), "dpo")
+    assert ours.skipped == {"chosen equals rejected": 1} and ours.source == [1]
