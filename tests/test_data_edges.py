@@ -64,3 +64,22 @@ def test_equal_completions_are_skipped_whatever_null_keys_arrow_adds(tool_tok):
              "rejected": [ASSISTANT("no")]}]
     ours = tokenize.prepare(datasets_from(rows), DatasetConfig(name="rows"), copy.deepcopy(tool_tok), "dpo")
     assert ours.skipped == {"chosen equals rejected": 1} and ours.source == [1]
+
+
+@pytest.mark.parametrize("max_length", [None, 64])
+def test_a_prompt_cut_by_max_prompt_length_is_a_truncated_row(max_length):
+    """`rows truncated` (dry run, start line, summary.json) counts every row whose tokens the run
+    cuts: by `max_prompt_length` (keeping the prompt's end) as well as by `max_length`."""
+    from jaxpref.data.lengths import apply_lengths
+
+    tok = _gpt2_style_tokenizer()
+    rows = [{"prompt": "Answer in one word. The capital of France is ", "chosen": "Paris", "rejected": "Lyon"},
+            {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+            {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]
+    data = tokenize.prepare(datasets_from(rows), DatasetConfig(name="rows"), tok, "dpo")
+    full = [list(p) for p in data.prompt]
+    out, report = apply_lengths(data, max_length, 4, "keep_start")
+    cut = [i for i, p in enumerate(full) if len(p) > 4]
+    assert 0 < len(cut) < len(rows)
+    assert [out.prompt[i] for i in cut] == [full[i][-4:] for i in cut]
+    assert report.truncated == len(cut) and report.dropped == 0

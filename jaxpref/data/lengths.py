@@ -22,15 +22,16 @@ def apply_lengths(data: Tokenized, max_length: int | None, max_prompt_length: in
     rows whose prompt alone fills max_length are dropped (keep_start would leave no completion)."""
     keep, truncated = [], 0
     for i, p in enumerate(data.prompt):
-        if max_prompt_length is not None and len(p) > max_prompt_length:
+        cut = max_prompt_length is not None and len(p) > max_prompt_length
+        if cut:
             data.prompt[i] = p = p[-max_prompt_length:]
         comps = [data.chosen[i], data.rejected[i]] if data.paired else [data.completion[i]]
         if max_length is not None:
             extra = max(data.prompt_extras(i)) if data.paired else 0
             if truncation_mode == "keep_start" and len(p) + extra >= max_length:
                 continue
-            if any(len(p) + len(c) > max_length for c in comps):
-                truncated += 1
+            cut = cut or any(len(p) + len(c) > max_length for c in comps)
+        truncated += int(cut)   # a prompt cut by max_prompt_length is a truncated row too
         keep.append(i)
     out = data.subset(np.asarray(keep, dtype=np.int64)) if len(keep) != len(data) else data
     out.rows_in = data.rows_in
