@@ -83,3 +83,33 @@ def test_a_prompt_cut_by_max_prompt_length_is_a_truncated_row(max_length):
     assert 0 < len(cut) < len(rows)
     assert [out.prompt[i] for i in cut] == [full[i][-4:] for i in cut]
     assert report.truncated == len(cut) and report.dropped == 0
+
+
+def test_csv_text_columns_keep_the_file_text(tmp_path):
+    """A CSV of numeric answers: the reader would infer numbers (every row skipped as "not a
+    string", "007" read as 7); the text columns are the file's text, an empty cell a null."""
+    from jaxpref.data import load
+
+    f = tmp_path / "math.csv"
+    f.write_text("prompt,chosen,rejected,label\n2+2=,4,5,True\n7*1=,007,1.50,False\n1+1=,,3,True\n")
+    cfg = DatasetConfig(name=str(f))
+    rows = load.load_rows(cfg)
+    assert rows["chosen"] == ["4", "007", None] and rows["rejected"] == ["5", "1.50", "3"]
+    assert rows["label"] == [True, False, True]   # other columns keep the reader's types
+    data = tokenize.prepare(rows, cfg, _gpt2_style_tokenizer(), "dpo")
+    assert len(data) == 2 and data.skipped == {"chosen is null": 1}
+
+
+def test_arrow_files_and_folders_of_arrow_shards_load(tmp_path):
+    """A `.arrow` file (as `datasets` writes its shards) and a folder of them are datasets too."""
+    import shutil
+
+    from jaxpref.data import load
+
+    rows = [{"prompt": f"p{i} ", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(4)]
+    datasets_from(rows).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "shards").mkdir()
+    shutil.copy(next((tmp_path / "saved").glob("*.arrow")), tmp_path / "one.arrow")
+    shutil.copy(tmp_path / "one.arrow", tmp_path / "shards" / "part-0.arrow")
+    for name in (tmp_path / "one.arrow", tmp_path / "shards"):
+        assert load.load_rows(DatasetConfig(name=str(name))).to_list() == rows, name

@@ -34,7 +34,7 @@ class ModelEntry:
 
 @dataclass
 class DatasetConfig:
-    name: str = ""                       # a hub id, or a local json/jsonl/parquet/csv file (.gz too) or folder
+    name: str = ""                       # a hub id, or a local json/jsonl/parquet/csv/arrow file (.gz too) or folder
     config_name: str | None = None       # the hub dataset's configuration
     split: str = "train"                 # the split to train on
     revision: str | None = None          # hub revision of the dataset

@@ -1,4 +1,4 @@
-"""Loading a dataset split: a hub id, a local json/jsonl/parquet/csv file (optionally gzipped), a
+"""Loading a dataset split: a hub id, a local json/jsonl/parquet/csv/arrow file (optionally gzipped), a
 directory, a saved `datasets` Dataset or DatasetDict, or `data_files` (a file, glob, list, or a
 mapping split -> files). Every failure is a one-line `DataError` naming the source."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from jaxpref.errors import DataError
 
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
 def load_rows(ds_cfg, split: str | None = None):
@@ -44,9 +44,10 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
             raise DataError(f"dataset `{name}` is local: `dataset.{key}` ({getattr(ds_cfg, key)}) applies only "
                             "to a hub dataset, leave it out")
     if ds_cfg.data_files:
-        builder = name if name in ("json", "csv", "parquet") else _builder_for(ds_cfg.data_files)
+        builder = name if name in ("json", "csv", "parquet", "arrow") else _builder_for(ds_cfg.data_files)
         _one_kind(builder, ds_cfg.data_files)
-        return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split)
+        return datasets.load_dataset(builder, data_files=ds_cfg.data_files, split=split,
+                                     **_text_columns_as_text(ds_cfg, builder))
     if path is not None and path.is_file():
         # `.gz`: datasets decompresses it; the type is the suffix before it.
         ext = path.suffixes[-2] if len(path.suffixes) > 1 and path.suffix == ".gz" else path.suffix
@@ -57,11 +58,12 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
         if path.stat().st_size == 0:
             raise DataError(f"dataset `{name}` is empty (0 bytes)")
         _only_train(name, split, "is one file")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train",
+                                     **_text_columns_as_text(ds_cfg, builder))
     if path is not None and path.is_dir():
         saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
         if not saved and not _data_files_in(path):
-            raise DataError(f"dataset `{name}`: the folder has no json/jsonl/parquet/csv files "
+            raise DataError(f"dataset `{name}`: the folder has no json/jsonl/parquet/csv/arrow files "
                             "(optionally gzipped) and is no saved `datasets` Dataset")
         if saved:
             d = datasets.load_from_disk(str(path))
@@ -71,10 +73,22 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
                 return d[split]
             _only_train(name, split, "is one saved Dataset, not a DatasetDict")
             return d
-        return datasets.load_dataset(str(path), split=split)
+        kinds = {LOCAL_BUILDERS[Path(f.name.removesuffix(".gz")).suffix] for f in _data_files_in(path)}
+        return datasets.load_dataset(str(path), split=split,
+                                     **_text_columns_as_text(ds_cfg, kinds.pop() if len(kinds) == 1 else None))
     if name.startswith(("/", "./", "../", "~")) or name.endswith(tuple(LOCAL_BUILDERS)):
         raise DataError(f"dataset `{name}` not found (no such file or directory)")
     return datasets.load_dataset(name, ds_cfg.config_name, split=split, revision=ds_cfg.revision)
+
+
+def _text_columns_as_text(ds_cfg, builder: str | None) -> dict:
+    """CSV cells are text, but the CSV reader infers types: a column of answers "4", "007", "1.50"
+    would come back as numbers (rows skipped as "not a string", "007" lost). The text columns are
+    read as the file's text (an empty cell stays null)."""
+    if builder != "csv":
+        return {}
+    cols = (ds_cfg.prompt_column, ds_cfg.chosen_column, ds_cfg.rejected_column, ds_cfg.completion_column)
+    return {"converters": {c: str for c in cols}}
 
 
 def _load_error(e: Exception, name: str, split: str, local: bool) -> DataError:
