@@ -113,3 +113,31 @@ def test_arrow_files_and_folders_of_arrow_shards_load(tmp_path):
     shutil.copy(tmp_path / "one.arrow", tmp_path / "shards" / "part-0.arrow")
     for name in (tmp_path / "one.arrow", tmp_path / "shards"):
         assert load.load_rows(DatasetConfig(name=str(name))).to_list() == rows, name
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_kto_unpairs_in_trl_blocks_of_dataset_rows_when_rows_are_skipped(tmp_path):
+    """TRL unpairs paired data for KTO in blocks of 1000 dataset rows (all chosen, then all
+    rejected). A row skipped here (chosen equal to rejected) must not pull the next block's first
+    row into this block: the examples come in TRL's order, less the skipped row's two."""
+    import torch
+    import transformers
+    from trl import KTOConfig, KTOTrainer
+
+    tok = _gpt2_style_tokenizer()
+    rows = [{"prompt": f"Q{i}: ", "chosen": f"yes {i}", "rejected": f"no {i}", "id": i} for i in range(1003)]
+    rows[3]["rejected"] = rows[3]["chosen"]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    args = KTOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=None,
+                     per_device_train_batch_size=2, save_strategy="no", logging_strategy="no")
+    theirs = KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, processing_class=tok,
+                        train_dataset=datasets_from(rows)).train_dataset.to_list()
+    theirs = [t for t in theirs if t["id"] != 3]
+    ours = tokenize.prepare(datasets_from(rows), DatasetConfig(name="rows"), tok, "kto")
+    assert ours.skipped == {"chosen equals rejected": 1} and len(ours) == len(theirs) == 2004
+    assert [rows[i]["id"] for i in ours.source] == [t["id"] for t in theirs]
+    assert ours.label == [t["label"] for t in theirs]
+    assert ours.completion == [t["completion_ids"] for t in theirs]

@@ -143,7 +143,7 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
         ds = ds.select(range(max_rows))
     key = None
     if cache_dir is not None and getattr(ds, "_fingerprint", None):
-        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|{rule}|v7".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|{rule}|v8".encode()).hexdigest()[:20]
         cached = _load_cache(cache_dir / f"{key}.json")
         if cached is not None:
             _warn_boundary(cached)
@@ -194,6 +194,8 @@ def _tokenize_rows(rows: list[dict], tok, kind: str, fmt: str, rule: str, unpair
     skipped: Counter = Counter()
     pending: list = []
     for n, row in enumerate(rows):
+        if pending and n // UNPAIR_BLOCK != pending[0][4] // UNPAIR_BLOCK:
+            _flush_unpaired(out, pending)   # TRL's blocks are of dataset rows, skipped ones included
         template = ((row_template_kwargs if rule == "row" else template_kwargs)(row)
                     if fmt == "conversational" else {})
         row = template if isinstance(template, str) else _usable(row, kind, fmt)
@@ -210,8 +212,6 @@ def _tokenize_rows(rows: list[dict], tok, kind: str, fmt: str, rule: str, unpair
             pr, r, moved_r = tokenize_single(tok, row["prompt"], row["rejected"], fmt, template)
             pending.append((pc, c, pr, r, n))
             moved = moved_c or moved_r
-            if len(pending) == UNPAIR_BLOCK:
-                _flush_unpaired(out, pending)
         elif rule == "row":
             got = tokenize_pair_row(tok, row["prompt"], row["chosen"], row["rejected"], fmt, template)
             if isinstance(got, str):
