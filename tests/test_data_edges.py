@@ -141,3 +141,14 @@ def test_kto_unpairs_in_trl_blocks_of_dataset_rows_when_rows_are_skipped(tmp_pat
     assert [rows[i]["id"] for i in ours.source] == [t["id"] for t in theirs]
     assert ours.label == [t["label"] for t in theirs]
     assert ours.completion == [t["completion_ids"] for t in theirs]
+
+
+def test_online_prompts_keep_dataset_max_samples(tmp_path):
+    """`dataset.max_samples` takes the first N rows for the online methods too (GRPO, RLOO, online
+    DPO and PPO read their prompts through `prepare_prompts`; the key was read by the offline
+    methods only)."""
+    from jaxpref.data.prompts import prepare_prompts
+
+    rows = [{"prompt": f"Q{i}: 2+{i}=", "answer": str(2 + i)} for i in range(5)]
+    out = prepare_prompts(datasets_from(rows), DatasetConfig(name="rows", max_samples=3), _gpt2_style_tokenizer())
+    assert len(out) == 3 and out.rows_in == 3 and out.columns["answer"] == ["2", "3", "4"]

@@ -110,8 +110,11 @@ def _problem(prompt: Any, fmt: str) -> str | None:
 def prepare_prompts(ds, ds_cfg, tok, max_prompt_length: int | None = None, max_rows: int | None = None,
                     rule: str = "prompt") -> Prompts:
     """A `datasets.Dataset` split -> `Prompts` (bad rows skipped and counted); `rule` is the
-    method's tokenization (`tokenize_prompt`)."""
+    method's tokenization (`tokenize_prompt`). `dataset.max_samples` keeps the first rows, as for
+    the offline methods."""
     ds = map_prompt_columns(ds, ds_cfg)
+    if ds_cfg.max_samples is not None:
+        max_rows = min(max_rows or ds_cfg.max_samples, ds_cfg.max_samples)
     if max_rows is not None and len(ds) > max_rows:
         ds = ds.select(range(max_rows))
     rows = ds.to_list()
