@@ -152,3 +152,21 @@ def test_online_prompts_keep_dataset_max_samples(tmp_path):
     rows = [{"prompt": f"Q{i}: 2+{i}=", "answer": str(2 + i)} for i in range(5)]
     out = prepare_prompts(datasets_from(rows), DatasetConfig(name="rows", max_samples=3), _gpt2_style_tokenizer())
     assert len(out) == 3 and out.rows_in == 3 and out.columns["answer"] == ["2", "3", "4"]
+
+
+def test_rows_in_with_an_eval_fraction_counts_the_split_rows(tmp_path):
+    """With `dataset.eval_fraction`, the dry run's "N rows in" (and evaluate's `rows_in`) is the
+    split's rows, beside its skipped rows: rows in = train + eval + skipped."""
+    import json
+
+    from jaxpref.config import config_from_dict
+    from jaxpref.data import prepare
+
+    rows = [{"prompt": f"Q{i} ", "chosen": f"a{i}", "rejected": f"b{i}" if i % 5 else f"a{i}"} for i in range(20)]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config_from_dict({"models": [{"name": "m", "huggingface_id": str(tmp_path / "model")}],
+                            "dataset": {"name": str(f), "eval_fraction": 0.25}, "post_training": {"method": "dpo"}})
+    p = prepare.data_for(cfg, _gpt2_style_tokenizer(), cache_root=tmp_path / "cache")
+    assert p.train.skipped == {"chosen equals rejected": 4} and (len(p.train), len(p.eval)) == (12, 4)
+    assert p.train.rows_in == p.eval.rows_in == 20

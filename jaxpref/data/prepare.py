@@ -43,7 +43,9 @@ def data_for(cfg: Config, tok, max_rows: int | None = None, cache_root: Path | N
         if k >= n:
             raise ConfigError(f"`dataset.eval_fraction` {ds_cfg.eval_fraction} takes all {n} usable rows "
                               "for evaluation; none is left to train on")
+        rows_in = train.rows_in   # both keep the split's counts: its rows in, as its skipped rows
         ev, train = train.subset(np.sort(perm[:k])), train.subset(np.sort(perm[k:]))
+        train.rows_in = ev.rows_in = rows_in
     tr = cfg.training
     train, report = apply_lengths(train, tr.max_length, tr.max_prompt_length, tr.truncation_mode)
     if ev is not None:
