@@ -11,14 +11,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def run(model: str, data: str, out: str, mesh: dict | None, device_ids, per_device: int, steps: int = 3,
         distributed: dict | None = None, name: str = "tiny", training: dict | None = None,
-        finetuning: dict | None = None, resume: bool = False):
+        finetuning: dict | None = None, resume: bool = False, post_training: dict | None = None):
     from jaxpref.config import config_from_dict
     from jaxpref.training.loop import train_model
 
     cfg = config_from_dict({
         "models": [{"name": name, "huggingface_id": model}],
         "dataset": {"name": data},
-        "post_training": {"method": "dpo", "beta": 0.1},
+        "post_training": post_training or {"method": "dpo", "beta": 0.1},
         "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj"]},
         # SGD: the update is linear in the gradient, so the comparison tests the sharded gradient
         # itself (Adam's first steps divide tiny gradients by their own magnitude).
@@ -42,7 +42,8 @@ def main() -> None:
     for job in spec["jobs"]:
         run(spec["model"], spec["data"], job["out"], job.get("mesh"), job.get("device_ids"), job["per_device"],
             distributed=spec.get("distributed"), name=job.get("name", "tiny"), training=job.get("training"),
-            finetuning=job.get("finetuning"), resume=job.get("resume", False))
+            finetuning=job.get("finetuning"), resume=job.get("resume", False),
+            post_training=job.get("post_training"))
     print("MESH_WORKER_OK")
 
 

@@ -72,6 +72,36 @@ def test_meshes_give_single_device_numbers(tmp_path, tiny_llama):
               f"max |LoRA diff| {worst:.2e}")
 
 
+# KTO needs 2 examples per device at least (validate): the global batch is 8 everywhere.
+KTO_MESHES = {"single": (None, [0], 8), "4x1x2": ({"data": 4, "fsdp": 1, "tensor": 2}, None, 2),
+              "2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, None, 2)}
+
+
+@pytest.mark.slow
+def test_kto_meshes_give_single_device_numbers(tmp_path, tiny_llama):
+    """KTO (paired data unpaired, its KL estimate over the global batch's mismatched pairs) on 8
+    virtual devices: the losses, KL and rewards of one device within 1e-5."""
+    from conftest import write_pairs
+    data = write_pairs(tmp_path / "pairs.jsonl", n=32)
+    pt = {"method": "kto", "beta": 0.1}
+    jobs = [{"out": str(tmp_path / name), "mesh": mesh, "device_ids": ids, "per_device": pd, "post_training": pt}
+            for name, (mesh, ids, pd) in KTO_MESHES.items()]
+    _run({"model": str(tiny_llama), "data": str(data), "jobs": jobs},
+         {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+    keys = ("loss", "kl", "grad_norm", "logps/chosen", "rewards/chosen")   # sequential: chosen ones first
+    rows = lambda name: [json.loads(line) for line in (tmp_path / name / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    ref = rows("single")
+    assert len(ref) == 3 and all(r["kl"] > 0 for r in ref[1:])
+    for name in KTO_MESHES:
+        got = rows(name)
+        for key in keys:
+            np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name} {key}")
+        print(f"kto mesh {name}: max |loss diff| "
+              f"{max(abs(g['loss'] - r['loss']) for g, r in zip(got, ref)):.2e}, "
+              f"max |kl diff| {max(abs(g['kl'] - r['kl']) for g, r in zip(got, ref)):.2e}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
