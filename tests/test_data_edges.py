@@ -170,3 +170,16 @@ def test_rows_in_with_an_eval_fraction_counts_the_split_rows(tmp_path):
     p = prepare.data_for(cfg, _gpt2_style_tokenizer(), cache_root=tmp_path / "cache")
     assert p.train.skipped == {"chosen equals rejected": 4} and (len(p.train), len(p.eval)) == (12, 4)
     assert p.train.rows_in == p.eval.rows_in == 20
+
+
+def test_half_a_surrogate_pair_is_named_by_line(tmp_path):
+    """`\\ud800` alone is valid JSON to Python but no character: Arrow refuses the file saying "in
+    row 0"; the error names the file and line."""
+    from jaxpref.data import load
+    from jaxpref.errors import DataError
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"prompt": "\\ud83d\\ude00 ok", "chosen": "a", "rejected": "b"}\n'
+                 '{"prompt": "p", "chosen": "a\\ud800", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"rows.jsonl: line 2: a string holds half a surrogate pair \(\\ud800\)"):
+        load.load_rows(DatasetConfig(name=str(f)))

@@ -225,15 +225,28 @@ class _ArrowCannot(ValueError):
 
 def _strict_loads(text: str):
     """json.loads, refusing what Arrow refuses: a key given twice in one object (Python keeps the
-    last) and an integer beyond 64 bits."""
+    last), an integer beyond 64 bits and a string escape of half a surrogate pair (`\\ud800`)."""
     import json
+
+    def utf8(v):
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _ArrowCannot(f"a string holds half a surrogate pair (\\u{ord(v[e.start]):04x}), which is "
+                                   "no character")
+        elif isinstance(v, list):
+            for x in v:
+                utf8(x)
 
     def pairs(items):
         seen = set()
-        for k, _ in items:
+        for k, v in items:
             if k in seen:
                 raise _ArrowCannot(f"key `{k}` is given twice in one object")
             seen.add(k)
+            utf8(k)
+            utf8(v)
         return dict(items)
 
     def integer(s: str):
