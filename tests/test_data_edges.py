@@ -183,3 +183,23 @@ def test_half_a_surrogate_pair_is_named_by_line(tmp_path):
                  '{"prompt": "p", "chosen": "a\\ud800", "rejected": "b"}\n')
     with pytest.raises(DataError, match=r"rows.jsonl: line 2: a string holds half a surrogate pair \(\\ud800\)"):
         load.load_rows(DatasetConfig(name=str(f)))
+
+
+def test_a_folder_of_mixed_file_types_is_refused(tmp_path):
+    """`datasets` reads a folder as its most common file type and leaves the other files out
+    without a word (here a.jsonl's rows): the folder is refused, naming a file of each type."""
+    import json
+
+    from jaxpref.data import load
+    from jaxpref.errors import DataError
+
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(4)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    datasets_from(rows[2:]).to_parquet(str(tmp_path / "b.parquet"))
+    datasets_from(rows[2:]).to_parquet(str(tmp_path / "c.parquet"))
+    (tmp_path / "dataset_infos.json").write_text("{}")   # metadata `datasets` ignores: no file type of its own
+    (tmp_path / "a.jsonl").rename(tmp_path / "a.txt")
+    assert len(load.load_rows(DatasetConfig(name=str(tmp_path)))) == 4
+    (tmp_path / "a.txt").rename(tmp_path / "a.jsonl")
+    with pytest.raises(DataError, match=r"mixes data file types \(json: a.jsonl, parquet: b.parquet\)"):
+        load.load_rows(DatasetConfig(name=str(tmp_path)))

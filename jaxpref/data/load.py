@@ -73,7 +73,13 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
                 return d[split]
             _only_train(name, split, "is one saved Dataset, not a DatasetDict")
             return d
-        kinds = {LOCAL_BUILDERS[Path(f.name.removesuffix(".gz")).suffix] for f in _data_files_in(path)}
+        files = _data_files_in(path)
+        kinds = {LOCAL_BUILDERS[Path(f.name.removesuffix(".gz")).suffix] for f in files}
+        if len(kinds) > 1:   # datasets reads the most common type only: the others' rows would be lost
+            first = {LOCAL_BUILDERS[Path(f.name.removesuffix(".gz")).suffix]: f for f in reversed(files)}
+            raise DataError(f"dataset `{name}`: the folder mixes data file types "
+                            f"({', '.join(f'{k}: {first[k].relative_to(path)}' for k in sorted(kinds))}); one "
+                            "loader reads one type and would leave the other files out: keep files of one type")
         return datasets.load_dataset(str(path), split=split,
                                      **_text_columns_as_text(ds_cfg, kinds.pop() if len(kinds) == 1 else None))
     if name.startswith(("/", "./", "../", "~")) or name.endswith(tuple(LOCAL_BUILDERS)):
@@ -114,7 +120,11 @@ _DATA_SUFFIXES = tuple(LOCAL_BUILDERS) + tuple(f"{x}.gz" for x in LOCAL_BUILDERS
 
 
 def _data_files_in(folder: Path) -> list[Path]:
+    """The data files `datasets` reads in a folder: not hidden, not its metadata (`config.json`, ...)."""
+    from datasets.data_files import FILES_TO_IGNORE
+
     return sorted(f for f in folder.rglob("*") if f.is_file() and f.name.endswith(_DATA_SUFFIXES)
+                  and f.name not in FILES_TO_IGNORE
                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
