@@ -203,3 +203,22 @@ def test_a_folder_of_mixed_file_types_is_refused(tmp_path):
     (tmp_path / "a.txt").rename(tmp_path / "a.jsonl")
     with pytest.raises(DataError, match=r"mixes data file types \(json: a.jsonl, parquet: b.parquet\)"):
         load.load_rows(DatasetConfig(name=str(tmp_path)))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_implicit_prompt_messages_compare_without_arrow_null_keys(tool_tok, tmp_path):
+    """hh-rlhf-style message lists where only the chosen column has a tool call: Arrow gives every
+    chosen message a null `tool_calls`, so TRL's dict comparison finds no common message and fails
+    on the empty prompt. The prompt is the common messages, and the ids are those TRL gives for
+    the same rows when both columns carry the key."""
+    call = {"role": "assistant", "content": "", "tool_calls": _call("f")}
+    rows = [{"chosen": [USER("q1"), ASSISTANT("yes")], "rejected": [USER("q1"), ASSISTANT("no")]},
+            {"chosen": [USER("q2"), call], "rejected": [USER("q2"), ASSISTANT("no")]}]
+    same_keys = [rows[0], {**rows[1], "rejected": [USER("q2"), {**call, "tool_calls": _call("g")}]}]
+    theirs = _trl_tokenized(tool_tok, same_keys, tmp_path)
+    ours = tokenize.prepare(datasets_from(rows), DatasetConfig(name="rows"), tool_tok, "dpo")
+    assert ours.skipped == {} and len(ours) == 2
+    assert (ours.prompt[0], ours.chosen[0], ours.rejected[0]) == (theirs[0]["prompt_ids"], theirs[0]["chosen_ids"],
+                                                                  theirs[0]["rejected_ids"])
+    assert (ours.prompt[1], ours.chosen[1]) == (theirs[1]["prompt_ids"], theirs[1]["chosen_ids"])
+    assert tool_tok.decode(ours.prompt[1]) == "user: q2<|endoftext|>\nassistant:"

@@ -22,8 +22,12 @@ def extract_prompt(chosen, rejected):
     space right before the split goes to the completions (TRL's rule)."""
     n = min(len(chosen), len(rejected))
     idx = max(n - 1, 0)  # TRL keeps the loop variable's last value when one is a prefix of the other
+    # Messages compare without Arrow's null keys (TRL compares the dicts: chosen and rejected columns
+    # of different message keys then share no message, and TRL fails on the empty prompt).
+    same = (lambda a, b: _comparable([a]) == _comparable([b])) if isinstance(chosen, list) else \
+        (lambda a, b: a == b)
     for i in range(n):
-        if chosen[i] != rejected[i]:
+        if not same(chosen[i], rejected[i]):
             idx = i
             if chosen[i - 1] == " ":
                 idx = i - 1
@@ -99,7 +103,7 @@ def _comparable(v: Any) -> Any:
     """A completion without the null fields Arrow adds to messages: chosen and rejected columns
     may carry different message keys (`tool_calls` only in one), so equal messages differ as dicts."""
     if isinstance(v, list):
-        return [{k: x for k, x in m.items() if x is not None} for m in v]
+        return [{k: x for k, x in m.items() if x is not None} if isinstance(m, dict) else m for m in v]
     return v
 
 

@@ -143,7 +143,7 @@ def prepare(ds, ds_cfg, tok, method: str, cache_dir: Path | None = None,
         ds = ds.select(range(max_rows))
     key = None
     if cache_dir is not None and getattr(ds, "_fingerprint", None):
-        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|{rule}|v8".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|{method}|{kind}|{rule}|v9".encode()).hexdigest()[:20]
         cached = _load_cache(cache_dir / f"{key}.json")
         if cached is not None:
             _warn_boundary(cached)
