@@ -222,3 +222,20 @@ def test_implicit_prompt_messages_compare_without_arrow_null_keys(tool_tok, tmp_
                                                                   theirs[0]["rejected_ids"])
     assert (ours.prompt[1], ours.chosen[1]) == (theirs[1]["prompt_ids"], theirs[1]["chosen_ids"])
     assert tool_tok.decode(ours.prompt[1]) == "user: q2<|endoftext|>\nassistant:"
+
+
+def test_one_file_takes_a_slice_of_its_train_split(tmp_path):
+    """`dataset.split: train[:2]` / `eval_split: train[75%:]` (datasets' slice syntax, which a folder
+    and data_files take) work for one file too; another split name is still refused."""
+    import json
+
+    from jaxpref.data import load
+    from jaxpref.errors import DataError
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r"}) + "\n" for i in range(4)))
+    cfg = DatasetConfig(name=str(f), split="train[:2]", eval_split="train[75%:]")
+    assert load.load_rows(cfg)["prompt"] == ["p0", "p1"]
+    assert load.load_rows(cfg, cfg.eval_split)["prompt"] == ["p3"]
+    with pytest.raises(DataError, match="only a `train` split; split `test` was asked"):
+        load.load_rows(cfg, "test")

@@ -3,6 +3,7 @@ directory, a saved `datasets` Dataset or DatasetDict, or `data_files` (a file, g
 mapping split -> files). Every failure is a one-line `DataError` naming the source."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from jaxpref.errors import DataError
@@ -57,8 +58,10 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
                             f"(use one of {', '.join(LOCAL_BUILDERS)}, optionally gzipped)")
         if path.stat().st_size == 0:
             raise DataError(f"dataset `{name}` is empty (0 bytes)")
-        _only_train(name, split, "is one file")
-        return datasets.load_dataset(builder, data_files=str(path), split="train",
+        # A slice of the file (`train[:1000]`, `train[90%:]`) is datasets' split syntax, as for a folder.
+        sliced = re.fullmatch(r"train\[[^\]]*\]", split) is not None
+        _only_train(name, "train" if sliced else split, "is one file")
+        return datasets.load_dataset(builder, data_files=str(path), split=split if sliced else "train",
                                      **_text_columns_as_text(ds_cfg, builder))
     if path is not None and path.is_dir():
         saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
