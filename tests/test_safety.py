@@ -562,3 +562,23 @@ def test_a_refused_resume_keeps_the_run_record(finished_run, tmp_path, capsys):
     after = snapshot(run)
     after.pop(".lock", None), before.pop(".lock", None)
     assert after == before
+
+
+@pytest.mark.parametrize("summary", ["{", "[1, 2]"])
+def test_resume_of_a_finished_run_with_a_damaged_summary_skips_it(finished_run, tmp_path, capsys, summary):
+    """A finished run whose summary.json was cut short or hand-edited: --resume failed with exit 1
+    (`JSONDecodeError`, a traceback in error.log). It is skipped, the file named, nothing rewritten."""
+    cfg, done = finished_run
+    run = tmp_path / "o" / "tiny"
+    shutil.copytree(done, run)
+    (run / "summary.json").write_text(summary)
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume")
+    assert code == 0, err
+    assert "already finished" in err and "Traceback" not in err
+    warn = [l for l in err.splitlines() if l.startswith("jaxpref: warning")]
+    assert len(warn) == 1 and str(run / "summary.json") in warn[0], err
+    assert not (run / "error.log").exists()
+    after = snapshot(run)
+    after.pop(".lock", None), before.pop(".lock", None)
+    assert after == before

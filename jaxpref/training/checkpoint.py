@@ -296,6 +296,26 @@ def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / FINISHED).is_file()
 
 
+def skip_finished(run_dir: Path, name: str) -> dict:
+    """Say that the finished run in `run_dir` is skipped; -> its summary.json. A summary that is
+    absent, cut short or edited into something other than an object is named in a warning and
+    reads as {}: the run is finished all the same (its FINISHED marker and outputs are there)."""
+    print(f"[{name}] already finished ({run_dir}); skipping", file=sys.stderr)
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        summary = e
+    if not isinstance(summary, dict):
+        why = type(summary).__name__
+        print(f"jaxpref: warning: {path} is unreadable ({why}); the finished run's summary is left out",
+              file=sys.stderr)
+        return {}
+    return summary
+
+
 def clear_run(run_dir: Path) -> None:
     """A fresh (non-resumed) run starts with no checkpoint step and no FINISHED marker.
     `rundir.claim_run_dir` has already refused a folder holding checkpoint steps (or deleted them,
