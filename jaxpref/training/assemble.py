@@ -166,8 +166,9 @@ def _train_state(run: Run) -> None:
     whole base tree), its optimizer state, step 0 and the RNG."""
     cfg = run.cfg
     rng = jax.random.PRNGKey(cfg.training.seed)
-    if run.full_finetune:
-        lora = jax.tree_util.tree_map(jnp.copy, run.params)
+    if run.full_finetune:   # a copy of the base tree, sharded as the step returns it
+        lora = jax.tree_util.tree_map(lambda x: jax.device_put(x, _as_returned(x.sharding), may_alias=False),
+                                      run.params)
     elif cfg.lora.init_from:
         lora, _ = load_adapter(Path(cfg.lora.init_from), run.bundle, run.bundle.abstract_params())
     else:
@@ -189,7 +190,28 @@ def _train_state(run: Run) -> None:
     if not run.full_finetune:  # trainable weights of a full fine-tune keep the base's sharding
         lora = jax.device_put(lora, mesh_mod.replicated(run.mesh))
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-    run.state = state if run.full_finetune else jax.device_put(state, mesh_mod.replicated(run.mesh))
+    if run.full_finetune:
+        # The step, the RNG and the optimizer's counters onto the mesh, as the step returns them.
+        rep = mesh_mod.replicated(run.mesh)
+        run.state = jax.tree_util.tree_map(
+            lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, rep), state)
+    else:
+        run.state = jax.device_put(state, mesh_mod.replicated(run.mesh))
+
+
+def _as_returned(sharding):
+    """`sharding` with the trailing unsharded axes of its spec dropped, as a jitted step returns an
+    array (`P(None, None)` comes back as `P()`): a full fine-tune's state passed in as it comes
+    back, so that the train step compiles once per shape, not again at the second step (nor
+    again after a resume, which made a resumed run's `compilations` differ)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec)
+    while spec and spec[-1] is None:
+        spec = spec[:-1]
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
 
 
 def _restore(run: Run, force: bool, step: int | None = None, finished: bool = False) -> None:
