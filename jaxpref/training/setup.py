@@ -256,8 +256,10 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
 
 # Keys beyond the named ones above that change a resumed run's numbers (its rows, its loss, its
 # updates): refused when changed, as the rest (`checkpoint.check_fingerprint`).
+# (`eval_split` may change: it adds or moves evaluation only; `eval_fraction`'s other train rows are
+# named by the `train data` digest.)
 DATA_KEYS = ("config_name", "split", "revision", "data_files", "prompt_column", "chosen_column",
-             "rejected_column", "completion_column", "label_column", "eval_split", "eval_fraction", "max_samples")
+             "rejected_column", "completion_column", "label_column", "max_samples")
 LOSS_KEYS = ("loss_weights", "label_smoothing", "use_ref_model", "reference_free", "disable_dropout",
              "f_divergence_type", "f_alpha_divergence_coef", "use_weighting", "ld_alpha", "rpo_alpha",
              "discopop_tau", "desirable_weight", "undesirable_weight", "orpo_nll_span", "simpo_gamma", "cpo_alpha")
