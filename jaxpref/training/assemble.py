@@ -223,11 +223,18 @@ def _restore(run: Run, force: bool, step: int | None = None, finished: bool = Fa
     run.start, run.state, meta = found
     run.it.restore(meta["iterator"])
     run.num_tokens = int(meta["num_tokens"])
-    if run.early is not None:
-        run.early.restore(meta.get("early_stopping", {}))
-    if run.best is not None:
-        run.best.restore(meta.get("best_model", {}))
-    if meta.get("best_saved"):
+    kept = {}   # tracker -> whether the checkpoint's state of it was taken
+    for name, tracker, key in (("finetuning.early_stopping", run.early, "early_stopping"),
+                               ("finetuning.metric_for_best_model", run.best, "best_model")):
+        if tracker is not None:
+            kept[name] = tracker.restore(meta.get(key, {}))
+            if not kept[name]:
+                saved = meta.get(key, {})
+                print(f"jaxpref: warning: `{name}` tracks {tracker.es.metric} ({tracker.es.mode}) now, "
+                      f"{saved.get('metric')} ({saved.get('mode')}) in checkpoint {run.start}; its best "
+                      "evaluation is tracked afresh from here", file=sys.stderr)
+    owner = "finetuning.metric_for_best_model" if run.best is not None else "finetuning.early_stopping"
+    if meta.get("best_saved") and kept.get(owner, False):   # the best adapter of the metric tracked now
         run.best_lora = run.store.restore_best(run.start, ckpt.abstract_of(run.state.lora))
     run.stopped_early = bool(meta.get("stopped_early"))
     run.metric_window = list(meta.get("metric_window", []))
