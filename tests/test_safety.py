@@ -617,3 +617,16 @@ def test_resume_refuses_an_edited_data_file(tmp_path, tiny_llama, tiny_pairs, ca
     data.write_text("\n".join(rows) + "\n")
     code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume")
     assert code == 0 and "resuming from step 1" in err, err
+
+
+def test_resume_force_names_the_settings_it_overrides(finished_run, tmp_path, capsys):
+    """--resume-force continued with a changed setting without a word (the dry run named it)."""
+    cfg, done = finished_run
+    run = tmp_path / "o" / "tiny"
+    shutil.copytree(done, run)
+    (run / "FINISHED").unlink()
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume-force",
+                           "--set", "post_training.label_smoothing=0.2", "--set", "training.adam_beta2=0.99")
+    assert code == 0, err
+    warn = [l for l in err.splitlines() if "--resume-force" in l]
+    assert len(warn) == 1 and "`post_training.label_smoothing`, `training.adam_beta2` changed" in warn[0], err

@@ -228,7 +228,11 @@ def resume_point(run, force: bool, step: int | None, finished: bool, refuse=None
     `--resume-from` need, one past `run.total` steps, or what
     `refuse(found)` (a method's own rule) returns. `run`: the offline or online loop's Run
     (store, state, fingerprint, run_dir, total)."""
-    check = lambda meta: check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
+    def check(meta):
+        changed = check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
+        if changed:   # only with --resume-force: said, as the dry run says it
+            print(f"jaxpref: warning: [{run.entry.name}] --resume-force: {', '.join(f'`{k}`' for k in changed)} "
+                  "changed since the checkpoint", file=sys.stderr)
     try:
         found = run.store.restore_latest(abstract_of(run.state), check, force=force, step=step)
         why = None if found is not None else f"checkpoint {step} cannot be read" if step is not None \
