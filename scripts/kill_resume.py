@@ -42,9 +42,15 @@ def _losses(run: Path):
 
 
 def _adapter(run: Path):
-    """The adapter's tensors, and PPO's value head where the run has one."""
+    """The adapter's tensors (a full fine-tune's: its model/ weights), and PPO's value head where
+    the run has one."""
     from safetensors.numpy import load_file
-    out = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    if (run / "model").is_dir() and not (run / "adapter").is_dir():
+        out = {}
+        for f in sorted((run / "model").glob("*.safetensors")):
+            out.update(load_file(str(f)))
+    else:
+        out = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     if (run / "value_head.safetensors").is_file():
         out.update({f"value_head.{k}": v for k, v in load_file(str(run / "value_head.safetensors")).items()})
     return out
@@ -55,6 +61,8 @@ LOSSES = ("loss", "loss/policy_avg", "loss/value_avg")
 
 
 MODES = ("random", "after_checkpoint", "final_export")
+# The final export's temporary folder: the adapter's, or a full fine-tune's model.
+EXPORT_TMP = (".adapter.jaxpref-tmp-", ".model.jaxpref-tmp-")
 
 
 def _wait_for(proc, test, deadline: float, poll: float = 0.01) -> bool:
@@ -74,7 +82,7 @@ def _where(run: Path, total: int) -> str:
     """Where a kill landed, read from what it left behind."""
     if (run / "FINISHED").is_file():
         return "after FINISHED (writing the plot)"
-    if any(p.name.startswith(".adapter.jaxpref-tmp-") for p in run.iterdir()) or (run / "adapter").is_dir():
+    if any(p.name.startswith(EXPORT_TMP) for p in run.iterdir()) or (run / "adapter").is_dir() or (run / "model").is_dir():
         return "during the final export"
     steps = _steps(run)
     if total in steps:
@@ -120,7 +128,7 @@ def kill_and_resume(cfg: Path, work: Path, seed: int = 0, tries: int = 5, modes=
             _wait_for(proc, lambda: target in _steps(run), deadline, poll=0.002)
             time.sleep(rng.uniform(0.0, 0.02))
         else:  # the final export (a few ms on a tiny model): kill as it starts
-            _wait_for(proc, lambda: run.is_dir() and any(p.name.startswith(".adapter.jaxpref-tmp-")
+            _wait_for(proc, lambda: run.is_dir() and any(p.name.startswith(EXPORT_TMP)
                                                          for p in run.iterdir()), deadline, poll=0.0005)
             time.sleep(rng.uniform(0.0, 0.002))
         if proc.poll() is not None:

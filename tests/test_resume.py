@@ -406,6 +406,25 @@ def test_eval_strategy_picks_the_evaluation_steps():
     assert eval_every(cfg(eval_strategy="no", eval_steps=3), 7) is None
 
 
+def test_a_best_value_of_another_metric_is_not_continued():
+    """Resumed with `early_stopping.metric` (or `metric_for_best_model`, `greater_is_better`) changed,
+    the checkpoint's best eval_loss 0.3 was taken as the best accuracy: with mode max, no accuracy
+    below 0.3 counted as an improvement, and the old metric's adapter was exported as the best."""
+    from jaxpref.config.schema import EarlyStoppingConfig
+    from jaxpref.training.evaluation import EarlyStopping
+
+    loss = EarlyStopping(EarlyStoppingConfig("eval_loss", "min", patience=2))
+    loss.update({"eval_loss": 0.3}, 2)
+    saved = json.loads(json.dumps(loss.state()))   # as the checkpoint's JSON record reads back
+    acc = EarlyStopping(EarlyStoppingConfig("eval_rewards/accuracies", "max", patience=2))
+    assert acc.restore(saved) is False and (acc.best, acc.best_step, acc.bad) == (None, None, 0)
+    assert acc.update({"eval_rewards/accuracies": 0.25}, 4) == (True, False)
+    same = EarlyStopping(EarlyStoppingConfig("eval_loss", "min", patience=2))
+    assert same.restore(saved) is True and (same.best, same.best_step) == (0.3, 2)
+    older = EarlyStopping(EarlyStoppingConfig("eval_loss", "min", patience=2))   # a record without the metric
+    assert older.restore({"best": 0.5, "best_step": 1, "bad": 1}) is True and older.bad == 1
+
+
 def test_dry_run_resume_of_a_finished_run_says_what_the_run_does(tmp_path, tiny_llama, tiny_pairs, capsys):
     """A finished run: --dry-run refuses its folder as the run does (without --resume or
     --overwrite-output-dir); with --resume it says the run is skipped; asked for more steps without

@@ -562,3 +562,71 @@ def test_a_refused_resume_keeps_the_run_record(finished_run, tmp_path, capsys):
     after = snapshot(run)
     after.pop(".lock", None), before.pop(".lock", None)
     assert after == before
+
+
+@pytest.mark.parametrize("summary", ["{", "[1, 2]"])
+def test_resume_of_a_finished_run_with_a_damaged_summary_skips_it(finished_run, tmp_path, capsys, summary):
+    """A finished run whose summary.json was cut short or hand-edited: --resume failed with exit 1
+    (`JSONDecodeError`, a traceback in error.log). It is skipped, the file named, nothing rewritten."""
+    cfg, done = finished_run
+    run = tmp_path / "o" / "tiny"
+    shutil.copytree(done, run)
+    (run / "summary.json").write_text(summary)
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume")
+    assert code == 0, err
+    assert "already finished" in err and "Traceback" not in err
+    warn = [l for l in err.splitlines() if l.startswith("jaxpref: warning")]
+    assert len(warn) == 1 and str(run / "summary.json") in warn[0], err
+    assert not (run / "error.log").exists()
+    after = snapshot(run)
+    after.pop(".lock", None), before.pop(".lock", None)
+    assert after == before
+
+
+@pytest.mark.parametrize("change,key", [
+    ("dataset.max_samples=12", "dataset.max_samples"),                 # other train rows
+    ("post_training.label_smoothing=0.2", "post_training.label_smoothing"),   # another loss
+    ("training.adam_beta2=0.99", "training.adam_beta2"),               # other updates
+    ("post_training.disable_dropout=false", "post_training.disable_dropout")])
+def test_resume_refuses_a_changed_setting_of_the_data_loss_or_optimizer(finished_run, tmp_path, capsys, change, key):
+    """These settings change the resumed run's numbers (README: data, loss, optimizer are critical);
+    --resume took them silently and continued from the checkpoint with other rows or updates."""
+    cfg, done = finished_run
+    run = tmp_path / "o" / "tiny"
+    shutil.copytree(done, run)
+    (run / "FINISHED").unlink()
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume", "--set", change)
+    one_line(code, err, f"`{key}` changed", "--resume-force")
+
+
+@pytest.mark.slow
+def test_resume_refuses_an_edited_data_file(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """The same file name with other rows (or another tokenizer's tokens) is other data: named as
+    `train data`, not continued from the checkpoint."""
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(tiny_pairs, data)
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, data, training={"max_steps": 2, "seed": 0},
+                       finetuning={"save_steps": 1})
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--max-steps", "1")
+    assert code == 0, err
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([rows[1], rows[0], *rows[2:]]) + "\n")   # two rows swapped
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume")
+    one_line(code, err, "`train data` changed", "--resume-force")
+    data.write_text("\n".join(rows) + "\n")
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume")
+    assert code == 0 and "resuming from step 1" in err, err
+
+
+def test_resume_force_names_the_settings_it_overrides(finished_run, tmp_path, capsys):
+    """--resume-force continued with a changed setting without a word (the dry run named it)."""
+    cfg, done = finished_run
+    run = tmp_path / "o" / "tiny"
+    shutil.copytree(done, run)
+    (run / "FINISHED").unlink()
+    code, _, err = run_cli(capsys, "--config", cfg, "--output-dir", tmp_path / "o", "--resume-force",
+                           "--set", "post_training.label_smoothing=0.2", "--set", "training.adam_beta2=0.99")
+    assert code == 0, err
+    warn = [l for l in err.splitlines() if "--resume-force" in l]
+    assert len(warn) == 1 and "`post_training.label_smoothing`, `training.adam_beta2` changed" in warn[0], err

@@ -280,6 +280,9 @@ def test_full_finetune_trains_all_weights_against_a_frozen_copy(tmp_path, tiny_l
     rows = [json.loads(l) for l in (tmp_path / "o" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)   # policy == frozen reference
     assert rows[1]["rewards/margins"] != 0.0
+    # One compilation of the train step: the state went in sharded otherwise than the step returns
+    # it (P(None, None) vs P()), so step 2 compiled it again (and a resumed run's count differed).
+    assert [r["compilations"] for r in rows] == [1, 1]
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "tiny" / "model")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     ids = torch.tensor([[5, 6, 7, 8, 9]])

@@ -90,7 +90,7 @@ def build_run(cfg: Config, index: int, run_dir: Path, resume: bool, resume_force
     _reference_model(run)
     _train_state(run)
     run.fingerprint = setup.critical_fingerprint(cfg, run.entry, _model_fp(run), run.prepared.layout.kind,
-                                                   run.prepared.layout.padding_free)
+                                                   run.prepared.layout.padding_free, run.prepared.train)
     run.store = ckpt.CheckpointStore(run_dir, cfg.finetuning.save_total_limit)
     es = cfg.finetuning.early_stopping
     run.early = EarlyStopping(es) if es else None
@@ -166,8 +166,9 @@ def _train_state(run: Run) -> None:
     whole base tree), its optimizer state, step 0 and the RNG."""
     cfg = run.cfg
     rng = jax.random.PRNGKey(cfg.training.seed)
-    if run.full_finetune:
-        lora = jax.tree_util.tree_map(jnp.copy, run.params)
+    if run.full_finetune:   # a copy of the base tree, sharded as the step returns it
+        lora = jax.tree_util.tree_map(lambda x: jax.device_put(x, _as_returned(x.sharding), may_alias=False),
+                                      run.params)
     elif cfg.lora.init_from:
         lora, _ = load_adapter(Path(cfg.lora.init_from), run.bundle, run.bundle.abstract_params())
     else:
@@ -189,7 +190,28 @@ def _train_state(run: Run) -> None:
     if not run.full_finetune:  # trainable weights of a full fine-tune keep the base's sharding
         lora = jax.device_put(lora, mesh_mod.replicated(run.mesh))
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-    run.state = state if run.full_finetune else jax.device_put(state, mesh_mod.replicated(run.mesh))
+    if run.full_finetune:
+        # The step, the RNG and the optimizer's counters onto the mesh, as the step returns them.
+        rep = mesh_mod.replicated(run.mesh)
+        run.state = jax.tree_util.tree_map(
+            lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, rep), state)
+    else:
+        run.state = jax.device_put(state, mesh_mod.replicated(run.mesh))
+
+
+def _as_returned(sharding):
+    """`sharding` with the trailing unsharded axes of its spec dropped, as a jitted step returns an
+    array (`P(None, None)` comes back as `P()`): a full fine-tune's state passed in as it comes
+    back, so that the train step compiles once per shape, not again at the second step (nor
+    again after a resume, which made a resumed run's `compilations` differ)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec)
+    while spec and spec[-1] is None:
+        spec = spec[:-1]
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
 
 
 def _restore(run: Run, force: bool, step: int | None = None, finished: bool = False) -> None:
@@ -201,11 +223,18 @@ def _restore(run: Run, force: bool, step: int | None = None, finished: bool = Fa
     run.start, run.state, meta = found
     run.it.restore(meta["iterator"])
     run.num_tokens = int(meta["num_tokens"])
-    if run.early is not None:
-        run.early.restore(meta.get("early_stopping", {}))
-    if run.best is not None:
-        run.best.restore(meta.get("best_model", {}))
-    if meta.get("best_saved"):
+    kept = {}   # tracker -> whether the checkpoint's state of it was taken
+    for name, tracker, key in (("finetuning.early_stopping", run.early, "early_stopping"),
+                               ("finetuning.metric_for_best_model", run.best, "best_model")):
+        if tracker is not None:
+            kept[name] = tracker.restore(meta.get(key, {}))
+            if not kept[name]:
+                saved = meta.get(key, {})
+                print(f"jaxpref: warning: `{name}` tracks {tracker.es.metric} ({tracker.es.mode}) now, "
+                      f"{saved.get('metric')} ({saved.get('mode')}) in checkpoint {run.start}; its best "
+                      "evaluation is tracked afresh from here", file=sys.stderr)
+    owner = "finetuning.metric_for_best_model" if run.best is not None else "finetuning.early_stopping"
+    if meta.get("best_saved") and kept.get(owner, False):   # the best adapter of the metric tracked now
         run.best_lora = run.store.restore_best(run.start, ckpt.abstract_of(run.state.lora))
     run.stopped_early = bool(meta.get("stopped_early"))
     run.metric_window = list(meta.get("metric_window", []))

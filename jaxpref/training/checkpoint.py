@@ -228,7 +228,11 @@ def resume_point(run, force: bool, step: int | None, finished: bool, refuse=None
     `--resume-from` need, one past `run.total` steps, or what
     `refuse(found)` (a method's own rule) returns. `run`: the offline or online loop's Run
     (store, state, fingerprint, run_dir, total)."""
-    check = lambda meta: check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
+    def check(meta):
+        changed = check_fingerprint(meta.get("fingerprint", {}), run.fingerprint, run.run_dir, force)
+        if changed:   # only with --resume-force: said, as the dry run says it
+            print(f"jaxpref: warning: [{run.entry.name}] --resume-force: {', '.join(f'`{k}`' for k in changed)} "
+                  "changed since the checkpoint", file=sys.stderr)
     try:
         found = run.store.restore_latest(abstract_of(run.state), check, force=force, step=step)
         why = None if found is not None else f"checkpoint {step} cannot be read" if step is not None \
@@ -294,6 +298,26 @@ def unmark_finished(run_dir: Path) -> None:
 
 def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / FINISHED).is_file()
+
+
+def skip_finished(run_dir: Path, name: str) -> dict:
+    """Say that the finished run in `run_dir` is skipped; -> its summary.json. A summary that is
+    absent, cut short or edited into something other than an object is named in a warning and
+    reads as {}: the run is finished all the same (its FINISHED marker and outputs are there)."""
+    print(f"[{name}] already finished ({run_dir}); skipping", file=sys.stderr)
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        summary = e
+    if not isinstance(summary, dict):
+        why = type(summary).__name__
+        print(f"jaxpref: warning: {path} is unreadable ({why}); the finished run's summary is left out",
+              file=sys.stderr)
+        return {}
+    return summary
 
 
 def clear_run(run_dir: Path) -> None:

@@ -147,7 +147,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         from jaxpref.models.source import fingerprint
         from jaxpref.training.dryrun_resume import resume_problems
         fp = lambda: setup.critical_fingerprint(cfg, cfg.models[index], fingerprint(bundle.source), layout.kind,
-                                                layout.padding_free)
+                                                layout.padding_free, tr)
         problems += resume_problems(cfg, index, fp, resume, steps)
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems

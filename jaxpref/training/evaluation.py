@@ -55,10 +55,17 @@ class EarlyStopping:
         self.bad = 0
 
     def state(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "metric": self.es.metric,
+                "mode": self.es.mode}
 
-    def restore(self, d: dict) -> None:
+    def restore(self, d: dict) -> bool:
+        """Continue from a checkpoint's `state()`; -> False (nothing taken) where it tracked another
+        metric or direction: its best value is not one of this metric's. (A record without them,
+        from an older checkpoint, is taken.)"""
+        if "metric" in d and (d["metric"], d.get("mode")) != (self.es.metric, self.es.mode):
+            return False
         self.best, self.best_step, self.bad = d.get("best"), d.get("best_step"), d.get("bad", 0)
+        return True
 
     def update(self, metrics: dict, step: int) -> tuple[bool, bool]:
         """-> (improved, stop)."""

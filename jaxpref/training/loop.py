@@ -37,8 +37,7 @@ def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False, re
     entry = cfg.models[index]
     finished = resume and ckpt.is_finished(run_dir)
     if finished and resume_from is None and _same_length(cfg, index, run_dir):
-        print(f"[{entry.name}] already finished ({run_dir}); skipping", file=sys.stderr)
-        return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        return ckpt.skip_finished(run_dir, entry.name)
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0 and not resume:

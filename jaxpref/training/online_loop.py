@@ -67,8 +67,7 @@ def train_online(cfg: Config, index: int, run_dir: Path, resume: bool = False, r
     main = jax.process_index() == 0
     finished = resume and ckpt.is_finished(run_dir)
     if finished and resume_from is None and online_resume.same_length(cfg, run_dir):
-        print(f"[{cfg.models[index].name}] already finished ({run_dir}); skipping", file=sys.stderr)
-        return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        return ckpt.skip_finished(run_dir, cfg.models[index].name)
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     if main and not resume:

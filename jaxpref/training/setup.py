@@ -216,16 +216,20 @@ def model_config(cfg: Config, index: int) -> Config:
     return one
 
 
-def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, padding_free: bool = False) -> dict:
+def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, padding_free: bool = False,
+                         train_data=None) -> dict:
     """What must not change between a run and its resumption: what changes the numbers beyond
     float rounding. The attention backend, activation recompute and `vocab_chunk` do not, and
     may change. With LoRA dropout, what changes the batch's shapes or the layer loop changes the
     dropout masks: `padding_free` (resolved), `max_tokens_per_batch` (its micro-batch cuts) and
-    `scan_layers` are kept then. `matmul_precision` counts where it applies (fp32 compute)."""
+    `scan_layers` are kept then. `matmul_precision` counts where it applies (fp32 compute).
+    The data: the dataset keys that choose the train rows, and `train_data` (the tokenized train
+    split, when given) by a digest of its token ids, so that an edited data file or tokenizer is
+    named too. The loss: every option of it; the optimizer: its betas and epsilon."""
     t, pt, lo, ds = cfg.training, cfg.post_training, cfg.lora, cfg.dataset
     dropout = {"padding_free": bool(padding_free), "max_tokens_per_batch": t.max_tokens_per_batch,
                "scan_layers": t.scan_layers} if lo.enabled and lo.lora_dropout > 0 else {}
-    return {
+    fp = {
         "base model": f"{entry.huggingface_id}@{model_fp}", "dataset": ds.name, "method": pt.method,
         "loss_type": list(cfg.loss_types), "beta": pt.beta, "lora.r": lo.r, "lora.lora_alpha": lo.lora_alpha,
         "lora.target_modules": lo.target_modules, "seed": t.seed,
@@ -239,7 +243,46 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
         "lora.lora_dropout": lo.lora_dropout if lo.enabled else 0.0,
         "matmul_precision": t.matmul_precision if t.compute_dtype == "float32" else "n/a (bfloat16 compute)",
         **dropout,
+        **{f"dataset.{k}": getattr(ds, k) for k in DATA_KEYS},
+        **{f"post_training.{k}": getattr(pt, k) for k in LOSS_KEYS},
+        **{f"training.{k}": getattr(t, k) for k in TRAINING_KEYS},
+        **{f"lora.{k}": getattr(lo, k) for k in LORA_KEYS if lo.enabled},
+        "reference model": entry.ref_model_id,
+        **({"train data": data_digest(train_data)} if train_data is not None else {}),
     }
+    import json
+    return json.loads(json.dumps(fp, default=str))   # as the checkpoint's JSON record reads it back
+
+
+# Keys beyond the named ones above that change a resumed run's numbers (its rows, its loss, its
+# updates): refused when changed, as the rest (`checkpoint.check_fingerprint`).
+# (`eval_split` may change: it adds or moves evaluation only; `eval_fraction`'s other train rows are
+# named by the `train data` digest.)
+DATA_KEYS = ("config_name", "split", "revision", "data_files", "prompt_column", "chosen_column",
+             "rejected_column", "completion_column", "label_column", "max_samples")
+LOSS_KEYS = ("loss_weights", "label_smoothing", "use_ref_model", "reference_free", "disable_dropout",
+             "f_divergence_type", "f_alpha_divergence_coef", "use_weighting", "ld_alpha", "rpo_alpha",
+             "discopop_tau", "desirable_weight", "undesirable_weight", "orpo_nll_span", "simpo_gamma", "cpo_alpha")
+TRAINING_KEYS = ("adam_beta1", "adam_beta2", "adam_epsilon", "max_prompt_length", "truncation_mode",
+                 "train_sampling_strategy", "param_dtype", "pack_length")
+LORA_KEYS = ("use_rslora", "init", "init_from")
+
+
+def data_digest(data) -> str:
+    """sha256 of a tokenized split's token ids and labels (`data.tokenize.Tokenized`), field by field."""
+    import hashlib
+    from itertools import chain
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in ("prompt", "chosen", "rejected", "completion", "label", "chosen_prompt_extra", "rejected_prompt_extra"):
+        rows = list(getattr(data, name, None) or [])
+        nested = bool(rows) and not np.isscalar(rows[0])
+        lengths = np.fromiter(map(len, rows), np.int64, len(rows)) if nested else np.asarray([len(rows)], np.int64)
+        flat = np.fromiter(chain.from_iterable(rows) if nested else rows, np.int64)
+        h.update(name.encode() + lengths.tobytes() + flat.tobytes())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def on_mesh(bundle, mesh):
