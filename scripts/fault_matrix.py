@@ -391,7 +391,7 @@ def cases() -> list[Case]:
         data_case("empty file", lambda p, g: p.write_text(""), ["empty"]),
         data_case("unsupported extension", lambda p, g: p.write_text(g), ["unsupported file type"], suffix="data.txt"),
         data_case("folder without data files", lambda p, g: (p.mkdir(), (p / "notes.txt").write_text("x")),
-                  ["no json/jsonl/parquet/csv"], suffix="folder"),
+                  ["no json/jsonl/parquet/csv/arrow"], suffix="folder"),
         data_case("missing column", lambda p, g: p.write_text(json.dumps({"prompt": "a", "better": "b", "rejected": "c"}) + "\n"),
                   ["missing column", "chosen"]),
         data_case("configured prompt column absent", append(""), ["question"], dataset={"prompt_column": "question"}),

@@ -171,7 +171,7 @@ def _cases():
         "number line": (data(b"5\n"), ["data.jsonl", "line 17", "a number"]),
         "data not UTF-8": (data(b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n'),
                            ["data.jsonl", "line 17", "UTF-8"]),
-        "folder without data files": (empty_dir, ["nodata", "no json/jsonl/parquet/csv files"]),
+        "folder without data files": (empty_dir, ["nodata", "no json/jsonl/parquet/csv/arrow files"]),
         # Lines Python's json reads and Arrow refuses: named by Arrow without the line (a 0-based "row
         # 16" inside "An error occurred while generating the dataset", or "Value is too big!").
         "key given twice on a line": (data(b'{"prompt": "a", "chosen": " b", "chosen": " c", "rejected": " d"}\n'),

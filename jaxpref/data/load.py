@@ -113,7 +113,7 @@ def _load_error(e: Exception, name: str, split: str, local: bool) -> DataError:
         return DataError(f"dataset `{name}`: {msg}")
     if not local and any(w in kind for w in ("NotFound", "Connection", "Offline", "HTTP", "Timeout")):
         return DataError(f"dataset `{name}` cannot be fetched from the Hugging Face hub ({kind}); "
-                         "a local json/jsonl/parquet/csv file or directory works as `dataset.name`")
+                         "a local json/jsonl/parquet/csv/arrow file or directory works as `dataset.name`")
     cause = e.__cause__ if isinstance(e.__cause__, Exception) else None
     why = f"{kind}: {first(e)}" + (f"; {type(cause).__name__}: {first(cause)}" if cause else "")
     return DataError(f"dataset `{name}`: cannot load ({why})")
