@@ -28,6 +28,7 @@ class LlamaArgs(ArchArgs):
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "LlamaArgs":
+        hf = {**DEFAULTS.get(hf.get("model_type"), {}), **hf}   # an explicit null stays
         heads = hf["num_attention_heads"]
         qkv_bias = hf.get("attention_bias", False) or hf.get("model_type") == "qwen2"
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
@@ -66,6 +67,19 @@ class LlamaArgs(ArchArgs):
                         bias=self.mlp_bias),
             rope=RopeSpec(self.head_dim, self.rope_theta, self.rope_scaling),
             **windows(self.sliding_window, self.sliding_layers))
+
+
+# transformers' config-class defaults that differ from LlamaConfig's (which `from_hf` falls back
+# on), for a config.json that leaves the key out (hand-written or trimmed configs).
+DEFAULTS = {
+    "mistral": dict(num_key_value_heads=8, sliding_window=4096),
+    "mixtral": dict(num_key_value_heads=8, sliding_window=None, rms_norm_eps=1e-5, rope_theta=1e6),
+    "qwen2": dict(sliding_window=4096),
+    "qwen3": dict(sliding_window=4096),
+    "qwen3_moe": dict(num_key_value_heads=4, sliding_window=4096),
+    "olmo2": dict(rms_norm_eps=1e-5),
+    "phi3": dict(rms_norm_eps=1e-5),
+}
 
 
 def hf_windows(hf: dict) -> tuple[int | None, tuple[bool, ...]]:

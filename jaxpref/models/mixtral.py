@@ -33,7 +33,7 @@ class MixtralArgs(llama.LlamaArgs):
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "MixtralArgs":
         # Mistral's attention, its window on every layer.
-        args = super().from_hf({**hf, "model_type": "mistral"}, **common)
+        args = super().from_hf({**llama.DEFAULTS["mixtral"], **hf, "model_type": "mistral"}, **common)
         return dataclasses.replace(args, num_experts=int(hf["num_local_experts"]),
                                    experts_per_token=int(hf["num_experts_per_tok"]),
                                    activation=hf.get("hidden_act", "silu"),
