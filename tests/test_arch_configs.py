@@ -11,6 +11,7 @@ import pytest
 import transformers
 
 from jaxpref.models import get_architecture
+from test_model_parity import TINY, _hf_logits, _max_diff, _our_logits, _perturbed
 
 # Sizes only: every other key is left to the config class's default.
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=32,
@@ -31,3 +32,27 @@ def test_keys_left_out_take_transformers_defaults(model_type, extra, tmp_path):
     theta = ref.rope_parameters["rope_theta"]
     assert (args.num_key_value_heads, args.rms_norm_eps, args.rope_theta, args.sliding_window) == \
         (ref.num_key_value_heads, ref.rms_norm_eps, theta, getattr(ref, "sliding_window", None))
+
+
+L = dict(TINY, num_key_value_heads=2)
+# Config values transformers reads in a way of its own: Gemma 2/3's `hidden_activation: gelu` is the
+# exact GELU (only Gemma 1's legacy `hidden_act: gelu` means the tanh form); `attention_bias` /
+# `mlp_bias` where the modeling code has fixed biases (Qwen2: q/k/v only; Mistral, Phi-3, Qwen3's
+# MLP: none) change nothing.
+VARIANTS = {
+    "gemma2_gelu": lambda: transformers.Gemma2Config(**L, head_dim=32, hidden_activation="gelu"),
+    "gemma3_gelu": lambda: transformers.Gemma3TextConfig(**L, head_dim=32, hidden_activation="gelu"),
+    "qwen2_attention_bias": lambda: transformers.Qwen2Config(**L, attention_bias=True, mlp_bias=True),
+    "mistral_biases": lambda: transformers.MistralConfig(**L, attention_bias=True, mlp_bias=True),
+    "qwen3_mlp_bias": lambda: transformers.Qwen3Config(**L, head_dim=32, attention_bias=True, mlp_bias=True),
+    "phi3_biases": lambda: transformers.Phi3Config(**L, attention_bias=True, mlp_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_config_variants_match_transformers(name, tmp_path):
+    model = _perturbed(VARIANTS[name]())
+    model.save_pretrained(tmp_path)
+    diff = _max_diff(_our_logits(tmp_path), _hf_logits(model))
+    print(f"parity {name}: max|diff| = {diff:.2e}")
+    assert diff <= 1e-4

@@ -70,7 +70,7 @@ class GemmaArgs(llama.LlamaArgs):
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         act = hf.get("hidden_act") if family == "gemma" else hf.get("hidden_activation")
-        if act in (None, "gelu"):  # transformers reads Gemma 1's legacy "gelu" as the tanh form
+        if act is None or (act == "gelu" and family == "gemma"):  # Gemma 1's legacy "gelu" is the tanh form
             act = "gelu_pytorch_tanh"
         glob, local = _rope_parameters(hf, family)
         sliding = _sliding_layers(hf, family)

@@ -30,7 +30,12 @@ class LlamaArgs(ArchArgs):
     def from_hf(cls, hf: dict, **common) -> "LlamaArgs":
         hf = {**DEFAULTS.get(hf.get("model_type"), {}), **hf}   # an explicit null stays
         heads = hf["num_attention_heads"]
-        qkv_bias = hf.get("attention_bias", False) or hf.get("model_type") == "qwen2"
+        kind = hf.get("model_type")
+        # transformers reads `attention_bias` / `mlp_bias` only where its modeling code has the
+        # option; elsewhere the biases are fixed (Qwen2: q/k/v always, o never; Mistral, Mixtral,
+        # Phi-3: none) and a stray key in config.json changes nothing.
+        bias = bool(hf.get("attention_bias", False)) and kind in _ATTENTION_BIAS
+        qkv_bias = bias or kind == "qwen2"
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
         theta = hf.get("rope_theta")
         if theta is None and isinstance(rope, dict):
@@ -49,8 +54,8 @@ class LlamaArgs(ArchArgs):
             rope_theta=float(theta or 10000.0),
             rope_scaling=_freeze(rope),
             attention_bias=bool(qkv_bias),
-            o_proj_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            o_proj_bias=bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)) and kind == "llama",
             sliding_window=window,
             sliding_layers=sliding,
             hidden_act=hf.get("hidden_act") or "silu",
@@ -80,6 +85,9 @@ DEFAULTS = {
     "olmo2": dict(rms_norm_eps=1e-5),
     "phi3": dict(rms_norm_eps=1e-5),
 }
+
+
+_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "olmo2")   # the configs whose attention_bias counts
 
 
 def hf_windows(hf: dict) -> tuple[int | None, tuple[bool, ...]]:
