@@ -35,6 +35,9 @@ def test_keys_left_out_take_transformers_defaults(model_type, extra, tmp_path):
 
 
 L = dict(TINY, num_key_value_heads=2)
+_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 4,
+             "short_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
+             "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 32.0, 32.0]}
 # Config values transformers reads in a way of its own: Gemma 2/3's `hidden_activation: gelu` is the
 # exact GELU (only Gemma 1's legacy `hidden_act: gelu` means the tanh form); `attention_bias` /
 # `mlp_bias` where the modeling code has fixed biases (Qwen2: q/k/v only; Mistral, Phi-3, Qwen3's
@@ -46,6 +49,10 @@ VARIANTS = {
     "mistral_biases": lambda: transformers.MistralConfig(**L, attention_bias=True, mlp_bias=True),
     "qwen3_mlp_bias": lambda: transformers.Qwen3Config(**L, head_dim=32, attention_bias=True, mlp_bias=True),
     "phi3_biases": lambda: transformers.Phi3Config(**L, attention_bias=True, mlp_bias=True),
+    # LongRoPE outside Phi-3 (transformers computes it for any of these families): its cos/sin
+    # factor from max_position_embeddings / original when the config gives none.
+    "llama_longrope": lambda: transformers.LlamaConfig(**L, rope_scaling=_LONGROPE),
+    "qwen3_longrope": lambda: transformers.Qwen3Config(**L, head_dim=16, rope_scaling=_LONGROPE),
 }
 
 

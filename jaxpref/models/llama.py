@@ -9,6 +9,7 @@ from typing import Any
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec, windows
+from jaxpref.models.rope_config import longrope
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -41,18 +42,23 @@ class LlamaArgs(ArchArgs):
         if theta is None and isinstance(rope, dict):
             theta = rope.get("rope_theta")
         window, sliding = hf_windows(hf)
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        scaling = _freeze(rope)
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope":
+            rotated = int(head_dim * rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+            scaling = longrope(hf, rope, rotated, kind)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            head_dim=head_dim,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             intermediate_size=hf["intermediate_size"],
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta or 10000.0),
-            rope_scaling=_freeze(rope),
+            rope_scaling=scaling,
             attention_bias=bool(qkv_bias),
             o_proj_bias=bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) and kind == "llama",

@@ -1,0 +1,27 @@
+"""RoPE scalings read from config.json with transformers' defaults resolved, as the frozen
+(key, value) pairs `layers.rope_inv_freq` and `layers.rope_attention_factor` take."""
+from __future__ import annotations
+
+import math
+
+from jaxpref.errors import ModelSourceError
+
+
+def longrope(hf: dict, rope: dict, rotary_dim: int, family: str) -> tuple:
+    """LongRoPE's factors with transformers' defaults resolved: the pretraining length (the rope
+    dict's, else config.json's, else 4096), and the cos/sin factor sqrt(1 + ln(s) / ln(original))
+    for s = `factor`, else max_position_embeddings / original (1 when s <= 1), unless given."""
+    original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings", 4096)
+    factor = rope.get("factor")
+    if factor is None:
+        factor = hf["max_position_embeddings"] / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    for key in ("short_factor", "long_factor"):
+        if len(rope.get(key) or ()) != rotary_dim // 2:
+            raise ModelSourceError(f"{family}: rope `{key}` needs {rotary_dim // 2} entries, one per rotated "
+                                   f"frequency; got {len(rope.get(key) or ())}")
+    return (("attention_factor", float(attention)), ("long_factor", tuple(rope["long_factor"])),
+            ("original_max_position_embeddings", int(original)), ("rope_type", "longrope"),
+            ("short_factor", tuple(rope["short_factor"])))
