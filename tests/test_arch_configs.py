@@ -50,9 +50,10 @@ VARIANTS = {
     "qwen3_mlp_bias": lambda: transformers.Qwen3Config(**L, head_dim=32, attention_bias=True, mlp_bias=True),
     "phi3_biases": lambda: transformers.Phi3Config(**L, attention_bias=True, mlp_bias=True),
     # LongRoPE outside Phi-3 (transformers computes it for any of these families): its cos/sin
-    # factor from max_position_embeddings / original when the config gives none.
-    "llama_longrope": lambda: transformers.LlamaConfig(**L, rope_scaling=_LONGROPE),
-    "qwen3_longrope": lambda: transformers.Qwen3Config(**L, head_dim=16, rope_scaling=_LONGROPE),
+    # factor from max_position_embeddings / original when the config gives none. (A copy each:
+# transformers writes into the dict it is given.)
+    "llama_longrope": lambda: transformers.LlamaConfig(**L, rope_scaling=dict(_LONGROPE)),
+    "qwen3_longrope": lambda: transformers.Qwen3Config(**L, head_dim=16, rope_scaling=dict(_LONGROPE)),
 }
 
 
