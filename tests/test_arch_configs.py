@@ -64,3 +64,21 @@ def test_config_variants_match_transformers(name, tmp_path):
     diff = _max_diff(_our_logits(tmp_path), _hf_logits(model))
     print(f"parity {name}: max|diff| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["phi3", "llama"])
+def test_longrope_original_length_is_the_one_transformers_reads(family, tmp_path):
+    """A config.json whose LongRoPE dict holds `original_max_position_embeddings` and no top-level
+    one: Phi-3's config class fills the top-level key (4096), which transformers puts over the
+    dict's; Llama reads the dict's. (Rows past 4 positions take the long factors only with 4.)"""
+    cfg = (transformers.Phi3Config if family == "phi3" else transformers.LlamaConfig)(
+        **L, rope_scaling=dict(_LONGROPE), original_max_position_embeddings=4)
+    _perturbed(cfg).save_pretrained(tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    c.pop("original_max_position_embeddings", None)
+    for key in ("attention_factor", "factor"):
+        c["rope_parameters"].pop(key, None)
+    c["rope_parameters"]["original_max_position_embeddings"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert _max_diff(_our_logits(tmp_path), _hf_logits(model)) <= 1e-4

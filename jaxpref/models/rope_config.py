@@ -8,10 +8,10 @@ from jaxpref.errors import ModelSourceError
 
 
 def longrope(hf: dict, rope: dict, rotary_dim: int, family: str) -> tuple:
-    """LongRoPE's factors with transformers' defaults resolved: the pretraining length (the rope
-    dict's, else config.json's, else 4096), and the cos/sin factor sqrt(1 + ln(s) / ln(original))
+    """LongRoPE's factors with transformers' defaults resolved: the pretraining length
+    (`original_length`), and the cos/sin factor sqrt(1 + ln(s) / ln(original))
     for s = `factor`, else max_position_embeddings / original (1 when s <= 1), unless given."""
-    original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings", 4096)
+    original = original_length(hf, rope, family)
     factor = rope.get("factor")
     if factor is None:
         factor = hf["max_position_embeddings"] / original
@@ -25,3 +25,14 @@ def longrope(hf: dict, rope: dict, rotary_dim: int, family: str) -> tuple:
     return (("attention_factor", float(attention)), ("long_factor", tuple(rope["long_factor"])),
             ("original_max_position_embeddings", int(original)), ("rope_type", "longrope"),
             ("short_factor", tuple(rope["short_factor"])))
+
+
+def original_length(hf: dict, rope: dict, family: str) -> int:
+    """The pretraining length a scaled RoPE starts from, as transformers resolves it: Phi-3's
+    config class has a top-level `original_max_position_embeddings` (4096 by default), which
+    overrides the rope dict's; elsewhere the rope dict's, else config.json's top-level one, else
+    `max_position_embeddings`."""
+    key = "original_max_position_embeddings"
+    if family == "phi3":
+        return int(hf.get(key, 4096) or rope.get(key) or 4096)
+    return int(rope.get(key) or hf.get(key) or hf["max_position_embeddings"])
