@@ -11,7 +11,7 @@ import pytest
 import transformers
 
 from jaxpref.models import get_architecture
-from test_model_parity import TINY, _hf_logits, _max_diff, _our_logits, _perturbed
+from test_model_parity import MOE, NEOX, TINY, _hf_logits, _max_diff, _our_logits, _perturbed
 
 # Sizes only: every other key is left to the config class's default.
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=32,
@@ -38,6 +38,7 @@ L = dict(TINY, num_key_value_heads=2)
 _LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 4,
              "short_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
              "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 32.0, 32.0]}
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}
 # Config values transformers reads in a way of its own: Gemma 2/3's `hidden_activation: gelu` is the
 # exact GELU (only Gemma 1's legacy `hidden_act: gelu` means the tanh form); `attention_bias` /
 # `mlp_bias` where the modeling code has fixed biases (Qwen2: q/k/v only; Mistral, Phi-3, Qwen3's
@@ -54,6 +55,18 @@ VARIANTS = {
 # transformers writes into the dict it is given.)
     "llama_longrope": lambda: transformers.LlamaConfig(**L, rope_scaling=dict(_LONGROPE)),
     "qwen3_longrope": lambda: transformers.Qwen3Config(**L, head_dim=16, rope_scaling=dict(_LONGROPE)),
+    # YaRN (was refused): its ramp between interpolated and original frequencies, and its cos/sin
+    # factor (given, from mscale / mscale_all_dim, or from the factor alone; the factor itself from
+    # max_position_embeddings / original when null).
+    "qwen2_yarn_mscale": lambda: transformers.Qwen2Config(**L, rope_scaling=dict(
+        _YARN, factor=8.0, mscale=0.7, mscale_all_dim=1.0, beta_fast=16, beta_slow=2, truncate=False)),
+    "llama_yarn": lambda: transformers.LlamaConfig(**L, rope_scaling=dict(_YARN)),
+    "qwen3_yarn_no_factor": lambda: transformers.Qwen3Config(**L, head_dim=32, rope_scaling=dict(
+        _YARN, factor=None, original_max_position_embeddings=8)),
+    "olmo2_yarn_attention_factor": lambda: transformers.Olmo2Config(**L, rope_scaling=dict(_YARN, attention_factor=1.5)),
+    "gpt_neox_yarn": lambda: transformers.GPTNeoXConfig(**NEOX, rope_scaling=dict(_YARN)),
+    "mixtral_yarn": lambda: transformers.MixtralConfig(**MOE, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                                      rope_scaling=dict(_YARN)),
 }
 
 

@@ -1,4 +1,4 @@
-"""RoPE scalings read from config.json with transformers' defaults resolved, as the frozen
+"""RoPE scalings (LongRoPE, YaRN) read from config.json with transformers' defaults resolved, as the frozen
 (key, value) pairs `layers.rope_inv_freq` and `layers.rope_attention_factor` take."""
 from __future__ import annotations
 
@@ -36,3 +36,26 @@ def original_length(hf: dict, rope: dict, family: str) -> int:
     if family == "phi3":
         return int(hf.get(key, 4096) or rope.get(key) or 4096)
     return int(rope.get(key) or hf.get(key) or hf["max_position_embeddings"])
+
+
+def yarn(hf: dict, rope: dict, family: str) -> tuple:
+    """YaRN's settings with transformers' defaults resolved: `factor` (else max_position_embeddings /
+    original length), the cos/sin `attention_factor` (else 0.1 ln(factor) + 1, or the ratio of
+    two such terms scaled by `mscale` / `mscale_all_dim` when both are given; 1 when factor <= 1),
+    `beta_fast` 32, `beta_slow` 1, `truncate` true."""
+    original = original_length(hf, rope, family)
+    factor = rope.get("factor")
+    if factor is None:
+        factor = hf["max_position_embeddings"] / original
+    factor = float(factor)
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    attention = rope.get("attention_factor")
+    if attention is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return (("attention_factor", float(attention)), ("beta_fast", float(rope.get("beta_fast") or 32)),
+            ("beta_slow", float(rope.get("beta_slow") or 1)), ("factor", factor),
+            ("original_max_position_embeddings", int(original)), ("rope_type", "yarn"),
+            ("truncate", bool(rope.get("truncate", True))))

@@ -102,7 +102,7 @@ def build(source: ModelSource, param_dtype: str = "float32", compute_dtype: str 
     return ModelBundle(source, arch, args, arch.model_cls(args))
 
 
-ROPE_KINDS = ("default", "linear", "llama3", "longrope")   # what `layers.rope_inv_freq` computes
+ROPE_KINDS = ("default", "linear", "llama3", "longrope", "yarn")   # what `layers.rope_inv_freq` computes
 
 
 def check_spec(args, source: ModelSource) -> None:
