@@ -9,7 +9,7 @@ from typing import Any
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec, windows
-from jaxpref.models.rope_config import longrope, yarn
+from jaxpref.models.rope_config import llama3, longrope, yarn
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -47,6 +47,8 @@ class LlamaArgs(ArchArgs):
         rope_kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
         if rope_kind == "yarn":
             scaling = yarn(hf, rope, kind)
+        if rope_kind == "llama3":
+            scaling = llama3(hf, rope, kind)
         if rope_kind == "longrope":
             rotated = int(head_dim * rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
             scaling = longrope(hf, rope, rotated, kind)

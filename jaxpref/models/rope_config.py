@@ -59,3 +59,10 @@ def yarn(hf: dict, rope: dict, family: str) -> tuple:
             ("beta_slow", float(rope.get("beta_slow") or 1)), ("factor", factor),
             ("original_max_position_embeddings", int(original)), ("rope_type", "yarn"),
             ("truncate", bool(rope.get("truncate", True))))
+
+
+def llama3(hf: dict, rope: dict, family: str) -> tuple:
+    """Llama 3's scaling with its pretraining length resolved (`original_length`: transformers
+    takes max_position_embeddings when the rope dict has none)."""
+    d = {**rope, "original_max_position_embeddings": original_length(hf, rope, family)}
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
