@@ -98,14 +98,15 @@ def test_longrope_original_length_is_the_one_transformers_reads(family, tmp_path
 
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
 def test_llama3_rope_without_its_original_length_is_transformers(family, tmp_path):
     """Llama 3 scaling whose dict leaves out `original_max_position_embeddings`: transformers takes
     max_position_embeddings (64 here); this was a KeyError in the forward."""
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}
-    cfg = transformers.LlamaConfig(**L, rope_scaling=rope) if family == "llama" else \
-        transformers.GPTNeoXConfig(**NEOX, rope_scaling=rope)
+    cfg = {"llama": lambda: transformers.LlamaConfig(**L, rope_scaling=rope),
+           "gemma2": lambda: transformers.Gemma2Config(**L, head_dim=32, rope_scaling=rope),
+           "gpt_neox": lambda: transformers.GPTNeoXConfig(**NEOX, rope_scaling=rope)}[family]()
     _perturbed(cfg).save_pretrained(tmp_path)
     c = json.loads((tmp_path / "config.json").read_text())
     del c["rope_parameters"]["original_max_position_embeddings"]
