@@ -114,3 +114,27 @@ def test_llama3_rope_without_its_original_length_is_transformers(family, tmp_pat
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert model.config.rope_parameters["original_max_position_embeddings"] == 64
     assert _max_diff(_our_logits(tmp_path), _hf_logits(model)) <= 1e-4
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["differs", "equal"])
+def test_head_stored_next_to_tied_embeddings_is_what_transformers_runs(same, tmp_path):
+    """config.json ties the LM head, and the checkpoint holds one too: transformers (>= 5) runs the
+    stored head when it differs from the embedding (we ran the embedding: other logits, silently;
+    now refused naming the key), and ties the two when equal."""
+    import torch
+
+    from jaxpref.errors import ModelSourceError
+
+    model = _perturbed(transformers.LlamaConfig(**L, tie_word_embeddings=False))
+    if same:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    model.save_pretrained(tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**c, "tie_word_embeddings": True}))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    if same:
+        assert _max_diff(_our_logits(tmp_path), _hf_logits(ref)) <= 1e-4
+    else:
+        with pytest.raises(ModelSourceError, match=r"`tie_word_embeddings: true`.*`lm_head\.weight`, which differs"):
+            _our_logits(tmp_path)
