@@ -89,7 +89,7 @@ class LlamaArgs(ArchArgs):
 # on), for a config.json that leaves the key out (hand-written or trimmed configs).
 DEFAULTS = {
     "mistral": dict(num_key_value_heads=8, sliding_window=4096),
-    "mixtral": dict(num_key_value_heads=8, sliding_window=None, rms_norm_eps=1e-5, rope_theta=1e6),
+    "mixtral": dict(num_key_value_heads=8, sliding_window=None, rms_norm_eps=1e-5),   # RoPE base: mixtral.py
     "qwen2": dict(sliding_window=4096),
     "qwen3": dict(sliding_window=4096),
     "qwen3_moe": dict(num_key_value_heads=4, sliding_window=4096),
