@@ -639,6 +639,18 @@ def test_peft_lora_variants_with_their_own_forward_are_refused(kw, needle, tmp_p
         load_adapter(tmp_path / "variant", bundle, bundle.abstract_params())
 
 
+@pytest.mark.parametrize("arch,table", [("llama", "lm_head"), ("llama", "embed_tokens"), ("gpt_neox", "embed_out")])
+def test_peft_adapter_on_the_embedding_or_head_is_refused_by_name(arch, table, base, tmp_path):
+    """PEFT puts LoRA on the LM head or the token embedding when target_modules names them; the
+    error blamed the adapter's tensors on another architecture."""
+    b = base(arch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(b.path)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[ATTENTION[arch][0], table]))
+    pm.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ConfigError, match=re.escape(f"LoRA on `{table}` (the ")):
+        load_adapter(tmp_path / "adapter", b.bundle, b.params)
+
+
 def test_adapter_names_the_base_revision_peft_loads(tmp_path):
     """A hub model pinned at `models[i].revision`: the adapter's `revision` is it, which
     `AutoPeftModelForCausalLM` passes to the base's from_pretrained (it was always null: PEFT

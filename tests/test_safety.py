@@ -153,8 +153,8 @@ def _cases():
         "num_key_value_heads not dividing the heads": (model(lambda p: edit_config_json(p, num_key_value_heads=3)),
                                                       ["config.json", "num_attention_heads", "num_key_value_heads"]),
         "rope scaling of an unsupported kind": (
-            model(lambda p: edit_config_json(p, rope_scaling={"rope_type": "yarn", "factor": 2.0})),
-            ["config.json", "rope scaling `yarn`"]),
+            model(lambda p: edit_config_json(p, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+            ["config.json", "rope scaling `dynamic`"]),
         "hidden_act unknown": (model(lambda p: edit_config_json(p, hidden_act="relu7")),
                                ["config.json", "`hidden_act: relu7`"]),
         "rms_norm_eps a string": (model(lambda p: edit_config_json(p, rms_norm_eps="x")),

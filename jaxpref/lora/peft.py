@@ -273,6 +273,12 @@ def load_adapter(path: Path, bundle, abstract_params: dict) -> tuple[dict, LoraS
     if router:
         raise ConfigError(f"adapter `{path}`: LoRA on `{router[0]}` (a mixture of experts' router, "
                           f"in `target_parameters`) is not supported by jaxpref")
+    s = bundle.args.spec()
+    tables = {s.embed: "token embedding", s.head: "LM head", s.positions: "position embedding"}
+    table = next((t for t in spec.targets if t in tables), None)
+    if table is not None:
+        raise ConfigError(f"adapter `{path}`: LoRA on `{table}` (the {tables[table]}, in target_modules) is not "
+                          "supported by jaxpref; it trains LoRA on the linear layers of the decoder")
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
         raise ConfigError(f"adapter `{path}`: no {ADAPTER_WEIGHTS}")

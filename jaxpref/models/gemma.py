@@ -28,6 +28,7 @@ from typing import Any
 from jaxpref.errors import ModelSourceError
 from jaxpref.models import llama
 from jaxpref.models.blocks import DecoderSpec, RopeSpec
+from jaxpref.models.rope_config import llama3
 from jaxpref.models.spec import WeightRule
 
 FAMILIES = ("gemma", "gemma2", "gemma3_text")
@@ -70,7 +71,7 @@ class GemmaArgs(llama.LlamaArgs):
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         act = hf.get("hidden_act") if family == "gemma" else hf.get("hidden_activation")
-        if act in (None, "gelu"):  # transformers reads Gemma 1's legacy "gelu" as the tanh form
+        if act is None or (act == "gelu" and family == "gemma"):  # Gemma 1's legacy "gelu" is the tanh form
             act = "gelu_pytorch_tanh"
         glob, local = _rope_parameters(hf, family)
         sliding = _sliding_layers(hf, family)
@@ -81,7 +82,7 @@ class GemmaArgs(llama.LlamaArgs):
             num_heads=heads, head_dim=head_dim, tie_word_embeddings=bool(hf["tie_word_embeddings"]),
             intermediate_size=hf["intermediate_size"], num_key_value_heads=hf.get("num_key_value_heads") or heads,
             rms_norm_eps=hf["rms_norm_eps"], rope_theta=float(glob.pop("rope_theta")),
-            rope_scaling=llama._freeze(glob) if _kind(glob) != "default" else None,
+            rope_scaling=_scaling(hf, glob, family),
             attention_bias=bool(hf["attention_bias"]), o_proj_bias=bool(hf["attention_bias"]),
             sliding_window=None if window is None else int(window), sliding_layers=sliding,
             family=family, activation=act,
@@ -89,7 +90,7 @@ class GemmaArgs(llama.LlamaArgs):
             attn_logit_softcap=softcap("attn_logit_softcapping") if family == "gemma2" else None,
             final_logit_softcap=softcap("final_logit_softcapping"),
             local_rope_theta=float(local.pop("rope_theta")),
-            local_rope_scaling=llama._freeze(local) if _kind(local) != "default" else None,
+            local_rope_scaling=_scaling(hf, local, family),
             **common)
 
     def spec(self) -> DecoderSpec:
@@ -130,6 +131,15 @@ def _rope_parameters(hf: dict, family: str) -> tuple[dict, dict]:
         if kind not in _ROPE_TYPES:
             raise ModelSourceError(f"{family}: {which} rope type `{kind}` is not supported ({', '.join(_ROPE_TYPES)})")
     return glob, local
+
+
+def _scaling(hf: dict, rope: dict, family: str):
+    """A RoPE's scaling as the frozen pairs the decoder reads (Llama 3's with its original length
+    resolved, `rope_config.llama3`), None for plain RoPE."""
+    kind = _kind(rope)
+    if kind == "default":
+        return None
+    return llama3(hf, rope, family) if kind == "llama3" else llama._freeze(rope)
 
 
 def _kind(rope: dict) -> str:

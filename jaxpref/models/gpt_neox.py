@@ -11,6 +11,7 @@ from typing import Any
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec
 from jaxpref.models.layers import ACTIVATIONS
+from jaxpref.models.rope_config import llama3, longrope, yarn
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -34,6 +35,10 @@ class NeoXArgs(ArchArgs):
         pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
         theta = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
         scaling = {k: v for k, v in rope.items() if k not in ("partial_rotary_factor", "rope_theta")}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in ("yarn", "longrope", "llama3"):   # their defaults resolved, as transformers does
+            scaling = dict(yarn(hf, scaling, "gpt_neox") if kind == "yarn" else llama3(hf, scaling, "gpt_neox")
+                           if kind == "llama3" else longrope(hf, scaling, int(head_dim * pct), "gpt_neox"))
         act = hf.get("hidden_act", "gelu")
         if act not in ACTIVATIONS:
             raise ModelSourceError(f"unsupported hidden_act `{act}`; supported: {', '.join(ACTIVATIONS)}")

@@ -138,7 +138,7 @@ ACTIVATIONS = {
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None, positions=None) -> jnp.ndarray:
-    """Inverse frequencies [rotary_dim // 2] float32, with Llama 3 / linear / LongRoPE scaling
+    """Inverse frequencies [rotary_dim // 2] float32, with Llama 3 / linear / LongRoPE / YaRN scaling
     applied. LongRoPE (Phi-3) divides each frequency by its `short_factor`, or by its
     `long_factor` once the call's largest position passes `original_max_position_embeddings`
     (`positions` [B, T]): transformers decides per forward call, over the whole batch, as here."""
@@ -157,6 +157,8 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None, positions
         return jnp.where(jnp.max(positions) + 1 > scaling["original_max_position_embeddings"], long, short)
     if kind == "linear":
         return inv / scaling["factor"]
+    if kind == "yarn":
+        return _yarn_inv_freq(inv, rotary_dim, theta, scaling)
     if kind == "llama3":
         factor = scaling["factor"]
         low = scaling.get("low_freq_factor", 1.0)
@@ -173,11 +175,29 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None, positions
     raise ValueError(f"unsupported rope scaling `{kind}`")
 
 
+def _yarn_inv_freq(inv: jnp.ndarray, rotary_dim: int, theta: float, scaling: dict) -> jnp.ndarray:
+    """YaRN (`rope_config.yarn` resolves its settings): each frequency between the original one
+    (fast, high-frequency dimensions: kept) and the one divided by `factor` (slow: interpolated),
+    by a linear ramp over the dimensions between the `beta_fast` and `beta_slow` rotations."""
+    original = scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:   # the dimension that turns `rotations` times in `original`
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(scaling["beta_fast"]), dim_of(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(rotary_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    return (inv / scaling["factor"]) * ramp + inv * (1 - ramp)
+
+
 def rope_attention_factor(scaling: dict | None) -> float:
-    """The factor transformers multiplies cos and sin by: LongRoPE's `attention_factor` (which its
-    args resolve from the config), 1 otherwise."""
+    """The factor transformers multiplies cos and sin by: LongRoPE's and YaRN's `attention_factor`
+    (which their args resolve from the config), 1 otherwise."""
     kind = scaling and scaling.get("rope_type", scaling.get("type"))
-    return float(scaling["attention_factor"]) if kind == "longrope" else 1.0
+    return float(scaling["attention_factor"]) if kind in ("longrope", "yarn") else 1.0
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, factor: float = 1.0) -> tuple[jax.Array, jax.Array]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec, windows
+from jaxpref.models.rope_config import llama3, longrope, yarn
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -28,28 +29,44 @@ class LlamaArgs(ArchArgs):
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "LlamaArgs":
+        hf = {**DEFAULTS.get(hf.get("model_type"), {}), **hf}   # an explicit null stays
         heads = hf["num_attention_heads"]
-        qkv_bias = hf.get("attention_bias", False) or hf.get("model_type") == "qwen2"
+        kind = hf.get("model_type")
+        # transformers reads `attention_bias` / `mlp_bias` only where its modeling code has the
+        # option; elsewhere the biases are fixed (Qwen2: q/k/v always, o never; Mistral, Mixtral,
+        # Phi-3: none) and a stray key in config.json changes nothing.
+        bias = bool(hf.get("attention_bias", False)) and kind in _ATTENTION_BIAS
+        qkv_bias = bias or kind == "qwen2"
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
         theta = hf.get("rope_theta")
         if theta is None and isinstance(rope, dict):
             theta = rope.get("rope_theta")
         window, sliding = hf_windows(hf)
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        scaling = _freeze(rope)
+        rope_kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        if rope_kind == "yarn":
+            scaling = yarn(hf, rope, kind)
+        if rope_kind == "llama3":
+            scaling = llama3(hf, rope, kind)
+        if rope_kind == "longrope":
+            rotated = int(head_dim * rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+            scaling = longrope(hf, rope, rotated, kind)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            head_dim=head_dim,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             intermediate_size=hf["intermediate_size"],
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta or 10000.0),
-            rope_scaling=_freeze(rope),
+            rope_scaling=scaling,
             attention_bias=bool(qkv_bias),
-            o_proj_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            o_proj_bias=bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)) and kind == "llama",
             sliding_window=window,
             sliding_layers=sliding,
             hidden_act=hf.get("hidden_act") or "silu",
@@ -66,6 +83,22 @@ class LlamaArgs(ArchArgs):
                         bias=self.mlp_bias),
             rope=RopeSpec(self.head_dim, self.rope_theta, self.rope_scaling),
             **windows(self.sliding_window, self.sliding_layers))
+
+
+# transformers' config-class defaults that differ from LlamaConfig's (which `from_hf` falls back
+# on), for a config.json that leaves the key out (hand-written or trimmed configs).
+DEFAULTS = {
+    "mistral": dict(num_key_value_heads=8, sliding_window=4096),
+    "mixtral": dict(num_key_value_heads=8, sliding_window=None, rms_norm_eps=1e-5),   # RoPE base: mixtral.py
+    "qwen2": dict(sliding_window=4096),
+    "qwen3": dict(sliding_window=4096),
+    "qwen3_moe": dict(num_key_value_heads=4, sliding_window=4096),
+    "olmo2": dict(rms_norm_eps=1e-5),
+    "phi3": dict(rms_norm_eps=1e-5),
+}
+
+
+_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "olmo2")   # the configs whose attention_bias counts
 
 
 def hf_windows(hf: dict) -> tuple[int | None, tuple[bool, ...]]:

@@ -33,7 +33,10 @@ class MixtralArgs(llama.LlamaArgs):
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "MixtralArgs":
         # Mistral's attention, its window on every layer.
-        args = super().from_hf({**hf, "model_type": "mistral"}, **common)
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+        if hf.get("rope_theta") is None and not (isinstance(rope, dict) and rope.get("rope_theta")):
+            hf = {**hf, "rope_theta": 1e6}   # MixtralConfig's RoPE base when config.json names none
+        args = super().from_hf({**llama.DEFAULTS["mixtral"], **hf, "model_type": "mistral"}, **common)
         return dataclasses.replace(args, num_experts=int(hf["num_local_experts"]),
                                    experts_per_token=int(hf["num_experts_per_tok"]),
                                    activation=hf.get("hidden_act", "silu"),

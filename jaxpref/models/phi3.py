@@ -7,12 +7,12 @@ modules, as PEFT puts it. The decoder itself is `jaxpref.models.blocks`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models import llama
 from jaxpref.models.blocks import DecoderSpec, RopeSpec
+from jaxpref.models.rope_config import longrope
 from jaxpref.models.spec import WeightRule
 
 
@@ -36,9 +36,8 @@ class Phi3Args(llama.LlamaArgs):
 
 
 def _rope_scaling(hf: dict, rope: dict, rotary_dim: int) -> tuple | None:
-    """None (plain RoPE), or LongRoPE's factors with transformers' defaults resolved: the
-    pretraining length, and the cos/sin factor sqrt(1 + ln(s) / ln(original length)) for
-    s = max_position_embeddings / original length (1 when s <= 1) unless given."""
+    """None (plain RoPE), or LongRoPE's factors with transformers' defaults resolved
+    (`rope_config.longrope`)."""
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in ("su", "yarn"):    # older names transformers' Phi-3 reads as LongRoPE
         kind = "longrope"
@@ -46,20 +45,7 @@ def _rope_scaling(hf: dict, rope: dict, rotary_dim: int) -> tuple | None:
         return None
     if kind != "longrope":
         raise ModelSourceError(f"phi3: rope type `{kind}` is not supported (default or longrope)")
-    original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings", 4096)
-    factor = rope.get("factor")
-    if factor is None:
-        factor = hf["max_position_embeddings"] / original
-    attention = rope.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    for key in ("short_factor", "long_factor"):
-        if len(rope.get(key) or ()) != rotary_dim // 2:
-            raise ModelSourceError(f"phi3: rope `{key}` needs {rotary_dim // 2} entries, one per rotated "
-                                   f"frequency; got {len(rope.get(key) or ())}")
-    return (("attention_factor", float(attention)), ("long_factor", tuple(rope["long_factor"])),
-            ("original_max_position_embeddings", int(original)), ("rope_type", "longrope"),
-            ("short_factor", tuple(rope["short_factor"])))
+    return longrope(hf, rope, rotary_dim, "phi3")
 
 
 _LIN = [("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")]

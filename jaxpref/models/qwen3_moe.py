@@ -35,6 +35,7 @@ class Qwen3MoeArgs(llama.LlamaArgs):
 
     @classmethod
     def from_hf(cls, hf: dict, **common) -> "Qwen3MoeArgs":
+        hf = {**llama.DEFAULTS["qwen3_moe"], **hf}
         n = hf["num_hidden_layers"]
         experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
         step = int(hf.get("decoder_sparse_step") or 1)

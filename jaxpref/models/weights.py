@@ -21,6 +21,7 @@ from jaxpref.errors import ModelSourceError
 from jaxpref.models import Architecture, get_architecture
 from jaxpref.models.moe import MoESpec, load_balancing_loss
 from jaxpref.models.source import ModelSource
+from jaxpref.models.tied import check_tied_head
 from jaxpref.models.spec import split_layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -102,7 +103,7 @@ def build(source: ModelSource, param_dtype: str = "float32", compute_dtype: str 
     return ModelBundle(source, arch, args, arch.model_cls(args))
 
 
-ROPE_KINDS = ("default", "linear", "llama3", "longrope")   # what `layers.rope_inv_freq` computes
+ROPE_KINDS = ("default", "linear", "llama3", "longrope", "yarn")   # what `layers.rope_inv_freq` computes
 
 
 def check_spec(args, source: ModelSource) -> None:
@@ -321,6 +322,7 @@ def load_params(bundle: ModelBundle, shardings: Any = None, headers_only: bool =
     out: dict[tuple, jax.Array] = {}
     np_dtype = np.dtype(jnp.dtype(bundle.args.param_dtype))
 
+    stray_head = None
     it = _read_safetensors(files, headers_only) if kind == "safetensors" else _iter_msgpack(files[0])
     for name, get in it:
         match = None
@@ -335,8 +337,10 @@ def load_params(bundle: ModelBundle, shardings: Any = None, headers_only: bool =
             raise ModelSourceError(f"model `{spec}`: unexpected tensor `{name}` for {bundle.source.model_type}")
         rule, index = match
         if rule.path not in abstract:
-            if rule.optional_if_tied:
-                continue  # an lm_head saved next to tied embeddings
+            if rule.optional_if_tied:   # an lm_head saved next to tied embeddings: checked below
+                if not headers_only:
+                    stray_head = (name, get())
+                continue
             raise ModelSourceError(f"model `{spec}`: unexpected tensor `{name}` (not in this configuration)")
         target = abstract[rule.path]
         where, want, units = _slot(rule, index, target)
@@ -370,6 +374,8 @@ def load_params(bundle: ModelBundle, shardings: Any = None, headers_only: bool =
         lost = _lost_name(bundle.arch.weights, missing[0], abstract[missing[0]], filled.get(missing[0], set()))
         raise ModelSourceError(f"model `{spec}`: checkpoint lacks tensor `{lost}`"
                                + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if stray_head is not None:
+        check_tied_head(bundle.source.spec, stray_head, np.asarray(out[(bundle.args.spec().embed,)]), np_dtype)
     return None if headers_only else traverse_util.unflatten_dict(out)
 
 
