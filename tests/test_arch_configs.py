@@ -65,6 +65,11 @@ VARIANTS = {
         _YARN, factor=None, original_max_position_embeddings=8)),
     "olmo2_yarn_attention_factor": lambda: transformers.Olmo2Config(**L, rope_scaling=dict(_YARN, attention_factor=1.5)),
     "gpt_neox_yarn": lambda: transformers.GPTNeoXConfig(**NEOX, rope_scaling=dict(_YARN)),
+    # Gemma's global RoPE takes the same scalings (its local layers keep their own plain RoPE).
+    "gemma_yarn": lambda: transformers.GemmaConfig(**L, head_dim=16, rope_scaling=dict(_YARN)),
+    "gemma3_yarn": lambda: transformers.Gemma3TextConfig(**L, head_dim=16, rope_scaling=dict(_YARN),
+                                                         layer_types=["full_attention", "sliding_attention"]),
+    "gemma2_longrope": lambda: transformers.Gemma2Config(**L, head_dim=16, rope_scaling=dict(_LONGROPE)),
     "mixtral_yarn": lambda: transformers.MixtralConfig(**MOE, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                                       rope_scaling=dict(_YARN)),
 }

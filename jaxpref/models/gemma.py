@@ -28,7 +28,7 @@ from typing import Any
 from jaxpref.errors import ModelSourceError
 from jaxpref.models import llama
 from jaxpref.models.blocks import DecoderSpec, RopeSpec
-from jaxpref.models.rope_config import llama3
+from jaxpref.models.rope_config import KINDS, resolve
 from jaxpref.models.spec import WeightRule
 
 FAMILIES = ("gemma", "gemma2", "gemma3_text")
@@ -46,7 +46,6 @@ _DEFAULTS = {
                         rope_local_base_freq=10_000.0, query_pre_attn_scalar=256, sliding_window=4096),
 }
 _SLIDING_EVERY = {"gemma2": 2, "gemma3_text": 6}   # the default layer_types: each n-th layer is global
-_ROPE_TYPES = ("default", "linear", "llama3")      # those `layers.rope_inv_freq` computes
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class GemmaArgs(llama.LlamaArgs):
             num_heads=heads, head_dim=head_dim, tie_word_embeddings=bool(hf["tie_word_embeddings"]),
             intermediate_size=hf["intermediate_size"], num_key_value_heads=hf.get("num_key_value_heads") or heads,
             rms_norm_eps=hf["rms_norm_eps"], rope_theta=float(glob.pop("rope_theta")),
-            rope_scaling=_scaling(hf, glob, family),
+            rope_scaling=_scaling(hf, glob, family, head_dim),
             attention_bias=bool(hf["attention_bias"]), o_proj_bias=bool(hf["attention_bias"]),
             sliding_window=None if window is None else int(window), sliding_layers=sliding,
             family=family, activation=act,
@@ -90,7 +89,7 @@ class GemmaArgs(llama.LlamaArgs):
             attn_logit_softcap=softcap("attn_logit_softcapping") if family == "gemma2" else None,
             final_logit_softcap=softcap("final_logit_softcapping"),
             local_rope_theta=float(local.pop("rope_theta")),
-            local_rope_scaling=_scaling(hf, local, family),
+            local_rope_scaling=_scaling(hf, local, family, head_dim),
             **common)
 
     def spec(self) -> DecoderSpec:
@@ -128,18 +127,15 @@ def _rope_parameters(hf: dict, family: str) -> tuple[dict, dict]:
         local["rope_theta"] = hf.get("rope_local_base_freq") or _DEFAULTS["gemma3_text"]["rope_local_base_freq"]
     for which, r in (("global", glob), ("local", local)):
         kind = _kind(r)
-        if kind not in _ROPE_TYPES:
-            raise ModelSourceError(f"{family}: {which} rope type `{kind}` is not supported ({', '.join(_ROPE_TYPES)})")
+        if kind not in KINDS:
+            raise ModelSourceError(f"{family}: {which} rope type `{kind}` is not supported ({', '.join(KINDS)})")
     return glob, local
 
 
-def _scaling(hf: dict, rope: dict, family: str):
-    """A RoPE's scaling as the frozen pairs the decoder reads (Llama 3's with its original length
-    resolved, `rope_config.llama3`), None for plain RoPE."""
-    kind = _kind(rope)
-    if kind == "default":
-        return None
-    return llama3(hf, rope, family) if kind == "llama3" else llama._freeze(rope)
+def _scaling(hf: dict, rope: dict, family: str, rotary_dim: int):
+    """A RoPE's scaling as the frozen pairs the decoder reads, its defaults resolved as transformers
+    does (`rope_config.resolve`), None for plain RoPE."""
+    return None if _kind(rope) == "default" else resolve(hf, rope, family, rotary_dim)
 
 
 def _kind(rope: dict) -> str:

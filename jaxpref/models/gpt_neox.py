@@ -11,7 +11,7 @@ from typing import Any
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec
 from jaxpref.models.layers import ACTIVATIONS
-from jaxpref.models.rope_config import llama3, longrope, yarn
+from jaxpref.models.rope_config import resolve
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -35,10 +35,6 @@ class NeoXArgs(ArchArgs):
         pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
         theta = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
         scaling = {k: v for k, v in rope.items() if k not in ("partial_rotary_factor", "rope_theta")}
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind in ("yarn", "longrope", "llama3"):   # their defaults resolved, as transformers does
-            scaling = dict(yarn(hf, scaling, "gpt_neox") if kind == "yarn" else llama3(hf, scaling, "gpt_neox")
-                           if kind == "llama3" else longrope(hf, scaling, int(head_dim * pct), "gpt_neox"))
         act = hf.get("hidden_act", "gelu")
         if act not in ACTIVATIONS:
             raise ModelSourceError(f"unsupported hidden_act `{act}`; supported: {', '.join(ACTIVATIONS)}")
@@ -52,7 +48,7 @@ class NeoXArgs(ArchArgs):
             intermediate_size=hf.get("intermediate_size") or 4 * hf["hidden_size"],
             rotary_dim=int(head_dim * pct),
             rope_theta=float(theta),
-            rope_scaling=tuple(sorted(scaling.items())) or None,
+            rope_scaling=resolve(hf, scaling, "gpt_neox", int(head_dim * pct)) or None,
             layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
             use_parallel_residual=bool(hf.get("use_parallel_residual", True)),
             attention_bias=bool(hf.get("attention_bias", True)),

@@ -9,7 +9,7 @@ from typing import Any
 
 from jaxpref.errors import ModelSourceError
 from jaxpref.models.blocks import AttnSpec, DecoderSpec, MLPSpec, RopeSpec, windows
-from jaxpref.models.rope_config import llama3, longrope, yarn
+from jaxpref.models.rope_config import resolve
 from jaxpref.models.spec import ArchArgs, WeightRule
 
 
@@ -43,15 +43,10 @@ class LlamaArgs(ArchArgs):
             theta = rope.get("rope_theta")
         window, sliding = hf_windows(hf)
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        scaling = _freeze(rope)
-        rope_kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-        if rope_kind == "yarn":
-            scaling = yarn(hf, rope, kind)
-        if rope_kind == "llama3":
-            scaling = llama3(hf, rope, kind)
-        if rope_kind == "longrope":
+        rotated = head_dim
+        if isinstance(rope, dict):
             rotated = int(head_dim * rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
-            scaling = longrope(hf, rope, rotated, kind)
+        scaling = resolve(hf, rope, kind, rotated)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -121,13 +116,6 @@ def hf_windows(hf: dict) -> tuple[int | None, tuple[bool, ...]]:
         raise ModelSourceError(f"`layer_types` has {len(kinds)} entries for {n} layers")
     sliding = tuple(k == "sliding_attention" for k in kinds)
     return (int(window), sliding) if any(sliding) else (None, ())
-
-
-def _freeze(d):
-    """A config dict as sorted (key, value) pairs, lists as tuples: hashable, for the frozen args."""
-    if not isinstance(d, dict):
-        return d
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
 # Hugging Face tensor name -> our parameter path. "{i}" is the layer index; paths under "layers"

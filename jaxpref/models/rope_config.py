@@ -6,6 +6,8 @@ import math
 
 from jaxpref.errors import ModelSourceError
 
+KINDS = ("default", "linear", "llama3", "longrope", "yarn")   # what `layers.rope_inv_freq` computes
+
 
 def longrope(hf: dict, rope: dict, rotary_dim: int, family: str) -> tuple:
     """LongRoPE's factors with transformers' defaults resolved: the pretraining length
@@ -64,5 +66,27 @@ def yarn(hf: dict, rope: dict, family: str) -> tuple:
 def llama3(hf: dict, rope: dict, family: str) -> tuple:
     """Llama 3's scaling with its pretraining length resolved (`original_length`: transformers
     takes max_position_embeddings when the rope dict has none)."""
-    d = {**rope, "original_max_position_embeddings": original_length(hf, rope, family)}
+    return freeze({**rope, "original_max_position_embeddings": original_length(hf, rope, family)})
+
+
+def resolve(hf: dict, rope, family: str, rotary_dim: int):
+    """A config.json RoPE dict (`rope_scaling` / `rope_parameters`) as the frozen pairs the decoder
+    reads: YaRN, Llama 3 and LongRoPE with transformers' defaults resolved, any other kind as given
+    (`weights.check_spec` refuses the kinds the decoder does not compute); not a dict: as is."""
+    if not isinstance(rope, dict):
+        return rope
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind == "yarn":
+        return yarn(hf, rope, family)
+    if kind == "llama3":
+        return llama3(hf, rope, family)
+    if kind == "longrope":
+        return longrope(hf, rope, rotary_dim, family)
+    return freeze(rope)
+
+
+def freeze(d):
+    """A config dict as sorted (key, value) pairs, lists as tuples: hashable, for the frozen args."""
+    if not isinstance(d, dict):
+        return d
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))

@@ -21,6 +21,7 @@ from jaxpref.errors import ModelSourceError
 from jaxpref.models import Architecture, get_architecture
 from jaxpref.models.moe import MoESpec, load_balancing_loss
 from jaxpref.models.source import ModelSource
+from jaxpref.models.rope_config import KINDS
 from jaxpref.models.tied import check_tied_head
 from jaxpref.models.spec import split_layers
 
@@ -103,9 +104,6 @@ def build(source: ModelSource, param_dtype: str = "float32", compute_dtype: str 
     return ModelBundle(source, arch, args, arch.model_cls(args))
 
 
-ROPE_KINDS = ("default", "linear", "llama3", "longrope", "yarn")   # what `layers.rope_inv_freq` computes
-
-
 def check_spec(args, source: ModelSource) -> None:
     """config.json values the decoder cannot run, named by key before any tracing (they would
     fail deep inside the forward, or in transformers' config check blamed on the tokenizer)."""
@@ -127,9 +125,9 @@ def check_spec(args, source: ModelSource) -> None:
     for rope in (spec.rope, getattr(spec, "local_rope", None)):
         scaling = dict(rope.scaling) if rope is not None and rope.scaling else {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ROPE_KINDS:
+        if kind not in KINDS:
             raise ModelSourceError(f"{where}: rope scaling `{kind}` (`rope_scaling.rope_type`) is not "
-                                   f"supported; supported: {', '.join(ROPE_KINDS)}")
+                                   f"supported; supported: {', '.join(KINDS)}")
 
 
 def weight_files(path: Path, spec: str) -> tuple[str, list[Path]]:
