@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+from itertools import chain
 from pathlib import Path
 
 from jaxpref.config import Config
@@ -250,7 +253,6 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
         "reference model": entry.ref_model_id,
         **({"train data": data_digest(train_data)} if train_data is not None else {}),
     }
-    import json
     return json.loads(json.dumps(fp, default=str))   # as the checkpoint's JSON record reads it back
 
 
@@ -270,9 +272,6 @@ LORA_KEYS = ("use_rslora", "init", "init_from")
 
 def data_digest(data) -> str:
     """sha256 of a tokenized split's token ids and labels (`data.tokenize.Tokenized`), field by field."""
-    import hashlib
-    from itertools import chain
-
     import numpy as np
 
     h = hashlib.sha256()
