@@ -4,6 +4,7 @@ TRL's formulas (GRPOTrainer / RLOOTrainer, written out in torch) on the completi
 sampled and wrote to samples.jsonl."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from conftest import write_config
@@ -78,15 +79,18 @@ def test_grpo_trains_from_the_cli_and_its_first_step_is_trls(tmp_path, online_se
     assert m["entropy"] == pytest.approx(base_entropy(online_setup / "model", rows, 0.7, micro_batches=2), rel=1e-4)
 
 
-def base_entropy(model_dir, rows, temperature: float, micro_batches: int) -> float:
-    """The base model's mean entropy of softmax(logits / T) over each completion's tokens (the
-    word-level test tokenizer decodes and re-encodes a completion to its ids; an EOS that ended
-    one is the token its length counts beyond the words)."""
+def base_entropy(model_dir, rows, temperature: float, micro_batches: int, adapter=None) -> float:
+    """The base model's (with `adapter`: that PEFT adapter's) mean entropy of softmax(logits / T)
+    over each completion's tokens (the word-level test tokenizer decodes and re-encodes a completion
+    to its ids; an EOS that ended one is the token its length counts beyond the words)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).eval()
     per_mb = [[] for _ in range(micro_batches)]
     for i, s in enumerate(rows):
         p = tok(s["prompt"])["input_ids"]
@@ -98,6 +102,38 @@ def base_entropy(model_dir, rows, temperature: float, micro_batches: int) -> flo
         ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
         per_mb[i * micro_batches // len(rows)].append(ent)
     return float(sum(torch.cat(e).mean() for e in per_mb) / micro_batches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_grpo_and_rloo_continue_an_init_from_adapter_against_its_initial_copy(tmp_path, request, capsys, method):
+    """`lora.init_from` was read for its shape only: the online loop trained a new adapter. Now the
+    run starts from the adapter (step 1's entropy is the PEFT model's, transformers + peft), and
+    with beta > 0 the reference is its frozen initial copy, as TRL's GRPOTrainer / RLOOTrainer add
+    it as a "ref" adapter: step 1's kl is 0 (against the base it would not be)."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_moved_adapter
+
+    d = request.getfixturevalue("online_setup")
+    adapter = save_moved_adapter(AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.float32),
+                                 tmp_path / "adapter")
+    pt = {"method": method, "reward_funcs": ["rewards.py:digit_share"], "num_generations": 4,
+          "max_completion_length": 4, "beta": 0.04}
+    cfg = write_config(d / f"init_{method}.yaml", d / "model", d / "prompts.jsonl", post_training=pt,
+                       lora={"init_from": str(adapter)},
+                       training={"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1.0e-9})
+    run_dir, metrics, samples = train_ok(cfg, tmp_path / "out", capsys)
+    assert metrics[0]["kl"] == 0.0
+    ours, theirs = load_file(run_dir / "adapter" / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
+    assert set(ours) == set(theirs)
+    for k in theirs:   # one step of 1e-9: the adapter it started from
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    rows = [s for s in samples if s["step"] == 0]
+    want = base_entropy(d / "model", rows, 1.0, micro_batches=1, adapter=adapter)
+    assert metrics[0]["entropy"] == pytest.approx(want, rel=1e-4)
 
 
 def trl_logged_keys(d, **args) -> dict:

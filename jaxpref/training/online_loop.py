@@ -157,13 +157,24 @@ class OnlineRun:
         return abstract
 
     def _trainable(self, abstract):
-        """The base weights (`self.params`, sharded over the mesh) and a new LoRA adapter."""
+        """The base weights (`self.params`, sharded over the mesh) and the adapter to train: a new
+        LoRA, or `lora.init_from`'s. Continuing an adapter, GRPO's and RLOO's reference is its frozen
+        initial copy (`self.ref_lora`; TRL's GRPOTrainer / RLOOTrainer add it as a "ref" adapter);
+        online DPO's and PPO's stay the base, the adapter off (TRL disables the adapter)."""
         from jaxpref.lora.tree import init_lora
         from jaxpref.models import weights
         from jaxpref.runtime import mesh as mesh_mod
 
         shard = mesh_mod.shardings(mesh_mod.param_specs(abstract, self.mesh, self.bundle.arch.roles), self.mesh)
         self.params = self.bundle.runtime_params(weights.load_params(self.bundle, shardings=shard))
+        self.ref_lora = None
+        if self.cfg.lora.init_from:
+            from jaxpref.lora.peft import load_adapter
+
+            lora, _ = load_adapter(Path(self.cfg.lora.init_from), self.bundle, self.bundle.abstract_params())
+            if self.method.name in ("grpo", "rloo"):
+                self.ref_lora = jax.device_put(jax.tree_util.tree_map(jnp.copy, lora), mesh_mod.replicated(self.mesh))
+            return lora
         rng = jax.random.PRNGKey(self.cfg.training.seed)
         return init_lora(self.bundle.abstract_params(), self.lspec, jax.random.fold_in(rng, 1), self.cfg.source)
 
@@ -212,10 +223,10 @@ class OnlineRun:
                               TrainerState(step, epoch, self.total), pad_ends=True)
         ids, valid = jnp.asarray(r.ids), jnp.asarray(r.valid)
         # No-gradient passes (TRL's): the rollout policy's log-probs when the method reads them
-        # (RLOO always; GRPO when a rollout is reused), the base's when the KL weight is not 0.
+        # (RLOO always; GRPO when a rollout is reused), the reference's when the KL weight is not 0.
         need_old = self.method.name == "rloo" or self.cfg.post_training.num_iterations > 1
         old = self.logps(self.params, self.state.lora, ids, valid, r.P) if need_old else None
-        ref = self.logps(self.params, None, ids, valid, r.P) if self.method.needs_reference(self.spec) else None
+        ref = self.logps(self.params, self.ref_lora, ids, valid, r.P) if self.method.needs_reference(self.spec) else None
         x = ScoringInputs(per_func=jnp.asarray(r.per_func), weights=jnp.asarray(self.weights),
                           names=tuple(f.name for f in self.funcs), lengths=jnp.asarray(r.lengths),
                           truncated=jnp.asarray(r.truncated), contains_eos=jnp.asarray(~r.truncated),
