@@ -278,6 +278,8 @@ def _online_config(tmp_path, post=None, **sections):
     ({}, {"finetuning": {"load_best_model_at_end": True}}, "`finetuning.load_best_model_at_end`: evaluation"),
     ({}, {"finetuning": {"early_stopping": {"patience": 2}}}, "`finetuning.early_stopping`: evaluation"),
     ({}, {"logging": {"report_to": [], "sample_prompts": 2}}, "`logging.sample_prompts` does not apply to grpo"),
+    ({}, {"logging": {"report_to": [], "sample_max_new_tokens": 16}}, "`logging.sample_max_new_tokens` does not apply"),
+    ({}, {"finetuning": {"greater_is_better": True}}, "`finetuning.greater_is_better`: evaluation"),
 ])
 def test_offline_keys_an_online_run_would_ignore_are_refused(tmp_path, post, sections, needle):
     """The online loop evaluates nothing, has no separate reference model and writes every rollout to

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxpref.config.safety import validate_safety
-from jaxpref.config.schema import TRAINER_MAX_GRAD_NORM, Config, PostTrainingBase, TrainingConfig, default_loss_type
+from jaxpref.config.schema import (TRAINER_MAX_GRAD_NORM, Config, LoggingConfig, PostTrainingBase, TrainingConfig,
+                                   default_loss_type)
 from jaxpref.errors import ConfigError
 from jaxpref.errors import check_choice as _choice
 from jaxpref.objectives.methods import METHODS
@@ -110,13 +111,15 @@ def _online(cfg: Config) -> None:
              ("training.eval_strategy", tr.eval_strategy if tr.eval_strategy not in (None, "no") else None),
              ("finetuning.early_stopping", ft.early_stopping),
              ("finetuning.load_best_model_at_end", ft.load_best_model_at_end or None),
-             ("finetuning.metric_for_best_model", ft.metric_for_best_model)]
+             ("finetuning.metric_for_best_model", ft.metric_for_best_model),
+             ("finetuning.greater_is_better", ft.greater_is_better)]
     for key, value in evals:
         if value is not None:
             raise ConfigError(f"{src}: `{key}`: evaluation of an online method ({method}) is not available yet")
-    if cfg.logging.sample_prompts is not None:
-        raise ConfigError(f"{src}: `logging.sample_prompts` does not apply to {method}: its samples.jsonl holds "
-                          "every sampled completion with its rewards")
+    for key in ("sample_prompts", "sample_max_new_tokens"):
+        if getattr(cfg.logging, key) != LoggingConfig.__dataclass_fields__[key].default:
+            raise ConfigError(f"{src}: `logging.{key}` does not apply to {method}: its samples.jsonl holds "
+                              "every sampled completion with its rewards")
     defaults = TrainingConfig.__dataclass_fields__
     for key in ("pair_layout", "padding_free", "pack_length", "length_buckets", "max_shapes"):
         if getattr(tr, key) != defaults[key].default:
