@@ -204,6 +204,7 @@ SLOW_TESTS = {
 }
 # test -> the parameter ids (prefixes) that stay in the default set; the rest are slow.
 SWEEPS = {
+    "test_seed_quickstart_lora_without_targets_takes_peft_default": ("gpt_neox",),
     "test_llama3_rope_without_its_original_length_is_transformers": ("llama",),
     "test_longrope_original_length_is_the_one_transformers_reads": ("phi3",),
     "test_peft_adapter_on_the_embedding_or_head_is_refused_by_name": ("llama-lm_head",),

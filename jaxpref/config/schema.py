@@ -72,6 +72,9 @@ PostTrainingConfig.__module__ = __name__
 PostTrainingConfig.__doc__ = "`post_training`: " + ", ".join(f.name for f in dataclasses.fields(PostTrainingConfig))
 
 
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]   # on a model that names them otherwise: PEFT's default
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = True                 # false: full fine-tuning (every weight trained)
@@ -79,7 +82,7 @@ class LoraConfig:
     lora_alpha: float = 32.0             # scale numerator: the update is (lora_alpha / r) B A
     lora_dropout: float = 0.0            # dropout on the LoRA input during training
     target_modules: str | list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names, or all-linear
+        default_factory=lambda: list(DEFAULT_TARGETS))   # module names, or all-linear (see lora.tree)
     use_rslora: bool = False             # rank-stabilised scale lora_alpha / sqrt(r)
     init: str = "b_zero"                 # b_zero (PEFT's: B = 0) or a_zero
     init_from: str | None = None         # start from this PEFT adapter folder (the reference is its initial copy)

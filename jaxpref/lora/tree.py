@@ -8,6 +8,7 @@ frozen and doubles as the reference model (the forward without the `lora` collec
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxpref.config.schema import DEFAULT_TARGETS
 from jaxpref.errors import ConfigError
 
 
@@ -54,6 +56,10 @@ def resolve_targets(target_modules: str | list[str], arch, params: Any, src: str
         return found
     if isinstance(target_modules, str):
         target_modules = [target_modules]
+    if list(target_modules) == DEFAULT_TARGETS and arch.default_targets and not set(target_modules) & set(names):
+        print(f"jaxpref: note: {src}: `lora.target_modules` left at q/k/v/o_proj, which this model names "
+              f"otherwise: LoRA goes on PEFT's default for it, {', '.join(arch.default_targets)}", file=sys.stderr)
+        return arch.default_targets
     for t in target_modules:
         if t in arch.no_lora:
             raise ConfigError(f"{src}: `lora.target_modules` entry `{t}` is a mixture of experts' router, "

@@ -38,6 +38,10 @@ class Architecture:
     # the transformers parameter, in the order transformers registers them (PEFT nests its
     # wrappers of one module's parameters in that order, `jaxpref.lora.experts`).
     target_parameters: tuple[tuple[str, str], ...] = ()
+    # LoRA's targets when `lora.target_modules` is left at its q/k/v/o_proj default and the model
+    # names its attention otherwise: PEFT's per-model default (its target-module mapping; Phi-3,
+    # which PEFT's mapping leaves out, its fused qkv_proj as PEFT's q/v choice elsewhere).
+    default_targets: tuple[str, ...] = ()
 
     @property
     def roles(self) -> dict[str, str]:
@@ -72,16 +76,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_moe": dataclasses.replace(_MOE, args_cls=qwen3_moe.Qwen3MoeArgs, weights=qwen3_moe.WEIGHTS),
     "phi3": Architecture(phi3.Phi3Args, Decoder, phi3.WEIGHTS, head_weight,
                          ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-                         ignored=(r".*rotary_emb\.inv_freq",),
+                         ignored=(r".*rotary_emb\.inv_freq",), default_targets=("qkv_proj",),
                          sharding=(("qkv_proj", "col"), ("o_proj", "row"), ("gate_up_proj", "col"),
                                    ("down_proj", "row"))),
     "gpt_neox": Architecture(gpt_neox.NeoXArgs, Decoder, gpt_neox.WEIGHTS, head_weight,
                              ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-                             ignored=gpt_neox.IGNORED,
+                             ignored=gpt_neox.IGNORED, default_targets=("query_key_value",),
                              sharding=(("query_key_value", "col"), ("dense", "row"),
                                        ("dense_h_to_4h", "col"), ("dense_4h_to_h", "row"))),
     "gpt2": Architecture(gpt2.GPT2Args, Decoder, gpt2.WEIGHTS, head_weight,
                          ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, ignored=gpt2.IGNORED,
+                         default_targets=("c_attn",),
                          sharding=(("c_attn", "col"), ("c_fc", "col"), ("c_proj", "row"))),
 }
 
