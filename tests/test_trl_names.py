@@ -122,3 +122,18 @@ def test_every_key_has_help_and_print_config_loads_back(tmp_path, capsys):
     back = config_from_dict(yaml.safe_load(out), "printed")
     back.source = c.source
     assert back == c   # the printout is the resolved config itself
+
+
+def test_truncation_mode_help_says_what_it_truncates():
+    """`training.truncation_mode` cuts prompt + completion to `max_length` (TRL's DPOConfig: "when the
+    sequence exceeds max_length"); a long prompt alone is `max_prompt_length`'s, which keeps its end.
+    --print-config's help said "which end of a long prompt is kept"."""
+    from jaxpref.config.describe import field_help
+    from jaxpref.config.schema import TrainingConfig
+    from jaxpref.data.lengths import truncate
+
+    text = field_help(TrainingConfig)["truncation_mode"]
+    assert "max_length" in text and "prompt" not in text, text
+    # What it describes: keep_start keeps the sequence's start (the completion's end goes), keep_end its end.
+    assert truncate([1, 2, 3], [4, 5, 6], 4, "keep_start") == ([1, 2, 3, 4], 3)
+    assert truncate([1, 2, 3], [4, 5, 6], 4, "keep_end") == ([3, 4, 5, 6], 1)
