@@ -288,3 +288,22 @@ def test_dpo_example_lists_every_offline_key():
     assert missing == []
     load_config(path)
     assert "not available yet" not in open(path).read()   # full fine-tuning (lora.enabled: false) is there
+
+
+def test_readme_config_table_names_every_key():
+    """README's config reference (the `| section | keys (defaults) |` table) names each key of every
+    section and of every method, so that a key added to the schema is documented where users look
+    (`lora.bias` and the online methods' keys were missing)."""
+    from pathlib import Path
+
+    from jaxpref.config import schema
+    from jaxpref.objectives.methods import method_keys
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = "\n".join(line for line in text.splitlines() if line.startswith("| `"))
+    classes = [schema.ModelEntry, schema.DatasetConfig, schema.PostTrainingBase, schema.LoraConfig,
+               schema.TrainingConfig, schema.GpuConfig, schema.DistributedConfig, schema.FinetuningConfig,
+               schema.EarlyStoppingConfig, schema.LoggingConfig, *method_keys()]
+    missing = sorted({f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
+                      if not f.metadata.get("internal") and f"`{f.name}`" not in table})
+    assert missing == []
