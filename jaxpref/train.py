@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
         check_flags(args)
         if args.print_config:
             from jaxpref.config.describe import describe
-            print(describe(load_config(args.print_config, overrides)), end="")
+            from jaxpref.config.parse import with_config_paths_resolved
+            print(describe(with_config_paths_resolved(load_config(args.print_config, overrides))), end="")
             return 0
         load_dotenv()
         cfg = load_config(args.config, overrides)

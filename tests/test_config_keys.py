@@ -258,3 +258,52 @@ def test_max_grad_norm_defaults_to_the_trainers_clipping_and_none_for_ppo(tmp_pa
                                                     lr_scheduler_type="constant"), 10)
         step, _ = opt.update(grads, opt.init(grads), {"w": jnp.zeros(4)})
         assert float(-step["w"][0]) == pytest.approx(want, rel=1e-6)
+
+
+def test_dpo_example_lists_every_offline_key():
+    """configs/dpo_example.yaml is "DPO with every option, commented" (issue 2): each key of every
+    section, and each offline method's own keys, is written there, and the file loads."""
+    import yaml
+
+    from jaxpref.config import schema
+    from jaxpref.config.parse import load_config
+    from jaxpref.objectives.methods import METHODS
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "dpo_example.yaml"
+    data = yaml.safe_load(open(path))
+    offline = {f.name for m in METHODS.values() if not m.online for f in dataclasses.fields(m.keys)}
+    online = {f.name for m in METHODS.values() if m.online for f in dataclasses.fields(m.keys)} - offline
+    sections = {"models": (schema.ModelEntry, data["models"][0]), "post_training": (schema.PostTrainingConfig, None)}
+    missing = []
+    for f in dataclasses.fields(schema.Config):
+        if f.metadata.get("internal"):
+            continue
+        cls, written = sections.get(f.name, (None, data.get(f.name)))
+        cls = cls or type(getattr(schema.Config(), f.name))
+        written = data[f.name] if written is None else written
+        missing += [f"{f.name}.{k.name}" for k in dataclasses.fields(cls)
+                    if not k.metadata.get("internal") and k.name not in online and k.name not in written]
+    assert missing == []
+    load_config(path)
+    assert "not available yet" not in open(path).read()   # full fine-tuning (lora.enabled: false) is there
+
+
+def test_readme_config_table_names_every_key():
+    """README's config reference (the `| section | keys (defaults) |` table) names each key of every
+    section and of every method, so that a key added to the schema is documented where users look
+    (`lora.bias` and the online methods' keys were missing)."""
+    from pathlib import Path
+
+    from jaxpref.config import schema
+    from jaxpref.objectives.methods import method_keys
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = "\n".join(line for line in text.splitlines() if line.startswith("| `"))
+    classes = [schema.ModelEntry, schema.DatasetConfig, schema.PostTrainingBase, schema.LoraConfig,
+               schema.TrainingConfig, schema.GpuConfig, schema.DistributedConfig, schema.FinetuningConfig,
+               schema.EarlyStoppingConfig, schema.LoggingConfig, *method_keys()]
+    missing = sorted({f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
+                      if not f.metadata.get("internal") and f"`{f.name}`" not in table})
+    assert missing == []

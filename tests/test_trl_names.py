@@ -122,3 +122,43 @@ def test_every_key_has_help_and_print_config_loads_back(tmp_path, capsys):
     back = config_from_dict(yaml.safe_load(out), "printed")
     back.source = c.source
     assert back == c   # the printout is the resolved config itself
+
+
+def test_truncation_mode_help_says_what_it_truncates():
+    """`training.truncation_mode` cuts prompt + completion to `max_length` (TRL's DPOConfig: "when the
+    sequence exceeds max_length"); a long prompt alone is `max_prompt_length`'s, which keeps its end.
+    --print-config's help said "which end of a long prompt is kept"."""
+    from jaxpref.config.describe import field_help
+    from jaxpref.config.schema import TrainingConfig
+    from jaxpref.data.lengths import truncate
+
+    text = field_help(TrainingConfig)["truncation_mode"]
+    assert "max_length" in text and "prompt" not in text, text
+    # What it describes: keep_start keeps the sequence's start (the completion's end goes), keep_end its end.
+    assert truncate([1, 2, 3], [4, 5, 6], 4, "keep_start") == ([1, 2, 3, 4], 3)
+    assert truncate([1, 2, 3], [4, 5, 6], 4, "keep_end") == ([3, 4, 5, 6], 1)
+
+
+def test_print_config_and_run_config_load_back_from_another_folder(tmp_path, capsys):
+    """A reward function's `file.py:function` is relative to the config's folder: --print-config
+    (and the run folder's config.yaml) printed it as written, so the printout saved anywhere else
+    did not load back ("file rewards/r.py not found")."""
+    from jaxpref import train
+    from jaxpref.config import dump_config, load_config
+
+    src = tmp_path / "project"
+    (src / "rewards").mkdir(parents=True)
+    (src / "rewards" / "r.py").write_text("def correct(completions, **kw):\n    return [1.0 for _ in completions]\n")
+    path = src / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "post_training": {"method": "grpo",
+                                                              "reward_funcs": ["rewards/r.py:correct", "math:sqrt"]}}))
+    c = load_config(path)
+    assert train.main(["--print-config", str(path)]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "printed.yaml").write_text(capsys.readouterr().out)
+    dump_config(c, elsewhere / "config.yaml")
+    for name in ("printed.yaml", "config.yaml"):
+        back = load_config(elsewhere / name)
+        assert back.post_training.reward_funcs == [f"{src / 'rewards' / 'r.py'}:correct", "math:sqrt"], name
+    assert c.post_training.reward_funcs == ["rewards/r.py:correct", "math:sqrt"]   # the live config as written

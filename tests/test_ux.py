@@ -405,3 +405,22 @@ def test_a_terminal_without_a_size_gets_plain_lines():
     finally:
         stream.close()
         os.close(master)
+
+
+@pytest.mark.parametrize("var", ["HF_TOKEN", "HUGGINGFACE_TOKEN"])
+def test_hub_dataset_gets_the_token(monkeypatch, var):
+    """The seed README's `.env` names HUGGINGFACE_TOKEN; models got it, but a hub dataset was loaded
+    without a token (datasets reads HF_TOKEN only), so a gated dataset failed with it."""
+    import datasets
+
+    from jaxpref.config.schema import DatasetConfig
+    from jaxpref.data.load import load_rows
+
+    for v in ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "hf_planted")
+    seen = {}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: seen.update(args=a, **kw) or "rows")
+    assert load_rows(DatasetConfig(name="org/gated-prefs", revision="v1")) == "rows"
+    assert seen["args"] == ("org/gated-prefs", None) and seen["revision"] == "v1"
+    assert seen["token"] == "hf_planted"

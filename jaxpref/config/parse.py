@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -367,5 +368,29 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def with_config_paths_resolved(cfg: Config) -> Config:
+    """A copy whose paths relative to the config file's folder (`post_training.reward_funcs`'
+    `file.py:function` entries and reward model folders) are absolute, so that the config, written
+    anywhere else (--print-config, a run folder's config.yaml), still names the same files."""
+    from jaxpref.data.rewards import parse_entry, resolve_file
+
+    entries = getattr(cfg.post_training, "reward_funcs", None)
+    if not entries:
+        return cfg
+    entries = [entries] if isinstance(entries, str) else list(entries)
+    base = Path(cfg.source).parent
+    out = []
+    for entry in entries:
+        kind, where, func = parse_entry(entry)
+        if kind in ("file", "model") and not Path(where).expanduser().is_absolute() \
+                and resolve_file(where, base).exists():
+            where = str(Path(os.path.abspath(resolve_file(where, base))))
+            entry = f"{where}:{func}" if kind == "file" else where
+        out.append(entry)
+    cfg = copy.deepcopy(cfg)
+    cfg.post_training.reward_funcs = out[0] if isinstance(cfg.post_training.reward_funcs, str) else out
+    return cfg
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(to_dict(with_config_paths_resolved(cfg)), sort_keys=False))

@@ -112,7 +112,7 @@ class TrainingConfig:
     adam_epsilon: float = 1.0e-8         # AdamW's epsilon
     max_length: int | None = 1024        # tokens of prompt + completion at most (null: no limit)
     max_prompt_length: int | None = None  # tokens of the prompt at most (null: no limit of its own)
-    truncation_mode: str = "keep_start"  # keep_start | keep_end: which end of a long prompt is kept
+    truncation_mode: str = "keep_start"  # keep_start | keep_end: which end of a sequence longer than max_length is kept (TRL's)
     seed: int = 42                       # data order, LoRA init and dropout
     logging_steps: int = 1               # log every N steps (step 1 and the last always)
     eval_steps: int | None = None        # evaluate every N steps (null: with eval_strategy steps, logging_steps)

@@ -87,7 +87,9 @@ def _load(datasets, ds_cfg, split: str, name: str, path: Path | None):
                                      **_text_columns_as_text(ds_cfg, kinds.pop() if len(kinds) == 1 else None))
     if name.startswith(("/", "./", "../", "~")) or name.endswith(tuple(LOCAL_BUILDERS)):
         raise DataError(f"dataset `{name}` not found (no such file or directory)")
-    return datasets.load_dataset(name, ds_cfg.config_name, split=split, revision=ds_cfg.revision)
+    from jaxpref.models.source import hub_token   # HF_TOKEN, or the seed's HUGGINGFACE_TOKEN (datasets reads HF_TOKEN only)
+
+    return datasets.load_dataset(name, ds_cfg.config_name, split=split, revision=ds_cfg.revision, token=hub_token())
 
 
 def _text_columns_as_text(ds_cfg, builder: str | None) -> dict:
