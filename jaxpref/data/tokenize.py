@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,19 @@ class Tokenized:
                          pick(self.completion), pick(self.label), self.format, dict(self.skipped),
                          self.prompt_boundary_mismatches, len(idx), pick(self.source),
                          pick(self.chosen_prompt_extra), pick(self.rejected_prompt_extra))
+
+    def digest(self) -> str:
+        """sha256 of the token ids and labels, field by field: what the examples are, for the resume
+        fingerprint and the reference log-prob cache."""
+        h = hashlib.sha256()
+        for name in ("prompt", "chosen", "rejected", "completion", "label", "chosen_prompt_extra",
+                     "rejected_prompt_extra"):
+            rows = getattr(self, name)
+            nested = bool(rows) and not np.isscalar(rows[0])
+            lengths = np.fromiter(map(len, rows), np.int64, len(rows)) if nested else np.asarray([len(rows)], np.int64)
+            flat = np.fromiter(chain.from_iterable(rows) if nested else rows, np.int64)
+            h.update(name.encode() + lengths.tobytes() + flat.tobytes())
+        return "sha256:" + h.hexdigest()[:16]
 
     def prompt_extras(self, i: int) -> tuple[int, int]:
         """Pair i's (chosen, rejected) leading tokens that are branch prompt, not completion."""

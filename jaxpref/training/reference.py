@@ -4,7 +4,6 @@ that training needs no reference forward and the next run reuses the pass."""
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from jaxpref.objectives.logps import sequence_logps
 def cache_key(model_fp: str, data, layout, ref_id: str) -> str:
     h = hashlib.sha256()
     h.update(f"{model_fp}|{ref_id}|{layout.kind}|{layout.max_length}|{layout.truncation_mode}|{layout.ld_alpha}".encode())
-    h.update(json.dumps([data.prompt, data.chosen, data.rejected]).encode())
+    h.update(data.digest().encode())
     return h.hexdigest()[:24]
 
 

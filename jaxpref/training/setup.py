@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
-from itertools import chain
 from pathlib import Path
 
 from jaxpref.config import Config
@@ -251,7 +249,7 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
         **{f"training.{k}": getattr(t, k) for k in TRAINING_KEYS},
         **{f"lora.{k}": getattr(lo, k) for k in LORA_KEYS if lo.enabled},
         "reference model": entry.ref_model_id,
-        **({"train data": data_digest(train_data)} if train_data is not None else {}),
+        **({"train data": train_data.digest()} if train_data is not None else {}),
     }
     return json.loads(json.dumps(fp, default=str))   # as the checkpoint's JSON record reads it back
 
@@ -268,20 +266,6 @@ LOSS_KEYS = ("loss_weights", "label_smoothing", "use_ref_model", "reference_free
 TRAINING_KEYS = ("adam_beta1", "adam_beta2", "adam_epsilon", "max_prompt_length", "truncation_mode",
                  "train_sampling_strategy", "param_dtype", "pack_length")
 LORA_KEYS = ("use_rslora", "init", "init_from")
-
-
-def data_digest(data) -> str:
-    """sha256 of a tokenized split's token ids and labels (`data.tokenize.Tokenized`), field by field."""
-    import numpy as np
-
-    h = hashlib.sha256()
-    for name in ("prompt", "chosen", "rejected", "completion", "label", "chosen_prompt_extra", "rejected_prompt_extra"):
-        rows = list(getattr(data, name, None) or [])
-        nested = bool(rows) and not np.isscalar(rows[0])
-        lengths = np.fromiter(map(len, rows), np.int64, len(rows)) if nested else np.asarray([len(rows)], np.int64)
-        flat = np.fromiter(chain.from_iterable(rows) if nested else rows, np.int64)
-        h.update(name.encode() + lengths.tobytes() + flat.tobytes())
-    return "sha256:" + h.hexdigest()[:16]
 
 
 def on_mesh(bundle, mesh):
