@@ -18,7 +18,8 @@ def make_optimizer(tcfg, total_steps: int, every: int = 1) -> tuple[optax.Gradie
     # transformers 5: warmup_steps below 1 is a fraction of the run (warmup_ratio is the older key).
     ratio = tcfg.warmup_steps if 0 < tcfg.warmup_steps < 1 else tcfg.warmup_ratio
     warm = int(tcfg.warmup_steps) if tcfg.warmup_steps >= 1 else int(math.ceil(ratio * total_steps))
-    warm = min(warm, max(total_steps, 1))
+    # A warm-up longer than the run is not cut to it: the rate ramps towards the peak it never
+    # reaches (transformers' schedules).
     decay_steps = max(total_steps - warm, 1)
     kind = tcfg.lr_scheduler_type
     if kind in ("constant", "constant_with_warmup"):
