@@ -4,9 +4,23 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import jax
 import optax
 
 from jaxpref.config.schema import TRAINER_MAX_GRAD_NORM
+from jaxpref.training.adafactor import adafactor
+
+# Leaves weight decay leaves alone, as transformers' Trainer (`get_decay_parameter_names`): biases
+# and the weights of normalisation layers (every norm of our architectures is a `scale` leaf).
+NO_DECAY = ("bias", "scale")
+
+
+def decay_mask(params):
+    """params -> the same tree of bools: True where weight decay applies."""
+    def decays(path, _):
+        last = path[-1] if path else None
+        return getattr(last, "key", getattr(last, "name", last)) not in NO_DECAY
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(tcfg, total_steps: int, every: int = 1) -> tuple[optax.GradientTransformation, Callable]:
@@ -35,11 +49,11 @@ def make_optimizer(tcfg, total_steps: int, every: int = 1) -> tuple[optax.Gradie
     per_update = schedule if every == 1 else (lambda count: schedule(count // every))
     if tcfg.optimizer == "adamw":
         opt = optax.adamw(per_update, b1=tcfg.adam_beta1, b2=tcfg.adam_beta2, eps=tcfg.adam_epsilon,
-                          weight_decay=tcfg.weight_decay)
-    elif tcfg.optimizer == "sgd":
-        opt = optax.chain(optax.add_decayed_weights(tcfg.weight_decay), optax.sgd(per_update))
+                          weight_decay=tcfg.weight_decay, mask=decay_mask)
+    elif tcfg.optimizer == "sgd":   # torch's SGD: the decay joins the gradient
+        opt = optax.chain(optax.add_decayed_weights(tcfg.weight_decay, mask=decay_mask), optax.sgd(per_update))
     else:
-        opt = optax.adafactor(per_update, weight_decay_rate=tcfg.weight_decay or None)
+        opt = adafactor(per_update, tcfg.weight_decay, decay_mask)
     clip = TRAINER_MAX_GRAD_NORM if tcfg.max_grad_norm is None else tcfg.max_grad_norm   # unvalidated: the Trainer's
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     return optax.chain(*parts, opt), schedule
