@@ -5,7 +5,6 @@ AdamW / SGD / Adafactor updates with weight decay left off biases and norm weigh
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
