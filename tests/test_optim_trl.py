@@ -173,3 +173,56 @@ def test_full_finetune_with_weight_decay_equals_dpo_trainer(tmp_path, biased_lla
         moved = (want[name] - base[name]).norm().item()
         err = (w - want[name]).norm().item()
         assert err <= 1e-3 * moved, (name, err, moved)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_lora_sgd_over_epoch_boundaries_equals_dpo_trainer(tmp_path, tiny_llama):
+    """LoRA (from a PEFT adapter with random A and B), SGD with weight decay 0.1,
+    constant_with_warmup over 2 steps, 6 pairs in batches of 2 taken in order, max_steps 5 (past
+    the first epoch of 3 steps): each step's loss, grad_norm, learning_rate and epoch (1/3, 2/3,
+    1, 4/3, 5/3, unrounded as the Trainer logs it), and the adapter after the run, equal
+    DPOTrainer's (optim sgd)."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from conftest import save_moved_adapter
+
+    adapter = save_moved_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                 tmp_path / "init_adapter")
+    pairs = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS[:6]]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    training = {"max_steps": 5, "per_device_train_batch_size": 2, "learning_rate": 0.05, "weight_decay": 0.1,
+                "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 2, "max_length": 64}
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, data, post_training={"method": "dpo", "beta": 0.1},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_from": str(adapter)},
+                       training={**training, "optimizer": "sgd", "train_sampling_strategy": "sequential"})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "o")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), **training, optim="sgd", logging_steps=1, beta=0.1,
+                     train_sampling_strategy="sequential", report_to=[], use_cpu=True, save_strategy="no",
+                     seed=0, bf16=False)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_llama))
+    trainer.train()
+    theirs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [r["step"] for r in rows] == [h["step"] for h in theirs] == [1, 2, 3, 4, 5]
+    for m, t in zip(rows, theirs):
+        for k in ("loss", "grad_norm", "learning_rate", "epoch", "rewards/margins"):
+            assert m[k] == pytest.approx(t[k], rel=1e-5, abs=1e-6), (m["step"], k, m[k], t[k])
+    trainer.model.save_pretrained(tmp_path / "trl_adapter")
+    want = load_file(tmp_path / "trl_adapter" / "adapter_model.safetensors")
+    start = load_file(adapter / "adapter_model.safetensors")
+    mine = load_file(tmp_path / "o" / "tiny" / "adapter" / "adapter_model.safetensors")
+    assert set(mine) == set(want)
+    for name, w in want.items():
+        moved = (w - start[name]).norm().item()
+        assert moved > 0
+        assert (mine[name] - w).norm().item() <= 1e-4 * moved + 1e-7, name

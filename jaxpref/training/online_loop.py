@@ -337,7 +337,7 @@ class OnlineRun:
         last log). A metric NaN throughout (no completion scored, ...) is null for GRPO and RLOO,
         as their trainers log it, NaN for the others."""
         empty = None if self.cfg.post_training.method in ("grpo", "rloo") else float("nan")
-        row = {"step": step, "epoch": round(epoch, 4)}
+        row = {"step": step, "epoch": float(epoch)}
         row.update({k: (empty if k not in LATEST and math.isnan(v) else v) for k, v in self.window.row().items()})
         if step != 1 or step % self.cfg.training.logging_steps == 0:
             # Step 1 off the logging_steps grid is a preview: its window goes on, so the first row
