@@ -101,7 +101,7 @@ class TrainingConfig:
     per_device_eval_batch_size: int = 4  # pairs per eval batch per data-parallel device
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 5.0e-7        # peak learning rate
-    weight_decay: float = 0.0            # decoupled weight decay (AdamW)
+    weight_decay: float = 0.0            # decoupled weight decay (AdamW); not on biases and norm weights (the Trainer's rule)
     max_grad_norm: float | None = None   # clip the global gradient norm to this (0: no clipping); None: TRAINER_MAX_GRAD_NORM, ppo 0 (TRL's PPOTrainer never clips)
     warmup_steps: int | float = 0        # linear warm-up steps; below 1: a fraction of the run (transformers 5's rule)
     warmup_ratio: float = 0.0            # warm-up as a fraction of the run (older transformers' key)
