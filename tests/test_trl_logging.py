@@ -141,7 +141,7 @@ def _kto_rows(labels, offset=0):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_kto_kl_completions_rotate_in_groups_of_the_train_batch_as_trl(setup, tiny_llama):
+def test_kto_kl_completions_rotate_in_groups_of_the_train_batch_as_trl(request, tiny_llama):
     """TRL rotates the completions for the KL rows over groups of per_device_train_batch_size
     consecutive examples of a split before batching (the last group shorter), the eval split's
     too. `kl_sources` over the data order names the same completion for every example as TRL's
@@ -152,7 +152,7 @@ def test_kto_kl_completions_rotate_in_groups_of_the_train_batch_as_trl(setup, ti
 
     from jaxpref.data.unpaired import kl_sources
 
-    tmp, tok, adapter, _, _ = setup
+    tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
     rows = _kto_rows([True, False, True, True, False, True, False])
     args = KTOConfig(**{**trl_common(tmp), "per_device_train_batch_size": 3})
     tr = KTOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama), args=args,
@@ -169,7 +169,7 @@ def test_kto_kl_completions_rotate_in_groups_of_the_train_batch_as_trl(setup, ti
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_kto_eval_with_another_batch_size_equals_trl(setup, tiny_llama):
+def test_kto_eval_with_another_batch_size_equals_trl(request, tiny_llama):
     """KTO evaluated in batches of 2 after training in micro-batches of 4 (x2 accumulation): the eval
     KL rows pair completions within groups of 4 as TRL's (jaxpref paired within the eval batch:
     eval_kl 0.0617 against TRL's 0.0485 at step 2). Every train and eval row of two steps equals
@@ -180,7 +180,7 @@ def test_kto_eval_with_another_batch_size_equals_trl(setup, tiny_llama):
     from conftest import write_config
     from jaxpref import train
 
-    tmp, tok, adapter, _, _ = setup
+    tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
     rows = _kto_rows([True, True, False, True, True, True, False, True])
     ev = _kto_rows([True, False, True, True, False, False], offset=8)
     paths = {}
