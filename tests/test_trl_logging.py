@@ -215,3 +215,45 @@ def test_kto_eval_with_another_batch_size_equals_trl(request, tiny_llama):
             {k for k in m_eval[step] if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
         for k in keys:
             assert m_eval[step][k] == pytest.approx(t[k], rel=1e-5, abs=2e-6), (step, k, m_eval[step][k], t[k])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_epoch_is_logged_unrounded_as_trl(request, tiny_llama):
+    """Three steps an epoch: the train and eval rows' `epoch` is TRL's 1/3, 2/3 exactly (the Trainer
+    logs state.epoch as it is; jaxpref rounded it to 4 places: 0.3333); the other numbers too."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from conftest import write_config
+    from jaxpref import train
+
+    tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
+    pairs = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS[:6]]
+    path = tmp / "six.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    training = {"max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "eval_steps": 1,
+                "logging_steps": 1, "learning_rate": 1e-3, "max_length": 64, "train_sampling_strategy": "sequential"}
+    args = DPOConfig(**{**trl_common(tmp), **training, "eval_strategy": "steps"})
+    tr = DPOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama), args=args,
+                    train_dataset=Dataset.from_list(pairs), eval_dataset=Dataset.from_list(pairs[:2]),
+                    processing_class=tok)
+    tr.train()
+    cfg = write_config(tmp / "six.yaml", tiny_llama, path, dataset={"name": str(path), "eval_split": "test",
+                                                                     "data_files": {"train": str(path), "test": str(path)}},
+                       post_training={"method": "dpo", "beta": 0.1, "use_ref_model": True},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_from": str(adapter)},
+                       training=training)
+    # The eval split: the first two pairs, as TRL's (max_samples would cut the train split too).
+    (tmp / "six_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:2]))
+    cfg.write_text(cfg.read_text().replace(f"test: {path}", f"test: {tmp / 'six_eval.jsonl'}"))
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / "out_six")]) == 0
+    logged = [json.loads(l) for l in (tmp / "out_six" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    for kind in ("loss", "eval_loss"):
+        theirs = [h for h in tr.state.log_history if kind in h]
+        mine = [r for r in logged if kind in r]
+        assert [h["epoch"] for h in theirs] == [r["epoch"] for r in mine] == [1 / 3, 2 / 3], kind
+        for t, m in zip(theirs, mine):
+            for k in set(t) & set(m):
+                if "runtime" not in k and "per_second" not in k:
+                    assert m[k] == pytest.approx(t[k], rel=1e-5, abs=2e-6), (kind, k, m[k], t[k])

@@ -215,7 +215,7 @@ class Trainer:
         tokens, t0 = self._window
         # XLA compilations so far: grows only when a new length bucket appears.
         m["compilations"] = int(self.run.step_fn._cache_size())
-        m.update(step=info.step, epoch=round(info.epoch, 4), num_tokens=self.run.num_tokens,
+        m.update(step=info.step, epoch=info.epoch, num_tokens=self.run.num_tokens,
                  tokens_per_second=round(tokens / max(time.time() - t0 - self._paused, 1e-9), 1))
         self._window, self._paused = (0, time.time()), 0.0
         self.sinks.log(m)
@@ -250,7 +250,7 @@ class Trainer:
         seconds = max(time.time() - t0, 1e-9)
         ev.update(eval_runtime=round(seconds, 4), eval_samples_per_second=round(batches * run.EB / seconds, 3),
                   eval_steps_per_second=round(batches / seconds, 3), eval_num_tokens=run.num_tokens,
-                  epoch=round(self._epoch, 4), step=step)
+                  epoch=self._epoch, step=step)
         self.last_eval = ev
         self.sinks.log(ev)
         self._paused += time.time() - t0
