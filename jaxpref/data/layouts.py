@@ -77,8 +77,9 @@ class Layout:
     max_tokens: int | None = None
     # KTO's KL rows, in data order (unshuffled: evaluation, sequential training): example i takes the
     # completion of example i-1 within consecutive groups of this many examples, as TRL rotates the
-    # completions over per_device_train_batch_size before batching (its eval batches too); None, or
-    # shuffled: within the micro-batch (`jaxpref.data.unpaired`).
+    # completions over per_device_train_batch_size before batching (its eval batches too; on a mesh
+    # the global micro-batch, `training.assemble`); None, or shuffled: within the micro-batch
+    # (`jaxpref.data.unpaired`).
     kl_group: int | None = None
 
     def __post_init__(self):
