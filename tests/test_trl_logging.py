@@ -257,3 +257,40 @@ def test_epoch_is_logged_unrounded_as_trl(request, tiny_llama):
             for k in set(t) & set(m):
                 if "runtime" not in k and "per_second" not in k:
                     assert m[k] == pytest.approx(t[k], rel=1e-5, abs=2e-6), (kind, k, m[k], t[k])
+
+
+def test_kto_batch_of_one_is_refused_for_the_kl_estimate_only():
+    """TRL's KTOTrainer refuses per_device_train_batch_size 1 where it estimates the KL (loss_type
+    kto) and takes it for apo_zero_unpaired, which has no KL term; jaxpref refused both."""
+    from jaxpref.config import config_from_dict
+    from jaxpref.errors import ConfigError
+
+    base = {"models": [{"name": "m", "huggingface_id": "some/model"}], "dataset": {"name": "d.jsonl"},
+            "training": {"per_device_train_batch_size": 1}}
+    c = config_from_dict({**base, "post_training": {"method": "kto", "loss_type": "apo_zero_unpaired"}}, "c.yaml")
+    assert c.training.per_device_train_batch_size == 1
+    for pt in ({"method": "kto"}, {"method": "kto", "loss_type": "kto"}):
+        with pytest.raises(ConfigError, match="KTO needs `training.per_device_train_batch_size` >= 2"):
+            config_from_dict({**base, "post_training": pt}, "c.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_kto_apo_zero_unpaired_in_batches_of_one_equals_trl(request, tiny_llama):
+    """apo_zero_unpaired, one completion per micro-batch x 2 accumulated, 3 steps logged every step:
+    TRL's rows (`kl` 0, the chosen / rejected metrics of the micro-batches that have them)."""
+    from trl import KTOConfig, KTOTrainer
+
+    tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
+    rows = _kto_rows([True, False, True, True, False, True])
+    path = tmp / "kto_apo1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    training = {"max_steps": 3, "gradient_accumulation_steps": 2}
+    args = {**trl_common(tmp), "per_device_train_batch_size": 1, "loss_type": "apo_zero_unpaired", **training}
+    theirs = trl_rows(KTOTrainer, KTOConfig(**args), rows, tok, fresh_peft(tiny_llama, adapter),
+                      ref_model=base_model(tiny_llama))
+    ours(tmp, tiny_llama, path, adapter, "kto", batch=1, tag="_apo1", training=training, use_ref_model=True,
+         loss_type="apo_zero_unpaired")
+    mine = our_rows(tmp / "out_kto_apo1")
+    assert sorted(theirs) == [1, 2, 3] and theirs[2]["kl"] == 0.0
+    assert_rows(mine, theirs, ROW_KEYS + ("kl", "epoch"))
