@@ -133,3 +133,164 @@ def test_eval_rows_and_summary_carry_trl_keys(request, tiny_llama):
     assert summary["train_runtime"] > 0
     assert summary["train_samples_per_second"] == pytest.approx(4 / summary["train_runtime"], rel=0.02)
     assert summary["train_steps_per_second"] == pytest.approx(2 / summary["train_runtime"], rel=0.02)
+
+
+def _kto_rows(labels, offset=0):
+    return [{"prompt": p, "completion": " " + (c if ok else r), "label": ok}
+            for (p, c, r), ok in zip((PAIRS * 2)[offset:], labels)]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_kto_kl_completions_rotate_in_groups_of_the_train_batch_as_trl(request, tiny_llama):
+    """TRL rotates the completions for the KL rows over groups of per_device_train_batch_size
+    consecutive examples of a split before batching (the last group shorter), the eval split's
+    too. `kl_sources` over the data order names the same completion for every example as TRL's
+    prepared eval dataset (7 examples, groups of 3: 3, 3, 1)."""
+    import numpy as np
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from jaxpref.data.unpaired import kl_sources
+
+    tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
+    rows = _kto_rows([True, False, True, True, False, True, False])
+    args = KTOConfig(**{**trl_common(tmp), "per_device_train_batch_size": 3})
+    tr = KTOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama), args=args,
+                    train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows), processing_class=tok)
+    comps = [tuple(c) for c in tr.eval_dataset["completion_ids"]]
+    assert len(set(comps)) == len(rows)
+    theirs = [comps.index(tuple(c)) for c in tr.eval_dataset["KL_completion_ids"]]
+    assert theirs == [2, 0, 1, 5, 3, 4, 6]
+    n = len(rows)
+    assert kl_sources(np.arange(n), n, 3) == theirs
+    # An eval batch of 2 takes its rows' sources from the groups of 3, not from the batch.
+    assert [s for b in (np.arange(0, 2), np.arange(2, 4), np.arange(4, 6)) for s in kl_sources(b, n, 3)] == theirs[:6]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_kto_eval_with_another_batch_size_equals_trl(request, tiny_llama):
+    """KTO evaluated in batches of 2 after training in micro-batches of 4 (x2 accumulation): the eval
+    KL rows pair completions within groups of 4 as TRL's (jaxpref paired within the eval batch:
+    eval_kl 0.0617 against TRL's 0.0485 at step 2). Every train and eval row of two steps equals
+    TRL's."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from conftest import write_config
+    from jaxpref import train
+
+    tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
+    rows = _kto_rows([True, True, False, True, True, True, False, True])
+    ev = _kto_rows([True, False, True, True, False, False], offset=8)
+    paths = {}
+    for name, rs in (("train", rows), ("test", ev)):
+        paths[name] = tmp / f"kto_eval_{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rs))
+    training = {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                "per_device_eval_batch_size": 2, "eval_steps": 1, "logging_steps": 1, "learning_rate": 1e-3,
+                "max_length": 64}
+    args = KTOConfig(**{**trl_common(tmp), **training, "eval_strategy": "steps"})
+    tr = KTOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama), args=args,
+                    train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(ev), processing_class=tok)
+    tr.train()
+    cfg = write_config(tmp / "kto_eval.yaml", tiny_llama, paths["train"],
+                       dataset={"name": str(paths["train"]), "eval_split": "test",
+                                "data_files": {k: str(v) for k, v in paths.items()}},
+                       post_training={"method": "kto", "beta": 0.1, "use_ref_model": True},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_from": str(adapter)},
+                       training=training)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / "out_kto_eval")]) == 0
+    logged = [json.loads(l) for l in (tmp / "out_kto_eval" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    theirs = {h["step"]: h for h in tr.state.log_history if "loss" in h}
+    assert_rows({r["step"]: r for r in logged if "loss" in r}, theirs, ROW_KEYS + ("kl",))
+    t_eval = {h["step"]: h for h in tr.state.log_history if "eval_loss" in h}
+    m_eval = {r["step"]: r for r in logged if "eval_loss" in r}
+    assert sorted(t_eval) == sorted(m_eval) == [1, 2]
+    assert t_eval[1]["eval_kl"] > 0.01   # not clamped at 0: the pairing shows
+    keys = [f"eval_{k}" for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                                  "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy")]
+    for step, t in t_eval.items():
+        assert {k for k in t if k.startswith("eval_") and "runtime" not in k and "per_second" not in k} == \
+            {k for k in m_eval[step] if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
+        for k in keys:
+            assert m_eval[step][k] == pytest.approx(t[k], rel=1e-5, abs=2e-6), (step, k, m_eval[step][k], t[k])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_epoch_is_logged_unrounded_as_trl(request, tiny_llama):
+    """Three steps an epoch: the train and eval rows' `epoch` is TRL's 1/3, 2/3 exactly (the Trainer
+    logs state.epoch as it is; jaxpref rounded it to 4 places: 0.3333); the other numbers too."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from conftest import write_config
+    from jaxpref import train
+
+    tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
+    pairs = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in PAIRS[:6]]
+    path = tmp / "six.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    training = {"max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "eval_steps": 1,
+                "logging_steps": 1, "learning_rate": 1e-3, "max_length": 64, "train_sampling_strategy": "sequential"}
+    args = DPOConfig(**{**trl_common(tmp), **training, "eval_strategy": "steps"})
+    tr = DPOTrainer(model=fresh_peft(tiny_llama, adapter), ref_model=base_model(tiny_llama), args=args,
+                    train_dataset=Dataset.from_list(pairs), eval_dataset=Dataset.from_list(pairs[:2]),
+                    processing_class=tok)
+    tr.train()
+    cfg = write_config(tmp / "six.yaml", tiny_llama, path, dataset={"name": str(path), "eval_split": "test",
+                                                                     "data_files": {"train": str(path), "test": str(path)}},
+                       post_training={"method": "dpo", "beta": 0.1, "use_ref_model": True},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_from": str(adapter)},
+                       training=training)
+    # The eval split: the first two pairs, as TRL's (max_samples would cut the train split too).
+    (tmp / "six_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:2]))
+    cfg.write_text(cfg.read_text().replace(f"test: {path}", f"test: {tmp / 'six_eval.jsonl'}"))
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / "out_six")]) == 0
+    logged = [json.loads(l) for l in (tmp / "out_six" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    for kind in ("loss", "eval_loss"):
+        theirs = [h for h in tr.state.log_history if kind in h]
+        mine = [r for r in logged if kind in r]
+        assert [h["epoch"] for h in theirs] == [r["epoch"] for r in mine] == [1 / 3, 2 / 3], kind
+        for t, m in zip(theirs, mine):
+            for k in set(t) & set(m):
+                if "runtime" not in k and "per_second" not in k:
+                    assert m[k] == pytest.approx(t[k], rel=1e-5, abs=2e-6), (kind, k, m[k], t[k])
+
+
+def test_kto_batch_of_one_is_refused_for_the_kl_estimate_only():
+    """TRL's KTOTrainer refuses per_device_train_batch_size 1 where it estimates the KL (loss_type
+    kto) and takes it for apo_zero_unpaired, which has no KL term; jaxpref refused both."""
+    from jaxpref.config import config_from_dict
+    from jaxpref.errors import ConfigError
+
+    base = {"models": [{"name": "m", "huggingface_id": "some/model"}], "dataset": {"name": "d.jsonl"},
+            "training": {"per_device_train_batch_size": 1}}
+    c = config_from_dict({**base, "post_training": {"method": "kto", "loss_type": "apo_zero_unpaired"}}, "c.yaml")
+    assert c.training.per_device_train_batch_size == 1
+    for pt in ({"method": "kto"}, {"method": "kto", "loss_type": "kto"}):
+        with pytest.raises(ConfigError, match="KTO needs `training.per_device_train_batch_size` >= 2"):
+            config_from_dict({**base, "post_training": pt}, "c.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_kto_apo_zero_unpaired_in_batches_of_one_equals_trl(request, tiny_llama):
+    """apo_zero_unpaired, one completion per micro-batch x 2 accumulated, 3 steps logged every step:
+    TRL's rows (`kl` 0, the chosen / rejected metrics of the micro-batches that have them)."""
+    from trl import KTOConfig, KTOTrainer
+
+    tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
+    rows = _kto_rows([True, False, True, True, False, True])
+    path = tmp / "kto_apo1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    training = {"max_steps": 3, "gradient_accumulation_steps": 2}
+    args = {**trl_common(tmp), "per_device_train_batch_size": 1, "loss_type": "apo_zero_unpaired", **training}
+    theirs = trl_rows(KTOTrainer, KTOConfig(**args), rows, tok, fresh_peft(tiny_llama, adapter),
+                      ref_model=base_model(tiny_llama))
+    ours(tmp, tiny_llama, path, adapter, "kto", batch=1, tag="_apo1", training=training, use_ref_model=True,
+         loss_type="apo_zero_unpaired")
+    mine = our_rows(tmp / "out_kto_apo1")
+    assert sorted(theirs) == [1, 2, 3] and theirs[2]["kl"] == 0.0
+    assert_rows(mine, theirs, ROW_KEYS + ("kl", "epoch"))

@@ -209,7 +209,9 @@ def _training(cfg: Config) -> None:
         _choice(tr.train_sampling_strategy, ("random", "sequential"), "training.train_sampling_strategy", src)
     _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)
     _choice(tr.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype", src)
-    if pt_is_kto(cfg) and tr.per_device_train_batch_size < 2:
+    lt = cfg.post_training.loss_type
+    if pt_is_kto(cfg) and tr.per_device_train_batch_size < 2 and (lt or "kto") in ("kto", ["kto"]):
+        # TRL's check: apo_zero_unpaired estimates no KL and takes batches of one
         raise ConfigError(f"{src}: KTO needs `training.per_device_train_batch_size` >= 2 for its KL estimate")
 
 

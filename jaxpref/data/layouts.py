@@ -75,6 +75,12 @@ class Layout:
     # `training.max_tokens_per_batch`: a step's pairs packed into micro-batches of at most this
     # many stream tokens (`jaxpref.data.budget`); None: G micro-batches of B pairs.
     max_tokens: int | None = None
+    # KTO's KL rows, in data order (unshuffled: evaluation, sequential training): example i takes the
+    # completion of example i-1 within consecutive groups of this many examples, as TRL rotates the
+    # completions over per_device_train_batch_size before batching (its eval batches too; on a mesh
+    # the global micro-batch, `training.assemble`); None, or shuffled: within the micro-batch
+    # (`jaxpref.data.unpaired`).
+    kl_group: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "kind", PairLayout(self.kind))  # accepts the config's string

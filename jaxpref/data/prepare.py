@@ -85,4 +85,6 @@ def layout_for(cfg: Config, tok) -> Layout:
                   cfg.post_training.ld_alpha, pack_length=pack,
                   full_span=(cfg.post_training.method == "orpo"
                              and cfg.post_training.orpo_nll_span == "prompt_and_completion"),
-                  padding_free=padding_free, max_tokens=tr.max_tokens_per_batch)
+                  padding_free=padding_free, max_tokens=tr.max_tokens_per_batch,
+                  kl_group=tr.per_device_train_batch_size if get_method(cfg.post_training.method).data == "unpaired"
+                  else None)

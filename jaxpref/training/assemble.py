@@ -116,8 +116,10 @@ def _batches(cfg: Config, index: int, run_dir: Path) -> Run:
     bundle, tok, lspec, abstract = setup.model_for(cfg, index, training=True)
     bundle = setup.on_mesh(bundle, mesh)
     prepared = prepare.data_for(cfg, tok)
-    # Padding-free: one stream of rows per data-parallel shard.
-    prepared.layout = replace(setup.router_aux_layout(cfg, bundle, prepared.layout), streams=dp)
+    # Padding-free: one stream of rows per data-parallel shard. KTO's KL groups: the global
+    # micro-batch (TRL's per-device batch on one device; one KL estimate over the whole mesh).
+    layout = setup.router_aux_layout(cfg, bundle, prepared.layout)
+    prepared.layout = replace(layout, streams=dp, kl_group=layout.kl_group and layout.kl_group * dp)
     tcfg = cfg.training
     # The global batch: per-device pairs times the data-parallel size of the mesh.
     B, G = tcfg.per_device_train_batch_size * dp, tcfg.gradient_accumulation_steps
