@@ -166,6 +166,9 @@ def test_two_processes_checkpoint_and_resume_exactly(tmp_path, tiny_llama):
     ({"device_ids": [7]}, "do not exist"),
     ({"mesh": {"data": -1, "fsdp": -1}}, "only one"),
     ({"mesh": {"model": 1}}, "not a mesh axis"),
+    # Sizes below 1 other than -1 (on 8 devices {data: -2, fsdp: -4} was a numpy traceback).
+    ({"mesh": {"data": 0}}, "`gpu.mesh.data` must be >= 1, or -1"),
+    ({"mesh": {"data": -2, "fsdp": -4}}, "`gpu.mesh.data` must be >= 1, or -1"),
 ])
 def test_bad_mesh_is_one_line(tmp_path, tiny_llama, tiny_pairs, capsys, gpu, needle):
     from conftest import write_config
