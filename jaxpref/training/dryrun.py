@@ -21,6 +21,7 @@ from jaxpref.errors import JaxprefError
 from jaxpref.lora.tree import count, target_shapes
 from jaxpref.models import weights
 from jaxpref.runtime.memory import format_bytes, memory_plan
+from jaxpref.runtime.mesh import per_device_elements
 
 def _weights_kind(bundle) -> str | None:
     if bundle.source.spec.endswith(".gguf"):
@@ -139,7 +140,8 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     shapes = _batch_lines(it, steps, layout, cfg.training)
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
-    plan = memory_plan(cfg, args, total, trainable if spec else 0, list(shapes), mesh=mesh)
+    plan = memory_plan(cfg, args, total, trainable, list(shapes), mesh=mesh,
+                       base_per_device=per_device_elements(abstract, mesh, bundle.arch.roles))
     print(f"  attention        {attention_line(cfg, args, list(shapes), mesh)}")
     print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
     print("  memory plan      " + ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.items() if v))
@@ -147,7 +149,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         from jaxpref.models.source import fingerprint
         from jaxpref.training.dryrun_resume import resume_problems
         fp = lambda: setup.critical_fingerprint(cfg, cfg.models[index], fingerprint(bundle.source), layout.kind,
-                                                layout.padding_free, tr)
+                                                layout.padding_free, tr, data_parallel=dp)
         problems += resume_problems(cfg, index, fp, resume, steps)
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
