@@ -368,3 +368,25 @@ def test_resume_on_other_meshes(tmp_path, tiny_llama):
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(np.array(_losses(tmp_path / "one8" / "tiny")), np.array(_losses(straight)),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["packed", "packed_shared_prompt"])
+def test_packed_rows_divide_over_the_data_parallel_devices(kind):
+    """Packed rows on 8 data-parallel devices (`streams` 8): 8 short pairs pack into fewer than 8
+    rows; the rows are padded to a multiple of 8 so that the mesh splits them (on {data: 2, fsdp: 4}
+    device_put raised IndivisibleError: "axis 1 is partitioned 8 times, but the dimension size is 4")."""
+    import jax
+
+    from jaxpref.data.iterator import BatchIterator
+    from jaxpref.data.layouts import Layout
+    from jaxpref.data.tokenize import Tokenized
+
+    rng = np.random.default_rng(0)
+    ids = lambda: [int(x) for x in rng.integers(3, 100, rng.integers(2, 6))]
+    data = Tokenized([ids() for _ in range(16)], [ids() for _ in range(16)], [ids() for _ in range(16)])
+    it = BatchIterator(data, 8, 1, seed=0, layout=Layout(kind, 64, buckets=(16, 32, 64), pack_length=64, streams=8))
+    batch, _ = next(it)
+    arrays = jax.tree_util.tree_leaves(batch.on_device())
+    rows = batch.on_device().input_ids.shape[1]
+    assert rows == 8, rows   # 2 rows of 64 tokens hold the pairs: 6 empty rows added
+    assert all(a.shape[1] == rows for a in arrays if a.ndim >= 3)
