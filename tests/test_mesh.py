@@ -390,3 +390,39 @@ def test_packed_rows_divide_over_the_data_parallel_devices(kind):
     rows = batch.on_device().input_ids.shape[1]
     assert rows == 8, rows   # 2 rows of 64 tokens hold the pairs: 6 empty rows added
     assert all(a.shape[1] == rows for a in arrays if a.ndim >= 3)
+
+
+@pytest.mark.slow
+def test_packed_layout_on_meshes_gives_single_device_numbers(tmp_path, tiny_llama):
+    """`pair_layout: packed` on {data: 2, fsdp: 4} and {data: 1, fsdp: 8} (IndivisibleError before
+    the packed rows were padded to a multiple of 8): the single device's losses and LoRA."""
+    from conftest import write_pairs
+    data = write_pairs(tmp_path / "pairs.jsonl", n=32)
+    packed = {"pair_layout": "packed", "pack_length": 64}
+    meshes = {"single": (None, [0], 8), "2x4x1": ({"data": 2, "fsdp": 4, "tensor": 1}, None, 1),
+              "1x8x1": ({"data": 1, "fsdp": 8, "tensor": 1}, None, 1)}
+    _run({"model": str(tiny_llama), "data": str(data),
+          "jobs": [{"out": str(tmp_path / name), "mesh": mesh, "device_ids": ids, "per_device": pd, "training": packed}
+                   for name, (mesh, ids, pd) in meshes.items()]},
+         {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+    ref = _losses(tmp_path / "single" / "tiny")
+    ref_ad = load_file(str(tmp_path / "single" / "tiny" / "adapter" / "adapter_model.safetensors"))
+    for name in meshes:
+        np.testing.assert_allclose(np.array(_losses(tmp_path / name / "tiny")), np.array(ref), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+        ad = load_file(str(tmp_path / name / "tiny" / "adapter" / "adapter_model.safetensors"))
+        for k, v in ref_ad.items():
+            np.testing.assert_allclose(ad[k], v, rtol=0, atol=1e-5, err_msg=f"{name} {k}")
+
+
+def test_dry_run_says_its_mesh_is_this_process_only_under_distributed(tmp_path, tiny_llama, tiny_pairs, capsys):
+    """A dry run does not join `gpu.distributed` (it printed the local mesh and batch as the run's):
+    its mesh line says so; without `distributed` it does not."""
+    from conftest import write_config
+    from jaxpref import train
+    for name, gpu, note in (("dist", {"distributed": {"auto": True}}, True), ("local", {}, False)):
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_llama, tiny_pairs, gpu=gpu)
+        code = train.main(["--config", str(cfg), "--dry-run"])
+        out = capsys.readouterr().out
+        line = next(l for l in out.splitlines() if l.strip().startswith("mesh "))
+        assert code == 0 and ("of this process only (a dry run does not join `gpu.distributed`" in line) == note, line

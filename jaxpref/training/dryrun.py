@@ -143,7 +143,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     plan = memory_plan(cfg, args, total, trainable, list(shapes), mesh=mesh,
                        base_per_device=per_device_elements(abstract, mesh, bundle.arch.roles))
     print(f"  attention        {attention_line(cfg, args, list(shapes), mesh)}")
-    print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
+    print(f"  mesh             {mesh_line(cfg, mesh)}; per device:")
     print("  memory plan      " + ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.items() if v))
     if resume is not None:
         from jaxpref.models.source import fingerprint
@@ -210,3 +210,13 @@ def attention_line(cfg: Config, args, shapes: list, mesh) -> str:
         precision = "fp32 (matmul_precision tf32: a CPU has no TF32 products)"
     return (f"{backend} (training.attention {cfg.training.attention}); recompute_activations "
             f"{args.recompute_activations}; fp32 matmuls {precision}")
+
+
+def mesh_line(cfg: Config, mesh) -> str:
+    """The mesh the dry run planned with. It does not join `gpu.distributed`: with it, the mesh,
+    batch and schedule above are this process's devices' alone, and the line says so."""
+    line = f"{dict(mesh.shape)} over {mesh.devices.size} device(s)"
+    if cfg.gpu.distributed is not None and jax.process_count() == 1:
+        line += (" of this process only (a dry run does not join `gpu.distributed`; the run's mesh, global batch "
+                 "and steps count every process's devices)")
+    return line

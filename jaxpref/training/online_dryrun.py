@@ -110,7 +110,8 @@ def _memory(cfg: Config, bundle, mesh, total: int, trainable: int, longest: int,
     from jaxpref.training.dryrun import attention_line
     print(f"  attention        training step {attention_line(cfg, bundle.args, [key], mesh)}; the generation "
           "attends through its KV cache")
-    print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
+    from jaxpref.training.dryrun import mesh_line
+    print(f"  mesh             {mesh_line(cfg, mesh)}; per device:")
     print(f"  memory plan      training step [accum, rows, tokens, completion slots] {list(key)}: "
           + ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if v)
           + " (the generation's KV cache is not in it)")
