@@ -283,6 +283,9 @@ def _rest(cfg: Config) -> None:
     if ids is not None and (not ids or len(set(ids)) < len(ids)):
         what = "is empty" if not ids else f"names device {next(i for i in ids if ids.count(i) > 1)} twice"
         raise ConfigError(f"{src}: `gpu.device_ids` {what} (null: every device)")
+    for axis, size in (cfg.gpu.mesh or {}).items():
+        if size != -1 and size < 1:
+            raise ConfigError(f"{src}: `gpu.mesh.{axis}` must be >= 1, or -1 for the devices left over, got {size}")
     _distributed(cfg.gpu.distributed, src)
     for r in cfg.report_to:
         _choice(r, ("tensorboard", "wandb", "mlflow"), "logging.report_to", src)

@@ -191,7 +191,8 @@ class BatchIterator:
         if self.layout.kind.packed:
             L = self.layout.pack_length or T
             packed = [pack_rows(p, max(L, T), S, self.layout.pad_id) for p in parts]
-            rows = max(p["input_ids"].shape[0] for p in packed)
+            # A multiple of the data-parallel devices: the mesh splits the rows evenly.
+            rows = round_up(max(p["input_ids"].shape[0] for p in packed), self.layout.streams)
             parts = [pack_rows(p, max(L, T), S, self.layout.pad_id, rows) for p in parts]
         if K is None:
             K = min(bucket_for(max(self._target_need(parts), 1), self.layout.target_buckets),

@@ -25,7 +25,7 @@ def runtime_rss() -> int:
 
 
 def memory_plan(cfg: Config, args, base_params: int, lora_params: int, shapes, mesh=None,
-                runtime: int | None = None) -> dict[str, float]:
+                runtime: int | None = None, base_per_device: int | None = None) -> dict[str, float]:
     """Bytes per device at the step's peak, for the worst of the batch `shapes` (shape keys
     (G, rows, T, K) or, padding-free, (G, streams, L, K, blocks per stream, Tb); rows are global,
     divided here over the mesh's data-parallel axes).
@@ -38,8 +38,11 @@ def memory_plan(cfg: Config, args, base_params: int, lora_params: int, shapes, m
     keeps only the layer input. One layer's recomputed temporaries come on top: its attention
     scores (dense: all heads' [T, S]; chunked: one block of queries; flash kernels: none) and MLP.
     The LM head holds fp32 logits of the target slots (a vocabulary chunk with `vocab_chunk`).
-    On CPU the runtime (the process's memory before weights are read) is part of the plan."""
-    plans = [_plan_for(cfg, args, base_params, lora_params, key, mesh) for key in shapes]
+    On CPU the runtime (the process's memory before weights are read) is part of the plan.
+    `base_per_device`: the base tree's elements on one device (`mesh.per_device_elements`); unset,
+    the base is taken as split evenly over fsdp x tensor. A full fine-tune's trainable tree, its
+    gradients and optimizer state are split as the base is."""
+    plans = [_plan_for(cfg, args, base_params, lora_params, key, mesh, base_per_device) for key in shapes]
     plan = max(plans, key=lambda p: sum(p.values()))
     if jax.devices()[0].platform == "cpu":
         plan["runtime"] = runtime_rss() if runtime is None else runtime
@@ -47,7 +50,8 @@ def memory_plan(cfg: Config, args, base_params: int, lora_params: int, shapes, m
     return plan
 
 
-def _plan_for(cfg: Config, args, base_params: int, lora_params: int, key: tuple, mesh) -> dict:
+def _plan_for(cfg: Config, args, base_params: int, lora_params: int, key: tuple, mesh,
+              base_per_device: int | None = None) -> dict:
     from jaxpref.data.prepare import resolve_layout
     from jaxpref.models.attention import CHUNK, choose_backend
     from jaxpref.objectives.methods import get_method
@@ -78,13 +82,18 @@ def _plan_for(cfg: Config, args, base_params: int, lora_params: int, key: tuple,
         stored = L * (tokens * kept * cbytes + (0 if recompute else 2 * scores))
     layer_temps = 3 * scores + tokens * (3 * I + 2 * D) * cbytes
     V = args.vocab_size
+    base = base_params / shard if base_per_device is None else base_per_device
+    # LoRA: replicated; a full fine-tune's trainable tree: laid out as the base.
+    trainable = lora_params if cfg.lora.enabled else lora_params * base / max(base_params, 1)
     return {
-        "base weights": base_params * pbytes / shard,
-        "reference copy": (base_params * pbytes / shard
+        "base weights": base * pbytes,
+        # A full fine-tune: the loaded base is its frozen reference, the trained tree a copy of it
+        # (counted here; "LoRA + grads" then holds only the gradients).
+        "reference copy": (base * pbytes
                            if (not cfg.lora.enabled or (cfg.post_training.use_ref_model
                                                         and cfg.models[0].ref_model_id)) else 0),
-        "LoRA + grads": lora_params * 4 * 2,
-        "optimizer state": lora_params * 4 * 2,
+        "LoRA + grads": trainable * 4 * (2 if cfg.lora.enabled else 1),
+        "optimizer state": trainable * 4 * 2,
         "activations": stored + layer_temps,
         # logits, softmax and its gradient (one vocabulary chunk at a time with training.vocab_chunk)
         "logits": rows * K * min(cfg.training.vocab_chunk or V, V) * 4 * 3,

@@ -134,6 +134,17 @@ def param_specs(abstract: Any, mesh: Mesh, roles: dict[str, str]) -> Any:
     return traverse_util.unflatten_dict(out)
 
 
+def per_device_elements(abstract: Any, mesh: Mesh, roles: dict[str, str]) -> int:
+    """The elements of the base tree that one device holds under `param_specs` (a dimension that
+    an axis does not divide, the embeddings over `tensor` and the norms stay whole)."""
+    specs = traverse_util.flatten_dict(param_specs(abstract, mesh, roles))
+    total = 0
+    for path, leaf in traverse_util.flatten_dict(abstract).items():
+        axes = [a for part in specs[path] if part is not None for a in (part if isinstance(part, tuple) else (part,))]
+        total += math.prod(leaf.shape) // math.prod(mesh.shape[a] for a in axes)
+    return total
+
+
 def shardings(specs: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda x: isinstance(x, P))

@@ -90,7 +90,8 @@ def build_run(cfg: Config, index: int, run_dir: Path, resume: bool, resume_force
     _reference_model(run)
     _train_state(run)
     run.fingerprint = setup.critical_fingerprint(cfg, run.entry, _model_fp(run), run.prepared.layout.kind,
-                                                   run.prepared.layout.padding_free, run.prepared.train)
+                                                   run.prepared.layout.padding_free, run.prepared.train,
+                                                   data_parallel=mesh_mod.data_parallel_size(run.mesh))
     run.store = ckpt.CheckpointStore(run_dir, cfg.finetuning.save_total_limit)
     es = cfg.finetuning.early_stopping
     run.early = EarlyStopping(es) if es else None

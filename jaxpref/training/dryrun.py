@@ -21,6 +21,7 @@ from jaxpref.errors import JaxprefError
 from jaxpref.lora.tree import count, target_shapes
 from jaxpref.models import weights
 from jaxpref.runtime.memory import format_bytes, memory_plan
+from jaxpref.runtime.mesh import per_device_elements
 
 def _weights_kind(bundle) -> str | None:
     if bundle.source.spec.endswith(".gguf"):
@@ -139,15 +140,16 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     shapes = _batch_lines(it, steps, layout, cfg.training)
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
           f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
-    plan = memory_plan(cfg, args, total, trainable if spec else 0, list(shapes), mesh=mesh)
+    plan = memory_plan(cfg, args, total, trainable, list(shapes), mesh=mesh,
+                       base_per_device=per_device_elements(abstract, mesh, bundle.arch.roles))
     print(f"  attention        {attention_line(cfg, args, list(shapes), mesh)}")
-    print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
+    print(f"  mesh             {mesh_line(cfg, mesh)}; per device:")
     print("  memory plan      " + ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.items() if v))
     if resume is not None:
         from jaxpref.models.source import fingerprint
         from jaxpref.training.dryrun_resume import resume_problems
         fp = lambda: setup.critical_fingerprint(cfg, cfg.models[index], fingerprint(bundle.source), layout.kind,
-                                                layout.padding_free, tr)
+                                                layout.padding_free, tr, data_parallel=dp)
         problems += resume_problems(cfg, index, fp, resume, steps)
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
@@ -208,3 +210,13 @@ def attention_line(cfg: Config, args, shapes: list, mesh) -> str:
         precision = "fp32 (matmul_precision tf32: a CPU has no TF32 products)"
     return (f"{backend} (training.attention {cfg.training.attention}); recompute_activations "
             f"{args.recompute_activations}; fp32 matmuls {precision}")
+
+
+def mesh_line(cfg: Config, mesh) -> str:
+    """The mesh the dry run planned with. It does not join `gpu.distributed`: with it, the mesh,
+    batch and schedule above are this process's devices' alone, and the line says so."""
+    line = f"{dict(mesh.shape)} over {mesh.devices.size} device(s)"
+    if cfg.gpu.distributed is not None and jax.process_count() == 1:
+        line += (" of this process only (a dry run does not join `gpu.distributed`; the run's mesh, global batch "
+                 "and steps count every process's devices)")
+    return line

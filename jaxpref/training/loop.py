@@ -363,7 +363,9 @@ class Trainer:
         """The dry run's plan for the batch shapes this run compiled."""
         run = self.run
         plan = memory_plan(run.cfg, run.bundle.args, count(run.params), count(run.state.lora), sorted(self.shapes),
-                           mesh=run.mesh, runtime=run.rss_before_weights)
+                           mesh=run.mesh, runtime=run.rss_before_weights,
+                           base_per_device=mesh_mod.per_device_elements(run.bundle.abstract_params(), run.mesh,
+                                                                        run.bundle.arch.roles))
         return {key: round(v / 2**20, 1) for key, v in plan.items()}
 
     def _start_line(self) -> str:

@@ -59,7 +59,8 @@ def check_online_model(cfg: Config, index: int, resume=None) -> list[str]:
         from jaxpref.models.source import fingerprint
         from jaxpref.training.dryrun_resume import resume_problems
         from jaxpref.training.online_resume import fingerprint as run_fingerprint
-        problems = resume_problems(cfg, index, lambda: run_fingerprint(cfg, entry, fingerprint(bundle.source)),
+        problems = resume_problems(cfg, index, lambda: run_fingerprint(cfg, entry, fingerprint(bundle.source),
+                                                                   mesh_mod.data_parallel_size(mesh)),
                                    resume, sizes.total)
     print(f"  checked in {time.time() - t0:.1f} s")
     return problems
@@ -101,11 +102,16 @@ def _memory(cfg: Config, bundle, mesh, total: int, trainable: int, longest: int,
     from jaxpref.training.online_plan import step_key
 
     key = step_key(cfg, sizes, longest)
-    mem = memory_plan(cfg, bundle.args, total, trainable, [key], mesh=mesh)
+    from jaxpref.lora.tree import count
+    from jaxpref.runtime.mesh import per_device_elements
+    abstract = bundle.abstract_params()   # `total` beyond it: PPO's value head, replicated
+    base = per_device_elements(abstract, mesh, bundle.arch.roles) + total - count(abstract)
+    mem = memory_plan(cfg, bundle.args, total, trainable, [key], mesh=mesh, base_per_device=base)
     from jaxpref.training.dryrun import attention_line
     print(f"  attention        training step {attention_line(cfg, bundle.args, [key], mesh)}; the generation "
           "attends through its KV cache")
-    print(f"  mesh             {dict(mesh.shape)} over {mesh.devices.size} device(s); per device:")
+    from jaxpref.training.dryrun import mesh_line
+    print(f"  mesh             {mesh_line(cfg, mesh)}; per device:")
     print(f"  memory plan      training step [accum, rows, tokens, completion slots] {list(key)}: "
           + ", ".join(f"{k} {format_bytes(v)}" for k, v in mem.items() if v)
           + " (the generation's KV cache is not in it)")

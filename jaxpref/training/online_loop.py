@@ -153,7 +153,7 @@ class OnlineRun:
         self.last: dict = {}
         self.window = MetricWindow(latest=LATEST, skip_nan=True)   # the steps' metrics since the last log
         self.start, self.generation, self.store = 0, 0, None
-        self.fingerprint = run_fingerprint(cfg, self.entry, fingerprint(self.bundle.source))
+        self.fingerprint = run_fingerprint(cfg, self.entry, fingerprint(self.bundle.source), self.dp)
         return abstract
 
     def _trainable(self, abstract):

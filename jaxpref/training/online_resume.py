@@ -29,13 +29,13 @@ from pathlib import Path
 from jaxpref.training import checkpoint as ckpt
 
 
-def fingerprint(cfg, entry, model_fp: str) -> dict:
+def fingerprint(cfg, entry, model_fp: str, data_parallel: int | None = None) -> dict:
     """The offline loop's critical settings plus every `post_training` key (the rollouts, rewards
     and advantages depend on them all) and the content of each reward function file."""
     from jaxpref.objectives.methods.rollout import reward_entries
     from jaxpref.training import setup
 
-    fp = setup.critical_fingerprint(cfg, entry, model_fp, "online")
+    fp = setup.critical_fingerprint(cfg, entry, model_fp, "online", data_parallel=data_parallel)
     for k, v in dataclasses.asdict(cfg.post_training).items():
         fp[f"post_training.{k}"] = v
     fp["max_prompt_length"] = cfg.training.max_prompt_length

@@ -218,7 +218,7 @@ def model_config(cfg: Config, index: int) -> Config:
 
 
 def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, padding_free: bool = False,
-                         train_data=None) -> dict:
+                         train_data=None, data_parallel: int | None = None) -> dict:
     """What must not change between a run and its resumption: what changes the numbers beyond
     float rounding. The attention backend, activation recompute and `vocab_chunk` do not, and
     may change. With LoRA dropout, what changes the batch's shapes or the layer loop changes the
@@ -226,7 +226,9 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
     `scan_layers` are kept then. `matmul_precision` counts where it applies (fp32 compute).
     The data: the dataset keys that choose the train rows, and `train_data` (the tokenized train
     split, when given) by a digest of its token ids, so that an edited data file or tokenizer is
-    named too. The loss: every option of it; the optimizer: its betas and epsilon."""
+    named too. The loss: every option of it; the optimizer: its betas and epsilon. The batch: per
+    device, and (`data_parallel`, the mesh's data x fsdp size) the global batch, so that a
+    checkpoint resumed on another mesh takes steps of the same pairs or is refused."""
     t, pt, lo, ds = cfg.training, cfg.post_training, cfg.lora, cfg.dataset
     dropout = {"padding_free": bool(padding_free), "max_tokens_per_batch": t.max_tokens_per_batch,
                "scan_layers": t.scan_layers} if lo.enabled and lo.lora_dropout > 0 else {}
@@ -235,6 +237,7 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
         "loss_type": list(cfg.loss_types), "beta": pt.beta, "lora.r": lo.r, "lora.lora_alpha": lo.lora_alpha,
         "lora.target_modules": lo.target_modules, "seed": t.seed,
         "per_device_train_batch_size": t.per_device_train_batch_size,
+        **({GLOBAL_BATCH: t.per_device_train_batch_size * data_parallel} if data_parallel else {}),
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "max_length": t.max_length,
         "pair_layout": str(layout_kind), "compute_dtype": t.compute_dtype,
         # The optimizer state and the schedule: a resumed run must take the same updates.
@@ -253,6 +256,8 @@ def critical_fingerprint(cfg: Config, entry, model_fp: str, layout_kind: str, pa
     }
     return json.loads(json.dumps(fp, default=str))   # as the checkpoint's JSON record reads it back
 
+
+GLOBAL_BATCH = "global batch (per_device_train_batch_size x gpu.mesh data x fsdp)"
 
 # Keys beyond the named ones above that change a resumed run's numbers (its rows, its loss, its
 # updates): refused when changed, as the rest (`checkpoint.check_fingerprint`).
@@ -309,15 +314,17 @@ def resolve_recompute(cfg: Config, bundle, abstract, lspec, keys: list, mesh):
 
     from jaxpref.lora.tree import count, target_shapes
     from jaxpref.runtime.memory import memory_plan
+    from jaxpref.runtime.mesh import per_device_elements
 
     if cfg.training.recompute_activations != "auto" or jax.default_backend() == "cpu" or not keys:
         return bundle
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
         return bundle
-    trainable = 0 if lspec is None else sum(
+    trainable = count(abstract) if lspec is None else sum(
         s[0] * (s[1] + s[2]) * lspec.r if len(s) == 3 else (s[0] + s[1]) * lspec.r
         for s in target_shapes(abstract, lspec).values())
     args = dataclasses.replace(bundle.args, recompute_activations=False)
-    plan = memory_plan(cfg, args, count(abstract), trainable, keys, mesh=mesh)
+    plan = memory_plan(cfg, args, count(abstract), trainable, keys, mesh=mesh,
+                       base_per_device=per_device_elements(abstract, mesh, bundle.arch.roles))
     return bundle.with_args(recompute_activations=plan["total"] > 0.8 * limit)
