@@ -81,10 +81,13 @@ def test_kto_rows_leave_out_what_a_window_lacks_as_trl(setup, tiny_llama):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_eval_rows_and_summary_carry_trl_keys(request, tiny_llama):
+@pytest.mark.parametrize("eval_batch", [2, 3])
+def test_eval_rows_and_summary_carry_trl_keys(request, tiny_llama, eval_batch):
     """An evaluation's metrics.jsonl row has the keys of DPOTrainer's eval row in its log_history
     (`epoch`, `eval_runtime`, `eval_samples_per_second`, `eval_steps_per_second`, `eval_num_tokens`:
     the train tokens seen so far) and its numbers; in order on both sides, evaluated every step.
+    4 eval pairs in batches of 3: TRL evaluates a last batch of 1, each metric the mean of the two
+    batches' means, eval_loss the mean over the 4 rows (jaxpref evaluated the first 3 pairs only).
     summary.json has the numbers of TRL's final row (`train_loss`: the mean step loss, `train_runtime`,
     `train_samples_per_second`, `train_steps_per_second`)."""
     from datasets import Dataset
@@ -100,7 +103,7 @@ def test_eval_rows_and_summary_carry_trl_keys(request, tiny_llama):
 
     tmp, tok, adapter, pairs, _ = request.getfixturevalue("setup")
     args = DPOConfig(**{**trl_common(tmp), "per_device_train_batch_size": 2, "max_steps": 2,
-                        "per_device_eval_batch_size": 2, "eval_strategy": "steps", "eval_steps": 1})
+                        "per_device_eval_batch_size": eval_batch, "eval_strategy": "steps", "eval_steps": 1})
     tr = InOrder(model=fresh_peft(tiny_llama, adapter), args=args, train_dataset=Dataset.from_list(pairs),
                  eval_dataset=Dataset.from_list(pairs), processing_class=tok, ref_model=base_model(tiny_llama))
     tr.train()
@@ -112,11 +115,12 @@ def test_eval_rows_and_summary_carry_trl_keys(request, tiny_llama):
                        post_training={"method": "dpo", "beta": 0.1, "use_ref_model": True},
                        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
                              "init_from": str(adapter)},
-                       training={"max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
-                                 "learning_rate": 1e-3, "max_length": 64, "logging_steps": 1, "eval_steps": 1,
-                                 "train_sampling_strategy": "sequential"})
-    assert train.main(["--config", str(cfg), "--output-dir", str(tmp / "out_eval_keys")]) == 0
-    rows = [json.loads(l) for l in (tmp / "out_eval_keys" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+                       training={"max_steps": 2, "per_device_train_batch_size": 2,
+                                 "per_device_eval_batch_size": eval_batch, "learning_rate": 1e-3, "max_length": 64,
+                                 "logging_steps": 1, "eval_steps": 1, "train_sampling_strategy": "sequential"})
+    out = tmp / f"out_eval_keys{eval_batch}"
+    assert train.main(["--config", str(cfg), "--output-dir", str(out)]) == 0
+    rows = [json.loads(l) for l in (out / "tiny" / "metrics.jsonl").read_text().splitlines()]
     mine = {r["step"]: r for r in rows if "eval_loss" in r}
     assert sorted(mine) == sorted(theirs) == [1, 2]
     for step, t in theirs.items():
@@ -126,9 +130,10 @@ def test_eval_rows_and_summary_carry_trl_keys(request, tiny_llama):
             assert m[k] == pytest.approx(t[k], rel=1e-4, abs=5e-6), (step, k, m[k], t[k])
         assert m["eval_runtime"] > 0
         assert m["eval_samples_per_second"] == pytest.approx(len(pairs) / m["eval_runtime"], rel=0.02)
-        assert m["eval_steps_per_second"] == pytest.approx(len(pairs) / 2 / m["eval_runtime"], rel=0.02)
+        batches = -(-len(pairs) // eval_batch)
+        assert m["eval_steps_per_second"] == pytest.approx(batches / m["eval_runtime"], rel=0.02)
     final = next(h for h in tr.state.log_history if "train_runtime" in h)
-    summary = json.loads((tmp / "out_eval_keys" / "tiny" / "summary.json").read_text())
+    summary = json.loads((out / "tiny" / "summary.json").read_text())
     assert summary["train_loss"] == pytest.approx(final["train_loss"], rel=1e-5)
     assert summary["train_runtime"] > 0
     assert summary["train_samples_per_second"] == pytest.approx(4 / summary["train_runtime"], rel=0.02)
@@ -172,8 +177,8 @@ def test_kto_kl_completions_rotate_in_groups_of_the_train_batch_as_trl(request, 
 def test_kto_eval_with_another_batch_size_equals_trl(request, tiny_llama):
     """KTO evaluated in batches of 2 after training in micro-batches of 4 (x2 accumulation): the eval
     KL rows pair completions within groups of 4 as TRL's (jaxpref paired within the eval batch:
-    eval_kl 0.0617 against TRL's 0.0485 at step 2). Every train and eval row of two steps equals
-    TRL's."""
+    eval_kl 0.0617 against TRL's 0.0485 at step 2). 7 eval rows: TRL's last eval batch holds 1 (jaxpref
+    left it out). Every train and eval row of two steps equals TRL's."""
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
@@ -182,7 +187,7 @@ def test_kto_eval_with_another_batch_size_equals_trl(request, tiny_llama):
 
     tmp, tok, adapter, _, _ = request.getfixturevalue("setup")
     rows = _kto_rows([True, True, False, True, True, True, False, True])
-    ev = _kto_rows([True, False, True, True, False, False], offset=8)
+    ev = _kto_rows([True, False, True, True, False, False, True], offset=8)   # a last eval batch of 1
     paths = {}
     for name, rs in (("train", rows), ("test", ev)):
         paths[name] = tmp / f"kto_eval_{name}.jsonl"

@@ -3,6 +3,7 @@ weights, reference, train state, compiled step functions, checkpoint store), res
 newest checkpoint when resuming. No training happens here."""
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,7 +56,7 @@ class Run:
     optimizer: Any = None
     schedule: Any = None
     step_fn: Any = None
-    eval_fn: Any = None
+    eval_fn: Any = None        # n -> the eval step of batches of n rows
     store: Any = None
     early: EarlyStopping | None = None
     best: EarlyStopping | None = None  # `finetuning.load_best_model_at_end`: the best evaluation so far
@@ -131,7 +132,7 @@ def _batches(cfg: Config, index: int, run_dir: Path) -> Run:
     if it.steps_per_epoch == 0:
         raise ConfigError(f"{cfg.source}: {len(prepared.train)} usable rows are fewer than one step's "
                           f"{B * G} pairs (per_device_train_batch_size x gradient_accumulation_steps)")
-    check_eval(cfg, prepared.eval, tcfg.per_device_eval_batch_size * dp)
+    check_eval(cfg, prepared.eval, dp)
     total = tcfg.total_steps(it.steps_per_epoch)
     setup.plan_shapes(it, cfg, bundle.args, abstract, total)
     bundle = setup.resolve_recompute(cfg, bundle, abstract, lspec, setup.planned_keys(cfg, it), mesh)
@@ -277,6 +278,8 @@ def _step_functions(run: Run) -> None:
     run.step_fn = make_train_step(run.bundle, opts, run.optimizer, run.schedule, run.ref_bundle,
                                   dropout=dropout, full_finetune=run.full_finetune)
     ev = run.prepared.eval
-    if ev is not None and len(ev) >= run.EB:   # a smaller eval split: refused by `evaluation.check_eval`
-        run.eval_fn = make_eval_step(run.bundle.with_args(deterministic=True),
-                                     replace(opts, num_seqs=2 * run.EB, ref_mode=eval_mode), run.ref_bundle)
+    if ev is not None and len(ev) >= run.prepared.layout.streams:   # else refused by `evaluation.check_eval`
+        # The eval step of batches of n rows: the full eval batch, and the split's shorter last one.
+        run.eval_fn = functools.cache(lambda n: make_eval_step(
+            run.bundle.with_args(deterministic=True), replace(opts, num_seqs=2 * n, ref_mode=eval_mode),
+            run.ref_bundle))

@@ -129,7 +129,7 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
         problems.append(f"model `{name}`: {len(tr)} usable rows are fewer than one step's {B * G} pairs")
         return problems
     try:
-        check_eval(cfg, prepared.eval, t.per_device_eval_batch_size * dp)
+        check_eval(cfg, prepared.eval, dp)
         check_sample_prompts(cfg, tok)
     except JaxprefError as e:
         problems.append(f"model `{name}`: {e}")

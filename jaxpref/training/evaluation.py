@@ -1,31 +1,49 @@
 """Evaluation during training: the eval split's mean metrics, and early stopping on one of them."""
 from __future__ import annotations
 
-
 from jaxpref.errors import ConfigError
 
 
-def evaluate_split(eval_fn, lora, params, ref_params, data, batch_size: int, layout, seed: int,
-                   iter_cls, mesh=None) -> tuple[dict, int]:
-    """Mean of eval metrics over all full batches of the eval split, `eval_` prefixed, and the
-    number of batches evaluated."""
-    from jaxpref.runtime.mesh import put_batch
+def evaluate_split(eval_for, lora, params, ref_params, data, batch_size: int, layout, seed: int,
+                   iter_cls, mesh=None) -> tuple[dict, int, int]:
+    """Mean of eval metrics over the eval split's batches, `eval_` prefixed, the number of batches
+    and of rows evaluated. As TRL's evaluation (its dataloader keeps the last batch): every row, in
+    batches of `batch_size` and a shorter last one, each metric the mean of the batches' means but
+    the loss, the mean over rows (transformers' evaluation loop gathers a batch's loss once per row).
+    `eval_for(n)`: the eval step of batches of n rows. On several data-parallel devices
+    (`layout.streams`) the last batch is the rest's largest multiple of them; the few rows left
+    after it (fewer than the devices) are not evaluated."""
+    import jax
 
+    from jaxpref.runtime.mesh import put_batch
     from jaxpref.training.window import MetricWindow
 
-    it = iter_cls(data, batch_size, 1, seed, layout, shuffle=False)
     window = MetricWindow()   # TRL's mean over the eval batches (a metric a batch lacks: over the others)
-    for _ in range(it.steps_per_epoch):
-        batch, _ = next(it)
-        batch = put_batch(batch, mesh) if mesh is not None else batch
-        window.add(eval_fn(lora, params, ref_params, batch, None))
-    return {f"eval_{k}": v for k, v in window.row().items()}, it.steps_per_epoch
+    sizes: list[int] = []
+    full = len(data) // batch_size
+    rest = len(data) - full * batch_size
+    rest -= rest % layout.streams
+    for size, count, start in ((batch_size, full, 0), (rest, int(rest > 0), full * batch_size)):
+        if not count:
+            continue
+        it = iter_cls(data, size, 1, seed, layout, shuffle=False)
+        it.restore({"epoch": 0, "index": start})
+        for _ in range(count):
+            batch, _ = next(it)
+            batch = put_batch(batch, mesh) if mesh is not None else batch
+            window.add(eval_for(size)(lora, params, ref_params, batch, None))
+            sizes.append(size)
+    row = window.row()
+    if "loss" in row:
+        losses = jax.device_get([m["loss"] for m in window.steps])
+        row["loss"] = float(sum(float(v) * n for v, n in zip(losses, sizes)) / sum(sizes))
+    return {f"eval_{k}": v for k, v in row.items()}, len(sizes), sum(sizes)
 
 
-def check_eval(cfg, eval_data, batch: int) -> None:
+def check_eval(cfg, eval_data, dp: int) -> None:
     """The evaluations a config asks for can run: `eval_steps`, `eval_strategy` steps or epoch, early
     stopping and the best model need an eval split, and an eval split (evaluated at the end unless
-    `eval_strategy: no`) needs one eval batch of `batch` rows (evaluation runs over whole batches).
+    `eval_strategy: no`) needs a row for each of the `dp` data-parallel devices.
     Otherwise a ConfigError naming the key: the run would silently never evaluate."""
     tr, ft = cfg.training, cfg.finetuning
     if tr.eval_strategy == "no":
@@ -38,10 +56,9 @@ def check_eval(cfg, eval_data, batch: int) -> None:
         if asks:
             raise ConfigError(f"{cfg.source}: `{asks[0]}` asks for evaluations, but there is no eval split "
                               "(set `dataset.eval_split` or `dataset.eval_fraction`)")
-    elif len(eval_data) < batch:
-        raise ConfigError(f"{cfg.source}: the eval split has {len(eval_data)} usable rows, fewer than one eval batch "
-                          f"of {batch} (`training.per_device_eval_batch_size` x data-parallel devices), so it would "
-                          "never be evaluated; lower `per_device_eval_batch_size` or enlarge the eval split")
+    elif len(eval_data) < dp:
+        raise ConfigError(f"{cfg.source}: the eval split has {len(eval_data)} usable rows, fewer than the {dp} "
+                          "data-parallel devices, so it would never be evaluated; enlarge the eval split")
 
 
 class EarlyStopping:

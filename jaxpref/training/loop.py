@@ -243,12 +243,12 @@ class Trainer:
         t0 = time.time()
         self.progress.evaluating(step)
         policy = (None, run.state.lora) if run.full_finetune else (run.state.lora, run.params)
-        ev, batches = evaluate_split(run.eval_fn, *policy, run.ref_params, run.prepared.eval, run.EB,
+        ev, batches, rows = evaluate_split(run.eval_fn, *policy, run.ref_params, run.prepared.eval, run.EB,
                                      run.prepared.layout, run.cfg.training.seed, run.iter_cls, run.mesh)
         # The rest of TRL's eval row: speed as transformers' `speed_metrics` rounds it, the train
         # tokens seen so far (DPOTrainer's eval `num_tokens`), the epoch, the step.
         seconds = max(time.time() - t0, 1e-9)
-        ev.update(eval_runtime=round(seconds, 4), eval_samples_per_second=round(batches * run.EB / seconds, 3),
+        ev.update(eval_runtime=round(seconds, 4), eval_samples_per_second=round(rows / seconds, 3),
                   eval_steps_per_second=round(batches / seconds, 3), eval_num_tokens=run.num_tokens,
                   epoch=float(self._epoch), step=step)
         self.last_eval = ev
