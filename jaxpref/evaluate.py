@@ -10,7 +10,9 @@ The policy is the base model, or base + `--adapter` (a PEFT LoRA folder, e.g. a 
 `adapter/`). The reference is the base model with the adapter off, or the separate reference
 model when `post_training.use_ref_model` is set, or for a config continuing `lora.init_from`'s
 adapter the base with that adapter (its training's reference, as TRL's); `reference_free`
-makes it 0.
+makes it 0. ORPO, CPO and SimPO have no reference (0) and their rewards are beta times the policy's
+log-probs, length-averaged for ORPO and for the ipo / simpo losses (`logps/*` then are those
+averages), as TRL's ORPOTrainer and CPOTrainer compute them.
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
     from jaxpref.training import setup
     from jaxpref.models import weights
     from jaxpref.objectives.logps import sequence_logps
+    from jaxpref.objectives.methods import get_method
 
     entry = cfg.models[index]
     pt = cfg.post_training
@@ -153,16 +156,20 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
 
     B = cfg.training.per_device_eval_batch_size
     S = 2 * B
-    policy_fn = jax.jit(lambda p, lo, mb: sequence_logps(bundle, p, lo, mb, S))
+    policy_fn = jax.jit(lambda p, lo, mb: sums_and_lengths(bundle, p, lo, mb, S))
     ref_fn = jax.jit(lambda p, lo, mb: sequence_logps(ref_bundle, p, lo, mb, S))
     beta = pt.beta
+    no_reference = pt.reference_free or not get_method(pt.method).reference
+    averaged = length_averaged(pt.method, cfg.loss_types)
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     tmp = output.with_name(output.name + ".tmp")
     with tmp.open("w") as f:
         for real, mb in batches(data, B, prepared.layout):
-            pol = np.asarray(policy_fn(params, lora, mb), np.float64)
-            if pt.reference_free:
+            pol, lens = (np.asarray(x, np.float64) for x in policy_fn(params, lora, mb))
+            if averaged:
+                pol = pol / np.maximum(lens, 1.0)
+            if no_reference:
                 ref = np.zeros_like(pol)
             elif lora is None and ref_lora is None and ref_bundle is bundle:
                 ref = pol  # no adapter: the policy is the reference
@@ -180,6 +187,23 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
                 f.write(json.dumps(row) + "\n")
     tmp.replace(output)
     return summarize(rows, split, rows_in, skipped, output)
+
+
+def sums_and_lengths(bundle, params, lora, mb, num_seqs: int):
+    """([S] summed completion log-probs, [S] completion token counts), chosen slots then rejected."""
+    import jax.numpy as jnp
+
+    from jaxpref.objectives.logps import pair_stats, token_logps
+
+    st = pair_stats(*token_logps(bundle, params, lora, mb), mb, num_seqs)
+    return (jnp.concatenate([st.logps_chosen, st.logps_rejected]),
+            jnp.concatenate([st.len_chosen, st.len_rejected]))
+
+
+def length_averaged(method: str, loss_types: list[str]) -> bool:
+    """Whether the method's rewards and logged log-probs are per-token means (TRL's ORPOTrainer
+    always; CPOTrainer for the ipo and simpo losses, and so SimPO), not sums."""
+    return method in ("orpo", "simpo") or (method == "cpo" and loss_types[0] in ("ipo", "simpo"))
 
 
 def reference(cfg, index: int, bundle, params, abstract, tok):
