@@ -65,8 +65,9 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
       the eval split (rows as the config's columns name them);
     overrides: ["training.learning_rate=1e-5", ...], as `--set`;
     resume / resume_from / overwrite_output_dir: as the command line's flags.
-    -> {model name: its summary}. The first model that fails raises its error. As the command
-    line, it then (re)writes `<output_dir>/report.md` and `report.html` over the config's models."""
+    -> {model name: its summary}. As the command line, a model that fails does not stop the
+    others: every model is trained, `<output_dir>/report.md` and `report.html` are (re)written over
+    the config's models (the failures listed), and then the first failure's error is raised."""
     import jax
 
     from jaxpref.runtime.mesh import init_distributed
@@ -77,10 +78,21 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
     out_root = output_root(cfg, str(output_dir) if output_dir is not None else None)
     init_distributed(cfg.gpu, cfg.source)
     resume = resume or resume_from is not None
-    out = {cfg.models[i].name: train_one(cfg, i, out_root, resume, resume_from, overwrite=overwrite_output_dir)
-           for i in select_models(cfg, model_index)}
+    out, errors, first = {}, {}, None
+    for i in select_models(cfg, model_index):
+        name = cfg.models[i].name
+        try:
+            out[name] = train_one(cfg, i, out_root, resume, resume_from, overwrite=overwrite_output_dir)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:   # as the command line: the next model still trains
+            first = first or e
+            text = str(e) if isinstance(e, JaxprefError) else f"{type(e).__name__}: {e}"
+            errors[name] = " ".join(text.split())[:500]
     if jax.process_index() == 0:
-        write_report(out_root, [m.name for m in cfg.models], {}, quiet=True)
+        write_report(out_root, [m.name for m in cfg.models], errors, quiet=True)
+    if first is not None:
+        raise first
     return out
 
 
