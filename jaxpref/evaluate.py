@@ -4,7 +4,8 @@ per-example preference log-probs.
 For every pair of a split (the same tokens, truncation and layout that training uses) it writes
 one JSON line: `index` (the row in the dataset split), `logps/chosen`, `logps/rejected` (policy,
 summed over completion tokens), `ref_logps/chosen`, `ref_logps/rejected`, `rewards/chosen`,
-`rewards/rejected` (beta * (policy - reference)); then prints a summary with TRL's metric names.
+`rewards/rejected` (beta * (policy - reference)); then prints a summary with TRL's metric names
+and values (`trainer.evaluate()`'s: the mean of each eval batch's mean).
 
 The policy is the base model, or base + `--adapter` (a PEFT LoRA folder, e.g. a run's
 `adapter/`). The reference is the base model with the adapter off, or the separate reference
@@ -186,7 +187,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
                 rows.append(row)
                 f.write(json.dumps(row) + "\n")
     tmp.replace(output)
-    return summarize(rows, split, rows_in, skipped, output)
+    return summarize(rows, split, rows_in, skipped, output, B)
 
 
 def sums_and_lengths(bundle, params, lora, mb, num_seqs: int):
@@ -229,18 +230,26 @@ def reference(cfg, index: int, bundle, params, abstract, tok):
     return bundle, params, None
 
 
-def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output: Path) -> dict:
+def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output: Path, batch: int) -> dict:
+    """The metrics as TRL's `trainer.evaluate()` takes them: each eval batch's mean (batches of
+    `per_device_eval_batch_size` pairs in order, the last one smaller), then the mean over batches."""
     rc = np.array([r["rewards/chosen"] for r in rows])
     rr = np.array([r["rewards/rejected"] for r in rows])
+    starts = range(0, len(rows), batch)
+
+    def mean(x) -> float:
+        x = np.asarray(x, np.float64)
+        return float(np.mean([np.mean(x[i:i + batch]) for i in starts]))
+
     return {
         "split": split,
         "examples": len(rows),
-        "rewards/accuracies": float(np.mean(rc > rr)),
-        "rewards/margins": float(np.mean(rc - rr)),
-        "rewards/chosen": float(np.mean(rc)),
-        "rewards/rejected": float(np.mean(rr)),
-        "logps/chosen": float(np.mean([r["logps/chosen"] for r in rows])),
-        "logps/rejected": float(np.mean([r["logps/rejected"] for r in rows])),
+        "rewards/accuracies": mean(rc > rr),
+        "rewards/margins": mean(rc - rr),
+        "rewards/chosen": mean(rc),
+        "rewards/rejected": mean(rr),
+        "logps/chosen": mean([r["logps/chosen"] for r in rows]),
+        "logps/rejected": mean([r["logps/rejected"] for r in rows]),
         "ties": int(np.sum(rc == rr)),
         "rows_in": int(rows_in),
         "skipped_rows": skipped,

@@ -1,6 +1,6 @@
 """`jaxpref evaluate`'s summary equals TRL's own `trainer.evaluate()` for the offline methods it
-takes, on the same tiny model, PEFT adapter and pairs (one eval batch, so TRL's mean over batches
-is the mean over pairs): DPO (reference: the adapter off), and ORPO / CPO / SimPO, which have no
+takes, on the same tiny model, PEFT adapter and pairs (TRL's means: each eval batch's mean, then
+their mean over the batches, the last one smaller): DPO (reference: the adapter off), and ORPO / CPO / SimPO, which have no
 reference and whose rewards are beta times the policy's log-probs (length-averaged for ORPO and
 for the ipo / simpo losses, as TRL's trainers compute them)."""
 from __future__ import annotations
@@ -17,11 +17,13 @@ from test_trl_trainers import base_model, fresh_peft
 KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
         "logps/rejected")
 SLOW = pytest.mark.slow
-CASES = [pytest.param("dpo", None, marks=SLOW), ("orpo", None), pytest.param("cpo", "sigmoid", marks=SLOW),
-         ("cpo", "ipo"), pytest.param("simpo", None, marks=SLOW)]
+CASES = [pytest.param("dpo", None, 4, marks=SLOW), ("orpo", None, 4), pytest.param("cpo", "sigmoid", 4, marks=SLOW),
+         ("cpo", "ipo", 4), pytest.param("simpo", None, 4, marks=SLOW),
+         # batches of 3 and 1 pairs: TRL's evaluate() means each batch, then the batch means
+         ("dpo", None, 3), pytest.param("orpo", None, 3, marks=SLOW)]
 
 
-def trl_evaluate(smol, method: str, loss_type: str | None) -> dict:  # noqa: F811
+def trl_evaluate(smol, method: str, loss_type: str | None, batch: int) -> dict:  # noqa: F811
     from datasets import Dataset
 
     tmp, tok, model_dir, adapter, _ = smol
@@ -33,7 +35,7 @@ def trl_evaluate(smol, method: str, loss_type: str | None) -> dict:  # noqa: F81
     else:
         from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
         kw = {"loss_type": "simpo", "cpo_alpha": 0.0} if method == "simpo" else kw
-    args = Config(output_dir=str(tmp / "trl_eval"), per_device_eval_batch_size=len(PLAIN), report_to=[],
+    args = Config(output_dir=str(tmp / "trl_eval"), per_device_eval_batch_size=batch, report_to=[],
                   use_cpu=True, max_length=64, beta=0.1, bf16=False, **kw)
     data = Dataset.from_list(PLAIN)
     # DPO: the reference is the base model (given a PeftModel alone, TRL 1.16 would copy the adapter
@@ -44,12 +46,12 @@ def trl_evaluate(smol, method: str, loss_type: str | None) -> dict:  # noqa: F81
     return tr.evaluate()
 
 
-@pytest.mark.parametrize("method,loss_type", CASES)
-def test_evaluate_summary_equals_trl_evaluate(smol, method, loss_type, tmp_path, monkeypatch, capsys):  # noqa: F811
+@pytest.mark.parametrize("method,loss_type,batch", CASES)
+def test_evaluate_summary_equals_trl_evaluate(smol, method, loss_type, batch, tmp_path, monkeypatch, capsys):  # noqa: F811
     tmp, _, model_dir, adapter, files = smol
     pt = {"method": method, "beta": 0.1, **({"loss_type": loss_type} if loss_type else {})}
     cfg = write_config(tmp_path / "c.yaml", model_dir, files["plain"], post_training=pt,
-                       training={"per_device_eval_batch_size": len(PLAIN), "max_length": 64})
+                       training={"per_device_eval_batch_size": batch, "max_length": 64})
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out.jsonl"
     code = evaluate.main(["--config", str(cfg), "--adapter", str(adapter), "--split", "train",
@@ -57,7 +59,7 @@ def test_evaluate_summary_equals_trl_evaluate(smol, method, loss_type, tmp_path,
     captured = capsys.readouterr()
     assert code == 0, captured.err
     mine = json.loads(captured.out)
-    theirs = trl_evaluate(smol, method, loss_type)
+    theirs = trl_evaluate(smol, method, loss_type, batch)
     assert mine["examples"] == len(PLAIN)
     assert abs(theirs["eval_rewards/margins"]) > 1e-4
     for k in KEYS:
