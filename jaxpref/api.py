@@ -89,6 +89,8 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
             first = first or e
             text = str(e) if isinstance(e, JaxprefError) else f"{type(e).__name__}: {e}"
             errors[name] = " ".join(text.split())[:500]
+            if isinstance(e, JaxprefError):
+                record_refusal(out_root / name, errors[name])
     if jax.process_index() == 0:
         write_report(out_root, [m.name for m in cfg.models], errors, quiet=True)
     if first is not None:
@@ -172,6 +174,20 @@ def output_root(cfg: Config, flag: str | None) -> Path:
     """--output-dir, else the config's `training.output_dir`, else checkpoints/ (`~` expanded, as
     for the model and data paths: some writers expanded it and others did not)."""
     return Path(flag or cfg.training.output_dir or "checkpoints").expanduser()
+
+
+def record_refusal(run_dir: Path, line: str) -> None:
+    """A model refused on bad input leaves its one-line error in `<run>/error.log` where its folder
+    is absent or holds nothing but its `.lock` and an earlier error.log (it never held a run), so
+    that a later `jaxpref report` lists it as the run's report did; a folder holding anything else
+    (a previous run) is left as it is."""
+    try:
+        if run_dir.is_dir() and any(p.name not in (".lock", "error.log") for p in run_dir.iterdir()):
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.log").write_text(line + "\n")
+    except OSError:
+        pass
 
 
 def write_report(out_root: Path, names: list[str], errors: dict[str, str], quiet: bool) -> None:
