@@ -65,8 +65,9 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
       the eval split (rows as the config's columns name them);
     overrides: ["training.learning_rate=1e-5", ...], as `--set`;
     resume / resume_from / overwrite_output_dir: as the command line's flags.
-    -> {model name: its summary}. The first model that fails raises its error. As the command
-    line, it then (re)writes `<output_dir>/report.md` and `report.html` over the config's models."""
+    -> {model name: its summary}. As the command line, a model that fails does not stop the
+    others: every model is trained, `<output_dir>/report.md` and `report.html` are (re)written over
+    the config's models (the failures listed), and then the first failure's error is raised."""
     import jax
 
     from jaxpref.runtime.mesh import init_distributed
@@ -77,10 +78,23 @@ def train(config: str | Path | dict | Config, output_dir: str | Path | None = No
     out_root = output_root(cfg, str(output_dir) if output_dir is not None else None)
     init_distributed(cfg.gpu, cfg.source)
     resume = resume or resume_from is not None
-    out = {cfg.models[i].name: train_one(cfg, i, out_root, resume, resume_from, overwrite=overwrite_output_dir)
-           for i in select_models(cfg, model_index)}
+    out, errors, first = {}, {}, None
+    for i in select_models(cfg, model_index):
+        name = cfg.models[i].name
+        try:
+            out[name] = train_one(cfg, i, out_root, resume, resume_from, overwrite=overwrite_output_dir)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:   # as the command line: the next model still trains
+            first = first or e
+            text = str(e) if isinstance(e, JaxprefError) else f"{type(e).__name__}: {e}"
+            errors[name] = " ".join(text.split())[:500]
+            if isinstance(e, JaxprefError):
+                record_refusal(out_root / name, errors[name])
     if jax.process_index() == 0:
-        write_report(out_root, [m.name for m in cfg.models], {}, quiet=True)
+        write_report(out_root, [m.name for m in cfg.models], errors, quiet=True)
+    if first is not None:
+        raise first
     return out
 
 
@@ -160,6 +174,20 @@ def output_root(cfg: Config, flag: str | None) -> Path:
     """--output-dir, else the config's `training.output_dir`, else checkpoints/ (`~` expanded, as
     for the model and data paths: some writers expanded it and others did not)."""
     return Path(flag or cfg.training.output_dir or "checkpoints").expanduser()
+
+
+def record_refusal(run_dir: Path, line: str) -> None:
+    """A model refused on bad input leaves its one-line error in `<run>/error.log` where its folder
+    is absent or holds nothing but its `.lock` and an earlier error.log (it never held a run), so
+    that a later `jaxpref report` lists it as the run's report did; a folder holding anything else
+    (a previous run) is left as it is."""
+    try:
+        if run_dir.is_dir() and any(p.name not in (".lock", "error.log") for p in run_dir.iterdir()):
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.log").write_text(line + "\n")
+    except OSError:
+        pass
 
 
 def write_report(out_root: Path, names: list[str], errors: dict[str, str], quiet: bool) -> None:

@@ -4,13 +4,16 @@ per-example preference log-probs.
 For every pair of a split (the same tokens, truncation and layout that training uses) it writes
 one JSON line: `index` (the row in the dataset split), `logps/chosen`, `logps/rejected` (policy,
 summed over completion tokens), `ref_logps/chosen`, `ref_logps/rejected`, `rewards/chosen`,
-`rewards/rejected` (beta * (policy - reference)); then prints a summary with TRL's metric names.
+`rewards/rejected` (beta * (policy - reference)); then prints a summary with TRL's metric names
+and values (`trainer.evaluate()`'s: the mean of each eval batch's mean).
 
 The policy is the base model, or base + `--adapter` (a PEFT LoRA folder, e.g. a run's
 `adapter/`). The reference is the base model with the adapter off, or the separate reference
 model when `post_training.use_ref_model` is set, or for a config continuing `lora.init_from`'s
 adapter the base with that adapter (its training's reference, as TRL's); `reference_free`
-makes it 0.
+makes it 0. ORPO, CPO and SimPO have no reference (0) and their rewards are beta times the policy's
+log-probs, length-averaged for ORPO and for the ipo / simpo losses (`logps/*` then are those
+averages), as TRL's ORPOTrainer and CPOTrainer compute them.
 """
 from __future__ import annotations
 
@@ -118,6 +121,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
     from jaxpref.training import setup
     from jaxpref.models import weights
     from jaxpref.objectives.logps import sequence_logps
+    from jaxpref.objectives.methods import get_method
 
     entry = cfg.models[index]
     pt = cfg.post_training
@@ -153,16 +157,20 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
 
     B = cfg.training.per_device_eval_batch_size
     S = 2 * B
-    policy_fn = jax.jit(lambda p, lo, mb: sequence_logps(bundle, p, lo, mb, S))
+    policy_fn = jax.jit(lambda p, lo, mb: sums_and_lengths(bundle, p, lo, mb, S))
     ref_fn = jax.jit(lambda p, lo, mb: sequence_logps(ref_bundle, p, lo, mb, S))
     beta = pt.beta
+    no_reference = pt.reference_free or not get_method(pt.method).reference
+    averaged = length_averaged(pt.method, cfg.loss_types)
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     tmp = output.with_name(output.name + ".tmp")
     with tmp.open("w") as f:
         for real, mb in batches(data, B, prepared.layout):
-            pol = np.asarray(policy_fn(params, lora, mb), np.float64)
-            if pt.reference_free:
+            pol, lens = (np.asarray(x, np.float64) for x in policy_fn(params, lora, mb))
+            if averaged:
+                pol = pol / np.maximum(lens, 1.0)
+            if no_reference:
                 ref = np.zeros_like(pol)
             elif lora is None and ref_lora is None and ref_bundle is bundle:
                 ref = pol  # no adapter: the policy is the reference
@@ -179,7 +187,24 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
                 rows.append(row)
                 f.write(json.dumps(row) + "\n")
     tmp.replace(output)
-    return summarize(rows, split, rows_in, skipped, output)
+    return summarize(rows, split, rows_in, skipped, output, B)
+
+
+def sums_and_lengths(bundle, params, lora, mb, num_seqs: int):
+    """([S] summed completion log-probs, [S] completion token counts), chosen slots then rejected."""
+    import jax.numpy as jnp
+
+    from jaxpref.objectives.logps import pair_stats, token_logps
+
+    st = pair_stats(*token_logps(bundle, params, lora, mb), mb, num_seqs)
+    return (jnp.concatenate([st.logps_chosen, st.logps_rejected]),
+            jnp.concatenate([st.len_chosen, st.len_rejected]))
+
+
+def length_averaged(method: str, loss_types: list[str]) -> bool:
+    """Whether the method's rewards and logged log-probs are per-token means (TRL's ORPOTrainer
+    always; CPOTrainer for the ipo and simpo losses, and so SimPO), not sums."""
+    return method in ("orpo", "simpo") or (method == "cpo" and loss_types[0] in ("ipo", "simpo"))
 
 
 def reference(cfg, index: int, bundle, params, abstract, tok):
@@ -205,18 +230,26 @@ def reference(cfg, index: int, bundle, params, abstract, tok):
     return bundle, params, None
 
 
-def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output: Path) -> dict:
+def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output: Path, batch: int) -> dict:
+    """The metrics as TRL's `trainer.evaluate()` takes them: each eval batch's mean (batches of
+    `per_device_eval_batch_size` pairs in order, the last one smaller), then the mean over batches."""
     rc = np.array([r["rewards/chosen"] for r in rows])
     rr = np.array([r["rewards/rejected"] for r in rows])
+    starts = range(0, len(rows), batch)
+
+    def mean(x) -> float:
+        x = np.asarray(x, np.float64)
+        return float(np.mean([np.mean(x[i:i + batch]) for i in starts]))
+
     return {
         "split": split,
         "examples": len(rows),
-        "rewards/accuracies": float(np.mean(rc > rr)),
-        "rewards/margins": float(np.mean(rc - rr)),
-        "rewards/chosen": float(np.mean(rc)),
-        "rewards/rejected": float(np.mean(rr)),
-        "logps/chosen": float(np.mean([r["logps/chosen"] for r in rows])),
-        "logps/rejected": float(np.mean([r["logps/rejected"] for r in rows])),
+        "rewards/accuracies": mean(rc > rr),
+        "rewards/margins": mean(rc - rr),
+        "rewards/chosen": mean(rc),
+        "rewards/rejected": mean(rr),
+        "logps/chosen": mean([r["logps/chosen"] for r in rows]),
+        "logps/rejected": mean([r["logps/rejected"] for r in rows]),
         "ties": int(np.sum(rc == rr)),
         "rows_in": int(rows_in),
         "skipped_rows": skipped,

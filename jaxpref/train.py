@@ -14,7 +14,7 @@ import traceback
 import types
 from pathlib import Path
 
-from jaxpref.api import check_overwrite, output_root, select_models, train_one, write_report
+from jaxpref.api import check_overwrite, output_root, record_refusal, select_models, train_one, write_report
 from jaxpref.api import train as api_train
 from jaxpref.config import load_config
 from jaxpref.errors import JaxprefError, check_writable
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.train") -
             print(f"jaxpref: error: model `{entry.name}`: {e}", file=sys.stderr)
             codes.append(2)
             errors[entry.name] = " ".join(str(e).split())
+            record_refusal(out_root / entry.name, errors[entry.name])
         except KeyboardInterrupt:
             return 130
         except Exception as e:  # report, keep the traceback in the run folder, go on

@@ -133,8 +133,10 @@ def test_adapter_logps_match_peft(setup, monkeypatch, capsys):
     summary = json.loads(out)
     rc = np.array([x["rewards/chosen"] for x in lines])
     rr = np.array([x["rewards/rejected"] for x in lines])
-    assert summary["rewards/accuracies"] == pytest.approx(np.mean(rc > rr))
-    assert summary["rewards/margins"] == pytest.approx(np.mean(rc - rr))
+    # As TRL's evaluate(): each eval batch's mean (per_device_eval_batch_size 2: 2, 2, 1 pairs), then their mean.
+    by_batch = lambda x: np.mean([np.mean(x[i:i + 2]) for i in range(0, len(x), 2)])
+    assert summary["rewards/accuracies"] == pytest.approx(by_batch(rc > rr))
+    assert summary["rewards/margins"] == pytest.approx(by_batch(rc - rr))
 
 
 def test_max_examples_and_eval_fraction(setup, monkeypatch, capsys):
@@ -293,7 +295,7 @@ def test_config_continuing_an_adapter_is_evaluated_against_it_as_trl_does(setup,
     rows = [r for r in ROWS if r["chosen"] != r["rejected"]]   # the pair jaxpref counts as skipped
     base = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
     trainer = DPOTrainer(model=peft.PeftModel.from_pretrained(base, initial, is_trainable=True),
-                         args=DPOConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=1, report_to=[],
+                         args=DPOConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=2, report_to=[],
                                         use_cpu=True, max_length=64, beta=BETA, bf16=False),
                          train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
                          processing_class=tok)

@@ -188,3 +188,19 @@ def test_a_users_file_of_a_report_name_is_never_replaced(tmp_path, capsys, name)
     (tmp_path / name).unlink()
     assert report.main([str(tmp_path)]) == 0   # our own report is rewritten each time
     assert report.main([str(tmp_path)]) == 0
+
+
+def test_report_cli_still_lists_a_model_refused_for_bad_input(two_models, tmp_path, capsys):
+    """`broken` failed on a bad input (its model source): `train` leaves its one-line error in
+    `broken/error.log`, so the standalone report lists it as the run's report did. Before, its
+    folder was left empty and `jaxpref report` said "2/2 model(s) trained", the failure gone."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(two_models, out)
+    assert report.main([str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "2/3 model(s) trained." in md
+    failed = md.split("## Failed\n", 1)[1].strip().splitlines()
+    assert len(failed) == 1 and failed[0].startswith("- `broken`: model source ") and "not found" in failed[0]
+    assert md == (two_models / "report.md").read_text()   # the same report as train wrote

@@ -424,3 +424,26 @@ def test_hub_dataset_gets_the_token(monkeypatch, var):
     assert load_rows(DatasetConfig(name="org/gated-prefs", revision="v1")) == "rows"
     assert seen["args"] == ("org/gated-prefs", None) and seen["revision"] == "v1"
     assert seen["token"] == "hf_planted"
+
+
+@pytest.mark.slow
+def test_python_api_trains_the_other_models_when_one_fails(tmp_path, tiny_llama, tiny_pairs):
+    """As the command line: a failing model is reported (the report lists it) and the next model
+    still trains; then the first failure's error is raised. Before, the API raised at the failing
+    model and never trained the models after it (nor wrote the report)."""
+    import jaxpref
+    from jaxpref.errors import JaxprefError
+
+    config = {"models": [{"name": "broken", "huggingface_id": str(tmp_path / "no_such_model")},
+                         {"name": "last", "huggingface_id": str(tiny_llama)}],
+              "dataset": {"name": str(tiny_pairs)},
+              "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+              "training": {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 64},
+              "logging": {"progress_bar": False, "report_to": []}}
+    runs = tmp_path / "runs"
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(JaxprefError, match="no_such_model"):
+        jaxpref.train(config, output_dir=runs)
+    assert json.loads((runs / "last" / "summary.json").read_text())["steps"] == 1
+    report = (runs / "report.md").read_text()
+    assert "1/2 model(s) trained" in report and "| last |" in report
+    assert "- `broken`:" in report and "no_such_model" in report
