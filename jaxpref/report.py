@@ -157,7 +157,8 @@ def row_of(r: RunInfo) -> list[str]:
     own = [f"{k} {_fmt(_last(train, k))}" for k in OWN.get(method, ()) if _last(train, k) is not None]
     base = _base_model(r, "-")
     pair = lambda key: f"{_fmt(_last(train, key), 3)} / {_fmt(fe.get('eval_' + key), 3)}"
-    return [r.name, base, f"{method} ({loss or 'default'})", lora, _fmt(s.get("steps")),
+    method_cell = method if loss == method else f"{method} ({loss or 'default'})"   # ppo: no loss of its own
+    return [r.name, base, method_cell, lora, _fmt(s.get("steps")),
             _fmt(_last(train, "epoch")), _fmt(s.get("wall_time_s", s.get("train_runtime"))),
             _fmt(round(statistics.median(tps), 1)) if tps else "-", _fmt(s.get("compile_time_s")),
             _fmt(peak.get("host_rss_mib")), _fmt(peak.get("device_peak_mib")), _fmt(_last(train, "loss")),
