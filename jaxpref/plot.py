@@ -42,12 +42,12 @@ def plot_run(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from jaxpref.errors import JaxprefError
-    from jaxpref.report import PNG, foreign
+    from jaxpref.report import PNG, PNG_METADATA, foreign
 
     run_dir = Path(run_dir)
     out = run_dir / "metrics.png"
-    if foreign(out, PNG):   # a metrics.png that is not a PNG is the user's
-        raise JaxprefError(f"{out} is not a plot (not a PNG file), and the plot would replace it; move it away")
+    if foreign(out, PNG):   # a metrics.png that is not a plot of ours is the user's
+        raise JaxprefError(f"{out} is not a plot of jaxpref's, and the plot would replace it; move it away")
     rows = read_rows(run_dir)
     if not rows:
         raise JaxprefError(f"{run_dir / 'metrics.jsonl'} has no metrics rows (JSON lines with a `step`)")
@@ -66,7 +66,7 @@ def plot_run(run_dir: Path) -> Path:
             ax.legend()
     fig.suptitle(run_dir.name)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, metadata=PNG_METADATA)
     plt.close(fig)
     return out
 

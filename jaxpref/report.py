@@ -206,7 +206,7 @@ def plot_curves(runs: list[RunInfo], out: Path) -> Path | None:
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6),
                    frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, metadata=PNG_METADATA)
     plt.close(fig)
     return out
 
@@ -311,20 +311,25 @@ def render_html(out_dir: Path, runs: list[RunInfo], ok: list[RunInfo], failed: l
 
 
 PNG = b"\x89PNG\r\n\x1a\n"   # how every PNG file begins
+# Our PNGs carry this text chunk (`PNG_METADATA`), right after their header: a PNG without it
+# (a screenshot, another program's plot) is the user's.
+PNG_METADATA = {"Software": "jaxpref"}
+PNG_MARK = b"tEXtSoftware\x00jaxpref"
 # How each report file begins: one that begins otherwise is the user's and is never replaced.
 OURS = {"report.md": b"# jaxpref report: ", "report.html": b"<!doctype html><html><head><meta charset='utf-8'>"
         b"<title>jaxpref report: ", "report_curves.png": PNG}
 
 
 def foreign(path: Path, head: bytes) -> bool:
-    """Whether `path` is a folder, or a file that does not begin with `head`: not one of our
-    outputs, so another hand made it and it is never replaced."""
+    """Whether `path` is a folder, or a file that does not begin with `head` (a PNG: one without
+    our `PNG_MARK`): not one of our outputs, so another hand made it and it is never replaced."""
     if path.is_dir():
         return True
     if not path.is_file():
         return False
     with open(path, "rb") as f:
-        return f.read(len(head)) != head
+        start = f.read(256)
+    return not start.startswith(head) or (head == PNG and PNG_MARK not in start)
 
 
 def check_ours(out_dir: Path) -> None:

@@ -170,16 +170,27 @@ def test_plot_of_a_hand_edited_metrics_file(tmp_path, capsys, rows, png_dir, cod
 
 
 def test_plot_never_replaces_a_users_metrics_png(tmp_path, capsys):
-    """A metrics.png that is not a PNG is the user's: it was overwritten without a word; a plot
-    of ours (a PNG) is replaced."""
+    """A metrics.png that is not a plot of ours is the user's: one not a PNG was overwritten
+    without a word, and any PNG was (a screenshot, another program's plot); a plot of ours (its
+    PNG carries jaxpref's Software text) is replaced."""
     from jaxpref.plot import main as plot_main
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
     (tmp_path / "metrics.png").write_text("my notes")
     assert plot_main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "metrics.png is not a plot" in err[0], err
+    assert len(err) == 1 and "metrics.png is not a plot of jaxpref's" in err[0], err
     assert (tmp_path / "metrics.png").read_text() == "my notes"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([1, 2])
+    fig.savefig(tmp_path / "metrics.png")   # the user's own PNG
+    plt.close(fig)
+    mine = (tmp_path / "metrics.png").read_bytes()
+    assert plot_main([str(tmp_path)]) == 2 and (tmp_path / "metrics.png").read_bytes() == mine
+    capsys.readouterr()
     (tmp_path / "metrics.png").unlink()
     assert plot_main([str(tmp_path)]) == 0 and plot_main([str(tmp_path)]) == 0   # ours: replaced
 
