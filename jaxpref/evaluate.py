@@ -257,11 +257,19 @@ def summarize(rows: list[dict], split: str, rows_in: int, skipped: dict, output:
     }
 
 
-def read_files(cfg, config: Path) -> dict[str, Path]:
-    """The files this command reads (what -> path): an --output there would replace them."""
+RUN_RECORDS = ("metrics.jsonl", "summary.json", "samples.jsonl", "config.yaml", "FINISHED", "error.log")
+
+
+def read_files(cfg, config: Path, run: str | None = None, adapter: str | None = None) -> dict[str, Path]:
+    """The files this command reads, and `--run`'s records (what -> path): an --output there would
+    replace them."""
     files = {"the config file": Path(config)}
     if cfg.dataset.name and Path(cfg.dataset.name).expanduser().is_file():
         files["the dataset file"] = Path(cfg.dataset.name)
+    for name in RUN_RECORDS if run else ():
+        files[f"the run's {name}"] = Path(run) / name
+    for name in ("adapter_config.json", "adapter_model.safetensors") if adapter else ():
+        files[f"the adapter's {name}"] = Path(adapter) / name
     return files
 
 
@@ -287,8 +295,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpref.evaluate"
         if args.run and args.adapter is None:
             full_finetune_policy(cfg, Path(args.run), args.model_index)
         check_writable(args.output, "--output", directory=False)
-        refuse_protected(args.output, "--output", read_files(cfg, args.config or Path(args.run) / "config.yaml"),
-                         "--overwrite")
+        refuse_protected(args.output, "--output", read_files(cfg, args.config or Path(args.run) / "config.yaml",
+                                                             args.run, args.adapter), "--overwrite")
         if Path(args.output).exists() and not args.overwrite:
             raise ConfigError(f"--output {args.output} exists; pass --overwrite to replace it")
         adapter = adapter_dir(args.adapter) if args.adapter else None

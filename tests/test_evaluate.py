@@ -256,6 +256,28 @@ def test_output_over_a_file_it_reads_is_refused_even_with_overwrite(setup, capsy
     assert {f: f.read_bytes() for f in before} == before
 
 
+def test_output_over_a_runs_records_is_refused_even_with_overwrite(setup, capsys, tmp_path):
+    """--run DIR --output DIR/metrics.jsonl (or summary.json, its adapter's files) --overwrite
+    replaced the run's record with the evaluation's lines."""
+    import shutil
+
+    config, _, _, adapter, _, _ = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(config, run / "config.yaml")
+    shutil.copytree(adapter, run / "adapter")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    (run / "summary.json").write_text('{"steps": 1}\n')
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for out, what in ((run / "metrics.jsonl", "the run's metrics.jsonl"),
+                      (run / "summary.json", "the run's summary.json"),
+                      (run / "adapter" / "adapter_config.json", "the adapter's adapter_config.json")):
+        assert evaluate.main(["--run", str(run), "--output", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"that is {what}" in err[0], err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_config_continuing_an_adapter_is_evaluated_against_it_as_trl_does(setup, monkeypatch, capsys, tmp_path):
     """`lora.init_from`: training's reference is the initial adapter (TRL's, for a PEFT model it
