@@ -127,9 +127,6 @@ def _cases():
                                                       ["`training.eval_strategy`", "no eval split"]),
         "early stopping without an eval split": (cfg(finetuning={"early_stopping": {"patience": 2}}),
                                                  ["`finetuning.early_stopping`", "no eval split"]),
-        "eval split smaller than an eval batch": (cfg(dataset={"eval_fraction": 0.15}),
-                                                  ["eval split has 2 usable rows", "eval batch of 4",
-                                                   "per_device_eval_batch_size"]),
         "ref_model_id without use_ref_model": (  # silently ignored before (TRL refuses ref_model with LoRA)
             lambda tmp, m, d: (m, d, {"models": [{"name": "tiny", "huggingface_id": str(m), "ref_model_id": str(m)}]}),
             ["`models[0].ref_model_id` names a separate reference model", "use_ref_model: true"]),
