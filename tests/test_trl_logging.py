@@ -279,6 +279,23 @@ def test_kto_batch_of_one_is_refused_for_the_kl_estimate_only():
             config_from_dict({**base, "post_training": pt}, "c.yaml")
 
 
+def test_kto_random_sampling_is_refused_for_the_kl_estimate_only():
+    """TRL's KTOTrainer refuses `train_sampling_strategy: random` where it estimates the KL (its KL
+    completions are its neighbours' in a fixed order) and takes it for apo_zero_unpaired; jaxpref
+    trained loss_type kto shuffled, pairing KL rows within the shuffled micro-batch."""
+    from jaxpref.config import config_from_dict
+    from jaxpref.errors import ConfigError
+
+    base = {"models": [{"name": "m", "huggingface_id": "some/model"}], "dataset": {"name": "d.jsonl"},
+            "training": {"train_sampling_strategy": "random"}}
+    c = config_from_dict({**base, "post_training": {"method": "kto", "loss_type": "apo_zero_unpaired"}}, "c.yaml")
+    assert c.training.train_sampling_strategy == "random"
+    for pt in ({"method": "kto"}, {"method": "kto", "loss_type": "kto"}):
+        with pytest.raises(ConfigError, match="`training.train_sampling_strategy` must be sequential"):
+            config_from_dict({**base, "post_training": pt}, "c.yaml")
+    assert config_from_dict({**base, "post_training": {"method": "dpo"}}, "c.yaml").training.train_sampling_strategy == "random"
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_kto_apo_zero_unpaired_in_batches_of_one_equals_trl(request, tiny_llama):

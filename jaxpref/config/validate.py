@@ -210,9 +210,12 @@ def _training(cfg: Config) -> None:
     _choice(tr.param_dtype, ("float32", "bfloat16"), "training.param_dtype", src)
     _choice(tr.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype", src)
     lt = cfg.post_training.loss_type
-    if pt_is_kto(cfg) and tr.per_device_train_batch_size < 2 and (lt or "kto") in ("kto", ["kto"]):
-        # TRL's check: apo_zero_unpaired estimates no KL and takes batches of one
+    kl = pt_is_kto(cfg) and (lt or "kto") in ("kto", ["kto"])   # TRL's checks: apo_zero_unpaired has no KL
+    if kl and tr.per_device_train_batch_size < 2:
         raise ConfigError(f"{src}: KTO needs `training.per_device_train_batch_size` >= 2 for its KL estimate")
+    if kl and tr.train_sampling_strategy == "random":
+        raise ConfigError(f"{src}: KTO's KL estimate pairs each example with its neighbour in data order, so "
+                          "`training.train_sampling_strategy` must be sequential (its default) with loss_type kto")
 
 
 def _training_layout(cfg: Config) -> None:
