@@ -121,6 +121,7 @@ def evaluate(cfg, index: int, split: str | None, adapter: Path | None, max_examp
     from jaxpref.training import setup
     from jaxpref.models import weights
     from jaxpref.objectives.logps import sequence_logps
+    from jaxpref.objectives.losses import length_averaged
     from jaxpref.objectives.methods import get_method
 
     entry = cfg.models[index]
@@ -199,12 +200,6 @@ def sums_and_lengths(bundle, params, lora, mb, num_seqs: int):
     st = pair_stats(*token_logps(bundle, params, lora, mb), mb, num_seqs)
     return (jnp.concatenate([st.logps_chosen, st.logps_rejected]),
             jnp.concatenate([st.len_chosen, st.len_rejected]))
-
-
-def length_averaged(method: str, loss_types: list[str]) -> bool:
-    """Whether the method's rewards and logged log-probs are per-token means (TRL's ORPOTrainer
-    always; CPOTrainer for the ipo and simpo losses, and so SimPO), not sums."""
-    return method in ("orpo", "simpo") or (method == "cpo" and loss_types[0] in ("ipo", "simpo"))
 
 
 def reference(cfg, index: int, bundle, params, abstract, tok):

@@ -242,13 +242,19 @@ def orpo_loss(s: PairStats, spec: LossSpec, span: str = "prompt_and_completion",
     return loss, m
 
 
+def length_averaged(method: str, loss_types) -> bool:
+    """Whether the method's rewards and logged log-probs are per-token means, not sums: ORPO's
+    always, CPO's for its ipo and simpo losses, and so SimPO's (TRL's ORPOTrainer and CPOTrainer)."""
+    return method in ("orpo", "simpo") or (method == "cpo" and loss_types[0] in ("ipo", "simpo"))
+
+
 def simpo_cpo_loss(s: PairStats, spec: LossSpec, red: Reduce = Reduce()) -> tuple[jax.Array, dict]:
     """CPO (TRL's CPOTrainer): sigmoid / hinge / ipo / simpo on policy log-probs, plus cpo_alpha
     times the chosen completions' token-mean NLL. ipo and simpo use length-averaged log-probs;
     method `simpo` is loss_type simpo with cpo_alpha = 0 (pure SimPO)."""
     eps, beta = spec.label_smoothing, spec.beta
     lt = "simpo" if spec.method == "simpo" else spec.loss_types[0]
-    if lt in ("ipo", "simpo"):
+    if length_averaged(spec.method, spec.loss_types):
         pc = s.logps_chosen / jnp.maximum(s.len_chosen, 1.0)
         pr = s.logps_rejected / jnp.maximum(s.len_rejected, 1.0)
     else:
