@@ -229,7 +229,7 @@ def run_jax(args) -> dict:
         raise ConfigError(f"{args.config}: reference mode `{mode}` is not benchmarked")
     B, G = tcfg.per_device_train_batch_size, tcfg.gradient_accumulation_steps
     # With `--set training.max_tokens_per_batch=N` the token budget's micro-batches (`data.budget`).
-    it = setup.train_iterator(cfg, prepared.train, B, G, prepared.layout)
+    it = setup.train_iterator(cfg, prepared.train, B, G, prepared.layout, whole_steps=True)   # steps of one shape
     total = args.warmup + args.steps
     # The shapes the real run would plan (over all its steps), not just the timed ones.
     run_steps = tcfg.total_steps(it.steps_per_epoch)
@@ -248,7 +248,7 @@ def run_jax(args) -> dict:
     lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-    opts = StepOptions(spec, 2 * B, ref_mode=mode, groups=G)
+    opts = StepOptions(spec, 2 * B, ref_mode=mode, groups=G if prepared.layout.max_tokens else 0)
     step_fn = make_train_step(bundle, opts, optimizer, schedule, ref_bundle, dropout=lspec.dropout > 0)
     setup_s = time.perf_counter() - t_setup
     peak_before = matmul_peak_gflops()

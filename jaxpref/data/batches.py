@@ -123,3 +123,29 @@ def from_arrays(arrays: dict, layout: PairLayout) -> Batch:
 def stack(parts: list[dict], layout: PairLayout) -> Batch:
     """Micro-batches built as arrays by name -> one batch with the micro-batch axis first."""
     return from_arrays({k: np.stack([p[k] for p in parts]) for k in parts[0]}, layout)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LastStep:
+    """An epoch's last, shorter step (as TRL's Trainer takes it): `head`, the whole micro-batches of
+    B pairs it still has (None if none), and `tail`, one micro-batch of the `pairs` (< B) left, built
+    with B = `pairs` (its own sequence slots, S = 2 x pairs). The step averages over head + 1
+    micro-batches."""
+    head: Batch | None
+    tail: Batch
+    pairs: int = field(metadata={"static": True})
+
+    @property
+    def shape_key(self) -> tuple:
+        return ("last", None if self.head is None else self.head.shape_key, self.tail.shape_key)
+
+    def part_keys(self) -> list[tuple]:
+        """The shape keys of its parts (what the memory plan reads)."""
+        return [b.shape_key for b in (self.head, self.tail) if b is not None]
+
+    def trl_token_count(self) -> int:
+        return sum(b.trl_token_count() for b in (self.head, self.tail) if b is not None)
+
+    def on_device(self) -> "LastStep":
+        return LastStep(None if self.head is None else self.head.on_device(), self.tail.on_device(), self.pairs)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxpref.data.batches import Batch, stack
+from jaxpref.data.batches import Batch, LastStep, stack
 from jaxpref.data.layouts import (Layout, _pair_sequences, _row_length, _with_extra, bucket_for, compact_targets,
                                   make_pair_batch, pack_rows)
 from jaxpref.data.shapes import choose_shapes, round_up
@@ -17,20 +17,25 @@ class BatchIterator:
     Each step takes `accum` micro-batches of `batch_size` pairs, padded to one shape: the padded
     length T and the LM-head target slots per row K. Without a plan, T comes from the layout's
     length buckets and K from its target buckets; `plan_shapes` instead picks at most a few
-    shapes fitted to the run's own steps. The remainder of an epoch that does not fill a step is
-    skipped (a different remainder each epoch)."""
+    shapes fitted to the run's own steps. `last_short`: an epoch ends with the step its remaining
+    pairs fill, as TRL's Trainer (its dataloader keeps a shorter last batch): whole micro-batches of
+    B and one shorter (`batches.LastStep`); else the remainder that does not fill a step is skipped
+    (a different remainder each epoch)."""
 
     # Planned shapes are multiples of this (vector width friendly, fewer distinct candidates).
     ALIGN = 8
 
     def __init__(self, data: Tokenized, batch_size: int, accum: int, seed: int, layout: Layout,
-                 shuffle: bool = True):
+                 shuffle: bool = True, last_short: bool = False):
         self.data, self.B, self.G, self.seed, self.layout = data, batch_size, accum, seed, layout
-        self.shuffle = shuffle
+        self.shuffle, self.last_short = shuffle, last_short
         self.epoch, self.index = 0, 0
-        self.steps_per_epoch = len(data) // (batch_size * accum)
+        # Micro-batches per epoch (TRL's dataloader length), and optimizer steps per epoch.
+        self.micro_per_epoch = -(-len(data) // batch_size) if last_short else len(data) // (batch_size * accum) * accum
+        self.steps_per_epoch = -(-self.micro_per_epoch // accum)
         self.shapes: tuple[tuple[int, int], ...] | None = None
         self._cost = None
+        self._tails: dict[int, BatchIterator] = {}
 
     def state(self) -> dict:
         return {"epoch": int(self.epoch), "index": int(self.index)}
@@ -48,22 +53,25 @@ class BatchIterator:
         return self
 
     def _advance(self, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
-        per_step = self.B * self.G
-        if index + per_step > len(self.data):
+        per_step, n = self.B * self.G, len(self.data)
+        if index >= n if self.last_short else index + per_step > n:
             epoch, index = epoch + 1, 0
-        return self.order(epoch)[index:index + per_step], epoch, index + per_step
+        idx = self.order(epoch)[index:index + per_step]
+        return idx, epoch, index + len(idx)
 
-    def __next__(self) -> tuple[Batch, float]:
+    def __next__(self) -> tuple[Batch | LastStep, float]:
         if self.steps_per_epoch == 0:
             raise StopIteration
         idx, self.epoch, self.index = self._advance(self.epoch, self.index)
-        progress = self.epoch + self.index / (self.steps_per_epoch * self.B * self.G)
+        # TRL's epoch: micro-batches done over micro-batches per epoch.
+        progress = self.epoch + -(-self.index // self.B) / self.micro_per_epoch
         return self.make(idx), progress
 
     # --- shapes -----------------------------------------------------------------------------
 
     def _micro(self, idx: np.ndarray) -> list[np.ndarray]:
-        return [idx[g * self.B:(g + 1) * self.B] for g in range(self.G)]
+        """The step's whole micro-batches (a last step's shorter one is not among them)."""
+        return [idx[g * self.B:(g + 1) * self.B] for g in range(len(idx) // self.B)]
 
     def _parts(self, micro: list[np.ndarray], T: int) -> list[dict]:
         """Unpacked micro-batches of length T (before the targets are gathered)."""
@@ -154,8 +162,12 @@ class BatchIterator:
         epoch, index = 0, 0
         for _ in range(min(steps, sample_steps)):
             idx, epoch, index = self._advance(epoch, index)
+            if len(idx) < self.B:   # a last step of one short micro-batch: built by its own iterator
+                continue
             key = tuple(round_up(x, a) for x in self._needs(self._micro(idx)))
             needs[key] = needs.get(key, 0) + 1
+        if not needs:
+            return ()
         if steps <= sample_steps:
             # Every step was looked at: the largest need is the cover.
             cover = tuple(max(n[d] for n in needs) for d in range(len(next(iter(needs)))))
@@ -178,7 +190,21 @@ class BatchIterator:
             return min(fits, key=lambda s: (self._cost(*s), s))
         return None
 
-    def make(self, idx: np.ndarray) -> Batch:
+    def _tail(self, pairs: int) -> "BatchIterator":
+        """The iterator that builds a last step's short micro-batch of `pairs` pairs (B = pairs, the
+        same data, layout and planned shapes)."""
+        if pairs not in self._tails:
+            t = type(self)(self.data, pairs, 1, self.seed, self.layout, self.shuffle)
+            self._tails[pairs] = t
+        t = self._tails[pairs]
+        t.shapes, t._cost = self.shapes, self._cost
+        return t
+
+    def make(self, idx: np.ndarray) -> Batch | LastStep:
+        whole = len(idx) // self.B * self.B
+        if whole < len(idx):   # an epoch's last step, with a shorter micro-batch
+            head = self.make(idx[:whole]) if whole else None
+            return LastStep(head, self._tail(len(idx) - whole).make(idx[whole:]), len(idx) - whole)
         micro = self._micro(idx)
         S = 2 * self.B
         if self.layout.padding_free:

@@ -139,7 +139,8 @@ def check_model(cfg: Config, index: int, resume=None) -> list[str]:
     args = setup.resolve_recompute(cfg, bundle, abstract, spec, setup.planned_keys(cfg, it), mesh).args   # what `auto` will choose
     shapes = _batch_lines(it, steps, layout, cfg.training)
     print(f"  schedule         {it.steps_per_epoch} steps/epoch, {steps} steps, "
-          f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size")
+          + ("the last one shorter" if it.last_short and len(tr) % (B * G) else
+             f"{len(tr) - it.steps_per_epoch * B * G} rows/epoch left over by the batch size"))
     plan = memory_plan(cfg, args, total, trainable, list(shapes), mesh=mesh,
                        base_per_device=per_device_elements(abstract, mesh, bundle.arch.roles))
     print(f"  attention        {attention_line(cfg, args, list(shapes), mesh)}")
@@ -161,7 +162,8 @@ def _batch_lines(it, steps: int, layout, training) -> dict:
     shapes, seen = {}, []
     for _ in range(min(steps, 200)):
         b, _ = next(it)
-        shapes[b.shape_key] = shapes.get(b.shape_key, 0) + 1
+        for key in b.part_keys() if hasattr(b, "part_keys") else (b.shape_key,):
+            shapes[key] = shapes.get(key, 0) + 1
         seen.append(b)
     shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))
     blocks = ", blocks, block slots" if layout.padding_free else ""

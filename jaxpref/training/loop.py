@@ -192,7 +192,7 @@ class Trainer:
         if run.ref_table is None:
             return None
         from jaxpref.training.reference import batch_reference, next_indices
-        return jax.device_put(batch_reference(run.ref_table, next_indices(run.it), run.G),
+        return jax.device_put(batch_reference(run.ref_table, next_indices(run.it), run.B),
                               mesh_mod.replicated(run.mesh))
 
     # --- hooks ------------------------------------------------------------------------------

@@ -51,15 +51,15 @@ def precompute(bundle, params, data, layout, batch_size: int, cache_dir: Path, k
 
 
 def next_indices(it: BatchIterator) -> np.ndarray:
-    """The example indices the iterator's next step will use (same rule as BatchIterator.__next__)."""
-    per = it.B * it.G
-    epoch, index = it.epoch, it.index
-    if index + per > len(it.data):
-        epoch, index = epoch + 1, 0
-    return it.order(epoch)[index:index + per]
+    """The example indices the iterator's next step will use (its own rule)."""
+    return it._advance(it.epoch, it.index)[0]
 
 
-def batch_reference(table: np.ndarray, idx: np.ndarray, accum: int) -> np.ndarray:
-    """[G, 2B]: per micro-batch, the chosen then rejected reference log-probs."""
-    micro = idx.reshape(accum, -1)
-    return np.stack([np.concatenate([table[m, 0], table[m, 1]]) for m in micro]).astype(np.float32)
+def batch_reference(table: np.ndarray, idx: np.ndarray, batch_size: int):
+    """[G, 2B]: per micro-batch of `batch_size` pairs, the chosen then rejected reference log-probs;
+    for an epoch's last, shorter step (`batches.LastStep`): (its whole micro-batches' or None, [1, 2b]
+    of the shorter one)."""
+    rows = lambda m: np.concatenate([table[m, 0], table[m, 1]]).astype(np.float32)
+    whole = len(idx) // batch_size * batch_size
+    head = np.stack([rows(m) for m in idx[:whole].reshape(-1, batch_size)]) if whole else None
+    return head if whole == len(idx) else (head, rows(idx[whole:])[None])

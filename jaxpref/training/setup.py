@@ -185,12 +185,16 @@ def iterator_class(cfg: Config):
     return BatchIterator
 
 
-def train_iterator(cfg: Config, data, B: int, G: int, layout, shuffle: bool = True):
+def train_iterator(cfg: Config, data, B: int, G: int, layout, shuffle: bool = True, whole_steps: bool = False):
     """The train batch iterator: the method's (`iterator_class`), or with
     `training.max_tokens_per_batch` the token budget's (`jaxpref.data.budget`), which needs
-    padding-free rows, one stream (one data-parallel device) and a budget that holds every pair."""
+    padding-free rows, one stream (one data-parallel device) and a budget that holds every pair.
+    On one data-parallel device an epoch ends with a shorter step, as TRL's; on several (and with a
+    token budget), and with `whole_steps` (a benchmark's), the rows that do not fill a step are left
+    out of the epoch."""
     if not layout.max_tokens:
-        return iterator_class(cfg)(data, B, G, cfg.training.seed, layout, shuffle=shuffle)
+        return iterator_class(cfg)(data, B, G, cfg.training.seed, layout, shuffle=shuffle,
+                                   last_short=layout.streams == 1 and not whole_steps)
     from jaxpref.data.budget import BudgetIterator
 
     key = f"{cfg.source}: `training.max_tokens_per_batch`"

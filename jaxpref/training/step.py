@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxpref.data.batches import LastStep
 from jaxpref.objectives.methods import LossInputs, get_method
 from jaxpref.objectives.logps import pair_stats, sequence_logps, token_logps
 from jaxpref.objectives.losses import LossSpec, Reduce
@@ -138,6 +139,20 @@ def reduce_metrics(m: dict) -> dict:
     return out
 
 
+def merge_metrics(parts: list[dict]) -> dict:
+    """`reduce_metrics` of several runs of micro-batches (an epoch's last step: its whole ones and
+    the shorter one) -> the step's: each metric the mean over every micro-batch it is present in."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k in {k for p in parts for k in p if not k.startswith("_count/")}:
+        have = [p for p in parts if k in p]
+        n = sum(p["_count/" + k] for p in have)
+        out[k] = sum(p[k] * p["_count/" + k] for p in have) / jnp.maximum(n, 1.0)
+        out["_count/" + k] = n
+    return out
+
+
 def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransformation,
                     schedule: Callable, ref_bundle=None, dropout: bool = False,
                     full_finetune: bool = False):
@@ -145,7 +160,7 @@ def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransfor
 
     batch: dict of [G, N, T] arrays (G micro-batches); ref_logps: [G, S] or None."""
 
-    def loss_and_grad(lora, params, ref_params, mb, ref, rng):
+    def loss_and_grad(lora, params, ref_params, mb, ref, rng, opts):
         rngs = {"dropout": rng} if dropout else None
         if full_finetune:
             # The trainable tree (state.lora) is the whole base tree; no adapter.
@@ -157,15 +172,14 @@ def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransfor
             lora, params, mb, ref, bundle, ref_bundle, ref_params, opts, rngs)
         return loss, m, g
 
-    def step(state: TrainState, params, ref_params, batch, ref_logps):
+    def accumulate(lora, params, ref_params, batch, ref_logps, opts, rng, first: int):
+        """Summed gradients and losses over the micro-batches of `batch`, and their metrics."""
         n_mb = batch.input_ids.shape[0]
-        G = opts.groups or n_mb
-        rng = jax.random.fold_in(state.rng, state.step)
 
         def body(carry, xs):
             gsum, lsum = carry
             mb, ref, i = xs
-            run = lambda: loss_and_grad(state.lora, params, ref_params, mb, ref, jax.random.fold_in(rng, i))
+            run = lambda: loss_and_grad(lora, params, ref_params, mb, ref, jax.random.fold_in(rng, i), opts)
             if getattr(mb, "pair_w", None) is None:
                 loss, m, g = run()
             else:   # a token budget's step may hold empty micro-batches: skipped
@@ -174,12 +188,29 @@ def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransfor
             gsum = jax.tree_util.tree_map(jnp.add, gsum, g)
             return (gsum, lsum + loss), m
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.lora)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, lora)
         refs = ref_logps if ref_logps is not None else jnp.zeros((n_mb, opts.for_batch(batch).num_seqs), jnp.float32)
-        (gsum, lsum), ms = jax.lax.scan(body, (zeros, 0.0), (batch, refs, jnp.arange(n_mb)))
-        grads = jax.tree_util.tree_map(lambda g: g / G, gsum)
-        metrics = reduce_metrics(ms)
-        metrics["loss"] = lsum / G
+        (gsum, lsum), ms = jax.lax.scan(body, (zeros, 0.0), (batch, refs, first + jnp.arange(n_mb)))
+        return gsum, lsum, reduce_metrics(ms), n_mb
+
+    def step(state: TrainState, params, ref_params, batch, ref_logps):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if isinstance(batch, LastStep):
+            # An epoch's last, shorter step: its whole micro-batches, then the shorter one (its own
+            # sequence slots); the mean over all of them, as TRL's last accumulation.
+            refs = ref_logps if ref_logps is not None else (None, None)
+            parts = [(batch.head, refs[0], opts), (batch.tail, refs[1], replace(opts, num_seqs=2 * batch.pairs))]
+        else:
+            parts = [(batch, ref_logps, opts)]
+        sums, n_mb = [], 0
+        for b, ref, o in parts:
+            if b is not None:
+                sums.append(accumulate(state.lora, params, ref_params, b, ref, o, rng, n_mb))
+                n_mb += sums[-1][3]
+        G = opts.groups or n_mb
+        grads = jax.tree_util.tree_map(lambda *g: sum(g) / G, *[p[0] for p in sums])
+        metrics = merge_metrics([p[2] for p in sums])
+        metrics["loss"] = sum(p[1] for p in sums) / G
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["learning_rate"] = schedule(state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
