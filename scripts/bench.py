@@ -248,7 +248,7 @@ def run_jax(args) -> dict:
     lora = init_lora(abstract, lspec, jax.random.fold_in(rng, 1), cfg.source)
     optimizer, schedule = make_optimizer(tcfg, total)
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 2))
-    opts = StepOptions(spec, 2 * B, ref_mode=mode, groups=G if prepared.layout.max_tokens else 0)
+    opts = StepOptions(spec, 2 * B, ref_mode=mode)
     step_fn = make_train_step(bundle, opts, optimizer, schedule, ref_bundle, dropout=lspec.dropout > 0)
     setup_s = time.perf_counter() - t_setup
     peak_before = matmul_peak_gflops()

@@ -208,6 +208,7 @@ SWEEPS = {
     "test_llama3_rope_without_its_original_length_is_transformers": ("llama",),
     "test_longrope_original_length_is_the_one_transformers_reads": ("phi3",),
     "test_peft_adapter_on_the_embedding_or_head_is_refused_by_name": ("llama-lm_head",),
+    "test_an_epochs_last_shorter_step_trains_like_the_same_config_without_it": ("dpo_rpo",),
     "test_config_variants_match_transformers": ("gemma2_gelu", "qwen2_attention_bias", "llama_longrope",
                                                 "qwen2_yarn_mscale"),
     "test_exported_adapter_matches_peft_logits": ("llama-", "mixtral-"),

@@ -56,12 +56,12 @@ def layout(kind: str, full_span: bool, max_tokens=None) -> Layout:
     return Layout(kind, None, "keep_start", full_span=full_span, padding_free=True, max_tokens=max_tokens)
 
 
-def train(bundle, params, lora, data, spec: LossSpec, groups: int = 0):
+def train(bundle, params, lora, data, spec: LossSpec):
     # SGD: the LoRA after the steps differs by the learning rate times the gradients' difference.
     opt, schedule = make_optimizer(TrainingConfig(learning_rate=0.1, optimizer="sgd", lr_scheduler_type="constant",
                                                   max_grad_norm=1.0), len(data))
     step = make_train_step(bundle, StepOptions(spec, 2 * B, ref_mode="lora_off" if spec.method in ("dpo", "ipo")
-                                               else "none", groups=groups), opt, schedule)
+                                               else "none"), opt, schedule)
     lora = jax.tree_util.tree_map(jnp.copy, lora)
     state = TrainState(lora, opt.init(lora), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0))
     out = []
@@ -104,7 +104,7 @@ def test_token_budget_trains_like_the_same_config_without_it(model, pairs, kind,
     assert max(used) < G                                         # fewer forward passes
     assert len({d.shape_key for d in data1}) == 1                # one compiled shape
     m0, lora0, _ = train(bundle, params, lora, data0, spec)
-    m1, lora1, compiles = train(bundle, params, lora, data1, spec, groups=G)
+    m1, lora1, compiles = train(bundle, params, lora, data1, spec)
     assert compiles == 1
     assert abs(m0[0]["loss"] - m0[-1]["loss"]) > 1e-4           # training moved
     for a, b in zip(m0, m1):
@@ -130,7 +130,7 @@ def test_a_budget_of_one_pair_needs_more_micro_batches_and_skips_empty_ones(mode
     used = [int((np.asarray(d.pair_w) > 0).any(axis=-1).sum()) for d in data1]
     assert min(used) > G and max(used) < data1[0].input_ids.shape[0]
     m0, lora0, _ = train(bundle, params, lora, data0, spec)
-    m1, lora1, _ = train(bundle, params, lora, data1, spec, groups=G)
+    m1, lora1, _ = train(bundle, params, lora, data1, spec)
     for a, b in zip(m0, m1):
         for k in a:
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
@@ -241,3 +241,29 @@ def test_the_cli_run_and_its_dry_run_with_a_token_budget(tmp_path, tiny_llama, t
         for k in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
                   "logits/chosen", "logits/rejected", "num_tokens"):
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+
+
+@pytest.mark.parametrize("name", ["dpo_rpo", "orpo"])
+def test_an_epochs_last_shorter_step_trains_like_the_same_config_without_it(model, pairs, name):
+    """10 pairs in steps of 2 x 3: the second step holds groups of 3 and 1 (`batches.LastStep`
+    without the key): the same losses, metrics and LoRA with a budget holding the whole step."""
+    bundle, params, lora = model
+    spec = SPECS[name]
+    full = spec.method == "orpo"
+    ten = Tokenized(prompt=pairs.prompt[:10], chosen=pairs.chosen[:10], rejected=pairs.rejected[:10], rows_in=10)
+    plain = BatchIterator(ten, B, G, 0, layout("shared_prompt", full), last_short=True)
+    it = BudgetIterator(ten, B, G, 0, layout("shared_prompt", full, max_tokens=0))
+    it = BudgetIterator(ten, B, G, 0, layout("shared_prompt", full, max_tokens=B * G * it.longest_pair()),
+                        last_short=True)
+    assert plain.steps_per_epoch == it.steps_per_epoch == 2
+    data0 = [next(plain)[0] for _ in range(2)]
+    data1 = [next(it)[0] for _ in range(2)]
+    assert data0[1].pairs == 1 and (np.asarray(data1[1].pair_w) > 0).sum() == 4
+    m0, lora0, _ = train(bundle, params, lora, data0, spec)
+    m1, lora1, _ = train(bundle, params, lora, data1, spec)
+    for a, b in zip(m0, m1):
+        assert set(a) == set(b)
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
+        np.testing.assert_allclose(b, a, atol=1e-5)

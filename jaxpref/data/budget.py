@@ -6,8 +6,9 @@ the step's pairs are packed, first fit by decreasing size, into as few padding-f
 of at most `max_tokens` stream tokens as hold them (`padfree`: a shared prompt once, each
 sequence's last token left out). A pair is never split.
 
-The loss stays the mean over each group, averaged over the G groups. Each packed micro-batch
-carries per pair slot `pair_w` (1/B for a pair, 0 for an empty slot) and its group's token
+The loss stays the mean over each group, averaged over the G groups (an epoch's last step: the
+groups its pairs fill, the last one shorter). Each packed micro-batch carries per pair slot
+`pair_w` (1/B for a pair, 1/b in a last group of b, 0 for an empty slot) and its group's token
 totals `ntok_c` (chosen completion tokens) and `ntok_full` (ORPO's span), so that a pair mean
 and a token mean over a group become sums of per-pair shares (`objectives.losses.Reduce`) and add
 up over the micro-batches to what the G groups would give. Losses that compare the pairs of a
@@ -69,8 +70,9 @@ class BudgetIterator(BatchIterator):
     """`BatchIterator`'s order and steps, each step cut into packed micro-batches of at most
     `layout.max_tokens` stream tokens. Batches are `StreamBatch`es of [P, 1, L] tokens."""
 
-    def __init__(self, data, batch_size: int, accum: int, seed: int, layout, shuffle: bool = True):
-        super().__init__(data, batch_size, accum, seed, layout, shuffle)
+    def __init__(self, data, batch_size: int, accum: int, seed: int, layout, shuffle: bool = True,
+                 last_short: bool = False):
+        super().__init__(data, batch_size, accum, seed, layout, shuffle, last_short)
         self.budget = int(layout.max_tokens)
         self._unit_cache: dict[int, list[tuple[int, int]]] = {}
         self.plan: tuple | None = None   # (P, L, K, Ub, Tb, Bp)
@@ -165,7 +167,9 @@ class BudgetIterator(BatchIterator):
         blk[:, :out["blk_idx"].shape[1]] = out["blk_idx"]
         out["blk_idx"] = blk
         slots = np.arange(Bp)
-        out["pair_w"] = np.where(slots < n, np.float32(1.0 / self.B), np.float32(0)).astype(np.float32)
+        # A pair's share of its group's mean: 1/B, or 1/its size for an epoch's last, shorter group.
+        size = [min(self.B, len(idx) - positions[k] // self.B * self.B) if k < n else 1 for k in slots]
+        out["pair_w"] = np.where(slots < n, 1.0 / np.asarray(size, np.float32), np.float32(0)).astype(np.float32)
         scored = out["tgt_full"] >= 0   # not the unscored first token of a sequence without prompt
         out["ntok_c"] = np.array([((out["tgt_seq"] == k) & scored).sum() for k in slots], np.float32)
         out["ntok_r"] = np.array([((out["tgt_seq"] == Bp + k) & scored).sum() for k in slots], np.float32)
@@ -189,7 +193,8 @@ class BudgetIterator(BatchIterator):
         """Each slot's token counts -> its group's totals (what a token mean over the group divides
         by); drops the `_group` bookkeeping."""
         keys = ("ntok_c", "ntok_r", "ntok_full")
-        tot = {k: np.zeros(self.G, np.float64) for k in keys}
+        groups = max(int(p["_group"].max()) for p in parts) + 1
+        tot = {k: np.zeros(groups, np.float64) for k in keys}
         for p in parts:
             real = p["_group"] >= 0
             for k in keys:

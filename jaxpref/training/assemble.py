@@ -273,8 +273,7 @@ def _step_functions(run: Run) -> None:
     cfg = run.cfg
     spec = setup.loss_spec(cfg)
     eval_mode = run.eval_mode or run.mode
-    # A token budget's step averages over its G groups of pairs, not over its packed micro-batches.
-    opts = StepOptions(spec, 2 * run.B, ref_mode=run.mode, groups=run.G if run.prepared.layout.max_tokens else 0)
+    opts = StepOptions(spec, 2 * run.B, ref_mode=run.mode)
     dropout = run.lspec is not None and run.lspec.dropout > 0
     run.step_fn = make_train_step(run.bundle, opts, run.optimizer, run.schedule, run.ref_bundle,
                                   dropout=dropout, full_finetune=run.full_finetune)

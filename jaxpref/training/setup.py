@@ -189,9 +189,8 @@ def train_iterator(cfg: Config, data, B: int, G: int, layout, shuffle: bool = Tr
     """The train batch iterator: the method's (`iterator_class`), or with
     `training.max_tokens_per_batch` the token budget's (`jaxpref.data.budget`), which needs
     padding-free rows, one stream (one data-parallel device) and a budget that holds every pair.
-    On one data-parallel device an epoch ends with a shorter step, as TRL's; on several (and with a
-    token budget), and with `whole_steps` (a benchmark's), the rows that do not fill a step are left
-    out of the epoch."""
+    On one data-parallel device an epoch ends with a shorter step, as TRL's; on several, and with
+    `whole_steps` (a benchmark's), the rows that do not fill a step are left out of the epoch."""
     if not layout.max_tokens:
         return iterator_class(cfg)(data, B, G, cfg.training.seed, layout, shuffle=shuffle,
                                    last_short=layout.streams == 1 and not whole_steps)
@@ -203,7 +202,7 @@ def train_iterator(cfg: Config, data, B: int, G: int, layout, shuffle: bool = Tr
                           "router loss counts every token: see `training.padding_free`)")
     if layout.streams != 1:
         raise ConfigError(f"{key} is not available yet on {layout.streams} data-parallel devices (one device only)")
-    it = BudgetIterator(data, B, G, cfg.training.seed, layout, shuffle=shuffle)
+    it = BudgetIterator(data, B, G, cfg.training.seed, layout, shuffle=shuffle, last_short=not whole_steps)
     longest = it.longest_pair()
     if longest > layout.max_tokens:
         cut = cfg.training.max_length

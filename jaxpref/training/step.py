@@ -23,7 +23,6 @@ class StepOptions:
     spec: LossSpec
     num_seqs: int                 # sequence slots per micro-batch (2 x pairs)
     ref_mode: str = "lora_off"    # lora_off | initial_adapter | separate | precomputed | none
-    groups: int = 0               # the step's mean is over this many groups (0: its micro-batches)
 
     def for_batch(self, mb) -> "StepOptions":
         """A token budget's micro-batch (`data.budget`) has its own pair slots (`pair_w`)."""
@@ -106,21 +105,22 @@ def reduce_metrics(m: dict) -> dict:
     tokens). `_count/<name>`: the micro-batch values the mean holds (`window.MetricWindow` weighs
     by it; 0: none, the metric is left out of the logged row). A token budget's micro-batches
     (`_real`) are no TRL micro-batches: means over the step's pair slots in use, `logits/*`
-    over each pair's group (`_group_tokens/*`, `_pair_w`: 1/B a pair), as TRL's micro-batches."""
+    over each pair's group (`_group_tokens/*`, `_pair_w`: a pair's share of its group), as TRL's micro-batches."""
     m = dict(m)
     tok = {k: m.pop("_tokens/" + side) for k, side in TOKEN_MEANS.items() if "_tokens/" + side in m and k in m}
     m = {k: v for k, v in m.items() if not k.startswith("_tokens/")}
     present = {k[len("_present/"):]: m.pop(k) for k in [k for k in m if k.startswith("_present/")]}
     real = m.pop("_real", None)
     if real is not None:   # logits/*: each pair's share of its group's token mean, over the groups
-        real, groups = real.reshape(-1), jnp.sum(m.pop("_pair_w"))
+        pw = m.pop("_pair_w").reshape(-1)
+        real, groups = real.reshape(-1), jnp.round(jnp.sum(pw))
         gc, gr = m.pop("_group_tokens/chosen").reshape(-1), m.pop("_group_tokens/rejected").reshape(-1)
         gtok = {k: {"chosen": gc, "rejected": gr, "all": gc + gr}[TOKEN_MEANS[k]] for k in tok}
         out = {}
         for k, v in m.items():
             v = v.reshape(-1)
             out[k] = (jnp.sum(v * real / jnp.maximum(gtok[k], 1.0)) / jnp.maximum(groups, 1e-9) if k in tok
-                      else jnp.sum(v * real) / jnp.maximum(jnp.sum(real), 1.0))
+                      else jnp.sum(v * pw) / jnp.maximum(groups, 1e-9))
             out["_count/" + k] = groups   # one value per group, as TRL's micro-batches
         return out
     out = {}
@@ -207,7 +207,10 @@ def make_train_step(bundle, opts: StepOptions, optimizer: optax.GradientTransfor
             if b is not None:
                 sums.append(accumulate(state.lora, params, ref_params, b, ref, o, rng, n_mb))
                 n_mb += sums[-1][3]
-        G = opts.groups or n_mb
+        # A token budget's step: the mean over its groups of pairs (each group's weights add up to 1),
+        # not over its packed micro-batches.
+        pw = getattr(batch, "pair_w", None)
+        G = n_mb if pw is None else jnp.round(jnp.sum(pw))
         grads = jax.tree_util.tree_map(lambda *g: sum(g) / G, *[p[0] for p in sums])
         metrics = merge_metrics([p[2] for p in sums])
         metrics["loss"] = sum(p[1] for p in sums) / G
