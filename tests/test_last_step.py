@@ -94,3 +94,18 @@ def test_precomputed_reference_follows_the_last_step():
     np.testing.assert_array_equal(tail, [[18, 19]])
     assert isinstance(batch_reference(table, idx, 2), np.ndarray)
     assert isinstance(next(it)[0], Batch)
+
+
+def test_the_plan_covers_the_last_shorter_micro_batch():
+    """The longest pair in the epoch's last, shorter micro-batch: the planned shapes still hold it
+    (the plan's cover counts it), so that step compiles a planned length, not a new bucket."""
+    from tests.test_shapes import cost
+    data = random_pairs(10)
+    data.chosen[9] = data.chosen[9] * 4   # the longest pair by far, the last of the epoch
+    it = BatchIterator(data, 4, 1, 5, Layout("concatenated", None, "keep_end", full_span=False),
+                       shuffle=False, last_short=True)
+    shapes = it.plan_shapes(3, cost, max_shapes=2)
+    *_, (last, _) = [next(it) for _ in range(3)]
+    assert isinstance(last, LastStep)
+    T = last.tail.input_ids.shape[-1]
+    assert T in {s[0] for s in shapes} and T >= len(data.prompt[9]) + len(data.chosen[9])

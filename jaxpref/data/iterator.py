@@ -159,18 +159,21 @@ class BatchIterator:
         a = align or self.ALIGN
         self._cost = cost
         needs: dict[tuple, int] = {}
+        tails: list[tuple] = []   # what the epochs' last, shorter micro-batches need (covered, not planned for)
         epoch, index = 0, 0
         for _ in range(min(steps, sample_steps)):
             idx, epoch, index = self._advance(epoch, index)
-            if len(idx) < self.B:   # a last step of one short micro-batch: built by its own iterator
-                continue
-            key = tuple(round_up(x, a) for x in self._needs(self._micro(idx)))
-            needs[key] = needs.get(key, 0) + 1
+            whole = len(idx) // self.B * self.B
+            if whole < len(idx):
+                tails.append(tuple(round_up(x, a) for x in self._tail(len(idx) - whole)._needs([idx[whole:]])))
+            if whole:
+                key = tuple(round_up(x, a) for x in self._needs(self._micro(idx)))
+                needs[key] = needs.get(key, 0) + 1
         if not needs:
             return ()
         if steps <= sample_steps:
             # Every step was looked at: the largest need is the cover.
-            cover = tuple(max(n[d] for n in needs) for d in range(len(next(iter(needs)))))
+            cover = tuple(max(n[d] for n in [*needs, *tails]) for d in range(len(next(iter(needs)))))
         else:
             cover = tuple(round_up(x, a) for x in self._cover())
         self.shapes = choose_shapes(needs, cover, cost, max_shapes)
