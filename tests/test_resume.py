@@ -460,3 +460,27 @@ def test_dry_run_resume_of_a_finished_run_says_what_the_run_does(tmp_path, tiny_
     line = "its checkpoint is at step 2, past this run's 1 steps"
     assert code == 2 and line in err and "dry run OK" not in out, out + err
     assert real_code == 2 and line in real_err
+
+
+@pytest.mark.parametrize("stop", [5, 6])
+def test_resume_around_an_epochs_last_shorter_step_is_exact(tmp_path, tiny_llama, tiny_pairs, capsys, stop):
+    """16 pairs in batches of 3: 6 steps an epoch, the 6th of 1 pair (as TRL's Trainer). Stopped just
+    before or just after that step and resumed = the straight run, bit for bit; `epoch` as TRL's."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_llama, tiny_pairs,
+                       training={"max_steps": 8, "logging_steps": 1, "learning_rate": 5e-3,
+                                 "per_device_train_batch_size": 3},
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                       post_training={"method": "dpo", "beta": 0.1}, finetuning={"save_steps": 1})
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "a")]) == 0
+    straight = tmp_path / "a" / "tiny"
+    rows = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "loss" in r] == pytest.approx([k / 6 for k in range(1, 9)], abs=1e-12)
+    shutil.copytree(straight, tmp_path / "b" / "tiny")
+    resumed = tmp_path / "b" / "tiny"
+    forget_after(resumed, stop)
+    assert train.main(["--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--resume"]) == 0
+    assert f"resuming from step {stop}" in capsys.readouterr().err
+    assert losses(resumed) == losses(straight)
+    a, b = adapter(straight), adapter(resumed)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])

@@ -125,6 +125,12 @@ def stack(parts: list[dict], layout: PairLayout) -> Batch:
     return from_arrays({k: np.stack([p[k] for p in parts]) for k in parts[0]}, layout)
 
 
+def shape_parts(key: tuple) -> list[tuple]:
+    """A step's shape key -> the batch shape keys it compiles (a `LastStep`'s: its parts'), what the
+    memory plan reads."""
+    return [k for k in key[1:] if k is not None] if key[0] == "last" else [key]
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class LastStep:
@@ -139,10 +145,6 @@ class LastStep:
     @property
     def shape_key(self) -> tuple:
         return ("last", None if self.head is None else self.head.shape_key, self.tail.shape_key)
-
-    def part_keys(self) -> list[tuple]:
-        """The shape keys of its parts (what the memory plan reads)."""
-        return [b.shape_key for b in (self.head, self.tail) if b is not None]
 
     def trl_token_count(self) -> int:
         return sum(b.trl_token_count() for b in (self.head, self.tail) if b is not None)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxpref.data import prepare
+from jaxpref.data.batches import shape_parts
 from jaxpref.training import setup
 from jaxpref.training.evaluation import check_eval
 from jaxpref.config import Config
@@ -162,7 +163,7 @@ def _batch_lines(it, steps: int, layout, training) -> dict:
     shapes, seen = {}, []
     for _ in range(min(steps, 200)):
         b, _ = next(it)
-        for key in b.part_keys() if hasattr(b, "part_keys") else (b.shape_key,):
+        for key in shape_parts(b.shape_key):
             shapes[key] = shapes.get(key, 0) + 1
         seen.append(b)
     shape_txt = ", ".join(f"{s} x{n}" for s, n in sorted(shapes.items()))

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 
 from jaxpref.config import Config, dump_config
+from jaxpref.data.batches import shape_parts
 from jaxpref.errors import JaxprefError
 from jaxpref.lora.card import base_model_name, model_card
 from jaxpref.lora.peft import save_adapter
@@ -27,7 +28,7 @@ from jaxpref.training.interrupt import StopRequest
 from jaxpref.training.progress import clock, make_progress, metric_fields
 from jaxpref.training.sinks import MetricSinks
 from jaxpref.training.step import compile_ahead
-from jaxpref.training.window import MetricWindow
+from jaxpref.training.window import MetricWindow, final_speed
 
 
 def train_model(cfg: Config, index: int, run_dir: Path, resume: bool = False, resume_from: int | None = None,
@@ -346,23 +347,14 @@ class Trainer:
             "memory_plan_mib": self._memory_plan() if self.shapes else None,
             "final_metrics": self.last,
             "final_eval": self.final_eval,
-            **self._speed(final_step - run.start),
+            **final_speed(run, final_step - run.start, time.time() - (self._t_train or time.time()), self._loss_sum),
         }
-
-    def _speed(self, steps: int) -> dict:
-        """TRL's final row (transformers' `speed_metrics`, `train_loss`: the mean step loss) over
-        the steps this call trained."""
-        run = self.run
-        seconds = max(time.time() - (self._t_train or time.time()), 1e-9)
-        return {"train_runtime": round(seconds, 4),
-                "train_samples_per_second": round(steps * run.B * run.G / seconds, 3),
-                "train_steps_per_second": round(steps / seconds, 3),
-                "train_loss": float(self._loss_sum) / steps if steps else None}
 
     def _memory_plan(self) -> dict:
         """The dry run's plan for the batch shapes this run compiled."""
         run = self.run
-        plan = memory_plan(run.cfg, run.bundle.args, count(run.params), count(run.state.lora), sorted(self.shapes),
+        shapes = sorted({k for s in self.shapes for k in shape_parts(s)})
+        plan = memory_plan(run.cfg, run.bundle.args, count(run.params), count(run.state.lora), shapes,
                            mesh=run.mesh, runtime=run.rss_before_weights,
                            base_per_device=mesh_mod.per_device_elements(run.bundle.abstract_params(), run.mesh,
                                                                         run.bundle.arch.roles))

@@ -75,3 +75,15 @@ class MetricWindow:
                if counts[k] > 0 or self.skip_nan}
         out.update(last)
         return out
+
+
+def final_speed(run, steps: int, seconds: float, loss_sum) -> dict:
+    """TRL's final row (transformers' `speed_metrics`; `train_loss`: the mean step loss) over the
+    `steps` this call of the run trained in `seconds`; samples as transformers counts them: steps x
+    the global batch with `max_steps`, else the split's rows x `num_epochs` (each epoch's last step
+    may be shorter), the share of them these steps are."""
+    t, seconds = run.cfg.training, max(seconds, 1e-9)
+    samples = steps * run.B * run.G if t.max_steps > 0 else len(run.prepared.train) * t.num_epochs * steps / run.total
+    return {"train_runtime": round(seconds, 4), "train_samples_per_second": round(samples / seconds, 3),
+            "train_steps_per_second": round(steps / seconds, 3),
+            "train_loss": float(loss_sum) / steps if steps else None}
