@@ -106,12 +106,16 @@ def _metrics(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "loss" in l]
 
 
-def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_llama, tiny_pairs, capsys, monkeypatch):
+@pytest.mark.parametrize("batch,accum", [(2, 1), (3, 2)])
+def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_llama, tiny_pairs, capsys, monkeypatch,
+                                                         batch, accum):
+    """(3, 2): 16 pairs, steps of 3 x 2; the third (the epoch's last) holds a micro-batch of 3 and one of 1."""
     monkeypatch.setenv("JAXPREF_CACHE", str(tmp_path / "cache"))
 
     import jaxpref.models.source as source
     monkeypatch.setattr(source, "DEFAULT_CACHE", tmp_path / "cache")
-    common = dict(training={"max_steps": 3, "learning_rate": 5e-3, "per_device_train_batch_size": 2})
+    common = dict(training={"max_steps": 3, "learning_rate": 5e-3, "per_device_train_batch_size": batch,
+                            "gradient_accumulation_steps": accum, "logging_steps": 1})
     live = write_config(tmp_path / "live.yaml", tiny_llama, tiny_pairs, **common)
     pre = write_config(tmp_path / "pre.yaml", tiny_llama, tiny_pairs,
                        post_training={"method": "dpo", "beta": 0.1, "precompute_ref_logps": True}, **common)
@@ -119,6 +123,7 @@ def test_precomputed_reference_equals_live_and_is_reused(tmp_path, tiny_llama, t
     assert train.main(["--config", str(pre), "--output-dir", str(tmp_path / "pre")]) == 0
     assert "reference log-probs of 16 pairs computed" in capsys.readouterr().err
     a, b = _metrics(tmp_path / "live" / "tiny"), _metrics(tmp_path / "pre" / "tiny")
+    assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         for k in ("loss", "rewards/chosen", "rewards/margins", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
