@@ -86,8 +86,8 @@ class StreamBatch(Batch):
     (the block slot each stream position reads its output from) and `trl_tokens` [G, R] int32 (TRL's
     token count of each stream before dead tokens were left out; host only).
     Micro-batches cut to a token budget (`budget`) also carry per pair slot, [G, Bp] float32:
-    `pair_w` (1/B for a pair, 1/b in an epoch's last group of b, 0 for an empty slot) and its group's token totals `ntok_c` (chosen
-    completion tokens), `ntok_r` (rejected completion tokens: the `logits/rejected` mean) and `ntok_full` (ORPO's span); None otherwise."""
+    `pair_w` (1/B for a pair, 1/b in an epoch's last group of b, 0 for an empty slot) and its
+    group's token totals `ntok_c` (chosen completion tokens), `ntok_r` (rejected completion tokens: the `logits/rejected` mean) and `ntok_full` (ORPO's span); None otherwise."""
     blk_idx: Array
     blk_back: Array
     trl_tokens: Array | None = None

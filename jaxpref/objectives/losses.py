@@ -73,8 +73,8 @@ class Reduce:
     one of the step's G groups of B pairs; a pair mean is `jnp.mean` and a token mean is over the
     micro-batch's tokens. Token budget (`jaxpref.data.budget`): the micro-batch holds pairs of
     several groups and empty slots; `pair_w` [B] (1/B for a pair, 1/b in a last group of b, 0 for
-    an empty slot) and the group totals `ntok_c` / `ntok_full` [B] turn each mean into a sum of per-pair shares, so that
-    the sums over the step's micro-batches equal the groups' means."""
+    an empty slot) and the group totals `ntok_c` / `ntok_full` [B] turn each mean into a sum of
+    per-pair shares, so that the sums over the step's micro-batches equal the groups' means."""
     pair_w: jax.Array | None = None
     ntok_c: jax.Array | None = None
     ntok_full: jax.Array | None = None
