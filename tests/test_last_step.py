@@ -109,3 +109,19 @@ def test_the_plan_covers_the_last_shorter_micro_batch():
     assert isinstance(last, LastStep)
     T = last.tail.input_ids.shape[-1]
     assert T in {s[0] for s in shapes} and T >= len(data.prompt[9]) + len(data.chosen[9])
+
+
+def test_mean_token_accuracy_divides_by_the_chosen_tokens_as_logits_chosen_does():
+    """TRL's `mean_token_accuracy`: a micro-batch's correct chosen tokens over its chosen tokens,
+    averaged over the micro-batches (trl DPOTrainer._compute_loss). It shares its count with
+    `logits/chosen`; it was taken by the first of the two (accuracy = correct tokens per pair)."""
+    import jax.numpy as jnp
+
+    from jaxpref.training.step import reduce_metrics
+
+    # two micro-batches of two pairs: chosen tokens 3 + 2 and 4 + 1; correct 1 + 0 and 2 + 1
+    m = {"logits/chosen": jnp.array([[0.3, 0.2], [0.4, 0.1]]), "_tokens/chosen": jnp.array([[3.0, 2.0], [4.0, 1.0]]),
+         "mean_token_accuracy": jnp.array([[1.0, 0.0], [2.0, 1.0]])}
+    out = reduce_metrics(m)
+    assert float(out["mean_token_accuracy"]) == pytest.approx((1 / 5 + 3 / 5) / 2, rel=1e-6)
+    assert float(out["logits/chosen"]) == pytest.approx((0.5 / 5 + 0.5 / 5) / 2, rel=1e-6)

@@ -107,7 +107,8 @@ def reduce_metrics(m: dict) -> dict:
     (`_real`) are no TRL micro-batches: means over the step's pair slots in use, `logits/*`
     over each pair's group (`_group_tokens/*`, `_pair_w`: a pair's share of its group), as TRL's micro-batches."""
     m = dict(m)
-    tok = {k: m.pop("_tokens/" + side) for k, side in TOKEN_MEANS.items() if "_tokens/" + side in m and k in m}
+    # (get, not pop: several metrics divide by the same count, logits/chosen and mean_token_accuracy)
+    tok = {k: m["_tokens/" + side] for k, side in TOKEN_MEANS.items() if "_tokens/" + side in m and k in m}
     m = {k: v for k, v in m.items() if not k.startswith("_tokens/")}
     present = {k[len("_present/"):]: m.pop(k) for k in [k for k in m if k.startswith("_present/")]}
     real = m.pop("_real", None)
