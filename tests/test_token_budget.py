@@ -71,6 +71,16 @@ def train(bundle, params, lora, data, spec: LossSpec):
     return out, jax.device_get(state.lora), step._cache_size()
 
 
+def same_training(m0, lora0, m1, lora1) -> None:
+    """Every step's metrics (the same names) within 1e-5, and the LoRA after the steps within 1e-5."""
+    for a, b in zip(m0, m1):
+        assert set(a) == set(b)
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
 SPECS = {
     "dpo_rpo": LossSpec(loss_types=("sigmoid", "sft"), loss_weights=(1.0, 0.5)),
     "dpo_wpo_ipo": LossSpec(loss_types=("ipo", "hinge"), loss_weights=(1.0, 0.3), use_weighting=True),
@@ -107,12 +117,7 @@ def test_token_budget_trains_like_the_same_config_without_it(model, pairs, kind,
     m1, lora1, compiles = train(bundle, params, lora, data1, spec)
     assert compiles == 1
     assert abs(m0[0]["loss"] - m0[-1]["loss"]) > 1e-4           # training moved
-    for a, b in zip(m0, m1):
-        assert set(a) == set(b)
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
-    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
-        np.testing.assert_allclose(b, a, atol=1e-5)
+    same_training(m0, lora0, m1, lora1)
 
 
 def test_a_budget_of_one_pair_needs_more_micro_batches_and_skips_empty_ones(model, pairs):
@@ -131,11 +136,7 @@ def test_a_budget_of_one_pair_needs_more_micro_batches_and_skips_empty_ones(mode
     assert min(used) > G and max(used) < data1[0].input_ids.shape[0]
     m0, lora0, _ = train(bundle, params, lora, data0, spec)
     m1, lora1, _ = train(bundle, params, lora, data1, spec)
-    for a, b in zip(m0, m1):
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
-    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
-        np.testing.assert_allclose(b, a, atol=1e-5)
+    same_training(m0, lora0, m1, lora1)
 
 
 def test_first_fit_packs_by_decreasing_size_within_the_capacity():
@@ -261,9 +262,4 @@ def test_an_epochs_last_shorter_step_trains_like_the_same_config_without_it(mode
     assert data0[1].pairs == 1 and (np.asarray(data1[1].pair_w) > 0).sum() == 4
     m0, lora0, _ = train(bundle, params, lora, data0, spec)
     m1, lora1, _ = train(bundle, params, lora, data1, spec)
-    for a, b in zip(m0, m1):
-        assert set(a) == set(b)
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
-    for a, b in zip(jax.tree_util.tree_leaves(lora0), jax.tree_util.tree_leaves(lora1)):
-        np.testing.assert_allclose(b, a, atol=1e-5)
+    same_training(m0, lora0, m1, lora1)
