@@ -104,8 +104,9 @@ def reduce_metrics(m: dict) -> dict:
     desirable completions appends no `rewards/chosen`), as do `logits/*` (micro-batches with
     tokens). `_count/<name>`: the micro-batch values the mean holds (`window.MetricWindow` weighs
     by it; 0: none, the metric is left out of the logged row). A token budget's micro-batches
-    (`_real`) are no TRL micro-batches: means over the step's pair slots in use, `logits/*`
-    over each pair's group (`_group_tokens/*`, `_pair_w`: a pair's share of its group), as TRL's micro-batches."""
+    (`_real`) are no TRL micro-batches: means over the step's groups of pairs, a pair weighing its
+    share of its group (`_pair_w`), `logits/*` over each pair's group (`_group_tokens/*`), as TRL's
+    micro-batches."""
     m = dict(m)
     # (get, not pop: several metrics divide by the same count, logits/chosen and mean_token_accuracy)
     tok = {k: m["_tokens/" + side] for k, side in TOKEN_MEANS.items() if "_tokens/" + side in m and k in m}
