@@ -175,6 +175,7 @@ def save_moved_adapter(base, path: Path, seed: int = 3) -> Path:
 # here, and the per-architecture sweeps beyond the parameters kept below. Every architecture's
 # logits against transformers stay in the default set (tests/test_model_parity.py).
 SLOW_TESTS = {
+    "test_an_epochs_last_shorter_step_trains_like_the_same_config_without_it",
     "test_a_budget_of_one_pair_needs_more_micro_batches_and_skips_empty_ones",
     "test_multi_model_resume_skips_finished_and_finishes_the_rest",
     "test_ctrl_c_saves_a_checkpoint_and_resume_matches_uninterrupted",
@@ -208,7 +209,8 @@ SWEEPS = {
     "test_llama3_rope_without_its_original_length_is_transformers": ("llama",),
     "test_longrope_original_length_is_the_one_transformers_reads": ("phi3",),
     "test_peft_adapter_on_the_embedding_or_head_is_refused_by_name": ("llama-lm_head",),
-    "test_an_epochs_last_shorter_step_trains_like_the_same_config_without_it": ("dpo_rpo",),
+    "test_resume_around_an_epochs_last_shorter_step_is_exact": ("5",),
+    "test_precomputed_reference_equals_live_and_is_reused": ("2-1",),
     "test_config_variants_match_transformers": ("gemma2_gelu", "qwen2_attention_bias", "llama_longrope",
                                                 "qwen2_yarn_mscale"),
     "test_exported_adapter_matches_peft_logits": ("llama-", "mixtral-"),
